@@ -1,0 +1,43 @@
+"""Timing helpers: interleaved repeats, medians, ratios against a baseline in one process."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def time_once(function: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def ratio(
+    candidate: Callable[[], object],
+    baseline: Callable[[], object],
+    *,
+    repeats: int = 15,
+    warmup: int = 3,
+) -> tuple[float, float, float]:
+    """Median of per-round ``candidate / baseline`` time ratios, with both medians in seconds.
+
+    Rounds alternate the two functions so that machine noise hits both alike.
+    """
+    for _ in range(warmup):
+        candidate()
+        baseline()
+    ratios, candidate_times, baseline_times = [], [], []
+    for i in range(repeats):
+        if i % 2:
+            c, b = time_once(candidate), time_once(baseline)
+        else:
+            b, c = time_once(baseline), time_once(candidate)
+        ratios.append(c / b)
+        candidate_times.append(c)
+        baseline_times.append(b)
+    return (
+        statistics.median(ratios),
+        statistics.median(candidate_times),
+        statistics.median(baseline_times),
+    )

@@ -1,0 +1,122 @@
+"""The ``fam`` command line. Errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"fam: error: {message}\n")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from fam_core.imageio import read_image, resize
+    from fam_core.inference import predict_and_explain
+    from fam_core.models.store import load_model
+    from fam_core.render import overlay_figure, save_png
+
+    loaded = load_model(args.model)
+    size = loaded.config.input_size
+    references = (
+        torch.stack([resize(read_image(p), size) for p in args.reference])
+        if args.reference
+        else None
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(
+        args.images, desc="explaining", unit="image", disable=len(args.images) < 8, file=sys.stderr
+    ):
+        image = resize(read_image(path), size).unsqueeze(0)
+        explanation, (prediction,) = predict_and_explain(
+            loaded, image, references, target_layer=args.layer
+        )
+        title = f"{Path(path).name}: {prediction.label} ({prediction.score:.3f})"
+        written = save_png(
+            overlay_figure(image[0], explanation.maps[0], title=title),
+            out / f"{Path(path).stem}_fam.png",
+        )
+        print(f"{path}\t{prediction.label}\t{prediction.score:.4f}\t{written}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fam_core.demo import run_demo
+
+    run_demo(Path(args.out), count=args.count, seed=args.seed)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fam_core import training
+    from fam_core.models.store import REPO_MODEL_STORE
+
+    out = Path(args.out) if args.out else REPO_MODEL_STORE / args.name
+    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    if args.name == "default-embedding":
+        config = training.build_default_embedding(out, training.EmbeddingRecipe(**overrides), print)
+    else:
+        config = training.build_default_classifier(
+            out, training.ClassifierRecipe(**overrides), print
+        )
+    print(f"wrote {out} {config.metrics}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fam", description="Feature Activation Maps for embedding models and classifiers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="explain benchmark images with the default models")
+    demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    demo.add_argument("--count", type=int, default=5, help="images to explain (1-16, default 5)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    explain = commands.add_parser("explain", help="write heatmap overlays for image files")
+    explain.add_argument("images", nargs="+", metavar="IMAGE")
+    explain.add_argument(
+        "--reference", nargs="+", metavar="IMAGE", help="reference images (embedding models)"
+    )
+    explain.add_argument("--model", default="default-embedding", help="model name or config path")
+    explain.add_argument("--layer", help="target layer (default: the model's)")
+    explain.add_argument(
+        "--out", default="out/explain", help="output folder (default: out/explain)"
+    )
+    explain.set_defaults(run=_explain)
+
+    train = commands.add_parser("train", help="train a default model on the embedded benchmark")
+    train.add_argument("name", choices=["default-embedding", "default-classifier"])
+    train.add_argument("--out", help="output folder (default: model-store/NAME)")
+    train.add_argument("--steps", type=int)
+    train.add_argument("--seed", type=int)
+    train.set_defaults(run=_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"fam: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

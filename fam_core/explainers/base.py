@@ -1,0 +1,329 @@
+"""The template every explainer follows.
+
+An explainer runs the model once with a forward hook on the target layer, resolves the
+target into reference embeddings, asks its method for channel weights, combines the
+activation maps with them, upsamples and normalises. Methods override
+:meth:`Explainer.channel_weights` (and, for gradient-free variants of the combination,
+:meth:`Explainer.combine`). Hooks live only for the duration of one call and are removed
+in ``finally``; nothing is kept between calls.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fam_core.adapters import (
+    Head,
+    NonlinearHead,
+    find_head,
+    head_from_module,
+    input_channels,
+    resolve_layer,
+)
+from fam_core.explanation import Explanation
+from fam_core.pooling import POOLING_KINDS, PoolingKind, global_pool
+from fam_core.similarity import SIMILARITIES, SimilarityKind
+
+Target = torch.Tensor | int | list[int] | tuple[int, ...] | None
+"""Reference embeddings ``[D]``, ``[K, D]`` or ``[B, K, D]``; class indices; or ``None``."""
+
+
+@dataclass(frozen=True)
+class ForwardPass:
+    """What one hooked forward pass yields."""
+
+    outputs: torch.Tensor  # [B, D] embeddings or logits
+    activations: torch.Tensor  # [B, N, h, w] at the target layer
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """A target as references in output space and the similarity that scores them.
+
+    Class index ``c`` of a classifier becomes the one-hot reference ``e_c`` scored by the
+    dot product, so the explained score is the logit ``y_c``.
+    """
+
+    references: torch.Tensor  # [B, K, D]
+    similarity: SimilarityKind
+
+
+def min_max(values: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """Min-max normalise along ``dim`` (eq. 12); a constant slice becomes zeros."""
+    low = values.amin(dim=dim, keepdim=True)
+    span = values.amax(dim=dim, keepdim=True) - low
+    return torch.where(span > 0, (values - low) / span.clamp_min(1e-12), torch.zeros_like(values))
+
+
+class Explainer(ABC):
+    """Base of every explainer: validation, hooks, targets and the map pipeline.
+
+    Args:
+        model: a ``torch.nn.Module`` returning embeddings ``[B, D]`` (or a feature map,
+            pooled with ``pooling``) or class logits ``[B, num_classes]``. Use it in eval
+            mode; the explainer does not change the mode.
+        target_layer: name or module of a layer with a spatial output ``[B, N, h, w]``;
+            ``None`` takes ``model.default_target_layer`` or the last layer before pooling.
+        similarity: ``"cosine"`` (default), ``"dot"`` or ``"euclidean"`` (negative distance).
+        pooling: pooling ``p`` of eq. 11 used where the model does not pool itself.
+        head: ``"auto"`` finds the layers after ``target_layer``; an ``nn.Module`` or a
+            ``[J, N]`` matrix gives them; ``None`` means the embedding is the pooled layer.
+        nonlinear_head: ``"error"`` (default) or ``"jacobian"`` (local linearisation).
+        classifier: whether the outputs are class logits (default: ``model.is_classifier``
+            when present, else ``False``). Class targets need a classifier.
+    """
+
+    method: ClassVar[str]
+    needs_gradients: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        *,
+        similarity: SimilarityKind = "cosine",
+        pooling: PoolingKind = "avg",
+        head: nn.Module | torch.Tensor | Literal["auto"] | None = "auto",
+        nonlinear_head: NonlinearHead = "error",
+        classifier: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
+        if pooling not in POOLING_KINDS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_KINDS}")
+        if nonlinear_head not in ("error", "jacobian"):
+            raise ValueError(
+                f"nonlinear_head must be 'error' or 'jacobian', got {nonlinear_head!r}"
+            )
+        self.model = model
+        self.target_layer, self.layer = resolve_layer(model, target_layer)
+        self.similarity: SimilarityKind = similarity
+        self.pooling: PoolingKind = pooling
+        self.nonlinear_head: NonlinearHead = nonlinear_head
+        self._head_spec = head
+        self.classifier = (
+            bool(getattr(model, "is_classifier", False)) if classifier is None else classifier
+        )
+        self._input_channels = input_channels(model)
+
+    # -- context manager: hooks never outlive a call, so leaving only has to stay harmless
+    def __enter__(self) -> Explainer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(target_layer={self.target_layer!r}, similarity={self.similarity!r})"
+
+    # -- public API
+    def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
+        """Explain ``images`` ``[B, 3, H, W]`` for ``target`` (see :data:`Target`)."""
+        images = self._check_images(images)
+        forward = self.forward(images)
+        resolved = self.resolve_target(target, forward.outputs)
+        weights, scores, extras = self.channel_weights(forward, resolved, images)
+        raw = self.combine(weights, forward.activations)
+        maps = upsample(raw, images.shape[-2:])
+        return Explanation(
+            maps=maps,
+            raw=raw.detach(),
+            weights=weights.detach(),
+            scores=scores.detach(),
+            method=self.method,
+            target_layer=self.target_layer,
+            extras={name: value.detach() for name, value in extras.items()},
+        )
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's outputs ``[B, D]`` for ``images``: the references other images use."""
+        images = self._check_images(images)
+        return self._as_vectors(self.model(images))
+
+    def pair(
+        self, query_images: torch.Tensor, reference_images: torch.Tensor
+    ) -> tuple[Explanation, Explanation]:
+        """Explain both sides of each pair ``(query_images[i], reference_images[i])``."""
+        queries = self._check_images(query_images)
+        references = self._check_images(reference_images)
+        if queries.shape[0] != references.shape[0]:
+            raise ValueError(
+                f"pair needs as many references as queries, got {references.shape[0]} "
+                f"and {queries.shape[0]}"
+            )
+        query_embeddings, reference_embeddings = self.embed(queries), self.embed(references)
+        return (
+            self(queries, target=reference_embeddings.unsqueeze(1)),
+            self(references, target=query_embeddings.unsqueeze(1)),
+        )
+
+    # -- the steps a method may override
+    @abstractmethod
+    def channel_weights(
+        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(weights [B, N], scores [B], extras)``."""
+
+    def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """``L = sum_n w_n A^n`` (eq. 13), ``[B, h, w]``."""
+        return torch.einsum("bn,bnhw->bhw", weights, activations)
+
+    def forward(self, images: torch.Tensor) -> ForwardPass:
+        """Run the model once, capturing the target layer's output with a temporary hook."""
+        captured: list[torch.Tensor] = []
+
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            captured.append(output)
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            with torch.set_grad_enabled(self.needs_gradients and torch.is_grad_enabled()):
+                outputs = self.model(images)
+        finally:
+            handle.remove()
+        if not captured:
+            raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
+        activations = captured[-1]
+        if not isinstance(activations, torch.Tensor) or activations.dim() != 4:
+            shape = tuple(activations.shape) if isinstance(activations, torch.Tensor) else "?"
+            raise ValueError(
+                f"target layer {self.target_layer!r} is not spatial: its output has shape "
+                f"{shape}, expected a feature map [B, N, h, w]"
+            )
+        return ForwardPass(outputs=self._as_vectors(outputs), activations=activations)
+
+    def resolve_target(self, target: Target, outputs: torch.Tensor) -> ResolvedTarget:
+        """Turn any accepted target into references ``[B, K, D]``."""
+        batch, dim = outputs.shape
+        if target is None:
+            if self.classifier:
+                return self._class_target(outputs.argmax(dim=1), outputs)
+            return ResolvedTarget(outputs.detach().unsqueeze(1), self.similarity)
+        if isinstance(target, torch.Tensor) and target.is_floating_point():
+            return ResolvedTarget(
+                self._reference_tensor(target, batch, dim, outputs), self.similarity
+            )
+        return self._class_target(self._class_indices(target, batch), outputs)
+
+    @cached_property
+    def head(self) -> Head:
+        """The layers between the target layer and the outputs (resolved on first use)."""
+        if isinstance(self._head_spec, str):
+            if self._head_spec != "auto":
+                raise ValueError(
+                    f"head must be 'auto', None, a module or a matrix, got {self._head_spec!r}"
+                )
+            return find_head(self.model, self.target_layer, self.pooling)
+        if self._head_spec is None:
+            return head_from_module(nn.Identity(), self.pooling)
+        return head_from_module(self._head_spec, self.pooling)
+
+    # -- helpers
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(
+                f"images must be a torch.Tensor [B, C, H, W], got {type(images).__name__}"
+            )
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch: expected at least one image")
+        if self._input_channels is not None and images.shape[1] != self._input_channels:
+            raise ValueError(
+                f"images have {images.shape[1]} channels, the model expects {self._input_channels}"
+            )
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
+        device = _model_device(self.model)
+        return images if device is None else images.to(device)
+
+    def _as_vectors(self, outputs: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, torch.Tensor):
+            raise TypeError(f"the model must return a tensor, got {type(outputs).__name__}")
+        if outputs.dim() == 4:
+            return global_pool(outputs, self.pooling)
+        if outputs.dim() != 2:
+            raise ValueError(
+                f"the model output must be [B, D] or [B, C, h, w], got {tuple(outputs.shape)}"
+            )
+        return outputs
+
+    def _reference_tensor(
+        self, target: torch.Tensor, batch: int, dim: int, outputs: torch.Tensor
+    ) -> torch.Tensor:
+        if target.shape[-1] != dim:
+            raise ValueError(
+                f"target embeddings have dimension {target.shape[-1]}, the model's embeddings have {dim}"
+            )
+        if target.dim() == 1:
+            target = target.expand(batch, 1, dim)
+        elif target.dim() == 2:
+            if target.shape[0] == 0:
+                raise ValueError("target has no reference embeddings: expected [K, D] with K >= 1")
+            target = target.unsqueeze(0).expand(batch, -1, -1)
+        elif target.dim() == 3:
+            if target.shape[0] != batch or target.shape[1] == 0:
+                raise ValueError(
+                    f"target [B, K, D] must have B = {batch} and K >= 1, got {tuple(target.shape)}"
+                )
+        else:
+            raise ValueError(
+                f"target must be [D], [K, D] or [B, K, D], got shape {tuple(target.shape)}"
+            )
+        return target.to(device=outputs.device, dtype=outputs.dtype)
+
+    def _class_indices(self, target: Target, batch: int) -> torch.Tensor:
+        if not self.classifier:
+            raise TypeError(
+                "class-index targets need a classifier model; for an embedding model pass "
+                "reference embeddings [D], [K, D] or [B, K, D] (e.g. from explainer.embed)"
+            )
+        if isinstance(target, bool):
+            raise TypeError("target must be a class index, not a bool")
+        if isinstance(target, int):
+            return torch.full((batch,), target, dtype=torch.long)
+        if isinstance(target, torch.Tensor):
+            indices = target.reshape(-1).long().cpu()
+        elif isinstance(target, list | tuple) and all(isinstance(t, int) for t in target):
+            indices = torch.tensor(list(target), dtype=torch.long)
+        else:
+            raise TypeError(
+                f"target must be a tensor, an int, a list of ints or None, got {target!r}"
+            )
+        if indices.numel() == 1:
+            return indices.expand(batch)
+        if indices.numel() != batch:
+            raise ValueError(f"got {indices.numel()} class targets for a batch of {batch}")
+        return indices
+
+    def _class_target(self, classes: torch.Tensor, outputs: torch.Tensor) -> ResolvedTarget:
+        num_classes = outputs.shape[1]
+        if (classes < 0).any() or (classes >= num_classes).any():
+            raise ValueError(
+                f"class index out of range: expected 0 <= target < {num_classes}, got {classes.tolist()}"
+            )
+        one_hot = F.one_hot(classes.to(outputs.device), num_classes).to(outputs.dtype)
+        return ResolvedTarget(one_hot.unsqueeze(1), "dot")
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    parameter = next(model.parameters(), None)
+    return None if parameter is None else parameter.device
+
+
+def upsample(raw: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling to the input size, then min-max normalisation per map."""
+    maps = F.interpolate(
+        raw.detach().unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False
+    )
+    return min_max(maps.squeeze(1), dim=(1, 2)).float()

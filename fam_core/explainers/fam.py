@@ -1,0 +1,85 @@
+"""FAM: Feature Activation Map (Liao, Gao, Zhang), section IV.
+
+s_k   = s(Z', R_k)                                      eq. 14 (cosine) / similarity.py
+c'_kn = contribution of channel n to s_k, / |s_k|       eq. 15
+C'    = mean_k c'_k ,   S = mean_k s_k                  eq. 11
+C     = W x C'^T        (head between pooling and Z')   eq. 16-18
+c̄_n   = (c_n - min C) / (max C - min C)                 eq. 12
+L_FAM = sum_n c̄_n A^n                                   eq. 13
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget, min_max
+from fam_core.similarity import channel_contributions
+
+
+class FAM(Explainer):
+    """Feature Activation Map: channel weights are each channel's share of the similarity.
+
+    Works on embedding models without a classifier (few-shot, kNN, retrieval, re-ID): the
+    target is a set of reference embeddings, e.g. a class prototype or a gallery image.
+    On a classifier, a class target is the one-hot reference scored by the dot product,
+    and FAM's weights become the classifier's weights of that class (CAM, eq. 1).
+
+    Example:
+        >>> from fam_core.models.backbones import conv4
+        >>> model = conv4().eval()
+        >>> explainer = FAM(model, target_layer="block4")
+        >>> refs = explainer.embed(torch.rand(2, 3, 84, 84))
+        >>> explanation = explainer(torch.rand(3, 3, 84, 84), target=refs)
+        >>> explanation.maps.shape, explanation.weights.shape
+        (torch.Size([3, 84, 84]), torch.Size([3, 64]))
+    """
+
+    method = "fam"
+
+    def channel_weights(
+        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        contributions = channel_contributions(forward.outputs, target.references, target.similarity)
+        pair_scores = contributions.sum(dim=2)  # s(Z', R_k), [B, K]
+        per_pair = contributions / pair_scores.abs().clamp_min(1e-12).unsqueeze(2)  # eq. 15
+        embedding_weights = per_pair.mean(dim=1)  # eq. 11, [B, D]
+        channel = self.to_channels(embedding_weights, forward)  # eq. 18, [B, N]
+        return (
+            min_max(channel, dim=1),  # eq. 12
+            pair_scores.mean(dim=1),  # eq. 11
+            {"contributions": contributions.mean(dim=1), "channel_contributions": channel},
+        )
+
+    def to_channels(self, embedding_weights: torch.Tensor, forward: ForwardPass) -> torch.Tensor:
+        """Map weights on the embedding ``[B, J]`` to the target layer's channels ``[B, N]``."""
+        channels = forward.activations.shape[1]
+        head = self.head
+        if head.nonlinear_layer is not None:
+            if self.nonlinear_head == "error":
+                raise ValueError(
+                    f"the head after {self.target_layer!r} is not linear (layer "
+                    f"{head.nonlinear_layer!r}); FAM's eq. 18 needs a linear head: pass "
+                    "head= with its linear part, or nonlinear_head='jacobian' to linearise it"
+                )
+            jacobian = head.jacobian(head.pool(forward.activations).detach())  # [B, J, N]
+            return torch.einsum("bj,bjn->bn", embedding_weights, jacobian)
+        if head.matrix is None:
+            if embedding_weights.shape[1] != channels:
+                raise ValueError(
+                    f"the embedding has {embedding_weights.shape[1]} dimensions but layer "
+                    f"{self.target_layer!r} has {channels} channels and no linear head follows it"
+                )
+            return embedding_weights
+        self._check_head(head, forward)
+        return embedding_weights @ head.matrix.to(embedding_weights)  # C = W x C'^T
+
+    def _check_head(self, head: object, forward: ForwardPass) -> None:
+        predicted = self.head.transform(self.head.pool(forward.activations))
+        if predicted.shape != forward.outputs.shape or not torch.allclose(
+            predicted, forward.outputs, rtol=1e-3, atol=1e-4
+        ):
+            raise ValueError(
+                f"the head found after {self.target_layer!r} does not reproduce the model's "
+                "output (the model must run its layers in the order it registers them); "
+                "pass head= explicitly"
+            )

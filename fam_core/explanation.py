@@ -1,0 +1,89 @@
+"""The one result type every explainer returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Heatmaps for a batch of images, kept on the model's device as tensors.
+
+    Attributes:
+        maps: ``[B, H, W]`` float32 in ``[0, 1]`` at input resolution (bilinear upsampling,
+            then min-max normalisation per image).
+        raw: ``[B, h, w]`` the map at the target layer's resolution, before upsampling and
+            normalisation (FAM: eq. 13).
+        weights: ``[B, C]`` channel weights used to combine the activation maps
+            (FAM: the min-max normalised contributions of eq. 12).
+        scores: ``[B]`` the score that was explained (FAM: the similarity ``S`` of eq. 11;
+            for class targets, the class logit).
+        method: the explainer's name, e.g. ``"fam"``.
+        target_layer: the name of the layer whose activations were combined.
+        extras: method-specific tensors (e.g. FAM's un-normalised ``contributions``).
+
+    Example:
+        >>> e = Explanation(torch.zeros(1, 4, 4), torch.zeros(1, 2, 2), torch.zeros(1, 3),
+        ...                 torch.zeros(1), "fam", "layer4")
+        >>> len(e), e[0].maps.shape
+        (1, torch.Size([1, 4, 4]))
+    """
+
+    maps: torch.Tensor
+    raw: torch.Tensor
+    weights: torch.Tensor
+    scores: torch.Tensor
+    method: str
+    target_layer: str
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.maps.shape[0]
+
+    def __getitem__(self, index: int | slice) -> Explanation:
+        """The explanation of one item (kept as a batch of one) or of a slice."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return Explanation(
+            maps=self.maps[index],
+            raw=self.raw[index],
+            weights=self.weights[index],
+            scores=self.scores[index],
+            method=self.method,
+            target_layer=self.target_layer,
+            extras={name: value[index] for name, value in self.extras.items()},
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.maps.device
+
+    def to(self, device: torch.device | str) -> Explanation:
+        """A copy with every tensor on ``device``."""
+        return Explanation(
+            maps=self.maps.to(device),
+            raw=self.raw.to(device),
+            weights=self.weights.to(device),
+            scores=self.scores.to(device),
+            method=self.method,
+            target_layer=self.target_layer,
+            extras={name: value.to(device) for name, value in self.extras.items()},
+        )
+
+    @staticmethod
+    def concat(parts: list[Explanation]) -> Explanation:
+        """Join explanations of consecutive batches made by the same explainer."""
+        if not parts:
+            raise ValueError("Explanation.concat needs at least one explanation")
+        first = parts[0]
+        return Explanation(
+            maps=torch.cat([p.maps for p in parts]),
+            raw=torch.cat([p.raw for p in parts]),
+            weights=torch.cat([p.weights for p in parts]),
+            scores=torch.cat([p.scores for p in parts]),
+            method=first.method,
+            target_layer=first.target_layer,
+            extras={k: torch.cat([p.extras[k] for p in parts]) for k in first.extras},
+        )

@@ -1,0 +1,436 @@
+"""Rendering of explanation heatmaps: colour maps, overlays, PNG encoding and figures.
+
+One implementation shared by the CLI, the demo and the servers. Conventions:
+
+- images are float tensors ``[3, H, W]`` or ``[B, 3, H, W]`` with values in ``[0, 1]`` (already
+  de-normalised);
+- heatmaps are float tensors ``[H, W]`` or ``[B, H, W]`` with values in ``[0, 1]``; a heatmap whose
+  resolution differs from its image's (typically a coarser one) is resized bilinearly to the image
+  size before it is overlaid;
+- outputs are channel-last ``uint8`` RGB tensors ``[H, W, 3]`` (``[B, H, W, 3]`` when batched).
+
+Pixel maths is done in torch; numpy only appears at the boundary, when pixels are handed to PIL or
+matplotlib. Matplotlib supplies the colour maps and draws the figures with a colour bar through
+:class:`matplotlib.figure.Figure` and the Agg canvas, never ``pyplot``: rendering touches no global
+state and is safe in servers and threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Colormap, Normalize
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["colorize", "grid", "overlay", "overlay_figure", "save_png", "to_png_bytes"]
+
+_LUT_SIZE = 256
+_RANGE_TOL = 1e-3  # slack on the image range for de-normalisation round-off
+_CELL_INCHES = 2.0  # height of one image panel in figures
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _check_image(image: Tensor, name: str = "image") -> Tensor:
+    """Validate an image ``[3, H, W]`` / ``[B, 3, H, W]`` in [0, 1]; return it as float32, clamped."""
+    if not isinstance(image, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor [3, H, W] or [B, 3, H, W], got {type(image).__name__}"
+        )
+    if not image.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor with values in [0, 1], got dtype {image.dtype}"
+            " (convert uint8 images with image.float() / 255)"
+        )
+    shape = tuple(image.shape)
+    if image.dim() not in (3, 4):
+        raise ValueError(f"{name} must have shape [3, H, W] or [B, 3, H, W], got shape {shape}")
+    if shape[-3] != 3:
+        raise ValueError(
+            f"{name} must have 3 (RGB) channels, shape [3, H, W] or [B, 3, H, W]; "
+            f"got {shape[-3]} channels in shape {shape}"
+        )
+    if image.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {shape}")
+    image = image.detach().float()
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{name} contains NaN or infinite values; expected values in [0, 1]")
+    lo, hi = (float(v) for v in image.aminmax())
+    if lo < -_RANGE_TOL or hi > 1.0 + _RANGE_TOL:
+        raise ValueError(
+            f"{name} values must lie in [0, 1] (de-normalise it first), got range [{lo:.4g}, {hi:.4g}]"
+        )
+    return image.clamp(0.0, 1.0)
+
+
+def _check_heatmap(heatmap: Tensor, name: str = "heatmap") -> Tensor:
+    """Validate a heatmap ``[H, W]`` / ``[B, H, W]``; return it as float32 (not yet clamped)."""
+    if not isinstance(heatmap, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor [H, W] or [B, H, W], got {type(heatmap).__name__}"
+        )
+    if not heatmap.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor with values in [0, 1], got dtype {heatmap.dtype}"
+        )
+    shape = tuple(heatmap.shape)
+    if heatmap.dim() not in (2, 3):
+        raise ValueError(f"{name} must have shape [H, W] or [B, H, W], got shape {shape}")
+    if heatmap.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {shape}")
+    heatmap = heatmap.detach().float()
+    if torch.isnan(heatmap).any():
+        raise ValueError(f"{name} contains NaN values; expected values in [0, 1]")
+    return heatmap
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number in [0, 1], got {type(alpha).__name__}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return float(alpha)
+
+
+def _check_cmap(cmap: str) -> str:
+    if not isinstance(cmap, str):
+        raise TypeError(f"cmap must be a matplotlib colormap name (str), got {type(cmap).__name__}")
+    if cmap not in matplotlib.colormaps:
+        raise ValueError(
+            f"unknown colormap {cmap!r}; expected a name from matplotlib.colormaps, e.g. 'jet'"
+        )
+    return cmap
+
+
+def _check_dpi(dpi: int) -> int:
+    if isinstance(dpi, bool) or not isinstance(dpi, numbers.Integral):
+        raise TypeError(f"dpi must be a positive int, got {type(dpi).__name__}")
+    if dpi <= 0:
+        raise ValueError(f"dpi must be a positive int, got {dpi}")
+    return int(dpi)
+
+
+# --------------------------------------------------------------------------- tensor helpers
+
+
+@functools.lru_cache(maxsize=32)
+def _lut(cmap: str) -> Tensor:
+    """uint8 look-up table ``[256, 3]`` sampled from matplotlib's colormap ``cmap`` (cached)."""
+    rgba = matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, _LUT_SIZE))
+    return torch.from_numpy(np.rint(rgba[:, :3] * 255.0).astype(np.uint8))
+
+
+def _apply_lut(values: Tensor, cmap: str) -> Tensor:
+    """Map float values (clamped to [0, 1]) to uint8 RGB ``[..., 3]`` by LUT indexing."""
+    index = values.clamp(0.0, 1.0).mul(_LUT_SIZE - 1).round().long()
+    return _lut(cmap).to(values.device)[index]
+
+
+def _resize(heatmaps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinearly resize ``[B, h, w]`` heatmaps to ``size`` (no-op when already that size)."""
+    if tuple(heatmaps.shape[-2:]) == size:
+        return heatmaps
+    return F.interpolate(heatmaps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _to_numpy(pixels: Tensor | np.ndarray) -> np.ndarray:
+    """Hand pixels over to numpy (for PIL / matplotlib): the only tensor->numpy conversion."""
+    if isinstance(pixels, Tensor):
+        return pixels.detach().cpu().contiguous().numpy()
+    return np.asarray(pixels)
+
+
+# --------------------------------------------------------------------------- pixel API
+
+
+def colorize(heatmap: Tensor, cmap: str = "jet") -> Tensor:
+    """Colour a heatmap with a matplotlib colormap.
+
+    Values are clamped to [0, 1] and looked up in a 256-entry table built from
+    ``matplotlib.colormaps[cmap]``.
+
+    Args:
+        heatmap: float tensor ``[H, W]`` or ``[B, H, W]``.
+        cmap: matplotlib colormap name.
+
+    Returns:
+        uint8 tensor ``[H, W, 3]`` (``[B, H, W, 3]`` when batched), on the heatmap's device.
+
+    Example:
+        >>> colorize(torch.tensor([[0.0, 1.0]]), "gray").tolist()
+        [[[0, 0, 0], [255, 255, 255]]]
+    """
+    heatmap = _check_heatmap(heatmap)
+    return _apply_lut(heatmap, _check_cmap(cmap))
+
+
+def overlay(image: Tensor, heatmap: Tensor, *, alpha: float = 0.5, cmap: str = "jet") -> Tensor:
+    """Blend a coloured heatmap over an image: ``(1 - alpha) * image + alpha * colour(heatmap)``.
+
+    A heatmap at another resolution than the image is resized bilinearly to the image size. An
+    unbatched image can be combined with a batch of heatmaps (and vice versa); two batches must have
+    the same size.
+
+    Args:
+        image: float tensor ``[3, H, W]`` or ``[B, 3, H, W]`` with values in [0, 1].
+        heatmap: float tensor ``[h, w]`` or ``[B, h, w]`` with values in [0, 1].
+        alpha: weight of the heatmap colour, in [0, 1].
+        cmap: matplotlib colormap name.
+
+    Returns:
+        uint8 tensor ``[H, W, 3]``, or ``[B, H, W, 3]`` when either input is batched.
+
+    Example:
+        >>> overlay(torch.zeros(3, 4, 4), torch.ones(2, 2), alpha=1.0, cmap="gray").shape
+        torch.Size([4, 4, 3])
+    """
+    alpha = _check_alpha(alpha)
+    cmap = _check_cmap(cmap)
+    image = _check_image(image)
+    heatmap = _check_heatmap(heatmap)
+    if image.dim() == 4 and heatmap.dim() == 3 and image.shape[0] != heatmap.shape[0]:
+        raise ValueError(
+            f"image and heatmap batch sizes differ: {image.shape[0]} vs {heatmap.shape[0]}"
+        )
+    batched = image.dim() == 4 or heatmap.dim() == 3
+    images = image if image.dim() == 4 else image[None]
+    heatmaps = heatmap if heatmap.dim() == 3 else heatmap[None]
+    heatmaps = _resize(heatmaps.to(images.device), tuple(images.shape[-2:]))
+    pixels = images.permute(0, 2, 3, 1) * 255.0  # [B, H, W, 3] in [0, 255]
+    colour = _apply_lut(heatmaps, cmap).float()
+    out = ((1.0 - alpha) * pixels + alpha * colour).round().clamp(0, 255).to(torch.uint8)
+    return out if batched else out[0]
+
+
+def to_png_bytes(rgb_uint8: Tensor | np.ndarray) -> bytes:
+    """Encode a uint8 RGB image ``[H, W, 3]`` (tensor or array) as PNG bytes.
+
+    Example:
+        >>> to_png_bytes(torch.zeros(2, 2, 3, dtype=torch.uint8))[:4]
+        b'\\x89PNG'
+    """
+    if not isinstance(rgb_uint8, Tensor | np.ndarray):
+        raise TypeError(
+            "rgb_uint8 must be a torch.Tensor or np.ndarray [H, W, 3] of dtype uint8, "
+            f"got {type(rgb_uint8).__name__}"
+        )
+    pixels = _to_numpy(rgb_uint8)
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"rgb_uint8 must have dtype uint8, got {pixels.dtype}")
+    if pixels.ndim != 3 or pixels.shape[-1] != 3 or 0 in pixels.shape:
+        raise ValueError(f"rgb_uint8 must have shape [H, W, 3], got shape {tuple(pixels.shape)}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png(rgb: Tensor | np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Write a uint8 RGB image ``[H, W, 3]`` to ``path`` as PNG; return the path.
+
+    Example:
+        >>> save_png(torch.zeros(2, 2, 3, dtype=torch.uint8), "/tmp/black.png")
+        PosixPath('/tmp/black.png')
+    """
+    path = Path(path)
+    path.write_bytes(to_png_bytes(rgb))
+    return path
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _colormap(cmap: str) -> Colormap:
+    return matplotlib.colormaps[_check_cmap(cmap)]
+
+
+def _figure_to_tensor(fig: Figure) -> Tensor:
+    """Rasterise a figure with the Agg canvas into a uint8 RGB tensor ``[H, W, 3]``."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return torch.from_numpy(rgba[..., :3].copy())
+
+
+def _panel_figure(
+    rows: Sequence[Sequence[np.ndarray]],
+    *,
+    col_titles: Sequence[str],
+    row_labels: Sequence[str] | None,
+    title: str | None,
+    cmap: str,
+    colorbar: bool,
+    dpi: int,
+) -> Tensor:
+    """Lay out equally sized RGB panels in a grid, with an optional colour bar on the right."""
+    nrows, ncols = len(rows), len(rows[0])
+    height, width = rows[0][0].shape[:2]
+    cell_w = _CELL_INCHES * min(max(width / height, 0.25), 4.0)
+    fig_w = ncols * cell_w + (0.9 if colorbar else 0.0) + (0.3 if row_labels else 0.0) + 0.2
+    fig_h = nrows * _CELL_INCHES + 0.4 + (0.4 if title else 0.0)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for r, row in enumerate(rows):
+        for c, pixels in enumerate(row):
+            ax = axes[r, c]
+            ax.imshow(pixels)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if r == 0:
+                ax.set_title(col_titles[c], fontsize=10)
+        if row_labels:
+            axes[r, 0].set_ylabel(row_labels[r], fontsize=10)
+    if colorbar:
+        mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=_colormap(cmap))
+        fig.colorbar(mappable, ax=axes, label="relevance", ticks=[0.0, 0.5, 1.0])
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _figure_to_tensor(fig)
+
+
+def overlay_figure(
+    image: Tensor,
+    heatmap: Tensor,
+    *,
+    title: str | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    colorbar: bool = True,
+    dpi: int = 100,
+) -> Tensor:
+    """Render a small figure: the image, its heatmap overlay and a "relevance" colour bar (0..1).
+
+    Args:
+        image: float tensor ``[3, H, W]`` with values in [0, 1].
+        heatmap: float tensor ``[h, w]`` with values in [0, 1] (resized to the image if needed).
+        title: optional figure title.
+        alpha, cmap: as in :func:`overlay`.
+        colorbar: draw the colour bar.
+        dpi: resolution of the rendered figure.
+
+    Returns:
+        uint8 RGB tensor ``[H', W', 3]`` of the rendered figure.
+
+    Example:
+        >>> fig = overlay_figure(torch.rand(3, 32, 32), torch.rand(8, 8), title="demo")
+        >>> fig.dtype, fig.shape[-1]
+        (torch.uint8, 3)
+    """
+    image = _check_image(image)
+    heatmap = _check_heatmap(heatmap)
+    dpi = _check_dpi(dpi)
+    if image.dim() != 3 or heatmap.dim() != 2:
+        raise ValueError(
+            "overlay_figure takes one image [3, H, W] and one heatmap [H, W], got shapes "
+            f"{tuple(image.shape)} and {tuple(heatmap.shape)}; use grid() for batches"
+        )
+    blended = overlay(image, heatmap, alpha=alpha, cmap=cmap)
+    rows = [[_to_numpy(image.permute(1, 2, 0)), _to_numpy(blended)]]
+    return _panel_figure(
+        rows,
+        col_titles=("image", "overlay"),
+        row_labels=None,
+        title=title,
+        cmap=cmap,
+        colorbar=colorbar,
+        dpi=dpi,
+    )
+
+
+def grid(
+    images: Tensor,
+    heatmaps: Mapping[str, Tensor] | Tensor,
+    *,
+    titles: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    colorbar: bool = True,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Tensor:
+    """Render a side-by-side grid: one row per image, then one overlay column per method.
+
+    The first column shows the image itself; each further column shows the overlay of one
+    method's heatmap; a single "relevance" colour bar sits on the right.
+
+    Args:
+        images: float tensor ``[B, 3, H, W]`` (or one image ``[3, H, W]``) in [0, 1].
+        heatmaps: ``{method name: heatmaps [B, h, w]}`` (``[h, w]`` for one image); the keys are
+            the column titles. A bare tensor is one method titled ``"heatmap"``.
+        titles: column titles for the method columns, overriding the keys (one per method).
+        row_labels: one label per image, written left of each row.
+        alpha, cmap: as in :func:`overlay`.
+        colorbar: draw the colour bar.
+        title: optional figure title (e.g. for a one-page summary).
+        dpi: resolution of the rendered figure.
+
+    Returns:
+        uint8 RGB tensor ``[H', W', 3]`` of the rendered figure.
+
+    Example:
+        >>> imgs, maps = torch.rand(2, 3, 32, 32), torch.rand(2, 8, 8)
+        >>> out = grid(imgs, {"fam": maps, "gradcam": maps}, row_labels=["cat", "dog"])
+        >>> out.dtype, out.shape[-1]
+        (torch.uint8, 3)
+    """
+    images = _check_image(images, name="images")
+    dpi = _check_dpi(dpi)
+    batch = images if images.dim() == 4 else images[None]
+    if isinstance(heatmaps, Tensor):
+        methods = {"heatmap": heatmaps}
+    elif isinstance(heatmaps, Mapping):
+        methods = dict(heatmaps)
+    else:
+        raise TypeError(
+            "heatmaps must be a mapping {method name: tensor} or a tensor, "
+            f"got {type(heatmaps).__name__}"
+        )
+    if not methods:
+        raise ValueError("heatmaps must contain at least one method")
+    col_titles = [str(name) for name in methods] if titles is None else [str(t) for t in titles]
+    if len(col_titles) != len(methods):
+        raise ValueError(f"titles must give one title per method ({len(methods)}), got {titles}")
+    if row_labels is not None and len(row_labels) != batch.shape[0]:
+        raise ValueError(
+            f"row_labels must give one label per image ({batch.shape[0]}), got {len(row_labels)}"
+        )
+    columns = []
+    for name, maps in methods.items():
+        label = f"heatmaps[{name!r}]"
+        maps = _check_heatmap(maps, name=label)
+        expected = f"[{batch.shape[0]}, h, w]" if images.dim() == 4 else "[h, w]"
+        if maps.dim() != images.dim() - 1 or (maps.dim() == 3 and maps.shape[0] != batch.shape[0]):
+            raise ValueError(
+                f"{label} must have shape {expected} to match images of shape "
+                f"{tuple(images.shape)}, got {tuple(maps.shape)}"
+            )
+        columns.append(overlay(batch, maps.reshape(-1, *maps.shape[-2:]), alpha=alpha, cmap=cmap))
+    rows = [
+        [_to_numpy(batch[i].permute(1, 2, 0))] + [_to_numpy(column[i]) for column in columns]
+        for i in range(batch.shape[0])
+    ]
+    return _panel_figure(
+        rows,
+        col_titles=["image", *col_titles],
+        row_labels=None if row_labels is None else [str(label) for label in row_labels],
+        title=title,
+        cmap=cmap,
+        colorbar=colorbar,
+        dpi=dpi,
+    )
