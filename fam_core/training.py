@@ -40,7 +40,7 @@ class EmbeddingRecipe:
     backbone: str = "conv4"
     width: float = 1.0
     image_size: int = 84
-    steps: int = 300
+    steps: int = 150
     n_way: int = 10
     k_shot: int = 3
     n_query: int = 5

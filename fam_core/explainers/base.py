@@ -29,7 +29,7 @@ from fam_core.adapters import (
 )
 from fam_core.explanation import Explanation
 from fam_core.pooling import POOLING_KINDS, PoolingKind, global_pool
-from fam_core.similarity import SIMILARITIES, SimilarityKind
+from fam_core.similarity import SIMILARITIES, SimilarityKind, similarity
 
 Target = torch.Tensor | int | list[int] | tuple[int, ...] | None
 """Reference embeddings ``[D]``, ``[K, D]`` or ``[B, K, D]``; class indices; or ``None``."""
@@ -53,6 +53,7 @@ class ResolvedTarget:
 
     references: torch.Tensor  # [B, K, D]
     similarity: SimilarityKind
+    explains_self: bool = False  # target None on an embedding model: references = own outputs
 
 
 def min_max(values: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
@@ -131,7 +132,8 @@ class Explainer(ABC):
         images = self._check_images(images)
         forward = self.forward(images)
         resolved = self.resolve_target(target, forward.outputs)
-        weights, scores, extras = self.channel_weights(forward, resolved, images)
+        with torch.set_grad_enabled(self.needs_gradients):
+            weights, scores, extras = self.channel_weights(forward, resolved, images)
         raw = self.combine(weights, forward.activations)
         maps = upsample(raw, images.shape[-2:])
         return Explanation(
@@ -185,9 +187,11 @@ class Explainer(ABC):
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
             captured.append(output)
 
+        if self.needs_gradients:  # so activations join the graph even when weights are frozen
+            images = images.detach().requires_grad_(True)
         handle = self.layer.register_forward_hook(hook)
         try:
-            with torch.set_grad_enabled(self.needs_gradients and torch.is_grad_enabled()):
+            with torch.set_grad_enabled(self.needs_gradients):
                 outputs = self.model(images)
         finally:
             handle.remove()
@@ -208,12 +212,28 @@ class Explainer(ABC):
         if target is None:
             if self.classifier:
                 return self._class_target(outputs.argmax(dim=1), outputs)
-            return ResolvedTarget(outputs.detach().unsqueeze(1), self.similarity)
+            return ResolvedTarget(
+                outputs.detach().unsqueeze(1), self.similarity, explains_self=True
+            )
         if isinstance(target, torch.Tensor) and target.is_floating_point():
             return ResolvedTarget(
                 self._reference_tensor(target, batch, dim, outputs), self.similarity
             )
         return self._class_target(self._class_indices(target, batch), outputs)
+
+    def score(self, outputs: torch.Tensor, target: ResolvedTarget) -> torch.Tensor:
+        """The explained score ``[B]``: the mean similarity to the references (eq. 11).
+
+        For class targets this is the logit ``y_c`` (one-hot reference, dot product).
+        """
+        return similarity(outputs, target.references, target.similarity).mean(dim=1)
+
+    def gradients(self, forward: ForwardPass, scores: torch.Tensor) -> torch.Tensor:
+        """``d scores / d activations`` ``[B, N, h, w]`` (needs ``needs_gradients = True``)."""
+        if not forward.activations.requires_grad:
+            raise RuntimeError(f"{type(self).__name__} must set needs_gradients = True")
+        (grads,) = torch.autograd.grad(scores.sum(), forward.activations)
+        return grads
 
     @cached_property
     def head(self) -> Head:
