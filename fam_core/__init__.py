@@ -9,13 +9,50 @@ Example:
     torch.Size([1, 84, 84])
 """
 
-from fam_core.explainers import FAM, Explainer
+from fam_core.explainers import (
+    CAM,
+    FAM,
+    L2CAF,
+    AblationCAM,
+    Deconvnet,
+    EigenCAM,
+    Explainer,
+    GradCAM,
+    GradCAMPlusPlus,
+    GradFAM,
+    GuidedBackprop,
+    GuidedGradCAM,
+    LayerCAM,
+    ScoreCAM,
+    ScoreFAM,
+    UpsampledActivation,
+    XGradCAM,
+    available_methods,
+    get_explainer,
+)
 from fam_core.explanation import Explanation
 from fam_core.models.store import LoadedModel, ModelConfig, available_models, load_model
 
 __all__ = [
+    "CAM",
     "FAM",
+    "L2CAF",
+    "AblationCAM",
+    "Deconvnet",
+    "EigenCAM",
     "Explainer",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "GradFAM",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "LayerCAM",
+    "ScoreCAM",
+    "ScoreFAM",
+    "UpsampledActivation",
+    "XGradCAM",
+    "available_methods",
+    "get_explainer",
     "Explanation",
     "LoadedModel",
     "ModelConfig",

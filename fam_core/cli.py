@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 EXIT_USAGE = 2
+# Feature modules that add a subcommand: each defines ``add_command(commands)``, which adds a
+# parser whose ``run`` default takes the parsed arguments and returns the exit code.
+COMMAND_MODULES: tuple[str, ...] = (
+    "fam_core.commands.eval",
+    "fam_core.commands.export",
+    "fam_core.commands.serve",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,37 +25,51 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _explain(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from fam_core.imageio import read_image, resize
-    from fam_core.inference import predict_and_explain
-    from fam_core.models.store import load_model
+    from fam_core.pipeline import (
+        EncodedImage,
+        ExplainRequest,
+        ModelRegistry,
+        Pipeline,
+        ServedModel,
+        heatmap_from_bytes,
+    )
     from fam_core.render import overlay_figure, save_png
 
-    loaded = load_model(args.model)
-    size = loaded.config.input_size
-    references = (
-        torch.stack([resize(read_image(p), size) for p in args.reference])
-        if args.reference
-        else None
-    )
+    served = ServedModel.load(args.model, target_layer=args.layer)
+    pipeline = Pipeline(ModelRegistry([served]), batching=None)
+    references = tuple(EncodedImage(_read_bytes(p)) for p in args.reference or ())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(
+    progress = tqdm(
         args.images, desc="explaining", unit="image", disable=len(args.images) < 8, file=sys.stderr
-    ):
-        image = resize(read_image(path), size).unsqueeze(0)
-        explanation, (prediction,) = predict_and_explain(
-            loaded, image, references, target_layer=args.layer
+    )
+    for path in progress:
+        request = ExplainRequest(
+            model=served.name,
+            images=(EncodedImage(_read_bytes(path)),),
+            method=args.method,
+            references=references,
         )
-        title = f"{Path(path).name}: {prediction.label} ({prediction.score:.3f})"
+        (result,) = pipeline.explain(request).results
+        heatmap = heatmap_from_bytes(result.heatmap.data, result.heatmap.shape).float()
+        pixels = resize(read_image(path), served.config.input_size)
+        label, score = result.prediction.label, result.explained_score
+        title = f"{Path(path).name}: {label} ({result.heatmap.method}, score {score:.3f})"
         written = save_png(
-            overlay_figure(image[0], explanation.maps[0], title=title),
-            out / f"{Path(path).stem}_fam.png",
+            overlay_figure(pixels, heatmap, title=title),
+            out / f"{Path(path).stem}_{result.heatmap.method}.png",
         )
-        print(f"{path}\t{prediction.label}\t{prediction.score:.4f}\t{written}")
+        print(f"{path}\t{label}\t{result.prediction.score:.4f}\t{written}")
     return 0
+
+
+def _read_bytes(path: str) -> bytes:
+    if not Path(path).is_file():
+        raise ValueError(f"no such image file: {path}")
+    return Path(path).read_bytes()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -92,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--model", default="default-embedding", help="model name or config path")
     explain.add_argument("--layer", help="target layer (default: the model's)")
+    explain.add_argument("--method", help="explainer (default: FAM; CAM for classifiers)")
     explain.add_argument(
         "--out", default="out/explain", help="output folder (default: out/explain)"
     )
@@ -103,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int)
     train.add_argument("--seed", type=int)
     train.set_defaults(run=_train)
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_command(commands)
     return parser
 
 

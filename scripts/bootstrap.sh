@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine, then run one job.
-#   bash scripts/bootstrap.sh demo   # the main job: explain benchmark images with the default models
+#   bash scripts/bootstrap.sh demo   # the main job: explain benchmark images with the default models,
+#                                    # then one request through the gRPC server
 #   bash scripts/bootstrap.sh test   # the test suite
 #   bash scripts/bootstrap.sh env    # set up only
 set -euo pipefail
@@ -24,6 +25,7 @@ fi
 if ! command -v java >/dev/null 2>&1; then
   echo "note: java not found; TorchServe needs Java 17 (the rest works without it)" >&2
 fi
+.venv/bin/python -m fam_core.protos  # gRPC stubs from proto/, regenerated when stale
 for name in default-embedding default-classifier; do
   if [ ! -f "model-store/$name/weights.pt" ]; then
     .venv/bin/fam train "$name"
@@ -31,7 +33,7 @@ for name in default-embedding default-classifier; do
 done
 
 case "$job" in
-  demo) exec .venv/bin/fam demo "$@" ;;
+  demo) .venv/bin/fam demo "$@" && exec .venv/bin/fam serve-demo ;;
   test) exec .venv/bin/python -m pytest -q "$@" ;;
   env) ;;
   *) echo "usage: bash scripts/bootstrap.sh {demo|test|env} [ARGS...]" >&2; exit 2 ;;

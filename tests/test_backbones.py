@@ -156,11 +156,14 @@ def test_pooling_options() -> None:
         with torch.no_grad():
             features[kind] = net.features(x)
             outputs[kind] = net(x)
-        torch.testing.assert_close(outputs[kind], global_pool(features[kind], kind))
+        # two forward passes may pick different oneDNN kernels: allow float32 round-off
+        torch.testing.assert_close(
+            outputs[kind], global_pool(features[kind], kind), atol=2e-4, rtol=1e-3
+        )
     feats = features["avg"]
-    torch.testing.assert_close(features["max"], feats)
-    torch.testing.assert_close(outputs["max"], feats.amax(dim=(2, 3)))
-    torch.testing.assert_close(outputs["avg"], feats.mean(dim=(2, 3)))
+    torch.testing.assert_close(features["max"], feats, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(outputs["max"], feats.amax(dim=(2, 3)), atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(outputs["avg"], feats.mean(dim=(2, 3)), atol=2e-4, rtol=1e-3)
     assert (outputs["max"] >= outputs["avg"]).all()
     assert (outputs["max"] - outputs["avg"]).abs().max() > 0.1
     assert not torch.allclose(outputs["lse"], outputs["avg"])

@@ -59,7 +59,7 @@ def test_explain_writes_overlays(tmp_path, capsys) -> None:
     )
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["query0_fam.png", "query1_fam.png"]
-    assert stdout.count("references") == 2
+    assert stdout.count("reference 0") == 2
 
 
 def test_explain_with_the_classifier_names_a_class(tmp_path, capsys) -> None:

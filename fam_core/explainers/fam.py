@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 
 from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget, min_max
+from fam_core.explainers.registry import register
 from fam_core.similarity import channel_contributions
 
 
+@register
 class FAM(Explainer):
     """Feature Activation Map: channel weights are each channel's share of the similarity.
 

@@ -102,3 +102,47 @@ def few_shot_accuracy(
         1.96 * values.std(unbiased=True).item() / math.sqrt(len(values)) if len(values) > 1 else 0.0
     )
     return EpisodeResult(values.mean().item(), interval, len(values))
+
+
+@dataclass(frozen=True)
+class EpisodePredictions:
+    """One episode classified: pool indices of its queries, their true and predicted
+    way ``[Q]`` (0..N-1), and the class prototypes ``[N, D]``."""
+
+    query: torch.Tensor
+    truth: torch.Tensor
+    predicted: torch.Tensor
+    prototypes: torch.Tensor
+
+
+def classify_episode(
+    embeddings: torch.Tensor, episode: Episode, similarity: str = "cosine"
+) -> EpisodePredictions:
+    """Prototype classification of one episode's queries (as :func:`few_shot_accuracy`).
+
+    Example:
+        >>> emb = torch.eye(2).repeat_interleave(2, dim=0)  # two classes, two images each
+        >>> e = sample_episodes(torch.tensor([0, 0, 1, 1]), n_way=2, k_shot=1, n_query=1,
+        ...                     episodes=1)[0]
+        >>> bool((classify_episode(emb, e).predicted == classify_episode(emb, e).truth).all())
+        True
+    """
+    n_way, n_query = episode.query.shape
+    query = episode.query.flatten()
+    support = embeddings[episode.support]
+    scores = prototype_logits(support, embeddings[query], similarity)
+    truth = torch.arange(n_way).repeat_interleave(n_query).to(scores.device)
+    return EpisodePredictions(query, truth, scores.argmax(dim=1), support.mean(dim=1))
+
+
+def prototype_targets(prototypes: torch.Tensor, ways: torch.Tensor) -> torch.Tensor:
+    """The explainer target of each query: the prototype ``[Q, 1, D]`` of its (predicted) way.
+
+    Example:
+        >>> prototype_targets(torch.eye(3), torch.tensor([2, 0])).squeeze(1)
+        tensor([[0., 0., 1.],
+                [1., 0., 0.]])
+    """
+    if prototypes.dim() != 2 or ways.dim() != 1:
+        raise ValueError("prototypes must be [N, D] and ways [Q]")
+    return prototypes[ways.to(prototypes.device)].unsqueeze(1)

@@ -1,0 +1,22 @@
+"""ONNX exporters: a model and its explanation head in one graph, run by onnxruntime.
+
+Example:
+    >>> from fam_core.models.backbones import conv4
+    >>> from exporters import export_model
+    >>> path = export_model(conv4().eval(), method="fam", path="conv4_fam.onnx", input_size=84)
+    >>> from fam_core.onnx_runtime import OnnxExplainer
+    >>> explainer = OnnxExplainer(path)
+"""
+
+from exporters.export import OPSET, build_graph, export_model
+from exporters.heads import CAMGraph, ExplanationGraph, FAMGraph, GradFAMGraph
+
+__all__ = [
+    "OPSET",
+    "CAMGraph",
+    "ExplanationGraph",
+    "FAMGraph",
+    "GradFAMGraph",
+    "build_graph",
+    "export_model",
+]

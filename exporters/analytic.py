@@ -1,0 +1,73 @@
+"""Gradients written as plain operators, so Grad-FAM and Grad-CAM fit in an ONNX graph.
+
+For a head ``z' = W p(A) + b`` with global pooling ``p`` and a linear map ``W`` ``[J, N]``,
+the chain rule gives ``dS/dA[n, i, j] = dp_n/dA[n, i, j] * sum_j' W[j', n] dS/dz'_j'``.
+Grad-CAM and Grad-FAM weight channel ``n`` by the spatial mean of that gradient. For average
+pooling ``dp_n/dA[n, i, j] = 1 / (hw)``; for max pooling it is ``1`` at the maximum and ``0``
+elsewhere. Either way its spatial sum is ``1``, so
+
+    weight_n = (1 / hw) * (W^T dS/dz')_n                                   (analytic Grad-CAM)
+
+``dS/dz'`` for ``S = mean_k s(z', r_k)`` (FAM eq. 11) is :func:`similarity_gradient`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fam_core.pooling import GlobalPool
+from fam_core.similarity import SimilarityKind
+
+_EPS = 1e-12
+ANALYTIC_POOLING = ("avg", "max")
+
+
+def similarity_gradient(
+    embeddings: torch.Tensor, references: torch.Tensor, kind: SimilarityKind
+) -> torch.Tensor:
+    """``d/dz mean_k s(z, r_k)`` ``[B, D]`` for embeddings ``[B, D]``, references ``[B, K, D]``.
+
+    - cosine (eq. 14): ``r / (|z| |r|) - s z / |z|^2``
+    - dot: ``r``
+    - euclidean ``s = -|z - r|``: ``-(z - r) / |z - r|``
+
+    Example:
+        >>> z, r = torch.tensor([[3.0, 4.0]]), torch.tensor([[[3.0, 4.0]]])
+        >>> similarity_gradient(z, r, "cosine")  # cosine of a vector with itself: flat
+        tensor([[0., 0.]])
+    """
+    z = embeddings.unsqueeze(1)  # [B, 1, D]
+    if kind == "dot":
+        per_reference = references
+    elif kind == "cosine":
+        z_norm = z.norm(dim=2, keepdim=True).clamp_min(_EPS)
+        r_norm = references.norm(dim=2, keepdim=True).clamp_min(_EPS)
+        cosine = (z * references).sum(dim=2, keepdim=True) / (z_norm * r_norm)
+        per_reference = references / (z_norm * r_norm) - cosine * z / z_norm.square()
+    elif kind == "euclidean":
+        difference = z - references
+        per_reference = -difference / difference.norm(dim=2, keepdim=True).clamp_min(_EPS)
+    else:
+        raise ValueError(f"unknown similarity {kind!r}; expected cosine, dot or euclidean")
+    return per_reference.mean(dim=1)  # eq. 11: S is the mean over the K references
+
+
+def pooling_kind(pooling: nn.Module, layer_name: str) -> str:
+    """The kind of a global pooling layer whose gradient has spatial sum 1 (avg or max).
+
+    Raises ``ValueError`` naming the layer for any other pooling (GeM, log-sum-exp, windows).
+    """
+    kind = None
+    if isinstance(pooling, GlobalPool):
+        kind = pooling.kind
+    elif isinstance(pooling, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
+        size = pooling.output_size
+        if size in (1, (1, 1)):
+            kind = "avg" if isinstance(pooling, nn.AdaptiveAvgPool2d) else "max"
+    if kind not in ANALYTIC_POOLING:
+        raise ValueError(
+            f"the pooling after {layer_name!r} ({pooling!r}) has no analytic gradient here: "
+            f"Grad-FAM / Grad-CAM export needs global {' or '.join(ANALYTIC_POOLING)} pooling"
+        )
+    return kind

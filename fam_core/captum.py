@@ -1,0 +1,339 @@
+"""Captum interop: fam_core explainers as Captum layer attributions, and Captum on embeddings.
+
+Two directions:
+
+- :class:`SimilarityForward` turns an embedding model plus reference embeddings into a
+  forward function with one scalar per image, the mean similarity to the references
+  (FAM eq. 11). Captum's own methods (``IntegratedGradients``, ``Occlusion``,
+  ``LayerGradCam``, ``NoiseTunnel``...) then explain embedding models.
+- ``<Method>Attribution(forward_func, layer)`` (:class:`FAMAttribution`,
+  :class:`GradCAMAttribution`, ... or :func:`layer_attribution` by method name) is a
+  Captum ``LayerAttribution``: ``.attribute(inputs, target=None,
+  additional_forward_args=None)`` returns the map ``N x 1 x h x w`` at the layer's
+  resolution, before normalisation (``Explanation.raw``), so
+  ``LayerAttribution.interpolate(attr, (H, W), "bilinear")`` then min-max gives
+  ``Explanation.maps``. Captum's ``infidelity`` and ``sensitivity_max`` take them as any
+  Captum attribution.
+
+Where the reference embeddings travel:
+
+- ``target``: class index / list / tensor of ints (classifiers, as in Captum) or a float
+  tensor of reference embeddings ``[D]``, ``[K, D]`` or ``[B, K, D]`` (fam_core's contract).
+- With a :class:`SimilarityForward` as ``forward_func``: the references given to its
+  constructor (shared by every image), or per image as ``additional_forward_args``
+  (``[B, D]`` or ``[B, K, D]``), exactly as Captum's own methods receive them; ``target``
+  must then be ``None``.
+
+This module is ``fam_core.captum``; it imports the real ``captum`` package with absolute
+imports (``from __future__ import annotations`` and no relative ``captum`` import).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+try:
+    from captum.attr import LayerAttribution
+except ImportError as error:  # pragma: no cover - captum is a test / interop dependency
+    raise ImportError("fam_core.captum needs the captum package: pip install captum") from error
+
+from fam_core.explainers.ablationcam import AblationCAM
+from fam_core.explainers.activation import UpsampledActivation
+from fam_core.explainers.base import Explainer, Target
+from fam_core.explainers.cam import CAM
+from fam_core.explainers.eigencam import EigenCAM
+from fam_core.explainers.fam import FAM
+from fam_core.explainers.gradcam import GradCAM
+from fam_core.explainers.gradcam_pp import GradCAMPlusPlus
+from fam_core.explainers.guided_gradcam import GuidedGradCAM
+from fam_core.explainers.layercam import LayerCAM
+from fam_core.explainers.registry import get_explainer
+from fam_core.explainers.scorecam import ScoreCAM
+from fam_core.explainers.xgradcam import XGradCAM
+from fam_core.pooling import POOLING_KINDS, PoolingKind, global_pool
+from fam_core.similarity import SIMILARITIES, SimilarityKind, similarity
+
+
+def _per_image_references(references: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B, D]`` / ``[B, K, D]`` per-image references as ``[B, K, D]``."""
+    if not isinstance(references, torch.Tensor) or not references.is_floating_point():
+        raise TypeError(
+            "additional_forward_args must be a float tensor of per-image references "
+            f"[B, D] or [B, K, D], got {type(references).__name__}"
+        )
+    if references.dim() == 2:
+        references = references.unsqueeze(1)
+    if references.dim() != 3 or references.shape[0] != batch:
+        raise ValueError(
+            f"per-image references must be [B, D] or [B, K, D] with B = {batch}, got "
+            f"{tuple(references.shape)}"
+        )
+    return references
+
+
+class SimilarityForward(nn.Module):
+    """``images -> mean_k s(model(images), R_k)``: one scalar per image (FAM eq. 11).
+
+    Args:
+        model: embedding model returning ``[B, D]`` (or a feature map, pooled with ``pooling``).
+        references: shared references ``[D]`` or ``[K, D]``; ``None`` means per-image
+            references must come with every call (``forward(images, references)``).
+        similarity: ``"cosine"`` (default), ``"dot"`` or ``"euclidean"``.
+        pooling: pooling of a feature-map output.
+
+    ``forward(images, references=None)`` takes per-image references ``[B, D]`` or
+    ``[B, K, D]`` (Captum passes them as ``additional_forward_args`` and expands them with
+    the inputs, e.g. for ``IntegratedGradients`` steps or ``NoiseTunnel`` samples).
+
+    Example:
+        >>> from captum.attr import IntegratedGradients
+        >>> from fam_core.models.backbones import conv4
+        >>> model = conv4(width=0.25).eval()
+        >>> forward = SimilarityForward(model, model(torch.rand(2, 3, 84, 84)).detach())
+        >>> IntegratedGradients(forward).attribute(torch.rand(1, 3, 84, 84), n_steps=4).shape
+        torch.Size([1, 3, 84, 84])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        references: torch.Tensor | None = None,
+        *,
+        similarity: SimilarityKind = "cosine",
+        pooling: PoolingKind = "avg",
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
+        if pooling not in POOLING_KINDS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_KINDS}")
+        if references is not None:
+            if not isinstance(references, torch.Tensor) or not references.is_floating_point():
+                raise TypeError("references must be a float tensor [D] or [K, D]")
+            if references.dim() == 1:
+                references = references.unsqueeze(0)
+            if references.dim() != 2 or references.shape[0] == 0:
+                raise ValueError(
+                    f"references must be [D] or [K, D] with K >= 1, got {tuple(references.shape)}"
+                )
+            references = references.detach()
+        self.model = model
+        self.references = references
+        self.similarity: SimilarityKind = similarity
+        self.pooling: PoolingKind = pooling
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        outputs = self.model(images)
+        return global_pool(outputs, self.pooling) if outputs.dim() == 4 else outputs
+
+    def resolve(self, batch: int, references: torch.Tensor | None) -> torch.Tensor:
+        """The references ``[B, K, D]`` of a batch of ``batch`` images."""
+        if references is not None:
+            return _per_image_references(references, batch)
+        if self.references is None:
+            raise ValueError(
+                "SimilarityForward has no references: give them to the constructor or per "
+                "image as additional_forward_args ([B, D] or [B, K, D])"
+            )
+        return self.references.unsqueeze(0).expand(batch, -1, -1)
+
+    def forward(self, images: torch.Tensor, references: torch.Tensor | None = None) -> torch.Tensor:
+        embeddings = self.embed(images)
+        targets = self.resolve(embeddings.shape[0], references)
+        if targets.shape[-1] != embeddings.shape[1]:
+            raise ValueError(
+                f"reference embeddings have dimension {targets.shape[-1]}, the model's "
+                f"embeddings have {embeddings.shape[1]}"
+            )
+        targets = targets.to(device=embeddings.device, dtype=embeddings.dtype)
+        return similarity(embeddings, targets, self.similarity).mean(dim=1)
+
+
+class ExplainerAttribution(LayerAttribution):
+    """A fam_core explainer behind Captum's ``LayerAttribution`` interface.
+
+    Args:
+        forward_func: the model (``nn.Module``: classifier or embedding model), or a
+            :class:`SimilarityForward` wrapping an embedding model and its references.
+        layer: the layer to explain (a module of the model).
+        device_ids: accepted for Captum compatibility (unused: explainers run on the
+            model's device).
+        **explainer_options: passed to the explainer (e.g. ``batch_size`` for Score-CAM,
+            ``similarity``; with a :class:`SimilarityForward` its similarity is the default).
+    """
+
+    explainer_class: ClassVar[type[Explainer]]
+
+    def __init__(
+        self,
+        forward_func: nn.Module,
+        layer: nn.Module,
+        device_ids: list[int] | None = None,
+        **explainer_options: Any,
+    ) -> None:
+        super().__init__(forward_func, layer, device_ids)
+        if isinstance(forward_func, SimilarityForward):
+            explainer_options.setdefault("similarity", forward_func.similarity)
+            explainer_options.setdefault("pooling", forward_func.pooling)
+            model = forward_func.model
+        elif isinstance(forward_func, nn.Module):
+            model = forward_func
+        else:
+            raise TypeError(
+                "forward_func must be the model (an nn.Module) or a SimilarityForward; fam_core "
+                f"explainers hook the model's layers, got {type(forward_func).__name__}"
+            )
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"layer must be an nn.Module of the model, got {type(layer).__name__}")
+        self.explainer = self.explainer_class(model, layer, **explainer_options)
+
+    def attribute(
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor],
+        target: Target = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor]:
+        """The map ``N x 1 x h x w`` at the layer's resolution (``Explanation.raw``).
+
+        As in Captum, a tuple of inputs gives a tuple of attributions.
+
+        Example:
+            >>> from fam_core.models.backbones import conv4
+            >>> model = conv4(num_classes=5, width=0.25).eval()
+            >>> attribution = GradCAMAttribution(model, model.block4)
+            >>> attribution.attribute(torch.rand(2, 3, 84, 84), target=[1, 4]).shape
+            torch.Size([2, 1, 5, 5])
+        """
+        if attribute_to_layer_input:
+            raise ValueError("fam_core explainers attribute to the layer output only")
+        images = self._images(inputs)
+        explanation = self.explainer(images, self._target(images, target, additional_forward_args))
+        attribution = explanation.raw.unsqueeze(1)
+        return (attribution,) if isinstance(inputs, tuple) else attribution
+
+    @staticmethod
+    def _images(inputs: torch.Tensor | tuple[torch.Tensor]) -> torch.Tensor:
+        if isinstance(inputs, tuple):
+            if len(inputs) != 1:
+                raise ValueError(
+                    f"fam_core explainers take one input tensor, got a tuple of {len(inputs)}"
+                )
+            (inputs,) = inputs
+        return inputs
+
+    def _target(self, images: torch.Tensor, target: Target, additional: Any) -> Target:
+        if isinstance(additional, tuple):
+            if len(additional) != 1:
+                raise ValueError(
+                    "additional_forward_args must be one tensor of per-image references, got "
+                    f"a tuple of {len(additional)}"
+                )
+            (additional,) = additional
+        forward = self.forward_func
+        if not isinstance(forward, SimilarityForward):
+            if additional is not None:
+                raise ValueError(
+                    "additional_forward_args carry references only with a SimilarityForward "
+                    "forward_func; pass the references as target"
+                )
+            return target
+        if target is not None:
+            if isinstance(target, torch.Tensor) and target.is_floating_point():
+                return target
+            raise ValueError(
+                "a SimilarityForward outputs one score per image: target must be None (or "
+                "reference embeddings), got class indices"
+            )
+        if additional is None and forward.references is None:
+            return None  # no references: the explainer explains each image's own embedding
+        return forward.resolve(images.shape[0], additional)
+
+
+class FAMAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.fam.FAM` as a Captum layer attribution."""
+
+    explainer_class = FAM
+
+
+class CAMAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.cam.CAM` as a Captum layer attribution."""
+
+    explainer_class = CAM
+
+
+class GradCAMAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.gradcam.GradCAM` as a Captum layer attribution."""
+
+    explainer_class = GradCAM
+
+
+class GradCAMPlusPlusAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.gradcam_pp.GradCAMPlusPlus` as a Captum layer attribution."""
+
+    explainer_class = GradCAMPlusPlus
+
+
+class XGradCAMAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.xgradcam.XGradCAM` as a Captum layer attribution."""
+
+    explainer_class = XGradCAM
+
+
+class LayerCAMAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.layercam.LayerCAM` as a Captum layer attribution."""
+
+    explainer_class = LayerCAM
+
+
+class ScoreCAMAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.scorecam.ScoreCAM` as a Captum layer attribution."""
+
+    explainer_class = ScoreCAM
+
+
+class AblationCAMAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.ablationcam.AblationCAM` as a Captum layer attribution."""
+
+    explainer_class = AblationCAM
+
+
+class EigenCAMAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.eigencam.EigenCAM` as a Captum layer attribution."""
+
+    explainer_class = EigenCAM
+
+
+class UpsampledActivationAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.activation.UpsampledActivation` as a Captum attribution."""
+
+    explainer_class = UpsampledActivation
+
+
+class GuidedGradCAMAttribution(ExplainerAttribution):
+    """:class:`~fam_core.explainers.guided_gradcam.GuidedGradCAM` as a Captum attribution.
+
+    Its map is at the input's resolution: ``attribute`` returns ``N x 1 x H x W``.
+    """
+
+    explainer_class = GuidedGradCAM
+
+
+def layer_attribution(method: str) -> type[ExplainerAttribution]:
+    """The Captum layer-attribution class of any registered fam_core method.
+
+    Example:
+        >>> layer_attribution("fam").explainer_class.__name__
+        'FAM'
+    """
+    explainer_class = get_explainer(method)
+    return type(
+        f"{explainer_class.__name__}Attribution",
+        (ExplainerAttribution,),
+        {"explainer_class": explainer_class, "__module__": __name__},
+    )

@@ -1,0 +1,1 @@
+"""CLI subcommands: each module defines ``add_command(commands)`` (see :mod:`fam_core.cli`)."""

@@ -1,0 +1,58 @@
+"""``fam export NAME_OR_CONFIG --method {fam,gradfam,cam,gradcam} --out FILE.onnx``.
+
+Writes the model and its explanation head as one ONNX file (see :mod:`exporters`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fam_core.onnx_format import METHODS
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export", help="write a model and its explanation head as one ONNX graph"
+    )
+    parser.add_argument("model", metavar="NAME_OR_CONFIG", help="model name or config path")
+    parser.add_argument("--method", choices=METHODS, default="fam")
+    parser.add_argument("--out", required=True, metavar="FILE.onnx")
+    parser.add_argument("--layer", help="target layer (default: the model's)")
+    parser.add_argument(
+        "--explain",
+        choices=("mean", "best"),
+        default="mean",
+        help="fam: explain the mean over the references or only the best-scoring one",
+    )
+    parser.add_argument(
+        "--bake-prototypes",
+        action="store_true",
+        help="fam/gradfam: bake the model's class prototypes into the graph",
+    )
+    parser.add_argument(
+        "--class-input",
+        action="store_true",
+        help="cam/gradcam: take a class_index input instead of explaining the top-1 class",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from exporters import export_model
+    from fam_core.models.store import load_model
+
+    if not args.out.endswith(".onnx"):
+        raise ValueError(f"--out must name a .onnx file, got {args.out!r}")
+    model, config = load_model(args.model)
+    path = export_model(
+        model,
+        config,
+        method=args.method,
+        path=args.out,
+        target_layer=args.layer,
+        references="prototypes" if args.bake_prototypes else None,
+        explain=args.explain,
+        class_input=args.class_input,
+    )
+    print(f"wrote {path} ({args.method}, layer {args.layer or config.target_layer})")
+    return 0

@@ -1,0 +1,1 @@
+"""The evaluation suite behind ``fam eval``: settings, the runner and its report."""

@@ -1,0 +1,145 @@
+"""Write an evaluation's report: results.json, a markdown table, plots and overlay grids."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fam_core.evaluation.runner import METRICS, EvalResult  # noqa: E402
+from fam_core.render import grid, save_png  # noqa: E402
+
+
+def write_report(result: EvalResult, out: Path, command: str) -> list[Path]:
+    """Write every file of the report into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json", out / "results.md"]
+    data = result.to_json()
+    data["command"] = command
+    written[0].write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    written[1].write_text(markdown(result, command))
+    written += bar_charts(result, out)
+    written += curve_plots(result, out)
+    written += overlay_grids(result, out)
+    return written
+
+
+def _cell(value: float | None, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if metric in ("average_drop", "increase_confidence"):
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def markdown(result: EvalResult, command: str) -> str:
+    """The tables of the report as markdown."""
+    lines = [f"Command: `{command}` — runtime {result.runtime_seconds:.0f} s", ""]
+    lines += ["| task | model | result |", "|---|---|---|"]
+    for name, task in result.tasks.items():
+        model = result.settings[name]["model"]
+        shown = ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in task.items()
+        )
+        lines.append(f"| {name} | {model} | {shown} |")
+    for name, per_method in result.metrics.items():
+        metrics = [m for m in METRICS if any(m in v for v in per_method.values())]
+        info = result.settings[name]
+        lines += [
+            "",
+            f"**{name}** ({info['model']}, {info['images']} correctly handled images)",
+            "",
+        ]
+        lines.append("| method | " + " | ".join(metrics) + " |")
+        lines.append("|---|" + "---|" * len(metrics))
+        for method, values in per_method.items():
+            cells = " | ".join(_cell(values.get(m), m) for m in metrics)
+            lines.append(f"| {method} | {cells} |")
+    if result.sanity:
+        lines += [
+            "",
+            "**Cascading randomisation** (mean Spearman ρ after each layer, top first)",
+            "",
+        ]
+        lines += ["| method | model | layers | ρ | passes |", "|---|---|---|---|---|"]
+        for method, per_setting in result.sanity.items():
+            for name, check in per_setting.items():
+                rho = ", ".join(f"{c:.2f}" for c in check["correlations"])
+                verdict = "yes" if check["passed"] else "no"
+                lines.append(
+                    f"| {method} | {result.settings[name]['model']} | "
+                    f"{' > '.join(check['layers'])} | {rho} | {verdict} |"
+                )
+    if result.skipped:
+        lines += ["", "**Skipped**", ""]
+        for method, reasons in result.skipped.items():
+            for name, reason in reasons.items():
+                lines.append(f"- {method} on {name}: {reason}")
+    lines += ["", "Metrics: " + "; ".join(f"`{k}` {v}" for k, v in METRICS.items()), ""]
+    return "\n".join(lines)
+
+
+def bar_charts(result: EvalResult, out: Path) -> list[Path]:
+    """One bar chart per metric: settings on the x axis, one bar per method."""
+    paths = []
+    for metric, description in METRICS.items():
+        settings = [
+            s for s, per in result.metrics.items() if any(metric in v for v in per.values())
+        ]
+        if not settings:
+            continue
+        methods = [m for m in result.methods if any(m in result.metrics[s] for s in settings)]
+        fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(settings), 3.2), dpi=100)
+        width = 0.8 / max(len(methods), 1)
+        for i, method in enumerate(methods):
+            heights = [
+                result.metrics[s].get(method, {}).get(metric, float("nan")) for s in settings
+            ]
+            ax.bar([j + i * width for j in range(len(settings))], heights, width, label=method)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings)
+        ax.set_title(description, fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"metric_{metric}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def curve_plots(result: EvalResult, out: Path) -> list[Path]:
+    """Mean deletion and insertion curves: one row per setting, one line per method."""
+    if not result.curves:
+        return []
+    names = list(result.curves)
+    fig, axes = plt.subplots(len(names), 2, figsize=(8, 2.6 * len(names)), dpi=100, squeeze=False)
+    for row, name in enumerate(names):
+        for col, kind in enumerate(("deletion", "insertion")):
+            ax = axes[row][col]
+            for method, curves in result.curves[name].items():
+                points = curves[kind]
+                ax.plot([k / (len(points) - 1) for k in range(len(points))], points, label=method)
+            ax.set_title(f"{name}: {kind}", fontsize=9)
+            ax.set_xlabel("fraction of pixels", fontsize=8)
+            ax.set_ylabel("score", fontsize=8)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "deletion_insertion.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
+def overlay_grids(result: EvalResult, out: Path) -> list[Path]:
+    """For each setting, example images (rows) with each method's overlay (columns)."""
+    paths = []
+    for name, per_method in result.examples.items():
+        images = result.example_images[name]
+        path = save_png(grid(images, per_method, title=name), out / f"overlays_{name}.png")
+        paths.append(path)
+    return paths

@@ -1,0 +1,289 @@
+"""Run every registered explainer x metric on the evaluation settings (``fam eval``)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import fam_core.explainers  # noqa: F401  (registers the built-in methods)
+from fam_core.evaluation.settings import Setting, classifier_setting, embedding_settings
+from fam_core.explainers.base import Explainer
+from fam_core.explainers.registry import available_methods, get_explainer
+from fam_core.explanation import Explanation
+from fam_core.metrics import faithfulness as faith
+from fam_core.metrics import localisation as loc
+from fam_core.metrics.sanity import cascading_randomisation
+from fam_core.models.store import LoadedModel, load_model
+from fam_core.tasks.retrieval import average_precision
+
+METRICS: dict[str, str] = {
+    "proportion": "energy pointing game proportion, eq. 19 (higher is better)",
+    "box_iou": "IoU of the estimated box, eq. 20 (higher is better)",
+    "pointing": "pointing game accuracy on the mask (higher is better)",
+    "iou_auc": "area under the mask IoU curve (higher is better)",
+    "average_drop": "Average Drop %, eq. 21 (lower is better)",
+    "increase_confidence": "Increase in Confidence %, eq. 22 (higher is better)",
+    "deletion_auc": "deletion AUC (lower is better)",
+    "insertion_auc": "insertion AUC (higher is better)",
+    "explanation_map_ap": "explanation-map retrieval AP, Wu et al. app. A (higher is better)",
+}
+BATCH = 16
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``fam eval`` runs. ``images``: explained images per setting; ``episodes``:
+    few-shot episodes for the accuracy; ``steps``: deletion/insertion points;
+    ``sanity_images``: images of the randomisation test (0 skips it)."""
+
+    images: int = 16
+    episodes: int = 600
+    seed: int = 0
+    methods: tuple[str, ...] | None = None
+    steps: int = 10
+    sanity_images: int = 4
+    embedding_model: str = "default-embedding"
+    classifier_model: str = "default-classifier"
+
+
+@dataclass
+class EvalResult:
+    """Everything ``results.json`` holds (see :func:`run_evaluation`)."""
+
+    options: dict[str, Any]
+    methods: list[str]
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    curves: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    sanity: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    runtime_seconds: float = 0.0
+    examples: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    example_images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("examples")
+        data.pop("example_images")
+        data["metric_descriptions"] = METRICS
+        return data
+
+
+def discover_explainers() -> dict[str, str]:
+    """Import every module of :mod:`fam_core.explainers` so that each ``@register``-ed method
+    is available; return ``{module: reason}`` for modules that fail to import."""
+    failures = {}
+    for info in pkgutil.iter_modules(fam_core.explainers.__path__):
+        name = f"fam_core.explainers.{info.name}"
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # a broken method must not stop the evaluation of the others
+            failures[name] = _first_line(error)
+    return failures
+
+
+def resolve_methods(requested: tuple[str, ...] | None) -> list[str]:
+    """The registered methods to run (all by default); unknown names raise ``ValueError``."""
+    registered = available_methods()
+    if not requested:
+        return registered
+    unknown = [m for m in requested if m not in registered]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; registered methods are {registered}")
+    return list(dict.fromkeys(requested))
+
+
+def build_explainer(method: str, setting: Setting) -> Explainer:
+    """The method with default arguments for the setting's model.
+
+    Raises ``TypeError`` when the method needs arguments that have no default.
+    """
+    cls = get_explainer(method)
+    config = setting.loaded.config
+    parameters = inspect.signature(cls.__init__).parameters
+    missing = [
+        name
+        for name, p in list(parameters.items())[2:]
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and name != "target_layer"
+    ]
+    if missing:
+        raise TypeError(f"needs arguments without defaults: {missing}")
+    kwargs: dict[str, Any] = {"target_layer": config.target_layer}
+    if "similarity" in parameters:
+        kwargs["similarity"] = config.similarity
+    return cls(setting.loaded.model, **kwargs)
+
+
+def explain(
+    explainer: Explainer, setting: Setting, target: Any, images: torch.Tensor
+) -> Explanation:
+    """Explain ``images`` in batches against the matching rows of ``target``."""
+    inputs = setting.loaded.config.normalize(images)
+    parts = []
+    for start in range(0, len(inputs), BATCH):
+        rows = slice(start, start + BATCH)
+        parts.append(explainer(inputs[rows], target=target[rows]))
+    return Explanation.concat(parts)
+
+
+def evaluate_maps(setting: Setting, maps: torch.Tensor, steps: int) -> tuple[dict, dict]:
+    """Every metric of one method's maps on one setting, and its mean deletion/insertion curves."""
+    images = setting.images
+    values = {
+        "proportion": loc.energy_pointing_proportion(maps, setting.boxes).mean().item(),
+        "box_iou": loc.box_iou(maps, setting.boxes).mean().item(),
+        "pointing": loc.pointing_game(maps, setting.masks).mean().item(),
+        "iou_auc": loc.area_under_iou_curve(maps, setting.masks).mean().item(),
+    }
+    scores = setting.score(images)
+    masked = setting.score(faith.masked_by_map(images, maps))
+    values["average_drop"] = faith.average_drop(scores, masked)
+    values["increase_confidence"] = faith.increase_in_confidence(scores, masked)
+    deletion = faith.deletion_curve(setting.score, images, maps, steps=steps)
+    insertion = faith.insertion_curve(setting.score, images, maps, steps=steps)
+    values["deletion_auc"] = faith.curve_auc(deletion).mean().item()
+    values["insertion_auc"] = faith.curve_auc(insertion).mean().item()
+    if setting.gallery is not None:
+        gallery, gallery_labels = setting.gallery
+        values["explanation_map_ap"] = (
+            faith.explanation_map_average_precision(
+                lambda x: _embed(setting, x),
+                images,
+                maps,
+                setting.labels,
+                gallery,
+                gallery_labels,
+                similarity=setting.loaded.config.similarity,
+            )
+            .mean()
+            .item()
+        )
+    curves = {
+        "deletion": deletion.mean(dim=0).tolist(),
+        "insertion": insertion.mean(dim=0).tolist(),
+    }
+    return values, curves
+
+
+def _embed(setting: Setting, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return setting.loaded.model(setting.loaded.config.normalize(images))
+
+
+def sanity_check(method: str, setting: Setting, count: int, seed: int) -> dict[str, Any]:
+    """Cascading randomisation of ``setting``'s model for ``method`` on its first images."""
+    images = setting.images[:count]
+
+    def maps_for(model: torch.nn.Module) -> torch.Tensor:
+        proxy = replace(setting, loaded=LoadedModel(model, setting.loaded.config))
+        explainer = build_explainer(method, proxy)
+        return explain(explainer, proxy, setting.retarget(model)[:count], images).maps
+
+    result = cascading_randomisation(setting.loaded.model, maps_for, seed=seed)
+    return {
+        "layers": list(result.layers),
+        "correlations": [round(c, 4) for c in result.correlations],
+        "threshold": result.threshold,
+        "passed": result.passed,
+    }
+
+
+def run_evaluation(
+    options: EvalOptions, progress: Callable[[str], None] | None = None
+) -> EvalResult:
+    """Run the tasks, then every method x setting x metric, then the sanity checks."""
+    started = time.perf_counter()
+    if options.images < 1 or options.episodes < 1 or options.steps < 1 or options.sanity_images < 0:
+        raise ValueError("images, episodes and steps must be >= 1 and sanity_images >= 0")
+    import_failures = discover_explainers()
+    methods = resolve_methods(options.methods)
+    torch.manual_seed(options.seed)
+    embedding = load_model(options.embedding_model)
+    classifier = load_model(options.classifier_model)
+    if progress:
+        progress("rendering the benchmark and running the tasks")
+    settings = [
+        *embedding_settings(
+            embedding,
+            images=options.images,
+            episodes=options.episodes,
+            seed=options.seed,
+            model_name=options.embedding_model,
+        ),
+        classifier_setting(
+            classifier,
+            images=options.images,
+            seed=options.seed,
+            model_name=options.classifier_model,
+        ),
+    ]
+    result = EvalResult(options=asdict(options), methods=methods)
+    for module, reason in import_failures.items():
+        result.skipped.setdefault(module, {})["import"] = reason
+    for setting in settings:
+        result.tasks[setting.name] = setting.task
+        result.settings[setting.name] = {"model": setting.model_name, "images": len(setting.labels)}
+        if len(setting.labels) == 0:
+            continue
+        result.example_images[setting.name] = setting.images[:4]
+        scores = setting.score(setting.images)
+        if setting.gallery is not None:
+            original_ap = average_precision(
+                _embed(setting, setting.images),
+                setting.labels,
+                *setting.gallery,
+                similarity=setting.loaded.config.similarity,
+            )
+            result.reference[setting.name] = {"original_image_ap": original_ap.mean().item()}
+        result.reference.setdefault(setting.name, {})["mean_score"] = scores.mean().item()
+
+    for setting in settings:
+        if len(setting.labels) == 0:
+            for method in methods:
+                result.skipped.setdefault(method, {})[setting.name] = (
+                    "the model handled no evaluation image correctly"
+                )
+    jobs = [(s, m) for m in methods for s in settings if len(s.labels)]
+    bar = tqdm(jobs, desc="fam eval", unit="run", file=sys.stderr)
+    for setting, method in bar:
+        bar.set_postfix_str(f"{method} / {setting.name}")
+        torch.manual_seed(options.seed)
+        try:
+            explainer = build_explainer(method, setting)
+            maps = explain(explainer, setting, setting.target, setting.images).maps
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
+            result.skipped.setdefault(method, {})[setting.name] = _first_line(error)
+            continue
+        values, curves = evaluate_maps(setting, maps, options.steps)
+        result.metrics.setdefault(setting.name, {})[method] = values
+        result.curves.setdefault(setting.name, {})[method] = curves
+        result.examples.setdefault(setting.name, {})[method] = maps[:4]
+        if options.sanity_images and setting.name in ("few-shot", "classifier"):
+            torch.manual_seed(options.seed)
+            try:
+                result.sanity.setdefault(method, {})[setting.name] = sanity_check(
+                    method, setting, options.sanity_images, options.seed
+                )
+            except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
+                result.skipped.setdefault(method, {})[f"sanity/{setting.name}"] = _first_line(error)
+    bar.close()
+    result.runtime_seconds = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")

@@ -1,0 +1,79 @@
+"""CAM (Zhou et al., 2016), FAM paper section III-A.
+
+L^c = sum_n w^c_n A^n                                   eq. 1
+
+``w^c`` is the row of the linear classifier after global average pooling. For an
+embedding target the explained score is linear in the output ``y`` (dot product
+``<y, r>``, or cosine with ``|y|`` held constant), so its coefficients on the output,
+``r`` or ``r / (|y| |r|)`` averaged over the references, pass through the same linear
+layer; a class target is the one-hot reference ``e_c`` and gives ``w^c`` exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.registry import register
+from fam_core.pooling import GlobalPool
+
+_EPS = 1e-12
+
+
+def is_average_pooling(pooling: nn.Module) -> bool:
+    if isinstance(pooling, GlobalPool):
+        return pooling.kind == "avg"
+    return isinstance(pooling, nn.AdaptiveAvgPool2d) and pooling.output_size in (1, (1, 1))
+
+
+@register
+class CAM(Explainer):
+    """Class Activation Mapping: the classifier's weights of the target weight the maps.
+
+    Needs global average pooling right after the target layer and a linear head (the
+    classifier, possibly after linear projections, composed into one matrix).
+
+    Example:
+        >>> from fam_core.models.backbones import conv4
+        >>> model = conv4(num_classes=5, width=0.25).eval()
+        >>> explanation = CAM(model, "block4")(torch.rand(1, 3, 84, 84), target=2)
+        >>> torch.equal(explanation.weights[0], model.fc.weight[2].detach())
+        True
+    """
+
+    method = "cam"
+
+    def channel_weights(
+        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        matrix = self.classifier_matrix()  # [J, N]
+        if target.similarity == "euclidean":
+            raise ValueError(
+                "CAM needs a score linear in the model output: use a class target or "
+                "similarity='dot' / 'cosine', not 'euclidean'"
+            )
+        outputs, references = forward.outputs.detach(), target.references
+        coefficients = references  # d<y, r>/dy
+        if target.similarity == "cosine":
+            norms = outputs.norm(dim=1, keepdim=True) * references.norm(dim=2)
+            coefficients = references / norms.clamp_min(_EPS).unsqueeze(2)
+        weights = coefficients.mean(dim=1) @ matrix.to(coefficients)  # w^c of eq. 1
+        scores = self.score(outputs, target)
+        return weights, scores, {}
+
+    def classifier_matrix(self) -> torch.Tensor:
+        """The linear map ``[J, N]`` from the pooled target layer to the output."""
+        head = self.head
+        if head.nonlinear_layer is not None or head.matrix is None:
+            found = head.nonlinear_layer or "no linear layer"
+            raise ValueError(
+                f"CAM needs global average pooling and a linear classifier after "
+                f"{self.target_layer!r}; found {found!r} (use GradCAM or FAM for this model)"
+            )
+        if not is_average_pooling(head.pooling):
+            raise ValueError(
+                f"CAM needs global average pooling after {self.target_layer!r}, found "
+                f"{head.pooling!r}"
+            )
+        return head.matrix

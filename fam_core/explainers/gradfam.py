@@ -1,0 +1,193 @@
+"""Grad-FAM (Wu, Chen, Che, Pu, appendix): Grad-CAM's gradients on a similarity score.
+
+S     = mean_k s(Z, R_k)                     score explained (FAM eq. 11)
+a_n   = 1/(hw) sum_ij dS / dA^n_ij           channel weight (Grad-CAM eq. 3)
+L     = ReLU(sum_n a_n A^n)                  map (Grad-CAM eq. 2), then min-max and upsampling
+
+Analytic path. When the head after the target layer is a global pooling ``p`` followed by
+affine layers ``Z = W p(A) + b``, the chain rule gives
+
+    sum_ij dS/dA^n_ij = (dS/dZ W)_n * sum_ij dp_n/dA^n_ij
+
+and ``sum_ij dp_n / dA^n_ij`` is 1 for average, max and log-sum-exp pooling, and
+``p_n^(1-q) mean_ij(A^n_ij^(q-1))`` for GeM with exponent ``q``. ``dS/dZ`` has a closed form
+for each similarity (see :func:`similarity_gradient`). No backward pass runs; the result
+equals autograd's (tested to 1e-5). Other heads fall back to autograd.
+
+No target on an embedding model: the cosine of ``Z`` with itself is constant (zero
+gradient), so Grad-FAM explains the projection of ``Z`` on its own (detached) direction,
+``S = <Z, sg(Z)/|sg(Z)|>``, whose value is ``|Z|`` and whose gradient is ``Z / |Z|``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.registry import register
+from fam_core.pooling import GlobalPool
+from fam_core.similarity import SimilarityKind
+
+_EPS = 1e-12
+
+
+def similarity_gradient(
+    embeddings: torch.Tensor, references: torch.Tensor, kind: SimilarityKind
+) -> torch.Tensor:
+    """``d/dZ mean_k s(Z, R_k)`` ``[B, D]`` in closed form.
+
+    - cosine: ``r / (|z||r|) - s z / |z|^2``
+    - dot: ``r``
+    - euclidean (``s = -|z - r|``): ``-(z - r) / |z - r|`` (0 where ``z = r``)
+
+    Example:
+        >>> z, r = torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.0, 2.0]]])
+        >>> similarity_gradient(z, r, "cosine")
+        tensor([[0., 1.]])
+    """
+    z = embeddings.unsqueeze(1)  # [B, 1, D]
+    if kind == "dot":
+        grads = references.expand(z.shape[0], -1, -1)
+    elif kind == "cosine":
+        z_norm = z.norm(dim=2, keepdim=True).clamp_min(_EPS)
+        r_norm = references.norm(dim=2, keepdim=True).clamp_min(_EPS)
+        cosine = (z * references).sum(dim=2, keepdim=True) / (z_norm * r_norm)
+        grads = references / (z_norm * r_norm) - cosine * z / z_norm.square()
+    elif kind == "euclidean":
+        difference = z - references
+        distance = difference.norm(dim=2, keepdim=True)
+        grads = torch.where(distance > 0, -difference / distance.clamp_min(_EPS), 0.0)
+    else:
+        raise ValueError(f"unknown similarity {kind!r}; expected cosine, dot or euclidean")
+    return grads.mean(dim=1)
+
+
+def self_projection_score(outputs: torch.Tensor) -> tuple[torch.Tensor, ResolvedTarget]:
+    """Score and target used when an embedding explains itself: ``S = <Z, sg(Z)/|sg(Z)|>``.
+
+    Returns the scores ``[B]`` (equal to ``|Z|``) and the equivalent target: the unit
+    direction of ``Z`` as a reference, scored by the dot product.
+
+    Example:
+        >>> scores, target = self_projection_score(torch.tensor([[3.0, 4.0]]))
+        >>> scores, target.references
+        (tensor([5.]), tensor([[[0.6000, 0.8000]]]))
+    """
+    direction = outputs.detach() / outputs.detach().norm(dim=1, keepdim=True).clamp_min(_EPS)
+    target = ResolvedTarget(direction.unsqueeze(1), "dot")
+    return (outputs * direction).sum(dim=1), target
+
+
+def pooling_gradient_sums(pooling: nn.Module, activations: torch.Tensor) -> torch.Tensor | None:
+    """``sum_ij dp_n / dA^n_ij`` ``[B, N]`` for a known global pooling, else ``None``."""
+    kind: str | None = None
+    if isinstance(pooling, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
+        size = pooling.output_size
+        if size in (1, (1, 1)):
+            kind = "avg" if isinstance(pooling, nn.AdaptiveAvgPool2d) else "max"
+    elif isinstance(pooling, GlobalPool):
+        kind = pooling.kind
+    if kind in ("avg", "max", "lse"):
+        return activations.new_ones(activations.shape[:2])
+    if kind == "gem":
+        q = pooling.p  # type: ignore[union-attr]
+        powered = activations.flatten(2).clamp_min(1e-6)
+        mean_q = powered.pow(q).mean(dim=2)
+        inside = (activations.flatten(2) > 1e-6).to(activations.dtype)
+        return mean_q.pow(1.0 / q - 1.0) * (inside * powered.pow(q - 1)).mean(dim=2)
+    return None
+
+
+@register
+class GradFAM(Explainer):
+    """Grad-FAM: channel weights are spatial means of ``dS/dA`` (module docstring).
+
+    Args:
+        analytic: ``None`` (default) uses the closed-form gradient when the head is a
+            global pooling plus affine layers and autograd otherwise; ``True`` requires the
+            closed form (``ValueError`` if the head does not allow it); ``False`` always
+            runs autograd.
+        Other arguments: see :class:`~fam_core.explainers.base.Explainer`.
+
+    ``Explanation.weights`` holds ``a_n``; ``scores`` the explained ``S`` (``|Z|`` when an
+    embedding explains itself, the logit for class targets).
+
+    Example:
+        >>> from fam_core.models.backbones import conv4
+        >>> explainer = GradFAM(conv4().eval(), target_layer="block4")
+        >>> explainer(torch.rand(2, 3, 84, 84)).maps.shape
+        torch.Size([2, 84, 84])
+    """
+
+    method = "gradfam"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        *,
+        analytic: bool | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(model, target_layer, **kwargs)  # type: ignore[arg-type]
+        if analytic not in (None, True, False):
+            raise TypeError(f"analytic must be None, True or False, got {analytic!r}")
+        possible = self._analytic_head_supported()
+        if analytic is True and not possible:
+            raise ValueError(
+                f"analytic=True needs a head of one global pooling plus affine layers after "
+                f"{self.target_layer!r}; this model's head is not (first non-affine layer: "
+                f"{self.head.nonlinear_layer!r}); use analytic=None or False"
+            )
+        self.analytic = possible if analytic is None else analytic
+        self.needs_gradients = not self.analytic  # type: ignore[misc]
+
+    def _analytic_head_supported(self) -> bool:
+        head = self.head
+        if head.nonlinear_layer is not None:
+            return False
+        if head.matrix is None and not head.is_identity:
+            return False
+        probe = torch.zeros(1, 1, 2, 2)
+        return pooling_gradient_sums(head.pooling, probe) is not None
+
+    def channel_weights(
+        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        outputs, activations = forward.outputs, forward.activations
+        if target.explains_self:
+            scores, target = self_projection_score(outputs)
+        else:
+            scores = self.score(outputs, target)
+        hw = activations.shape[2] * activations.shape[3]
+        if not self.analytic:
+            weights = self.gradients(forward, scores).sum(dim=(2, 3)) / hw  # eq. 3
+            return weights, scores, {}
+        self._check_head_reproduces(forward)
+        d_embedding = similarity_gradient(outputs, target.references, target.similarity)
+        matrix = self.head.matrix
+        d_pooled = d_embedding if matrix is None else d_embedding @ matrix.to(d_embedding)
+        if d_pooled.shape[1] != activations.shape[1]:
+            raise ValueError(
+                f"the embedding has {d_embedding.shape[1]} dimensions but layer "
+                f"{self.target_layer!r} has {activations.shape[1]} channels and no linear "
+                "head maps one onto the other"
+            )
+        sums = pooling_gradient_sums(self.head.pooling, activations)
+        assert sums is not None  # guaranteed by _analytic_head_supported
+        return d_pooled * sums / hw, scores, {}  # eq. 3 by the chain rule
+
+    def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """``ReLU(sum_n a_n A^n)`` (Grad-CAM eq. 2)."""
+        return torch.relu(super().combine(weights, activations.detach()))
+
+    def _check_head_reproduces(self, forward: ForwardPass) -> None:
+        predicted = self.head.transform(self.head.pool(forward.activations))
+        if predicted.shape != forward.outputs.shape or not torch.allclose(
+            predicted, forward.outputs, rtol=1e-3, atol=1e-4
+        ):
+            raise ValueError(
+                f"the head found after {self.target_layer!r} does not reproduce the model's "
+                "output; pass head= explicitly or analytic=False"
+            )

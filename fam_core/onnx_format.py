@@ -1,0 +1,61 @@
+"""The contract of an exported explanation graph: tensor names and metadata keys.
+
+:mod:`exporters` writes files that follow it and :mod:`fam_core.onnx_runtime` reads them, so
+a server can configure itself from the file alone.
+
+Inputs (``B`` is dynamic):
+
+- ``image`` ``[B, 3, H, W]`` float32, already normalised with the ``preprocessing`` metadata;
+- ``references`` ``[K, D]`` float32 (``fam``/``gradfam`` graphs whose references are not baked);
+- ``class_index`` ``[B]`` int64 (``cam``/``gradcam`` graphs exported with ``class_input``).
+
+Outputs:
+
+- ``embedding`` ``[B, D]`` (``fam``/``gradfam``) or ``logits`` ``[B, C]`` (``cam``/``gradcam``);
+- ``scores`` ``[B, K]``: similarity to each reference (``fam``/``gradfam``);
+- ``class_index`` ``[B]`` int64: the explained class (``cam``/``gradcam`` top-1 graphs);
+- ``heatmap`` ``[B, H, W]`` in ``[0, 1]`` at input resolution;
+- ``heatmap_lowres`` ``[B, h, w]``: the map at the target layer, before upsampling;
+- ``weights`` ``[B, N]``: the channel weights that combined the activation maps.
+
+Metadata props (strings; JSON where noted): see the ``KEY_*`` constants.
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = "1"
+
+INPUT_IMAGE = "image"
+INPUT_REFERENCES = "references"
+INPUT_CLASS_INDEX = "class_index"
+
+OUTPUT_EMBEDDING = "embedding"
+OUTPUT_LOGITS = "logits"
+OUTPUT_SCORES = "scores"
+OUTPUT_CLASS_INDEX = "class_index"  # only in top-1 graphs, where it is no input
+OUTPUT_HEATMAP = "heatmap"
+OUTPUT_HEATMAP_LOWRES = "heatmap_lowres"
+OUTPUT_WEIGHTS = "weights"
+
+KEY_FORMAT = "fam.format_version"
+KEY_VERSION = "version"  # fam_core version that wrote the file
+KEY_METHOD = "method"  # fam | gradfam | cam | gradcam
+KEY_TARGET_LAYER = "target_layer"
+KEY_PREPROCESSING = (
+    "preprocessing"  # JSON {"mean": [..], "std": [..], "size": [H, W], "range": [0, 1]}
+)
+KEY_SIMILARITY = "similarity"  # cosine | dot | euclidean (fam, gradfam)
+KEY_EXPLAIN = "explain"  # "mean" over the K references, or "best" (top-scoring one only)
+KEY_REFERENCES = "references"  # "input" or "baked"
+KEY_NUM_REFERENCES = "num_references"  # K when baked
+KEY_CLASS_TARGET = "class_target"  # "top1" or "input" (cam, gradcam)
+KEY_TASK = "task"  # embedding | classifier
+KEY_MODEL = "model"
+KEY_CLASS_NAMES = "class_names"  # JSON list
+KEY_INPUTS = "inputs"  # JSON list of input names
+KEY_OUTPUTS = "outputs"  # JSON list of output names
+KEY_OPSET = "opset"
+
+METHODS: tuple[str, ...] = ("fam", "gradfam", "cam", "gradcam")
+EMBEDDING_METHODS: tuple[str, ...] = ("fam", "gradfam")
+CLASSIFIER_METHODS: tuple[str, ...] = ("cam", "gradcam")

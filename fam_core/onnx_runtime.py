@@ -1,0 +1,231 @@
+"""Run an exported explanation graph (see :mod:`exporters`) with onnxruntime.
+
+The file configures the runner: method, target layer, preprocessing and the graph's inputs
+come from its metadata props (:mod:`fam_core.onnx_format`). Providers are CUDA then CPU,
+whichever the installed onnxruntime offers (``onnxruntime-gpu`` for CUDA). The result is the
+same :class:`~fam_core.explanation.Explanation` the torch explainers return, as CPU tensors
+(onnxruntime hands outputs back in host memory).
+
+Example:
+    >>> runner = OnnxExplainer("conv4_fam.onnx")
+    >>> explanation = runner(images, references=torch.rand(5, 64))
+    >>> explanation.maps.shape
+    torch.Size([2, 84, 84])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fam_core import onnx_format as fmt
+from fam_core.explanation import Explanation
+
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+_REQUIRED_OUTPUTS = (fmt.OUTPUT_HEATMAP, fmt.OUTPUT_HEATMAP_LOWRES, fmt.OUTPUT_WEIGHTS)
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def default_providers() -> list[str]:
+    """CUDA then CPU, keeping those the installed onnxruntime has."""
+    import onnxruntime
+
+    available = set(onnxruntime.get_available_providers())
+    return [name for name in PREFERRED_PROVIDERS if name in available]
+
+
+class OnnxExplainer:
+    """An exported model + explanation head, run by onnxruntime.
+
+    Args:
+        path: the ``.onnx`` file written by :func:`exporters.export_model`.
+        providers: onnxruntime execution providers (default: :func:`default_providers`).
+
+    Attributes read from the file: ``method``, ``target_layer``, ``input_size`` ``(H, W)``,
+    ``mean``, ``std``, ``class_names``, ``metadata`` (all props), ``input_names``.
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None) -> None:
+        try:
+            import onnxruntime
+        except ImportError as error:  # pragma: no cover - onnxruntime is a dependency
+            raise ImportError(
+                "running exported files needs onnxruntime (or onnxruntime-gpu for CUDA)"
+            ) from error
+        path = Path(path)
+        if not path.is_file():
+            raise OSError(f"no such ONNX file: {path}")
+        self.path = path
+        self.session = onnxruntime.InferenceSession(
+            str(path), providers=list(providers or default_providers())
+        )
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        if fmt.KEY_METHOD not in self.metadata or fmt.KEY_PREPROCESSING not in self.metadata:
+            raise ValueError(
+                f"{path} is not a fam-core explanation graph: its metadata lacks "
+                f"{fmt.KEY_METHOD!r} / {fmt.KEY_PREPROCESSING!r}"
+            )
+        self.method = self.metadata[fmt.KEY_METHOD]
+        self.target_layer = self.metadata[fmt.KEY_TARGET_LAYER]
+        preprocessing = json.loads(self.metadata[fmt.KEY_PREPROCESSING])
+        self.input_size: tuple[int, int] = tuple(preprocessing["size"])  # type: ignore[assignment]
+        self.mean: tuple[float, ...] = tuple(preprocessing["mean"])
+        self.std: tuple[float, ...] = tuple(preprocessing["std"])
+        self.class_names: list[str] = json.loads(self.metadata.get(fmt.KEY_CLASS_NAMES, "[]"))
+        self.input_names = [value.name for value in self.session.get_inputs()]
+        self.output_names = [value.name for value in self.session.get_outputs()]
+        missing = [name for name in _REQUIRED_OUTPUTS if name not in self.output_names]
+        if missing:
+            raise ValueError(
+                f"{path} has no {', '.join(missing)} output: export it with heatmap=True"
+            )
+        self._channels = int(self.session.get_inputs()[0].shape[1])
+        self._dimension = self._output_width(fmt.OUTPUT_EMBEDDING) or self._output_width(
+            fmt.OUTPUT_LOGITS
+        )
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the session actually uses."""
+        return self.session.get_providers()
+
+    @property
+    def takes_references(self) -> bool:
+        return fmt.INPUT_REFERENCES in self.input_names
+
+    @property
+    def takes_class_index(self) -> bool:
+        return fmt.INPUT_CLASS_INDEX in self.input_names
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` images in ``[0, 1]`` normalised as the file's metadata says."""
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def __call__(
+        self,
+        images: ArrayLike,
+        references: ArrayLike | None = None,
+        class_index: int | Sequence[int] | ArrayLike | None = None,
+    ) -> Explanation:
+        """Explain normalised ``images`` ``[B, 3, H, W]`` float32.
+
+        ``references`` ``[K, D]`` float32 are required by graphs that take them (and refused
+        by graphs with baked references); ``class_index`` (int, one per image) by CAM graphs
+        exported with a class input.
+        """
+        image = self._check_images(images)
+        feeds: dict[str, np.ndarray] = {fmt.INPUT_IMAGE: image}
+        if self.takes_references:
+            if references is None:
+                raise ValueError(
+                    "this graph explains similarity to references: pass references [K, D] "
+                    f"float32 with D = {self._dimension}"
+                )
+            feeds[fmt.INPUT_REFERENCES] = self._check_references(references)
+        elif references is not None:
+            raise ValueError("this graph takes no references (they are baked in or it is CAM)")
+        if self.takes_class_index:
+            if class_index is None:
+                raise ValueError("this graph explains a given class: pass class_index")
+            feeds[fmt.INPUT_CLASS_INDEX] = self._check_classes(class_index, image.shape[0])
+        elif class_index is not None:
+            raise ValueError("this graph takes no class_index (it explains the top-1 class)")
+        values = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+        return self._explanation(values, feeds)
+
+    # -- helpers
+    def _output_width(self, name: str) -> int | None:
+        for value in self.session.get_outputs():
+            if value.name == name and isinstance(value.shape[1], int):
+                return value.shape[1]
+        return None
+
+    def _explanation(self, values: dict[str, np.ndarray], feeds: dict[str, Any]) -> Explanation:
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in values.items()}
+        if fmt.OUTPUT_SCORES in tensors:
+            pair_scores = tensors[fmt.OUTPUT_SCORES]
+            best = self.metadata.get(fmt.KEY_EXPLAIN) == "best"
+            scores = pair_scores.amax(dim=1) if best else pair_scores.mean(dim=1)
+            extras = {"embedding": tensors[fmt.OUTPUT_EMBEDDING], "pair_scores": pair_scores}
+        else:
+            logits = tensors[fmt.OUTPUT_LOGITS]
+            classes = (
+                torch.from_numpy(feeds[fmt.INPUT_CLASS_INDEX])
+                if self.takes_class_index
+                else tensors[fmt.OUTPUT_CLASS_INDEX]
+            )
+            scores = logits.gather(1, classes.view(-1, 1)).squeeze(1)
+            extras = {"logits": logits, "class_index": classes}
+        return Explanation(
+            maps=tensors[fmt.OUTPUT_HEATMAP],
+            raw=tensors[fmt.OUTPUT_HEATMAP_LOWRES],
+            weights=tensors[fmt.OUTPUT_WEIGHTS],
+            scores=scores,
+            method=self.method,
+            target_layer=self.target_layer,
+            extras=extras,
+        )
+
+    def _check_images(self, images: ArrayLike) -> np.ndarray:
+        array = _as_float32(images, "images", "[B, 3, H, W]")
+        height, width = self.input_size
+        expected = f"[B, {self._channels}, {height}, {width}]"
+        if array.ndim != 4:
+            raise ValueError(f"images must be {expected}, got shape {tuple(array.shape)}")
+        if array.shape[0] == 0:
+            raise ValueError("images is an empty batch: expected at least one image")
+        if array.shape[1:] != (self._channels, height, width):
+            raise ValueError(
+                f"images must be {expected} (the size this graph was exported for), "
+                f"got shape {tuple(array.shape)}"
+            )
+        return array
+
+    def _check_references(self, references: ArrayLike) -> np.ndarray:
+        array = _as_float32(references, "references", "[K, D]")
+        if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] != self._dimension:
+            raise ValueError(
+                f"references must be [K, {self._dimension}] with K >= 1, "
+                f"got shape {tuple(array.shape)}"
+            )
+        return array
+
+    def _check_classes(self, classes: object, batch: int) -> np.ndarray:
+        if isinstance(classes, bool):
+            raise TypeError("class_index must be an int or a sequence of ints, not a bool")
+        if isinstance(classes, torch.Tensor):
+            classes = classes.detach().cpu().numpy()
+        array = np.asarray(classes)
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"class_index must hold integers, got dtype {array.dtype}")
+        array = np.broadcast_to(array.reshape(-1), (batch,)) if array.size == 1 else array
+        if array.shape != (batch,):
+            raise ValueError(f"got {array.size} class indices for a batch of {batch}")
+        if (array < 0).any() or (array >= self._dimension).any():
+            raise ValueError(
+                f"class index out of range: expected 0 <= class_index < {self._dimension}, "
+                f"got {array.tolist()}"
+            )
+        return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _as_float32(values: object, name: str, shape: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        if values.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32 {shape}, got a tensor of {values.dtype}")
+        return np.ascontiguousarray(values.detach().cpu().numpy())
+    if isinstance(values, np.ndarray):
+        if values.dtype != np.float32:
+            raise TypeError(f"{name} must be float32 {shape}, got an array of {values.dtype}")
+        return np.ascontiguousarray(values)
+    raise TypeError(
+        f"{name} must be a float32 torch.Tensor or numpy array {shape}, got {type(values).__name__}"
+    )

@@ -1,0 +1,61 @@
+"""Typed request errors: each front door maps them to its own status.
+
+===================  ======================  =========
+error                gRPC code               HTTP
+===================  ======================  =========
+InvalidArgument      INVALID_ARGUMENT        400
+NotFound             NOT_FOUND               404
+ResourceExhausted    RESOURCE_EXHAUSTED      413 / 429
+DeadlineExceeded     DEADLINE_EXCEEDED       504
+Unavailable          UNAVAILABLE             503
+===================  ======================  =========
+
+``InvalidArgument`` and ``NotFound`` are ``ValueError`` subclasses, so library callers that
+catch ``ValueError`` keep working.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class PipelineError(Exception):
+    """Base of every error a request can cause; ``code`` names the gRPC status."""
+
+    code: ClassVar[str] = "INTERNAL"
+    http_status: ClassVar[int] = 500
+
+
+class InvalidArgument(PipelineError, ValueError):
+    """The request is malformed: undecodable image, wrong shape or dtype, empty batch."""
+
+    code = "INVALID_ARGUMENT"
+    http_status = 400
+
+
+class NotFound(PipelineError, ValueError):
+    """The request names a model or method the server does not have."""
+
+    code = "NOT_FOUND"
+    http_status = 404
+
+
+class ResourceExhausted(PipelineError):
+    """The request is over a size limit, or the server's queue is full."""
+
+    code = "RESOURCE_EXHAUSTED"
+    http_status = 413
+
+
+class DeadlineExceeded(PipelineError):
+    """The request's deadline passed before its result was ready."""
+
+    code = "DEADLINE_EXCEEDED"
+    http_status = 504
+
+
+class Unavailable(PipelineError):
+    """The pipeline is shutting down."""
+
+    code = "UNAVAILABLE"
+    http_status = 503

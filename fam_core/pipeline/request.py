@@ -1,0 +1,135 @@
+"""Requests and responses of the pipeline: plain dataclasses, independent of any transport.
+
+Example:
+    >>> request = ExplainRequest(model="default-classifier", images=(EncodedImage(b"..."),))
+    >>> request.resolution, request.top_k
+    ('input', 5)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Resolution = Literal["input", "feature"]
+RESOLUTIONS: tuple[str, ...] = ("input", "feature")
+TENSOR_DTYPES: dict[str, int] = {"uint8": 1, "float16": 2, "float32": 4}
+"""Accepted raw tensor dtypes and their item sizes (little-endian)."""
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """PNG or JPEG bytes."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A little-endian row-major tensor: ``[3, H, W]`` image (uint8 0..255, floats 0..1)."""
+
+    data: bytes
+    dtype: str
+    shape: tuple[int, ...]
+
+
+ImageInput = EncodedImage | RawTensor
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """One request: a batch of images for one model.
+
+    Attributes:
+        model: a served model's name.
+        images: at least one image.
+        method: an explainer name; ``None`` is the model's default.
+        resolution: heatmap at the model's ``"input"`` size or at the ``"feature"`` map's.
+        heatmap: ``False`` predicts only.
+        embedding: return the model's output vector.
+        overlay: return a PNG of the heatmap over the preprocessed image.
+        top_k: embedding models: how many matches to return.
+        target_class: classifiers: explain this class instead of the predicted one.
+        references: embedding models: explain the mean similarity to these images.
+        request_id: echoed back.
+    """
+
+    model: str
+    images: tuple[ImageInput, ...]
+    method: str | None = None
+    resolution: Resolution = "input"
+    heatmap: bool = True
+    embedding: bool = False
+    overlay: bool = False
+    top_k: int = 5
+    target_class: int | None = None
+    references: tuple[ImageInput, ...] = ()
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Match:
+    """A class, prototype or reference with its score."""
+
+    label: str
+    index: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A heatmap in ``[0, 1]`` as float16 little-endian bytes of ``shape`` ``[H, W]``."""
+
+    data: bytes
+    shape: tuple[int, int]
+    method: str
+    target_layer: str
+    resolution: Resolution
+    dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    """What the pipeline returns for one image.
+
+    ``scores``: classifiers: the softmax probabilities of every class; embedding models: the
+    cosine similarity to each prototype (or each reference image).
+    """
+
+    prediction: Match
+    scores: tuple[float, ...]
+    top_k: tuple[Match, ...] = ()
+    heatmap: Heatmap | None = None
+    explained_score: float = 0.0
+    embedding: bytes | None = None  # float32 little-endian [D]
+    embedding_dim: int = 0
+    overlay_png: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ExplainResponse:
+    model: str
+    results: tuple[ExplainResult, ...]
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What ``ModelInfo`` reports about a served model."""
+
+    name: str
+    task: str
+    backbone: str
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    methods: tuple[str, ...]
+    default_method: str
+    target_layer: str
+    feature_shape: tuple[int, int]
+    output_dim: int
+    class_names: tuple[str, ...]
+    num_prototypes: int
+    input_formats: tuple[str, ...] = field(
+        default=("png", "jpeg", "tensor:uint8", "tensor:float16", "tensor:float32")
+    )

@@ -1,0 +1,225 @@
+"""The request pipeline every front door shares: decode, preprocess, run, explain, encode.
+
+A front door (gRPC, the Open Inference Protocol, a TorchServe handler) turns its wire format
+into :class:`~fam_core.pipeline.request.ExplainRequest`, calls :meth:`Pipeline.explain` (or
+:meth:`Pipeline.explain_batch` when its framework already batched requests) and maps
+:class:`~fam_core.pipeline.errors.PipelineError` subclasses to its own statuses.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fam_core.explainers import available_methods
+from fam_core.pipeline.batching import BatchingConfig, BatchObserver, MicroBatcher
+from fam_core.pipeline.decode import check_sizes, decode_input
+from fam_core.pipeline.encode import encode_result
+from fam_core.pipeline.engine import Computed, Job, run_jobs
+from fam_core.pipeline.errors import DeadlineExceeded, InvalidArgument, NotFound, PipelineError
+from fam_core.pipeline.limits import Limits
+from fam_core.pipeline.models import ModelRegistry, ServedModel
+from fam_core.pipeline.preprocess import preprocess
+from fam_core.pipeline.request import (
+    RESOLUTIONS,
+    ExplainRequest,
+    ExplainResponse,
+    ImageInput,
+    ModelDescription,
+)
+
+DEFAULT_LIMITS = Limits()
+DEFAULT_BATCHING = BatchingConfig()
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    served: ServedModel
+    request: ExplainRequest
+    job: Job
+    pixels: torch.Tensor  # [B, 3, S, S] in [0, 1]
+
+
+class Pipeline:
+    """Predict and explain requests against the models of a registry.
+
+    Args:
+        registry: the served models.
+        limits: request limits.
+        batching: micro-batching settings; ``None`` runs each call directly in the caller's
+            thread (for front doors that batch themselves, e.g. TorchServe).
+        batch_observer: called with ``(model, images)`` after each pass (metrics).
+
+    Example:
+        >>> pipeline = Pipeline(ModelRegistry.from_names(["default-classifier"]))
+        >>> png = open("flower.png", "rb").read()  # doctest: +SKIP
+        >>> response = pipeline.explain(ExplainRequest("default-classifier", (EncodedImage(png),)))
+        >>> response.results[0].prediction.label, response.results[0].heatmap.shape  # doctest: +SKIP
+        ('rose', (84, 84))
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        limits: Limits = DEFAULT_LIMITS,
+        batching: BatchingConfig | None = DEFAULT_BATCHING,
+        batch_observer: BatchObserver | None = None,
+    ) -> None:
+        self.registry = registry
+        self.limits = limits
+        self.batching = batching
+        self._batch_observer = batch_observer
+        self._batchers: dict[str, MicroBatcher] = {}
+        self._direct_lock = threading.Lock()
+        if batching is not None:
+            self._batchers = {
+                served.name: MicroBatcher(served, batching, batch_observer) for served in registry
+            }
+
+    # -- front-door API
+    def explain(self, request: ExplainRequest, *, deadline: float | None = None) -> ExplainResponse:
+        """Predict and explain one request. ``deadline`` is a ``time.monotonic()`` instant."""
+        _check_deadline(deadline)
+        prepared = self._prepare(request, deadline)
+        return self._finish(prepared, self._run(prepared.served, prepared.job, deadline))
+
+    def explain_batch(
+        self, requests: list[ExplainRequest]
+    ) -> list[ExplainResponse | PipelineError]:
+        """Several requests at once, compatible ones in one pass; errors are returned in place.
+
+        For front doors whose framework batches requests itself (TorchServe's ``batchSize``).
+        """
+        prepared: list[_Prepared | PipelineError] = []
+        for request in requests:
+            try:
+                prepared.append(self._prepare(request, None))
+            except PipelineError as error:
+                prepared.append(error)
+        groups: dict[tuple[str, tuple[str, bool, int]], list[int]] = {}
+        for index, item in enumerate(prepared):
+            if isinstance(item, _Prepared):
+                groups.setdefault((item.served.name, item.job.batch_key()), []).append(index)
+        answers: list[ExplainResponse | PipelineError] = list(prepared)  # type: ignore[arg-type]
+        for (name, _key), members in groups.items():
+            items = [prepared[i] for i in members]
+            try:
+                with self._direct_lock:
+                    computed = run_jobs(self.registry.get(name), [p.job for p in items])  # type: ignore[union-attr]
+            except PipelineError as error:
+                for i in members:
+                    answers[i] = error
+                continue
+            for i, item, result in zip(members, items, computed, strict=True):
+                answers[i] = self._finish(item, result)  # type: ignore[arg-type]
+        return answers
+
+    def describe(self, name: str) -> ModelDescription:
+        """What ``ModelInfo`` reports about model ``name``."""
+        served = self.registry.get(name)
+        config = served.config
+        prototypes = served.prototypes
+        return ModelDescription(
+            name=served.name,
+            task=served.task,
+            backbone=config.backbone,
+            input_size=config.input_size,
+            mean=tuple(config.mean),
+            std=tuple(config.std),
+            methods=tuple(available_methods()),
+            default_method=served.default_method,
+            target_layer=config.target_layer,
+            feature_shape=served.feature_shape,
+            output_dim=served.output_dim,
+            class_names=served.labels,
+            num_prototypes=0 if prototypes is None else int(prototypes.shape[0]),
+        )
+
+    def close(self) -> None:
+        """Finish queued work and stop the batching threads."""
+        for batcher in self._batchers.values():
+            batcher.close()
+
+    # -- steps
+    def _prepare(self, request: ExplainRequest, deadline: float | None) -> _Prepared:
+        served = self.registry.get(request.model)
+        if not request.images:
+            raise InvalidArgument("the request has no images: expected at least one")
+        check_sizes(tuple(request.images) + tuple(request.references), self.limits)
+        method = request.method or served.default_method
+        if request.heatmap:
+            if method not in available_methods():
+                raise NotFound(f"unknown method {method!r}; expected one of {available_methods()}")
+            served.explainer(method)
+        if request.resolution not in RESOLUTIONS:
+            raise InvalidArgument(
+                f"resolution must be one of {list(RESOLUTIONS)}, got {request.resolution!r}"
+            )
+        if request.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {request.top_k}")
+        if request.target_class is not None:
+            if served.task != "classifier":
+                raise InvalidArgument(
+                    f"target_class needs a classifier; model {served.name!r} is an embedding "
+                    "model: send references instead"
+                )
+            if not 0 <= request.target_class < served.output_dim:
+                raise InvalidArgument(
+                    f"target_class must be in [0, {served.output_dim}), got {request.target_class}"
+                )
+        if request.references and served.task != "embedding":
+            raise InvalidArgument(
+                f"references need an embedding model; model {served.name!r} is a classifier"
+            )
+        pixels, inputs = self._decode(request.images, served)
+        references = None
+        if request.references:
+            _, reference_inputs = self._decode(request.references, served, "reference")
+            references = self._run(
+                served, Job(reference_inputs, "", heatmap=False), deadline
+            ).outputs.detach()
+        job = Job(inputs, method, request.heatmap, request.target_class, references)
+        return _Prepared(served, request, job, pixels)
+
+    def _decode(
+        self, images: tuple[ImageInput, ...], served: ServedModel, what: str = "image"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        decoded = []
+        for index, image in enumerate(images):
+            try:
+                decoded.append(decode_input(image, self.limits, index=index))
+            except InvalidArgument as error:
+                raise InvalidArgument(str(error).replace("image", what, 1)) from None
+        return preprocess(decoded, served.config)
+
+    def _run(self, served: ServedModel, job: Job, deadline: float | None) -> Computed:
+        _check_deadline(deadline)
+        if not self._batchers:
+            with self._direct_lock:
+                (computed,) = run_jobs(served, [job])
+            if self._batch_observer is not None:
+                self._batch_observer(served.name, len(job))
+            return computed
+        future = self._batchers[served.name].submit(job, deadline)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise DeadlineExceeded("the deadline passed before the result was ready") from None
+
+    def _finish(self, prepared: _Prepared, computed: Computed) -> ExplainResponse:
+        results = tuple(
+            encode_result(prepared.served, prepared.request, computed, i, prepared.pixels[i])
+            for i in range(len(prepared.job))
+        )
+        return ExplainResponse(prepared.served.name, results, prepared.request.request_id)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("the deadline passed before the request was processed")

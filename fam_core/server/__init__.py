@@ -1,0 +1,11 @@
+"""gRPC front door: ``fam.v1.FamService`` and the Open Inference Protocol over one pipeline.
+
+Example:
+    >>> from fam_core.server import FamServer, ServerConfig
+    >>> server = FamServer.with_default_models(ServerConfig(port=0))  # doctest: +SKIP
+    >>> port = server.start()  # doctest: +SKIP
+"""
+
+from fam_core.server.app import FamServer, ServerConfig
+
+__all__ = ["FamServer", "ServerConfig"]

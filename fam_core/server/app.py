@@ -1,0 +1,188 @@
+"""The gRPC server: both services, health, reflection, optional TLS and bearer token, metrics."""
+
+from __future__ import annotations
+
+import hmac
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fam_core.pipeline import BatchingConfig, Limits, ModelRegistry, Pipeline
+from fam_core.server.calls import Calls
+from fam_core.server.fam_service import FamServicer
+from fam_core.server.logs import log_event
+from fam_core.server.metrics import ServerMetrics
+from fam_core.server.oip import InferenceServicer
+from fam_core.server.stubs import fam_pb2, fam_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+
+MESSAGE_OVERHEAD = 1 << 20  # room for everything in a message besides the image bytes
+FAM_SERVICE = fam_pb2.DESCRIPTOR.services_by_name["FamService"].full_name
+OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server listens and what it accepts.
+
+    Attributes:
+        host: interface; loopback by default.
+        port: ``0`` picks a free port (see :meth:`FamServer.start`).
+        max_workers: threads handling RPCs.
+        max_concurrent_rpcs: RPCs in progress; more are refused with RESOURCE_EXHAUSTED.
+        limits: request limits; messages larger than ``max_request_bytes`` plus 1 MiB are
+            refused by gRPC itself with RESOURCE_EXHAUSTED.
+        batching: micro-batching (``None``: none).
+        token: bearer token every RPC but health checks must carry.
+        tls_cert, tls_key: PEM files; both set serves TLS.
+        metrics_port: ``/metrics`` over HTTP on this port (``None``: off, ``0``: a free port).
+        grace_s: how long in-flight RPCs may take to finish on :meth:`FamServer.stop`.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_workers: int = 32
+    max_concurrent_rpcs: int = 256
+    limits: Limits = field(default_factory=Limits)
+    batching: BatchingConfig | None = field(default_factory=BatchingConfig)
+    token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_port: int | None = None
+    grace_s: float = 30.0
+
+
+class _BearerToken(grpc.ServerInterceptor):
+    """Refuses RPCs without ``authorization: Bearer <token>`` (health checks stay open)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_PUBLIC_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = str(metadata.get("authorization", "")).encode()
+        if hmac.compare_digest(given, self._expected):
+            return handler
+
+        def deny(_request, context):  # type: ignore[no-untyped-def]
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        def deny_stream(_request, context):  # type: ignore[no-untyped-def]
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            yield  # pragma: no cover
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny_stream)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny_stream)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class FamServer:
+    """A running gRPC server over a :class:`~fam_core.pipeline.Pipeline`.
+
+    Example:
+        >>> server = FamServer(ModelRegistry.from_names(), ServerConfig(port=0))  # doctest: +SKIP
+        >>> port = server.start()  # doctest: +SKIP
+        >>> server.stop()  # doctest: +SKIP
+    """
+
+    def __init__(self, registry: ModelRegistry, config: ServerConfig = ServerConfig()) -> None:
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key file")
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.pipeline = Pipeline(
+            registry, config.limits, config.batching, batch_observer=self.metrics.observe_batch
+        )
+        self.health = health.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._stopped = False
+        self._stop_lock = threading.Lock()
+        calls = Calls(self.metrics)
+        max_message = config.limits.max_request_bytes + MESSAGE_OVERHEAD
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="fam-rpc"),
+            interceptors=[_BearerToken(config.token)] if config.token else [],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+            ],
+        )
+        fam_pb2_grpc.add_FamServiceServicer_to_server(
+            FamServicer(self.pipeline, calls), self._server
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.pipeline, calls), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (FAM_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+
+    @classmethod
+    def with_default_models(cls, config: ServerConfig = ServerConfig()) -> FamServer:
+        """Serve ``default-embedding`` and ``default-classifier`` from the model store."""
+        return cls(ModelRegistry.from_names(), config)
+
+    def start(self) -> int:
+        """Bind, start serving, mark healthy; returns the bound port."""
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes())]
+            )
+            port = self._server.add_secure_port(address, credentials)
+        else:
+            port = self._server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self._server.start()
+        self.port = port
+        for service in ("", FAM_SERVICE, OIP_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+        log_event(
+            "started", address=f"{self.config.host}:{port}", models=self.pipeline.registry.names(),
+            tls=self.config.tls_cert is not None, auth=self.config.token is not None,
+            metrics_port=self.metrics_port,
+        )  # fmt: skip
+        return port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new RPCs, let in-flight ones finish (up to ``grace`` seconds), release all."""
+        with self._stop_lock:  # a second caller waits until the first one has finished
+            if self._stopped:
+                return
+            self.health.enter_graceful_shutdown()
+            grace = self.config.grace_s if grace is None else grace
+            log_event("stopping", grace_s=grace)
+            self._server.stop(grace).wait()
+            self.pipeline.close()
+            self.metrics.close()
+            self._stopped = True
+            log_event("stopped")
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` has finished."""
+        self._server.wait_for_termination()
+
+    def __enter__(self) -> FamServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop(grace=5.0)

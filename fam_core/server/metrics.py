@@ -1,0 +1,60 @@
+"""Prometheus metrics of one server, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServerMetrics:
+    """Requests, latency, batch sizes and errors by status.
+
+    Example:
+        >>> metrics = ServerMetrics()
+        >>> metrics.observe("Explain", "m", "OK", 0.01)
+        >>> metrics.registry.get_sample_value(
+        ...     "fam_requests_total", {"rpc": "Explain", "model": "m", "code": "OK"})
+        1.0
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "fam_requests", "Requests by RPC, model and status code",
+            ["rpc", "model", "code"], registry=self.registry,
+        )  # fmt: skip
+        self.errors = Counter(
+            "fam_errors", "Failed requests by RPC and status code",
+            ["rpc", "code"], registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "fam_request_latency_seconds", "Request latency by RPC",
+            ["rpc"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "fam_batch_size", "Images per model pass",
+            ["model"], buckets=BATCH_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+
+    def observe(self, rpc: str, model: str, code: str, seconds: float) -> None:
+        self.requests.labels(rpc, model, code).inc()
+        self.latency.labels(rpc).observe(seconds)
+        if code != "OK":
+            self.errors.labels(rpc, code).inc()
+
+    def observe_batch(self, model: str, images: int) -> None:
+        self.batch_size.labels(model).observe(images)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Expose ``/metrics`` over HTTP; returns the port (``0`` picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()

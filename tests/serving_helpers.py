@@ -1,0 +1,79 @@
+"""Helpers of the serving tests: a temporary model folder, images, a server on loopback."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fam_core.models.store import ModelConfig
+from fam_core.training import save_model
+
+CLASSES = ("tulip", "rose", "daisy", "iris", "lily")
+
+
+def make_model_dir(root: Path) -> Path:
+    """Random-init Conv4 models: an embedding model with 5 prototypes and a 5-class classifier."""
+    torch.manual_seed(0)
+    embedding = ModelConfig(
+        name="default-embedding",
+        task="embedding",
+        backbone="conv4",
+        weights="weights.pt",
+        target_layer="block4",
+        class_names=CLASSES,
+        prototypes="prototypes.pt",
+    )
+    model = embedding.build().eval()
+    save_model(model, embedding, root / "default-embedding")
+    with torch.no_grad():  # prototypes: embeddings of 5 random images, one per class
+        prototypes = model(embedding.normalize(torch.rand(5, 3, 84, 84)))
+    torch.save(prototypes, root / "default-embedding" / "prototypes.pt")
+    classifier = ModelConfig(
+        name="default-classifier",
+        task="classifier",
+        backbone="conv4",
+        backbone_kwargs={"num_classes": len(CLASSES)},
+        weights="weights.pt",
+        target_layer="block4",
+        class_names=CLASSES,
+    )
+    save_model(classifier.build().eval(), classifier, root / "default-classifier")
+    return root
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (96, 120)) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[0], size[1], 3, generator=generator) * 255).to(torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` pixels, with one empty data chunk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process, from /proc."""
+    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,120 @@
+"""``fam eval`` end to end on tiny random-init models: the report's files and their content."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fam_core.cli
+from fam_core.data.flowers import CLASS_NAMES, NUM_CLASSES, make_flowers
+from fam_core.evaluation import settings
+from fam_core.models.backbones import build_backbone
+from fam_core.models.store import ModelConfig
+from fam_core.training import normalize, save_model
+
+
+@pytest.fixture
+def small_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings, "NOVEL_PER_CLASS", 4)  # 1-shot, 3 queries
+    monkeypatch.setattr(settings, "BANK_PER_CLASS", 3)
+    monkeypatch.setattr(settings, "CLASSIFIER_PER_CLASS", 1)
+    monkeypatch.setattr(fam_core.cli, "COMMAND_MODULES", ("fam_core.commands.eval",))
+
+
+def write_models(tmp_path, seed: int) -> tuple[str, str]:
+    torch.manual_seed(0)
+    embedding = build_backbone("conv4", width=0.25).eval()
+    config = ModelConfig(
+        name="emb",
+        task="embedding",
+        backbone="conv4",
+        backbone_kwargs={"width": 0.25},
+        weights="w.pt",
+        target_layer="block4",
+    )
+    save_model(embedding, config, tmp_path / "emb")
+    classifier = build_backbone("conv4", width=0.25, num_classes=NUM_CLASSES).eval()
+    # fit the last layer so that the classifier gets the evaluation images right
+    test = make_flowers(list(range(NUM_CLASSES)), 1, seed=seed + settings.DATA_SEED_OFFSET + 1)
+    with torch.no_grad():
+        features = classifier.embedding(normalize(test.images))
+        design = torch.cat([features, torch.ones(len(features), 1)], dim=1)
+        solution = torch.linalg.lstsq(design, torch.eye(NUM_CLASSES)[test.labels]).solution
+        classifier.fc.weight.copy_(solution[:-1].T)
+        classifier.fc.bias.copy_(solution[-1])
+    config = ModelConfig(
+        name="cls",
+        task="classifier",
+        backbone="conv4",
+        backbone_kwargs={"width": 0.25, "num_classes": NUM_CLASSES},
+        weights="w.pt",
+        target_layer="block4",
+        class_names=tuple(CLASS_NAMES),
+    )
+    save_model(classifier, config, tmp_path / "cls")
+    return str(tmp_path / "emb"), str(tmp_path / "cls")
+
+
+def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
+    embedding, classifier = write_models(tmp_path, seed=3)
+    out = tmp_path / "report"
+    argv = [
+        "eval",
+        "--images",
+        "3",
+        "--episodes",
+        "20",
+        "--steps",
+        "4",
+        "--sanity-images",
+        "2",
+        "--seed",
+        "3",
+        "--methods",
+        "fam",
+        "--embedding-model",
+        embedding,
+        "--classifier-model",
+        classifier,
+        "--out",
+        str(out),
+    ]
+    assert fam_core.cli.main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "runtime" in stdout and "| fam |" in stdout
+    data = json.loads((out / "results.json").read_text())
+    assert data["methods"] == ["fam"]
+    assert set(data["tasks"]) == {"few-shot", "kNN", "retrieval", "classifier"}
+    assert data["tasks"]["classifier"]["accuracy"] == 1.0  # the fitted last layer
+    for name in ("few-shot", "classifier"):
+        values = data["metrics"][name]["fam"]
+        assert 0.0 <= values["proportion"] <= 1.0 and 0.0 <= values["iou_auc"] <= 1.0
+        assert len(data["curves"][name]["fam"]["deletion"]) == 5
+        assert data["sanity"]["fam"][name]["layers"][-1] == "block1"
+    assert data["sanity"]["fam"]["classifier"]["layers"][0] == "fc"
+    if "retrieval" in data["metrics"]:
+        assert "explanation_map_ap" in data["metrics"]["retrieval"]["fam"]
+    for name in (
+        "results.md",
+        "deletion_insertion.png",
+        "metric_box_iou.png",
+        "overlays_classifier.png",
+    ):
+        assert (out / name).stat().st_size > 0
+    # deterministic for a seed: a second run gives the same numbers
+    second = tmp_path / "again"
+    assert fam_core.cli.main([*argv[:-1], str(second)]) == 0
+    again = json.loads((second / "results.json").read_text())
+    assert again["metrics"] == data["metrics"] and again["tasks"] == data["tasks"]
+
+
+def test_eval_rejects_bad_options(tmp_path, capsys, small_benchmark) -> None:
+    assert fam_core.cli.main(["eval", "--images", "0", "--out", str(tmp_path)]) == 2
+    assert "--images must be >= 1" in capsys.readouterr().err
+    code = fam_core.cli.main(
+        ["eval", "--methods", "nope", "--embedding-model", str(tmp_path), "--out", str(tmp_path)]
+    )
+    assert code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
