@@ -117,9 +117,17 @@ def peers(name: str, model, images, classes) -> list[tuple[str, Callable[[], obj
         found.append(
             (
                 "captum",
-                lambda: ablation.attribute(
-                    images, target=classes, layer_mask=mask, perturbations_per_eval=32
-                ),
+                # one image per call: Captum does not spread per-image targets over
+                # the perturbations it evaluates together
+                lambda: [
+                    ablation.attribute(
+                        images[i : i + 1],
+                        target=int(classes[i]),
+                        layer_mask=mask,
+                        perturbations_per_eval=32,
+                    )
+                    for i in range(len(images))
+                ],
             )
         )
     return found
