@@ -13,44 +13,14 @@ elsewhere. Either way its spatial sum is ``1``, so
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from fam_core.pooling import GlobalPool
-from fam_core.similarity import SimilarityKind
+from fam_core.similarity import similarity_gradient
 
-_EPS = 1e-12
+__all__ = ["ANALYTIC_POOLING", "pooling_kind", "similarity_gradient"]
+
 ANALYTIC_POOLING = ("avg", "max")
-
-
-def similarity_gradient(
-    embeddings: torch.Tensor, references: torch.Tensor, kind: SimilarityKind
-) -> torch.Tensor:
-    """``d/dz mean_k s(z, r_k)`` ``[B, D]`` for embeddings ``[B, D]``, references ``[B, K, D]``.
-
-    - cosine (eq. 14): ``r / (|z| |r|) - s z / |z|^2``
-    - dot: ``r``
-    - euclidean ``s = -|z - r|``: ``-(z - r) / |z - r|``
-
-    Example:
-        >>> z, r = torch.tensor([[3.0, 4.0]]), torch.tensor([[[3.0, 4.0]]])
-        >>> similarity_gradient(z, r, "cosine")  # cosine of a vector with itself: flat
-        tensor([[0., 0.]])
-    """
-    z = embeddings.unsqueeze(1)  # [B, 1, D]
-    if kind == "dot":
-        per_reference = references
-    elif kind == "cosine":
-        z_norm = z.norm(dim=2, keepdim=True).clamp_min(_EPS)
-        r_norm = references.norm(dim=2, keepdim=True).clamp_min(_EPS)
-        cosine = (z * references).sum(dim=2, keepdim=True) / (z_norm * r_norm)
-        per_reference = references / (z_norm * r_norm) - cosine * z / z_norm.square()
-    elif kind == "euclidean":
-        difference = z - references
-        per_reference = -difference / difference.norm(dim=2, keepdim=True).clamp_min(_EPS)
-    else:
-        raise ValueError(f"unknown similarity {kind!r}; expected cosine, dot or euclidean")
-    return per_reference.mean(dim=1)  # eq. 11: S is the mean over the K references
 
 
 def pooling_kind(pooling: nn.Module, layer_name: str) -> str:

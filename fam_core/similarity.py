@@ -77,3 +77,36 @@ def similarity(
     if kind == "dot":
         return (z * references).sum(dim=2)
     return -(z - references).norm(dim=2)
+
+
+def similarity_gradient(
+    embeddings: torch.Tensor, references: torch.Tensor, kind: SimilarityKind = "cosine"
+) -> torch.Tensor:
+    """``d/dZ mean_k s(Z, R_k)`` ``[B, D]`` in closed form (plain operators: ONNX-exportable).
+
+    - cosine: ``r / (|z| |r|) - s z / |z|^2``
+    - dot: ``r``
+    - euclidean (``s = -|z - r|``): ``-(z - r) / |z - r|`` (0 where ``z = r``)
+
+    ``references`` is ``[B, K, D]`` (or ``[1, K, D]``, broadcast over the batch).
+
+    Example:
+        >>> z, r = torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.0, 2.0]]])
+        >>> similarity_gradient(z, r, "cosine")
+        tensor([[0., 1.]])
+    """
+    if kind not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {kind!r}; expected one of {SIMILARITIES}")
+    z = embeddings.unsqueeze(1)  # [B, 1, D]
+    if kind == "dot":
+        per_reference = references
+    elif kind == "cosine":
+        z_norm = z.norm(dim=2, keepdim=True).clamp_min(_EPS)
+        r_norm = references.norm(dim=2, keepdim=True).clamp_min(_EPS)
+        cosine = (z * references).sum(dim=2, keepdim=True) / (z_norm * r_norm)
+        per_reference = references / (z_norm * r_norm) - cosine * z / z_norm.square()
+    else:
+        difference = z - references
+        distance = difference.norm(dim=2, keepdim=True)
+        per_reference = torch.where(distance > 0, -difference / distance.clamp_min(_EPS), 0.0)
+    return per_reference.mean(dim=1)  # eq. 11: S is the mean over the K references

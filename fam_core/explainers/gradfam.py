@@ -27,40 +27,9 @@ from torch import nn
 from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget
 from fam_core.explainers.registry import register
 from fam_core.pooling import GlobalPool
-from fam_core.similarity import SimilarityKind
+from fam_core.similarity import similarity_gradient
 
 _EPS = 1e-12
-
-
-def similarity_gradient(
-    embeddings: torch.Tensor, references: torch.Tensor, kind: SimilarityKind
-) -> torch.Tensor:
-    """``d/dZ mean_k s(Z, R_k)`` ``[B, D]`` in closed form.
-
-    - cosine: ``r / (|z||r|) - s z / |z|^2``
-    - dot: ``r``
-    - euclidean (``s = -|z - r|``): ``-(z - r) / |z - r|`` (0 where ``z = r``)
-
-    Example:
-        >>> z, r = torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.0, 2.0]]])
-        >>> similarity_gradient(z, r, "cosine")
-        tensor([[0., 1.]])
-    """
-    z = embeddings.unsqueeze(1)  # [B, 1, D]
-    if kind == "dot":
-        grads = references.expand(z.shape[0], -1, -1)
-    elif kind == "cosine":
-        z_norm = z.norm(dim=2, keepdim=True).clamp_min(_EPS)
-        r_norm = references.norm(dim=2, keepdim=True).clamp_min(_EPS)
-        cosine = (z * references).sum(dim=2, keepdim=True) / (z_norm * r_norm)
-        grads = references / (z_norm * r_norm) - cosine * z / z_norm.square()
-    elif kind == "euclidean":
-        difference = z - references
-        distance = difference.norm(dim=2, keepdim=True)
-        grads = torch.where(distance > 0, -difference / distance.clamp_min(_EPS), 0.0)
-    else:
-        raise ValueError(f"unknown similarity {kind!r}; expected cosine, dot or euclidean")
-    return grads.mean(dim=1)
 
 
 def self_projection_score(outputs: torch.Tensor) -> tuple[torch.Tensor, ResolvedTarget]:
