@@ -13,6 +13,7 @@ EXIT_USAGE = 2
 # Feature modules that add a subcommand: each defines ``add_command(commands)``, which adds a
 # parser whose ``run`` default takes the parsed arguments and returns the exit code.
 COMMAND_MODULES: tuple[str, ...] = (
+    "fam_core.commands.archive",
     "fam_core.commands.eval",
     "fam_core.commands.export",
     "fam_core.commands.serve",

@@ -96,6 +96,21 @@ class OnnxExplainer:
         return self.session.get_providers()
 
     @property
+    def output_dim(self) -> int | None:
+        """``D`` of the ``embedding`` or ``C`` of the ``logits`` output."""
+        return self._dimension
+
+    @property
+    def feature_shape(self) -> tuple[int, int] | None:
+        """``(h, w)`` of the ``heatmap_lowres`` output (the target layer's maps)."""
+        for value in self.session.get_outputs():
+            if value.name == fmt.OUTPUT_HEATMAP_LOWRES and all(
+                isinstance(extent, int) for extent in value.shape[1:]
+            ):
+                return (int(value.shape[1]), int(value.shape[2]))
+        return None
+
+    @property
     def takes_references(self) -> bool:
         return fmt.INPUT_REFERENCES in self.input_names
 

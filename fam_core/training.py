@@ -24,7 +24,13 @@ from torch import nn
 
 from fam_core.data.flowers import CLASS_NAMES, NUM_CLASSES, SPLITS, make_flowers, make_flowers_for
 from fam_core.models.backbones import EmbeddingNet, build_backbone
-from fam_core.models.store import ModelConfig, load_model
+from fam_core.models.store import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelConfig,
+    load_model,
+    normalize_images,
+)
 from fam_core.tasks.fewshot import EpisodeResult, few_shot_accuracy, sample_episodes
 
 TRAIN_SEED_OFFSET = 1_000  # training images use seeds disjoint from evaluation images
@@ -72,9 +78,7 @@ class ClassifierRecipe:
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """The ImageNet normalisation every default model uses (as the FAM paper does)."""
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return normalize_images(images, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _fresh_indices(count: int, generator: torch.Generator) -> list[int]:

@@ -11,7 +11,9 @@ def add_command(commands) -> None:  # type: ignore[no-untyped-def]
     serve = commands.add_parser(
         "serve", help="serve predictions with heatmaps over gRPC (fam.v1 and the OIP)"
     )
-    serve.add_argument("--models", help="folder of */config.yaml (default: the default models)")
+    serve.add_argument(
+        "--models", help="folder of */config.yaml and *.onnx (default: the default models)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
     serve.add_argument("--port", type=int, default=50051, help="port (default 50051, 0: any)")
     serve.add_argument("--max-batch-size", type=int, default=32, help="images per pass (1: off)")

@@ -17,6 +17,7 @@ from fam_core.explainers.guided_gradcam import GuidedGradCAM
 from fam_core.explainers.l2caf import L2CAF
 from fam_core.explainers.layercam import LayerCAM
 from fam_core.explainers.registry import EXPLAINERS, available_methods, get_explainer, register
+from fam_core.explainers.relevant import RelevantFeatures
 from fam_core.explainers.scorecam import ScoreCAM
 from fam_core.explainers.scorefam import ScoreFAM
 from fam_core.explainers.xgradcam import XGradCAM
@@ -36,6 +37,7 @@ __all__ = [
     "GuidedBackprop",
     "GuidedGradCAM",
     "LayerCAM",
+    "RelevantFeatures",
     "ScoreCAM",
     "ScoreFAM",
     "UpsampledActivation",

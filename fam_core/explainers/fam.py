@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from fam_core.adapters import Head
 from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget, min_max
 from fam_core.explainers.registry import register
 from fam_core.similarity import channel_contributions
@@ -75,8 +76,9 @@ class FAM(Explainer):
         self._check_head(head, forward)
         return embedding_weights @ head.matrix.to(embedding_weights)  # C = W x C'^T
 
-    def _check_head(self, head: object, forward: ForwardPass) -> None:
-        predicted = self.head.transform(self.head.pool(forward.activations))
+    def _check_head(self, head: Head, forward: ForwardPass) -> None:
+        """The found head must reproduce the model's output, or eq. 18 maps the wrong thing."""
+        predicted = head.transform(head.pool(forward.activations))
         if predicted.shape != forward.outputs.shape or not torch.allclose(
             predicted, forward.outputs, rtol=1e-3, atol=1e-4
         ):

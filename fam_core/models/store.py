@@ -24,6 +24,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def normalize_images(
+    images: torch.Tensor,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """``(images - mean) / std`` per channel of ``[B, 3, H, W]`` images in ``[0, 1]``."""
+    shape = (1, len(mean), 1, 1)
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(shape)
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(shape)
+    return (images - mean_t) / std_t
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything a front door needs to run and explain a model.
@@ -41,6 +53,9 @@ class ModelConfig:
         prototypes: optional ``[K, D]`` tensor file of class prototypes (embedding models).
         similarity: the similarity the embedding model was trained for.
         metrics: what the training script measured (accuracy, interval, ...).
+        onnx: optional exported ``.onnx`` file (relative to the config's folder) that serves
+            this model instead of the weights; its metadata supplies the target layer and
+            preprocessing (``backbone``, ``weights`` and ``target_layer`` may then be omitted).
         directory: the folder the config was read from.
     """
 
@@ -57,6 +72,7 @@ class ModelConfig:
     prototypes: str | None = None
     similarity: str = "cosine"
     metrics: dict[str, Any] = field(default_factory=dict)
+    onnx: str | None = None
     directory: Path = Path(".")
 
     @classmethod
@@ -73,6 +89,12 @@ class ModelConfig:
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"model config {path} has unknown keys {sorted(unknown)}")
+        if raw.get("onnx") is not None:  # an exported graph: the file's metadata fills the rest
+            if not isinstance(raw["onnx"], str):
+                raise ValueError(f"model config {path}: onnx must be a file name")
+            raw.setdefault("backbone", "onnx")
+            raw.setdefault("weights", raw["onnx"])
+            raw.setdefault("target_layer", "")
         for key in ("name", "task", "backbone", "weights", "target_layer"):
             if key not in raw:
                 raise ValueError(f"model config {path} lacks the key {key!r}")
@@ -97,9 +119,7 @@ class ModelConfig:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` images in ``[0, 1]`` to the model's input distribution."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-        return (images - mean) / std
+        return normalize_images(images, self.mean, self.std)
 
     def load_prototypes(self) -> torch.Tensor | None:
         """The ``[K, D]`` prototypes, or ``None`` when the model has none."""
@@ -157,6 +177,11 @@ def load_model(
         'block4'
     """
     config = ModelConfig.from_file(find_config(name_or_path))
+    if config.onnx is not None:
+        raise ValueError(
+            f"model {config.name!r} is an ONNX graph ({config.onnx}): serve it with `fam serve` "
+            "or run it with fam_core.onnx_runtime.OnnxExplainer"
+        )
     model = config.build()
     weights_path = config.directory / config.weights
     if not weights_path.is_file():

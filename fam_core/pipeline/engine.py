@@ -84,9 +84,10 @@ def run_jobs(served: ServedModel, jobs: list[Job]) -> list[Computed]:
     return _split(computed, [len(job) for job in jobs])
 
 
-def _predict(
+def predict(
     served: ServedModel, outputs: torch.Tensor, references: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, predicted)`` of :class:`Computed` from the model's ``outputs``."""
     outputs = outputs.detach()
     if served.task == "classifier":
         scores = F.softmax(outputs, dim=1)
@@ -127,10 +128,13 @@ def _run(
     classes: list[int | None],
     references: torch.Tensor | None,
 ) -> Computed:
+    if served.onnx is not None:  # an exported graph predicts and explains in one run
+        return served.onnx.run(served, inputs, job, classes, references)
+    assert served.model is not None
     if not job.heatmap:
         with torch.no_grad():
             outputs = served.model(inputs)
-        scores, predicted = _predict(served, outputs, references)
+        scores, predicted = predict(served, outputs, references)
         return Computed(outputs=outputs, scores=scores, predicted=predicted)
     explainer = served.explainer(job.method)
     try:
@@ -138,7 +142,7 @@ def _run(
             return _explain_in_one_pass(served, explainer, inputs, classes, references)
         with torch.no_grad():
             outputs = explainer.embed(inputs)
-        scores, predicted = _predict(served, outputs, references)
+        scores, predicted = predict(served, outputs, references)
         explanation = explainer(inputs, _target(served, predicted, classes, references))
     except (ValueError, TypeError) as error:
         raise InvalidArgument(f"method {job.method!r} on model {served.name!r}: {error}") from None
@@ -163,7 +167,7 @@ def _explain_in_one_pass(
 ) -> Computed:
     """``Explainer.__call__``'s steps, with the target taken from the same forward pass."""
     forward = explainer.forward(inputs)
-    scores, predicted = _predict(served, forward.outputs, references)
+    scores, predicted = predict(served, forward.outputs, references)
     resolved = explainer.resolve_target(
         _target(served, predicted, classes, references), forward.outputs
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from fam_core.explainers import Explainer, available_methods, get_explainer
 from fam_core.explainers.fam import FAM
 from fam_core.models.store import ModelConfig, find_config, load_model
 from fam_core.pipeline.errors import NotFound
+
+if TYPE_CHECKING:
+    from fam_core.pipeline.onnx_backend import OnnxBackend
 
 DEFAULT_MODELS: tuple[str, ...] = ("default-embedding", "default-classifier")
 
@@ -30,13 +34,16 @@ class ServedModel:
     """A loaded model with what the pipeline needs to predict and explain with it.
 
     Explainers are built once per method and reused: they keep no state between calls.
+    A model served from an exported ONNX graph has ``onnx`` set and no ``model``; it
+    explains with its graph's method only (:mod:`fam_core.pipeline.onnx_backend`).
     """
 
     config: ModelConfig
-    model: nn.Module
+    model: nn.Module | None
     prototypes: torch.Tensor | None  # [K, D] (embedding models)
     output_dim: int
     feature_shape: tuple[int, int]
+    onnx: OnnxBackend | None = None
     _explainers: dict[str, Explainer] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -50,7 +57,29 @@ class ServedModel:
 
     @property
     def default_method(self) -> str:
-        return default_method(self.task)
+        return self.onnx.method if self.onnx is not None else default_method(self.task)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods this model explains with."""
+        return (self.onnx.method,) if self.onnx is not None else tuple(available_methods())
+
+    @property
+    def num_prototypes(self) -> int:
+        """Prototypes scored against (baked into an ONNX graph or from the config)."""
+        if self.onnx is not None and self.onnx.baked:
+            return self.onnx.baked
+        return 0 if self.prototypes is None else int(self.prototypes.shape[0])
+
+    def check_method(self, method: str) -> None:
+        """:class:`NotFound` unless this model explains with ``method``."""
+        if method not in self.methods:
+            raise NotFound(
+                f"unknown method {method!r} for model {self.name!r}; expected one of "
+                f"{list(self.methods)}"
+            )
+        if self.onnx is None:
+            self.explainer(method)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -62,6 +91,8 @@ class ServedModel:
 
     def explainer(self, method: str) -> Explainer:
         """The explainer registered as ``method`` for this model (:class:`NotFound` if none)."""
+        if self.model is None:
+            raise NotFound(f"model {self.name!r} is an ONNX graph: it has no torch explainers")
         with self._lock:
             if method not in self._explainers:
                 try:
@@ -83,10 +114,18 @@ class ServedModel:
         *,
         target_layer: str | None = None,
     ) -> ServedModel:
-        """Load a model by name or config path and probe its output and feature shapes.
+        """Load a model by name, config path or ``.onnx`` path; probe its output and feature shapes.
 
         ``target_layer`` overrides the config's layer for every explainer of this model.
+        A config with an ``onnx`` key, or an ``.onnx`` file, is served by onnxruntime.
         """
+        onnx_path, onnx_config = _onnx_source(name_or_path)
+        if onnx_path is not None:
+            from fam_core.pipeline.onnx_backend import load_onnx_model
+
+            if target_layer is not None:
+                raise ValueError("an ONNX graph's target layer is fixed at export: drop the layer")
+            return load_onnx_model(onnx_path, onnx_config)
         model, config = load_model(name_or_path, device=device)
         if target_layer is not None:
             resolve_layer(model, target_layer)  # a clear error for an unknown name
@@ -112,6 +151,21 @@ class ServedModel:
         )
 
 
+def _source(name: str | Path) -> str | Path:
+    """An ``.onnx`` path as it is, else the config file of a name or path."""
+    return name if str(name).endswith(".onnx") else find_config(name)
+
+
+def _onnx_source(name_or_path: str | Path) -> tuple[Path | None, ModelConfig | None]:
+    """``(graph file, config)`` when ``name_or_path`` is served from ONNX, else ``(None, None)``."""
+    if str(name_or_path).endswith(".onnx"):
+        return Path(name_or_path), None
+    config = ModelConfig.from_file(find_config(name_or_path))
+    if config.onnx is None:
+        return None, None
+    return config.directory / config.onnx, config
+
+
 class ModelRegistry:
     """The models a server serves, by name, each loaded once.
 
@@ -131,18 +185,18 @@ class ModelRegistry:
     @classmethod
     def from_names(cls, names: list[str] | tuple[str, ...] = DEFAULT_MODELS) -> ModelRegistry:
         """Load models by store name or config path (default: the two default models)."""
-        return cls([ServedModel.load(find_config(name)) for name in names])
+        return cls([ServedModel.load(_source(name)) for name in names])
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> ModelRegistry:
-        """Load every ``*/config.yaml`` under ``directory``."""
+        """Load every ``*/config.yaml`` and ``*.onnx`` (named after the file) in ``directory``."""
         directory = Path(directory)
         if not directory.is_dir():
             raise ValueError(f"models folder {directory} does not exist")
-        configs = sorted(directory.glob("*/config.yaml"))
-        if not configs:
-            raise ValueError(f"models folder {directory} has no */config.yaml")
-        return cls([ServedModel.load(path) for path in configs])
+        sources = sorted(directory.glob("*/config.yaml")) + sorted(directory.glob("*.onnx"))
+        if not sources:
+            raise ValueError(f"models folder {directory} has no */config.yaml or *.onnx")
+        return cls([ServedModel.load(path) for path in sources])
 
     def names(self) -> list[str]:
         return sorted(self._models)

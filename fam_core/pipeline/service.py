@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fam_core.explainers import available_methods
 from fam_core.pipeline.batching import BatchingConfig, BatchObserver, MicroBatcher
 from fam_core.pipeline.decode import check_sizes, decode_input
 from fam_core.pipeline.encode import encode_result
 from fam_core.pipeline.engine import Computed, Job, run_jobs
-from fam_core.pipeline.errors import DeadlineExceeded, InvalidArgument, NotFound, PipelineError
+from fam_core.pipeline.errors import DeadlineExceeded, InvalidArgument, PipelineError
 from fam_core.pipeline.limits import Limits
 from fam_core.pipeline.models import ModelRegistry, ServedModel
 from fam_core.pipeline.preprocess import preprocess
@@ -122,7 +121,6 @@ class Pipeline:
         """What ``ModelInfo`` reports about model ``name``."""
         served = self.registry.get(name)
         config = served.config
-        prototypes = served.prototypes
         return ModelDescription(
             name=served.name,
             task=served.task,
@@ -130,13 +128,13 @@ class Pipeline:
             input_size=config.input_size,
             mean=tuple(config.mean),
             std=tuple(config.std),
-            methods=tuple(available_methods()),
+            methods=served.methods,
             default_method=served.default_method,
             target_layer=config.target_layer,
             feature_shape=served.feature_shape,
             output_dim=served.output_dim,
             class_names=served.labels,
-            num_prototypes=0 if prototypes is None else int(prototypes.shape[0]),
+            num_prototypes=served.num_prototypes,
         )
 
     def close(self) -> None:
@@ -152,9 +150,7 @@ class Pipeline:
         check_sizes(tuple(request.images) + tuple(request.references), self.limits)
         method = request.method or served.default_method
         if request.heatmap:
-            if method not in available_methods():
-                raise NotFound(f"unknown method {method!r}; expected one of {available_methods()}")
-            served.explainer(method)
+            served.check_method(method)
         if request.resolution not in RESOLUTIONS:
             raise InvalidArgument(
                 f"resolution must be one of {list(RESOLUTIONS)}, got {request.resolution!r}"

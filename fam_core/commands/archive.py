@@ -1,0 +1,137 @@
+"""``fam archive [--out DIR]``: TorchServe ``.mar`` archives of models, with the FAM handler.
+
+Each archive holds ``handlers/fam_handler.py``, the model's ``config.yaml``, its weights (the
+serialized file), its prototypes when it has any, and a TorchServe ``model-config.yaml``
+(batching and workers). Built with ``torch-model-archiver``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fam_core.models.store import REPO_MODEL_STORE, ModelConfig, find_config
+
+DEFAULT_OUT = REPO_MODEL_STORE / "archives"
+HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "fam_handler.py"
+ARCHIVE_VERSION = "1.0"
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "archive", help="build TorchServe .mar archives of models with the FAM handler"
+    )
+    parser.add_argument(
+        "models",
+        nargs="*",
+        metavar="NAME_OR_CONFIG",
+        default=["default-embedding", "default-classifier"],
+        help="models to archive (default: both default models)",
+    )
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (8)")
+    parser.add_argument(
+        "--max-batch-delay", type=int, default=10, help="TorchServe maxBatchDelay in ms (10)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="min and max workers (1)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in args.models:
+        path = build_archive(
+            name,
+            Path(args.out),
+            batch_size=args.batch_size,
+            max_batch_delay_ms=args.max_batch_delay,
+            workers=args.workers,
+        )
+        print(f"wrote {path}")
+    return 0
+
+
+def model_config_yaml(batch_size: int, max_batch_delay_ms: int, workers: int) -> str:
+    """TorchServe's per-model settings (the archive's ``--config-file``).
+
+    Example:
+        >>> print(model_config_yaml(4, 10, 1).splitlines()[0])
+        minWorkers: 1
+    """
+    for name, value, low in (
+        ("batch size", batch_size, 1),
+        ("max batch delay", max_batch_delay_ms, 0),
+        ("workers", workers, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return (
+        f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {batch_size}\n"
+        f"maxBatchDelay: {max_batch_delay_ms}\nresponseTimeout: 120\n"
+    )
+
+
+def build_archive(
+    name_or_config: str | Path,
+    out: Path,
+    *,
+    batch_size: int = 8,
+    max_batch_delay_ms: int = 10,
+    workers: int = 1,
+) -> Path:
+    """Write ``out/<model name>.mar`` and return its path.
+
+    Example:
+        >>> build_archive("default-classifier", Path("model-store/archives"))  # doctest: +SKIP
+        PosixPath('model-store/archives/default-classifier.mar')
+    """
+    try:
+        import model_archiver  # noqa: F401
+    except ImportError:
+        raise OSError(
+            "torch-model-archiver is not installed: pip install 'torch-model-archiver==0.12.*'"
+        ) from None
+    if not HANDLER.is_file():
+        raise OSError(f"the handler {HANDLER} is missing: run from a source checkout")
+    config_path = find_config(name_or_config)
+    config = ModelConfig.from_file(config_path)
+    weights = config.directory / config.weights
+    if not weights.is_file():
+        raise ValueError(f"model {config.name!r}: weights file {weights} does not exist")
+    extra = [config_path]
+    if config.prototypes is not None:
+        prototypes = config.directory / config.prototypes
+        if not prototypes.is_file():
+            raise ValueError(f"model {config.name!r}: prototypes file {prototypes} does not exist")
+        extra.append(prototypes)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fam-archive-") as scratch:
+        settings = Path(scratch) / "model-config.yaml"
+        settings.write_text(model_config_yaml(batch_size, max_batch_delay_ms, workers))
+        command = [
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",
+            "--model-name",
+            config.name,
+            "--version",
+            ARCHIVE_VERSION,
+            "--serialized-file",
+            str(weights),
+            "--handler",
+            str(HANDLER),
+            "--extra-files",
+            ",".join(str(path) for path in extra),
+            "--config-file",
+            str(settings),
+            "--export-path",
+            str(out),
+            "--force",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip().splitlines()
+        raise OSError(f"torch-model-archiver failed: {message[-1] if message else done.returncode}")
+    return out / f"{config.name}.mar"

@@ -1,0 +1,310 @@
+"""The onnxruntime backend: a served model that is an exported graph (see :mod:`exporters`).
+
+The graph computes the prediction and the heatmap of the method baked into it (its
+``method`` metadata); any other method is :class:`~fam_core.pipeline.errors.NotFound`. The
+file's metadata configures the model (target layer, input size, mean, std, class names).
+Results are :class:`~fam_core.pipeline.engine.Computed`, encoded by the same code as the
+torch path, and mean what they mean there:
+
+- classifiers: softmax scores of the logits; the heatmap explains the predicted class, or
+  the request's ``target_class`` (graphs exported with ``class_input=True``);
+- embedding models: cosine scores to the prototypes (baked, or the config's ``prototypes``
+  fed as ``references``) or to the request's references; the heatmap explains the nearest
+  prototype, the mean similarity to the request's references (eq. 11), or, with neither,
+  the embedding itself. A ``"mean"`` graph explains the nearest prototype in a second pass
+  with that prototype alone (the mean over one reference is that reference).
+
+A request the graph cannot answer this way is :class:`InvalidArgument`, naming the export
+option it needs.
+
+Example:
+    >>> served = load_onnx_model("conv4_fam.onnx")  # doctest: +SKIP
+    >>> served.methods, served.config.target_layer  # doctest: +SKIP
+    (('fam',), 'block4')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fam_core import onnx_format as fmt
+from fam_core.explanation import Explanation
+from fam_core.models.store import ModelConfig
+from fam_core.onnx_runtime import OnnxExplainer
+from fam_core.pipeline.engine import Computed, Job, predict
+from fam_core.pipeline.errors import InvalidArgument
+from fam_core.pipeline.models import ServedModel
+
+
+class _Pass(NamedTuple):
+    """One graph run, in item order: ``outputs`` (embedding or logits), ``pair_scores``
+    ``[b, K]`` (embedding graphs) and the explanation (``maps``, ``raw``, ``explained``)."""
+
+    outputs: torch.Tensor
+    pair_scores: torch.Tensor | None
+    maps: torch.Tensor
+    raw: torch.Tensor
+    explained: torch.Tensor
+
+
+@dataclass(frozen=True)
+class OnnxBackend:
+    """Runs one exported graph for :func:`fam_core.pipeline.engine.run_jobs`."""
+
+    runner: OnnxExplainer
+
+    def __post_init__(self) -> None:
+        meta = self.runner.metadata
+        if meta.get(fmt.KEY_TASK) == "embedding":
+            similarity = meta.get(fmt.KEY_SIMILARITY, "cosine")
+            if similarity != "cosine":
+                raise ValueError(
+                    f"{self.runner.path}: the pipeline reports cosine scores; this graph was "
+                    f"exported with similarity {similarity!r}: export it with 'cosine'"
+                )
+            if self.baked > 1 and self.explain != "best":
+                raise ValueError(
+                    f"{self.runner.path}: a graph with baked prototypes explains the nearest "
+                    "one only when exported with explain='best'"
+                )
+
+    @property
+    def method(self) -> str:
+        return self.runner.method
+
+    @property
+    def explain(self) -> str:
+        """``"mean"`` over the references, or ``"best"``: the top-scoring one."""
+        return self.runner.metadata.get(fmt.KEY_EXPLAIN, "mean")
+
+    @property
+    def baked(self) -> int:
+        """How many references are baked into the graph (0: it takes them as an input)."""
+        if self.runner.metadata.get(fmt.KEY_REFERENCES) != "baked":
+            return 0
+        return int(self.runner.metadata[fmt.KEY_NUM_REFERENCES])
+
+    def run(
+        self,
+        served: ServedModel,
+        inputs: torch.Tensor,
+        job: Job,
+        classes: list[int | None],
+        references: torch.Tensor | None,
+    ) -> Computed:
+        """Predict (and explain) ``inputs`` ``[B, 3, S, S]`` as the torch engine does."""
+        if served.task == "classifier":
+            return self._classify(served, inputs, job, classes)
+        return self._embed(served, inputs, job, references)
+
+    # -- classifiers
+    def _classify(
+        self, served: ServedModel, inputs: torch.Tensor, job: Job, classes: list[int | None]
+    ) -> Computed:
+        given = all(c is not None for c in classes)
+        first = self._call(inputs, classes=[0 if c is None else c for c in classes], served=served)
+        scores, predicted = predict(served, first.outputs, None)
+        if not job.heatmap:
+            return Computed(outputs=first.outputs, scores=scores, predicted=predicted)
+        targets = [p if c is None else c for c, p in zip(classes, predicted.tolist(), strict=True)]
+        explained = first
+        if self.runner.takes_class_index:
+            if not given:  # the classes to explain are known only now
+                explained = self._call(inputs, classes=targets, served=served)
+        elif targets != predicted.tolist():
+            raise InvalidArgument(
+                f"model {served.name!r} is an ONNX graph that explains the top-1 class: "
+                "export it with class_input=True to explain a given target_class"
+            )
+        return self._computed(first.outputs, scores, predicted, explained)
+
+    # -- embedding models
+    def _embed(
+        self,
+        served: ServedModel,
+        inputs: torch.Tensor,
+        job: Job,
+        references: torch.Tensor | None,
+    ) -> Computed:
+        if references is not None:  # [B, K, D]: explain the mean similarity (eq. 11)
+            if self.baked:
+                raise InvalidArgument(
+                    f"model {served.name!r} is an ONNX graph with baked prototypes: it cannot "
+                    "take references; export it without baked references"
+                )
+            if job.heatmap and self.explain == "best" and references.shape[1] > 1:
+                raise InvalidArgument(
+                    f"model {served.name!r} is an ONNX graph that explains the best reference "
+                    "only: send one reference, or export it with explain='mean'"
+                )
+            first = self._by_reference(served, inputs, references)
+            return self._ranked(first.outputs, first.pair_scores, first if job.heatmap else None)
+        if self.baked or served.prototypes is not None:  # explain the nearest prototype
+            first = self._call(inputs, references=served.prototypes, served=served)
+            scores = first.pair_scores
+            if not job.heatmap or self.explain == "best" or scores.shape[1] == 1:
+                return self._ranked(first.outputs, scores, first if job.heatmap else None)
+            nearest = served.prototypes[scores.argmax(dim=1)].unsqueeze(1)  # type: ignore[index]
+            return self._ranked(first.outputs, scores, self._by_reference(served, inputs, nearest))
+        # No prototypes: the embedding explains itself. The embedding does not depend on the
+        # references input, so any reference serves for the first pass.
+        probe = torch.ones(1, int(served.output_dim))
+        first = self._call(inputs, references=probe, served=served)
+        empty = first.outputs.new_zeros(first.outputs.shape[0], 0)
+        if not job.heatmap:
+            return self._ranked(first.outputs, empty, None)
+        itself = self._by_reference(served, inputs, first.outputs.unsqueeze(1))
+        return self._ranked(first.outputs, empty, itself)
+
+    def _ranked(
+        self, outputs: torch.Tensor, scores: torch.Tensor | None, explained: _Pass | None
+    ) -> Computed:
+        assert scores is not None
+        if scores.shape[1] == 0:
+            predicted = torch.full((outputs.shape[0],), -1, dtype=torch.long)
+        else:
+            predicted = scores.argmax(dim=1)
+        if explained is None:
+            return Computed(outputs=outputs, scores=scores, predicted=predicted)
+        return self._computed(outputs, scores, predicted, explained)
+
+    def _by_reference(
+        self, served: ServedModel, inputs: torch.Tensor, references: torch.Tensor
+    ) -> _Pass:
+        """Item ``i`` against ``references[i]`` ``[K, D]``; items with equal ones in one run."""
+        groups: list[tuple[list[int], torch.Tensor]] = []
+        for index in range(references.shape[0]):
+            for members, shared in groups:
+                if torch.equal(shared, references[index]):
+                    members.append(index)
+                    break
+            else:
+                groups.append(([index], references[index]))
+        runs = [
+            (members, self._call(inputs[members], references=shared, served=served))
+            for members, shared in groups
+        ]
+        return _Pass(*(_in_order(runs, field, inputs.shape[0]) for field in range(5)))  # type: ignore[arg-type]
+
+    # -- one graph run
+    def _call(
+        self,
+        inputs: torch.Tensor,
+        *,
+        served: ServedModel,
+        references: torch.Tensor | None = None,
+        classes: list[int] | None = None,
+    ) -> _Pass:
+        feeds: dict[str, object] = {}
+        if self.runner.takes_references:
+            feeds["references"] = references.detach().float().cpu().contiguous()  # type: ignore[union-attr]
+        if self.runner.takes_class_index:
+            feeds["class_index"] = classes
+        try:
+            explanation = self.runner(inputs.detach().float().cpu().contiguous(), **feeds)  # type: ignore[arg-type]
+        except (ValueError, TypeError) as error:
+            raise InvalidArgument(f"ONNX model {served.name!r}: {error}") from None
+        return _as_pass(explanation)
+
+    def _computed(
+        self, outputs: torch.Tensor, scores: torch.Tensor, predicted: torch.Tensor, run: _Pass
+    ) -> Computed:
+        return Computed(
+            outputs=outputs,
+            scores=scores,
+            predicted=predicted,
+            explained=run.explained,
+            raw=run.raw,
+            maps=run.maps,
+            method=self.method,
+            target_layer=self.runner.target_layer,
+        )
+
+
+def _as_pass(explanation: Explanation) -> _Pass:
+    extras = explanation.extras
+    outputs = extras["embedding"] if "embedding" in extras else extras["logits"]
+    return _Pass(
+        outputs=outputs,
+        pair_scores=extras.get("pair_scores"),
+        maps=explanation.maps,
+        raw=explanation.raw,
+        explained=explanation.scores,
+    )
+
+
+def _in_order(runs: list[tuple[list[int], _Pass]], field: int, size: int) -> torch.Tensor:
+    """Field ``field`` of each run, put back at its items' positions."""
+    first = runs[0][1][field]
+    merged = first.new_empty((size, *first.shape[1:]))
+    for members, run in runs:
+        merged[torch.tensor(members)] = run[field]
+    return merged
+
+
+def load_onnx_model(path: str | Path, config: ModelConfig | None = None) -> ServedModel:
+    """A :class:`ServedModel` backed by the exported graph ``path``.
+
+    ``config`` (a ``config.yaml`` with an ``onnx`` key) may name the model, its class names
+    and its prototypes file; the file's metadata supplies the target layer and preprocessing.
+    Without a config the model is named after the file.
+    """
+    path = Path(path)
+    runner = OnnxExplainer(path)
+    task = runner.metadata.get(fmt.KEY_TASK)
+    if task not in ("embedding", "classifier"):
+        raise ValueError(f"{path}: metadata 'task' must be 'embedding' or 'classifier'")
+    height, width = runner.input_size
+    if height != width:
+        raise ValueError(
+            f"{path}: the pipeline serves square inputs, this graph takes {height}x{width}"
+        )
+    if config is None:
+        config = ModelConfig(
+            name=path.stem,
+            task=task,  # type: ignore[arg-type]
+            backbone="onnx",
+            weights=path.name,
+            target_layer=runner.target_layer,
+            onnx=path.name,
+            directory=path.parent,
+        )
+    elif config.task != task:
+        raise ValueError(
+            f"model {config.name!r}: its config says task {config.task!r}, {path} is {task!r}"
+        )
+    config = replace(
+        config,
+        target_layer=runner.target_layer,
+        input_size=int(height),
+        mean=tuple(runner.mean),  # type: ignore[arg-type]
+        std=tuple(runner.std),  # type: ignore[arg-type]
+        class_names=config.class_names or tuple(runner.class_names),
+        similarity=runner.metadata.get(fmt.KEY_SIMILARITY, config.similarity),
+    )
+    backend = OnnxBackend(runner)
+    output_dim, feature_shape = runner.output_dim, runner.feature_shape
+    if output_dim is None or feature_shape is None:
+        raise ValueError(f"{path}: its outputs lack fixed embedding/logits or heatmap sizes")
+    prototypes = None
+    if task == "embedding" and not backend.baked:
+        prototypes = config.load_prototypes()
+        if prototypes is not None:
+            prototypes = prototypes.float()
+            if prototypes.dim() != 2 or prototypes.shape[1] != output_dim:
+                raise ValueError(
+                    f"model {config.name!r}: prototypes have shape {tuple(prototypes.shape)}, "
+                    f"expected [K, {output_dim}]"
+                )
+    return ServedModel(
+        config=config,
+        model=None,
+        prototypes=prototypes,
+        output_dim=int(output_dim),
+        feature_shape=feature_shape,
+        onnx=backend,
+    )

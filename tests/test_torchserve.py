@@ -1,0 +1,431 @@
+"""End to end: the FAM handler in a real TorchServe on loopback (skipped without Java/torchserve).
+
+One server for the module: archives built by ``fam archive``'s :func:`build_archive` into a
+temporary model store, ``TMPDIR``/``TEMP``/logs in a temporary folder, free ports, token
+authorisation off. Heatmaps are checked against the explainers run directly on the same image.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fam_core.pipeline.json_codec import kserve_fields, request_from_fields
+
+VENV_BIN = Path(sys.executable).parent
+TORCHSERVE = VENV_BIN / "torchserve"
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("default-embedding", "default-classifier")
+BATCH_DELAY_MS = 200
+STARTUP_TIMEOUT_S = 90.0
+
+
+def _missing() -> str | None:
+    if shutil.which("java") is None:
+        return "TorchServe needs Java 17+: no `java` on PATH"
+    if not TORCHSERVE.is_file():
+        return f"torchserve is not installed in {VENV_BIN} (pip install 'torchserve==0.12.*')"
+    try:
+        import model_archiver  # noqa: F401
+    except ImportError:
+        return "torch-model-archiver is not installed (pip install 'torch-model-archiver==0.12.*')"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A TorchServe process with its addresses."""
+
+    def __init__(self, root: Path) -> None:
+        from fam_core.commands.archive import build_archive
+
+        self.root = root
+        store, tmp, logs = root / "store", root / "tmp", root / "logs"
+        for folder in (store, tmp, logs):
+            folder.mkdir()
+        for name in MODELS:
+            build_archive(name, store, batch_size=4, max_batch_delay_ms=BATCH_DELAY_MS)
+        self.ports = {k: _free_port() for k in ("inference", "management", "metrics", "g1", "g2")}
+        self.inference = f"http://127.0.0.1:{self.ports['inference']}"
+        self.management = f"http://127.0.0.1:{self.ports['management']}"
+        self.metrics = f"http://127.0.0.1:{self.ports['metrics']}"
+        config = root / "config.properties"
+        config.write_text(
+            "\n".join(
+                [
+                    f"inference_address={self.inference}",
+                    f"management_address={self.management}",
+                    f"metrics_address={self.metrics}",
+                    "grpc_inference_address=127.0.0.1",
+                    "grpc_management_address=127.0.0.1",
+                    f"grpc_inference_port={self.ports['g1']}",
+                    f"grpc_management_port={self.ports['g2']}",
+                    f"model_store={store}",
+                    "load_models=" + ",".join(f"{name}.mar" for name in MODELS),
+                    "default_workers_per_model=1",
+                    "disable_token_authorization=true",
+                    "metrics_mode=prometheus",
+                    f"metrics_config={REPO / 'model-store' / 'metrics.yaml'}",
+                    "install_py_dep_per_model=false",
+                    "",
+                ]
+            )
+        )
+        env = {
+            **os.environ,
+            "TMPDIR": str(tmp),
+            "TEMP": str(tmp),
+            "LOG_LOCATION": str(logs),
+            "METRICS_LOCATION": str(logs),
+        }
+        command = [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(config)]
+        command += ["--model-store", str(store)]
+        self.log = (root / "console.log").open("wb")
+        self.process = subprocess.Popen(
+            command, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"torchserve exited with {self.process.returncode}: {self.tail()}"
+                )
+            if all(self._ready(name) for name in MODELS):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"torchserve not READY after {timeout:.0f} s: {self.tail()}")
+
+    def _ready(self, name: str) -> bool:
+        try:
+            status, body, _ = http("GET", f"{self.management}/models/{name}")
+        except OSError:
+            return False
+        workers = json.loads(body)[0].get("workers", []) if status == 200 else []
+        return bool(workers) and all(w.get("status") == "READY" for w in workers)
+
+    def tail(self) -> str:
+        self.log.flush()
+        return (self.root / "console.log").read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        """SIGTERM the process group (the launcher and its Java server); SIGKILL after 30 s."""
+        group = self.process.pid  # the launcher leads its own session
+        if self.process.poll() is None:
+            os.killpg(group, signal.SIGTERM)
+        end = time.monotonic() + 30.0
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(30)  # reaped, so only the Java server can keep the group alive
+        while _group_alive(group) and time.monotonic() < end:
+            time.sleep(0.2)
+        if _group_alive(group):
+            os.killpg(group, signal.SIGKILL)
+        self.process.wait(10)
+        self.log.close()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    """``(status, body, headers)``; 4xx/5xx are returned, not raised.
+
+    A bare body goes as ``image/png`` (urllib would say it is a form, which TorchServe parses).
+    """
+    if body is not None and headers is None:
+        headers = {"Content-Type": "image/png"}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), dict(error.headers)
+
+
+def post_json(url: str, payload: dict) -> tuple[int, dict, dict[str, str]]:
+    status, body, headers = http(
+        "POST", url, json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
+    return status, json.loads(body), headers
+
+
+def multipart(fields: dict[str, bytes]) -> tuple[bytes, dict[str, str]]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        kind = "application/octet-stream" if name == "data" else "text/plain"
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}"\r\n'
+            f"Content-Type: {kind}\r\n\r\n".encode()
+            + value
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def png_bytes(seed: int, size: int = 84) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_heatmap(heatmap: dict) -> torch.Tensor:
+    assert heatmap["dtype"] == "float16"
+    data = np.frombuffer(base64.b64decode(heatmap["data"]), dtype="<f2")
+    return torch.from_numpy(data.astype(np.float32).reshape(heatmap["shape"]))
+
+
+def direct_heatmap(name: str, method: str, png: bytes, target: int | None = None) -> torch.Tensor:
+    """The explainer run directly (no pipeline) on the decoded, normalised 84x84 image."""
+    from fam_core.explainers import get_explainer
+    from fam_core.models.store import load_model
+
+    model, config = load_model(name)
+    pixels = torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).copy())
+    images = config.normalize(pixels.permute(2, 0, 1)[None].float() / 255.0)
+    explainer = get_explainer(method)(model, config.target_layer, similarity=config.similarity)
+    if config.task == "embedding" and target is None:
+        target = config.load_prototypes()
+        scores = torch.nn.functional.cosine_similarity(model(images)[:, None], target[None], dim=-1)
+        target = target[int(scores.argmax())]
+    return explainer(images, target).maps[0]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    reason = _missing()
+    if reason is not None:
+        pytest.skip(reason)
+    running = Server(tmp_path_factory.mktemp("torchserve"))
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+# -- the JSON mapping (no server needed)
+
+
+def test_fields_map_to_request_from_bytes_text_and_json_values() -> None:
+    request = request_from_fields(
+        "m",
+        {"data": [base64.b64encode(b"a").decode(), b"b"], "method": b" gradcam ",
+         "target_class": "3", "heatmap": b"false", "top_k": 2, "overlay": True},
+    )  # fmt: skip
+    assert [image.data for image in request.images] == [b"a", b"b"]
+    assert (request.method, request.target_class, request.heatmap) == ("gradcam", 3, False)
+    assert (request.top_k, request.overlay, request.embedding) == (2, True, False)
+    assert request_from_fields("m", {"body": b"x", "heatmap": "0"}, force_heatmap=True).heatmap
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "no image"),
+        ({"data": "not base64!"}, "not base64"),
+        ({"data": b"x", "colour": b"red"}, "unknown request fields ['colour']"),
+        ({"data": b"x", "top_k": "many"}, "top_k"),
+        ({"data": b"x", "heatmap": "perhaps"}, "heatmap"),
+        ({"data": b"x", "resolution": "huge"}, "resolution"),
+        ({"data": b"x", "image": b"y"}, "several fields"),
+    ],
+)
+def test_bad_fields_name_what_is_wrong(fields: dict, message: str) -> None:
+    from fam_core.pipeline import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
+        request_from_fields("m", fields)
+
+
+def test_kserve_instances_become_images_and_parameters_options() -> None:
+    fields = kserve_fields(
+        {"instances": ["QQ==", {"b64": "Qg=="}, {"data": "Qw=="}], "parameters": {"top_k": 1}}
+    )
+    request = request_from_fields("m", fields)
+    assert [image.data for image in request.images] == [b"A", b"B", b"C"]
+    assert request.top_k == 1
+
+
+# -- against the server
+
+
+def test_predictions_raw_body_classifier_matches_cam(server: Server) -> None:
+    png = png_bytes(1)
+    status, body, _ = http("POST", f"{server.inference}/predictions/default-classifier", png)
+    assert status == 200, body
+    reply = json.loads(body)
+    (result,) = reply["results"]
+    assert reply["model"] == "default-classifier"
+    assert len(result["scores"]) == 48
+    assert result["prediction"]["index"] == int(np.argmax(result["scores"]))
+    assert result["heatmap"]["method"] == "cam" and result["heatmap"]["shape"] == [84, 84]
+    expected = direct_heatmap("default-classifier", "cam", png, result["prediction"]["index"])
+    assert torch.allclose(decode_heatmap(result["heatmap"]), expected, atol=1e-3)
+
+
+def test_predictions_json_embedding_matches_fam_and_returns_embedding(server: Server) -> None:
+    png = png_bytes(2)
+    payload = {"data": base64.b64encode(png).decode(), "embedding": True, "overlay": True}
+    status, reply, _ = post_json(f"{server.inference}/predictions/default-embedding", payload)
+    assert status == 200, reply
+    (result,) = reply["results"]
+    assert result["heatmap"]["method"] == "fam"
+    assert torch.allclose(
+        decode_heatmap(result["heatmap"]),
+        direct_heatmap("default-embedding", "fam", png),
+        atol=1e-3,
+    )
+    embedding = np.frombuffer(base64.b64decode(result["embedding"]["data"]), dtype="<f4")
+    assert embedding.shape == (result["embedding"]["shape"][0],) == (64,)
+    assert base64.b64decode(result["overlay_png"]).startswith(b"\x89PNG")
+
+
+def test_multipart_and_headers_choose_method_and_target(server: Server) -> None:
+    png = png_bytes(3)
+    body, headers = multipart({"data": png, "method": b"gradcam", "target_class": b"7"})
+    status, raw, _ = http(
+        "POST", f"{server.inference}/predictions/default-classifier", body, headers
+    )
+    assert status == 200, raw
+    (result,) = json.loads(raw)["results"]
+    assert result["heatmap"]["method"] == "gradcam"
+    expected = direct_heatmap("default-classifier", "gradcam", png, 7)
+    assert torch.allclose(decode_heatmap(result["heatmap"]), expected, atol=1e-3)
+
+    url = f"{server.inference}/predictions/default-classifier"
+    status, raw, _ = http("POST", url, png, {"Content-Type": "image/png", "X-Fam-Heatmap": "false"})
+    assert status == 200, raw
+    assert "heatmap" not in json.loads(raw)["results"][0]
+
+
+def test_explanations_and_kserve_explain_return_the_heatmap(server: Server) -> None:
+    png = png_bytes(4)
+    url = f"{server.inference}/explanations/default-classifier"
+    status, raw, _ = http("POST", url, png, {"Content-Type": "image/png", "X-Fam-Heatmap": "0"})
+    assert status == 200, raw
+    (result,) = json.loads(raw)["results"]
+    expected = direct_heatmap("default-classifier", "cam", png, result["prediction"]["index"])
+    assert torch.allclose(decode_heatmap(result["heatmap"]), expected, atol=1e-3)
+
+    payload = {"instances": [{"b64": base64.b64encode(png).decode()}]}
+    status, reply, _ = post_json(
+        f"{server.inference}/v1/models/default-classifier:explain", payload
+    )
+    assert status == 200, reply
+    (kserve,) = reply["explanations"]
+    assert kserve["heatmap"]["data"] == result["heatmap"]["data"]
+
+    status, reply, _ = post_json(
+        f"{server.inference}/v1/models/default-classifier:predict", payload
+    )
+    assert status == 200, reply
+    (predicted,) = reply["predictions"]
+    assert predicted["prediction"] == result["prediction"]
+
+
+@pytest.mark.parametrize(
+    ("body", "method", "status", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n not really", "", 400, "image 0"),
+        (None, "nonsense", 404, "unknown method 'nonsense'"),
+    ],
+)
+def test_bad_input_is_4xx_with_message_and_worker_survives(
+    server: Server, body: bytes | None, method: str, status: int, message: str
+) -> None:
+    url = f"{server.inference}/predictions/default-classifier"
+    headers = {"Content-Type": "image/png", "X-Fam-Method": method}
+    got, raw, _ = http("POST", url, body if body is not None else png_bytes(5), headers)
+    assert got == status, raw
+    assert message in raw.decode()
+    good, raw, _ = http("POST", url, png_bytes(5))
+    assert good == 200, raw
+
+
+def test_a_batch_is_one_pass_and_a_bad_row_fails_alone(server: Server) -> None:
+    url = f"{server.inference}/predictions/default-classifier"
+    bodies = [png_bytes(10), png_bytes(11), b"corrupt", png_bytes(12)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda body: http("POST", url, body), bodies))
+    assert [status for status, _, _ in replies] == [200, 200, 400, 200]
+    sizes = [int(headers["X-Fam-Batch-Size"]) for status, _, headers in replies if status == 200]
+    assert max(sizes) > 1  # several requests answered by one explain_batch pass
+    for body, (_, raw, _) in zip(bodies, replies, strict=True):
+        if body != b"corrupt":
+            (result,) = json.loads(raw)["results"]
+            expected = direct_heatmap(
+                "default-classifier", "cam", body, result["prediction"]["index"]
+            )
+            assert torch.allclose(decode_heatmap(result["heatmap"]), expected, atol=1e-3)
+
+
+def test_custom_metrics_on_the_prometheus_endpoint(server: Server) -> None:
+    status, _, _ = http("POST", f"{server.inference}/predictions/default-embedding", png_bytes(6))
+    assert status == 200
+    status, raw, _ = http("GET", f"{server.metrics}/metrics")
+    text = raw.decode()
+    assert status == 200
+    heatmaps = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("FamHeatmapsReturned{") and 'ModelName="default-embedding"' in line
+    ]
+    assert heatmaps and heatmaps[0] >= 1.0, text[-3000:]
+    assert any(line.startswith("FamExplanationTime{") for line in text.splitlines())
+
+
+def test_fam_archive_command_packs_handler_config_weights_and_prototypes(tmp_path: Path) -> None:
+    import zipfile
+
+    from fam_core import cli
+
+    pytest.importorskip("model_archiver", reason="torch-model-archiver is not installed")
+    assert (
+        cli.main(["archive", "default-embedding", "--out", str(tmp_path), "--batch-size", "3"]) == 0
+    )
+    with zipfile.ZipFile(tmp_path / "default-embedding.mar") as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        settings = archive.read("model-config.yaml").decode()
+        weights = archive.read("weights.pt")
+    assert {"fam_handler.py", "config.yaml", "prototypes.pt", "weights.pt"} <= names
+    assert manifest["model"]["handler"] == "fam_handler.py"
+    assert "batchSize: 3\n" in settings
+    assert weights == (REPO / "model-store" / "default-embedding" / "weights.pt").read_bytes()
+    assert cli.main(["archive", "default-embedding", "--out", str(tmp_path), "--workers", "0"]) == 2
