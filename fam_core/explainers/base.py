@@ -130,14 +130,22 @@ class Explainer(ABC):
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
         """Explain ``images`` ``[B, 3, H, W]`` for ``target`` (see :data:`Target`)."""
         images = self._check_images(images)
-        forward = self.forward(images)
+        return self.explain_forward(self.forward(images), target, images)
+
+    def explain_forward(
+        self, forward: ForwardPass, target: Target, images: torch.Tensor
+    ) -> Explanation:
+        """The template's steps after the forward pass, for callers that already ran it.
+
+        Front doors use it to predict and explain from one pass: they read the prediction
+        from ``forward.outputs``, choose the target from it, then call this.
+        """
         resolved = self.resolve_target(target, forward.outputs)
         with torch.set_grad_enabled(self.needs_gradients):
             weights, scores, extras = self.channel_weights(forward, resolved, images)
         raw = self.combine(weights, forward.activations)
-        maps = upsample(raw, images.shape[-2:])
         return Explanation(
-            maps=maps,
+            maps=upsample(raw, images.shape[-2:]),
             raw=raw.detach(),
             weights=weights.detach(),
             scores=scores.detach(),

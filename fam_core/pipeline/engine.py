@@ -165,23 +165,20 @@ def _explain_in_one_pass(
     classes: list[int | None],
     references: torch.Tensor | None,
 ) -> Computed:
-    """``Explainer.__call__``'s steps, with the target taken from the same forward pass."""
+    """``Explainer.__call__`` with the target taken from the same forward pass."""
     forward = explainer.forward(inputs)
     scores, predicted = predict(served, forward.outputs, references)
-    resolved = explainer.resolve_target(
-        _target(served, predicted, classes, references), forward.outputs
-    )
-    with torch.set_grad_enabled(explainer.needs_gradients):
-        weights, explained, _extras = explainer.channel_weights(forward, resolved, inputs)
-    raw = explainer.combine(weights, forward.activations).detach()
+    target = _target(served, predicted, classes, references)
+    explanation = explainer.explain_forward(forward, target, inputs)
     return Computed(
         outputs=forward.outputs.detach(),
         scores=scores,
         predicted=predicted,
-        explained=explained.detach(),
-        raw=raw,
-        method=explainer.method,
-        target_layer=explainer.target_layer,
+        explained=explanation.scores,
+        raw=explanation.raw,
+        maps=explanation.maps,
+        method=explanation.method,
+        target_layer=explanation.target_layer,
     )
 
 
