@@ -35,7 +35,15 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["colorize", "grid", "overlay", "overlay_figure", "save_png", "to_png_bytes"]
+__all__ = [
+    "colorize",
+    "grid",
+    "image_grid",
+    "overlay",
+    "overlay_figure",
+    "save_png",
+    "to_png_bytes",
+]
 
 _LUT_SIZE = 256
 _RANGE_TOL = 1e-3  # slack on the image range for de-normalisation round-off
@@ -432,5 +440,81 @@ def grid(
         title=title,
         cmap=cmap,
         colorbar=colorbar,
+        dpi=dpi,
+    )
+
+
+def image_grid(
+    tiles: Sequence[Tensor | None],
+    rows: int,
+    cols: int,
+    *,
+    titles: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Tensor:
+    """Render images as a ``rows x cols`` figure, filled row by row.
+
+    Tiles may differ in size from row to row (each panel shows its tile whole); ``None`` leaves
+    a blank (white) panel.
+
+    Args:
+        tiles: ``rows * cols`` float images ``[3, h, w]`` in [0, 1], or ``None``.
+        rows, cols: the grid's shape.
+        titles: one title per column (written above the first row).
+        row_labels: one label per row, written left of it.
+        title: optional figure title.
+        dpi: resolution of the rendered figure.
+
+    Returns:
+        uint8 RGB tensor ``[H', W', 3]`` of the rendered figure.
+
+    Example:
+        >>> out = image_grid([torch.rand(3, 8, 8), None], 1, 2, titles=["a", "b"])
+        >>> out.dtype, out.shape[-1]
+        (torch.uint8, 3)
+    """
+    dpi = _check_dpi(dpi)
+    for name, value in (("rows", rows), ("cols", cols)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    tiles = list(tiles)
+    if len(tiles) != rows * cols:
+        raise ValueError(f"tiles must hold rows * cols = {rows * cols} images, got {len(tiles)}")
+    if titles is not None and len(titles) != cols:
+        raise ValueError(f"titles must give one title per column ({cols}), got {len(titles)}")
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"row_labels must give one label per row ({rows}), got {len(row_labels)}")
+    checked = [
+        None if tile is None else _check_image(tile, name=f"tiles[{i}]")
+        for i, tile in enumerate(tiles)
+    ]
+    if any(tile is not None and tile.dim() != 3 for tile in checked):
+        raise ValueError("every tile must be one image [3, h, w] (or None)")
+    shapes = [tuple(tile.shape[-2:]) for tile in checked if tile is not None]
+    if not shapes:
+        raise ValueError("tiles must contain at least one image")
+    panels = []
+    for r in range(rows):
+        row_shapes = [
+            tuple(t.shape[-2:]) for t in checked[r * cols : (r + 1) * cols] if t is not None
+        ]
+        blank_shape = row_shapes[0] if row_shapes else shapes[0]
+        panels.append(
+            [
+                np.ones((*blank_shape, 3), dtype=np.float32)
+                if tile is None
+                else _to_numpy(tile.permute(1, 2, 0))
+                for tile in checked[r * cols : (r + 1) * cols]
+            ]
+        )
+    return _panel_figure(
+        panels,
+        col_titles=[""] * cols if titles is None else [str(t) for t in titles],
+        row_labels=None if row_labels is None else [str(label) for label in row_labels],
+        title=title,
+        cmap="gray",
+        colorbar=False,
         dpi=dpi,
     )

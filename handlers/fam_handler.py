@@ -1,7 +1,9 @@
 """TorchServe handler: a front door over the shared ``fam_core`` request pipeline.
 
 The ``.mar`` holds the model's ``config.yaml``, its weights (the serialized file) and, for
-embedding models, ``prototypes.pt``. Decoding, validation, preprocessing, running, explaining
+embedding models, ``prototypes.pt``; the ONNX variant (``fam archive --onnx``) holds
+``model.onnx`` and a ``config.yaml`` naming it, which the pipeline runs with onnxruntime.
+Decoding, validation, preprocessing, running, explaining
 and encoding are :class:`fam_core.pipeline.Pipeline`'s; this file only maps TorchServe's
 request rows to pipeline requests and results (or errors) to JSON rows.
 

@@ -225,3 +225,28 @@ def test_figure_functions_reject_bad_input() -> None:
         grid(_image(b=2), {})
     with pytest.raises(ValueError, match=r"images values must lie in \[0, 1\]"):
         grid(_image(b=2) * 2 + 1, {"a": _heatmap(b=2)})
+
+
+def test_image_grid_places_tiles_row_by_row_and_blanks_none():
+    from fam_core.render import image_grid
+
+    red = torch.zeros(3, 8, 8)
+    red[0] = 1.0
+    blue = torch.zeros(3, 8, 8)
+    blue[2] = 1.0
+    out = image_grid([red, blue, None, red], 2, 2, titles=["a", "b"], dpi=40)
+    assert out.dtype == torch.uint8 and out.shape[-1] == 3
+    is_red = (out[..., 0] == 255) & (out[..., 1] == 0) & (out[..., 2] == 0)
+    is_blue = (out[..., 0] == 0) & (out[..., 1] == 0) & (out[..., 2] == 255)
+    by, bx = is_blue.nonzero(as_tuple=True)  # the top-right tile
+    top, bottom, left = int(by.min()), int(by.max()), int(bx.min())
+    assert is_red[top : bottom + 1, :left].sum() > 20  # top-left: red
+    assert is_red[bottom + 1 :, left:].sum() > 20  # bottom-right: red
+    assert is_red[bottom + 1 :, :left].sum() == 0 and is_blue[bottom + 1 :].sum() == 0  # blank
+    assert is_blue[:, :left].sum() == 0
+    with pytest.raises(ValueError, match="rows \\* cols = 4"):
+        image_grid([red], 2, 2)
+    with pytest.raises(ValueError, match="one title per column"):
+        image_grid([red, blue], 1, 2, titles=["a"])
+    with pytest.raises(ValueError, match=r"tiles\[0\] values must lie in \[0, 1\]"):
+        image_grid([red * 2.0], 1, 1)

@@ -1,6 +1,7 @@
 """End to end: the FAM handler in a real TorchServe on loopback (skipped without Java/torchserve).
 
-One server for the module: archives built by ``fam archive``'s :func:`build_archive` into a
+One server for the module serves both variants of both default models (torch weights and the
+exported ONNX graph): archives built by ``fam archive``'s :func:`build_archive` into a
 temporary model store, ``TMPDIR``/``TEMP``/logs in a temporary folder, free ports, token
 authorisation off. Heatmaps are checked against the explainers run directly on the same image.
 """
@@ -35,6 +36,10 @@ VENV_BIN = Path(sys.executable).parent
 TORCHSERVE = VENV_BIN / "torchserve"
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("default-embedding", "default-classifier")
+ARCHIVES: tuple[tuple[str, str], ...] = tuple(
+    (name, variant) for variant in ("torch", "onnx") for name in MODELS
+)
+"""``(model, variant)`` pairs the module's server loads; ONNX ones are served as ``<name>-onnx``."""
 BATCH_DELAY_MS = 200
 STARTUP_TIMEOUT_S = 90.0
 
@@ -60,15 +65,29 @@ def _free_port() -> int:
 class Server:
     """A TorchServe process with its addresses."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        archives: tuple[tuple[str, str], ...] = ARCHIVES,
+        *,
+        extra: tuple[dict, ...] = (),
+        batch_size: int = 4,
+        max_batch_delay_ms: int = BATCH_DELAY_MS,
+    ) -> None:
+        """Serve ``archives`` plus ``extra`` ones (``build_archive`` keyword arguments)."""
         from fam_core.commands.archive import build_archive
 
         self.root = root
         store, tmp, logs = root / "store", root / "tmp", root / "logs"
         for folder in (store, tmp, logs):
             folder.mkdir()
-        for name in MODELS:
-            build_archive(name, store, batch_size=4, max_batch_delay_ms=BATCH_DELAY_MS)
+        builds = [{"name_or_config": name, "variant": variant} for name, variant in archives]
+        self.models: list[str] = [
+            build_archive(
+                out=store, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms, **build
+            ).stem
+            for build in (*builds, *extra)
+        ]
         self.ports = {k: _free_port() for k in ("inference", "management", "metrics", "g1", "g2")}
         self.inference = f"http://127.0.0.1:{self.ports['inference']}"
         self.management = f"http://127.0.0.1:{self.ports['management']}"
@@ -85,7 +104,7 @@ class Server:
                     f"grpc_inference_port={self.ports['g1']}",
                     f"grpc_management_port={self.ports['g2']}",
                     f"model_store={store}",
-                    "load_models=" + ",".join(f"{name}.mar" for name in MODELS),
+                    "load_models=" + ",".join(f"{name}.mar" for name in self.models),
                     "default_workers_per_model=1",
                     "disable_token_authorization=true",
                     "metrics_mode=prometheus",
@@ -117,7 +136,7 @@ class Server:
                 raise RuntimeError(
                     f"torchserve exited with {self.process.returncode}: {self.tail()}"
                 )
-            if all(self._ready(name) for name in MODELS):
+            if all(self._ready(name) for name in self.models):
                 return
             time.sleep(0.5)
         raise TimeoutError(f"torchserve not READY after {timeout:.0f} s: {self.tail()}")
@@ -429,3 +448,121 @@ def test_fam_archive_command_packs_handler_config_weights_and_prototypes(tmp_pat
     assert "batchSize: 3\n" in settings
     assert weights == (REPO / "model-store" / "default-embedding" / "weights.pt").read_bytes()
     assert cli.main(["archive", "default-embedding", "--out", str(tmp_path), "--workers", "0"]) == 2
+
+
+# -- the ONNX variant: the exported graph in the same handler
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_variant_heatmap_equals_the_torch_variant(server: Server, name: str) -> None:
+    png = png_bytes(20)
+    replies = {}
+    for served in (name, f"{name}-onnx"):
+        status, raw, _ = http("POST", f"{server.inference}/predictions/{served}", png)
+        assert status == 200, raw
+        replies[served] = json.loads(raw)
+    torch_result, onnx_result = (replies[key]["results"][0] for key in (name, f"{name}-onnx"))
+    assert replies[f"{name}-onnx"]["model"] == f"{name}-onnx"
+    assert onnx_result["heatmap"]["method"] == torch_result["heatmap"]["method"]
+    assert onnx_result["prediction"] == torch_result["prediction"]
+    np.testing.assert_allclose(onnx_result["scores"], torch_result["scores"], atol=1e-4)
+    onnx_map, torch_map = (decode_heatmap(r["heatmap"]) for r in (onnx_result, torch_result))
+    assert torch.allclose(onnx_map, torch_map, atol=1e-3)
+    assert onnx_map.max() == 1.0 and onnx_map.min() == 0.0  # a real, min-max scaled map
+
+
+def test_onnx_variant_refuses_another_method_and_keeps_serving(server: Server) -> None:
+    url = f"{server.inference}/predictions/default-classifier-onnx"
+    status, raw, _ = http("POST", url, png_bytes(21), {"Content-Type": "image/png",
+                                                       "X-Fam-Method": "gradcam"})  # fmt: skip
+    assert status == 404 and "gradcam" in raw.decode(), raw
+    status, raw, _ = http("POST", url, png_bytes(21))
+    assert status == 200, raw
+
+
+def test_fam_archive_onnx_packs_the_exported_graph_and_its_config(tmp_path: Path) -> None:
+    import zipfile
+
+    import onnx
+    import yaml
+
+    from fam_core import cli
+
+    pytest.importorskip("model_archiver", reason="torch-model-archiver is not installed")
+    assert cli.main(["archive", "default-classifier", "--onnx", "--out", str(tmp_path)]) == 0
+    with zipfile.ZipFile(tmp_path / "default-classifier-onnx.mar") as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        config = yaml.safe_load(archive.read("config.yaml"))
+        graph = onnx.load_from_string(archive.read("model.onnx"))
+    assert {"fam_handler.py", "config.yaml", "model.onnx"} <= names and "weights.pt" not in names
+    assert manifest["model"]["modelName"] == "default-classifier-onnx"
+    assert manifest["model"]["handler"] == "fam_handler.py"
+    assert (config["name"], config["task"], config["onnx"]) == (
+        "default-classifier-onnx", "classifier", "model.onnx"
+    )  # fmt: skip
+    metadata = {prop.key: prop.value for prop in graph.metadata_props}
+    assert (metadata["method"], metadata["class_target"]) == ("cam", "top1")
+
+
+# -- TorchServe's own gRPC API, stubs generated from its inference.proto
+
+RPC_STATUS_PROTO = """syntax = "proto3";
+package google.rpc;
+import "google/protobuf/any.proto";
+message Status {
+  int32 code = 1;
+  string message = 2;
+  repeated google.protobuf.Any details = 3;
+}
+"""
+"""``google/rpc/status.proto`` as googleapis defines it (imported by TorchServe's proto; the
+googleapis-common-protos package that ships it is not installed)."""
+
+
+def generate_torchserve_stubs(folder: Path) -> Path:
+    """``torchserve_inference_pb2(_grpc).py`` from the ``inference.proto`` in TorchServe's jar."""
+    import zipfile
+
+    import ts
+    from grpc_tools import protoc
+
+    jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
+    with zipfile.ZipFile(jar) as archive:
+        proto = archive.read("proto/inference.proto").decode()
+    assert "service InferenceAPIsService" in proto
+    (folder / "google" / "rpc").mkdir(parents=True)
+    (folder / "google" / "rpc" / "status.proto").write_text(RPC_STATUS_PROTO)
+    (folder / "torchserve_inference.proto").write_text(proto)
+    includes = Path(protoc.__file__).parent / "_proto"
+    for source in ("google/rpc/status.proto", "torchserve_inference.proto"):
+        code = protoc.main(
+            ["protoc", f"-I{folder}", f"-I{includes}", f"--python_out={folder}",
+             f"--grpc_python_out={folder}", source]
+        )  # fmt: skip
+        assert code == 0, f"protoc failed on {source}"
+    return folder
+
+
+def test_torchserve_grpc_predictions_match_the_library(server: Server, tmp_path: Path) -> None:
+    stubs = generate_torchserve_stubs(tmp_path / "stubs")
+    png = png_bytes(30)
+    image = tmp_path / "image.png"
+    image.write_bytes(png)
+    client = Path(__file__).with_name("torchserve_grpc_client.py")
+    address = f"127.0.0.1:{server.ports['g1']}"
+    done = subprocess.run(
+        [sys.executable, str(client), str(stubs), address, "default-embedding", str(image)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["ping"]["status"] == "Healthy"
+    (result,) = report["prediction"]["results"]
+    assert result["heatmap"]["method"] == "fam"
+    expected = direct_heatmap("default-embedding", "fam", png)
+    assert torch.allclose(decode_heatmap(result["heatmap"]), expected, atol=1e-3)
+    # TorchServe 0.12's gRPC front end answers a row the handler rejected with status OK; the
+    # body is the handler's error JSON (over REST the same row is a 400)
+    bad = json.loads(report["bad"]["details"])
+    assert bad["code"] == "INVALID_ARGUMENT" and bad["message"].startswith("image 0"), report

@@ -3,6 +3,12 @@
 Each archive holds ``handlers/fam_handler.py``, the model's ``config.yaml``, its weights (the
 serialized file), its prototypes when it has any, and a TorchServe ``model-config.yaml``
 (batching and workers). Built with ``torch-model-archiver``.
+
+``--variant onnx`` archives the exported ONNX graph instead (``<name>-onnx.mar``), exported
+while archiving with :func:`exporters.export_model`: embedding models with their prototypes
+baked in and ``explain="best"`` (the nearest prototype is explained in the same pass),
+classifiers with ``method="cam"``. The same handler serves it: the archive's ``config.yaml``
+names the graph (``onnx: model.onnx``) and the pipeline's onnxruntime backend runs it.
 """
 
 from __future__ import annotations
@@ -12,12 +18,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Literal
+
+import yaml
 
 from fam_core.models.store import REPO_MODEL_STORE, ModelConfig, find_config
 
 DEFAULT_OUT = REPO_MODEL_STORE / "archives"
 HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "fam_handler.py"
 ARCHIVE_VERSION = "1.0"
+ONNX_SUFFIX = "-onnx"
+Variant = Literal["torch", "onnx"]
+VARIANTS: tuple[Variant, ...] = ("torch", "onnx")
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -37,19 +49,31 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--max-batch-delay", type=int, default=10, help="TorchServe maxBatchDelay in ms (10)"
     )
     parser.add_argument("--workers", type=int, default=1, help="min and max workers (1)")
+    parser.add_argument(
+        "--variant",
+        choices=(*VARIANTS, "both"),
+        default="torch",
+        help="torch weights (default), the exported ONNX graph (<name>-onnx.mar), or both",
+    )
+    parser.add_argument(
+        "--onnx", action="store_const", const="onnx", dest="variant", help="same as --variant onnx"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    variants = VARIANTS if args.variant == "both" else (args.variant,)
     for name in args.models:
-        path = build_archive(
-            name,
-            Path(args.out),
-            batch_size=args.batch_size,
-            max_batch_delay_ms=args.max_batch_delay,
-            workers=args.workers,
-        )
-        print(f"wrote {path}")
+        for variant in variants:
+            path = build_archive(
+                name,
+                Path(args.out),
+                batch_size=args.batch_size,
+                max_batch_delay_ms=args.max_batch_delay,
+                workers=args.workers,
+                variant=variant,
+            )
+            print(f"wrote {path}")
     return 0
 
 
@@ -80,34 +104,51 @@ def build_archive(
     batch_size: int = 8,
     max_batch_delay_ms: int = 10,
     workers: int = 1,
+    variant: Variant = "torch",
+    handler: Path = HANDLER,
+    archive_name: str | None = None,
 ) -> Path:
-    """Write ``out/<model name>.mar`` and return its path.
+    """Write ``out/<model name>.mar`` (``<model name>-onnx.mar`` for the ONNX variant).
+
+    ``handler`` is the TorchServe handler file packed (default: ``handlers/fam_handler.py``);
+    ``archive_name`` replaces the model name TorchServe serves it under.
 
     Example:
         >>> build_archive("default-classifier", Path("model-store/archives"))  # doctest: +SKIP
         PosixPath('model-store/archives/default-classifier.mar')
+        >>> build_archive("default-classifier", Path("out"), variant="onnx")  # doctest: +SKIP
+        PosixPath('out/default-classifier-onnx.mar')
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     try:
         import model_archiver  # noqa: F401
     except ImportError:
         raise OSError(
             "torch-model-archiver is not installed: pip install 'torch-model-archiver==0.12.*'"
         ) from None
-    if not HANDLER.is_file():
-        raise OSError(f"the handler {HANDLER} is missing: run from a source checkout")
+    handler = Path(handler)
+    if not handler.is_file():
+        raise OSError(f"the handler {handler} is missing: run from a source checkout")
     config_path = find_config(name_or_config)
     config = ModelConfig.from_file(config_path)
     weights = config.directory / config.weights
     if not weights.is_file():
         raise ValueError(f"model {config.name!r}: weights file {weights} does not exist")
-    extra = [config_path]
-    if config.prototypes is not None:
-        prototypes = config.directory / config.prototypes
-        if not prototypes.is_file():
-            raise ValueError(f"model {config.name!r}: prototypes file {prototypes} does not exist")
-        extra.append(prototypes)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fam-archive-") as scratch:
+        name = archive_name or config.name + (ONNX_SUFFIX if variant == "onnx" else "")
+        if variant == "onnx":
+            weights, extra = export_onnx_variant(config_path, Path(scratch), name)
+        else:
+            extra = [config_path]
+            if config.prototypes is not None:
+                prototypes = config.directory / config.prototypes
+                if not prototypes.is_file():
+                    raise ValueError(
+                        f"model {config.name!r}: prototypes file {prototypes} does not exist"
+                    )
+                extra.append(prototypes)
         settings = Path(scratch) / "model-config.yaml"
         settings.write_text(model_config_yaml(batch_size, max_batch_delay_ms, workers))
         command = [
@@ -115,13 +156,13 @@ def build_archive(
             "-m",
             "model_archiver.model_packaging",
             "--model-name",
-            config.name,
+            name,
             "--version",
             ARCHIVE_VERSION,
             "--serialized-file",
             str(weights),
             "--handler",
-            str(HANDLER),
+            str(handler),
             "--extra-files",
             ",".join(str(path) for path in extra),
             "--config-file",
@@ -134,4 +175,40 @@ def build_archive(
     if done.returncode != 0:
         message = (done.stderr or done.stdout).strip().splitlines()
         raise OSError(f"torch-model-archiver failed: {message[-1] if message else done.returncode}")
-    return out / f"{config.name}.mar"
+    return out / f"{name}.mar"
+
+
+def export_onnx_variant(config_path: Path, folder: Path, name: str) -> tuple[Path, list[Path]]:
+    """Export the model to ``folder/model.onnx`` with a ``config.yaml`` naming it.
+
+    Embedding models get their prototypes baked in with ``explain="best"`` (one pass explains
+    the nearest prototype); classifiers get ``method="cam"`` (the top-1 class). Returns
+    ``(graph path, [config path])``.
+    """
+    from exporters import export_model
+    from fam_core.models.store import load_model
+
+    model, config = load_model(config_path)
+    graph = folder / "model.onnx"
+    if config.task == "embedding":
+        if config.prototypes is None:
+            raise ValueError(
+                f"model {config.name!r}: the ONNX variant of an embedding model bakes its "
+                "prototypes in; its config has no 'prototypes'"
+            )
+        export_model(model, config, path=graph, references="prototypes", explain="best")
+    else:
+        export_model(model, config, method="cam", path=graph)
+    served_config = folder / "config.yaml"
+    served_config.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "task": config.task,
+                "onnx": graph.name,
+                "class_names": list(config.class_names),
+            },
+            sort_keys=False,
+        )
+    )
+    return graph, [served_config]

@@ -38,6 +38,13 @@ from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget, Tar
 from fam_core.explainers.deconvnet import BackpropRule, heatmap, input_signal
 from fam_core.explainers.mu_lasso import solve_mu_lasso
 from fam_core.explainers.registry import register
+from fam_core.explainers.relevant_interpretation import (
+    Interpretation,
+    interpret_features,
+)
+from fam_core.explainers.relevant_interpretation import (
+    render_interpretation as render_interpretation,  # re-exported
+)
 from fam_core.explanation import Explanation
 
 FEATURE_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
@@ -249,6 +256,61 @@ class RelevantFeatures(Explainer):
             weights = relevance[:, class_index]
         index = self.feature_index
         return [(*index[i], float(weights[i])) for i in weights.nonzero().flatten().tolist()]
+
+    def interpret(
+        self,
+        images: torch.Tensor,
+        *,
+        top_n: int = 100,
+        features: Sequence[tuple[str, int] | Feature] | None = None,
+        class_index: int | None = None,
+        display_images: torch.Tensor | None = None,
+        shown: int = 4,
+        batch_size: int = 64,
+    ) -> Interpretation:
+        """Interpretation of sec. 3.2: per feature, the average of its top-N receptive-field crops.
+
+        Args:
+            images: ``[N, C, H, W]`` model inputs (e.g. the training images).
+            top_n: images per feature (the paper uses 100).
+            features: ``(layer, channel)`` pairs (or the tuples of :meth:`relevant_features`);
+                default the relevant features of ``class_index`` (all classes when ``None``).
+            display_images: ``[N, 3, H, W]`` images in [0, 1] to crop from; default ``images``.
+            shown: best crops kept per feature for :func:`render_interpretation`.
+
+        Crops reaching outside an image are filled with that image's per-channel mean.
+        See :mod:`fam_core.explainers.relevant_interpretation`.
+
+        Example:
+            >>> result = explainer.interpret(images, top_n=10)  # doctest: +SKIP
+            >>> figure = render_interpretation(result)  # doctest: +SKIP
+        """
+        images = self._check_images(images)
+        if features is None:
+            features = self.relevant_features(class_index)
+            if not features:
+                raise ValueError("no relevant features to interpret: the relevance is all zero")
+        else:
+            features = list(features)
+            unknown = [
+                f for f in features if isinstance(f, tuple | list) and f[0] not in self.layer_names
+            ]
+            if unknown:
+                raise ValueError(
+                    f"features {unknown} are not in this explainer's layers {self.layer_names}"
+                )
+        pairs = [(f[0], f[1]) if isinstance(f, tuple | list) else f for f in features]
+        if display_images is not None and isinstance(display_images, torch.Tensor):
+            display_images = display_images.to(images.device)
+        return interpret_features(
+            self.model,
+            images,
+            pairs,  # type: ignore[arg-type]
+            top_n=top_n,
+            shown=shown,
+            display_images=display_images,
+            batch_size=batch_size,
+        )
 
     # -- persistence
     def save(self, path: str | os.PathLike[str]) -> None:
