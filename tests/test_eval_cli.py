@@ -118,3 +118,49 @@ def test_eval_rejects_bad_options(tmp_path, capsys, small_benchmark) -> None:
     )
     assert code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_spread_over_classes_by_hand() -> None:
+    picked = settings.spread_over_classes(torch.tensor([3, 3, 3, 5, 5, 7]), 4)
+    assert picked.tolist() == [0, 3, 5, 1]  # first of each class, then the second of class 3
+    assert settings.spread_over_classes(torch.tensor([2, 2]), 5).tolist() == [0, 1]
+
+
+def test_runner_masks_the_normalised_input_for_eq_21() -> None:
+    from types import SimpleNamespace
+
+    from fam_core.evaluation.runner import eq21_masked_images
+
+    config = SimpleNamespace(mean=(0.5, 0.5, 0.5))
+    setting = SimpleNamespace(
+        images=torch.full((1, 3, 2, 2), 0.8), loaded=SimpleNamespace(config=config)
+    )
+    masked = eq21_masked_images(setting, torch.full((1, 2, 2), 0.25))
+    # model input (x - 0.5) / std scales by L: 0.5 + 0.25 * 0.3 = 0.575 in pixel space
+    assert torch.allclose(masked, torch.full((1, 3, 2, 2), 0.575))
+
+
+def test_eval_fits_relevant_features_on_the_classifier_only(
+    tmp_path, small_benchmark, monkeypatch
+) -> None:
+    from fam_core.evaluation import runner
+
+    monkeypatch.setattr(settings, "FIT_PER_CLASS", 2)
+    monkeypatch.setattr(runner, "RELEVANCE_ITERATIONS", 100)  # keeps the test fast
+    embedding, classifier = write_models(tmp_path, seed=3)
+    out = tmp_path / "report"
+    argv = ["eval", "--images", "3", "--episodes", "10", "--steps", "2", "--sanity-images", "0"]
+    argv += ["--seed", "3", "--methods", "relevant-features", "--embedding-model", embedding]
+    argv += ["--classifier-model", classifier, "--out", str(out)]
+    assert fam_core.cli.main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    for name in ("few-shot", "kNN", "retrieval"):
+        reason = data["skipped"]["relevant-features"][name]
+        assert reason.startswith("not applicable:") and "classifier setting only" in reason
+    assert "relevant-features" in data["metrics"]["classifier"]
+    relevance = data["relevance"]["classifier"]
+    assert relevance["accuracy"] == 1.0 and relevance["features"] > 0
+    assert relevance["relevant_drop"] == pytest.approx(1.0 - relevance["relevant_accuracy"])
+    assert set(relevance["reconstruction_auc"]) == {"0.5", "2.0", "10.0"}
+    assert all(0.0 <= auc <= 1.0 for auc in relevance["reconstruction_auc"].values())
+    assert "Feature relevance" in (out / "results.md").read_text()

@@ -17,6 +17,7 @@ from fam_core.metrics.faithfulness import (
     increase_in_confidence,
     insertion_curve,
     masked_by_map,
+    masked_model_input,
 )
 from fam_core.metrics.localisation import (
     area_under_iou_curve,
@@ -140,6 +141,27 @@ def test_masked_by_map_is_the_elementwise_product() -> None:
     images = torch.rand(2, 3, 5, 5)
     maps = torch.rand(2, 5, 5)
     assert torch.allclose(masked_by_map(images, maps), images * maps.unsqueeze(1))
+
+
+def test_eq21_masking_acts_on_the_models_normalised_input_by_hand() -> None:
+    # normalize(x) = (x - 0.5) / 0.25; image 0.8 -> model input 1.2; L = 0.5 -> L ∘ X = 0.6
+    images = torch.full((1, 3, 2, 2), 0.8)
+    maps = torch.full((1, 2, 2), 0.5)
+    masked = masked_model_input(images, maps, (0.5, 0.5, 0.5))
+    assert torch.allclose((masked - 0.5) / 0.25, torch.full_like(images, 0.6))
+    # the bug this replaced: masking the [0, 1] image gives (0.4 - 0.5) / 0.25 = -0.4
+    assert torch.allclose((masked_by_map(images, maps) - 0.5) / 0.25, torch.full_like(images, -0.4))
+    # a score linear in the model input (no bias) then falls exactly by the factor L
+    score = lambda x: ((x - 0.5) / 0.25).mean(dim=(1, 2, 3))  # noqa: E731
+    assert score(masked).item() == pytest.approx(0.5 * score(images).item())
+    with pytest.raises(ValueError, match="one value per channel"):
+        masked_model_input(images, maps, (0.5, 0.5))
+
+
+def test_increase_in_confidence_counts_strict_increases_only() -> None:
+    s = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    assert increase_in_confidence(s, torch.tensor([0.5, 0.6, 0.4, 0.5])) == pytest.approx(25.0)
+    assert average_drop(s, torch.tensor([0.5, 0.6, 0.4, 0.5])) == pytest.approx(5.0)
 
 
 class RedPixel(nn.Module):

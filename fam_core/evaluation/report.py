@@ -75,6 +75,28 @@ def markdown(result: EvalResult, command: str) -> str:
                     f"| {method} | {result.settings[name]['model']} | "
                     f"{' > '.join(check['layers'])} | {rho} | {verdict} |"
                 )
+    for name, values in result.relevance.items():
+        lines += [
+            "",
+            f"**Feature relevance** (relevant-features on {result.settings[name]['model']}, "
+            f"mu = {values['mu']:g}; Oramas et al. sec. 4.1 and supp. 8)",
+            "",
+            "| ablation | features | accuracy | relevant ablated | random ablated "
+            "| relevant drop | random drop |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, prefix in (
+            ("all classes' features", ""),
+            ("own class's features", "per_class_"),
+        ):
+            lines.append(
+                f"| {label} | {values[prefix + 'features']:.0f} | {values['accuracy']:.3f} | "
+                f"{values[prefix + 'relevant_accuracy']:.3f} | "
+                f"{values[prefix + 'random_accuracy']:.3f} | "
+                f"{values[prefix + 'relevant_drop']:.3f} | {values[prefix + 'random_drop']:.3f} |"
+            )
+        curve = ", ".join(f"mu {mu}: {auc:.3f}" for mu, auc in values["reconstruction_auc"].items())
+        lines += ["", f"Class reconstruction mean-AUC (supp. sec. 8): {curve}"]
     if result.skipped:
         lines += ["", "**Skipped**", ""]
         for method, reasons in result.skipped.items():

@@ -18,9 +18,11 @@ import fam_core.explainers  # noqa: F401  (registers the built-in methods)
 from fam_core.evaluation.settings import Setting, classifier_setting, embedding_settings
 from fam_core.explainers.base import Explainer
 from fam_core.explainers.registry import available_methods, get_explainer
+from fam_core.explainers.relevant import RelevantFeatures
 from fam_core.explanation import Explanation
 from fam_core.metrics import faithfulness as faith
 from fam_core.metrics import localisation as loc
+from fam_core.metrics import relevance
 from fam_core.metrics.sanity import cascading_randomisation
 from fam_core.models.store import LoadedModel, load_model
 from fam_core.tasks.retrieval import average_precision
@@ -36,7 +38,23 @@ METRICS: dict[str, str] = {
     "insertion_auc": "insertion AUC (higher is better)",
     "explanation_map_ap": "explanation-map retrieval AP, Wu et al. app. A (higher is better)",
 }
+RELEVANCE_METRICS: dict[str, str] = {
+    "accuracy": "accuracy of the classifier on the evaluated images",
+    "relevant_accuracy": "accuracy with every relevant feature (any class) zeroed, sec. 4.1",
+    "random_accuracy": "accuracy with as many random features zeroed (mean of 5 draws)",
+    "relevant_drop": "accuracy drop from the relevant features (larger than random is better)",
+    "random_drop": "accuracy drop from as many random features",
+    "features": "number of relevant features of any class at mu = RELEVANCE_MU",
+    "per_class_*": "the same, zeroing for class j's images only the features of w_j",
+    "reconstruction_auc": "class reconstruction mean ROC AUC of x w_j, by mu (supp. sec. 8)",
+}
+RELEVANCE_MU = 10.0  # the sparsity budget of Oramas et al. sec. 4.1
+RELEVANCE_ITERATIONS = 2000  # mu-Lasso iterations per fit (each fit of eq. 1 takes seconds)
 BATCH = 16
+
+
+class NotApplicable(Exception):
+    """A method that does not apply to a setting; the message says why (recorded as skipped)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,7 @@ class EvalResult:
     sanity: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    relevance: dict[str, dict[str, Any]] = field(default_factory=dict)
     runtime_seconds: float = 0.0
     examples: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     example_images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -77,6 +96,7 @@ class EvalResult:
         data.pop("examples")
         data.pop("example_images")
         data["metric_descriptions"] = METRICS
+        data["relevance_descriptions"] = RELEVANCE_METRICS
         return data
 
 
@@ -111,6 +131,8 @@ def build_explainer(method: str, setting: Setting) -> Explainer:
     """
     cls = get_explainer(method)
     config = setting.loaded.config
+    if issubclass(cls, RelevantFeatures):
+        return fit_relevant_features(setting)
     parameters = inspect.signature(cls.__init__).parameters
     missing = [
         name
@@ -125,6 +147,55 @@ def build_explainer(method: str, setting: Setting) -> Explainer:
     if "similarity" in parameters:
         kwargs["similarity"] = config.similarity
     return cls(setting.loaded.model, **kwargs)
+
+
+def fit_relevant_features(setting: Setting, mu: float = RELEVANCE_MU) -> RelevantFeatures:
+    """RelevantFeatures (Oramas et al.) fitted with the mu-Lasso (eq. 1) on the setting's
+    labelled fit images; it explains classes, so embedding settings raise NotApplicable."""
+    if not setting.classifier or setting.fit_images is None or setting.fit_labels is None:
+        raise NotApplicable(
+            "relevant-features selects class-relevant features with the mu-Lasso on labelled "
+            "training images (Oramas et al. eq. 1): it applies to the classifier setting only"
+        )
+    explainer = RelevantFeatures(setting.loaded.model)
+    inputs = setting.loaded.config.normalize(setting.fit_images)
+    return explainer.fit(inputs, setting.fit_labels, mu=mu, iterations=RELEVANCE_ITERATIONS)
+
+
+def relevance_metrics(
+    setting: Setting, seed: int, explainer: RelevantFeatures | None = None
+) -> dict[str, Any]:
+    """Feature-relevance metrics of the classifier setting (Oramas et al. sec. 4.1, supp. 8):
+    the accuracy drop under ablation of the relevant features vs random features, on the
+    evaluated images, and the class reconstruction mean-AUC over mu on fresh test images
+    (the evaluated images are all correctly classified, so accuracy 1 before ablation)."""
+    explainer = explainer or fit_relevant_features(setting)
+    normalize = setting.loaded.config.normalize
+    inputs = normalize(setting.images)
+    values: dict[str, Any] = relevance.ablation_accuracy_drop(
+        explainer, inputs, setting.labels, seed=seed
+    )
+    per_class = relevance.ablation_accuracy_drop(
+        explainer, inputs, setting.labels, seed=seed, per_class=True
+    )
+    values.update({f"per_class_{k}": v for k, v in per_class.items() if k != "accuracy"})
+    curve = relevance.reconstruction_auc_over_mu(
+        explainer,
+        normalize(setting.fit_images),
+        setting.fit_labels,
+        inputs,
+        setting.labels,
+        num_classes=len(setting.loaded.config.class_names),
+        iterations=RELEVANCE_ITERATIONS,
+    )
+    values["reconstruction_auc"] = {str(mu): round(auc, 4) for mu, auc in curve.items()}
+    values["mu"] = RELEVANCE_MU
+    return values
+
+
+def eq21_masked_images(setting: Setting, maps: torch.Tensor) -> torch.Tensor:
+    """The masked images of eq. 21-22: ``L ∘ X`` on the model's normalised input."""
+    return faith.masked_model_input(setting.images, maps, setting.loaded.config.mean)
 
 
 def explain(
@@ -149,7 +220,7 @@ def evaluate_maps(setting: Setting, maps: torch.Tensor, steps: int) -> tuple[dic
         "iou_auc": loc.area_under_iou_curve(maps, setting.masks).mean().item(),
     }
     scores = setting.score(images)
-    masked = setting.score(faith.masked_by_map(images, maps))
+    masked = setting.score(eq21_masked_images(setting, maps))
     values["average_drop"] = faith.average_drop(scores, masked)
     values["increase_confidence"] = faith.increase_in_confidence(scores, masked)
     deletion = faith.deletion_curve(setting.score, images, maps, steps=steps)
@@ -256,6 +327,7 @@ def run_evaluation(
                 result.skipped.setdefault(method, {})[setting.name] = (
                     "the model handled no evaluation image correctly"
                 )
+    fitted: dict[str, RelevantFeatures] = {}  # reused by the relevance metrics
     jobs = [(s, m) for m in methods for s in settings if len(s.labels)]
     bar = tqdm(jobs, desc="fam eval", unit="run", file=sys.stderr)
     for setting, method in bar:
@@ -264,9 +336,14 @@ def run_evaluation(
         try:
             explainer = build_explainer(method, setting)
             maps = explain(explainer, setting, setting.target, setting.images).maps
+        except NotApplicable as reason:
+            result.skipped.setdefault(method, {})[setting.name] = f"not applicable: {reason}"
+            continue
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
             result.skipped.setdefault(method, {})[setting.name] = _first_line(error)
             continue
+        if isinstance(explainer, RelevantFeatures):
+            fitted[setting.name] = explainer
         values, curves = evaluate_maps(setting, maps, options.steps)
         result.metrics.setdefault(setting.name, {})[method] = values
         result.curves.setdefault(setting.name, {})[method] = curves
@@ -280,6 +357,19 @@ def run_evaluation(
             except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
                 result.skipped.setdefault(method, {})[f"sanity/{setting.name}"] = _first_line(error)
     bar.close()
+    if "relevant-features" in methods:
+        for setting in settings:
+            if setting.classifier and len(setting.labels):
+                if progress:
+                    progress("feature relevance (ablation, class reconstruction)")
+                try:
+                    result.relevance[setting.name] = relevance_metrics(
+                        setting, options.seed, fitted.get(setting.name)
+                    )
+                except (ValueError, RuntimeError) as error:
+                    result.skipped.setdefault("relevant-features", {})[
+                        f"relevance/{setting.name}"
+                    ] = _first_line(error)
     result.runtime_seconds = round(time.perf_counter() - started, 1)
     return result
 

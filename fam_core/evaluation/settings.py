@@ -24,6 +24,7 @@ from fam_core.tasks.retrieval import retrieval_metrics, top1_gallery_targets
 NOVEL_PER_CLASS = 16  # 1 support + 15 queries per class, as in FAM's 5-way 1-shot protocol
 BANK_PER_CLASS = 12  # kNN bank / retrieval gallery: 12 images per novel class; queries: 4
 CLASSIFIER_PER_CLASS = 2
+FIT_PER_CLASS = 6  # labelled images per class that RelevantFeatures is fitted on
 KNN_TARGET_NEIGHBOURS = 5
 DATA_SEED_OFFSET = 500  # evaluation images never coincide with the default training images
 
@@ -50,6 +51,10 @@ class Setting:
     score: Callable[[torch.Tensor], torch.Tensor]
     gallery: tuple[torch.Tensor, torch.Tensor] | None = None  # embeddings, labels (retrieval)
     task: dict[str, float] = field(default_factory=dict)
+    # labelled images that methods needing training (RelevantFeatures) are fitted on; never
+    # the evaluated images (classifier setting only)
+    fit_images: torch.Tensor | None = None  # [M, 3, H, W] in [0, 1]
+    fit_labels: torch.Tensor | None = None  # [M]
 
     @property
     def classifier(self) -> bool:
@@ -77,6 +82,27 @@ def _empty(name: str, model_name: str, loaded: LoadedModel, task: dict) -> Setti
 def _embed(model: nn.Module, loaded: LoadedModel, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(loaded.config.normalize(c)) for c in images.split(64)])
+
+
+def spread_over_classes(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of ``count`` candidates taken round-robin over their classes.
+
+    Every class gives its first candidate (in the given order) before any class gives its
+    second, so the explained images cover as many classes as possible instead of the first
+    class's images only.
+
+    Example:
+        >>> spread_over_classes(torch.tensor([3, 3, 3, 5, 5, 7]), 4)
+        tensor([0, 3, 5, 1])
+    """
+    labels = torch.as_tensor(labels).flatten()
+    rank = torch.zeros(len(labels), dtype=torch.long)
+    seen: dict[int, int] = {}
+    for i, label in enumerate(labels.tolist()):
+        rank[i] = seen.get(label, 0)
+        seen[label] = rank[i].item() + 1
+    order = torch.sort(rank, stable=True).indices
+    return order[: max(count, 0)]
 
 
 def _pick(batch: FlowerBatch, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -118,14 +144,18 @@ def _few_shot(
         pool.labels, n_way=5, k_shot=1, n_query=NOVEL_PER_CLASS - 1, episodes=episodes, seed=seed
     )
     result = few_shot_accuracy(embeddings, plan, kind)
-    chosen, supports = [], []
-    for episode in plan:  # correct queries, in episode order, up to `images`
+    candidates: dict[int, torch.Tensor] = {}  # query -> support, first correct episode
+    for episode in plan:
         predictions = classify_episode(embeddings, episode, kind)
         correct = (predictions.predicted == predictions.truth).nonzero().flatten()
         for q in correct.tolist():
-            if len(chosen) < images:
-                chosen.append(int(predictions.query[q]))
-                supports.append(episode.support[int(predictions.predicted[q])])
+            query = int(predictions.query[q])
+            if query not in candidates:
+                candidates[query] = episode.support[int(predictions.predicted[q])]
+    queries = list(candidates)
+    picked = spread_over_classes(pool.labels[queries], images).tolist() if queries else []
+    chosen = [queries[i] for i in picked]
+    supports = [candidates[q] for q in chosen]
     task = {"accuracy": result.accuracy, "interval95": result.interval, "episodes": result.episodes}
     if not chosen:
         return _empty("few-shot", model_name, loaded, task)
@@ -163,7 +193,8 @@ def _bank_settings(
     queries, query_labels = embeddings[query_index], pool.labels[query_index]
 
     knn = knn_predict(queries, bank, bank_labels, num_classes=NUM_CLASSES)
-    knn_correct = (knn.labels == query_labels).nonzero().flatten()[:images]
+    knn_correct = (knn.labels == query_labels).nonzero().flatten()
+    knn_correct = knn_correct[spread_over_classes(query_labels[knn_correct], images)]
     knn_task = {
         "accuracy": (knn.labels == query_labels).float().mean().item(),
         "k": 200,
@@ -207,7 +238,8 @@ def _bank_settings(
 
     result = retrieval_metrics(queries, query_labels, bank, bank_labels, ks=(1, 5), similarity=kind)
     top_refs, top_index = top1_gallery_targets(queries, bank, kind)
-    hit = (bank_labels[top_index] == query_labels).nonzero().flatten()[:images]
+    hit = (bank_labels[top_index] == query_labels).nonzero().flatten()
+    hit = hit[spread_over_classes(query_labels[hit], images)]
     retrieval_queries = query_index[hit]
     top_images = pool.images[bank_index[top_index[hit]]]
 
@@ -246,10 +278,17 @@ def classifier_setting(loaded: LoadedModel, *, images: int, seed: int, model_nam
         image_size=loaded.config.input_size,
         seed=seed + DATA_SEED_OFFSET + 1,
     )
+    fit = make_flowers(
+        list(range(NUM_CLASSES)),
+        FIT_PER_CLASS,
+        image_size=loaded.config.input_size,
+        seed=seed + DATA_SEED_OFFSET + 2,
+    )
     order = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(seed))
     predicted = _embed(loaded.model, loaded, test.images).argmax(dim=1)
     accuracy = (predicted == test.labels).float().mean().item()
-    correct = order[(predicted[order] == test.labels[order])][:images]
+    correct = order[(predicted[order] == test.labels[order])]
+    correct = correct[spread_over_classes(test.labels[correct], images)]
     classes = test.labels[correct]
     task = {"accuracy": accuracy, "images": len(test.labels)}
     if not len(correct):
@@ -263,4 +302,6 @@ def classifier_setting(loaded: LoadedModel, *, images: int, seed: int, model_nam
         retarget=lambda _model: classes.tolist(),
         score=class_probability_scorer(loaded.model, loaded.config.normalize, classes),
         task=task,
+        fit_images=fit.images,
+        fit_labels=fit.labels,
     )

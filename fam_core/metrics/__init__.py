@@ -5,7 +5,8 @@
 - :mod:`~fam_core.metrics.faithfulness`: Average Drop / Increase in Confidence (eq. 21-22),
   deletion / insertion AUC, the explanation-map AP (Grad-FAM / Score-FAM, appendix A);
 - :mod:`~fam_core.metrics.sanity`: cascading model-parameter randomisation (Adebayo et al.);
-- :mod:`~fam_core.metrics.scoring`: the scores the faithfulness metrics read.
+- :mod:`~fam_core.metrics.scoring`: the scores the faithfulness metrics read;
+- :mod:`~fam_core.metrics.relevance`: feature ablation and class reconstruction (Oramas et al.).
 """
 
 from fam_core.metrics.faithfulness import (
@@ -17,6 +18,7 @@ from fam_core.metrics.faithfulness import (
     increase_in_confidence,
     insertion_curve,
     masked_by_map,
+    masked_model_input,
 )
 from fam_core.metrics.localisation import (
     area_under_iou_curve,
@@ -50,6 +52,7 @@ __all__ = [
     "insertion_curve",
     "mask_iou_curve",
     "masked_by_map",
+    "masked_model_input",
     "pointing_game",
     "similarity_scorer",
     "spearman",

@@ -1,7 +1,8 @@
 """Faithfulness metrics: does the model's score follow what the map highlights?
 
 - :func:`average_drop` / :func:`increase_in_confidence` -- FAM (Liao et al.) eq. 21-22,
-  on the similarity to the target for embedding models and on the class score for classifiers;
+  on the similarity to the target for embedding models and on the class score for classifiers,
+  the masked image being :func:`masked_model_input` (``L ∘ X`` on the model's input);
 - :func:`deletion_curve` / :func:`insertion_curve` and :func:`curve_auc` -- the score while the
   most relevant pixels are removed from (inserted into) the image, and its area;
 - :func:`explanation_map_images` / :func:`explanation_map_average_precision` -- the explanation
@@ -80,6 +81,30 @@ def masked_by_map(
     """
     images, maps = _check_images_maps(images, maps)
     return blend(images, maps, baseline)
+
+
+def masked_model_input(
+    images: torch.Tensor, maps: torch.Tensor, mean: tuple[float, ...] | torch.Tensor
+) -> torch.Tensor:
+    """Images in ``[0, 1]`` whose model input is ``L ∘ X``: the masking of eq. 21-22 applied
+    to the model's own (normalised) input, as Grad-CAM++'s ``E = L ∘ X``.
+
+    The model sees ``normalize(x) = (x - mean) / std``; blending towards the normalisation
+    ``mean`` gives ``normalize(mean + L (X - mean)) = L ∘ normalize(X)``. Masking the
+    ``[0, 1]`` image instead (baseline ``"zeros"``) paints the removed pixels black, which is
+    a class colour of the embedded benchmark and far outside the training images: every
+    class score collapses (Average Drop ~100 %, no Increase in Confidence ever).
+
+    Example:
+        >>> x = torch.ones(1, 3, 1, 1); half = torch.full((1, 1, 1), 0.5)
+        >>> masked_model_input(x, half, (0.5, 0.5, 0.5)).flatten()
+        tensor([0.7500, 0.7500, 0.7500])
+    """
+    images, maps = _check_images_maps(images, maps)
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device)
+    if mean.numel() != images.shape[1]:
+        raise ValueError(f"mean must have one value per channel ({images.shape[1]}), got {mean}")
+    return blend(images, maps, mean.view(1, -1, 1, 1))
 
 
 def blend(images: torch.Tensor, keep: torch.Tensor, baseline: Baseline) -> torch.Tensor:
