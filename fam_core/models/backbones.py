@@ -192,6 +192,19 @@ class BasicBlock(nn.Module):
         return self.act2(out)
 
 
+def _conv_stages(
+    in_channels: int, channels: int, act: Callable[[], nn.Module], *, pooled_blocks: int
+) -> list[tuple[str, nn.Module]]:
+    """``block1``..``block4`` of conv3x3-BN-activation; the first ``pooled_blocks`` max-pool."""
+    return [
+        (
+            f"block{i + 1}",
+            _conv_block(in_channels if i == 0 else channels, channels, act, pool=i < pooled_blocks),
+        )
+        for i in range(4)
+    ]
+
+
 def conv4(
     *,
     pooling: PoolingKind = "avg",
@@ -212,13 +225,7 @@ def conv4(
     act = _activation_factory(activation)
     channels = _scaled(64, width)
     _check_positive_int("in_channels", in_channels)
-    stages = [
-        (
-            f"block{i + 1}",
-            _conv_block(in_channels if i == 0 else channels, channels, act, pool=True),
-        )
-        for i in range(4)
-    ]
+    stages = _conv_stages(in_channels, channels, act, pooled_blocks=4)
     return _finish(stages, channels, activation, pooling, embedding_dim, num_classes)
 
 
@@ -243,13 +250,7 @@ def conv64f(
     act = _activation_factory(activation)
     channels = _scaled(64, width)
     _check_positive_int("in_channels", in_channels)
-    stages = [
-        (
-            f"block{i + 1}",
-            _conv_block(in_channels if i == 0 else channels, channels, act, pool=i < 2),
-        )
-        for i in range(4)
-    ]
+    stages = _conv_stages(in_channels, channels, act, pooled_blocks=2)
     return _finish(stages, channels, activation, pooling, embedding_dim, num_classes)
 
 
