@@ -60,7 +60,10 @@ def min_max(values: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
     """Min-max normalise along ``dim`` (eq. 12); a constant slice becomes zeros."""
     low = values.amin(dim=dim, keepdim=True)
     span = values.amax(dim=dim, keepdim=True) - low
-    return torch.where(span > 0, (values - low) / span.clamp_min(1e-12), torch.zeros_like(values))
+    # the scale is computed on the small reduced tensor: one subtraction and one
+    # multiplication over the full maps (this runs on every explanation)
+    scale = torch.where(span > 0, span.clamp_min(1e-12).reciprocal(), torch.zeros_like(span))
+    return (values - low).mul_(scale)
 
 
 class Explainer(ABC):
