@@ -154,6 +154,10 @@ class _ReferenceGraph(ExplanationGraph):
         self.similarity: SimilarityKind = similarity
         self.heatmap = heatmap
         self.register_buffer("baked_references", references)
+        self._check_head()
+
+    def _check_head(self) -> None:
+        """Raise ``ValueError`` naming the layer when this head cannot be expressed."""
 
     @property
     def has_reference_input(self) -> bool:
@@ -253,25 +257,8 @@ class GradFAMGraph(_ReferenceGraph):
 
     method = "gradfam"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        target_layer: str | None,
-        *,
-        similarity: SimilarityKind = "cosine",
-        references: torch.Tensor | None = None,
-        heatmap: bool = True,
-        pooling: PoolingKind = "avg",
-    ) -> None:
-        super().__init__(
-            model,
-            target_layer,
-            similarity=similarity,
-            references=references,
-            heatmap=heatmap,
-            pooling=pooling,
-        )
-        pooling_kind(self.head.pooling, self.target_layer)
+    def _check_head(self) -> None:
+        pooling_kind(self.head.pooling, self.target_layer)  # analytic: avg or max pooling only
 
     def forward(
         self, image: torch.Tensor, references: torch.Tensor | None = None

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget, min_max
+from fam_core.explainers.cam_common import check_batch_size
 from fam_core.explainers.fam import FAM
 from fam_core.explainers.registry import register
 from fam_core.similarity import channel_contributions
@@ -68,15 +69,13 @@ class ScoreFAM(Explainer):
         **kwargs: object,
     ) -> None:
         super().__init__(model, target_layer, **kwargs)  # type: ignore[arg-type]
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if top_k is not None and (
             isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
         ):
             raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
         if top_k_rest not in ("baseline", "zero"):
             raise ValueError(f"top_k_rest must be 'baseline' or 'zero', got {top_k_rest!r}")
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.top_k = top_k
         self.top_k_rest: TopKRest = top_k_rest
         self._fam = FAM(  # ranks channels for top_k

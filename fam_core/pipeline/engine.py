@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fam_core.explainers.base import Explainer
+from fam_core.explanation import Explanation
 from fam_core.pipeline.errors import InvalidArgument
 from fam_core.pipeline.models import ServedModel
 
@@ -64,6 +65,26 @@ class Computed:
     maps: torch.Tensor | None = None
     method: str = ""
     target_layer: str = ""
+
+    @classmethod
+    def explained_by(
+        cls,
+        outputs: torch.Tensor,
+        scores: torch.Tensor,
+        predicted: torch.Tensor,
+        explanation: Explanation,
+    ) -> Computed:
+        """A prediction with the explanation of the same images."""
+        return cls(
+            outputs=outputs,
+            scores=scores,
+            predicted=predicted,
+            explained=explanation.scores,
+            raw=explanation.raw,
+            maps=explanation.maps,
+            method=explanation.method,
+            target_layer=explanation.target_layer,
+        )
 
 
 def run_jobs(served: ServedModel, jobs: list[Job]) -> list[Computed]:
@@ -146,16 +167,7 @@ def _run(
         explanation = explainer(inputs, _target(served, predicted, classes, references))
     except (ValueError, TypeError) as error:
         raise InvalidArgument(f"method {job.method!r} on model {served.name!r}: {error}") from None
-    return Computed(
-        outputs=outputs,
-        scores=scores,
-        predicted=predicted,
-        explained=explanation.scores,
-        raw=explanation.raw,
-        maps=explanation.maps,
-        method=explanation.method,
-        target_layer=explanation.target_layer,
-    )
+    return Computed.explained_by(outputs, scores, predicted, explanation)
 
 
 def _explain_in_one_pass(
@@ -170,16 +182,7 @@ def _explain_in_one_pass(
     scores, predicted = predict(served, forward.outputs, references)
     target = _target(served, predicted, classes, references)
     explanation = explainer.explain_forward(forward, target, inputs)
-    return Computed(
-        outputs=forward.outputs.detach(),
-        scores=scores,
-        predicted=predicted,
-        explained=explanation.scores,
-        raw=explanation.raw,
-        maps=explanation.maps,
-        method=explanation.method,
-        target_layer=explanation.target_layer,
-    )
+    return Computed.explained_by(forward.outputs.detach(), scores, predicted, explanation)
 
 
 def _split(computed: Computed, sizes: list[int]) -> list[Computed]:
