@@ -9,52 +9,13 @@ Example:
     torch.Size([1, 84, 84])
 """
 
-from fam_core.explainers import (
-    CAM,
-    FAM,
-    L2CAF,
-    AblationCAM,
-    Deconvnet,
-    EigenCAM,
-    Explainer,
-    GradCAM,
-    GradCAMPlusPlus,
-    GradFAM,
-    GuidedBackprop,
-    GuidedGradCAM,
-    LayerCAM,
-    RelevantFeatures,
-    ScoreCAM,
-    ScoreFAM,
-    UpsampledActivation,
-    XGradCAM,
-    available_methods,
-    get_explainer,
-)
+from fam_core import explainers as _explainers
+from fam_core.explainers import *  # noqa: F403  (every explainer, one list: explainers.__all__)
 from fam_core.explanation import Explanation
 from fam_core.models.store import LoadedModel, ModelConfig, available_models, load_model
 
 __all__ = [
-    "CAM",
-    "FAM",
-    "L2CAF",
-    "AblationCAM",
-    "Deconvnet",
-    "EigenCAM",
-    "Explainer",
-    "GradCAM",
-    "GradCAMPlusPlus",
-    "GradFAM",
-    "GuidedBackprop",
-    "GuidedGradCAM",
-    "LayerCAM",
-    "RelevantFeatures",
-    "ScoreCAM",
-    "ScoreFAM",
-    "UpsampledActivation",
-    "XGradCAM",
-    "available_methods",
-    "get_explainer",
+    *(name for name in _explainers.__all__ if name not in ("EXPLAINERS", "register")),
     "Explanation",
     "LoadedModel",
     "ModelConfig",
