@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ForwardPass, ResolvedTarget
 from fam_core.explainers.cam_common import (
-    check_batch_size,
+    BatchedExplainer,
     chunks,
     rectified_sum,
     select_references,
@@ -30,7 +30,7 @@ _EPS = 1e-12
 
 
 @register
-class AblationCAM(Explainer):
+class AblationCAM(BatchedExplainer):
     """Ablation-CAM: each channel is weighted by the relative score drop without it.
 
     Args:
@@ -46,17 +46,6 @@ class AblationCAM(Explainer):
     """
 
     method = "ablationcam"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        target_layer: str | nn.Module | None = None,
-        *,
-        batch_size: int = 32,
-        **options: object,
-    ) -> None:
-        super().__init__(model, target_layer, **options)  # type: ignore[arg-type]
-        self.batch_size = check_batch_size(batch_size)
 
     @torch.no_grad()
     def channel_weights(

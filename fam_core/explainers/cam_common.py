@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fam_core.explainers.base import (
     Explainer,
@@ -81,6 +82,21 @@ def check_batch_size(batch_size: object) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     return batch_size
+
+
+class BatchedExplainer(Explainer):
+    """An explainer that scores perturbed copies of the input ``batch_size`` at a time."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        *,
+        batch_size: int = 32,
+        **options: object,
+    ) -> None:
+        super().__init__(model, target_layer, **options)  # type: ignore[arg-type]
+        self.batch_size = check_batch_size(batch_size)
 
 
 def build_explanation(

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget, min_max
+from fam_core.explainers.base import ForwardPass, ResolvedTarget, min_max
 from fam_core.explainers.cam_common import (
-    check_batch_size,
+    BatchedExplainer,
     chunks,
     rectified_sum,
     select_references,
@@ -28,7 +27,7 @@ from fam_core.explainers.registry import register
 
 
 @register
-class ScoreCAM(Explainer):
+class ScoreCAM(BatchedExplainer):
     """Score-CAM: each channel is weighted by the score of the image it masks.
 
     Args:
@@ -44,17 +43,6 @@ class ScoreCAM(Explainer):
     """
 
     method = "scorecam"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        target_layer: str | nn.Module | None = None,
-        *,
-        batch_size: int = 32,
-        **options: object,
-    ) -> None:
-        super().__init__(model, target_layer, **options)  # type: ignore[arg-type]
-        self.batch_size = check_batch_size(batch_size)
 
     @torch.no_grad()
     def channel_weights(
