@@ -5,7 +5,8 @@ Run: .venv/bin/python bench/bench_cam_family.py [--batches 1 32] [--repeats N]
 
 For each method and batch: our time / forward, the peer's time / forward and ours / peer,
 each the median of per-round ratios with the two sides interleaved (bench/common.py).
-Peers: torchcam 0.5 (extractor built once, hooks kept, as its docs use it) and Captum 0.9
+Peers: torchcam 0.5 (extractor built once, as its docs use it, its hooks enabled only while it
+runs so that they do not slow the other measurements) and Captum 0.9
 (LayerGradCam, GuidedGradCam, LayerFeatureAblation with one group per channel).
 Score-CAM and Ablation-CAM run ``N`` forwards per image (N = 512 channels), so they run at
 ``--perturbation-batch`` images (default 1) with fewer repeats. Targets: the predicted class.
@@ -40,22 +41,30 @@ from fam_core.models.backbones import resnet18  # noqa: E402
 
 LAYER = "layer4"
 PERTURBATION = ("scorecam", "ablationcam")
-EXTRACTORS: list[torchcam.core._CAM] = []  # removed after each method (hooks stay otherwise)
+EXTRACTORS: list[torchcam.core._CAM] = []  # removed after each method
 
 
 def torchcam_runner(extractor: torchcam.core._CAM, model, images, classes) -> Callable[[], object]:  # noqa: ANN001
     def run() -> object:
-        scores = model(images)
-        return extractor(class_idx=classes, scores=scores)
+        extractor.enable_hooks()
+        try:
+            scores = model(images)
+            return extractor(class_idx=classes, scores=scores)
+        finally:
+            extractor.disable_hooks()
 
     return run
 
 
 def torchcam_scorecam(extractor, model, images, classes) -> Callable[[], object]:  # noqa: ANN001
     def run() -> object:
-        with torch.no_grad():
-            model(images)
-        return extractor(class_idx=classes)
+        extractor.enable_hooks()
+        try:
+            with torch.no_grad():
+                model(images)
+            return extractor(class_idx=classes)
+        finally:
+            extractor.disable_hooks()
 
     return run
 
@@ -92,10 +101,12 @@ def peers(name: str, model, images, classes) -> list[tuple[str, Callable[[], obj
             "cam": torchcam.CAM,
         }[name]
         extractor = kind(model, LAYER, fc_layer="fc") if name == "cam" else kind(model, LAYER)
+        extractor.disable_hooks()
         EXTRACTORS.append(extractor)
         found.append(("torchcam", torchcam_runner(extractor, model, images, classes)))
     if name == "scorecam":
         extractor = torchcam.ScoreCAM(model, LAYER, batch_size=32)
+        extractor.disable_hooks()
         EXTRACTORS.append(extractor)
         found.append(("torchcam", torchcam_scorecam(extractor, model, images, classes)))
     if name == "gradcam":
@@ -188,9 +199,8 @@ def main() -> None:
             def explain(name: str = name, images=images, classes=classes) -> None:  # noqa: ANN001
                 ours[name](images, target=classes)
 
-            heavy = name in PERTURBATION or size >= 8
-            repeats = max(3, args.repeats // 3) if heavy else args.repeats
-            warmup = 0 if name in PERTURBATION else 1 if heavy else 3
+            repeats = max(3, args.repeats // 3) if name in PERTURBATION else args.repeats
+            warmup = 0 if name in PERTURBATION else 1 if size >= 8 else 3
             found = peers(name, model, images, classes)
             functions = {"forward": forward, "ours": explain, **dict(found)}
             times = interleaved(functions, repeats=repeats, warmup=warmup)

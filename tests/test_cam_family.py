@@ -367,3 +367,51 @@ def test_batch_items_are_independent(method, classifier, images) -> None:
     together = method(classifier, "block4")(images, target=CLASSES)
     alone = method(classifier, "block4")(images[1:], target=CLASSES[1])
     torch.testing.assert_close(together.raw[1:], alone.raw, atol=1e-5, rtol=1e-4)
+
+
+class InplaceHead(nn.Module):
+    """conv -> ReLU(inplace) -> global average pool -> linear: Grad-CAM by hand is easy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv2d(3, 4, 3, stride=4)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(images)).mean(dim=(2, 3)))
+
+
+def test_gradcam_by_hand_when_an_inplace_op_follows_the_layer() -> None:
+    model, images = InplaceHead().eval(), torch.rand(2, 3, 16, 16)
+    explanation = GradCAM(model, "conv", classifier=True)(images, target=[0, 2])
+    activations = model.conv(images).detach()  # before the in-place ReLU
+    _, _, height, width = activations.shape
+    alive = (activations > 0).float()
+    weights = model.fc.weight[[0, 2]].detach()[:, :, None, None] * alive / (height * width)
+    expected = F.relu((weights.mean(dim=(2, 3))[:, :, None, None] * activations).sum(dim=1))
+    torch.testing.assert_close(explanation.raw, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_graph_starts_at_the_target_layer(classifier, images) -> None:
+    recorded: dict[str, bool] = {}
+
+    def record(name: str):  # noqa: ANN202
+        return lambda *_: recorded.__setitem__(name, torch.is_grad_enabled())
+
+    handles = [
+        classifier.get_submodule(name).register_forward_hook(record(name))
+        for name in ("block1", "block3", "fc")
+    ]
+    try:
+        with torch.enable_grad():
+            GradCAM(classifier, "block3")(images, target=CLASSES)
+            assert torch.is_grad_enabled()  # the caller's mode is restored
+        with torch.no_grad():
+            GradCAM(classifier, "block3")(images, target=CLASSES)
+            assert not torch.is_grad_enabled()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert recorded == {"block1": False, "block3": False, "fc": True}

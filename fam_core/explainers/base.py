@@ -192,17 +192,27 @@ class Explainer(ABC):
         return torch.einsum("bn,bnhw->bhw", weights, activations)
 
     def forward(self, images: torch.Tensor) -> ForwardPass:
-        """Run the model once, capturing the target layer's output with a temporary hook."""
+        """Run the model once, capturing the target layer's output with a temporary hook.
+
+        Methods that need gradients get an autograd graph that starts at the target layer:
+        the layers before it run without recording (no saved activations, as in a plain
+        forward), and the captured activations are the graph's leaf, so
+        ``d score / d activations`` is exact whether or not the weights require grad.
+        """
         captured: list[torch.Tensor] = []
 
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            captured.append(output)
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor | None:
+            if not (self.needs_gradients and isinstance(output, torch.Tensor)):
+                captured.append(output)
+                return None
+            torch.set_grad_enabled(True)  # for the layers after this one; restored below
+            leaf = output.detach().requires_grad_(True)
+            captured.append(leaf)
+            return leaf.clone()  # later in-place ops (ReLU(inplace=True)) must not touch the leaf
 
-        if self.needs_gradients:  # so activations join the graph even when weights are frozen
-            images = images.detach().requires_grad_(True)
         handle = self.layer.register_forward_hook(hook)
         try:
-            with torch.set_grad_enabled(self.needs_gradients):
+            with torch.no_grad():
                 outputs = self.model(images)
         finally:
             handle.remove()
