@@ -79,7 +79,8 @@ def markdown(result: EvalResult, command: str) -> str:
         lines += [
             "",
             f"**Feature relevance** (relevant-features on {result.settings[name]['model']}, "
-            f"mu = {values['mu']:g}; Oramas et al. sec. 4.1 and supp. 8)",
+            f"mu = {values['mu']:g}, {values['images']} held-out test images; "
+            "Oramas et al. sec. 4.1 and supp. 8)",
             "",
             "| ablation | features | accuracy | relevant ablated | random ablated "
             "| relevant drop | random drop |",

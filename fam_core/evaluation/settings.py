@@ -23,7 +23,7 @@ from fam_core.tasks.retrieval import retrieval_metrics, top1_gallery_targets
 
 NOVEL_PER_CLASS = 16  # 1 support + 15 queries per class, as in FAM's 5-way 1-shot protocol
 BANK_PER_CLASS = 12  # kNN bank / retrieval gallery: 12 images per novel class; queries: 4
-CLASSIFIER_PER_CLASS = 2
+CLASSIFIER_PER_CLASS = 4  # held-out test images per class (task accuracy, feature ablation)
 FIT_PER_CLASS = 6  # labelled images per class that RelevantFeatures is fitted on
 KNN_TARGET_NEIGHBOURS = 5
 DATA_SEED_OFFSET = 500  # evaluation images never coincide with the default training images
@@ -55,6 +55,10 @@ class Setting:
     # the evaluated images (classifier setting only)
     fit_images: torch.Tensor | None = None  # [M, 3, H, W] in [0, 1]
     fit_labels: torch.Tensor | None = None  # [M]
+    # the whole held-out test split, right and wrong (classifier setting only): the
+    # feature-relevance metrics measure accuracy on it, every class equally represented
+    test_images: torch.Tensor | None = None  # [T, 3, H, W] in [0, 1]
+    test_labels: torch.Tensor | None = None  # [T]
 
     @property
     def classifier(self) -> bool:
@@ -304,4 +308,6 @@ def classifier_setting(loaded: LoadedModel, *, images: int, seed: int, model_nam
         task=task,
         fit_images=fit.images,
         fit_labels=fit.labels,
+        test_images=test.images,
+        test_labels=test.labels,
     )
