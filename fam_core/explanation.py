@@ -42,8 +42,9 @@ class Explanation:
     def __len__(self) -> int:
         return self.maps.shape[0]
 
-    def __getitem__(self, index: int | slice) -> Explanation:
-        """The explanation of one item (kept as a batch of one) or of a slice."""
+    def __getitem__(self, index: int | slice | torch.Tensor) -> Explanation:
+        """The explanation of one item (kept as a batch of one), of a slice, or of the items
+        a long tensor of indices selects (in that order)."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
         return Explanation(

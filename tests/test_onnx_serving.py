@@ -255,3 +255,30 @@ def test_grpc_call_to_an_onnx_model(onnx_registry, torch_pipeline) -> None:
     expected = heatmap_from_bytes(want.heatmap.data, want.heatmap.shape)
     assert (heatmap - expected).abs().max() <= TOLERANCE
     assert list(info.methods) == ["cam"]
+
+
+def test_runs_grouped_by_reference_come_back_in_item_order(monkeypatch) -> None:
+    """Items 0 and 3 share a reference and run first; every result returns to its item."""
+    from fam_core.explanation import Explanation
+    from fam_core.pipeline.onnx_backend import OnnxBackend, _Pass
+
+    def fake_call(self, inputs, *, served, references=None, classes=None):  # noqa: ANN001, ANN202
+        ids = inputs[:, 0, 0, 0]  # each input carries its item index
+        explanation = Explanation(
+            maps=ids.view(-1, 1, 1).expand(-1, 2, 2),
+            raw=ids.view(-1, 1, 1),
+            weights=ids.view(-1, 1),
+            scores=ids + references[0, 0],
+            method="fam",
+            target_layer="block4",
+        )
+        return _Pass(ids.view(-1, 1), (ids + references[0, 0]).view(-1, 1), explanation)
+
+    monkeypatch.setattr(OnnxBackend, "_call", fake_call)
+    inputs = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    references = torch.tensor([10.0, 20.0, 30.0, 10.0]).view(4, 1, 1)  # [B, K=1, D=1]
+    merged = OnnxBackend._by_reference(object.__new__(OnnxBackend), None, inputs, references)
+    assert merged.outputs.flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert merged.pair_scores.flatten().tolist() == [10.0, 21.0, 32.0, 13.0]
+    assert merged.explanation.scores.tolist() == [10.0, 21.0, 32.0, 13.0]
+    assert merged.explanation.maps[:, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]

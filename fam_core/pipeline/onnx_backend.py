@@ -42,13 +42,11 @@ from fam_core.pipeline.models import ServedModel
 
 class _Pass(NamedTuple):
     """One graph run, in item order: ``outputs`` (embedding or logits), ``pair_scores``
-    ``[b, K]`` (embedding graphs) and the explanation (``maps``, ``raw``, ``explained``)."""
+    ``[b, K]`` (embedding graphs) and the graph's explanation."""
 
     outputs: torch.Tensor
     pair_scores: torch.Tensor | None
-    maps: torch.Tensor
-    raw: torch.Tensor
-    explained: torch.Tensor
+    explanation: Explanation
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,7 @@ class OnnxBackend:
                 f"model {served.name!r} is an ONNX graph that explains the top-1 class: "
                 "export it with class_input=True to explain a given target_class"
             )
-        return self._computed(first.outputs, scores, predicted, explained)
+        return Computed.explained_by(first.outputs, scores, predicted, explained.explanation)
 
     # -- embedding models
     def _embed(
@@ -170,7 +168,7 @@ class OnnxBackend:
             predicted = scores.argmax(dim=1)
         if explained is None:
             return Computed(outputs=outputs, scores=scores, predicted=predicted)
-        return self._computed(outputs, scores, predicted, explained)
+        return Computed.explained_by(outputs, scores, predicted, explained.explanation)
 
     def _by_reference(
         self, served: ServedModel, inputs: torch.Tensor, references: torch.Tensor
@@ -185,10 +183,18 @@ class OnnxBackend:
             else:
                 groups.append(([index], references[index]))
         runs = [
-            (members, self._call(inputs[members], references=shared, served=served))
+            self._call(inputs[members], references=shared, served=served)
             for members, shared in groups
         ]
-        return _Pass(*(_in_order(runs, field, inputs.shape[0]) for field in range(5)))  # type: ignore[arg-type]
+        order = torch.tensor([index for members, _ in groups for index in members])
+        back = torch.empty_like(order)
+        back[order] = torch.arange(len(order))  # run order -> item order
+        pair_scores = [run.pair_scores for run in runs]
+        return _Pass(
+            outputs=torch.cat([run.outputs for run in runs])[back],
+            pair_scores=None if None in pair_scores else torch.cat(pair_scores)[back],  # type: ignore[arg-type]
+            explanation=Explanation.concat([run.explanation for run in runs])[back],
+        )
 
     # -- one graph run
     def _call(
@@ -210,40 +216,11 @@ class OnnxBackend:
             raise InvalidArgument(f"ONNX model {served.name!r}: {error}") from None
         return _as_pass(explanation)
 
-    def _computed(
-        self, outputs: torch.Tensor, scores: torch.Tensor, predicted: torch.Tensor, run: _Pass
-    ) -> Computed:
-        return Computed(
-            outputs=outputs,
-            scores=scores,
-            predicted=predicted,
-            explained=run.explained,
-            raw=run.raw,
-            maps=run.maps,
-            method=self.method,
-            target_layer=self.runner.target_layer,
-        )
-
 
 def _as_pass(explanation: Explanation) -> _Pass:
     extras = explanation.extras
     outputs = extras["embedding"] if "embedding" in extras else extras["logits"]
-    return _Pass(
-        outputs=outputs,
-        pair_scores=extras.get("pair_scores"),
-        maps=explanation.maps,
-        raw=explanation.raw,
-        explained=explanation.scores,
-    )
-
-
-def _in_order(runs: list[tuple[list[int], _Pass]], field: int, size: int) -> torch.Tensor:
-    """Field ``field`` of each run, put back at its items' positions."""
-    first = runs[0][1][field]
-    merged = first.new_empty((size, *first.shape[1:]))
-    for members, run in runs:
-        merged[torch.tensor(members)] = run[field]
-    return merged
+    return _Pass(outputs=outputs, pair_scores=extras.get("pair_scores"), explanation=explanation)
 
 
 def load_onnx_model(path: str | Path, config: ModelConfig | None = None) -> ServedModel:
