@@ -225,38 +225,58 @@ def save_model(model: nn.Module, config: ModelConfig, directory: str | Path) -> 
     return directory
 
 
+def _default_config(
+    model: EmbeddingNet,
+    recipe: EmbeddingRecipe | ClassifierRecipe,
+    train_seconds: float,
+    metrics: dict[str, object],
+    **fields: object,
+) -> ModelConfig:
+    """The config of a default model: what every default shares, plus ``fields``;
+    ``metrics`` gets the training time and the recipe."""
+    return ModelConfig(
+        backbone=recipe.backbone,
+        weights="weights.pt",
+        target_layer=model.default_target_layer,
+        input_size=recipe.image_size,
+        metrics={**metrics, "train_seconds": round(train_seconds, 1), "recipe": recipe.__dict__},
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def _timed(train: Callable[[], EmbeddingNet]) -> tuple[EmbeddingNet, float]:
+    started = time.perf_counter()
+    model = train()
+    return model, time.perf_counter() - started
+
+
 def build_default_embedding(
     directory: str | Path,
     recipe: EmbeddingRecipe = EmbeddingRecipe(),
     progress: Progress | None = None,
 ) -> ModelConfig:
     """Train, evaluate and save ``default-embedding`` with novel-class prototypes."""
-    started = time.perf_counter()
-    model = train_embedding(recipe, progress)
-    seconds = time.perf_counter() - started
+    model, seconds = _timed(lambda: train_embedding(recipe, progress))
     result = evaluate_embedding(model, image_size=recipe.image_size)
     novel = list(SPLITS["novel"])
     with torch.no_grad():
         support = make_flowers(novel, 5, image_size=recipe.image_size, seed=EVAL_SEED + 1)
         prototypes = model(normalize(support.images)).view(len(novel), 5, -1).mean(dim=1)
-    config = ModelConfig(
-        name="default-embedding",
-        task="embedding",
-        backbone=recipe.backbone,
-        backbone_kwargs={"width": recipe.width},
-        weights="weights.pt",
-        target_layer=model.default_target_layer,
-        input_size=recipe.image_size,
-        class_names=tuple(CLASS_NAMES[c] for c in novel),
-        prototypes="prototypes.pt",
-        similarity="cosine",
-        metrics={
+    config = _default_config(
+        model,
+        recipe,
+        seconds,
+        {
             "novel_5way_1shot_accuracy": round(result.accuracy, 4),
             "novel_5way_1shot_interval95": round(result.interval, 4),
             "episodes": result.episodes,
-            "train_seconds": round(seconds, 1),
-            "recipe": recipe.__dict__,
         },
+        name="default-embedding",
+        task="embedding",
+        backbone_kwargs={"width": recipe.width},
+        class_names=tuple(CLASS_NAMES[c] for c in novel),
+        prototypes="prototypes.pt",
+        similarity="cosine",
     )
     save_model(model, config, directory)
     torch.save(prototypes.contiguous(), Path(directory) / "prototypes.pt")
@@ -269,24 +289,16 @@ def build_default_classifier(
     progress: Progress | None = None,
 ) -> ModelConfig:
     """Train, evaluate and save ``default-classifier``."""
-    started = time.perf_counter()
-    model = train_classifier(recipe, progress)
-    seconds = time.perf_counter() - started
-    accuracy = evaluate_classifier(model, image_size=recipe.image_size)
-    config = ModelConfig(
+    model, seconds = _timed(lambda: train_classifier(recipe, progress))
+    config = _default_config(
+        model,
+        recipe,
+        seconds,
+        {"test_accuracy": round(evaluate_classifier(model, image_size=recipe.image_size), 4)},
         name="default-classifier",
         task="classifier",
-        backbone=recipe.backbone,
         backbone_kwargs={"width": recipe.width, "num_classes": NUM_CLASSES},
-        weights="weights.pt",
-        target_layer=model.default_target_layer,
-        input_size=recipe.image_size,
         class_names=tuple(CLASS_NAMES),
-        metrics={
-            "test_accuracy": round(accuracy, 4),
-            "train_seconds": round(seconds, 1),
-            "recipe": recipe.__dict__,
-        },
     )
     save_model(model, config, directory)
     return config

@@ -192,17 +192,28 @@ class BasicBlock(nn.Module):
         return self.act2(out)
 
 
-def _conv_stages(
-    in_channels: int, channels: int, act: Callable[[], nn.Module], *, pooled_blocks: int
-) -> list[tuple[str, nn.Module]]:
-    """``block1``..``block4`` of conv3x3-BN-activation; the first ``pooled_blocks`` max-pool."""
-    return [
+def _four_block_net(
+    pooled_blocks: int,
+    pooling: PoolingKind,
+    embedding_dim: int | None,
+    num_classes: int | None,
+    activation: ActivationKind,
+    width: float,
+    in_channels: int,
+) -> EmbeddingNet:
+    """``block1``..``block4`` of conv3x3-BN-activation (64 channels x ``width``); the first
+    ``pooled_blocks`` max-pool. Conv4 and Conv64F differ only there."""
+    act = _activation_factory(activation)
+    channels = _scaled(64, width)
+    _check_positive_int("in_channels", in_channels)
+    stages = [
         (
             f"block{i + 1}",
             _conv_block(in_channels if i == 0 else channels, channels, act, pool=i < pooled_blocks),
         )
         for i in range(4)
     ]
+    return _finish(stages, channels, activation, pooling, embedding_dim, num_classes)
 
 
 def conv4(
@@ -222,11 +233,7 @@ def conv4(
         >>> conv4().features(torch.randn(1, 3, 84, 84)).shape
         torch.Size([1, 64, 5, 5])
     """
-    act = _activation_factory(activation)
-    channels = _scaled(64, width)
-    _check_positive_int("in_channels", in_channels)
-    stages = _conv_stages(in_channels, channels, act, pooled_blocks=4)
-    return _finish(stages, channels, activation, pooling, embedding_dim, num_classes)
+    return _four_block_net(4, pooling, embedding_dim, num_classes, activation, width, in_channels)
 
 
 def conv64f(
@@ -247,11 +254,7 @@ def conv64f(
         >>> conv64f().features(torch.randn(1, 3, 84, 84)).shape
         torch.Size([1, 64, 21, 21])
     """
-    act = _activation_factory(activation)
-    channels = _scaled(64, width)
-    _check_positive_int("in_channels", in_channels)
-    stages = _conv_stages(in_channels, channels, act, pooled_blocks=2)
-    return _finish(stages, channels, activation, pooling, embedding_dim, num_classes)
+    return _four_block_net(2, pooling, embedding_dim, num_classes, activation, width, in_channels)
 
 
 def resnet12(
