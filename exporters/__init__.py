@@ -1,11 +1,17 @@
 """ONNX exporters: a model and its explanation head in one graph, run by onnxruntime.
 
 Example:
+    >>> import tempfile
     >>> from fam_core.models.backbones import conv4
     >>> from exporters import export_model
-    >>> path = export_model(conv4().eval(), method="fam", path="conv4_fam.onnx", input_size=84)
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = export_model(
+    ...     conv4().eval(), method="fam", path=f"{folder.name}/conv4_fam.onnx", input_size=84
+    ... )
     >>> from fam_core.onnx_runtime import OnnxExplainer
-    >>> explainer = OnnxExplainer(path)
+    >>> OnnxExplainer(path).method
+    'fam'
+    >>> folder.cleanup()
 """
 
 from exporters.export import OPSET, build_graph, export_model

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fam_core.pooling import GlobalPool
+from fam_core.pooling import global_pooling_kind
 from fam_core.similarity import similarity_gradient
 
 __all__ = ["ANALYTIC_POOLING", "pooling_kind", "similarity_gradient"]
@@ -28,13 +28,7 @@ def pooling_kind(pooling: nn.Module, layer_name: str) -> str:
 
     Raises ``ValueError`` naming the layer for any other pooling (GeM, log-sum-exp, windows).
     """
-    kind = None
-    if isinstance(pooling, GlobalPool):
-        kind = pooling.kind
-    elif isinstance(pooling, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
-        size = pooling.output_size
-        if size in (1, (1, 1)):
-            kind = "avg" if isinstance(pooling, nn.AdaptiveAvgPool2d) else "max"
+    kind = global_pooling_kind(pooling)
     if kind not in ANALYTIC_POOLING:
         raise ValueError(
             f"the pooling after {layer_name!r} ({pooling!r}) has no analytic gradient here: "

@@ -111,9 +111,11 @@ def export_model(
     Returns the path written.
 
     Example:
+        >>> import tempfile
         >>> from fam_core.models.backbones import conv4
-        >>> export_model(conv4().eval(), method="fam", path="conv4_fam.onnx", input_size=84)
-        PosixPath('conv4_fam.onnx')
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     export_model(conv4().eval(), path=f"{folder}/fam.onnx", input_size=84).name
+        'fam.onnx'
     """
     import onnx
 

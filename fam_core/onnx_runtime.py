@@ -7,10 +7,17 @@ same :class:`~fam_core.explanation.Explanation` the torch explainers return, as 
 (onnxruntime hands outputs back in host memory).
 
 Example:
-    >>> runner = OnnxExplainer("conv4_fam.onnx")
-    >>> explanation = runner(images, references=torch.rand(5, 64))
+    >>> import tempfile
+    >>> from exporters import export_model
+    >>> from fam_core import load_model
+    >>> model, config = load_model("default-embedding")
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = export_model(model, config, path=f"{folder.name}/conv4_fam.onnx")
+    >>> runner = OnnxExplainer(path)
+    >>> explanation = runner(torch.rand(2, 3, 84, 84), references=torch.rand(5, 64))
     >>> explanation.maps.shape
     torch.Size([2, 84, 84])
+    >>> folder.cleanup()
 """
 
 from __future__ import annotations

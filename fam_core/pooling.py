@@ -63,3 +63,22 @@ class GlobalPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
+
+
+def global_pooling_kind(pooling: nn.Module) -> str | None:
+    """The kind of ``pooling`` if it is a global pooling to ``[B, C]`` (or ``[B, C, 1, 1]``):
+    ``"avg"``/``"max"`` for ``nn.AdaptiveAvgPool2d(1)``/``nn.AdaptiveMaxPool2d(1)``, the
+    kind of a :class:`GlobalPool`; ``None`` for anything else (windows, other modules).
+
+    Example:
+        >>> global_pooling_kind(nn.AdaptiveAvgPool2d(1)), global_pooling_kind(GlobalPool("gem"))
+        ('avg', 'gem')
+        >>> global_pooling_kind(nn.AdaptiveMaxPool2d(2)) is None
+        True
+    """
+    if isinstance(pooling, GlobalPool):
+        return pooling.kind
+    adaptive = isinstance(pooling, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)
+    if adaptive and pooling.output_size in (1, (1, 1)):
+        return "avg" if isinstance(pooling, nn.AdaptiveAvgPool2d) else "max"
+    return None

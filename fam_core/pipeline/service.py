@@ -54,11 +54,16 @@ class Pipeline:
         batch_observer: called with ``(model, images)`` after each pass (metrics).
 
     Example:
-        >>> pipeline = Pipeline(ModelRegistry.from_names(["default-classifier"]))
-        >>> png = open("flower.png", "rb").read()  # doctest: +SKIP
+        >>> from fam_core.data.flowers import make_flowers
+        >>> from fam_core.pipeline import EncodedImage
+        >>> from fam_core.render import to_png_bytes
+        >>> flower = make_flowers([9], per_class=1).images[0]  # class 9: centre-yellow
+        >>> png = to_png_bytes((flower * 255).round().byte().permute(1, 2, 0))
+        >>> pipeline = Pipeline(ModelRegistry.from_names(["default-classifier"]), batching=None)
         >>> response = pipeline.explain(ExplainRequest("default-classifier", (EncodedImage(png),)))
-        >>> response.results[0].prediction.label, response.results[0].heatmap.shape  # doctest: +SKIP
-        ('rose', (84, 84))
+        >>> response.results[0].prediction.label, response.results[0].heatmap.shape
+        ('centre-yellow', (84, 84))
+        >>> pipeline.close()
     """
 
     def __init__(
