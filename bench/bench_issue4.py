@@ -77,6 +77,7 @@ def bench_scorefam(repeats: int) -> None:
     from torchcam.methods import ScoreCAM
 
     from fam_core.data.flowers import make_flowers
+    from fam_core.explainers.cam_common import masked_inputs
     from fam_core.explainers.scorefam import ScoreFAM
 
     torch.manual_seed(0)
@@ -89,7 +90,7 @@ def bench_scorefam(repeats: int) -> None:
     # the floor: the masked inputs of all channels, prepared in advance, through the model
     activations = exact.forward(image).activations.detach()
     channels = torch.arange(activations.shape[1])
-    masked = image * exact.masks(activations, torch.zeros_like(channels), channels)
+    masked = masked_inputs(image, activations, torch.zeros_like(channels), channels)
 
     def masked_passes() -> None:
         with torch.no_grad():

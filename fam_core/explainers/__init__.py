@@ -1,11 +1,14 @@
 """Explainers: one module per method over :class:`~fam_core.explainers.base.Explainer`.
 
+Methods whose map is a weighted sum of the target layer's channels (FAM eq. 13) subclass
+:class:`~fam_core.explainers.base.ChannelExplainer`.
+
 Importing this package registers every method (see :mod:`fam_core.explainers.registry`).
 """
 
 from fam_core.explainers.ablationcam import AblationCAM
 from fam_core.explainers.activation import UpsampledActivation
-from fam_core.explainers.base import Explainer
+from fam_core.explainers.base import ChannelExplainer, Explainer
 from fam_core.explainers.cam import CAM
 from fam_core.explainers.deconvnet import Deconvnet, GuidedBackprop
 from fam_core.explainers.eigencam import EigenCAM
@@ -28,6 +31,7 @@ __all__ = [
     "FAM",
     "L2CAF",
     "AblationCAM",
+    "ChannelExplainer",
     "Deconvnet",
     "EigenCAM",
     "Explainer",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
 from fam_core.explainers.registry import register
 
 
 @register
-class UpsampledActivation(Explainer):
+class UpsampledActivation(ChannelExplainer):
     """Mean activation map of the target layer (equal channel weights ``1/N``).
 
     Example:

@@ -1,11 +1,30 @@
-"""The template every explainer follows.
+"""The shared base of every explainer, and the channel-weight template most methods follow.
 
-An explainer runs the model once with a forward hook on the target layer, resolves the
-target into reference embeddings, asks its method for channel weights, combines the
-activation maps with them, upsamples and normalises. Methods override
-:meth:`Explainer.channel_weights` (and, for gradient-free variants of the combination,
-:meth:`Explainer.combine`). Hooks live only for the duration of one call and are removed
-in ``finally``; nothing is kept between calls.
+:class:`Explainer` is what every method subclasses: it validates the model and options,
+checks images, runs the hooked forward pass, resolves targets into reference embeddings,
+scores them and takes gradients. A method implements ``__call__(images, target)`` and
+returns an :class:`~fam_core.explanation.Explanation`; methods whose map is not a weighted
+sum of the target layer's channels (L2-CAF's optimised filter, input-space backprop,
+relevant features) subclass it directly.
+
+:class:`ChannelExplainer` is the template of FAM eq. 13, ``L = sum_n w_n A^n``: one hooked
+forward pass, the target resolved, the method's :meth:`~ChannelExplainer.channel_weights`
+``w``, :meth:`~ChannelExplainer.combine` (eq. 13; methods override it for ``ReLU``), then
+bilinear upsampling and min-max. FAM, Grad-FAM, Score-FAM and the CAM family subclass it.
+
+Hooks live only for the duration of one call and are removed in ``finally``; nothing is kept
+between calls.
+
+Example:
+    >>> from fam_core.models.backbones import conv4
+    >>> class MeanMap(ChannelExplainer):  # equal weights: the channel mean of the layer
+    ...     method = "mean-map"
+    ...     def channel_weights(self, forward, target, images):
+    ...         batch, channels = forward.activations.shape[:2]
+    ...         weights = forward.activations.new_full((batch, channels), 1 / channels)
+    ...         return weights, self.score(forward.outputs, target), {}
+    >>> MeanMap(conv4(width=0.25).eval(), "block4")(torch.rand(2, 3, 84, 84)).raw.shape
+    torch.Size([2, 5, 5])
 """
 
 from __future__ import annotations
@@ -67,7 +86,10 @@ def min_max(values: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
 
 
 class Explainer(ABC):
-    """Base of every explainer: validation, hooks, targets and the map pipeline.
+    """Base of every explainer: validation, the hooked forward pass, targets and scores.
+
+    Subclasses set ``method`` (the registered name), ``needs_gradients`` when they take
+    ``d score / d activations`` through :meth:`gradients`, and implement :meth:`__call__`.
 
     Args:
         model: a ``torch.nn.Module`` returning embeddings ``[B, D]`` (or a feature map,
@@ -82,6 +104,22 @@ class Explainer(ABC):
         nonlinear_head: ``"error"`` (default) or ``"jacobian"`` (local linearisation).
         classifier: whether the outputs are class logits (default: ``model.is_classifier``
             when present, else ``False``). Class targets need a classifier.
+
+    Example:
+        >>> from fam_core.models.backbones import conv4
+        >>> class StrongestChannel(Explainer):  # the map: the layer's maximum over channels
+        ...     method = "strongest-channel"
+        ...     def __call__(self, images, target=None):
+        ...         images = self._check_images(images)
+        ...         forward = self.forward(images)
+        ...         resolved = self.resolve_target(target, forward.outputs)
+        ...         raw = forward.activations.amax(dim=1)
+        ...         return Explanation(upsample(raw, images.shape[-2:]), raw,
+        ...             forward.activations.amax(dim=(2, 3)), self.score(forward.outputs, resolved),
+        ...             self.method, self.target_layer)
+        >>> explainer = StrongestChannel(conv4(width=0.25).eval(), "block4")
+        >>> explainer(torch.rand(2, 3, 84, 84)).maps.shape
+        torch.Size([2, 84, 84])
     """
 
     method: ClassVar[str]
@@ -130,32 +168,9 @@ class Explainer(ABC):
         return f"{type(self).__name__}(target_layer={self.target_layer!r}, similarity={self.similarity!r})"
 
     # -- public API
+    @abstractmethod
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
-        """Explain ``images`` ``[B, 3, H, W]`` for ``target`` (see :data:`Target`)."""
-        images = self._check_images(images)
-        return self.explain_forward(self.forward(images), target, images)
-
-    def explain_forward(
-        self, forward: ForwardPass, target: Target, images: torch.Tensor
-    ) -> Explanation:
-        """The template's steps after the forward pass, for callers that already ran it.
-
-        Front doors use it to predict and explain from one pass: they read the prediction
-        from ``forward.outputs``, choose the target from it, then call this.
-        """
-        resolved = self.resolve_target(target, forward.outputs)
-        with torch.set_grad_enabled(self.needs_gradients):
-            weights, scores, extras = self.channel_weights(forward, resolved, images)
-        raw = self.combine(weights, forward.activations)
-        return Explanation(
-            maps=upsample(raw, images.shape[-2:]),
-            raw=raw.detach(),
-            weights=weights.detach(),
-            scores=scores.detach(),
-            method=self.method,
-            target_layer=self.target_layer,
-            extras={name: value.detach() for name, value in extras.items()},
-        )
+        """Explain ``images`` ``[B, C, H, W]`` for ``target`` (see :data:`Target`)."""
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -180,17 +195,7 @@ class Explainer(ABC):
             self(references, target=query_embeddings.unsqueeze(1)),
         )
 
-    # -- the steps a method may override
-    @abstractmethod
-    def channel_weights(
-        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Return ``(weights [B, N], scores [B], extras)``."""
-
-    def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
-        """``L = sum_n w_n A^n`` (eq. 13), ``[B, h, w]``."""
-        return torch.einsum("bn,bnhw->bhw", weights, activations)
-
+    # -- the steps every method shares
     def forward(self, images: torch.Tensor) -> ForwardPass:
         """Run the model once, capturing the target layer's output with a temporary hook.
 
@@ -355,6 +360,71 @@ class Explainer(ABC):
             )
         one_hot = F.one_hot(classes.to(outputs.device), num_classes).to(outputs.dtype)
         return ResolvedTarget(one_hot.unsqueeze(1), "dot")
+
+
+class ChannelExplainer(Explainer):
+    """The eq.-13 template: the map is a weighted sum of the target layer's channels.
+
+    ``__call__`` runs one hooked forward pass and :meth:`explain_forward`: the target is
+    resolved, :meth:`channel_weights` gives ``w [B, N]`` (with gradients enabled when
+    ``needs_gradients``), :meth:`combine` gives ``L = sum_n w_n A^n`` (eq. 13) at the
+    layer's resolution, and :func:`upsample` the map at the input's. A method implements
+    :meth:`channel_weights` and overrides :meth:`combine` when its map is not the plain
+    sum (``ReLU`` for the CAM family).
+
+    Example:
+        >>> from fam_core.models.backbones import conv4
+        >>> class FirstChannel(ChannelExplainer):  # w = (1, 0, ..., 0): the map is A^0
+        ...     method = "first-channel"
+        ...     def channel_weights(self, forward, target, images):
+        ...         weights = forward.activations.new_zeros(forward.activations.shape[:2])
+        ...         weights[:, 0] = 1.0
+        ...         return weights, self.score(forward.outputs, target), {}
+        >>> explainer = FirstChannel(conv4(width=0.25).eval(), "block4")
+        >>> images = torch.rand(1, 3, 84, 84)
+        >>> torch.equal(explainer(images).raw, explainer.forward(images).activations[:, 0])
+        True
+    """
+
+    def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
+        """Explain ``images`` ``[B, C, H, W]`` for ``target`` (see :data:`Target`)."""
+        images = self._check_images(images)
+        return self.explain_forward(self.forward(images), target, images)
+
+    def explain_forward(
+        self, forward: ForwardPass, target: Target, images: torch.Tensor
+    ) -> Explanation:
+        """The template's steps after the forward pass, for callers that already ran it.
+
+        Front doors use it to predict and explain from one pass: they read the prediction
+        from ``forward.outputs``, choose the target from it, then call this. A method whose
+        map needs more than the channel weights (LayerCAM's pixel weights) overrides this,
+        never ``__call__``, so both paths give the same explanation.
+        """
+        resolved = self.resolve_target(target, forward.outputs)
+        with torch.set_grad_enabled(self.needs_gradients):
+            weights, scores, extras = self.channel_weights(forward, resolved, images)
+        raw = self.combine(weights, forward.activations)
+        return Explanation(
+            maps=upsample(raw, images.shape[-2:]),
+            raw=raw.detach(),
+            weights=weights.detach(),
+            scores=scores.detach(),
+            method=self.method,
+            target_layer=self.target_layer,
+            extras={name: value.detach() for name, value in extras.items()},
+        )
+
+    # -- the steps a method implements or overrides
+    @abstractmethod
+    def channel_weights(
+        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(weights [B, N], scores [B], extras)``."""
+
+    def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """``L = sum_n w_n A^n`` (eq. 13), ``[B, h, w]``."""
+        return torch.einsum("bn,bnhw->bhw", weights, activations)
 
 
 def _model_device(model: nn.Module) -> torch.device | None:

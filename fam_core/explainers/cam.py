@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
 from fam_core.explainers.registry import register
 from fam_core.pooling import GlobalPool
 
@@ -28,7 +28,7 @@ def is_average_pooling(pooling: nn.Module) -> bool:
 
 
 @register
-class CAM(Explainer):
+class CAM(ChannelExplainer):
     """Class Activation Mapping: the classifier's weights of the target weight the maps.
 
     Needs global average pooling right after the target layer and a linear head (the

@@ -5,6 +5,15 @@ FAM paper (Liao et al.), section III: every CAM method combines activation maps,
 ``y^c`` they explain is the explainer's :meth:`~fam_core.explainers.base.Explainer.score`:
 the class logit for class targets, the mean similarity to the references for embedding
 targets (FAM eq. 11), which is how those methods are applied to embedding models.
+
+Score-CAM and Score-FAM weight channel ``n`` of image ``i`` by the score of the input masked
+with that channel's map (FAM paper eq. 7):
+
+    M^n_i = norm(up(A^n_i))      bilinear upsampling to the input size, then min-max
+    X'    = X_i o M^n_i          Hadamard product
+
+:func:`masked_inputs` builds ``X'`` and :meth:`BatchedExplainer.masked_scores` scores them,
+``batch_size`` at a time.
 """
 
 from __future__ import annotations
@@ -16,9 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fam_core.explainers.base import (
+    ChannelExplainer,
     Explainer,
     ForwardPass,
     ResolvedTarget,
+    min_max,
     upsample,
 )
 from fam_core.explanation import Explanation
@@ -51,7 +62,7 @@ def rectified_sum(weights: torch.Tensor, activations: torch.Tensor) -> torch.Ten
     return F.relu(torch.einsum("bn,bnhw->bhw", weights, activations))
 
 
-class GradientCAM(Explainer):
+class GradientCAM(ChannelExplainer):
     """Base of the gradient methods: ``dy/dA`` (FAM paper eq. 3, 5) and a rectified map."""
 
     needs_gradients = True
@@ -84,7 +95,30 @@ def check_batch_size(batch_size: object) -> int:
     return batch_size
 
 
-class BatchedExplainer(Explainer):
+def masked_inputs(
+    images: torch.Tensor,
+    activations: torch.Tensor,
+    image_index: torch.Tensor,
+    channel_index: torch.Tensor,
+) -> torch.Tensor:
+    """``X_i o norm(up(A^n_i))`` ``[M, C, H, W]`` for the pairs ``(i, n)`` (eq. 7).
+
+    ``image_index`` and ``channel_index`` (``[M]`` each) name the pairs; ``activations`` is
+    ``[B, N, h, w]``, ``images`` ``[B, C, H, W]``. A constant map gives an all-zero mask.
+
+    Example:
+        >>> images = torch.ones(1, 1, 4, 4)
+        >>> activations = torch.tensor([[[[0.0, 2.0], [0.0, 2.0]], [[1.0, 1.0], [1.0, 1.0]]]])
+        >>> masked = masked_inputs(images, activations, torch.tensor([0, 0]), torch.tensor([0, 1]))
+        >>> masked[0, 0, 0], masked[1].abs().sum()
+        (tensor([0.0000, 0.2500, 0.7500, 1.0000]), tensor(0.))
+    """
+    maps = activations[image_index, channel_index].unsqueeze(1)  # A^n_i, [M, 1, h, w]
+    upsampled = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return images[image_index] * min_max(upsampled, dim=(2, 3))  # X_i o M^n_i
+
+
+class BatchedExplainer(ChannelExplainer):
     """An explainer that scores perturbed copies of the input ``batch_size`` at a time."""
 
     def __init__(
@@ -97,6 +131,28 @@ class BatchedExplainer(Explainer):
     ) -> None:
         super().__init__(model, target_layer, **options)  # type: ignore[arg-type]
         self.batch_size = check_batch_size(batch_size)
+
+    @torch.no_grad()
+    def masked_scores(
+        self,
+        images: torch.Tensor,
+        activations: torch.Tensor,
+        target: ResolvedTarget,
+        image_index: torch.Tensor,
+        channel_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """The score ``[M]`` of each masked input :func:`masked_inputs` builds (eq. 7).
+
+        Pair ``m`` is scored against the references of image ``image_index[m]``; the masked
+        inputs run through the model ``batch_size`` at a time.
+        """
+        scores = []
+        for part in chunks(image_index.shape[0], self.batch_size):
+            rows = image_index[part]
+            masked = masked_inputs(images, activations, rows, channel_index[part])
+            outputs = self._as_vectors(self.model(masked))
+            scores.append(self.score(outputs, select_references(target, rows)))  # F(X')
+        return torch.cat(scores) if scores else activations.new_zeros(0)
 
 
 def build_explanation(

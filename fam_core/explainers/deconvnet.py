@@ -227,9 +227,6 @@ class InputBackprop(Explainer):
             raise TypeError(f"stride_fix must be a bool, got {stride_fix!r}")
         self.stride_fix = stride_fix
 
-    def channel_weights(self, *args: object) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        raise NotImplementedError("input-space explainers have no channel weights; call them")
-
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
         images = self._check_images(images)
         inputs = images.detach().requires_grad_(True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
 from fam_core.explainers.registry import register
 
 
@@ -25,7 +25,7 @@ def first_right_singular_vector(matrices: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class EigenCAM(Explainer):
+class EigenCAM(ChannelExplainer):
     """Eigen-CAM: channel weights are the first right singular vector of the activations.
 
     Example:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 
 from fam_core.adapters import Head
-from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget, min_max
+from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget, min_max
 from fam_core.explainers.registry import register
 from fam_core.similarity import channel_contributions
 
 
 @register
-class FAM(Explainer):
+class FAM(ChannelExplainer):
     """Feature Activation Map: channel weights are each channel's share of the similarity.
 
     Works on embedding models without a classifier (few-shot, kNN, retrieval, re-ID): the

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
 from fam_core.explainers.registry import register
-from fam_core.pooling import GlobalPool
+from fam_core.pooling import global_pooling_kind
 from fam_core.similarity import similarity_gradient
 
 _EPS = 1e-12
@@ -50,13 +50,7 @@ def self_projection_score(outputs: torch.Tensor) -> tuple[torch.Tensor, Resolved
 
 def pooling_gradient_sums(pooling: nn.Module, activations: torch.Tensor) -> torch.Tensor | None:
     """``sum_ij dp_n / dA^n_ij`` ``[B, N]`` for a known global pooling, else ``None``."""
-    kind: str | None = None
-    if isinstance(pooling, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
-        size = pooling.output_size
-        if size in (1, (1, 1)):
-            kind = "avg" if isinstance(pooling, nn.AdaptiveAvgPool2d) else "max"
-    elif isinstance(pooling, GlobalPool):
-        kind = pooling.kind
+    kind = global_pooling_kind(pooling)
     if kind in ("avg", "max", "lse"):
         return activations.new_ones(activations.shape[:2])
     if kind == "gem":
@@ -69,7 +63,7 @@ def pooling_gradient_sums(pooling: nn.Module, activations: torch.Tensor) -> torc
 
 
 @register
-class GradFAM(Explainer):
+class GradFAM(ChannelExplainer):
     """Grad-FAM: channel weights are spatial means of ``dS/dA`` (module docstring).
 
     Args:

@@ -35,9 +35,10 @@ class GuidedGradCAM(GradientCAM):
 
     method = "guided-gradcam"
 
-    def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
-        images = self._check_images(images)
-        forward = self.forward(images)
+    def explain_forward(
+        self, forward: ForwardPass, target: Target, images: torch.Tensor
+    ) -> Explanation:
+        """Grad-CAM from ``forward`` times guided backprop to ``images`` (module docstring)."""
         resolved = self.resolve_target(target, forward.outputs)
         with torch.enable_grad():
             weights, scores, _ = self.channel_weights(forward, resolved, images)

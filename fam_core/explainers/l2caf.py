@@ -81,9 +81,6 @@ class L2CAF(Explainer):
         self.iterations, self.lr = iterations, float(lr)
         self.check_every, self.tolerance, self.fast = check_every, float(tolerance), fast
 
-    def channel_weights(self, *args: object) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        raise NotImplementedError("L2CAF optimises a spatial filter; call the explainer")
-
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
         """Optimise one filter per image of ``images`` for ``target`` (module docstring)."""
         images = self._check_images(images)

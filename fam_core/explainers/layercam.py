@@ -31,9 +31,10 @@ class LayerCAM(GradientCAM):
 
     method = "layercam"
 
-    def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
-        images = self._check_images(images)
-        forward = self.forward(images)
+    def explain_forward(
+        self, forward: ForwardPass, target: Target, images: torch.Tensor
+    ) -> Explanation:
+        """The map from pixel-wise weights (eq. 6-7), which the channel weights cannot give."""
         resolved = self.resolve_target(target, forward.outputs)
         with torch.enable_grad():
             grads, scores = self.score_gradients(forward, resolved)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget, Target, min_max
+from fam_core.explainers.base import Explainer, Target, min_max
 from fam_core.explainers.deconvnet import BackpropRule, heatmap, input_signal
 from fam_core.explainers.mu_lasso import solve_mu_lasso
 from fam_core.explainers.registry import register
@@ -352,11 +352,6 @@ class RelevantFeatures(Explainer):
         return self
 
     # -- sec. 3.2: the explanation
-    def channel_weights(
-        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError("RelevantFeatures explains through __call__")
-
     def __call__(self, images: torch.Tensor, target: Target = None) -> Explanation:
         """Explain the predicted class (or the class indices in ``target``)."""
         relevance = self._fitted()

@@ -14,15 +14,9 @@ the authors' code (``norm(up(A^n))``); the two agree when the layer has the inpu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget, min_max
-from fam_core.explainers.cam_common import (
-    BatchedExplainer,
-    chunks,
-    rectified_sum,
-    select_references,
-)
+from fam_core.explainers.base import ForwardPass, ResolvedTarget
+from fam_core.explainers.cam_common import BatchedExplainer, rectified_sum
 from fam_core.explainers.registry import register
 
 
@@ -38,8 +32,9 @@ class ScoreCAM(BatchedExplainer):
     Example:
         >>> from fam_core.models.backbones import conv4
         >>> model = conv4(num_classes=5, width=0.25).eval()
-        >>> ScoreCAM(model, "block4", batch_size=8)(torch.rand(1, 3, 84, 84), 1).weights.sum()
-        tensor(1.)
+        >>> weights = ScoreCAM(model, "block4", batch_size=8)(torch.rand(1, 3, 84, 84), 1).weights
+        >>> round(weights.sum().item(), 5)  # a softmax over the channels (eq. 7)
+        1.0
     """
 
     method = "scorecam"
@@ -51,17 +46,9 @@ class ScoreCAM(BatchedExplainer):
         activations = forward.activations.detach()
         batch, channels = activations.shape[:2]
         base_scores = self.score(forward.outputs.detach(), target)  # F(X)
-        masks = activations.flatten(0, 1).unsqueeze(1)  # [B*N, 1, h, w]
-        rows = torch.arange(batch, device=images.device).repeat_interleave(channels)
-        masked_scores = base_scores.new_empty(batch * channels)
-        for part in chunks(batch * channels, self.batch_size):
-            upsampled = F.interpolate(
-                masks[part], size=images.shape[-2:], mode="bilinear", align_corners=False
-            )
-            normalised = min_max(upsampled, dim=(2, 3))  # M_n = norm(up(A^n))
-            masked = images[rows[part]] * normalised  # X' = X o M_n
-            outputs = self._as_vectors(self.model(masked))
-            masked_scores[part] = self.score(outputs, select_references(target, rows[part]))
+        rows = torch.arange(batch, device=activations.device).repeat_interleave(channels)
+        maps = torch.arange(channels, device=activations.device).repeat(batch)
+        masked_scores = self.masked_scores(images, activations, target, rows, maps)  # F(X')
         increase = masked_scores.view(batch, channels) - base_scores.unsqueeze(1)
         weights = torch.softmax(increase, dim=1)  # eq. 7
         return weights, base_scores, {"score_increase": increase}

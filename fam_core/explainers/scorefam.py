@@ -22,11 +22,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fam_core.explainers.base import Explainer, ForwardPass, ResolvedTarget, min_max
-from fam_core.explainers.cam_common import check_batch_size
+from fam_core.explainers.base import ForwardPass, ResolvedTarget
+from fam_core.explainers.cam_common import BatchedExplainer
 from fam_core.explainers.fam import FAM
 from fam_core.explainers.registry import register
 from fam_core.similarity import channel_contributions
@@ -35,7 +34,7 @@ TopKRest = Literal["baseline", "zero"]
 
 
 @register
-class ScoreFAM(Explainer):
+class ScoreFAM(BatchedExplainer):
     """Score-FAM: each channel's weight is the score of the input masked by that channel.
 
     Args:
@@ -68,14 +67,13 @@ class ScoreFAM(Explainer):
         top_k_rest: TopKRest = "baseline",
         **kwargs: object,
     ) -> None:
-        super().__init__(model, target_layer, **kwargs)  # type: ignore[arg-type]
+        super().__init__(model, target_layer, batch_size=batch_size, **kwargs)  # type: ignore[arg-type]
         if top_k is not None and (
             isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
         ):
             raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
         if top_k_rest not in ("baseline", "zero"):
             raise ValueError(f"top_k_rest must be 'baseline' or 'zero', got {top_k_rest!r}")
-        self.batch_size = check_batch_size(batch_size)
         self.top_k = top_k
         self.top_k_rest: TopKRest = top_k_rest
         self._fam = FAM(  # ranks channels for top_k
@@ -99,35 +97,17 @@ class ScoreFAM(Explainer):
         if self.top_k is not None and self.top_k < activations.shape[1]:
             evaluated = self._top_k_channels(forward, target, varying)
         differences = torch.zeros_like(baseline.unsqueeze(1).expand_as(varying))
-        pairs = evaluated.nonzero()  # [M, 2] (image, channel)
-        with torch.no_grad():
-            for start in range(0, pairs.shape[0], self.batch_size):
-                image_index, channel_index = pairs[start : start + self.batch_size].unbind(1)
-                masked = images[image_index] * self.masks(activations, image_index, channel_index)
-                chunk_target = ResolvedTarget(target.references[image_index], target.similarity)
-                scores = self.score(self._as_vectors(self.model(masked)), chunk_target)
-                differences[image_index, channel_index] = scores - baseline[image_index]
+        image_index, channel_index = evaluated.nonzero().unbind(1)  # the pairs to run
+        masked_scores = self.masked_scores(images, activations, target, image_index, channel_index)
+        differences[image_index, channel_index] = masked_scores - baseline[image_index]
         included = varying if self.top_k_rest == "baseline" else evaluated
         logits = differences.masked_fill(~included, float("-inf"))
         weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # eq. 7; none included -> 0
         return weights, baseline, {"differences": differences, "evaluated": evaluated}
 
-    def masks(
-        self, activations: torch.Tensor, image_index: torch.Tensor, channel_index: torch.Tensor
-    ) -> torch.Tensor:
-        """``norm(up(A^n))`` ``[M, 1, H, W]`` for the given (image, channel) pairs."""
-        maps = activations[image_index, channel_index].unsqueeze(1)
-        size = self._image_size
-        up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-        return min_max(up, dim=(2, 3))
-
     def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         """``ReLU(sum_n w_n A^n)`` (eq. 7)."""
         return torch.relu(super().combine(weights, activations.detach()))
-
-    def forward(self, images: torch.Tensor) -> ForwardPass:
-        self._image_size = tuple(images.shape[-2:])
-        return super().forward(images)
 
     def _top_k_channels(
         self, forward: ForwardPass, target: ResolvedTarget, varying: torch.Tensor

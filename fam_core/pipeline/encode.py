@@ -31,7 +31,7 @@ def heatmap_at(computed: Computed, index: int, resolution: str, size: int) -> to
     """Item ``index``'s heatmap in ``[0, 1]`` at ``"input"`` (``size``) or ``"feature"`` size.
 
     Input resolution is :func:`~fam_core.explainers.base.upsample` of the raw map (bilinear,
-    then min-max), as in ``Explainer.__call__``; feature resolution is the min-max of the raw map.
+    then min-max), as in ``ChannelExplainer.__call__``; feature resolution is the min-max of the raw map.
     """
     if computed.raw is None:
         raise ValueError("this result has no heatmap")

@@ -1,20 +1,22 @@
 """Run and explain: one forward pass yields the prediction and the explanation.
 
-The explainer's template steps (:meth:`~fam_core.explainers.base.Explainer.forward`,
-``resolve_target``, ``channel_weights``, ``combine``) run here with the target chosen from
-the same forward pass (the predicted class, the nearest prototype), so a heatmap costs one
-forward pass plus the method's own work. Methods that override ``__call__`` run as a whole
-after a separate prediction pass.
+For a :class:`~fam_core.explainers.base.ChannelExplainer` the template's steps
+(:meth:`~fam_core.explainers.base.Explainer.forward`, then
+:meth:`~fam_core.explainers.base.ChannelExplainer.explain_forward`) run here with the target
+chosen from the same forward pass (the predicted class, the nearest prototype), so a heatmap
+costs one forward pass plus the method's own work. Other explainers (and channel explainers
+that override ``__call__``) run as a whole after a separate prediction pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
 
-from fam_core.explainers.base import Explainer
+from fam_core.explainers.base import ChannelExplainer, Explainer
 from fam_core.explanation import Explanation
 from fam_core.pipeline.errors import InvalidArgument
 from fam_core.pipeline.models import ServedModel
@@ -159,7 +161,7 @@ def _run(
         return Computed(outputs=outputs, scores=scores, predicted=predicted)
     explainer = served.explainer(job.method)
     try:
-        if type(explainer).__call__ is Explainer.__call__:
+        if _explains_in_one_pass(explainer):
             return _explain_in_one_pass(served, explainer, inputs, classes, references)
         with torch.no_grad():
             outputs = explainer.embed(inputs)
@@ -170,14 +172,22 @@ def _run(
     return Computed.explained_by(outputs, scores, predicted, explanation)
 
 
+def _explains_in_one_pass(explainer: Explainer) -> TypeGuard[ChannelExplainer]:
+    """Whether ``explainer(images, target)`` is ``explain_forward`` after its own forward."""
+    return (
+        isinstance(explainer, ChannelExplainer)
+        and type(explainer).__call__ is ChannelExplainer.__call__
+    )
+
+
 def _explain_in_one_pass(
     served: ServedModel,
-    explainer: Explainer,
+    explainer: ChannelExplainer,
     inputs: torch.Tensor,
     classes: list[int | None],
     references: torch.Tensor | None,
 ) -> Computed:
-    """``Explainer.__call__`` with the target taken from the same forward pass."""
+    """``ChannelExplainer.__call__`` with the target taken from the same forward pass."""
     forward = explainer.forward(inputs)
     scores, predicted = predict(served, forward.outputs, references)
     target = _target(served, predicted, classes, references)
