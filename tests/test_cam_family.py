@@ -415,3 +415,22 @@ def test_gradient_graph_starts_at_the_target_layer(classifier, images) -> None:
         for handle in handles:
             handle.remove()
     assert recorded == {"block1": False, "block3": False, "fc": True}
+
+
+def test_grad_mode_and_hooks_are_restored_when_the_model_fails_after_the_layer(
+    classifier, images
+) -> None:
+    def fail(*_: object) -> None:
+        raise RuntimeError("head failed")
+
+    handle = classifier.get_submodule("fc").register_forward_hook(fail)
+    before = hook_count(classifier)
+    try:
+        for grad_enabled in (False, True):
+            with torch.set_grad_enabled(grad_enabled):
+                with pytest.raises(RuntimeError, match="head failed"):
+                    GradCAM(classifier, "block3")(images, target=CLASSES)
+                assert torch.is_grad_enabled() is grad_enabled
+            assert hook_count(classifier) == before
+    finally:
+        handle.remove()
