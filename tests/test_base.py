@@ -132,6 +132,13 @@ def test_abstract_bases_cannot_be_instantiated(cls, classifier) -> None:
         cls(classifier, "block4")
 
 
+def test_input_backprop_needs_a_backward_rule(classifier) -> None:
+    from fam_core.explainers.deconvnet import InputBackprop
+
+    with pytest.raises(TypeError, match="no backward rule"):
+        InputBackprop(classifier, "block4")
+
+
 def test_a_method_must_implement_its_abstract_step(classifier) -> None:
     class NoCall(Explainer):
         method = "no-call"

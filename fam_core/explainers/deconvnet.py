@@ -222,6 +222,11 @@ class InputBackprop(Explainer):
         stride_fix: bool = False,
         **kwargs: object,
     ) -> None:
+        if not hasattr(type(self), "rule"):
+            raise TypeError(
+                f"{type(self).__name__} has no backward rule: use Deconvnet or GuidedBackprop, "
+                "or set the class attribute `rule`"
+            )
         super().__init__(model, target_layer, **kwargs)  # type: ignore[arg-type]
         if not isinstance(stride_fix, bool):
             raise TypeError(f"stride_fix must be a bool, got {stride_fix!r}")
