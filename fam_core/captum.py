@@ -42,7 +42,7 @@ except ImportError as error:  # pragma: no cover - captum is a test / interop de
 
 from fam_core.explainers.ablationcam import AblationCAM
 from fam_core.explainers.activation import UpsampledActivation
-from fam_core.explainers.base import Explainer, Target
+from fam_core.explainers.base import Explainer, Target, check_model_options
 from fam_core.explainers.cam import CAM
 from fam_core.explainers.eigencam import EigenCAM
 from fam_core.explainers.fam import FAM
@@ -53,8 +53,8 @@ from fam_core.explainers.layercam import LayerCAM
 from fam_core.explainers.registry import get_explainer
 from fam_core.explainers.scorecam import ScoreCAM
 from fam_core.explainers.xgradcam import XGradCAM
-from fam_core.pooling import POOLING_KINDS, PoolingKind, global_pool
-from fam_core.similarity import SIMILARITIES, SimilarityKind, similarity
+from fam_core.pooling import PoolingKind, global_pool
+from fam_core.similarity import SimilarityKind, similarity
 
 
 def _per_image_references(references: torch.Tensor, batch: int) -> torch.Tensor:
@@ -106,12 +106,7 @@ class SimilarityForward(nn.Module):
         pooling: PoolingKind = "avg",
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
-        if pooling not in POOLING_KINDS:
-            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_KINDS}")
+        check_model_options(model, similarity, pooling)
         if references is not None:
             if not isinstance(references, torch.Tensor) or not references.is_floating_point():
                 raise TypeError("references must be a float tensor [D] or [K, D]")

@@ -1,8 +1,38 @@
-"""Test configuration: the client scripts that tests run in subprocesses are not test modules.
+"""Test configuration and the tiny models the explainer tests share.
+
+The client scripts that tests run in subprocesses are not test modules.
 
 ``tests/oip_client.py`` imports tritonclient, whose protobuf package ``inference`` clashes with
 our generated stubs in one process, so neither it nor the TorchServe gRPC client is imported
 by collection (``--doctest-modules`` would import them).
 """
 
+import pytest
+import torch
+from torch import nn
+
+from fam_core.models.backbones import conv4
+
 collect_ignore = ["oip_client.py", "torchserve_grpc_client.py"]
+
+
+@pytest.fixture(scope="module")
+def classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return conv4(num_classes=5, width=0.25).eval()
+
+
+@pytest.fixture(scope="module")
+def embedder() -> nn.Module:
+    torch.manual_seed(2)
+    return conv4(width=0.25, embedding_dim=8).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(2, 3, 84, 84, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def references() -> torch.Tensor:
+    return torch.randn(3, 8, generator=torch.Generator().manual_seed(4))

@@ -16,7 +16,6 @@ from fam_core.explainers.base import ChannelExplainer, Explainer
 from fam_core.explainers.cam_common import BatchedExplainer, GradientCAM
 from fam_core.explainers.layercam import LayerCAM
 from fam_core.imageio import decode_image, resize
-from fam_core.models.backbones import conv4
 from fam_core.pipeline import (
     EncodedImage,
     ExplainRequest,
@@ -44,12 +43,6 @@ CHANNEL_METHODS = {
 OTHER_METHODS = {"l2caf", "deconvnet", "guided-backprop", "relevant-features"}
 """Methods whose map is something else: an optimised filter, an input-space signal."""
 CLASSES = [0, 3]
-
-
-@pytest.fixture(scope="module")
-def classifier() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return conv4(num_classes=5, width=0.25).eval()  # 16 channels, 5 x 5 at 84 x 84
 
 
 @pytest.fixture(scope="module")

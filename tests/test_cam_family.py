@@ -54,31 +54,9 @@ CLASSES = [3, 1]
 
 
 @pytest.fixture(scope="module")
-def classifier() -> nn.Module:
-    torch.manual_seed(0)
-    return conv4(num_classes=5, width=0.25).eval()
-
-
-@pytest.fixture(scope="module")
 def relu_classifier() -> nn.Module:
     torch.manual_seed(1)
     return conv4(num_classes=5, width=0.25, activation="relu").eval()
-
-
-@pytest.fixture(scope="module")
-def embedder() -> nn.Module:
-    torch.manual_seed(2)
-    return conv4(width=0.25, embedding_dim=8).eval()
-
-
-@pytest.fixture(scope="module")
-def images() -> torch.Tensor:
-    return torch.rand(2, 3, 84, 84, generator=torch.Generator().manual_seed(3))
-
-
-@pytest.fixture(scope="module")
-def references() -> torch.Tensor:
-    return torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
 
 
 def cosine_target(references: torch.Tensor):  # noqa: ANN201

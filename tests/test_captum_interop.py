@@ -13,13 +13,11 @@ from captum.attr import (
     Occlusion,
 )
 from captum.metrics import infidelity, sensitivity_max
-from torch import nn
 
 from fam_core import captum as fam_captum
 from fam_core.explainers.base import min_max
 from fam_core.explainers.fam import FAM
 from fam_core.explainers.gradcam import GradCAM
-from fam_core.models.backbones import conv4
 
 CLASSES = [3, 1]
 WRAPPERS = [
@@ -35,28 +33,6 @@ WRAPPERS = [
     fam_captum.UpsampledActivationAttribution,
     fam_captum.GuidedGradCAMAttribution,
 ]
-
-
-@pytest.fixture(scope="module")
-def classifier() -> nn.Module:
-    torch.manual_seed(0)
-    return conv4(num_classes=5, width=0.25).eval()
-
-
-@pytest.fixture(scope="module")
-def embedder() -> nn.Module:
-    torch.manual_seed(2)
-    return conv4(width=0.25, embedding_dim=8).eval()
-
-
-@pytest.fixture(scope="module")
-def images() -> torch.Tensor:
-    return torch.rand(2, 3, 84, 84, generator=torch.Generator().manual_seed(3))
-
-
-@pytest.fixture(scope="module")
-def references() -> torch.Tensor:
-    return torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
 
 
 def test_the_real_captum_is_not_shadowed() -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from fam_core.explainers.base import ForwardPass, ResolvedTarget
 from fam_core.explainers.cam_common import (
     BatchedExplainer,
+    all_pairs,
     chunks,
     rectified_sum,
     select_references,
@@ -54,8 +55,7 @@ class AblationCAM(BatchedExplainer):
         activations = forward.activations.detach()
         batch, channels = activations.shape[:2]
         scores = self.score(forward.outputs.detach(), target)  # y
-        rows = torch.arange(batch, device=activations.device).repeat_interleave(channels)
-        dropped = torch.arange(channels, device=activations.device).repeat(batch)
+        rows, dropped = all_pairs(activations)
         run_head = self._head_if_exact(forward)
         ablated_scores = scores.new_empty(batch * channels)
         for part in chunks(batch * channels, self.batch_size):

@@ -136,12 +136,7 @@ class Explainer(ABC):
         nonlinear_head: NonlinearHead = "error",
         classifier: bool | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
-        if pooling not in POOLING_KINDS:
-            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_KINDS}")
+        check_model_options(model, similarity, pooling)
         if nonlinear_head not in ("error", "jacobian"):
             raise ValueError(
                 f"nonlinear_head must be 'error' or 'jacobian', got {nonlinear_head!r}"
@@ -405,15 +400,7 @@ class ChannelExplainer(Explainer):
         with torch.set_grad_enabled(self.needs_gradients):
             weights, scores, extras = self.channel_weights(forward, resolved, images)
         raw = self.combine(weights, forward.activations)
-        return Explanation(
-            maps=upsample(raw, images.shape[-2:]),
-            raw=raw.detach(),
-            weights=weights.detach(),
-            scores=scores.detach(),
-            method=self.method,
-            target_layer=self.target_layer,
-            extras={name: value.detach() for name, value in extras.items()},
-        )
+        return build_explanation(self, images, raw, weights, scores, extras)
 
     # -- the steps a method implements or overrides
     @abstractmethod
@@ -424,7 +411,44 @@ class ChannelExplainer(Explainer):
 
     def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         """``L = sum_n w_n A^n`` (eq. 13), ``[B, h, w]``."""
-        return torch.einsum("bn,bnhw->bhw", weights, activations)
+        return weighted_sum(weights, activations)
+
+
+def check_model_options(model: object, similarity: object, pooling: object) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``model`` is a module and ``similarity`` and
+    ``pooling`` are known kinds (the options every explainer and forward wrapper take)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
+    if pooling not in POOLING_KINDS:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_KINDS}")
+
+
+def weighted_sum(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """``L = sum_n w_n A^n`` (eq. 13): ``[B, N]`` weights of ``[B, N, h, w]`` maps, ``[B, h, w]``."""
+    return torch.einsum("bn,bnhw->bhw", weights, activations)
+
+
+def build_explanation(
+    explainer: Explainer,
+    images: torch.Tensor,
+    raw: torch.Tensor,
+    weights: torch.Tensor,
+    scores: torch.Tensor,
+    extras: dict[str, torch.Tensor],
+) -> Explanation:
+    """The :class:`Explanation` of ``raw`` ``[B, h, w]`` maps: upsampled to the input's size
+    and min-max normalised (:func:`upsample`), every tensor detached."""
+    return Explanation(
+        maps=upsample(raw, images.shape[-2:]),
+        raw=raw.detach(),
+        weights=weights.detach(),
+        scores=scores.detach(),
+        method=explainer.method,
+        target_layer=explainer.target_layer,
+        extras={name: value.detach() for name, value in extras.items()},
+    )
 
 
 def _model_device(model: nn.Module) -> torch.device | None:

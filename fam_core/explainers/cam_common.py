@@ -30,9 +30,8 @@ from fam_core.explainers.base import (
     ForwardPass,
     ResolvedTarget,
     min_max,
-    upsample,
+    weighted_sum,
 )
-from fam_core.explanation import Explanation
 
 _EPS = 1e-12
 
@@ -59,7 +58,7 @@ def explained_score(
 
 def rectified_sum(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
     """``ReLU(sum_n a_n A^n)`` (FAM paper eq. 2), ``[B, h, w]``."""
-    return F.relu(torch.einsum("bn,bnhw->bhw", weights, activations))
+    return F.relu(weighted_sum(weights, activations))
 
 
 class GradientCAM(ChannelExplainer):
@@ -81,6 +80,14 @@ class GradientCAM(ChannelExplainer):
 def select_references(target: ResolvedTarget, rows: torch.Tensor) -> ResolvedTarget:
     """The target of the images ``rows`` of the batch (for batched re-scoring)."""
     return ResolvedTarget(target.references[rows], target.similarity, target.explains_self)
+
+
+def all_pairs(activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image_index, channel_index)`` ``[B * N]`` each: every (image, channel) pair of
+    ``activations`` ``[B, N, h, w]``, image-major."""
+    batch, channels = activations.shape[:2]
+    every = torch.ones(batch, channels, dtype=torch.bool, device=activations.device)
+    return every.nonzero().unbind(1)
 
 
 def chunks(total: int, batch_size: int) -> Iterator[slice]:
@@ -153,23 +160,3 @@ class BatchedExplainer(ChannelExplainer):
             outputs = self._as_vectors(self.model(masked))
             scores.append(self.score(outputs, select_references(target, rows)))  # F(X')
         return torch.cat(scores) if scores else activations.new_zeros(0)
-
-
-def build_explanation(
-    explainer: Explainer,
-    images: torch.Tensor,
-    raw: torch.Tensor,
-    weights: torch.Tensor,
-    scores: torch.Tensor,
-    extras: dict[str, torch.Tensor],
-) -> Explanation:
-    """Assemble an :class:`Explanation` as the base template does (upsample + min-max)."""
-    return Explanation(
-        maps=upsample(raw, images.shape[-2:]),
-        raw=raw.detach(),
-        weights=weights.detach(),
-        scores=scores.detach(),
-        method=explainer.method,
-        target_layer=explainer.target_layer,
-        extras={name: value.detach() for name, value in extras.items()},
-    )

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.cam_common import rectified_sum
 from fam_core.explainers.registry import register
 from fam_core.pooling import global_pooling_kind
 from fam_core.similarity import similarity_gradient
@@ -143,7 +144,7 @@ class GradFAM(ChannelExplainer):
 
     def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         """``ReLU(sum_n a_n A^n)`` (Grad-CAM eq. 2)."""
-        return torch.relu(super().combine(weights, activations.detach()))
+        return rectified_sum(weights, activations.detach())
 
     def _check_head_reproduces(self, forward: ForwardPass) -> None:
         predicted = self.head.transform(self.head.pool(forward.activations))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fam_core.explainers.base import ForwardPass, ResolvedTarget
-from fam_core.explainers.cam_common import BatchedExplainer, rectified_sum
+from fam_core.explainers.cam_common import BatchedExplainer, all_pairs, rectified_sum
 from fam_core.explainers.registry import register
 
 
@@ -46,8 +46,7 @@ class ScoreCAM(BatchedExplainer):
         activations = forward.activations.detach()
         batch, channels = activations.shape[:2]
         base_scores = self.score(forward.outputs.detach(), target)  # F(X)
-        rows = torch.arange(batch, device=activations.device).repeat_interleave(channels)
-        maps = torch.arange(channels, device=activations.device).repeat(batch)
+        rows, maps = all_pairs(activations)
         masked_scores = self.masked_scores(images, activations, target, rows, maps)  # F(X')
         increase = masked_scores.view(batch, channels) - base_scores.unsqueeze(1)
         weights = torch.softmax(increase, dim=1)  # eq. 7

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fam_core.explainers.base import ForwardPass, ResolvedTarget
-from fam_core.explainers.cam_common import BatchedExplainer
+from fam_core.explainers.cam_common import BatchedExplainer, rectified_sum
 from fam_core.explainers.fam import FAM
 from fam_core.explainers.registry import register
 from fam_core.similarity import channel_contributions
@@ -107,7 +107,7 @@ class ScoreFAM(BatchedExplainer):
 
     def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         """``ReLU(sum_n w_n A^n)`` (eq. 7)."""
-        return torch.relu(super().combine(weights, activations.detach()))
+        return rectified_sum(weights, activations.detach())
 
     def _top_k_channels(
         self, forward: ForwardPass, target: ResolvedTarget, varying: torch.Tensor

@@ -189,10 +189,12 @@ class OnnxBackend:
         order = torch.tensor([index for members, _ in groups for index in members])
         back = torch.empty_like(order)
         back[order] = torch.arange(len(order))  # run order -> item order
-        pair_scores = [run.pair_scores for run in runs]
+        pair_scores = None  # one graph: every run has them, or none does
+        if runs[0].pair_scores is not None:
+            pair_scores = torch.cat([run.pair_scores for run in runs])[back]  # type: ignore[misc]
         return _Pass(
             outputs=torch.cat([run.outputs for run in runs])[back],
-            pair_scores=None if None in pair_scores else torch.cat(pair_scores)[back],  # type: ignore[arg-type]
+            pair_scores=pair_scores,
             explanation=Explanation.concat([run.explanation for run in runs])[back],
         )
 
