@@ -28,6 +28,7 @@ from torch import nn
 from fam_core.pooling import GlobalPool, PoolingKind
 
 NonlinearHead = Literal["error", "jacobian"]
+HeadKind = Literal["identity", "linear", "jacobian"]
 
 _POOLING_TYPES = (GlobalPool, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _PASS_THROUGH = (nn.Flatten, nn.Identity, nn.Dropout)
@@ -90,16 +91,27 @@ class Head:
         matrix: ``[J, N]`` the transform as one linear map (``None`` when not linear;
             ``None`` with an empty ``transform`` means the identity).
         nonlinear_layer: name of the first layer that is not affine, if any.
+        kind: ``"identity"``, ``"linear"`` (eq. 16-18 with ``matrix``) or ``"jacobian"``
+            (not linear: explainers use the head's Jacobian at each sample).
     """
 
     pooling: nn.Module
     transform: nn.Sequential
     matrix: torch.Tensor | None
     nonlinear_layer: str | None
+    kind: HeadKind | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            if self.nonlinear_layer is not None:
+                kind = "jacobian"
+            else:
+                kind = "identity" if len(self.transform) == 0 else "linear"
+            object.__setattr__(self, "kind", kind)
 
     @property
     def is_identity(self) -> bool:
-        return len(self.transform) == 0
+        return self.kind == "identity"
 
     def pool(self, activations: torch.Tensor) -> torch.Tensor:
         return self.pooling(activations).flatten(1)

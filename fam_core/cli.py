@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fam_core.commands.archive",
     "fam_core.commands.eval",
     "fam_core.commands.export",
+    "fam_core.commands.inspect",
     "fam_core.commands.serve",
 )
 

@@ -22,7 +22,12 @@ class Explanation:
             for class targets, the class logit).
         method: the explainer's name, e.g. ``"fam"``.
         target_layer: the name of the layer whose activations were combined.
-        extras: method-specific tensors (e.g. FAM's un-normalised ``contributions``).
+        extras: method-specific tensors (e.g. FAM's un-normalised ``contributions``), and
+            strings that say how the map was made: ``"head"`` is the decomposition used
+            after the target layer (``"identity"``, ``"linear"``: eq. 16-18 with the head's
+            matrix, ``"jacobian"``: the head's Jacobian at each sample). A map with no
+            spatial information (a 1x1 target map, a constant map) is all zeros and
+            ``extras["flat"]`` ``[B]`` is ``True`` for it.
 
     Example:
         >>> e = Explanation(torch.zeros(1, 4, 4), torch.zeros(1, 2, 2), torch.zeros(1, 3),
@@ -37,7 +42,11 @@ class Explanation:
     scores: torch.Tensor
     method: str
     target_layer: str
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor | str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "flat" not in self.extras:  # no spatial information: say so
+            self.extras["flat"] = self.maps.flatten(1).amax(dim=1) == 0
 
     def __len__(self) -> int:
         return self.maps.shape[0]
@@ -54,7 +63,7 @@ class Explanation:
             scores=self.scores[index],
             method=self.method,
             target_layer=self.target_layer,
-            extras={name: value[index] for name, value in self.extras.items()},
+            extras={name: _item(value, index) for name, value in self.extras.items()},
         )
 
     @property
@@ -70,7 +79,10 @@ class Explanation:
             scores=self.scores.to(device),
             method=self.method,
             target_layer=self.target_layer,
-            extras={name: value.to(device) for name, value in self.extras.items()},
+            extras={
+                name: value.to(device) if isinstance(value, torch.Tensor) else value
+                for name, value in self.extras.items()
+            },
         )
 
     @staticmethod
@@ -86,5 +98,15 @@ class Explanation:
             scores=torch.cat([p.scores for p in parts]),
             method=first.method,
             target_layer=first.target_layer,
-            extras={k: torch.cat([p.extras[k] for p in parts]) for k in first.extras},
+            extras={k: _cat([p.extras[k] for p in parts]) for k in first.extras},
         )
+
+
+def _item(value: torch.Tensor | str, index: slice | torch.Tensor) -> torch.Tensor | str:
+    return value[index] if isinstance(value, torch.Tensor) else value
+
+
+def _cat(values: list[torch.Tensor | str]) -> torch.Tensor | str:
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return torch.cat(values)  # type: ignore[arg-type]
+    return values[0]

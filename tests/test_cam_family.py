@@ -225,9 +225,9 @@ def test_ablationcam_score_drops_equal_captum(classifier, images) -> None:
 
 
 def test_ablationcam_head_shortcut_equals_full_forward(classifier, images, monkeypatch) -> None:
-    fast = AblationCAM(classifier, "block3", batch_size=11)(images, target=CLASSES)
-    monkeypatch.setattr(AblationCAM, "_head_if_exact", lambda self, forward: None)
-    slow = AblationCAM(classifier, "block3", batch_size=11)(images, target=CLASSES)
+    fast = AblationCAM(classifier, "block4", batch_size=11)(images, target=CLASSES)
+    monkeypatch.setattr(AblationCAM, "_head_if_exact", lambda self, forward, images: None)
+    slow = AblationCAM(classifier, "block4", batch_size=11)(images, target=CLASSES)
     torch.testing.assert_close(fast.weights, slow.weights, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast.raw, slow.raw, atol=1e-5, rtol=1e-4)
 

@@ -111,8 +111,9 @@ def test_nonlinear_head_raises_unless_linearised() -> None:
     model = toy_model(head=head)
     image, refs = torch.randn(2, 3, 4, 4), torch.randn(2, 4)
     with pytest.raises(ValueError, match=r"not linear \(layer 'head.1'\)"):
-        fam_core.FAM(model, target_layer="features")(image, target=refs)
-    explanation = fam_core.FAM(model, "features", nonlinear_head="jacobian")(image, target=refs)
+        fam_core.FAM(model, target_layer="features", nonlinear_head="error")(image, target=refs)
+    explanation = fam_core.FAM(model, "features")(image, target=refs)  # default: jacobian
+    assert explanation.extras["head"] == "jacobian"
     # the Jacobian of Linear-ReLU-Linear at z is W2 diag(relu'(W1 z + b1)) W1
     z = image.mean(dim=(2, 3))
     for b in range(2):
@@ -280,6 +281,16 @@ def test_head_that_does_not_match_the_forward_is_reported() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.pool(self.features(x))) * 2  # not what the modules say
 
-    explainer = fam_core.FAM(Reordered().eval(), target_layer="features")
+    model = Reordered().eval()
+    image, target = torch.rand(1, 3, 8, 8), torch.randn(6)
+    wrong = fam_core.FAM(model, target_layer="features", head=model.head)
     with pytest.raises(ValueError, match="pass head= explicitly"):
-        explainer(torch.rand(1, 3, 8, 8), target=torch.randn(6))
+        wrong(image, target=target)
+    # from the dataflow, the head is found as it runs: 2 W (eq. 18 with the real matrix)
+    found = fam_core.FAM(model, target_layer="features")(image, target=target)
+    assert found.extras["head"] == "linear"
+    embedding = model(image)[0]
+    c_prime = embedding * target / (embedding.norm() * target.norm())
+    c_prime = c_prime / c_prime.sum().abs()
+    expected = c_prime @ (2 * model.head.weight)
+    torch.testing.assert_close(found.extras["channel_contributions"][0], expected.detach())

@@ -102,6 +102,18 @@ def test_bad_arguments_and_fast_mode_limits():
         L2CAF(model, "features", iterations=0)
     with pytest.raises(ValueError, match="lr"):
         L2CAF(model, "features", lr=-1)
+
+
+def test_fast_mode_on_a_nested_layer_falls_back_to_the_whole_model():
+    torch.manual_seed(4)
     net = conv4(width=0.25).eval()
-    with pytest.raises(ValueError, match="top-level child"):
-        L2CAF(net, "block4.conv", iterations=2)(torch.rand(1, 3, 84, 84))
+    images = torch.rand(2, 3, 84, 84)
+    nested = L2CAF(net, "block4.conv", iterations=15)(images)  # no shortcut after it
+    slow = L2CAF(net, "block4.conv", iterations=15, fast=False)(images)
+    assert nested.extras["tail"] == "model"
+    torch.testing.assert_close(nested.raw, slow.raw)
+    top = L2CAF(net, "block4", iterations=15)(images)
+    assert top.extras["tail"] in ("children", "head")
+    torch.testing.assert_close(
+        top.raw, L2CAF(net, "block4", iterations=15, fast=False)(images).raw, atol=1e-5, rtol=1e-4
+    )

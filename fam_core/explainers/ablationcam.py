@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from fam_core.explainers.base import ForwardPass, ResolvedTarget
 from fam_core.explainers.cam_common import (
@@ -56,12 +55,12 @@ class AblationCAM(BatchedExplainer):
         batch, channels = activations.shape[:2]
         scores = self.score(forward.outputs.detach(), target)  # y
         rows, dropped = all_pairs(activations)
-        run_head = self._head_if_exact(forward)
+        run_head = self._head_if_exact(forward, images)
         ablated_scores = scores.new_empty(batch * channels)
         for part in chunks(batch * channels, self.batch_size):
             ablated = activations[rows[part]].clone()
             ablated[torch.arange(ablated.shape[0]), dropped[part]] = 0  # A^n := 0
-            outputs = run_head(ablated) if run_head else self._run_with(images[rows[part]], ablated)
+            outputs = run_head(ablated) if run_head else self.run_with(images[rows[part]], ablated)
             ablated_scores[part] = self.score(outputs, select_references(target, rows[part]))
         drop = scores.unsqueeze(1) - ablated_scores.view(batch, channels)  # y - y_n
         safe = torch.where(scores >= 0, 1.0, -1.0) * scores.abs().clamp_min(_EPS)
@@ -70,10 +69,14 @@ class AblationCAM(BatchedExplainer):
     def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         return rectified_sum(weights, activations)  # eq. 6
 
-    def _head_if_exact(self, forward: ForwardPass) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def _head_if_exact(
+        self, forward: ForwardPass, images: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The layers after the target layer as a function, if they reproduce the output."""
         try:
-            head = self.head
+            head = self.head_for(forward, images)
+            if head.kind == "jacobian":
+                return None
             predicted = self._as_vectors(head.transform(head.pool(forward.activations.detach())))
         except (ValueError, RuntimeError, TypeError):
             return None
@@ -83,15 +86,3 @@ class AblationCAM(BatchedExplainer):
         ):
             return None
         return lambda ablated: self._as_vectors(head.transform(head.pool(ablated)))
-
-    def _run_with(self, images: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
-        """Run the whole model with the target layer's output replaced by ``activations``."""
-
-        def replace(_module: nn.Module, _inputs: object, _output: torch.Tensor) -> torch.Tensor:
-            return activations
-
-        handle = self.layer.register_forward_hook(replace)
-        try:
-            return self._as_vectors(self.model(images))
-        finally:
-            handle.remove()

@@ -46,9 +46,16 @@ from fam_core.adapters import (
     input_channels,
     resolve_layer,
 )
+from fam_core.discovery import find_layers, probe_size
 from fam_core.explanation import Explanation
+from fam_core.head_fit import fit_head
+from fam_core.layouts import FeatureLayout, as_layout
+from fam_core.outputs import OutputSpec, check_output_spec, is_logits, select_output
 from fam_core.pooling import POOLING_KINDS, PoolingKind, global_pool
 from fam_core.similarity import SIMILARITIES, SimilarityKind, similarity
+
+Task = Literal["embedding", "classifier"]
+TASKS: tuple[str, ...] = ("embedding", "classifier")
 
 Target = torch.Tensor | int | list[int] | tuple[int, ...] | None
 """Reference embeddings ``[D]``, ``[K, D]`` or ``[B, K, D]``; class indices; or ``None``."""
@@ -59,7 +66,8 @@ class ForwardPass:
     """What one hooked forward pass yields."""
 
     outputs: torch.Tensor  # [B, D] embeddings or logits
-    activations: torch.Tensor  # [B, N, h, w] at the target layer
+    activations: torch.Tensor  # [B, N, h, w] at the target layer (as maps, any layout)
+    layout: FeatureLayout = FeatureLayout("channels_first")  # how the layer holds them
 
 
 @dataclass(frozen=True)
@@ -76,12 +84,26 @@ class ResolvedTarget:
 
 
 def min_max(values: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
-    """Min-max normalise along ``dim`` (eq. 12); a constant slice becomes zeros."""
+    """Min-max normalise along ``dim`` (eq. 12); a constant slice becomes zeros.
+
+    A slice whose span is within float rounding of its magnitude (``1e-5`` relative) is
+    constant: stretching rounding noise to ``[0, 1]`` would draw a map that means nothing.
+
+    Example:
+        >>> min_max(torch.tensor([[2.0, 4.0], [1.0, 1.0 + 1e-7]]), dim=1)
+        tensor([[0., 1.],
+                [0., 0.]])
+    """
     low = values.amin(dim=dim, keepdim=True)
-    span = values.amax(dim=dim, keepdim=True) - low
+    high = values.amax(dim=dim, keepdim=True)
+    span = high - low
+    magnitude = torch.maximum(low.abs(), high.abs())
     # the scale is computed on the small reduced tensor: one subtraction and one
     # multiplication over the full maps (this runs on every explanation)
-    scale = torch.where(span > 0, span.clamp_min(1e-12).reciprocal(), torch.zeros_like(span))
+    flat = span <= 1e-5 * magnitude
+    scale = torch.where(
+        (span > 0) & ~flat, span.clamp_min(1e-12).reciprocal(), torch.zeros_like(span)
+    )
     return (values - low).mul_(scale)
 
 
@@ -95,15 +117,28 @@ class Explainer(ABC):
         model: a ``torch.nn.Module`` returning embeddings ``[B, D]`` (or a feature map,
             pooled with ``pooling``) or class logits ``[B, num_classes]``. Use it in eval
             mode; the explainer does not change the mode.
-        target_layer: name or module of a layer with a spatial output ``[B, N, h, w]``;
-            ``None`` takes ``model.default_target_layer`` or the last layer before pooling.
+        target_layer: name or module of a layer whose output holds feature maps
+            (``[B, N, h, w]``, tokens ``[B, T, N]`` or channel-last ``[B, h, w, N]``, see
+            :mod:`fam_core.layouts`); ``None`` takes ``model.default_target_layer``, else
+            the layer found from the model's dataflow (:mod:`fam_core.discovery`).
         similarity: ``"cosine"`` (default), ``"dot"`` or ``"euclidean"`` (negative distance).
         pooling: pooling ``p`` of eq. 11 used where the model does not pool itself.
-        head: ``"auto"`` finds the layers after ``target_layer``; an ``nn.Module`` or a
-            ``[J, N]`` matrix gives them; ``None`` means the embedding is the pooled layer.
-        nonlinear_head: ``"error"`` (default) or ``"jacobian"`` (local linearisation).
-        classifier: whether the outputs are class logits (default: ``model.is_classifier``
-            when present, else ``False``). Class targets need a classifier.
+        head: ``"auto"`` finds the layers after ``target_layer`` from the dataflow
+            (:mod:`fam_core.head_fit`); an ``nn.Module`` or a ``[J, N]`` matrix gives them;
+            ``None`` means the embedding is the pooled layer.
+        nonlinear_head: ``"jacobian"`` (default: the exact per-sample linearisation of a
+            head that is not linear, recorded as ``extras["head"]``) or ``"error"``.
+        task: ``"embedding"`` or ``"classifier"``; ``None`` infers it: a classifier when
+            the model says so (``model.is_classifier``) or its selected output is called
+            ``logits``. Class-index targets work on any model whose output is
+            ``[B, num_classes]``; ``target=None`` explains the top class of a classifier.
+        output: which model output is explained (:mod:`fam_core.outputs`): a key, an index
+            or a callable; ``None`` takes the documented default.
+        layout: how the target layer holds its maps: ``"auto"`` (default), a
+            :class:`~fam_core.layouts.FeatureLayout` or one of its kinds.
+        input_size: ``(H, W)`` used to find the target layer when ``target_layer`` is
+            ``None`` (default: the model's ``config.image_size``, else 224).
+        classifier: the older spelling of ``task="classifier"``.
 
     Example:
         >>> from fam_core.models.backbones import conv4
@@ -133,7 +168,11 @@ class Explainer(ABC):
         similarity: SimilarityKind = "cosine",
         pooling: PoolingKind = "avg",
         head: nn.Module | torch.Tensor | Literal["auto"] | None = "auto",
-        nonlinear_head: NonlinearHead = "error",
+        nonlinear_head: NonlinearHead = "jacobian",
+        task: Task | None = None,
+        output: OutputSpec = None,
+        layout: FeatureLayout | str | None = "auto",
+        input_size: int | tuple[int, int] | None = None,
         classifier: bool | None = None,
     ) -> None:
         check_model_options(model, similarity, pooling)
@@ -141,16 +180,50 @@ class Explainer(ABC):
             raise ValueError(
                 f"nonlinear_head must be 'error' or 'jacobian', got {nonlinear_head!r}"
             )
+        if task is not None and task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
+        check_output_spec(output)
         self.model = model
+        self.output = output
+        self.layout_spec = layout
+        self._input_channels = input_channels(model)
+        if target_layer is None and getattr(model, "default_target_layer", None) is None:
+            search = find_layers(
+                model,
+                probe_size(model, input_size),
+                output=output,
+                channels=self._input_channels or 3,
+                pooling=pooling,
+            )
+            if search.chosen is None:
+                raise ValueError(
+                    "found no layer with feature maps that reach the model's output; pass "
+                    f"target_layer (candidates: {[c.name for c in search.candidates]})"
+                )
+            target_layer = search.chosen
         self.target_layer, self.layer = resolve_layer(model, target_layer)
         self.similarity: SimilarityKind = similarity
         self.pooling: PoolingKind = pooling
         self.nonlinear_head: NonlinearHead = nonlinear_head
         self._head_spec = head
-        self.classifier = (
-            bool(getattr(model, "is_classifier", False)) if classifier is None else classifier
-        )
-        self._input_channels = input_channels(model)
+        self._fitted_heads: dict[tuple[int, ...], Head] = {}
+        if task is None and classifier is not None:
+            task = "classifier" if classifier else "embedding"
+        if task is None and getattr(model, "is_classifier", None) is not None:
+            task = "classifier" if model.is_classifier else "embedding"
+        self._task_given: Task | None = task
+        self._task_inferred: Task | None = None
+
+    @property
+    def task(self) -> Task | None:
+        """``"embedding"`` or ``"classifier"``: as given, else inferred from the first
+        output (``logits`` means a classifier); ``None`` before the first call."""
+        return self._task_given or self._task_inferred
+
+    @property
+    def classifier(self) -> bool:
+        """Whether the explained output is class logits (``task == "classifier"``)."""
+        return self.task == "classifier"
 
     # -- context manager: hooks never outlive a call, so leaving only has to stay harmless
     def __enter__(self) -> Explainer:
@@ -191,47 +264,143 @@ class Explainer(ABC):
         )
 
     # -- the steps every method shares
-    def forward(self, images: torch.Tensor) -> ForwardPass:
-        """Run the model once, capturing the target layer's output with a temporary hook.
+    def forward(self, images: torch.Tensor, *, graph: bool | None = None) -> ForwardPass:
+        """Run the model once, capturing the target layer's maps with a temporary hook.
 
-        Methods that need gradients get an autograd graph that starts at the target layer:
-        the layers before it run without recording (no saved activations, as in a plain
-        forward), and the captured activations are the graph's leaf, so
+        With ``graph`` (default: the method ``needs_gradients``, or the head is not linear
+        and the method maps weights through it) the autograd graph starts at the target
+        layer: the layers before it run without recording (no saved activations, as in a
+        plain forward), and the captured maps are the graph's leaf, so
         ``d score / d activations`` is exact whether or not the weights require grad.
         """
-        captured: list[torch.Tensor] = []
+        if graph is None:
+            graph = self.needs_gradients or self._head_needs_graph(images)
+        captured: list[tuple[torch.Tensor, FeatureLayout]] = []
+        size = (int(images.shape[-2]), int(images.shape[-1]))
 
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor | None:
-            if not (self.needs_gradients and isinstance(output, torch.Tensor)):
-                captured.append(output)
+        def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+            tensor, rewrap = _unwrap(output)
+            layout = self._layout(tensor, size)
+            maps = layout.to_map(tensor)
+            if not graph:
+                captured.append((maps, layout))
                 return None
             torch.set_grad_enabled(True)  # for the layers after this one; restored below
-            leaf = output.detach().requires_grad_(True)
-            captured.append(leaf)
-            return leaf.clone()  # later in-place ops (ReLU(inplace=True)) must not touch the leaf
+            leaf = maps.detach().requires_grad_(True)
+            captured.append((leaf, layout))
+            # a copy: later in-place ops (ReLU(inplace=True)) must not touch the leaf
+            return rewrap(layout.from_map(leaf, tensor).clone())
 
         handle = self.layer.register_forward_hook(hook)
         try:
             with torch.no_grad():
-                outputs = self.model(images)
+                raw_outputs = self.model(images)
         finally:
             handle.remove()
         if not captured:
             raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
-        activations = captured[-1]
-        if not isinstance(activations, torch.Tensor) or activations.dim() != 4:
-            shape = tuple(activations.shape) if isinstance(activations, torch.Tensor) else "?"
+        activations, layout = captured[-1]
+        return ForwardPass(self._as_vectors(raw_outputs), activations, layout)
+
+    def run_with(self, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """The outputs ``[B, D]`` with the target layer's maps replaced by ``maps``.
+
+        ``images`` may be one image for a batch of ``maps`` (it is repeated). Runs the whole
+        model; gradients flow into ``maps`` when grad mode is on.
+        """
+        if images.shape[0] != maps.shape[0]:
+            images = images[:1].expand(maps.shape[0], *images.shape[1:])
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+
+        def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+            tensor, rewrap = _unwrap(output)
+            layout = self._layout(tensor, size)
+            return rewrap(layout.from_map(maps.to(tensor.dtype), tensor).clone())
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            return self._as_vectors(self.model(images))
+        finally:
+            handle.remove()
+
+    def _layout(self, tensor: torch.Tensor, size: tuple[int, int]) -> FeatureLayout:
+        layout = as_layout(self.layout_spec, tensor, size)
+        if layout is None:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else "?"
             raise ValueError(
                 f"target layer {self.target_layer!r} is not spatial: its output has shape "
-                f"{shape}, expected a feature map [B, N, h, w]"
+                f"{shape}, expected feature maps [B, N, h, w], tokens [B, T, N] or "
+                f"[B, h, w, N] covering a {size[0]}x{size[1]} input"
             )
-        return ForwardPass(outputs=self._as_vectors(outputs), activations=activations)
+        return layout
+
+    # -- the head between the target layer and the outputs
+    uses_head: ClassVar[bool] = False  # the method maps embedding weights through the head
+
+    def head_for(self, forward: ForwardPass, images: torch.Tensor) -> Head:
+        """The head after the target layer for maps like ``forward``'s (found once per
+        map shape, from the dataflow: :func:`fam_core.head_fit.fit_head`)."""
+        if not (isinstance(self._head_spec, str) and self._head_spec == "auto"):
+            return self.head
+        key = tuple(forward.activations.shape[1:])
+        if key not in self._fitted_heads:
+            module_head = None
+            try:
+                module_head = find_head(self.model, self.target_layer, self.pooling)
+            except (ValueError, TypeError, RuntimeError):
+                module_head = None
+
+            def run(maps: torch.Tensor) -> torch.Tensor:
+                return self.run_with(images[:1], maps)
+
+            def run_graph(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                leaf = maps.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    return leaf, self.run_with(images[:1], leaf)
+
+            self._fitted_heads[key] = fit_head(
+                forward.activations,
+                forward.outputs,
+                module_head=module_head,
+                pooling=self.pooling,
+                run=run,
+                run_graph=run_graph,
+                layer_name=self.target_layer,
+            )
+        return self._fitted_heads[key]
+
+    def _head_needs_graph(self, images: torch.Tensor) -> bool:
+        """Whether this method's forward must record the head (a Jacobian head, or one not
+        yet analysed for this input size)."""
+        if not self.uses_head or self.nonlinear_head == "error":
+            return False
+        if not (isinstance(self._head_spec, str) and self._head_spec == "auto"):
+            return False
+        fitted = list(self._fitted_heads.values())
+        return not fitted or any(head.kind == "jacobian" for head in fitted)
+
+    def head_jacobian_product(
+        self, forward: ForwardPass, weights: torch.Tensor, images: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_ij d(weights . Z')/dA[:, n, i, j]`` ``[B, N]``: ``weights`` ``[B, J]`` mapped
+        through the head's Jacobian at each sample (eq. 18 with ``W`` the local Jacobian;
+        equal to ``weights @ W`` for a linear head after average pooling)."""
+        if not forward.activations.requires_grad:  # recorded without the head: once more
+            forward = self.forward(images, graph=True)
+        with torch.enable_grad():
+            (grads,) = torch.autograd.grad(
+                forward.outputs,
+                forward.activations,
+                weights.detach().to(forward.outputs),
+                retain_graph=True,
+            )
+        return grads.sum(dim=(2, 3)).to(weights.dtype)
 
     def resolve_target(self, target: Target, outputs: torch.Tensor) -> ResolvedTarget:
         """Turn any accepted target into references ``[B, K, D]``."""
         batch, dim = outputs.shape
         if target is None:
-            if self.classifier:
+            if self.task == "classifier":
                 return self._class_target(outputs.argmax(dim=1), outputs)
             return ResolvedTarget(
                 outputs.detach().unsqueeze(1), self.similarity, explains_self=True
@@ -285,12 +454,17 @@ class Explainer(ABC):
             )
         if not images.is_floating_point():
             raise TypeError(f"images must be a floating-point tensor, got {images.dtype}")
-        device = _model_device(self.model)
-        return images if device is None else images.to(device)
+        parameter = next(self.model.parameters(), None)
+        if parameter is None:
+            return images
+        dtype = parameter.dtype if parameter.is_floating_point() else images.dtype
+        return images.to(device=parameter.device, dtype=dtype)
 
-    def _as_vectors(self, outputs: torch.Tensor) -> torch.Tensor:
-        if not isinstance(outputs, torch.Tensor):
-            raise TypeError(f"the model must return a tensor, got {type(outputs).__name__}")
+    def _as_vectors(self, raw_outputs: object) -> torch.Tensor:
+        outputs = select_output(raw_outputs, self.output)
+        if self._task_given is None and self._task_inferred is None:
+            logits = is_logits(raw_outputs, self.output)
+            self._task_inferred = "classifier" if logits else "embedding"
         if outputs.dim() == 4:
             return global_pool(outputs, self.pooling)
         if outputs.dim() != 2:
@@ -324,10 +498,11 @@ class Explainer(ABC):
         return target.to(device=outputs.device, dtype=outputs.dtype)
 
     def _class_indices(self, target: Target, batch: int) -> torch.Tensor:
-        if not self.classifier:
+        if self._task_given == "embedding":
             raise TypeError(
-                "class-index targets need a classifier model; for an embedding model pass "
-                "reference embeddings [D], [K, D] or [B, K, D] (e.g. from explainer.embed)"
+                "class-index targets need a classifier (task='classifier'); for an embedding "
+                "model pass reference embeddings [D], [K, D] or [B, K, D] (e.g. from "
+                "explainer.embed)"
             )
         if isinstance(target, bool):
             raise TypeError("target must be a class index, not a bool")
@@ -436,10 +611,15 @@ def build_explanation(
     raw: torch.Tensor,
     weights: torch.Tensor,
     scores: torch.Tensor,
-    extras: dict[str, torch.Tensor],
+    extras: dict[str, torch.Tensor | str],
 ) -> Explanation:
     """The :class:`Explanation` of ``raw`` ``[B, h, w]`` maps: upsampled to the input's size
-    and min-max normalised (:func:`upsample`), every tensor detached."""
+    and min-max normalised (:func:`upsample`), every tensor detached. Maps without spatial
+    information are flagged in ``extras["flat"]``."""
+    extras = {
+        name: value.detach() if isinstance(value, torch.Tensor) else value
+        for name, value in extras.items()
+    }
     return Explanation(
         maps=upsample(raw, images.shape[-2:]),
         raw=raw.detach(),
@@ -447,8 +627,21 @@ def build_explanation(
         scores=scores.detach(),
         method=explainer.method,
         target_layer=explainer.target_layer,
-        extras={name: value.detach() for name, value in extras.items()},
+        extras=extras,
     )
+
+
+def _unwrap(output: object):  # noqa: ANN202
+    """``(tensor, rewrap)``: a layer output's feature tensor (a tensor, or the first item of a
+    tuple or list) and a function putting a replacement back in its place."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda new: new
+    if isinstance(output, list | tuple) and output and isinstance(output[0], torch.Tensor):
+        rest = tuple(output[1:])
+        return output[
+            0
+        ], lambda new: type(output)((new, *rest)) if isinstance(output, list) else (new, *rest)
+    return output, lambda new: new
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -458,7 +651,10 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 def upsample(raw: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling to the input size, then min-max normalisation per map."""
+    raw = raw.detach()
+    if raw.shape[-2:] == (1, 1):  # no spatial information: a constant map, not rounding noise
+        return raw.new_zeros(raw.shape[0], *tuple(size), dtype=torch.float32)
     maps = F.interpolate(
-        raw.detach().unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False
+        raw.float().unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False
     )
-    return min_max(maps.squeeze(1), dim=(1, 2)).float()
+    return min_max(maps.squeeze(1), dim=(1, 2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fam_core.adapters import Head
 from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
 from fam_core.explainers.registry import register
 from fam_core.pooling import GlobalPool
@@ -47,7 +48,7 @@ class CAM(ChannelExplainer):
     def channel_weights(
         self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        matrix = self.classifier_matrix()  # [J, N]
+        matrix = self.classifier_matrix(self.head_for(forward, images))  # [J, N]
         if target.similarity == "euclidean":
             raise ValueError(
                 "CAM needs a score linear in the model output: use a class target or "
@@ -62,10 +63,9 @@ class CAM(ChannelExplainer):
         scores = self.score(outputs, target)
         return weights, scores, {}
 
-    def classifier_matrix(self) -> torch.Tensor:
+    def classifier_matrix(self, head: Head) -> torch.Tensor:
         """The linear map ``[J, N]`` from the pooled target layer to the output."""
-        head = self.head
-        if head.nonlinear_layer is not None or head.matrix is None:
+        if head.kind == "jacobian" or head.matrix is None:
             found = head.nonlinear_layer or "no linear layer"
             raise ValueError(
                 f"CAM needs global average pooling and a linear classifier after "

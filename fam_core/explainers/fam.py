@@ -15,6 +15,7 @@ import torch
 from fam_core.adapters import Head
 from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget, min_max
 from fam_core.explainers.registry import register
+from fam_core.head_fit import reproduces
 from fam_core.similarity import channel_contributions
 
 
@@ -38,6 +39,7 @@ class FAM(ChannelExplainer):
     """
 
     method = "fam"
+    uses_head = True
 
     def channel_weights(
         self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
@@ -46,26 +48,36 @@ class FAM(ChannelExplainer):
         pair_scores = contributions.sum(dim=2)  # s(Z', R_k), [B, K]
         per_pair = contributions / pair_scores.abs().clamp_min(1e-12).unsqueeze(2)  # eq. 15
         embedding_weights = per_pair.mean(dim=1)  # eq. 11, [B, D]
-        channel = self.to_channels(embedding_weights, forward)  # eq. 18, [B, N]
+        head = self.head_for(forward, images)
+        channel = self.to_channels(embedding_weights, forward, images)  # eq. 18, [B, N]
         return (
             min_max(channel, dim=1),  # eq. 12
             pair_scores.mean(dim=1),  # eq. 11
-            {"contributions": contributions.mean(dim=1), "channel_contributions": channel},
+            {
+                "contributions": contributions.mean(dim=1),
+                "channel_contributions": channel,
+                "head": head.kind or "linear",
+            },
         )
 
-    def to_channels(self, embedding_weights: torch.Tensor, forward: ForwardPass) -> torch.Tensor:
+    def to_channels(
+        self, embedding_weights: torch.Tensor, forward: ForwardPass, images: torch.Tensor
+    ) -> torch.Tensor:
         """Map weights on the embedding ``[B, J]`` to the target layer's channels ``[B, N]``."""
         channels = forward.activations.shape[1]
-        head = self.head
-        if head.nonlinear_layer is not None:
+        head = self.head_for(forward, images)
+        if head.kind == "jacobian":
             if self.nonlinear_head == "error":
                 raise ValueError(
-                    f"the head after {self.target_layer!r} is not linear (layer "
-                    f"{head.nonlinear_layer!r}); FAM's eq. 18 needs a linear head: pass "
+                    f"the head after {self.target_layer!r} is not linear "
+                    f"(layer {head.nonlinear_layer!r}); FAM's eq. 18 needs a linear head: pass "
                     "head= with its linear part, or nonlinear_head='jacobian' to linearise it"
                 )
+            if isinstance(self._head_spec, str):  # the model's own head, through autograd
+                return self.head_jacobian_product(forward, embedding_weights, images)
             jacobian = head.jacobian(head.pool(forward.activations).detach())  # [B, J, N]
             return torch.einsum("bj,bjn->bn", embedding_weights, jacobian)
+        self._check_head(head, forward)
         if head.matrix is None:
             if embedding_weights.shape[1] != channels:
                 raise ValueError(
@@ -73,17 +85,14 @@ class FAM(ChannelExplainer):
                     f"{self.target_layer!r} has {channels} channels and no linear head follows it"
                 )
             return embedding_weights
-        self._check_head(head, forward)
         return embedding_weights @ head.matrix.to(embedding_weights)  # C = W x C'^T
 
     def _check_head(self, head: Head, forward: ForwardPass) -> None:
-        """The found head must reproduce the model's output, or eq. 18 maps the wrong thing."""
-        predicted = head.transform(head.pool(forward.activations))
-        if predicted.shape != forward.outputs.shape or not torch.allclose(
-            predicted, forward.outputs, rtol=1e-3, atol=1e-4
-        ):
+        """The head must reproduce the model's output, or eq. 18 maps the wrong thing."""
+        with torch.no_grad():
+            predicted = head.transform(head.pool(forward.activations.detach()))
+        if not reproduces(predicted.to(forward.outputs.dtype), forward.outputs):
             raise ValueError(
-                f"the head found after {self.target_layer!r} does not reproduce the model's "
-                "output (the model must run its layers in the order it registers them); "
-                "pass head= explicitly"
+                f"the head after {self.target_layer!r} ({head.kind}) does not reproduce the "
+                "model's output: pass head= explicitly"
             )

@@ -24,9 +24,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fam_core.adapters import Head
 from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
 from fam_core.explainers.cam_common import rectified_sum
 from fam_core.explainers.registry import register
+from fam_core.head_fit import reproduces
 from fam_core.pooling import global_pooling_kind
 from fam_core.similarity import similarity_gradient
 
@@ -108,7 +110,10 @@ class GradFAM(ChannelExplainer):
         self.needs_gradients = not self.analytic  # type: ignore[misc]
 
     def _analytic_head_supported(self) -> bool:
-        head = self.head
+        try:
+            head = self.head
+        except (ValueError, TypeError):
+            return False
         if head.nonlinear_layer is not None:
             return False
         if head.matrix is None and not head.is_identity:
@@ -125,12 +130,20 @@ class GradFAM(ChannelExplainer):
         else:
             scores = self.score(outputs, target)
         hw = activations.shape[2] * activations.shape[3]
-        if not self.analytic:
+        head = self.head_for(forward, images) if self.analytic else None
+        if head is None or not self._head_allows_closed_form(head, forward):
+            if not forward.activations.requires_grad:  # the head is not what it seemed
+                forward = self.forward(images, graph=True)
+                outputs = forward.outputs
+                scores = (
+                    self.score(outputs, target)
+                    if not target.explains_self
+                    else (self_projection_score(outputs)[0])
+                )
             weights = self.gradients(forward, scores).sum(dim=(2, 3)) / hw  # eq. 3
             return weights, scores, {}
-        self._check_head_reproduces(forward)
         d_embedding = similarity_gradient(outputs, target.references, target.similarity)
-        matrix = self.head.matrix
+        matrix = head.matrix
         d_pooled = d_embedding if matrix is None else d_embedding @ matrix.to(d_embedding)
         if d_pooled.shape[1] != activations.shape[1]:
             raise ValueError(
@@ -138,20 +151,23 @@ class GradFAM(ChannelExplainer):
                 f"{self.target_layer!r} has {activations.shape[1]} channels and no linear "
                 "head maps one onto the other"
             )
-        sums = pooling_gradient_sums(self.head.pooling, activations)
-        assert sums is not None  # guaranteed by _analytic_head_supported
+        sums = pooling_gradient_sums(head.pooling, activations)
+        assert sums is not None  # guaranteed by _head_allows_closed_form
         return d_pooled * sums / hw, scores, {}  # eq. 3 by the chain rule
 
     def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         """``ReLU(sum_n a_n A^n)`` (Grad-CAM eq. 2)."""
         return rectified_sum(weights, activations.detach())
 
-    def _check_head_reproduces(self, forward: ForwardPass) -> None:
-        predicted = self.head.transform(self.head.pool(forward.activations))
-        if predicted.shape != forward.outputs.shape or not torch.allclose(
-            predicted, forward.outputs, rtol=1e-3, atol=1e-4
+    @staticmethod
+    def _head_allows_closed_form(head: Head, forward: ForwardPass) -> bool:
+        """A linear (or identity) head with a known pooling gradient that reproduces the
+        model's output (found from the dataflow, so this holds unless given by hand)."""
+        if (
+            head.kind == "jacobian"
+            or pooling_gradient_sums(head.pooling, forward.activations[:1]) is None
         ):
-            raise ValueError(
-                f"the head found after {self.target_layer!r} does not reproduce the model's "
-                "output; pass head= explicitly or analytic=False"
-            )
+            return False
+        with torch.no_grad():
+            predicted = head.transform(head.pool(forward.activations.detach()))
+        return reproduces(predicted.to(forward.outputs.dtype), forward.outputs.detach())

@@ -16,10 +16,13 @@ loss moved by more than ``tolerance`` (1e-6). A batch optimises one filter per i
 together (the losses are independent, so the summed loss gives each filter its own
 gradient).
 
-Fast mode (default) computes ``A`` once and runs only the layers after the target layer
-(the model's top-level children after it, checked to reproduce the model's output); the
-slow mode runs the whole model each iteration with the filtered ``A`` substituted by a
-temporary forward hook.
+Fast mode (default) computes ``A`` once and runs only the part of the network after the
+target layer: the model's top-level children after it, or the head found from the dataflow
+when it is linear (:mod:`fam_core.head_fit`), each checked to reproduce the model's output.
+Where neither does (a nested layer followed by more blocks), it falls back on its own to
+the slow mode, which runs the whole model each iteration with the filtered ``A``
+substituted by a temporary forward hook. ``extras["tail"]`` says which ran: ``"children"``,
+``"head"`` or ``"model"``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fam_core.explainers.base import Explainer, Target, upsample
+from fam_core.explainers.base import Explainer, ForwardPass, Target, upsample
 from fam_core.explainers.registry import register
 from fam_core.explanation import Explanation
+from fam_core.head_fit import reproduces
 
 
 @register
@@ -87,7 +91,9 @@ class L2CAF(Explainer):
         forward = self.forward(images)
         activations, original = forward.activations.detach(), forward.outputs.detach()
         loss_of = self._objective(target, original)
-        run_tail = self._tail(activations, original) if self.fast else self._full(images)
+        tail, run_tail = "model", self._full(images)
+        if self.fast:
+            tail, run_tail = self._tail(forward, images) or (tail, run_tail)
         batch, _, height, width = activations.shape
         filters = activations.new_ones(batch, height, width, requires_grad=True)
         optimizer = torch.optim.SGD([filters], lr=self.lr)
@@ -126,6 +132,7 @@ class L2CAF(Explainer):
                 "filter": unit,
                 "initial_loss": initial,
                 "iterations": torch.full((batch,), done, device=raw.device),
+                "tail": tail,
             },
         )
 
@@ -146,41 +153,38 @@ class L2CAF(Explainer):
             return class_specific
         return lambda outputs: -self.score(outputs, resolved)
 
-    def _tail(self, activations: torch.Tensor, original: torch.Tensor):  # noqa: ANN202
-        """The model's top-level children after the target layer, as one function."""
+    def _tail(self, forward: ForwardPass, images: torch.Tensor):  # noqa: ANN202
+        """``(kind, run)``: the network after the target layer as one function of the maps,
+        or ``None`` when no shortcut reproduces the model's output."""
+        activations, original = forward.activations.detach(), forward.outputs.detach()
         children = list(self.model.named_children())
         names = [name for name, _ in children]
-        if self.target_layer not in names:
-            raise ValueError(
-                f"fast mode needs the target layer to be a top-level child of the model, got "
-                f"{self.target_layer!r} (children: {names}); pass fast=False"
-            )
-        after = [module for _, module in children[names.index(self.target_layer) + 1 :]]
+        if self.target_layer in names and forward.layout.kind == "channels_first":
+            after = [module for _, module in children[names.index(self.target_layer) + 1 :]]
 
-        def run(features: torch.Tensor) -> torch.Tensor:
-            for module in after:
-                features = module(features)
-            return self._as_vectors(features)
+            def run_children(features: torch.Tensor) -> torch.Tensor:
+                for module in after:
+                    features = module(features)
+                return self._as_vectors(features)
 
-        with torch.no_grad():
-            reproduced = run(activations)
-        if reproduced.shape != original.shape or not torch.allclose(
-            reproduced, original, rtol=1e-3, atol=1e-4
-        ):
-            raise ValueError(
-                f"running the children after {self.target_layer!r} in order does not "
-                "reproduce the model's output; pass fast=False"
-            )
-        return run
+            with torch.no_grad():
+                try:
+                    reproduced = run_children(activations)
+                except (RuntimeError, TypeError, ValueError):
+                    reproduced = None
+            if reproduced is not None and reproduces(reproduced, original):
+                return "children", run_children
+        head = self.head_for(forward, images)
+        if head.kind in ("identity", "linear"):
+
+            def run_head(features: torch.Tensor) -> torch.Tensor:
+                return head.transform(head.pool(features))
+
+            with torch.no_grad():
+                if reproduces(run_head(activations), original):
+                    return "head", run_head
+        return None
 
     def _full(self, images: torch.Tensor):  # noqa: ANN202
-        """The whole model with the target layer's output replaced (slow mode)."""
-
-        def run(filtered: torch.Tensor) -> torch.Tensor:
-            handle = self.layer.register_forward_hook(lambda _m, _i, _o: filtered)
-            try:
-                return self._as_vectors(self.model(images))
-            finally:
-                handle.remove()
-
-        return run
+        """The whole model with the target layer's maps replaced (slow mode)."""
+        return lambda filtered: self.run_with(images, filtered)

@@ -433,11 +433,11 @@ class RelevantFeatures(Explainer):
         return layer_of, channel_of
 
     def _class_indices_for(self, target: Target, batch: int, num_classes: int) -> torch.Tensor:
-        classifier, self.classifier = self.classifier, True  # reuse the base's validation
+        given, self._task_given = self._task_given, "classifier"  # reuse the base's validation
         try:
             classes = self._class_indices(target, batch)
         finally:
-            self.classifier = classifier
+            self._task_given = given
         if (classes < 0).any() or (classes >= num_classes).any():
             raise ValueError(
                 f"class index out of range: expected 0 <= target < {num_classes}, "

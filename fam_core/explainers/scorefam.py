@@ -28,7 +28,6 @@ from fam_core.explainers.base import ForwardPass, ResolvedTarget
 from fam_core.explainers.cam_common import BatchedExplainer, rectified_sum
 from fam_core.explainers.fam import FAM
 from fam_core.explainers.registry import register
-from fam_core.similarity import channel_contributions
 
 TopKRest = Literal["baseline", "zero"]
 
@@ -83,7 +82,9 @@ class ScoreFAM(BatchedExplainer):
             pooling=self.pooling,
             head=self._head_spec,
             nonlinear_head=self.nonlinear_head,
-            classifier=self.classifier,
+            task=self._task_given,
+            output=self.output,
+            layout=self.layout_spec,
         )
 
     def channel_weights(
@@ -95,7 +96,7 @@ class ScoreFAM(BatchedExplainer):
         varying = flat.amax(dim=2) > flat.amin(dim=2)  # constant maps are not run
         evaluated = varying
         if self.top_k is not None and self.top_k < activations.shape[1]:
-            evaluated = self._top_k_channels(forward, target, varying)
+            evaluated = self._top_k_channels(forward, target, varying, images)
         differences = torch.zeros_like(baseline.unsqueeze(1).expand_as(varying))
         image_index, channel_index = evaluated.nonzero().unbind(1)  # the pairs to run
         masked_scores = self.masked_scores(images, activations, target, image_index, channel_index)
@@ -110,15 +111,15 @@ class ScoreFAM(BatchedExplainer):
         return rectified_sum(weights, activations.detach())
 
     def _top_k_channels(
-        self, forward: ForwardPass, target: ResolvedTarget, varying: torch.Tensor
+        self,
+        forward: ForwardPass,
+        target: ResolvedTarget,
+        varying: torch.Tensor,
+        images: torch.Tensor,
     ) -> torch.Tensor:
         """The ``top_k`` non-constant channels with the largest FAM contributions."""
-        contributions = channel_contributions(
-            forward.outputs.detach(), target.references, target.similarity
-        )
-        pair_scores = contributions.sum(dim=2, keepdim=True).abs().clamp_min(1e-12)
-        embedding_weights = (contributions / pair_scores).mean(dim=1)  # FAM eq. 15, 11
-        channel = self._fam.to_channels(embedding_weights, forward)  # FAM eq. 18
+        _, _, extras = self._fam.channel_weights(forward, target, images)  # FAM eq. 11-18
+        channel = extras["channel_contributions"]
         ranked = channel.masked_fill(~varying, float("-inf"))
         top = ranked.topk(min(self.top_k or 1, ranked.shape[1]), dim=1).indices
         chosen = torch.zeros_like(varying).scatter_(1, top, True)
