@@ -27,13 +27,19 @@ Steps:
    Grad-CAM), merged after the target and the output.
 
 Example:
-    >>> import io, torch
+    >>> import io, warnings
     >>> from fam_core.models.backbones import conv4
+    >>> from fam_core.onnx_runtime import OnnxExplainer
     >>> buffer = io.BytesIO()
-    >>> torch.onnx.export(conv4(width=0.25).eval(), (torch.rand(1, 3, 32, 32),), buffer,
-    ...                   dynamo=False)  # doctest: +SKIP
-    >>> grafted = graft_onnx(onnx.load_from_string(buffer.getvalue()))  # doctest: +SKIP
-    >>> [value.name for value in grafted.graph.output]  # doctest: +SKIP
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     torch.onnx.export(conv4(width=0.25).eval(), (torch.rand(1, 3, 32, 32),), buffer,
+    ...                       dynamo=False)
+    >>> foreign = onnx.load_from_string(buffer.getvalue())
+    >>> inspect_onnx(foreign).chosen.shape
+    (16, 2, 2)
+    >>> grafted = graft_onnx(foreign, method="fam")
+    >>> [value.name for value in grafted.graph.output]
     ['embedding', 'scores', 'heatmap', 'heatmap_lowres', 'weights']
 """
 
@@ -366,7 +372,8 @@ def _analyse_graph(
         for name in [*ordered, output]
         if name not in shapes or (len(shapes[name]) in (2, 4) and None in shapes[name][1:])
     ]
-    unknown = [name for name in unknown if _is_float_value(proto, name)]
+    types = _elem_types(proto)
+    unknown = [name for name in unknown if types.get(name, 0) in (0, TensorProto.FLOAT)]
     measured = _measured_shapes(proto, unknown, size, batch)
     full: dict[str, tuple[int, ...]] = {}
     for name in [*ordered, output]:
@@ -387,12 +394,12 @@ def _analyse_graph(
     return _Graph(proto, source, image, size, output, output_shape, candidates, full)
 
 
-def _is_float_value(proto: onnx.ModelProto, name: str) -> bool:
-    """Whether ``name`` may hold float data: not an integer/bool value that inference typed."""
-    for value in (*proto.graph.value_info, *proto.graph.output):
-        if value.name == name:
-            return value.type.tensor_type.elem_type in (0, TensorProto.FLOAT)
-    return True
+def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the values that shape inference typed."""
+    return {
+        value.name: value.type.tensor_type.elem_type
+        for value in (*proto.graph.value_info, *proto.graph.output)
+    }
 
 
 def find_target_tensors(
@@ -833,8 +840,8 @@ def graft_onnx(
     node), and a method that does not fit the task.
 
     Example:
-        >>> grafted = graft_onnx("resnet50.onnx", method="gradcam")  # doctest: +SKIP
-        >>> OnnxExplainer(grafted_path).method  # doctest: +SKIP
+        >>> path = graft_onnx("resnet50.onnx", method="gradcam", out_path="explained.onnx")  # doctest: +SKIP
+        >>> OnnxExplainer(path).method  # doctest: +SKIP
         'gradcam'
     """
     task = _check_task(method, task)

@@ -253,6 +253,10 @@ def test_nonlinear_head_is_refused_naming_the_node() -> None:
     with pytest.raises(ValueError, match=r"not affine.*LayerNormalization.*output_name="):
         graft_onnx(proto, method="fam")
     assert "LayerNormalization" in (inspect_onnx(proto).head_error or "")
+    # the value the error suggests (the mean before the LayerNorm) can be explained exactly
+    pooled = next(n.output[0] for n in proto.graph.node if n.op_type == "ReduceMean")
+    grafted = graft_onnx(proto, method="fam", output_name=pooled)
+    assert [v.name for v in grafted.graph.output][0] == fmt.OUTPUT_EMBEDDING
 
 
 def test_a_target_before_the_last_block_is_refused() -> None:
