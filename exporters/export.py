@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -252,39 +253,103 @@ def _document(
     input_names: list[str],
     output_names: list[str],
 ) -> None:
+    baked = None
+    if isinstance(graph, FAMGraph | GradFAMGraph) and graph.baked_references is not None:
+        baked = int(graph.baked_references.shape[0])
+    document(
+        proto,
+        method=graph.method,
+        target_layer=graph.target_layer,
+        task="classifier" if isinstance(graph, CAMGraph) else "embedding",
+        model_name=config.name if config is not None else type(graph.model).__name__,
+        input_size=(size, size),
+        mean=config.mean if config is not None else IMAGENET_MEAN,
+        std=config.std if config is not None else IMAGENET_STD,
+        class_names=list(config.class_names) if config is not None else [],
+        input_names=input_names,
+        output_names=output_names,
+        opset=OPSET,
+        similarity=similarity,
+        explain=explain,
+        baked_references=baked,
+        class_input=isinstance(graph, CAMGraph) and graph.class_input,
+    )
+
+
+def document(
+    proto: object,
+    *,
+    method: str,
+    target_layer: str,
+    task: str,
+    model_name: str,
+    input_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str],
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    similarity: str = "cosine",
+    explain: str = "mean",
+    baked_references: int | None = None,
+    class_input: bool = False,
+) -> None:
+    """Write the metadata props and doc strings of :mod:`fam_core.onnx_format` into ``proto``.
+
+    The one writer of the format's metadata: :func:`export_model` and
+    :func:`exporters.graft.graft_onnx` both call it. ``baked_references`` is ``K`` when the
+    references are constants of the graph (``None``: an input); ``similarity``, ``explain``
+    and ``baked_references`` apply to ``fam`` / ``gradfam``, ``class_input`` to ``cam`` /
+    ``gradcam``.
+
+    Example:
+        >>> import onnx
+        >>> proto = onnx.ModelProto()
+        >>> document(
+        ...     proto, method="cam", target_layer="layer4", task="classifier", model_name="m",
+        ...     input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, class_names=["a", "b"],
+        ...     input_names=[], output_names=[], opset=17,
+        ... )
+        >>> {p.key: p.value for p in proto.metadata_props}["class_target"]
+        'top1'
+    """
     import onnx
 
     import fam_core
 
     for value in (*proto.graph.input, *proto.graph.output):  # type: ignore[attr-defined]
         value.doc_string = _DOCS[value.name]
-    mean = config.mean if config is not None else IMAGENET_MEAN
-    std = config.std if config is not None else IMAGENET_STD
+    height, width = input_size
     props = {
         fmt.KEY_FORMAT: fmt.FORMAT_VERSION,
         fmt.KEY_VERSION: fam_core.__version__,
-        fmt.KEY_METHOD: graph.method,
-        fmt.KEY_TARGET_LAYER: graph.target_layer,
+        fmt.KEY_METHOD: method,
+        fmt.KEY_TARGET_LAYER: target_layer,
         fmt.KEY_PREPROCESSING: json.dumps(
-            {"mean": list(mean), "std": list(std), "size": [size, size], "range": [0, 1]}
+            {
+                "mean": list(mean),
+                "std": list(std),
+                "size": [int(height), int(width)],
+                "range": [0, 1],
+            }
         ),
-        fmt.KEY_TASK: "classifier" if isinstance(graph, CAMGraph) else "embedding",
-        fmt.KEY_MODEL: config.name if config is not None else type(graph.model).__name__,
-        fmt.KEY_CLASS_NAMES: json.dumps(list(config.class_names) if config is not None else []),
+        fmt.KEY_TASK: task,
+        fmt.KEY_MODEL: model_name,
+        fmt.KEY_CLASS_NAMES: json.dumps(list(class_names)),
         fmt.KEY_INPUTS: json.dumps(input_names),
         fmt.KEY_OUTPUTS: json.dumps(output_names),
-        fmt.KEY_OPSET: str(OPSET),
+        fmt.KEY_OPSET: str(opset),
     }
-    if isinstance(graph, FAMGraph | GradFAMGraph):
-        baked = graph.baked_references
+    if method in fmt.EMBEDDING_METHODS:
         props[fmt.KEY_SIMILARITY] = similarity
         props[fmt.KEY_EXPLAIN] = explain
-        props[fmt.KEY_REFERENCES] = "input" if baked is None else "baked"
-        if baked is not None:
-            props[fmt.KEY_NUM_REFERENCES] = str(baked.shape[0])
+        props[fmt.KEY_REFERENCES] = "input" if baked_references is None else "baked"
+        if baked_references is not None:
+            props[fmt.KEY_NUM_REFERENCES] = str(baked_references)
     else:
-        props[fmt.KEY_CLASS_TARGET] = "input" if graph.class_input else "top1"
+        props[fmt.KEY_CLASS_TARGET] = "input" if class_input else "top1"
     onnx.helper.set_model_props(proto, props)  # type: ignore[arg-type]
     proto.doc_string = (  # type: ignore[attr-defined]
-        f"fam-core {graph.method} explanation graph; target layer {graph.target_layer}"
+        f"fam-core {method} explanation graph; target layer {target_layer}"
     )

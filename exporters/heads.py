@@ -12,6 +12,12 @@ explanation from them in the same pass with plain tensor operators:
 - :class:`CAMGraph`: CAM (eq. 1: the linear head's row of the class) or Grad-CAM (the spatial
   mean of ``d y_c / dA``, analytic), for the top-1 class or a ``class_index`` input.
 
+The head maths exist once, as the functions :func:`fam_explanation`,
+:func:`gradfam_explanation` and :func:`cam_explanation` of ``(outputs, activations,
+references or classes, matrix)``: the graphs above call them after their forward pass, and
+:class:`ExplanationHead` calls them on activations and outputs that another graph computed
+(:mod:`exporters.graft` exports it alone and grafts it onto a foreign ONNX graph).
+
 The pieces are fam_core's: :func:`fam_core.similarity.channel_contributions`,
 :func:`fam_core.adapters.find_head` (``Head.matrix``) and
 :func:`fam_core.explainers.base.min_max` / :func:`~fam_core.explainers.base.upsample`.
@@ -94,7 +100,7 @@ class ExplanationGraph(nn.Module):
 
     def to_channels(self, embedding_weights: torch.Tensor) -> torch.Tensor:
         """``C = W x C'^T`` (eq. 18): weights on the outputs ``[B, J]`` to channels ``[B, N]``."""
-        return embedding_weights if self.matrix is None else embedding_weights @ self.matrix
+        return to_channels(embedding_weights, self.matrix)
 
     def check_head(self, image: torch.Tensor) -> int:
         """Raise ``ValueError`` unless the head found reproduces the model's outputs.
@@ -125,6 +131,112 @@ def combine(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
     flat = activations.flatten(2)  # [B, N, hw]
     raw = torch.matmul(weights.unsqueeze(1), flat).squeeze(1)  # [B, hw]
     return raw.reshape(-1, activations.shape[2], activations.shape[3])
+
+
+# -- The head maths, once: the traced full-model graphs above and the grafted head
+# (:class:`ExplanationHead`, :mod:`exporters.graft`) both call these functions.
+
+
+def to_channels(embedding_weights: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:
+    """``C = W x C'^T`` (eq. 18): weights on the outputs ``[B, J]`` to channels ``[B, N]``.
+
+    ``matrix`` is the head's linear map ``W`` ``[J, N]``; ``None`` is the identity.
+
+    Example:
+        >>> to_channels(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))
+        tensor([[1., 2., 3.]])
+    """
+    return embedding_weights if matrix is None else embedding_weights @ matrix
+
+
+def reference_scores(
+    outputs: torch.Tensor, references: torch.Tensor, similarity: SimilarityKind
+) -> torch.Tensor:
+    """``s(Z', R_k)`` ``[B, K]`` for outputs ``[B, D]`` and references ``[B, K, D]``."""
+    return channel_contributions(outputs, references, similarity).sum(dim=2)
+
+
+def fam_explanation(
+    outputs: torch.Tensor,
+    activations: torch.Tensor,
+    references: torch.Tensor,
+    matrix: torch.Tensor | None,
+    similarity: SimilarityKind,
+    explain: ExplainMode = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FAM (eq. 11-18) from one forward pass: ``(scores [B, K], weights [B, N], raw [B, h, w])``.
+
+    ``outputs`` ``[B, D]``, ``activations`` ``[B, N, h, w]``, ``references`` ``[B, K, D]``,
+    ``matrix`` the head's ``W`` ``[D, N]`` (``None``: identity). ``explain="best"`` explains
+    only each image's best-scoring reference.
+
+    Example:
+        >>> activations = torch.rand(2, 4, 3, 3)
+        >>> outputs = activations.mean(dim=(2, 3))
+        >>> scores, weights, raw = fam_explanation(
+        ...     outputs, activations, torch.rand(2, 5, 4), None, "cosine"
+        ... )
+        >>> scores.shape, weights.shape, raw.shape
+        (torch.Size([2, 5]), torch.Size([2, 4]), torch.Size([2, 3, 3]))
+    """
+    contributions = channel_contributions(outputs, references, similarity)  # eq. 14, [B, K, D]
+    scores = contributions.sum(dim=2)  # s(Z', R_k), [B, K]
+    per_pair = contributions / scores.abs().clamp_min(1e-12).unsqueeze(2)  # eq. 15
+    if explain == "mean":
+        embedding_weights = per_pair.mean(dim=1)  # eq. 11
+    else:
+        best = scores.argmax(dim=1, keepdim=True).unsqueeze(2)  # [B, 1, 1]
+        index = best.expand(-1, -1, per_pair.shape[2])
+        embedding_weights = per_pair.gather(1, index).squeeze(1)
+    weights = min_max(to_channels(embedding_weights, matrix), dim=1)  # eq. 18, eq. 12
+    return scores, weights, combine(weights, activations)  # eq. 13
+
+
+def gradfam_explanation(
+    outputs: torch.Tensor,
+    activations: torch.Tensor,
+    references: torch.Tensor,
+    matrix: torch.Tensor | None,
+    similarity: SimilarityKind,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Analytic Grad-FAM for global pooling + linear head: ``(scores, weights, raw)``.
+
+    ``w = (1 / hw) W^T dS/dz'`` (the spatial mean of ``dS/dA``), ``raw = ReLU(sum_n w_n A^n)``.
+
+    Example:
+        >>> activations = torch.rand(1, 4, 2, 2)
+        >>> scores, weights, raw = gradfam_explanation(
+        ...     activations.mean(dim=(2, 3)), activations, torch.rand(1, 3, 4), None, "dot"
+        ... )
+        >>> bool((raw >= 0).all())
+        True
+    """
+    scores = reference_scores(outputs, references, similarity)  # [B, K]
+    area = activations.shape[2] * activations.shape[3]
+    gradient = similarity_gradient(outputs, references, similarity)  # dS/dz', [B, J]
+    weights = to_channels(gradient, matrix) / area  # spatial mean of dS/dA, [B, N]
+    return scores, weights, torch.relu(combine(weights, activations))
+
+
+def cam_explanation(
+    activations: torch.Tensor, classes: torch.Tensor, matrix: torch.Tensor, gradient: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAM (eq. 1) or analytic Grad-CAM for classes ``[B]``: ``(weights [B, N], raw [B, h, w])``.
+
+    CAM: ``w = W[c]``, ``raw = sum_n w_n A^n``; Grad-CAM: ``w = W[c] / hw``, ReLU.
+
+    Example:
+        >>> weights, raw = cam_explanation(
+        ...     torch.ones(1, 2, 2, 2), torch.tensor([1]), torch.eye(2), gradient=False
+        ... )
+        >>> weights, raw[0, 0, 0].item()
+        (tensor([[0., 1.]]), 1.0)
+    """
+    weights = matrix[classes]  # [B, N]: the class's row of the linear head
+    if gradient:
+        weights = weights / (activations.shape[2] * activations.shape[3])
+    raw = combine(weights, activations)
+    return weights, torch.relu(raw) if gradient else raw
 
 
 class _ReferenceGraph(ExplanationGraph):
@@ -232,19 +344,11 @@ class FAMGraph(_ReferenceGraph):
     ) -> tuple[torch.Tensor, ...]:
         outputs, activations = self.run(image)
         refs = self.references_for(outputs, references)
-        contributions = channel_contributions(outputs, refs, self.similarity)  # eq. 14, [B, K, D]
-        scores = contributions.sum(dim=2)  # s(Z', R_k), [B, K]
         if not self.heatmap:
-            return outputs, scores
-        per_pair = contributions / scores.abs().clamp_min(1e-12).unsqueeze(2)  # eq. 15
-        if self.explain == "mean":
-            embedding_weights = per_pair.mean(dim=1)  # eq. 11
-        else:
-            best = scores.argmax(dim=1, keepdim=True).unsqueeze(2)  # [B, 1, 1]
-            index = best.expand(-1, -1, per_pair.shape[2])
-            embedding_weights = per_pair.gather(1, index).squeeze(1)
-        weights = min_max(self.to_channels(embedding_weights), dim=1)  # eq. 18, eq. 12
-        raw = combine(weights, activations)  # eq. 13
+            return outputs, reference_scores(outputs, refs, self.similarity)
+        scores, weights, raw = fam_explanation(
+            outputs, activations, refs, self.matrix, self.similarity, self.explain
+        )
         return self.finish(outputs, scores, weights, raw, image)
 
 
@@ -265,13 +369,11 @@ class GradFAMGraph(_ReferenceGraph):
     ) -> tuple[torch.Tensor, ...]:
         outputs, activations = self.run(image)
         refs = self.references_for(outputs, references)
-        scores = channel_contributions(outputs, refs, self.similarity).sum(dim=2)  # [B, K]
         if not self.heatmap:
-            return outputs, scores
-        area = activations.shape[2] * activations.shape[3]
-        gradient = similarity_gradient(outputs, refs, self.similarity)  # dS/dz', [B, J]
-        weights = self.to_channels(gradient) / area  # spatial mean of dS/dA, [B, N]
-        raw = torch.relu(combine(weights, activations))
+            return outputs, reference_scores(outputs, refs, self.similarity)
+        scores, weights, raw = gradfam_explanation(
+            outputs, activations, refs, self.matrix, self.similarity
+        )
         return self.finish(outputs, scores, weights, raw, image)
 
 
@@ -313,13 +415,104 @@ class CAMGraph(ExplanationGraph):
         classes = logits.argmax(dim=1) if class_index is None else class_index
         if not self.heatmap:
             return (logits,) if class_index is not None else (logits, classes)
-        weights = self.matrix[classes]  # [B, N]: the class's row of the linear head
-        if self.gradient:
-            weights = weights / (activations.shape[2] * activations.shape[3])
-        raw = combine(weights, activations)
-        if self.gradient:
-            raw = torch.relu(raw)
+        weights, raw = cam_explanation(activations, classes, self.matrix, self.gradient)
         explanation = (self.upsample(raw, image), raw, weights)
         if class_index is not None:
             return (logits, *explanation)
         return (logits, classes, *explanation)
+
+
+class ExplanationHead(nn.Module):
+    """The explanation head alone, for a model that runs elsewhere (a grafted ONNX graph).
+
+    ``forward(activations [B, N, h, w], outputs [B, J][, references [K, D] | class_index
+    [B]])`` returns the outputs of :mod:`fam_core.onnx_format` in its order: ``(embedding,
+    scores, heatmap, heatmap_lowres, weights)`` for ``fam`` / ``gradfam``; ``(logits,
+    [class_index,] heatmap, heatmap_lowres, weights)`` for ``cam`` / ``gradcam``. The maths
+    are :func:`fam_explanation`, :func:`gradfam_explanation` and :func:`cam_explanation`,
+    the functions the traced full-model graphs call.
+
+    Args:
+        method: ``"fam"``, ``"gradfam"``, ``"cam"`` or ``"gradcam"``.
+        matrix: the head's linear map ``W`` ``[J, N]`` between the pooled activations and the
+            outputs (``None``: the identity; required by ``cam`` / ``gradcam``).
+        heatmap_size: ``(H, W)`` of the ``heatmap`` output (the model's input size).
+        similarity: how ``fam`` / ``gradfam`` score outputs against references.
+        references: ``[K, D]`` references baked in as constants (``None``: an input).
+        explain: ``"mean"`` over the references or ``"best"`` (``fam`` only).
+        class_input: ``cam`` / ``gradcam`` take a ``class_index`` input instead of top-1.
+
+    Example:
+        >>> head = ExplanationHead("fam", matrix=None, heatmap_size=(8, 8))
+        >>> activations = torch.rand(2, 4, 2, 2)
+        >>> outputs = head(activations, activations.mean(dim=(2, 3)), torch.rand(3, 4))
+        >>> [tuple(t.shape) for t in outputs]
+        [(2, 4), (2, 3), (2, 8, 8), (2, 2, 2), (2, 4)]
+    """
+
+    def __init__(
+        self,
+        method: str,
+        *,
+        matrix: torch.Tensor | None,
+        heatmap_size: tuple[int, int],
+        similarity: SimilarityKind = "cosine",
+        references: torch.Tensor | None = None,
+        explain: ExplainMode = "mean",
+        class_input: bool = False,
+    ) -> None:
+        super().__init__()
+        if method not in ("fam", "gradfam", "cam", "gradcam"):
+            raise ValueError(f"unknown method {method!r}; expected fam, gradfam, cam or gradcam")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
+        if explain not in EXPLAIN_MODES or (explain == "best" and method != "fam"):
+            raise ValueError(f"explain must be 'mean' (or 'best' for fam), got {explain!r}")
+        classifier = method in ("cam", "gradcam")
+        if classifier and matrix is None:
+            raise ValueError(f"{method} needs the linear classifier's matrix [C, N]")
+        if classifier and references is not None:
+            raise ValueError(f"method {method!r} takes class indices, not references")
+        if class_input and not classifier:
+            raise ValueError("class_input applies to 'cam' and 'gradcam' only")
+        if references is not None and (references.dim() != 2 or references.shape[0] == 0):
+            raise ValueError(
+                f"references to bake must be [K, D] with K >= 1, got {tuple(references.shape)}"
+            )
+        self.method = method
+        self.similarity: SimilarityKind = similarity
+        self.explain: ExplainMode = explain
+        self.class_input = class_input
+        self.heatmap_size = heatmap_size
+        self.register_buffer("matrix", None if matrix is None else matrix.detach().float())
+        self.register_buffer(
+            "baked_references", None if references is None else references.detach().float()
+        )
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.method in ("cam", "gradcam")
+
+    def forward(
+        self, activations: torch.Tensor, outputs: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        if self.is_classifier:
+            classes = outputs.argmax(dim=1) if extra is None else extra
+            weights, raw = cam_explanation(
+                activations, classes, self.matrix, self.method == "gradcam"
+            )
+            explanation = (upsample(raw, self.heatmap_size), raw, weights)
+            return (outputs, *explanation) if self.class_input else (outputs, classes, *explanation)
+        chosen = self.baked_references if extra is None else extra
+        if chosen is None:
+            raise ValueError("this head takes references [K, D] as an input")
+        refs = chosen.unsqueeze(0).expand(outputs.shape[0], -1, -1)
+        if self.method == "fam":
+            scores, weights, raw = fam_explanation(
+                outputs, activations, refs, self.matrix, self.similarity, self.explain
+            )
+        else:
+            scores, weights, raw = gradfam_explanation(
+                outputs, activations, refs, self.matrix, self.similarity
+            )
+        return outputs, scores, upsample(raw, self.heatmap_size), raw, weights

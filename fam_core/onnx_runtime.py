@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,22 @@ class OnnxExplainer:
         path: the ``.onnx`` file written by :func:`exporters.export_model`.
         providers: onnxruntime execution providers (default: :func:`default_providers`).
 
+    A plain ONNX file that fam-core did not write (no metadata) is grafted in memory at load
+    time when ``graft`` gives the options of :func:`exporters.graft.graft_onnx` (``method``,
+    ``target_tensor``, ``output_name``, ``input_size``, ...); ``grafted`` says so. A file
+    that :func:`exporters.export_model` wrote runs as it is, and ``graft`` is ignored.
+
     Attributes read from the file: ``method``, ``target_layer``, ``input_size`` ``(H, W)``,
     ``mean``, ``std``, ``class_names``, ``metadata`` (all props), ``input_names``.
     """
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        providers: Sequence[str] | None = None,
+        *,
+        graft: Mapping[str, Any] | None = None,
+    ) -> None:
         try:
             import onnxruntime
         except ImportError as error:  # pragma: no cover - onnxruntime is a dependency
@@ -69,15 +80,27 @@ class OnnxExplainer:
         if not path.is_file():
             raise OSError(f"no such ONNX file: {path}")
         self.path = path
-        self.session = onnxruntime.InferenceSession(
-            str(path), providers=list(providers or default_providers())
-        )
+        providers = list(providers or default_providers())
+        self.session = onnxruntime.InferenceSession(str(path), providers=providers)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        if fmt.KEY_METHOD not in self.metadata or fmt.KEY_PREPROCESSING not in self.metadata:
-            raise ValueError(
-                f"{path} is not a fam-core explanation graph: its metadata lacks "
-                f"{fmt.KEY_METHOD!r} / {fmt.KEY_PREPROCESSING!r}"
+        self.grafted = False
+        if not _is_explanation_graph(self.metadata):
+            if graft is None:
+                raise ValueError(
+                    f"{path} is not a fam-core explanation graph (its metadata lacks "
+                    f"{fmt.KEY_METHOD!r} / {fmt.KEY_PREPROCESSING!r}): pass graft={{'method': "
+                    "...}} (a config's method / target_tensor) to graft an explanation head "
+                    "onto it"
+                )
+            from exporters.graft import graft_onnx
+
+            grafted = graft_onnx(path, **graft)
+            self.session = onnxruntime.InferenceSession(
+                grafted.SerializeToString(),  # type: ignore[union-attr]
+                providers=providers,
             )
+            self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+            self.grafted = True
         self.method = self.metadata[fmt.KEY_METHOD]
         self.target_layer = self.metadata[fmt.KEY_TARGET_LAYER]
         preprocessing = json.loads(self.metadata[fmt.KEY_PREPROCESSING])
@@ -237,6 +260,10 @@ class OnnxExplainer:
                 f"got {array.tolist()}"
             )
         return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _is_explanation_graph(metadata: Mapping[str, str]) -> bool:
+    return fmt.KEY_METHOD in metadata and fmt.KEY_PREPROCESSING in metadata
 
 
 def _as_float32(values: object, name: str, shape: str) -> np.ndarray:

@@ -25,9 +25,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -225,15 +226,62 @@ def _as_pass(explanation: Explanation) -> _Pass:
     return _Pass(outputs=outputs, pair_scores=extras.get("pair_scores"), explanation=explanation)
 
 
-def load_onnx_model(path: str | Path, config: ModelConfig | None = None) -> ServedModel:
+def graft_options(
+    config: ModelConfig | None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Options of :func:`exporters.graft.graft_onnx` for a plain ONNX file served with
+    ``config``: task, input size, mean, std, class names, similarity, name, and the config's
+    ``target_tensor`` / ``output`` where it has them; ``overrides`` win. The method defaults
+    to ``fam`` for embedding models and ``cam`` for classifiers. ``None`` (no config, no
+    overrides): a plain file is refused rather than grafted with guessed options.
+
+    Example:
+        >>> graft_options(None, {"method": "gradcam"})
+        {'method': 'gradcam'}
+    """
+    if config is None and overrides is None:
+        return None
+    options: dict[str, Any] = {}
+    if config is not None:
+        options = {
+            "method": "fam" if config.task == "embedding" else "cam",
+            "task": config.task,
+            "input_size": config.input_size,
+            "mean": tuple(config.mean),
+            "std": tuple(config.std),
+            "class_names": tuple(config.class_names),
+            "similarity": config.similarity,
+            "model_name": config.name,
+        }
+        target_tensor = getattr(config, "target_tensor", None)
+        if target_tensor is not None:
+            options["target_tensor"] = target_tensor
+        output = getattr(config, "output", None)
+        if isinstance(output, str):
+            options["output_name"] = output
+    options.update(overrides or {})
+    return options
+
+
+def load_onnx_model(
+    path: str | Path,
+    config: ModelConfig | None = None,
+    *,
+    graft: Mapping[str, Any] | None = None,
+) -> ServedModel:
     """A :class:`ServedModel` backed by the exported graph ``path``.
 
     ``config`` (a ``config.yaml`` with an ``onnx`` key) may name the model, its class names
     and its prototypes file; the file's metadata supplies the target layer and preprocessing.
     Without a config the model is named after the file.
+
+    A plain ONNX file (one that fam-core did not write) gets an explanation head grafted in
+    memory (:func:`exporters.graft.graft_onnx`) with the options :func:`graft_options`
+    takes from ``config``, updated with ``graft`` (e.g. ``{"method": "gradfam",
+    "target_tensor": "..."}``).
     """
     path = Path(path)
-    runner = OnnxExplainer(path)
+    runner = OnnxExplainer(path, graft=graft_options(config, graft))
     task = runner.metadata.get(fmt.KEY_TASK)
     if task not in ("embedding", "classifier"):
         raise ValueError(f"{path}: metadata 'task' must be 'embedding' or 'classifier'")
