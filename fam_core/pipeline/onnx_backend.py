@@ -17,14 +17,19 @@ torch path, and mean what they mean there:
 A request the graph cannot answer this way is :class:`InvalidArgument`, naming the export
 option it needs.
 
+A graph ``fam export`` did not write is grafted with an explanation head first, by
+``exporters.graft.graft_onnx`` (at the config's ``target_tensor``) where that module exists.
+
 Example:
-    >>> served = load_onnx_model("conv4_fam.onnx")  # doctest: +SKIP
-    >>> served.methods, served.config.target_layer  # doctest: +SKIP
+    >>> loaded = load_onnx_backend("conv4_fam.onnx")  # doctest: +SKIP
+    >>> loaded.backend.methods, loaded.config.target_layer  # doctest: +SKIP
     (('fam',), 'block4')
 """
 
 from __future__ import annotations
 
+import importlib
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -35,9 +40,9 @@ from fam_core import onnx_format as fmt
 from fam_core.explanation import Explanation
 from fam_core.models.store import ModelConfig
 from fam_core.onnx_runtime import OnnxExplainer
-from fam_core.pipeline.engine import Computed, Job, predict
-from fam_core.pipeline.errors import InvalidArgument
-from fam_core.pipeline.models import ServedModel
+from fam_core.pipeline.backends import LoadedBackend, ServedView, check_prototypes, default_method
+from fam_core.pipeline.errors import InvalidArgument, NotFound
+from fam_core.pipeline.jobs import Computed, Job, predict
 
 
 class _Pass(NamedTuple):
@@ -75,6 +80,22 @@ class OnnxBackend:
         return self.runner.method
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """The one method baked into the graph."""
+        return (self.runner.method,)
+
+    @property
+    def default_method(self) -> str:
+        return self.runner.method
+
+    def check_method(self, method: str) -> None:
+        if method != self.runner.method:
+            raise NotFound(
+                f"unknown method {method!r} for ONNX graph {self.runner.path.name}; expected one "
+                f"of {list(self.methods)}"
+            )
+
+    @property
     def explain(self) -> str:
         """``"mean"`` over the references, or ``"best"``: the top-scoring one."""
         return self.runner.metadata.get(fmt.KEY_EXPLAIN, "mean")
@@ -88,7 +109,7 @@ class OnnxBackend:
 
     def run(
         self,
-        served: ServedModel,
+        served: ServedView,
         inputs: torch.Tensor,
         job: Job,
         classes: list[int | None],
@@ -101,7 +122,7 @@ class OnnxBackend:
 
     # -- classifiers
     def _classify(
-        self, served: ServedModel, inputs: torch.Tensor, job: Job, classes: list[int | None]
+        self, served: ServedView, inputs: torch.Tensor, job: Job, classes: list[int | None]
     ) -> Computed:
         given = all(c is not None for c in classes)
         first = self._call(inputs, classes=[0 if c is None else c for c in classes], served=served)
@@ -123,7 +144,7 @@ class OnnxBackend:
     # -- embedding models
     def _embed(
         self,
-        served: ServedModel,
+        served: ServedView,
         inputs: torch.Tensor,
         job: Job,
         references: torch.Tensor | None,
@@ -171,7 +192,7 @@ class OnnxBackend:
         return Computed.explained_by(outputs, scores, predicted, explained.explanation)
 
     def _by_reference(
-        self, served: ServedModel, inputs: torch.Tensor, references: torch.Tensor
+        self, served: ServedView, inputs: torch.Tensor, references: torch.Tensor
     ) -> _Pass:
         """Item ``i`` against ``references[i]`` ``[K, D]``; items with equal ones in one run."""
         groups: list[tuple[list[int], torch.Tensor]] = []
@@ -203,7 +224,7 @@ class OnnxBackend:
         self,
         inputs: torch.Tensor,
         *,
-        served: ServedModel,
+        served: ServedView,
         references: torch.Tensor | None = None,
         classes: list[int] | None = None,
     ) -> _Pass:
@@ -225,47 +246,58 @@ def _as_pass(explanation: Explanation) -> _Pass:
     return _Pass(outputs=outputs, pair_scores=extras.get("pair_scores"), explanation=explanation)
 
 
-def load_onnx_model(path: str | Path, config: ModelConfig | None = None) -> ServedModel:
-    """A :class:`ServedModel` backed by the exported graph ``path``.
+def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> LoadedBackend:
+    """The backend of the graph ``path``, grafted first when ``fam export`` did not write it.
 
     ``config`` (a ``config.yaml`` with an ``onnx`` key) may name the model, its class names
     and its prototypes file; the file's metadata supplies the target layer and preprocessing.
-    Without a config the model is named after the file.
+    Without a config the model is named after the file. Errors are one-line ``ValueError``.
     """
     path = Path(path)
-    runner = OnnxExplainer(path)
+    if not path.is_file():
+        raise ValueError(f"onnx: file {path} is missing")
+    where = f"model {config.name!r}: " if config is not None else ""
+    if is_explanation_graph(path):
+        if config is not None and config.target_tensor is not None:
+            raise ValueError(
+                f"{where}target_tensor: not used with {path.name}: fam export wrote it, its "
+                "target layer is fixed in the graph"
+            )
+    else:
+        path = graft(path, config)
+    try:
+        runner = OnnxExplainer(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{where}onnx: {error}") from None
     task = runner.metadata.get(fmt.KEY_TASK)
     if task not in ("embedding", "classifier"):
         raise ValueError(f"{path}: metadata 'task' must be 'embedding' or 'classifier'")
     height, width = runner.input_size
-    if height != width:
-        raise ValueError(
-            f"{path}: the pipeline serves square inputs, this graph takes {height}x{width}"
-        )
     if config is None:
         config = ModelConfig(
             name=path.stem,
             task=task,  # type: ignore[arg-type]
-            backbone="onnx",
-            weights=path.name,
-            target_layer=runner.target_layer,
             onnx=path.name,
             directory=path.parent,
         )
     elif config.task != task:
         raise ValueError(
-            f"model {config.name!r}: its config says task {config.task!r}, {path} is {task!r}"
+            f"model {config.name!r}: task: its config says task {config.task!r}, {path} is {task!r}"
         )
     config = replace(
         config,
         target_layer=runner.target_layer,
-        input_size=int(height),
+        input_size=int(height) if height == width else (int(height), int(width)),
+        resize=runner.resize,
         mean=tuple(runner.mean),  # type: ignore[arg-type]
         std=tuple(runner.std),  # type: ignore[arg-type]
         class_names=config.class_names or tuple(runner.class_names),
         similarity=runner.metadata.get(fmt.KEY_SIMILARITY, config.similarity),
     )
-    backend = OnnxBackend(runner)
+    try:
+        backend = OnnxBackend(runner)
+    except ValueError as error:
+        raise ValueError(f"model {config.name!r}: onnx: {error}") from None
     output_dim, feature_shape = runner.output_dim, runner.feature_shape
     if output_dim is None or feature_shape is None:
         raise ValueError(f"{path}: its outputs lack fixed embedding/logits or heatmap sizes")
@@ -274,16 +306,75 @@ def load_onnx_model(path: str | Path, config: ModelConfig | None = None) -> Serv
         prototypes = config.load_prototypes()
         if prototypes is not None:
             prototypes = prototypes.float()
-            if prototypes.dim() != 2 or prototypes.shape[1] != output_dim:
-                raise ValueError(
-                    f"model {config.name!r}: prototypes have shape {tuple(prototypes.shape)}, "
-                    f"expected [K, {output_dim}]"
-                )
-    return ServedModel(
+            check_prototypes(config, prototypes, int(output_dim))
+    return LoadedBackend(
         config=config,
-        model=None,
+        backend=backend,
         prototypes=prototypes,
         output_dim=int(output_dim),
         feature_shape=feature_shape,
-        onnx=backend,
     )
+
+
+def is_explanation_graph(path: Path) -> bool:
+    """Whether ``path``'s metadata marks it as a graph ``fam export`` wrote."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is one config error
+        text = str(error).strip().splitlines()
+        raise ValueError(
+            f"onnx: cannot read {path}: {text[0] if text else type(error).__name__}"
+        ) from None
+    keys = {prop.key for prop in model.metadata_props}
+    return fmt.KEY_METHOD in keys and fmt.KEY_PREPROCESSING in keys
+
+
+def graft(path: Path, config: ModelConfig | None) -> Path:
+    """A graph with an explanation head grafted onto the foreign graph ``path``.
+
+    Calls ``exporters.graft.graft_onnx(path, method=..., target_tensor=..., task=...)``, which
+    returns the grafted graph as a file path or an ``onnx.ModelProto``; without that module
+    the graph is refused.
+    """
+    if config is None:
+        raise ValueError(
+            f"onnx: {path} is not a fam-core explanation graph; serve it from a config.yaml "
+            "that names its task (and target_tensor:)"
+        )
+    try:
+        grafting = importlib.import_module("exporters.graft")
+    except ModuleNotFoundError as error:
+        if error.name not in ("exporters", "exporters.graft"):
+            raise
+        raise ValueError(
+            f"model {config.name!r}: onnx: {path} is not a fam-core explanation graph (its "
+            f"metadata lacks {fmt.KEY_METHOD!r} / {fmt.KEY_PREPROCESSING!r}); export the "
+            "model with `fam export`"
+        ) from None
+    try:
+        grafted = grafting.graft_onnx(
+            path,
+            method=default_method(config.task),
+            target_tensor=config.target_tensor,
+            task=config.task,
+        )
+    except (ValueError, TypeError) as error:
+        text = str(error).strip().splitlines()
+        raise ValueError(
+            f"model {config.name!r}: {text[0] if text else type(error).__name__}"
+        ) from None
+    if isinstance(grafted, str | Path):
+        return Path(grafted)
+    import onnx
+
+    if not isinstance(grafted, onnx.ModelProto):
+        raise TypeError(
+            f"exporters.graft.graft_onnx returned {type(grafted).__name__}, expected a path or "
+            "an onnx.ModelProto"
+        )
+    folder = Path(tempfile.mkdtemp(prefix="fam-graft-"))
+    target = folder / f"{path.stem}-grafted.onnx"
+    onnx.save(grafted, str(target))
+    return target
