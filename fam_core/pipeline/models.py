@@ -162,7 +162,8 @@ class FailedModel:
         """The failure of loading ``source``, named as the config names it when it can be read
         (else after its folder, or file)."""
         name, task = _name_and_task(source)
-        return cls(name, str(source), _one_line(error), task)
+        reason = _one_line(error).removeprefix(f"model {name!r}: ")
+        return cls(name, str(source), reason, task)
 
 
 def _name_and_task(source: str | Path) -> tuple[str, str]:
