@@ -402,3 +402,115 @@ def test_serve_command_loads_models_and_refuses_when_none_loads(tmp_path, factor
     assert [f.name for f in registry.failed()] == ["missing"]
     with pytest.raises(ValueError, match="no model loaded: missing: unknown model"):
         load_registry(None, [str(tmp_path / "missing.yaml")])
+
+
+def test_archive_of_a_factory_model_carries_its_module_and_loads_unpacked(
+    factory_dir, tmp_path
+) -> None:
+    """The unpacked .mar (one flat folder, as TorchServe's model_dir) serves the same model."""
+    pytest.importorskip("model_archiver", reason="torch-model-archiver is not installed")
+    from fam_core.commands.archive import archive_notes, build_archive
+
+    assert archive_notes(ModelConfig.from_file(factory_dir / "config.yaml")) == []
+    path = build_archive(factory_dir, tmp_path / "archives")
+    unpacked = tmp_path / "model_dir"
+    with zipfile.ZipFile(path) as archive:
+        assert {"config.yaml", "weights.pt", "tinynet.py", "fam_handler.py"} <= set(
+            archive.namelist()
+        )
+        archive.extractall(unpacked)
+    served = ServedModel.load(unpacked)
+    inputs = torch.rand(1, 3, 32, 48)
+    (got,) = run_jobs(served, [Job(inputs, "cam")])
+    (want,) = run_jobs(ServedModel.load(factory_dir), [Job(inputs, "cam")])
+    torch.testing.assert_close(got.raw, want.raw)
+
+
+def test_archive_of_an_exported_program_flattens_its_file_names(exported_dir, tmp_path) -> None:
+    pytest.importorskip("model_archiver", reason="torch-model-archiver is not installed")
+    from fam_core.commands.archive import build_archive
+
+    nested = tmp_path / "nested"
+    (nested / "files").mkdir(parents=True)
+    for name in ("model.pt2", "prototypes.pt"):
+        (nested / "files" / name).write_bytes((exported_dir / name).read_bytes())
+    keys = yaml.safe_load((exported_dir / "config.yaml").read_text())
+    keys.update(exported_program="files/model.pt2", prototypes="files/prototypes.pt")
+    write_config(nested, **keys)
+    unpacked = tmp_path / "model_dir"
+    with zipfile.ZipFile(build_archive(nested, tmp_path / "archives")) as archive:
+        archive.extractall(unpacked)
+    config = yaml.safe_load((unpacked / "config.yaml").read_text())
+    assert (config["exported_program"], config["prototypes"]) == ("model.pt2", "prototypes.pt")
+    assert ServedModel.load(unpacked).num_prototypes == 3
+
+
+def test_archive_note_names_the_package_to_install(tmp_path, capsys) -> None:
+    pytest.importorskip("model_archiver", reason="torch-model-archiver is not installed")
+    package = tmp_path / "site"
+    package.mkdir()
+    (package / "fam_test_archived_models.py").write_text(NET_SOURCE)
+    config = write_config(
+        tmp_path / "model", name="installed", task="classifier",
+        factory="fam_test_archived_models:build", target_layer="features",
+    )  # fmt: skip
+    assert main(["archive", str(config), "--out", str(tmp_path / "archives")]) == 0
+    err = capsys.readouterr().err
+    assert "install the package 'fam_test_archived_models' in TorchServe's Python" in err
+
+
+class _FakeContext:
+    """The parts of TorchServe's context the handler uses."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.system_properties = {"model_dir": str(model_dir)}
+        self.statuses: dict[int, tuple[int, str]] = {}
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        pass
+
+    def set_response_status(self, code: int, phrase: str, idx: int) -> None:
+        self.statuses[idx] = (code, phrase)
+
+
+def test_torchserve_handler_answers_503_with_the_reason_when_the_model_fails(tmp_path) -> None:
+    pytest.importorskip("ts", reason="TorchServe is not installed")
+    import importlib.util
+    import json
+
+    handler_file = Path(__file__).resolve().parents[1] / "handlers" / "fam_handler.py"
+    spec = importlib.util.spec_from_file_location("fam_handler_under_test", handler_file)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    folder = tmp_path / "model_dir"
+    write_config(folder, name="broken", task="classifier", factory="no_such_package_fam:b")
+    handler = module.FamHandler()
+    context = _FakeContext(folder)
+    handler.initialize(context)
+    rows = handler.handle([{"body": b"x"}, {"body": b"y"}], context)
+    assert [context.statuses[i][0] for i in range(2)] == [503, 503]
+    body = json.loads(rows[0])
+    assert "no_such_package_fam" in json.dumps(body) and "UNAVAILABLE" in json.dumps(body)
+
+
+def test_fam_export_of_a_factory_classifier_serves_like_torch(factory_dir, tmp_path) -> None:
+    folder = tmp_path / "square"
+    folder.mkdir()
+    for name in ("tinynet.py", "weights.pt"):
+        (folder / name).write_bytes((factory_dir / name).read_bytes())
+    keys = yaml.safe_load((factory_dir / "config.yaml").read_text())
+    keys.update(input_size=32, resize="crop")
+    write_config(folder, **keys)
+    graph = tmp_path / "tiny_cam.onnx"
+    assert main(["export", str(folder), "--method", "cam", "--out", str(graph)]) == 0
+    inputs = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    (got,) = run_jobs(ServedModel.load(graph), [Job(inputs, "cam")])
+    (want,) = run_jobs(ServedModel.load(folder), [Job(inputs, "cam")])
+    assert got.predicted.tolist() == want.predicted.tolist()
+    torch.testing.assert_close(got.raw, want.raw, atol=1e-4, rtol=1e-4)
+
+
+def test_fam_export_of_an_exported_program_fails_in_one_line(exported_dir, tmp_path, capsys):
+    code = main(["export", str(exported_dir), "--out", str(tmp_path / "x.onnx")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fam:")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("fam: error: exported_program:")
