@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 def _explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from fam_core.imageio import read_image, resize
+    from fam_core.imageio import read_image
     from fam_core.pipeline import (
         EncodedImage,
         ExplainRequest,
@@ -57,7 +57,7 @@ def _explain(args: argparse.Namespace) -> int:
         )
         (result,) = pipeline.explain(request).results
         heatmap = heatmap_from_bytes(result.heatmap.data, result.heatmap.shape).float()
-        pixels = resize(read_image(path), served.config.input_size)
+        pixels = served.config.fit(read_image(path))
         label, score = result.prediction.label, result.explained_score
         title = f"{Path(path).name}: {label} ({result.heatmap.method}, score {score:.3f})"
         written = save_png(

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000
@@ -48,15 +47,10 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 
 def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize ``[3, H, W]`` (or a batch) to ``size x size``: shorter side, then centre crop."""
-    batch = image if image.dim() == 4 else image.unsqueeze(0)
-    height, width = batch.shape[-2:]
-    scale = size / min(height, width)
-    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    if (new_h, new_w) != (height, width):
-        batch = F.interpolate(
-            batch, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
-        )
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    batch = batch[..., top : top + size, left : left + size].clamp(0, 1)
-    return batch if image.dim() == 4 else batch[0]
+    """Resize ``[3, H, W]`` (or a batch) to ``size x size``: shorter side, then centre crop.
+
+    The ``"crop"`` policy of :func:`fam_core.resizing.fit_image`.
+    """
+    from fam_core.resizing import fit_image
+
+    return fit_image(image, size, "crop")

@@ -32,6 +32,7 @@ import torch
 
 from fam_core import onnx_format as fmt
 from fam_core.explanation import Explanation
+from fam_core.resizing import DEFAULT_POLICY, ResizePolicy, check_policy, fit_image
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 _REQUIRED_OUTPUTS = (fmt.OUTPUT_HEATMAP, fmt.OUTPUT_HEATMAP_LOWRES, fmt.OUTPUT_WEIGHTS)
@@ -107,6 +108,7 @@ class OnnxExplainer:
         self.input_size: tuple[int, int] = tuple(preprocessing["size"])  # type: ignore[assignment]
         self.mean: tuple[float, ...] = tuple(preprocessing["mean"])
         self.std: tuple[float, ...] = tuple(preprocessing["std"])
+        self.resize: ResizePolicy = check_policy(preprocessing.get("resize", DEFAULT_POLICY))
         self.class_names: list[str] = json.loads(self.metadata.get(fmt.KEY_CLASS_NAMES, "[]"))
         self.input_names = [value.name for value in self.session.get_inputs()]
         self.output_names = [value.name for value in self.session.get_outputs()]
@@ -149,10 +151,22 @@ class OnnxExplainer:
         return fmt.INPUT_CLASS_INDEX in self.input_names
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` images in ``[0, 1]`` normalised as the file's metadata says."""
-        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-        return (images - mean) / std
+        """``[B, 3, h, w]`` (or ``[3, h, w]``) images in ``[0, 1]`` fitted to the graph's input
+        size by its resize policy (:func:`fam_core.resizing.fit_image`; ``"crop"`` unless the
+        metadata says otherwise), then normalised as the file's metadata says.
+
+        Example:
+            >>> runner = object.__new__(OnnxExplainer)  # the attributes a file would give
+            >>> runner.input_size, runner.resize = (4, 6), "letterbox"
+            >>> runner.mean, runner.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+            >>> runner.preprocess(torch.ones(1, 3, 8, 8)).shape
+            torch.Size([1, 3, 4, 6])
+        """
+        batch = images if images.dim() == 4 else images.unsqueeze(0)
+        fitted = fit_image(batch, self.input_size, self.resize, fill=self.mean)
+        mean = torch.tensor(self.mean, dtype=fitted.dtype, device=fitted.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=fitted.dtype, device=fitted.device).view(1, -1, 1, 1)
+        return (fitted - mean) / std
 
     def __call__(
         self,

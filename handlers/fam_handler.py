@@ -19,7 +19,9 @@ body; ``method``, ``target_class``, ``resolution``, ``embedding``, ``overlay``, 
 (``X-Fam-Method: gradcam``; TorchServe 0.12 does not pass query parameters of a request with
 a body to the handler). A batch from
 TorchServe (``batchSize``/``maxBatchDelay``) is explained in one pass; a bad request answers
-its own 4xx row, the others in the batch succeed.
+its own 4xx row, the others in the batch succeed. A model whose config fails to load (a
+``factory:`` package missing from TorchServe's Python, a weights file that does not match)
+still starts a worker that answers every request with 503 and the one-line reason.
 
 The worker must run a Python with ``fam_core`` installed: ``torchserve`` passes its own
 interpreter to the workers, so start it as ``.venv/bin/torchserve``.
@@ -37,7 +39,7 @@ from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from fam_core.pipeline import ModelRegistry, Pipeline, PipelineError, ServedModel
-from fam_core.pipeline.errors import InvalidArgument
+from fam_core.pipeline.errors import InvalidArgument, Unavailable
 from fam_core.pipeline.json_codec import (
     error_to_json,
     kserve_fields,
@@ -61,14 +63,24 @@ class FamHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         model_dir = Path(context.system_properties["model_dir"])
-        self.served = ServedModel.load(model_dir / "config.yaml")
-        self.pipeline = Pipeline(ModelRegistry([self.served]), batching=None)
         self.context = context
+        self.failure: Unavailable | None = None
+        registry = ModelRegistry.load([model_dir / "config.yaml"], keep_going=True)
+        self.pipeline = Pipeline(registry, batching=None)
         self.initialized = True
+        for failed in registry.failed():  # answered with 503 and the reason, never a hang
+            self.failure = Unavailable(f"model {failed.name!r} failed to load: {failed.reason}")
+            self.model_name = failed.name
+            logger.error("model %s failed to load: %s", failed.name, failed.reason)
+            return
+        self.served: ServedModel = registry.get(registry.names()[0])
+        self.model_name = self.served.name
         logger.info("loaded %s (%s) from %s", self.served.name, self.served.task, model_dir)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         self.context = context
+        if self.failure is not None:
+            return self._unavailable(len(data), context)
         explain = [context.get_request_header(i, "explain") == "True" for i in range(len(data))]
         rows = [self._parse(row, explain[i], self._header_fields(i)) for i, row in enumerate(data)]
         requests = [item for kserve, item in rows if not isinstance(item, PipelineError)]
@@ -91,6 +103,14 @@ class FamHandler(BaseHandler):
             out.append(json.dumps(body))
         self._record(elapsed_ms, heatmaps)
         return out
+
+    def _unavailable(self, rows: int, context: Any) -> list[str]:
+        """Every row answered 503 with the reason the model failed to load."""
+        assert self.failure is not None
+        for idx in range(rows):
+            context.set_response_content_type(idx, "application/json")
+            context.set_response_status(self.failure.http_status, str(self.failure), idx)
+        return [json.dumps(error_to_json(self.failure))] * rows
 
     def _header_fields(self, idx: int) -> dict[str, str]:
         """Options sent as ``X-Fam-<Field>`` headers (``X-Fam-Target-Class: 3``)."""
@@ -116,12 +136,12 @@ class FamHandler(BaseHandler):
                     raise InvalidArgument("a JSON body must be an object, not a list")
                 else:
                     fields[key] = value
-            return kserve, request_from_fields(self.served.name, fields, force_heatmap=explain)
+            return kserve, request_from_fields(self.model_name, fields, force_heatmap=explain)
         except PipelineError as error:
             return kserve, error
 
     def _record(self, elapsed_ms: float, heatmaps: int) -> None:
         metrics = self.context.metrics
-        dimensions = [Dimension("ModelName", self.served.name), Dimension("Level", "Model")]
+        dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
         metrics.add_time(EXPLANATION_TIME, elapsed_ms, None, "ms", list(dimensions))
         metrics.add_counter(HEATMAPS_RETURNED, heatmaps, None, list(dimensions))

@@ -24,7 +24,8 @@ from fam_core import onnx_format as fmt
 from fam_core.explainers import CAM, FAM, GradCAM, GradFAM
 from fam_core.models.backbones import build_backbone
 from fam_core.onnx_runtime import OnnxExplainer
-from fam_core.pipeline.onnx_backend import load_onnx_model
+from fam_core.models.store import ModelConfig
+from fam_core.pipeline.onnx_backend import load_onnx_backend
 
 transformers = pytest.importorskip("transformers")
 
@@ -232,8 +233,11 @@ def test_plain_file_is_grafted_at_load_time(tmp_path) -> None:
         OnnxExplainer(path)
     runner = OnnxExplainer(path, graft={"method": "gradfam"})
     assert runner.grafted and runner.method == "gradfam"
-    served = load_onnx_model(path, graft={"method": "fam"})
-    assert served.onnx is not None and served.onnx.method == "fam"
+    config = ModelConfig(
+        name="plain", task="embedding", onnx=path.name, input_size=SIZE, directory=tmp_path
+    )
+    served = load_onnx_backend(path, config)
+    assert served.backend.methods == ("fam",)
     assert served.feature_shape == (4, 4) and served.output_dim == 16
 
 

@@ -65,7 +65,7 @@ def test_bad_configs(tmp_path, text, message) -> None:
 def test_missing_weights_and_unknown_model(tmp_path) -> None:
     _, config = fam_core.load_model("default-classifier")
     config.to_file(tmp_path / "config.yaml")
-    with pytest.raises(ValueError, match="weights file .* is missing"):
+    with pytest.raises(ValueError, match="weights: file .* is missing"):
         fam_core.load_model(tmp_path / "config.yaml")
     with pytest.raises(ValueError, match="unknown model 'nope'.*default-embedding"):
         fam_core.load_model("nope")

@@ -1,8 +1,13 @@
 """``fam archive [--out DIR]``: TorchServe ``.mar`` archives of models, with the FAM handler.
 
-Each archive holds ``handlers/fam_handler.py``, the model's ``config.yaml``, its weights (the
+Each archive holds ``handlers/fam_handler.py``, the model's ``config.yaml`` (its file names made
+flat, as TorchServe unpacks every file into one folder), its weights or exported program (the
 serialized file), its prototypes when it has any, and a TorchServe ``model-config.yaml``
 (batching and workers). Built with ``torch-model-archiver``.
+
+A ``factory:`` model carries its module when that is one ``<module>.py`` next to the config;
+otherwise the factory's package must be installed in TorchServe's Python, which
+:func:`archive_notes` says (``fam archive`` prints it).
 
 ``--variant onnx`` archives the exported ONNX graph instead (``<name>-onnx.mar``), exported
 while archiving with :func:`exporters.export_model`: embedding models with their prototypes
@@ -17,11 +22,13 @@ import argparse
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
+from fam_core.models.sources import factory_module_file, factory_package
 from fam_core.models.store import REPO_MODEL_STORE, ModelConfig, find_config
 
 DEFAULT_OUT = REPO_MODEL_STORE / "archives"
@@ -64,6 +71,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     variants = VARIANTS if args.variant == "both" else (args.variant,)
     for name in args.models:
+        for note in archive_notes(ModelConfig.from_file(find_config(name))):
+            print(f"fam archive: note: {note}", file=sys.stderr)
         for variant in variants:
             path = build_archive(
                 name,
@@ -132,23 +141,13 @@ def build_archive(
         raise OSError(f"the handler {handler} is missing: run from a source checkout")
     config_path = find_config(name_or_config)
     config = ModelConfig.from_file(config_path)
-    weights = config.directory / config.weights
-    if not weights.is_file():
-        raise ValueError(f"model {config.name!r}: weights file {weights} does not exist")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fam-archive-") as scratch:
         name = archive_name or config.name + (ONNX_SUFFIX if variant == "onnx" else "")
         if variant == "onnx":
             weights, extra = export_onnx_variant(config_path, Path(scratch), name)
         else:
-            extra = [config_path]
-            if config.prototypes is not None:
-                prototypes = config.directory / config.prototypes
-                if not prototypes.is_file():
-                    raise ValueError(
-                        f"model {config.name!r}: prototypes file {prototypes} does not exist"
-                    )
-                extra.append(prototypes)
+            weights, extra = archive_files(config, Path(scratch))
         settings = Path(scratch) / "model-config.yaml"
         settings.write_text(model_config_yaml(batch_size, max_batch_delay_ms, workers))
         command = [
@@ -159,8 +158,7 @@ def build_archive(
             name,
             "--version",
             ARCHIVE_VERSION,
-            "--serialized-file",
-            str(weights),
+            *(["--serialized-file", str(weights)] if weights is not None else []),
             "--handler",
             str(handler),
             "--extra-files",
@@ -178,6 +176,61 @@ def build_archive(
     return out / f"{name}.mar"
 
 
+def archive_files(config: ModelConfig, folder: Path) -> tuple[Path | None, list[Path]]:
+    """``(serialized file, extra files)`` of the torch variant, with a flat ``config.yaml``
+    written into ``folder``. Missing files raise a one-line ``ValueError`` naming the key."""
+    if config.source == "onnx":
+        serialized: Path | None = config.directory / str(config.onnx)
+        key = "onnx"
+    elif config.source == "exported_program":
+        serialized, key = config.directory / str(config.exported_program), "exported_program"
+    else:
+        serialized = config.directory / config.weights if config.weights else None
+        key = "weights"
+    if serialized is not None and not serialized.is_file():
+        raise ValueError(f"model {config.name!r}: {key}: file {serialized} does not exist")
+    extra: list[Path] = []
+    flat: dict[str, str] = {}
+    if serialized is not None:
+        flat[key] = serialized.name
+    if config.prototypes is not None:
+        prototypes = config.directory / config.prototypes
+        if not prototypes.is_file():
+            raise ValueError(f"model {config.name!r}: prototypes: file {prototypes} does not exist")
+        extra.append(prototypes)
+        flat["prototypes"] = prototypes.name
+    if config.factory is not None:
+        module = factory_module_file(config.factory, config.directory)
+        if module is not None:
+            extra.append(module)
+    names = [p.name for p in ([serialized] if serialized else []) + extra] + ["config.yaml"]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(
+            f"model {config.name!r}: the archive is one folder, and {clashes} name two files"
+        )
+    written = folder / "config.yaml"
+    replace(config, **flat).to_file(written)  # type: ignore[arg-type]
+    return serialized, [written, *extra]
+
+
+def archive_notes(config: ModelConfig) -> list[str]:
+    """What the archive cannot carry: the factory's package when it is not a file next to
+    the config.
+
+    Example:
+        >>> config = ModelConfig(name="m", task="classifier", factory="timm.models:resnet18")
+        >>> archive_notes(config)
+        ["model 'm': its factory timm.models:resnet18 is not a .py file next to the config: install the package 'timm' in TorchServe's Python"]
+    """
+    if config.factory is None or factory_module_file(config.factory, config.directory):
+        return []
+    return [
+        f"model {config.name!r}: its factory {config.factory} is not a .py file next to the "
+        f"config: install the package {factory_package(config.factory)!r} in TorchServe's Python"
+    ]
+
+
 def export_onnx_variant(config_path: Path, folder: Path, name: str) -> tuple[Path, list[Path]]:
     """Export the model to ``folder/model.onnx`` with a ``config.yaml`` naming it.
 
@@ -186,9 +239,11 @@ def export_onnx_variant(config_path: Path, folder: Path, name: str) -> tuple[Pat
     ``(graph path, [config path])``.
     """
     from exporters import export_model
+    from fam_core.commands.export import task_option
     from fam_core.models.store import load_model
 
     model, config = load_model(config_path)
+    options = task_option(export_model, model, config.task)
     graph = folder / "model.onnx"
     if config.task == "embedding":
         if config.prototypes is None:
@@ -196,9 +251,9 @@ def export_onnx_variant(config_path: Path, folder: Path, name: str) -> tuple[Pat
                 f"model {config.name!r}: the ONNX variant of an embedding model bakes its "
                 "prototypes in; its config has no 'prototypes'"
             )
-        export_model(model, config, path=graph, references="prototypes", explain="best")
+        export_model(model, config, path=graph, references="prototypes", explain="best", **options)
     else:
-        export_model(model, config, method="cam", path=graph)
+        export_model(model, config, method="cam", path=graph, **options)
     served_config = folder / "config.yaml"
     served_config.write_text(
         yaml.safe_dump(

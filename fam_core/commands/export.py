@@ -1,11 +1,18 @@
 """``fam export NAME_OR_CONFIG --method {fam,gradfam,cam,gradcam} --out FILE.onnx``.
 
-Writes the model and its explanation head as one ONNX file (see :mod:`exporters`).
+Writes the model and its explanation head as one ONNX file (see :mod:`exporters`). Every
+torch source works (``backbone``, ``factory``, ``exported_program``): the config's module is
+loaded and handed to the exporter with the config's task.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
 
 from fam_core.onnx_format import METHODS
 
@@ -44,15 +51,35 @@ def run(args: argparse.Namespace) -> int:
     if not args.out.endswith(".onnx"):
         raise ValueError(f"--out must name a .onnx file, got {args.out!r}")
     model, config = load_model(args.model)
-    path = export_model(
-        model,
-        config,
-        method=args.method,
-        path=args.out,
-        target_layer=args.layer,
-        references="prototypes" if args.bake_prototypes else None,
-        explain=args.explain,
-        class_input=args.class_input,
-    )
+    try:
+        path = export_model(
+            model,
+            config,
+            **task_option(export_model, model, config.task),
+            method=args.method,
+            path=args.out,
+            target_layer=args.layer,
+            references="prototypes" if args.bake_prototypes else None,
+            explain=args.explain,
+            class_input=args.class_input,
+        )
+    except RuntimeError as error:  # the tracer's own failures, one line for the command line
+        if config.source != "exported_program":
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "RuntimeError"
+        raise ValueError(
+            f"exported_program: the ONNX exporter cannot trace {config.exported_program} "
+            f"({first}); export from a factory: config of the same model instead"
+        ) from None
     print(f"wrote {path} ({args.method}, layer {args.layer or config.target_layer})")
     return 0
+
+
+def task_option(export: Callable[..., Any], model: nn.Module, task: str) -> dict[str, str]:
+    """``{"task": task}`` for an exporter that takes it; for one that reads the module's
+    ``is_classifier`` attribute instead, that attribute is set on modules that lack it."""
+    if "task" in inspect.signature(export).parameters:
+        return {"task": task}
+    if not hasattr(model, "is_classifier"):
+        model.is_classifier = task == "classifier"  # type: ignore[assignment]
+    return {}

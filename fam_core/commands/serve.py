@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fam_core.pipeline import ModelRegistry
 
 
 def add_command(commands) -> None:  # type: ignore[no-untyped-def]
@@ -13,6 +17,13 @@ def add_command(commands) -> None:  # type: ignore[no-untyped-def]
     )
     serve.add_argument(
         "--models", help="folder of */config.yaml and *.onnx (default: the default models)"
+    )
+    serve.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="CONFIG",
+        help="a model name, folder, config.yaml or .onnx file (repeatable; with --models too)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
     serve.add_argument("--port", type=int, default=50051, help="port (default 50051, 0: any)")
@@ -37,7 +48,7 @@ def add_command(commands) -> None:  # type: ignore[no-untyped-def]
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fam_core.pipeline import BatchingConfig, ModelRegistry
+    from fam_core.pipeline import BatchingConfig
     from fam_core.server import FamServer, ServerConfig
     from fam_core.server.logs import configure_logging
 
@@ -49,9 +60,9 @@ def _serve(args: argparse.Namespace) -> int:
         if not token:
             raise ValueError(f"token file {args.token_file} is empty")
     configure_logging()
-    registry = (
-        ModelRegistry.from_directory(args.models) if args.models else ModelRegistry.from_names()
-    )
+    registry = load_registry(args.models, args.model)
+    for failed in registry.failed():
+        print(f"fam serve: model {failed.name!r} is not ready: {failed.reason}", flush=True)
     server = FamServer(
         registry,
         ServerConfig(
@@ -79,6 +90,26 @@ def _serve(args: argparse.Namespace) -> int:
     server.wait()
     server.stop()  # returns once the stop thread's work is done
     return 0
+
+
+def load_registry(models_dir: str | None, models: list[str]) -> ModelRegistry:
+    """The models of ``--models DIR`` and each ``--model CONFIG`` (default: the default models).
+
+    A model that fails to load is reported not ready while the others serve; when none
+    loads, the first reason is raised as a one-line ``ValueError``.
+    """
+    from fam_core.pipeline import DEFAULT_MODELS, ModelRegistry
+    from fam_core.pipeline.models import directory_sources
+
+    sources: list[str | Path] = []
+    if models_dir:
+        sources += directory_sources(models_dir)
+    sources += models
+    registry = ModelRegistry.load(sources or list(DEFAULT_MODELS), keep_going=True)
+    if len(registry) == 0:
+        failed = registry.failed()
+        raise ValueError(f"no model loaded: {failed[0].name}: {failed[0].reason}")
+    return registry
 
 
 def _serve_demo(args: argparse.Namespace) -> int:

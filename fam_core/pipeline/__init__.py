@@ -21,7 +21,13 @@ from fam_core.pipeline.errors import (
     Unavailable,
 )
 from fam_core.pipeline.limits import Limits
-from fam_core.pipeline.models import DEFAULT_MODELS, ModelRegistry, ServedModel, default_method
+from fam_core.pipeline.models import (
+    DEFAULT_MODELS,
+    FailedModel,
+    ModelRegistry,
+    ServedModel,
+    default_method,
+)
 from fam_core.pipeline.request import (
     EncodedImage,
     ExplainRequest,
@@ -42,6 +48,7 @@ __all__ = [
     "ExplainRequest",
     "ExplainResponse",
     "ExplainResult",
+    "FailedModel",
     "Heatmap",
     "InvalidArgument",
     "Limits",

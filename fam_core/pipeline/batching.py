@@ -16,8 +16,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from fam_core.pipeline.engine import Computed, Job, run_jobs
+from fam_core.pipeline.engine import run_jobs
 from fam_core.pipeline.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from fam_core.pipeline.jobs import Computed, Job
 from fam_core.pipeline.models import ServedModel
 
 

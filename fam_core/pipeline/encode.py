@@ -6,10 +6,11 @@ import numpy as np
 import torch
 
 from fam_core.explainers.base import min_max, upsample
-from fam_core.pipeline.engine import Computed
+from fam_core.pipeline.jobs import Computed
 from fam_core.pipeline.models import ServedModel
 from fam_core.pipeline.request import ExplainRequest, ExplainResult, Heatmap, Match
 from fam_core.render import overlay, to_png_bytes
+from fam_core.resizing import as_size
 
 
 def heatmap_bytes(heatmap: torch.Tensor) -> bytes:
@@ -27,8 +28,11 @@ def heatmap_from_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32).reshape(shape))
 
 
-def heatmap_at(computed: Computed, index: int, resolution: str, size: int) -> torch.Tensor:
-    """Item ``index``'s heatmap in ``[0, 1]`` at ``"input"`` (``size``) or ``"feature"`` size.
+def heatmap_at(
+    computed: Computed, index: int, resolution: str, size: int | tuple[int, int]
+) -> torch.Tensor:
+    """Item ``index``'s heatmap in ``[0, 1]`` at ``"input"`` (``size``: a side or ``(H, W)``)
+    or ``"feature"`` size.
 
     Input resolution is :func:`~fam_core.explainers.base.upsample` of the raw map (bilinear,
     then min-max), as in ``ChannelExplainer.__call__``; feature resolution is the min-max of the raw map.
@@ -40,7 +44,7 @@ def heatmap_at(computed: Computed, index: int, resolution: str, size: int) -> to
         return min_max(raw.float(), dim=(1, 2))[0]
     if computed.maps is not None:
         return computed.maps[index]
-    return upsample(raw, (size, size))[0]
+    return upsample(raw, as_size(size))[0]
 
 
 def encode_result(
@@ -50,7 +54,7 @@ def encode_result(
     index: int,
     pixels: torch.Tensor,
 ) -> ExplainResult:
-    """The result for item ``index`` of ``computed``; ``pixels`` is its ``[3, S, S]`` input."""
+    """The result for item ``index`` of ``computed``; ``pixels`` is its ``[3, H, W]`` input."""
     scores = computed.scores[index].float().cpu()
     predicted = int(computed.predicted[index])
     references = bool(request.references)
@@ -68,7 +72,7 @@ def encode_result(
     heatmap = None
     overlay_png = None
     if computed.raw is not None:
-        values = heatmap_at(computed, index, request.resolution, served.config.input_size)
+        values = heatmap_at(computed, index, request.resolution, served.config.image_size)
         height, width = values.shape
         heatmap = Heatmap(
             data=heatmap_bytes(values),

@@ -55,7 +55,7 @@ class DeadlineExceeded(PipelineError):
 
 
 class Unavailable(PipelineError):
-    """The pipeline is shutting down."""
+    """The pipeline is shutting down, or the model failed to load (the reason says why)."""
 
     code = "UNAVAILABLE"
     http_status = 503

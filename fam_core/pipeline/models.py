@@ -1,51 +1,51 @@
-"""Served models: described by config files, listed in a registry, loaded once."""
+"""Served models: described by config files, listed in a registry, loaded once.
+
+A :class:`ServedModel` is a config, a :class:`~fam_core.pipeline.backends.Backend` (torch or
+ONNX) and the shapes probed at load. A model whose config fails to load is kept in the
+registry as a :class:`FailedModel`: the server starts the others and answers requests for it
+with :class:`~fam_core.pipeline.errors.Unavailable` and the one-line reason.
+"""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+import yaml
 from torch import nn
 
-from fam_core.adapters import resolve_layer
-from fam_core.explainers import Explainer, available_methods, get_explainer
-from fam_core.explainers.fam import FAM
-from fam_core.models.store import ModelConfig, find_config, load_model
-from fam_core.pipeline.errors import NotFound
-
-if TYPE_CHECKING:
-    from fam_core.pipeline.onnx_backend import OnnxBackend
+from fam_core.models.store import ModelConfig, find_config
+from fam_core.pipeline.backends import Backend, LoadedBackend, default_method
+from fam_core.pipeline.errors import NotFound, Unavailable
+from fam_core.pipeline.onnx_backend import OnnxBackend, load_onnx_backend
+from fam_core.pipeline.torch_backend import TorchBackend, load_torch_backend
 
 DEFAULT_MODELS: tuple[str, ...] = ("default-embedding", "default-classifier")
 
-
-def default_method(task: str) -> str:
-    """FAM for embedding models; for classifiers CAM when registered, else FAM (class target)."""
-    if task == "classifier" and "cam" in available_methods():
-        return "cam"
-    return "fam"
+__all__ = [
+    "DEFAULT_MODELS",
+    "FailedModel",
+    "ModelRegistry",
+    "ServedModel",
+    "default_method",
+    "load_backend",
+]
 
 
 @dataclass
 class ServedModel:
     """A loaded model with what the pipeline needs to predict and explain with it.
 
-    Explainers are built once per method and reused: they keep no state between calls.
-    A model served from an exported ONNX graph has ``onnx`` set and no ``model``; it
-    explains with its graph's method only (:mod:`fam_core.pipeline.onnx_backend`).
+    The backend runs it (:mod:`fam_core.pipeline.backends`): a torch module explained by every
+    registered method, or an ONNX graph explained by the method baked into it.
     """
 
     config: ModelConfig
-    model: nn.Module | None
+    backend: Backend
     prototypes: torch.Tensor | None  # [K, D] (embedding models)
     output_dim: int
     feature_shape: tuple[int, int]
-    onnx: OnnxBackend | None = None
-    _explainers: dict[str, Explainer] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def name(self) -> str:
@@ -56,30 +56,40 @@ class ServedModel:
         return self.config.task
 
     @property
+    def model(self) -> nn.Module | None:
+        """The torch module (``None`` for an ONNX graph)."""
+        return self.backend.module if isinstance(self.backend, TorchBackend) else None
+
+    @property
+    def onnx(self) -> OnnxBackend | None:
+        """The onnxruntime backend (``None`` for a torch model)."""
+        return self.backend if isinstance(self.backend, OnnxBackend) else None
+
+    @property
     def default_method(self) -> str:
-        return self.onnx.method if self.onnx is not None else default_method(self.task)
+        return self.backend.default_method
 
     @property
     def methods(self) -> tuple[str, ...]:
         """The methods this model explains with."""
-        return (self.onnx.method,) if self.onnx is not None else tuple(available_methods())
+        return self.backend.methods
 
     @property
     def num_prototypes(self) -> int:
-        """Prototypes scored against (baked into an ONNX graph or from the config)."""
-        if self.onnx is not None and self.onnx.baked:
-            return self.onnx.baked
+        """Prototypes scored against (built into the model, or from the config)."""
+        if self.backend.baked:
+            return self.backend.baked
         return 0 if self.prototypes is None else int(self.prototypes.shape[0])
 
     def check_method(self, method: str) -> None:
         """:class:`NotFound` unless this model explains with ``method``."""
-        if method not in self.methods:
-            raise NotFound(
-                f"unknown method {method!r} for model {self.name!r}; expected one of "
-                f"{list(self.methods)}"
-            )
-        if self.onnx is None:
-            self.explainer(method)
+        self.backend.check_method(method)
+
+    def explainer(self, method: str):  # type: ignore[no-untyped-def]
+        """The torch explainer registered as ``method`` (:class:`NotFound` for ONNX graphs)."""
+        if not isinstance(self.backend, TorchBackend):
+            raise NotFound(f"model {self.name!r} is an ONNX graph: it has no torch explainers")
+        return self.backend.explainer(method)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -88,23 +98,6 @@ class ServedModel:
 
     def label(self, index: int) -> str:
         return self.labels[index] if 0 <= index < len(self.labels) else str(index)
-
-    def explainer(self, method: str) -> Explainer:
-        """The explainer registered as ``method`` for this model (:class:`NotFound` if none)."""
-        if self.model is None:
-            raise NotFound(f"model {self.name!r} is an ONNX graph: it has no torch explainers")
-        with self._lock:
-            if method not in self._explainers:
-                try:
-                    cls = get_explainer(method)
-                except ValueError as error:
-                    raise NotFound(str(error)) from None
-                self._explainers[method] = cls(
-                    self.model,
-                    self.config.target_layer,
-                    similarity=self.config.similarity,  # type: ignore[arg-type]
-                )
-            return self._explainers[method]
 
     @classmethod
     def load(
@@ -117,98 +110,181 @@ class ServedModel:
         """Load a model by name, config path or ``.onnx`` path; probe its output and feature shapes.
 
         ``target_layer`` overrides the config's layer for every explainer of this model.
-        A config with an ``onnx`` key, or an ``.onnx`` file, is served by onnxruntime.
-        """
-        onnx_path, onnx_config = _onnx_source(name_or_path)
-        if onnx_path is not None:
-            from fam_core.pipeline.onnx_backend import load_onnx_model
+        Errors are one-line ``ValueError`` naming the config key at fault.
 
-            if target_layer is not None:
-                raise ValueError("an ONNX graph's target layer is fixed at export: drop the layer")
-            return load_onnx_model(onnx_path, onnx_config)
-        model, config = load_model(name_or_path, device=device)
-        if target_layer is not None:
-            resolve_layer(model, target_layer)  # a clear error for an unknown name
-            config = replace(config, target_layer=target_layer)
-        prototypes = config.load_prototypes() if config.task == "embedding" else None
-        probe = FAM(model, config.target_layer, similarity=config.similarity)  # type: ignore[arg-type]
-        with torch.no_grad():
-            forward = probe.forward(torch.zeros(1, 3, config.input_size, config.input_size))
-        if prototypes is not None:
-            prototypes = prototypes.to(device=forward.outputs.device, dtype=torch.float32)
-            if prototypes.dim() != 2 or prototypes.shape[1] != forward.outputs.shape[1]:
-                raise ValueError(
-                    f"model {config.name!r}: prototypes have shape {tuple(prototypes.shape)}, "
-                    f"expected [K, {forward.outputs.shape[1]}]"
-                )
-        height, width = forward.activations.shape[-2:]
+        Example:
+            >>> ServedModel.load("default-classifier").feature_shape
+            (5, 5)
+        """
+        loaded = load_backend(name_or_path, device, target_layer=target_layer)
         return cls(
-            config=config,
-            model=model,
-            prototypes=prototypes,
-            output_dim=int(forward.outputs.shape[1]),
-            feature_shape=(int(height), int(width)),
+            config=loaded.config,
+            backend=loaded.backend,
+            prototypes=loaded.prototypes,
+            output_dim=loaded.output_dim,
+            feature_shape=loaded.feature_shape,
         )
 
 
-def _source(name: str | Path) -> str | Path:
-    """An ``.onnx`` path as it is, else the config file of a name or path."""
-    return name if str(name).endswith(".onnx") else find_config(name)
-
-
-def _onnx_source(name_or_path: str | Path) -> tuple[Path | None, ModelConfig | None]:
-    """``(graph file, config)`` when ``name_or_path`` is served from ONNX, else ``(None, None)``."""
+def load_backend(
+    name_or_path: str | Path,
+    device: torch.device | str = "cpu",
+    *,
+    target_layer: str | None = None,
+) -> LoadedBackend:
+    """The backend of a model name, config path or ``.onnx`` path, chosen by its source."""
     if str(name_or_path).endswith(".onnx"):
-        return Path(name_or_path), None
+        if target_layer is not None:
+            raise ValueError("an ONNX graph's target layer is fixed at export: drop the layer")
+        return load_onnx_backend(Path(name_or_path))
     config = ModelConfig.from_file(find_config(name_or_path))
-    if config.onnx is None:
-        return None, None
-    return config.directory / config.onnx, config
+    if config.source == "onnx":
+        if target_layer is not None:
+            raise ValueError("an ONNX graph's target layer is fixed at export: drop the layer")
+        return load_onnx_backend(config.directory / str(config.onnx), config)
+    return load_torch_backend(config, device, target_layer=target_layer)
+
+
+@dataclass(frozen=True)
+class FailedModel:
+    """A model that did not load: its name, where it came from and the one-line reason.
+
+    ``task`` is the config's when it says (``""`` otherwise).
+    """
+
+    name: str
+    source: str
+    reason: str
+    task: str = ""
+
+    @classmethod
+    def of(cls, source: str | Path, error: Exception) -> FailedModel:
+        """The failure of loading ``source``, named as the config names it when it can be read
+        (else after its folder, or file)."""
+        name, task = _name_and_task(source)
+        reason = _one_line(error).removeprefix(f"model {name!r}: ")
+        return cls(name, str(source), reason, task)
+
+
+def _name_and_task(source: str | Path) -> tuple[str, str]:
+    path = Path(source)
+    if path.suffix == ".onnx":
+        return path.stem, ""
+    try:
+        config_path = find_config(source)
+    except ValueError:
+        return (path.parent.name if path.name == "config.yaml" else path.stem or str(source)), ""
+    try:
+        raw = yaml.safe_load(config_path.read_text())
+    except (OSError, yaml.YAMLError):
+        raw = None
+    if not isinstance(raw, dict):
+        return config_path.parent.name, ""
+    name = raw.get("name") if isinstance(raw.get("name"), str) and raw["name"] else None
+    task = raw.get("task") if raw.get("task") in ("embedding", "classifier") else ""
+    return name or config_path.parent.name, task
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if isinstance(error, ValueError) else f"{type(error).__name__}: {first}"
 
 
 class ModelRegistry:
-    """The models a server serves, by name, each loaded once.
+    """The models a server serves, by name, each loaded once; and those that failed to load.
 
     Example:
         >>> registry = ModelRegistry.from_names(["default-classifier"])
         >>> registry.names()
         ['default-classifier']
+        >>> registry = ModelRegistry.load(["default-classifier", "no-such-model"])
+        >>> registry.names(), [failed.name for failed in registry.failed()]
+        (['default-classifier'], ['no-such-model'])
     """
 
-    def __init__(self, models: list[ServedModel]) -> None:
+    def __init__(self, models: list[ServedModel], failed: list[FailedModel] | None = None) -> None:
         self._models: dict[str, ServedModel] = {}
+        self._failed: dict[str, FailedModel] = {}
         for served in models:
             if served.name in self._models:
                 raise ValueError(f"two models are named {served.name!r}")
             self._models[served.name] = served
+        for failure in failed or ():
+            if failure.name in self._models or failure.name in self._failed:
+                raise ValueError(f"two models are named {failure.name!r}")
+            self._failed[failure.name] = failure
 
     @classmethod
-    def from_names(cls, names: list[str] | tuple[str, ...] = DEFAULT_MODELS) -> ModelRegistry:
+    def load(
+        cls, sources: list[str | Path] | tuple[str | Path, ...], *, keep_going: bool = True
+    ) -> ModelRegistry:
+        """Load models by store name, folder, config path or ``.onnx`` path.
+
+        With ``keep_going`` a model that fails to load becomes a :class:`FailedModel` (requests
+        for it are :class:`~fam_core.pipeline.errors.Unavailable`); without it the first
+        failure raises.
+        """
+        models: list[ServedModel] = []
+        failed: list[FailedModel] = []
+        for source in sources:
+            try:
+                models.append(ServedModel.load(_source(source)))
+            except Exception as error:
+                if not keep_going:
+                    raise
+                failed.append(FailedModel.of(source, error))
+        return cls(models, failed)
+
+    @classmethod
+    def from_names(
+        cls,
+        names: list[str] | tuple[str, ...] = DEFAULT_MODELS,
+        *,
+        keep_going: bool = False,
+    ) -> ModelRegistry:
         """Load models by store name or config path (default: the two default models)."""
-        return cls([ServedModel.load(_source(name)) for name in names])
+        return cls.load(list(names), keep_going=keep_going)
 
     @classmethod
-    def from_directory(cls, directory: str | Path) -> ModelRegistry:
+    def from_directory(cls, directory: str | Path, *, keep_going: bool = False) -> ModelRegistry:
         """Load every ``*/config.yaml`` and ``*.onnx`` (named after the file) in ``directory``."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise ValueError(f"models folder {directory} does not exist")
-        sources = sorted(directory.glob("*/config.yaml")) + sorted(directory.glob("*.onnx"))
-        if not sources:
-            raise ValueError(f"models folder {directory} has no */config.yaml or *.onnx")
-        return cls([ServedModel.load(path) for path in sources])
+        return cls.load(directory_sources(directory), keep_going=keep_going)
 
     def names(self) -> list[str]:
+        """The models that loaded (and serve)."""
         return sorted(self._models)
 
+    def failed(self) -> list[FailedModel]:
+        """The models that failed to load, by name."""
+        return [self._failed[name] for name in sorted(self._failed)]
+
     def get(self, name: str) -> ServedModel:
-        try:
+        """The model ``name``: :class:`NotFound` if unknown, :class:`Unavailable` if it failed."""
+        if name in self._models:
             return self._models[name]
-        except KeyError:
-            raise NotFound(f"unknown model {name!r}; this server serves {self.names()}") from None
+        if name in self._failed:
+            raise Unavailable(f"model {name!r} failed to load: {self._failed[name].reason}")
+        raise NotFound(f"unknown model {name!r}; this server serves {self.names()}")
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._models[name] for name in self.names())
 
     def __len__(self) -> int:
         return len(self._models)
+
+
+def directory_sources(directory: str | Path) -> list[Path]:
+    """The ``*/config.yaml`` and ``*.onnx`` files of a models folder, sorted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"models folder {directory} does not exist")
+    sources = sorted(directory.glob("*/config.yaml")) + sorted(directory.glob("*.onnx"))
+    if not sources:
+        raise ValueError(f"models folder {directory} has no */config.yaml or *.onnx")
+    return sources
+
+
+def _source(name: str | Path) -> str | Path:
+    """An ``.onnx`` path as it is, else the config file of a name or path."""
+    return name if str(name).endswith(".onnx") else find_config(name)

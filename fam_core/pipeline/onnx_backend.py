@@ -17,9 +17,12 @@ torch path, and mean what they mean there:
 A request the graph cannot answer this way is :class:`InvalidArgument`, naming the export
 option it needs.
 
+A graph ``fam export`` did not write is grafted with an explanation head first, by
+``exporters.graft.graft_onnx`` (at the config's ``target_tensor``) where that module exists.
+
 Example:
-    >>> served = load_onnx_model("conv4_fam.onnx")  # doctest: +SKIP
-    >>> served.methods, served.config.target_layer  # doctest: +SKIP
+    >>> loaded = load_onnx_backend("conv4_fam.onnx")  # doctest: +SKIP
+    >>> loaded.backend.methods, loaded.config.target_layer  # doctest: +SKIP
     (('fam',), 'block4')
 """
 
@@ -36,9 +39,9 @@ from fam_core import onnx_format as fmt
 from fam_core.explanation import Explanation
 from fam_core.models.store import ModelConfig
 from fam_core.onnx_runtime import OnnxExplainer
-from fam_core.pipeline.engine import Computed, Job, predict
-from fam_core.pipeline.errors import InvalidArgument
-from fam_core.pipeline.models import ServedModel
+from fam_core.pipeline.backends import LoadedBackend, ServedView, check_prototypes
+from fam_core.pipeline.errors import InvalidArgument, NotFound
+from fam_core.pipeline.jobs import Computed, Job, predict
 
 
 class _Pass(NamedTuple):
@@ -76,6 +79,22 @@ class OnnxBackend:
         return self.runner.method
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """The one method baked into the graph."""
+        return (self.runner.method,)
+
+    @property
+    def default_method(self) -> str:
+        return self.runner.method
+
+    def check_method(self, method: str) -> None:
+        if method != self.runner.method:
+            raise NotFound(
+                f"unknown method {method!r} for ONNX graph {self.runner.path.name}; expected one "
+                f"of {list(self.methods)}"
+            )
+
+    @property
     def explain(self) -> str:
         """``"mean"`` over the references, or ``"best"``: the top-scoring one."""
         return self.runner.metadata.get(fmt.KEY_EXPLAIN, "mean")
@@ -89,7 +108,7 @@ class OnnxBackend:
 
     def run(
         self,
-        served: ServedModel,
+        served: ServedView,
         inputs: torch.Tensor,
         job: Job,
         classes: list[int | None],
@@ -102,7 +121,7 @@ class OnnxBackend:
 
     # -- classifiers
     def _classify(
-        self, served: ServedModel, inputs: torch.Tensor, job: Job, classes: list[int | None]
+        self, served: ServedView, inputs: torch.Tensor, job: Job, classes: list[int | None]
     ) -> Computed:
         given = all(c is not None for c in classes)
         first = self._call(inputs, classes=[0 if c is None else c for c in classes], served=served)
@@ -124,7 +143,7 @@ class OnnxBackend:
     # -- embedding models
     def _embed(
         self,
-        served: ServedModel,
+        served: ServedView,
         inputs: torch.Tensor,
         job: Job,
         references: torch.Tensor | None,
@@ -172,7 +191,7 @@ class OnnxBackend:
         return Computed.explained_by(outputs, scores, predicted, explained.explanation)
 
     def _by_reference(
-        self, served: ServedModel, inputs: torch.Tensor, references: torch.Tensor
+        self, served: ServedView, inputs: torch.Tensor, references: torch.Tensor
     ) -> _Pass:
         """Item ``i`` against ``references[i]`` ``[K, D]``; items with equal ones in one run."""
         groups: list[tuple[list[int], torch.Tensor]] = []
@@ -204,7 +223,7 @@ class OnnxBackend:
         self,
         inputs: torch.Tensor,
         *,
-        served: ServedModel,
+        served: ServedView,
         references: torch.Tensor | None = None,
         classes: list[int] | None = None,
     ) -> _Pass:
@@ -263,57 +282,64 @@ def graft_options(
     return options
 
 
-def load_onnx_model(
-    path: str | Path,
-    config: ModelConfig | None = None,
-    *,
-    graft: Mapping[str, Any] | None = None,
-) -> ServedModel:
-    """A :class:`ServedModel` backed by the exported graph ``path``.
+def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> LoadedBackend:
+    """The backend of the graph ``path``, grafted first when ``fam export`` did not write it.
 
     ``config`` (a ``config.yaml`` with an ``onnx`` key) may name the model, its class names
     and its prototypes file; the file's metadata supplies the target layer and preprocessing.
-    Without a config the model is named after the file.
-
-    A plain ONNX file (one that fam-core did not write) gets an explanation head grafted in
-    memory (:func:`exporters.graft.graft_onnx`) with the options :func:`graft_options`
-    takes from ``config``, updated with ``graft`` (e.g. ``{"method": "gradfam",
-    "target_tensor": "..."}``).
+    Without a config the model is named after the file. Errors are one-line ``ValueError``.
     """
     path = Path(path)
-    runner = OnnxExplainer(path, graft=graft_options(config, graft))
+    if not path.is_file():
+        raise ValueError(f"onnx: file {path} is missing")
+    where = f"model {config.name!r}: " if config is not None else ""
+    if is_explanation_graph(path):
+        if config is not None and config.target_tensor is not None:
+            raise ValueError(
+                f"{where}target_tensor: not used with {path.name}: fam export wrote it, its "
+                "target layer is fixed in the graph"
+            )
+        options = None
+    elif config is None:
+        raise ValueError(
+            f"onnx: {path} is not a fam-core explanation graph; serve it from a config.yaml "
+            "that names its task, input_size (and target_tensor:)"
+        )
+    else:
+        options = graft_options(config)
+    try:
+        runner = OnnxExplainer(path, graft=options)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{where}onnx: {str(error).splitlines()[0]}") from None
     task = runner.metadata.get(fmt.KEY_TASK)
     if task not in ("embedding", "classifier"):
         raise ValueError(f"{path}: metadata 'task' must be 'embedding' or 'classifier'")
     height, width = runner.input_size
-    if height != width:
-        raise ValueError(
-            f"{path}: the pipeline serves square inputs, this graph takes {height}x{width}"
-        )
     if config is None:
         config = ModelConfig(
             name=path.stem,
             task=task,  # type: ignore[arg-type]
-            backbone="onnx",
-            weights=path.name,
-            target_layer=runner.target_layer,
             onnx=path.name,
             directory=path.parent,
         )
     elif config.task != task:
         raise ValueError(
-            f"model {config.name!r}: its config says task {config.task!r}, {path} is {task!r}"
+            f"model {config.name!r}: task: its config says task {config.task!r}, {path} is {task!r}"
         )
     config = replace(
         config,
         target_layer=runner.target_layer,
-        input_size=int(height),
+        input_size=int(height) if height == width else (int(height), int(width)),
+        resize=runner.resize,
         mean=tuple(runner.mean),  # type: ignore[arg-type]
         std=tuple(runner.std),  # type: ignore[arg-type]
         class_names=config.class_names or tuple(runner.class_names),
         similarity=runner.metadata.get(fmt.KEY_SIMILARITY, config.similarity),
     )
-    backend = OnnxBackend(runner)
+    try:
+        backend = OnnxBackend(runner)
+    except ValueError as error:
+        raise ValueError(f"model {config.name!r}: onnx: {error}") from None
     output_dim, feature_shape = runner.output_dim, runner.feature_shape
     if output_dim is None or feature_shape is None:
         raise ValueError(f"{path}: its outputs lack fixed embedding/logits or heatmap sizes")
@@ -322,16 +348,26 @@ def load_onnx_model(
         prototypes = config.load_prototypes()
         if prototypes is not None:
             prototypes = prototypes.float()
-            if prototypes.dim() != 2 or prototypes.shape[1] != output_dim:
-                raise ValueError(
-                    f"model {config.name!r}: prototypes have shape {tuple(prototypes.shape)}, "
-                    f"expected [K, {output_dim}]"
-                )
-    return ServedModel(
+            check_prototypes(config, prototypes, int(output_dim))
+    return LoadedBackend(
         config=config,
-        model=None,
+        backend=backend,
         prototypes=prototypes,
         output_dim=int(output_dim),
         feature_shape=feature_shape,
-        onnx=backend,
     )
+
+
+def is_explanation_graph(path: Path) -> bool:
+    """Whether ``path``'s metadata marks it as a graph ``fam export`` wrote."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is one config error
+        text = str(error).strip().splitlines()
+        raise ValueError(
+            f"onnx: cannot read {path}: {text[0] if text else type(error).__name__}"
+        ) from None
+    keys = {prop.key for prop in model.metadata_props}
+    return fmt.KEY_METHOD in keys and fmt.KEY_PREPROCESSING in keys

@@ -133,3 +133,5 @@ class ModelDescription:
     input_formats: tuple[str, ...] = field(
         default=("png", "jpeg", "tensor:uint8", "tensor:float16", "tensor:float32")
     )
+    input_shape: tuple[int, int] = (0, 0)  # (H, W); input_size is H when they differ
+    resize: str = "crop"

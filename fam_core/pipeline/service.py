@@ -18,8 +18,9 @@ import torch
 from fam_core.pipeline.batching import BatchingConfig, BatchObserver, MicroBatcher
 from fam_core.pipeline.decode import check_sizes, decode_input
 from fam_core.pipeline.encode import encode_result
-from fam_core.pipeline.engine import Computed, Job, run_jobs
+from fam_core.pipeline.engine import run_jobs
 from fam_core.pipeline.errors import DeadlineExceeded, InvalidArgument, PipelineError
+from fam_core.pipeline.jobs import Computed, Job
 from fam_core.pipeline.limits import Limits
 from fam_core.pipeline.models import ModelRegistry, ServedModel
 from fam_core.pipeline.preprocess import preprocess
@@ -40,7 +41,7 @@ class _Prepared:
     served: ServedModel
     request: ExplainRequest
     job: Job
-    pixels: torch.Tensor  # [B, 3, S, S] in [0, 1]
+    pixels: torch.Tensor  # [B, 3, H, W] in [0, 1]
 
 
 class Pipeline:
@@ -129,13 +130,15 @@ class Pipeline:
         return ModelDescription(
             name=served.name,
             task=served.task,
-            backbone=config.backbone,
-            input_size=config.input_size,
+            backbone=config.architecture,
+            input_size=config.image_size[0],
+            input_shape=config.image_size,
+            resize=config.resize,
             mean=tuple(config.mean),
             std=tuple(config.std),
             methods=served.methods,
             default_method=served.default_method,
-            target_layer=config.target_layer,
+            target_layer=config.target_layer or "",
             feature_shape=served.feature_shape,
             output_dim=served.output_dim,
             class_names=served.labels,

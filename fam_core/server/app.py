@@ -91,6 +91,9 @@ class _BearerToken(grpc.ServerInterceptor):
 class FamServer:
     """A running gRPC server over a :class:`~fam_core.pipeline.Pipeline`.
 
+    Health: the whole server (``""``), each service, and each model under its own name
+    (``NOT_SERVING`` for a model that failed to load; its requests are ``UNAVAILABLE``).
+
     Example:
         >>> server = FamServer(ModelRegistry.from_names(), ServerConfig(port=0))  # doctest: +SKIP
         >>> port = server.start()  # doctest: +SKIP
@@ -153,10 +156,17 @@ class FamServer:
         self.port = port
         for service in ("", FAM_SERVICE, OIP_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        registry = self.pipeline.registry
+        for name in registry.names():  # one health service per model, named as the model
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for failed in registry.failed():
+            self.health.set(failed.name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            log_event("model_failed", model=failed.name, source=failed.source, error=failed.reason)
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
         log_event(
-            "started", address=f"{self.config.host}:{port}", models=self.pipeline.registry.names(),
+            "started", address=f"{self.config.host}:{port}", models=registry.names(),
+            failed=[failed.name for failed in registry.failed()],
             tls=self.config.tls_cert is not None, auth=self.config.token is not None,
             metrics_port=self.metrics_port,
         )  # fmt: skip

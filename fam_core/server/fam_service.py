@@ -141,8 +141,14 @@ class FamServicer(fam_pb2_grpc.FamServiceServicer):
             context,
             lambda: fam_pb2.ListModelsResponse(
                 models=[
-                    fam_pb2.ModelSummary(name=served.name, task=served.task)
+                    fam_pb2.ModelSummary(name=served.name, task=served.task, status="ready")
                     for served in self.pipeline.registry
+                ]
+                + [
+                    fam_pb2.ModelSummary(
+                        name=failed.name, task=failed.task, status="failed", error=failed.reason
+                    )
+                    for failed in self.pipeline.registry.failed()
                 ]
             ),
         )
@@ -169,6 +175,8 @@ class FamServicer(fam_pb2_grpc.FamServiceServicer):
                 max_batch=limits.max_batch,
                 max_pixels=limits.max_pixels,
                 max_request_bytes=limits.max_request_bytes,
+                input_shape=info.input_shape,
+                resize=info.resize,
             )
 
         return self.calls.run("ModelInfo", request.model, context, body)

@@ -1,0 +1,106 @@
+"""Model sources behind one interface: what a served model runs on.
+
+A :class:`Backend` predicts and explains a batch (:meth:`Backend.run`) and says which
+methods it explains with. Two implement it:
+
+- :class:`fam_core.pipeline.torch_backend.TorchBackend`: a torch module built from a
+  ``backbone``, a ``factory`` or an ``exported_program`` config, explained by the registered
+  torch explainers;
+- :class:`fam_core.pipeline.onnx_backend.OnnxBackend`: an ONNX graph with its explanation head,
+  run by onnxruntime.
+
+Each backend module has a loader that returns a :class:`LoadedBackend`, from which
+:class:`~fam_core.pipeline.models.ServedModel` is made. Backends depend on
+:mod:`fam_core.pipeline.jobs` only, never on the served-model or engine modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fam_core.explainers import available_methods
+from fam_core.models.store import ModelConfig
+from fam_core.pipeline.jobs import Computed, Job, Scoring
+
+
+class ServedView(Scoring, Protocol):
+    """What a backend reads from the served model it runs for."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def output_dim(self) -> int: ...
+
+
+class Backend(Protocol):
+    """One model source: runs batches and knows its explanation methods."""
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods this backend explains with."""
+        ...
+
+    @property
+    def default_method(self) -> str:
+        """The method used when a request names none."""
+        ...
+
+    @property
+    def baked(self) -> int:
+        """Prototypes built into the model (0: none; scored against the config's instead)."""
+        ...
+
+    def check_method(self, method: str) -> None:
+        """Raise :class:`~fam_core.pipeline.errors.NotFound` unless it explains with ``method``."""
+        ...
+
+    def run(
+        self,
+        served: ServedView,
+        inputs: torch.Tensor,
+        job: Job,
+        classes: list[int | None],
+        references: torch.Tensor | None,
+    ) -> Computed:
+        """Predict (and, when ``job.heatmap``, explain) ``inputs`` ``[B, 3, H, W]``.
+
+        ``classes``: per item, the class to explain (classifiers; ``None``: the predicted one);
+        ``references``: ``[B, K, D]`` per-item references (embedding models).
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class LoadedBackend:
+    """A backend with the config and probed shapes a served model is made of."""
+
+    config: ModelConfig
+    backend: Backend
+    prototypes: torch.Tensor | None
+    output_dim: int
+    feature_shape: tuple[int, int]
+
+
+def default_method(task: str) -> str:
+    """FAM for embedding models; for classifiers CAM when registered, else FAM (class target).
+
+    Example:
+        >>> default_method("embedding"), default_method("classifier")
+        ('fam', 'cam')
+    """
+    if task == "classifier" and "cam" in available_methods():
+        return "cam"
+    return "fam"
+
+
+def check_prototypes(config: ModelConfig, prototypes: torch.Tensor, output_dim: int) -> None:
+    """``ValueError`` unless ``prototypes`` is ``[K, output_dim]``."""
+    if prototypes.dim() != 2 or prototypes.shape[1] != output_dim:
+        raise ValueError(
+            f"model {config.name!r}: prototypes have shape {tuple(prototypes.shape)}, "
+            f"expected [K, {output_dim}]"
+        )

@@ -1,0 +1,112 @@
+"""What a backend is given and returns: :class:`Job` in, :class:`Computed` out.
+
+Shared by the engine (:mod:`fam_core.pipeline.engine`) and every backend
+(:mod:`fam_core.pipeline.backends`); it imports neither, so the modules form no cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from fam_core.explanation import Explanation
+
+
+class Scoring(Protocol):
+    """What :func:`predict` needs of a served model."""
+
+    @property
+    def task(self) -> str: ...
+
+    @property
+    def prototypes(self) -> torch.Tensor | None: ...
+
+
+@dataclass(frozen=True)
+class Job:
+    """The model-facing part of one request.
+
+    Attributes:
+        inputs: ``[b, 3, H, W]`` normalised model inputs.
+        method: the explainer's name.
+        heatmap: ``False`` predicts only.
+        target_class: classifiers: the class to explain (``None``: the predicted one).
+        references: embedding models: ``[K, D]`` reference embeddings (``None``: prototypes).
+    """
+
+    inputs: torch.Tensor
+    method: str
+    heatmap: bool = True
+    target_class: int | None = None
+    references: torch.Tensor | None = None
+
+    def batch_key(self) -> tuple[str, bool, int]:
+        """Jobs with equal keys can run in one pass."""
+        references = -1 if self.references is None else int(self.references.shape[0])
+        return (self.method if self.heatmap else "", self.heatmap, references)
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+@dataclass(frozen=True)
+class Computed:
+    """Model outputs and explanation of one job (tensors on the model's device).
+
+    ``scores``: ``[b, C]`` softmax probabilities (classifiers) or ``[b, K]`` cosine similarity
+    to the prototypes or references (embedding models; ``[b, 0]`` when there are none);
+    ``predicted``: ``[b]`` argmax of ``scores`` (``-1`` with no scores); ``raw``: ``[b, h, w]``
+    map at the target layer; ``maps``: ``[b, H, W]`` when the method made them itself.
+    """
+
+    outputs: torch.Tensor
+    scores: torch.Tensor
+    predicted: torch.Tensor
+    explained: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
+    maps: torch.Tensor | None = None
+    method: str = ""
+    target_layer: str = ""
+
+    @classmethod
+    def explained_by(
+        cls,
+        outputs: torch.Tensor,
+        scores: torch.Tensor,
+        predicted: torch.Tensor,
+        explanation: Explanation,
+    ) -> Computed:
+        """A prediction with the explanation of the same images."""
+        return cls(
+            outputs=outputs,
+            scores=scores,
+            predicted=predicted,
+            explained=explanation.scores,
+            raw=explanation.raw,
+            maps=explanation.maps,
+            method=explanation.method,
+            target_layer=explanation.target_layer,
+        )
+
+
+def predict(
+    served: Scoring, outputs: torch.Tensor, references: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, predicted)`` of :class:`Computed` from the model's ``outputs``."""
+    outputs = outputs.detach()
+    if served.task == "classifier":
+        scores = F.softmax(outputs, dim=1)
+    elif references is not None:  # cosine to each reference, [B, K]
+        scores = torch.einsum(
+            "bd,bkd->bk", F.normalize(outputs, dim=1), F.normalize(references, dim=2)
+        )
+    elif served.prototypes is not None:
+        scores = F.normalize(outputs, dim=1) @ F.normalize(served.prototypes, dim=1).T
+    else:
+        scores = outputs.new_zeros(outputs.shape[0], 0)
+    if scores.shape[1] == 0:
+        return scores, torch.full((outputs.shape[0],), -1, dtype=torch.long)
+    return scores, scores.argmax(dim=1)

@@ -1,0 +1,247 @@
+"""The torch backend: a module from a ``backbone``, ``factory`` or ``exported_program`` config.
+
+For a :class:`~fam_core.explainers.base.ChannelExplainer` the template's steps
+(:meth:`~fam_core.explainers.base.Explainer.forward`, then
+:meth:`~fam_core.explainers.base.ChannelExplainer.explain_forward`) run here with the target
+chosen from the same forward pass (the predicted class, the nearest prototype), so a heatmap
+costs one forward pass plus the method's own work. Other explainers (and channel explainers
+that override ``__call__``) run as a whole after a separate prediction pass.
+
+Example:
+    >>> from fam_core.models.store import ModelConfig, find_config
+    >>> loaded = load_torch_backend(ModelConfig.from_file(find_config("default-classifier")))
+    >>> loaded.output_dim, loaded.feature_shape, loaded.backend.default_method
+    (48, (5, 5), 'cam')
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeGuard
+
+import torch
+from torch import nn
+
+from fam_core.explainers import Explainer, available_methods, get_explainer
+from fam_core.explainers.base import ChannelExplainer
+from fam_core.explainers.fam import FAM
+from fam_core.models.sources import load_module
+from fam_core.models.store import ModelConfig
+from fam_core.pipeline.backends import (
+    LoadedBackend,
+    ServedView,
+    check_prototypes,
+    default_method,
+)
+from fam_core.pipeline.errors import InvalidArgument, NotFound
+from fam_core.pipeline.jobs import Computed, Job, predict
+
+
+def explainer_options(config: ModelConfig, cls: type[Explainer]) -> dict[str, Any]:
+    """The keyword arguments a config gives explainer class ``cls``: ``similarity``, and
+    ``output`` and ``task`` (or ``classifier``) where ``cls`` takes them.
+
+    Example:
+        >>> from fam_core.models.store import find_config
+        >>> config = ModelConfig.from_file(find_config("default-classifier"))
+        >>> sorted(explainer_options(config, FAM))
+        ['classifier', 'similarity']
+    """
+    accepted = _keyword_parameters(cls)
+    options: dict[str, Any] = {"similarity": config.similarity}
+    if config.output is not None:
+        if "output" not in accepted:
+            raise ValueError(
+                f"output: {cls.__name__} does not select outputs; drop 'output' from the config"
+            )
+        options["output"] = config.output
+    if "task" in accepted:
+        options["task"] = config.task
+    elif "classifier" in accepted:
+        options["classifier"] = config.task == "classifier"
+    return options
+
+
+def _keyword_parameters(cls: type) -> set[str]:
+    """Named ``__init__`` parameters of ``cls``, following ``**kwargs`` up the MRO."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names |= {p.name for p in parameters if p.kind is not p.VAR_KEYWORD}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+@dataclass
+class TorchBackend:
+    """Predicts with a torch module and explains with the registered torch explainers.
+
+    Explainers are built once per method and reused: they keep no state between calls.
+    """
+
+    module: nn.Module
+    config: ModelConfig
+    _explainers: dict[str, Explainer] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(available_methods())
+
+    @property
+    def default_method(self) -> str:
+        return default_method(self.config.task)
+
+    @property
+    def baked(self) -> int:
+        return 0
+
+    def check_method(self, method: str) -> None:
+        if method not in self.methods:
+            raise NotFound(
+                f"unknown method {method!r} for model {self.config.name!r}; expected one of "
+                f"{list(self.methods)}"
+            )
+        self.explainer(method)
+
+    def explainer(self, method: str) -> Explainer:
+        """The explainer registered as ``method`` for this model (:class:`NotFound` if none)."""
+        with self._lock:
+            if method not in self._explainers:
+                try:
+                    cls = get_explainer(method)
+                except ValueError as error:
+                    raise NotFound(str(error)) from None
+                self._explainers[method] = cls(
+                    self.module, self.config.target_layer, **explainer_options(self.config, cls)
+                )
+            return self._explainers[method]
+
+    def run(
+        self,
+        served: ServedView,
+        inputs: torch.Tensor,
+        job: Job,
+        classes: list[int | None],
+        references: torch.Tensor | None,
+    ) -> Computed:
+        if not job.heatmap:
+            with torch.no_grad():
+                outputs = self.explainer("fam").embed(inputs)
+            scores, predicted = predict(served, outputs, references)
+            return Computed(outputs=outputs, scores=scores, predicted=predicted)
+        explainer = self.explainer(job.method)
+        try:
+            if _explains_in_one_pass(explainer):
+                return _explain_in_one_pass(served, explainer, inputs, classes, references)
+            with torch.no_grad():
+                outputs = explainer.embed(inputs)
+            scores, predicted = predict(served, outputs, references)
+            explanation = explainer(inputs, _target(served, predicted, classes, references))
+        except (ValueError, TypeError) as error:
+            raise InvalidArgument(
+                f"method {job.method!r} on model {served.name!r}: {error}"
+            ) from None
+        return Computed.explained_by(outputs, scores, predicted, explanation)
+
+
+def load_torch_backend(
+    config: ModelConfig,
+    device: torch.device | str = "cpu",
+    *,
+    target_layer: str | None = None,
+) -> LoadedBackend:
+    """Build the config's module, probe one ``[1, 3, H, W]`` input for the output and feature
+    shapes; ``target_layer`` overrides the config's. Errors are one-line ``ValueError``."""
+    try:
+        module = load_module(config).to(device).eval()
+    except ValueError as error:
+        raise ValueError(f"model {config.name!r}: {error}") from None
+    if target_layer is not None:
+        config = replace(config, target_layer=target_layer)
+    options = explainer_options(config, FAM)
+    try:
+        probe = FAM(module, config.target_layer, **options)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"model {config.name!r}: target_layer: {_first_line(error)}") from None
+    height, width = config.image_size
+    try:
+        with torch.no_grad():
+            forward = probe.forward(torch.zeros(1, 3, height, width, device=device))
+    except Exception as error:  # noqa: BLE001 - the user's model may raise anything
+        raise ValueError(
+            f"model {config.name!r}: input_size: a [1, 3, {height}, {width}] input failed: "
+            f"{type(error).__name__}: {_first_line(error)}"
+        ) from None
+    outputs, activations = forward.outputs, forward.activations
+    if outputs.dim() != 2:
+        raise ValueError(
+            f"model {config.name!r}: output: expected [B, D] embeddings or logits, got shape "
+            f"{list(outputs.shape)}"
+        )
+    config = replace(config, target_layer=probe.target_layer)
+    prototypes = config.load_prototypes() if config.task == "embedding" else None
+    if prototypes is not None:
+        prototypes = prototypes.to(device=outputs.device, dtype=torch.float32)
+        check_prototypes(config, prototypes, int(outputs.shape[1]))
+    feature_height, feature_width = activations.shape[-2:]
+    backend = TorchBackend(module, config)
+    backend._explainers["fam"] = probe
+    return LoadedBackend(
+        config=config,
+        backend=backend,
+        prototypes=prototypes,
+        output_dim=int(outputs.shape[1]),
+        feature_shape=(int(feature_height), int(feature_width)),
+    )
+
+
+def _target(
+    served: ServedView,
+    predicted: torch.Tensor,
+    classes: list[int | None],
+    references: torch.Tensor | None,
+) -> torch.Tensor | list[int] | None:
+    if served.task == "classifier":
+        return [
+            int(p) if c is None else c for c, p in zip(classes, predicted.tolist(), strict=True)
+        ]
+    if references is not None:
+        return references
+    if served.prototypes is not None:
+        return served.prototypes[predicted].unsqueeze(1)  # the nearest prototype, [B, 1, D]
+    return None  # explains the embedding itself
+
+
+def _explains_in_one_pass(explainer: Explainer) -> TypeGuard[ChannelExplainer]:
+    """Whether ``explainer(images, target)`` is ``explain_forward`` after its own forward."""
+    return (
+        isinstance(explainer, ChannelExplainer)
+        and type(explainer).__call__ is ChannelExplainer.__call__
+    )
+
+
+def _explain_in_one_pass(
+    served: ServedView,
+    explainer: ChannelExplainer,
+    inputs: torch.Tensor,
+    classes: list[int | None],
+    references: torch.Tensor | None,
+) -> Computed:
+    """``ChannelExplainer.__call__`` with the target taken from the same forward pass."""
+    forward = explainer.forward(inputs)
+    scores, predicted = predict(served, forward.outputs, references)
+    target = _target(served, predicted, classes, references)
+    explanation = explainer.explain_forward(forward, target, inputs)
+    return Computed.explained_by(forward.outputs.detach(), scores, predicted, explanation)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,110 @@
+"""Fit images to a model's input size: the resize policy of a model config.
+
+Every path that feeds a model (the request pipeline, ``fam explain``,
+:meth:`fam_core.onnx_runtime.OnnxExplainer.preprocess`) calls :func:`fit_image`, so a model
+sees the same pixels whichever door an image came through.
+
+- ``"crop"``: resize so the image covers ``H x W`` (the shorter side, relative to the target),
+  then cut the centre; the default, and what the default models were trained with;
+- ``"resize"``: stretch to ``H x W`` (the aspect ratio changes);
+- ``"letterbox"``: resize so the image fits inside ``H x W``, then pad around it with a fill
+  colour (a model config uses its ``mean``, which normalises to zero).
+
+Example:
+    >>> image = torch.zeros(3, 60, 90)
+    >>> [tuple(fit_image(image, (30, 40), p).shape) for p in RESIZE_POLICIES]
+    [(3, 30, 40), (3, 30, 40), (3, 30, 40)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+ResizePolicy = Literal["crop", "resize", "letterbox"]
+RESIZE_POLICIES: tuple[ResizePolicy, ...] = ("crop", "resize", "letterbox")
+DEFAULT_POLICY: ResizePolicy = "crop"
+
+
+def as_size(size: int | Sequence[int]) -> tuple[int, int]:
+    """``(H, W)`` from an int (a square) or ``[H, W]``; ``ValueError`` for anything else.
+
+    Example:
+        >>> as_size(84), as_size([64, 96])
+        ((84, 84), (64, 96))
+    """
+    if isinstance(size, bool):
+        raise TypeError("an input size must be an int or [H, W], not a bool")
+    if isinstance(size, int):
+        pair: tuple[object, ...] = (size, size)
+    elif isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
+        pair = tuple(size)
+    else:
+        raise ValueError(f"an input size must be an int or [H, W], got {size!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"an input size must hold positive ints, got {size!r}")
+    return int(pair[0]), int(pair[1])  # type: ignore[call-overload]
+
+
+def check_policy(policy: object) -> ResizePolicy:
+    """``policy`` if it is one of :data:`RESIZE_POLICIES`, else ``ValueError``."""
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy must be one of {list(RESIZE_POLICIES)}, got {policy!r}")
+    return policy  # type: ignore[return-value]
+
+
+def fit_image(
+    image: torch.Tensor,
+    size: int | Sequence[int],
+    policy: ResizePolicy = DEFAULT_POLICY,
+    fill: Sequence[float] = (0.0, 0.0, 0.0),
+) -> torch.Tensor:
+    """``[C, h, w]`` (or ``[B, C, h, w]``) images in ``[0, 1]`` to ``[..., H, W]`` per ``policy``.
+
+    Resampling is bilinear with antialiasing; ``fill`` is the ``letterbox`` padding colour.
+
+    Example:
+        >>> rows = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])  # [1, 2, 2]: a dark and a light row
+        >>> fit_image(rows, (4, 2), "resize")[0, :, 0].tolist()
+        [0.0, 0.25, 0.75, 1.0]
+        >>> fit_image(rows, (4, 2), "letterbox", fill=(0.5,))[0, :, 0].tolist()
+        [0.5, 0.0, 1.0, 0.5]
+    """
+    height, width = as_size(size)
+    check_policy(policy)
+    batch = image if image.dim() == 4 else image.unsqueeze(0)
+    if batch.dim() != 4:
+        raise ValueError(f"images must be [C, H, W] or [B, C, H, W], got {tuple(image.shape)}")
+    h, w = batch.shape[-2:]
+    if policy == "resize":
+        out = _resample(batch, height, width)
+    elif policy == "crop":
+        scale = max(height / h, width / w)
+        new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+        out = _resample(batch, new_h, new_w)
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+        out = out[..., top : top + height, left : left + width]
+    else:
+        scale = min(height / h, width / w)
+        new_h = min(height, max(1, round(h * scale)))
+        new_w = min(width, max(1, round(w * scale)))
+        inner = _resample(batch, new_h, new_w)
+        if len(fill) not in (1, batch.shape[1]):
+            raise ValueError(f"fill needs 1 or {batch.shape[1]} values, got {len(fill)}")
+        colour = torch.tensor(fill, dtype=batch.dtype, device=batch.device).view(1, -1, 1, 1)
+        out = colour.expand(batch.shape[0], batch.shape[1], height, width).clone()
+        top, left = (height - new_h) // 2, (width - new_w) // 2
+        out[..., top : top + new_h, left : left + new_w] = inner
+    out = out.clamp(0, 1)
+    return out if image.dim() == 4 else out[0]
+
+
+def _resample(batch: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if tuple(batch.shape[-2:]) == (height, width):
+        return batch
+    return F.interpolate(
+        batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+    )
