@@ -41,13 +41,13 @@ from fam_core.pipeline.jobs import Computed, Job, predict
 
 def explainer_options(config: ModelConfig, cls: type[Explainer]) -> dict[str, Any]:
     """The keyword arguments a config gives explainer class ``cls``: ``similarity``, and
-    ``output`` and ``task`` (or ``classifier``) where ``cls`` takes them.
+    ``output``, ``task`` (or ``classifier``) and ``input_size`` where ``cls`` takes them.
 
     Example:
         >>> from fam_core.models.store import find_config
         >>> config = ModelConfig.from_file(find_config("default-classifier"))
         >>> sorted(explainer_options(config, FAM))
-        ['classifier', 'similarity']
+        ['input_size', 'similarity', 'task']
     """
     accepted = _keyword_parameters(cls)
     options: dict[str, Any] = {"similarity": config.similarity}
@@ -61,6 +61,8 @@ def explainer_options(config: ModelConfig, cls: type[Explainer]) -> dict[str, An
         options["task"] = config.task
     elif "classifier" in accepted:
         options["classifier"] = config.task == "classifier"
+    if "input_size" in accepted:
+        options["input_size"] = config.input_size
     return options
 
 
