@@ -23,8 +23,8 @@ from exporters.graft import find_target_tensors, graft_onnx, inspect_onnx
 from fam_core import onnx_format as fmt
 from fam_core.explainers import CAM, FAM, GradCAM, GradFAM
 from fam_core.models.backbones import build_backbone
-from fam_core.onnx_runtime import OnnxExplainer
 from fam_core.models.store import ModelConfig
+from fam_core.onnx_runtime import OnnxExplainer
 from fam_core.pipeline.onnx_backend import load_onnx_backend
 
 transformers = pytest.importorskip("transformers")
