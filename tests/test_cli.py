@@ -71,3 +71,38 @@ def test_explain_with_the_classifier_names_a_class(tmp_path, capsys) -> None:
     from fam_core.data.flowers import CLASS_NAMES
 
     assert stdout.split("\t")[1] in CLASS_NAMES
+
+
+def test_inspect_lists_layers_the_choice_and_the_head(capsys) -> None:
+    code, out, _ = run(["inspect", "default-classifier"], capsys)
+    assert code == 0
+    assert " * block4 " in out and "chosen: block4" in out
+    assert "linear: W [48, 64]" in out  # the classifier's 48 x 64 matrix (eq. 16-18)
+    code, out, _ = run(["inspect", "default-embedding", "--layer", "block3"], capsys)
+    assert "target layer: block3" in out and "jacobian" in out  # block4 + pooling follow it
+
+
+def test_inspect_an_onnx_file_lists_tensors(tmp_path, capsys) -> None:
+    import io
+    import warnings
+
+    from fam_core.models.backbones import conv4
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            conv4(width=0.25).eval(), (torch.rand(1, 3, 84, 84),), buffer, dynamo=False
+        )
+    path = tmp_path / "plain.onnx"
+    path.write_bytes(buffer.getvalue())
+    code, out, _ = run(["inspect", str(path)], capsys)
+    assert code == 0
+    assert "chosen target tensor: /block4/pool/MaxPool_output_0" in out
+    assert "* /block4/pool/MaxPool_output_0  MaxPool  [B, 16, 5, 5]" in out
+    assert "global average pooling" in out
+
+
+def test_inspect_errors_are_one_line(capsys) -> None:
+    code, _, err = run(["inspect", "no-such-model"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "unknown model 'no-such-model'" in err

@@ -1,0 +1,134 @@
+"""Models nobody here wrote: ResNet-50 and ViT-B/16 built from their ``transformers`` configs
+(random weights, nothing downloaded), 224x224, batch 1 and 16.
+
+Run: .venv/bin/python bench/bench_own_models.py [--repeats N] [--models resnet50 vit-b16]
+Targets (issue 13): FAM / forward <= 1.05, Grad-FAM / forward <= 1.10, ONNX graph with the
+grafted FAM head / the plain ONNX graph <= 1.05 (onnxruntime, same process, same inputs).
+
+The explainers find the target layer and the head themselves (``target_layer=None``). The
+ViT's embedding is its class token (``pooler_output``): its head is the last block, so FAM
+maps its weights through that block's Jacobian (one backward pass through one block of 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ratio  # noqa: E402
+
+from fam_core import FAM, GradFAM  # noqa: E402
+
+
+def build(name: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if name == "resnet50":
+        model = transformers.ResNetModel(transformers.ResNetConfig())  # ResNet-50 defaults
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        return model.eval()
+    if name == "vit-b16":
+        return transformers.ViTModel(transformers.ViTConfig()).eval()  # ViT-B/16 at 224
+    raise ValueError(name)
+
+
+def onnx_pair(model: nn.Module, batch: int, folder: Path):  # noqa: ANN201
+    """``(plain session, grafted session, feeds)`` for a plain export and its grafted FAM."""
+    import onnxruntime
+
+    from exporters.graft import graft_onnx
+
+    class Embedding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.model(images).pooler_output.flatten(1)
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Embedding().eval(),
+            (torch.rand(1, 3, 224, 224),),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=["pixels"],
+            dynamic_axes={"pixels": {0: "batch"}},
+        )
+    plain = folder / "plain.onnx"
+    plain.write_bytes(buffer.getvalue())
+    grafted = graft_onnx(plain, method="fam", task="embedding", input_size=(224, 224))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    providers = ["CPUExecutionProvider"]
+    plain_session = onnxruntime.InferenceSession(str(plain), options, providers=providers)
+    grafted_bytes = grafted.SerializeToString() if hasattr(grafted, "SerializeToString") else Path(grafted).read_bytes()
+    grafted_session = onnxruntime.InferenceSession(grafted_bytes, options, providers=providers)
+    images = torch.rand(batch, 3, 224, 224).numpy()
+    references = torch.rand(5, 2048).numpy()
+    return (
+        lambda: plain_session.run(None, {"pixels": images}),
+        lambda: grafted_session.run(None, {"image": images, "references": references}),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vit-b16"])
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| model | batch | forward (ms) | FAM / forward | Grad-FAM / forward | ONNX FAM / ONNX |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in args.models:
+        model = build(name)
+        fam, gradfam = FAM(model, input_size=224), GradFAM(model, input_size=224)
+        references = fam.embed(torch.rand(5, 3, 224, 224))
+        for batch in args.batches:
+            images = torch.rand(batch, 3, 224, 224)
+
+            def forward(images: torch.Tensor = images) -> None:
+                with torch.no_grad():
+                    model(images)
+
+            repeats = args.repeats if batch < 8 else max(5, args.repeats // 2)
+            fam_ratio, _, forward_seconds = ratio(
+                lambda images=images: fam(images, target=references), forward, repeats=repeats
+            )
+            grad_ratio, _, _ = ratio(
+                lambda images=images: gradfam(images, target=references), forward, repeats=repeats
+            )
+            onnx_text = "n/a"
+            if name == "resnet50":
+                with tempfile.TemporaryDirectory() as folder:
+                    plain, grafted = onnx_pair(model, batch, Path(folder))
+                    onnx_ratio, _, _ = ratio(grafted, plain, repeats=repeats)
+                    onnx_text = f"{onnx_ratio:.3f}"
+            print(
+                f"| {name} | {batch} | {1000 * forward_seconds:.1f} | {fam_ratio:.3f} | "
+                f"{grad_ratio:.3f} | {onnx_text} |",
+                flush=True,
+            )
+        print(f"{name}: target layer {fam.target_layer!r}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
