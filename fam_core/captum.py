@@ -53,6 +53,7 @@ from fam_core.explainers.layercam import LayerCAM
 from fam_core.explainers.registry import get_explainer
 from fam_core.explainers.scorecam import ScoreCAM
 from fam_core.explainers.xgradcam import XGradCAM
+from fam_core.outputs import OutputSpec, check_output_spec, select_output
 from fam_core.pooling import PoolingKind, global_pool
 from fam_core.similarity import SimilarityKind, similarity
 
@@ -83,6 +84,8 @@ class SimilarityForward(nn.Module):
             references must come with every call (``forward(images, references)``).
         similarity: ``"cosine"`` (default), ``"dot"`` or ``"euclidean"``.
         pooling: pooling of a feature-map output.
+        output: which model output is the embedding (a key, an index or a callable; see
+            :mod:`fam_core.outputs`), for models returning a tuple, dict or ``ModelOutput``.
 
     ``forward(images, references=None)`` takes per-image references ``[B, D]`` or
     ``[B, K, D]`` (Captum passes them as ``additional_forward_args`` and expands them with
@@ -104,9 +107,12 @@ class SimilarityForward(nn.Module):
         *,
         similarity: SimilarityKind = "cosine",
         pooling: PoolingKind = "avg",
+        output: OutputSpec = None,
     ) -> None:
         super().__init__()
         check_model_options(model, similarity, pooling)
+        check_output_spec(output)
+        self.output = output
         if references is not None:
             if not isinstance(references, torch.Tensor) or not references.is_floating_point():
                 raise TypeError("references must be a float tensor [D] or [K, D]")
@@ -123,7 +129,8 @@ class SimilarityForward(nn.Module):
         self.pooling: PoolingKind = pooling
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        outputs = self.model(images)
+        """The embeddings ``[B, D]``: the selected output (``output=``), pooled if a map."""
+        outputs = select_output(self.model(images), self.output)
         return global_pool(outputs, self.pooling) if outputs.dim() == 4 else outputs
 
     def resolve(self, batch: int, references: torch.Tensor | None) -> torch.Tensor:
@@ -175,6 +182,7 @@ class ExplainerAttribution(LayerAttribution):
         if isinstance(forward_func, SimilarityForward):
             explainer_options.setdefault("similarity", forward_func.similarity)
             explainer_options.setdefault("pooling", forward_func.pooling)
+            explainer_options.setdefault("output", forward_func.output)
             model = forward_func.model
         elif isinstance(forward_func, nn.Module):
             model = forward_func

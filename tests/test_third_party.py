@@ -317,3 +317,18 @@ def test_channels_last_memory_and_bfloat16(images) -> None:
     half = FAM(build("resnet").to(torch.bfloat16))(images, target=refs)
     assert half.maps.dtype == torch.float32
     assert float((half.maps - plain.maps).abs().mean()) < 0.05
+
+
+def test_captum_methods_on_a_model_output_object(images) -> None:
+    from captum.attr import IntegratedGradients, LayerGradCam
+
+    from fam_core.captum import GradCAMAttribution, SimilarityForward
+
+    model = build("resnet")
+    refs = FAM(model).embed(images[:2])
+    forward = SimilarityForward(model, refs, output="pooler_output")
+    layer = dict(model.named_modules())["encoder.stages.3"]
+    ours = GradCAMAttribution(forward, layer).attribute(images)
+    captum = LayerGradCam(forward, layer).attribute(images, relu_attributions=True)
+    torch.testing.assert_close(ours, captum, atol=1e-5, rtol=1e-4)
+    assert IntegratedGradients(forward).attribute(images[:1], n_steps=4).shape == (1, 3, SIZE, SIZE)
