@@ -79,7 +79,11 @@ def onnx_pair(model: nn.Module, batch: int, folder: Path):  # noqa: ANN201
     options.intra_op_num_threads = torch.get_num_threads()
     providers = ["CPUExecutionProvider"]
     plain_session = onnxruntime.InferenceSession(str(plain), options, providers=providers)
-    grafted_bytes = grafted.SerializeToString() if hasattr(grafted, "SerializeToString") else Path(grafted).read_bytes()
+    grafted_bytes = (
+        grafted.SerializeToString()
+        if hasattr(grafted, "SerializeToString")
+        else Path(grafted).read_bytes()
+    )
     grafted_session = onnxruntime.InferenceSession(grafted_bytes, options, providers=providers)
     images = torch.rand(batch, 3, 224, 224).numpy()
     references = torch.rand(5, 2048).numpy()
@@ -103,31 +107,41 @@ def main() -> None:
         fam, gradfam = FAM(model, input_size=224), GradFAM(model, input_size=224)
         references = fam.embed(torch.rand(5, 3, 224, 224))
         for batch in args.batches:
-            images = torch.rand(batch, 3, 224, 224)
-
-            def forward(images: torch.Tensor = images) -> None:
-                with torch.no_grad():
-                    model(images)
-
             repeats = args.repeats if batch < 8 else max(5, args.repeats // 2)
-            fam_ratio, _, forward_seconds = ratio(
-                lambda images=images: fam(images, target=references), forward, repeats=repeats
-            )
-            grad_ratio, _, _ = ratio(
-                lambda images=images: gradfam(images, target=references), forward, repeats=repeats
-            )
-            onnx_text = "n/a"
-            if name == "resnet50":
-                with tempfile.TemporaryDirectory() as folder:
-                    plain, grafted = onnx_pair(model, batch, Path(folder))
-                    onnx_ratio, _, _ = ratio(grafted, plain, repeats=repeats)
-                    onnx_text = f"{onnx_ratio:.3f}"
-            print(
-                f"| {name} | {batch} | {1000 * forward_seconds:.1f} | {fam_ratio:.3f} | "
-                f"{grad_ratio:.3f} | {onnx_text} |",
-                flush=True,
-            )
+            print(measure(name, model, fam, gradfam, references, batch, repeats), flush=True)
         print(f"{name}: target layer {fam.target_layer!r}", flush=True)
+
+
+def measure(
+    name: str,
+    model: nn.Module,
+    fam: FAM,
+    gradfam: GradFAM,
+    references: torch.Tensor,
+    batch: int,
+    repeats: int,
+) -> str:
+    """One table row: the three ratios at one batch size."""
+    images = torch.rand(batch, 3, 224, 224)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(images)
+
+    fam_ratio, _, forward_seconds = ratio(
+        lambda: fam(images, target=references), forward, repeats=repeats
+    )
+    grad_ratio, _, _ = ratio(lambda: gradfam(images, target=references), forward, repeats=repeats)
+    onnx_text = "n/a"
+    if name == "resnet50":
+        with tempfile.TemporaryDirectory() as folder:
+            plain, grafted = onnx_pair(model, batch, Path(folder))
+            onnx_ratio, _, _ = ratio(grafted, plain, repeats=repeats)
+            onnx_text = f"{onnx_ratio:.3f}"
+    return (
+        f"| {name} | {batch} | {1000 * forward_seconds:.1f} | {fam_ratio:.3f} | "
+        f"{grad_ratio:.3f} | {onnx_text} |"
+    )
 
 
 if __name__ == "__main__":
