@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -188,19 +189,9 @@ class Explainer(ABC):
         self.layout_spec = layout
         self._input_channels = input_channels(model)
         if target_layer is None and getattr(model, "default_target_layer", None) is None:
-            search = find_layers(
-                model,
-                probe_size(model, input_size),
-                output=output,
-                channels=self._input_channels or 3,
-                pooling=pooling,
+            target_layer = _found_layer(
+                model, probe_size(model, input_size), output, self._input_channels or 3, pooling
             )
-            if search.chosen is None:
-                raise ValueError(
-                    "found no layer with feature maps that reach the model's output; pass "
-                    f"target_layer (candidates: {[c.name for c in search.candidates]})"
-                )
-            target_layer = search.chosen
         self.target_layer, self.layer = resolve_layer(model, target_layer)
         self.similarity: SimilarityKind = similarity
         self.pooling: PoolingKind = pooling
@@ -629,6 +620,32 @@ def build_explanation(
         target_layer=explainer.target_layer,
         extras=extras,
     )
+
+
+_FOUND_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def _found_layer(
+    model: nn.Module, size: tuple[int, int], output: OutputSpec, channels: int, pooling: str
+) -> str:
+    """The target layer found from the dataflow (:func:`find_layers`), searched once per
+    model, input size and output: every explainer of a served model shares the search."""
+    key = (
+        size,
+        output if isinstance(output, str | int) or output is None else id(output),
+        channels,
+        pooling,
+    )
+    found = _FOUND_LAYERS.setdefault(model, {})
+    if key not in found:
+        search = find_layers(model, size, output=output, channels=channels, pooling=pooling)
+        if search.chosen is None:
+            raise ValueError(
+                "found no layer with feature maps that reach the model's output; pass "
+                f"target_layer (candidates: {[c.name for c in search.candidates]})"
+            )
+        found[key] = search.chosen
+    return found[key]
 
 
 def _unwrap(output: object):  # noqa: ANN202
