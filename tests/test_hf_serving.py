@@ -379,3 +379,61 @@ def test_an_exported_hf_program_serves_in_a_process_without_transformers(folders
     torch.testing.assert_close(torch.tensor(got["scores"]), scores, atol=1e-5, rtol=1e-4)
     expected = explainer(inputs, prototypes[scores.argmax(dim=1)].unsqueeze(1)).raw
     torch.testing.assert_close(torch.tensor(got["raw"]), expected, atol=1e-4, rtol=1e-4)
+
+
+# -- TorchServe: one server, two factory models archived as `fam archive CONFIG` does
+
+TORCHSERVE_MODELS = ("hf-resnet-reid", "hf-dinov2")
+
+
+@pytest.fixture(scope="module")
+def torchserve(tmp_path_factory, folders):
+    from test_torchserve import Server, _missing
+
+    reason = _missing()
+    if reason is not None:
+        pytest.skip(reason)
+    builds = tuple({"name_or_config": folders[name] / "config.yaml"} for name in TORCHSERVE_MODELS)
+    root = tmp_path_factory.mktemp("hf-torchserve")
+    running = Server(root, archives=(), extra=builds, batch_size=2, max_batch_delay_ms=10)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def test_fam_archive_carries_the_factory_module(folders, tmp_path, capsys) -> None:
+    pytest.importorskip("model_archiver", reason="torch-model-archiver is not installed")
+    import zipfile
+
+    from fam_core.cli import main
+
+    config = folders["hf-dinov2"] / "config.yaml"
+    assert main(["archive", str(config), "--out", str(tmp_path)]) == 0
+    assert "note" not in capsys.readouterr().err  # nothing to install in TorchServe's Python
+    with zipfile.ZipFile(tmp_path / "hf-dinov2.mar") as archive:
+        names = set(archive.namelist())
+        packed = yaml.safe_load(archive.read("config.yaml"))
+    assert {"hf_factories.py", "weights.pt", "prototypes.pt", "fam_handler.py"} <= names
+    assert packed["factory"] == "hf_factories:dinov2" and packed.get("target_layer") is None
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+@pytest.mark.parametrize("name", TORCHSERVE_MODELS)
+def test_torchserve_predictions_match_the_library(torchserve, folders, name, image) -> None:
+    from test_torchserve import decode_heatmap, http
+
+    png = IMAGES[image]
+    status, body, _ = http("POST", f"{torchserve.inference}/predictions/{name}", png)
+    assert status == 200, body[:500]
+    (result,) = json.loads(body)["results"]
+    assert result["heatmap"]["method"] == "fam" and result["heatmap"]["shape"] == [SIZE, SIZE]
+    expected = library_explanation(folders, name, png, "fam")
+    assert_matches_the_library(
+        decode_heatmap(result["heatmap"]),
+        result["scores"],
+        result["prediction"]["index"],
+        expected,
+        HEATMAP_ATOL,
+    )
