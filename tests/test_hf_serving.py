@@ -437,3 +437,22 @@ def test_torchserve_predictions_match_the_library(torchserve, folders, name, ima
         expected,
         HEATMAP_ATOL,
     )
+
+
+def test_fam_inspect_reports_layers_of_factory_and_onnx_configs(folders, capsys) -> None:
+    from fam_core.cli import main
+
+    def inspect(name: str) -> str:
+        assert main(["inspect", str(folders[name] / "config.yaml")]) == 0
+        return capsys.readouterr().out
+
+    report = inspect("hf-resnet-reid")
+    assert "target layer: encoder.stages.3\n" in report and "output: [64] (embedding)" in report
+    report = inspect("hf-dinov2")
+    assert "target layer: encoder.layer.1\n" in report
+    assert "head after the target layer: jacobian" in report  # the class token's last block
+    report = inspect("hf-resnet-classifier-onnx")
+    assert "chosen target tensor: /resnet/encoder/stages.3/" in report
+    assert "head: global average pooling + affine map [5 x 64]" in report
+    report = inspect(REFUSED)
+    assert "head: cannot be grafted: " in report and "LayerNormalization" in report
