@@ -456,3 +456,26 @@ def test_fam_inspect_reports_layers_of_factory_and_onnx_configs(folders, capsys)
     assert "head: global average pooling + affine map [5 x 64]" in report
     report = inspect(REFUSED)
     assert "head: cannot be grafted: " in report and "LayerNormalization" in report
+
+
+def test_an_onnx_config_names_the_graph_output_to_explain(folders, tmp_path) -> None:
+    import onnx
+
+    from fam_core.pipeline import ServedModel
+
+    source = folders["hf-mobilenetv2-onnx"]
+    graph = onnx.load(str(source / "model.onnx"), load_external_data=False)
+    pooled = [o.name for o in graph.graph.output if len(o.type.tensor_type.shape.dim) == 2]
+    (name,) = pooled  # the pooled embedding; the other output is the feature map itself
+    keys = yaml.safe_load((source / "config.yaml").read_text())
+    shutil.copy(source / "model.onnx", tmp_path / "model.onnx")
+    write_config(tmp_path, **{**keys, "output": name})
+    served = ServedModel.load(tmp_path)
+    assert served.output_dim == 1280 and served.config.output == name
+    write_config(tmp_path, **{**keys, "output": "no-such-output"})
+    with pytest.raises(ValueError, match="no-such-output") as error:
+        ServedModel.load(tmp_path)
+    assert "\n" not in str(error.value)
+    write_config(tmp_path, **{**keys, "output": 1})
+    with pytest.raises(ValueError, match="output: expected the name of a graph output"):
+        ModelConfig.from_file(tmp_path / "config.yaml")
