@@ -7,6 +7,8 @@ our generated stubs in one process, so neither it nor the TorchServe gRPC client
 by collection (``--doctest-modules`` would import them).
 """
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +16,8 @@ from torch import nn
 from fam_core.models.backbones import conv4
 
 collect_ignore = ["oip_client.py", "torchserve_grpc_client.py"]
+if importlib.util.find_spec("transformers") is None:  # its doctest imports transformers
+    collect_ignore.append("hf_factories.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,15 @@
-"""``fam inspect NAME_OR_CONFIG``: the candidate target layers, the chosen one, the head after it."""
+"""``fam inspect NAME_OR_CONFIG``: the candidate target layers, the chosen one, the head after it.
+
+For an ONNX graph (an ``onnx:`` config or an ``.onnx`` path) the candidates are the graph's
+feature-map values (the config's ``target_tensor`` is the chosen one when it names one) and
+the head is the one :func:`exporters.graft.graft_onnx` would graft onto, or the reason it
+cannot; a graph ``fam export`` wrote reports its baked method and target layer.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -10,7 +17,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "inspect", help="list a model's candidate target layers and the head after the chosen one"
     )
     parser.add_argument("model", metavar="NAME_OR_CONFIG", help="model name, config path or .onnx")
-    parser.add_argument("--layer", help="target layer to inspect (default: found automatically)")
+    parser.add_argument(
+        "--layer",
+        help="target layer (ONNX: target tensor) to inspect (default: found automatically)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -20,25 +30,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def inspect_source(name_or_path: str, *, layer: str | None = None) -> str:
-    """The report for a stored model, a config of any source, or an ``.onnx`` file.
-
-    Torch models: :func:`fam_core.inspection.inspect_model`; ONNX graphs:
-    :func:`exporters.graft.inspect_onnx` (the tensors a head can be grafted onto).
-    """
+    """The report of :func:`fam_core.inspection.inspect_model` for a stored model or config,
+    or of :func:`exporters.graft.inspect_onnx` for an ONNX graph."""
     from fam_core.inspection import inspect_model
     from fam_core.models.store import ModelConfig, find_config, load_model
 
     if str(name_or_path).endswith(".onnx"):
-        return _inspect_onnx(name_or_path, target_tensor=layer)
+        return inspect_onnx_source(Path(name_or_path), None, layer)
     config = ModelConfig.from_file(find_config(name_or_path))
-    if config.onnx is not None:
-        output = config.output if isinstance(config.output, str) else None
-        return f"model {config.name}\n" + _inspect_onnx(
-            config.directory / config.onnx,
-            input_size=config.input_size,
-            output_name=output,
-            target_tensor=layer or config.target_tensor,
-        )
+    if config.source == "onnx":
+        return inspect_onnx_source(config.directory / str(config.onnx), config, layer)
     model, config = load_model(name_or_path)
     report = inspect_model(
         model,
@@ -50,7 +51,40 @@ def inspect_source(name_or_path: str, *, layer: str | None = None) -> str:
     return f"model {config.name}\n{report}"
 
 
-def _inspect_onnx(path: object, **options: object) -> str:
-    from exporters.graft import inspect_onnx
+def inspect_onnx_source(path: Path, config: object | None, layer: str | None) -> str:
+    """The graft report of a plain ONNX file, or the metadata of one ``fam export`` wrote."""
+    from fam_core import onnx_format as fmt
+    from fam_core.models.store import ModelConfig
+    from fam_core.pipeline.onnx_backend import is_explanation_graph
 
-    return str(inspect_onnx(path, **options))  # type: ignore[arg-type]
+    name = config.name if isinstance(config, ModelConfig) else path.stem
+    if not path.is_file():
+        raise ValueError(f"onnx: file {path} is missing")
+    if is_explanation_graph(path):
+        import onnx
+
+        meta = {
+            p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+        }
+        return (
+            f"model {name}\nONNX graph written by fam export: method {meta.get(fmt.KEY_METHOD)}, "
+            f"target layer {meta.get(fmt.KEY_TARGET_LAYER, '?')} (fixed in the graph)"
+        )
+    try:
+        from exporters.graft import inspect_onnx
+    except ImportError as error:
+        raise ValueError(f"onnx: inspecting a graph needs the exporters package: {error}") from None
+    target = layer or (config.target_tensor if isinstance(config, ModelConfig) else None)
+    size = config.input_size if isinstance(config, ModelConfig) else None
+    output = config.output if isinstance(config, ModelConfig) else None
+    try:
+        report = inspect_onnx(
+            path,
+            input_size=size,
+            target_tensor=target,
+            output_name=output if isinstance(output, str) else None,
+        )
+    except (OSError, ValueError) as error:
+        key = "target_tensor" if target is not None else "onnx"
+        raise ValueError(f"model {name!r}: {key}: {str(error).splitlines()[0]}") from None
+    return f"model {name}\n{report}"

@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import sys
 import zipfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -218,6 +220,7 @@ def load_exported_program(path: Path) -> nn.Module:
             f"exported_program: {path} is a TorchScript file; re-export the model with "
             "torch.export.save"
         )
+    register_output_types(path)
     try:
         program = torch.export.load(path)
     except Exception as error:  # noqa: BLE001 - any unreadable file is one config error
@@ -229,6 +232,103 @@ def load_exported_program(path: Path) -> nn.Module:
     except Exception:  # noqa: BLE001 - fall back to the flat module: no layer hooks then
         module = program.module()
     return module.eval()
+
+
+class ExportedOutput(dict):  # type: ignore[type-arg]
+    """Stands for an output type of an exported program that this process has not registered
+    (a Hugging Face ``ModelOutput``, a user's dataclass): its fields by name, readable as keys
+    or attributes, so ``output: pooler_output`` selects from it as from the original."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_STAND_INS: dict[str, type] = {}
+
+
+def register_output_types(path: Path) -> list[str]:
+    """Register a stand-in pytree node (:class:`ExportedOutput`) for each type named in the
+    input/output specs of the exported program ``path`` that is not registered here.
+
+    :func:`torch.export.save` records a model's output structure by type name (for example
+    ``transformers.modeling_outputs.BaseModelOutputWithPooling``); :func:`torch.export.load`
+    needs that type registered, i.e. the module defining it imported. A stand-in rebuilds the
+    outputs as a mapping of the recorded field names, so nothing is imported from the file.
+    Returns the type names it registered.
+    """
+    import torch.utils._pytree as pytree
+
+    names: set[str] = set()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.namelist():
+                if entry.endswith(".json") and "/models/" in f"/{entry}":
+                    _spec_types(json.loads(archive.read(entry)), names)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return []  # torch.export.load reports the unreadable file
+    registered = []
+    for name in sorted(names - set(pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE)):
+        stand_in = _STAND_INS.get(name)
+        if stand_in is None:
+            stand_in = type(name.rsplit(".", 1)[-1], (ExportedOutput,), {"__module__": __name__})
+            _STAND_INS[name] = stand_in
+        pytree.register_pytree_node(
+            stand_in,
+            _flatten_fields,
+            partial(_unflatten_fields, stand_in),
+            serialized_type_name=name,
+            flatten_with_keys_fn=_flatten_fields_with_keys,
+        )
+        registered.append(name)
+    return registered
+
+
+def _spec_types(value: Any, names: set[str]) -> None:
+    """Collect the ``type`` names of the serialized tree specs found anywhere in ``value``."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in ("in_spec", "out_spec") and isinstance(item, str):
+                try:
+                    _tree_types(json.loads(item), names)
+                except ValueError:
+                    continue
+            else:
+                _spec_types(item, names)
+    elif isinstance(value, list):
+        for item in value:
+            _spec_types(item, names)
+
+
+def _tree_types(spec: Any, names: set[str]) -> None:
+    if isinstance(spec, list):  # [protocol, tree]
+        for item in spec:
+            _tree_types(item, names)
+    elif isinstance(spec, dict):
+        if isinstance(spec.get("type"), str):
+            names.add(spec["type"])
+        for child in spec.get("children_spec") or ():
+            _tree_types(child, names)
+
+
+def _flatten_fields(fields: ExportedOutput) -> tuple[list[Any], list[Any]]:
+    return list(fields.values()), list(fields.keys())
+
+
+def _flatten_fields_with_keys(fields: ExportedOutput) -> tuple[list[Any], list[Any]]:
+    import torch.utils._pytree as pytree
+
+    return [(pytree.MappingKey(k), v) for k, v in fields.items()], list(fields.keys())
+
+
+def _unflatten_fields(cls: type, values: Any, context: Any) -> ExportedOutput:
+    values = list(values)
+    keys = list(context) if isinstance(context, list | tuple) else []
+    if len(keys) != len(values) or not all(isinstance(k, str | int) for k in keys):
+        keys = list(range(len(values)))  # a context that is not field names: by position
+    return cls(zip(keys, values, strict=True))  # type: ignore[no-any-return]
 
 
 def _first_line(error: BaseException) -> str:

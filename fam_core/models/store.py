@@ -53,7 +53,7 @@ _SOURCE_KEYS: dict[str, tuple[str, ...]] = {
     "factory_kwargs": ("factory",),
     "weights": ("backbone", "factory"),
     "target_tensor": ("onnx",),
-    "output": TORCH_SOURCES,
+    "output": (*TORCH_SOURCES, "onnx"),
 }
 
 
@@ -80,7 +80,8 @@ class ModelConfig:
         task: ``"embedding"`` or ``"classifier"``.
         target_layer: the layer explainers use (``None``: the explainer's default).
         output: which part of the model's output is the embedding or the logits (a key or an
-            index; ``None``: the explainers' default).
+            index; ``None``: the explainers' default); for ``onnx``, the name of the graph
+            output the grafted head explains (``None``: the first ``[B, D]`` output).
         input_size: input side in pixels, or ``(H, W)``.
         resize: how images are fitted to ``input_size`` (:mod:`fam_core.resizing`).
         mean, std: per-channel normalisation of ``[0, 1]`` images.
@@ -165,6 +166,10 @@ class ModelConfig:
         ):
             problems.append(
                 ("output", f"expected a key (string) or an index (int), got {self.output!r}")
+            )
+        elif source == "onnx" and self.output is not None and not isinstance(self.output, str):
+            problems.append(
+                ("output", f"expected the name of a graph output (a string), got {self.output!r}")
             )
         try:
             as_size(self.input_size)
