@@ -1,8 +1,9 @@
 """Models nobody here wrote: Hugging Face ``transformers`` architectures built from small
 configs with random weights (nothing is downloaded), explained with ``target_layer=None``.
 
-transformers' default init (std 0.02) makes deep CNN activations collapse to a constant, so
-convolutions are re-initialised (He) and BatchNorm set to weight 1, bias 0.
+The builders live in ``hf_factories.py`` (shared with the serving tests): transformers'
+default init (std 0.02) makes deep CNN activations collapse to a constant, so convolutions
+are re-initialised (He) and BatchNorm set to weight 1, bias 0.
 """
 
 from __future__ import annotations
@@ -17,55 +18,13 @@ from fam_core.discovery import find_layers
 
 transformers = pytest.importorskip("transformers")
 
-SIZE = 64
-
-
-def reinit(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-            module.running_mean.zero_()
-            module.running_var.fill_(1)
-    return model.eval()
-
-
-def vit_config(**extra: object):  # noqa: ANN201
-    return dict(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=16,
-        **extra,
-    )
+import hf_factories  # noqa: E402 - needs transformers
+from hf_factories import SIZE, reinit  # noqa: E402
 
 
 def build(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    t = transformers
-    small_cnn = dict(embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1])
-    if name == "resnet":
-        return reinit(t.ResNetModel(t.ResNetConfig(**small_cnn)))
-    if name == "resnet-classifier":
-        return reinit(t.ResNetForImageClassification(t.ResNetConfig(**small_cnn, num_labels=5)))
-    if name == "convnext":
-        return reinit(
-            t.ConvNextModel(t.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1] * 4))
-        )
-    if name == "mobilenetv2":
-        return reinit(
-            t.MobileNetV2Model(t.MobileNetV2Config(depth_multiplier=0.35, image_size=SIZE))
-        )
-    if name == "vit":
-        return reinit(t.ViTModel(t.ViTConfig(**vit_config(intermediate_size=64))))
-    if name == "dinov2":
-        return reinit(t.Dinov2Model(t.Dinov2Config(**vit_config(mlp_ratio=2))))
     if name == "swin":
-        config = t.SwinConfig(
+        config = transformers.SwinConfig(
             image_size=SIZE,
             patch_size=4,
             embed_dim=16,
@@ -73,13 +32,14 @@ def build(name: str) -> nn.Module:
             num_heads=[2, 2],
             window_size=4,
         )
-        return reinit(t.SwinModel(config))
-    raise ValueError(name)
+        torch.manual_seed(0)
+        return reinit(transformers.SwinModel(config))
+    return getattr(hf_factories, name.replace("-", "_"))()
 
 
 EXPECTED_LAYER = {
     "resnet": "encoder.stages.3",
-    "resnet-classifier": "resnet.encoder.stages.3",
+    "resnet_classifier": "resnet.encoder.stages.3",
     "convnext": "encoder.stages.3",
     "mobilenetv2": "conv_1x1",
     "vit": "layers.1",  # the class token reads the patches through the last block
@@ -124,7 +84,7 @@ METHODS = [
 def test_every_method_runs_and_a_batch_equals_its_items(name, method, options, images) -> None:
     model = build(name)
     explainer = method(model, None, **options)
-    if name == "resnet-classifier":
+    if name == "resnet_classifier":
         target = 3 if method is not L2CAF else None
     else:
         target = None if method is L2CAF else explainer.embed(images[:2])
@@ -278,7 +238,7 @@ def test_class_index_targets_on_plain_modules() -> None:
 
 
 def test_logits_output_means_a_classifier_and_none_is_the_top_class(images) -> None:
-    model = build("resnet-classifier")
+    model = build("resnet_classifier")
     explainer = GradCAM(model)
     top = model(images).logits.argmax(dim=1).tolist()
     torch.testing.assert_close(explainer(images).raw, explainer(images, target=top).raw)
