@@ -64,6 +64,8 @@ from fam_core.similarity import SimilarityKind, similarity
 
 OPSET = 17
 DYNAMO_OPSET = 18
+# backward operators of core ATen that the torch.export-based ONNX exporter cannot translate
+_NO_ONNX_BACKWARD = frozenset({"aten.convolution_backward.default"})
 Method = Literal["fam", "gradfam", "cam", "gradcam"]
 EXPLAINERS: dict[str, type[ChannelExplainer]] = {
     "fam": FAM,
@@ -536,6 +538,19 @@ class TracedExplanation:
         elif self.class_input:
             shapes.append({0: batch})
         output_names = self.output_names()
+        missing = sorted(
+            {
+                str(node.target)
+                for node in graph_module.graph.nodes
+                if node.op == "call_function" and str(node.target) in _NO_ONNX_BACKWARD
+            }
+        )
+        if missing:
+            raise ValueError(
+                f"cannot export {self.method}: the head after {self.explainer.target_layer!r} "
+                f"needs {', '.join(missing)}, which has no ONNX translation; choose a target "
+                "layer after the model's last convolution (or one with a linear head)"
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(

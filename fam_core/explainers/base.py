@@ -301,7 +301,11 @@ class Explainer(ABC):
         if not captured:
             raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
         activations, layout = captured[-1]
-        return ForwardPass(self._as_vectors(raw_outputs), activations, layout)
+        # selecting the output may take a view ([B, D, 1, 1] -> [B, D]): it must stay in the
+        # graph even when the caller runs under no_grad
+        with torch.set_grad_enabled(graph):
+            outputs = self._as_vectors(raw_outputs)
+        return ForwardPass(outputs, activations, layout)
 
     def run_with(self, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """The outputs ``[B, D]`` with the target layer's maps replaced by ``maps``.
