@@ -115,7 +115,8 @@ class ExplanationGraph(nn.Module):
         self.target_layer, self._layer = explainer.target_layer, explainer.layer
         self.pooling: PoolingKind = explainer.pooling
         size = probe_size(model, input_size)
-        self.heatmap_size: tuple[int, int] | None = size  # constant size for the traced Resize
+        # a constant size for the traced Resize when exported for one; else the image's
+        self.heatmap_size: tuple[int, int] | None = size if input_size is not None else None
         sample = sample_images(model, size)
         with torch.no_grad():
             forward = explainer.forward(sample, graph=False)

@@ -62,9 +62,9 @@ def fam_embedding_weights(
     Example:
         >>> contributions = torch.tensor([[[1.0, 1.0], [3.0, -1.0]]])
         >>> fam_embedding_weights(contributions)
-        (tensor([[2., 2.]]), tensor([[1.0000, 0.0000]]))
-        >>> fam_embedding_weights(contributions + torch.tensor([0.0, 0.5]), "best")[1]
-        tensor([[1.2000, 0.1000]])
+        (tensor([[2., 2.]]), tensor([[1., 0.]]))
+        >>> fam_embedding_weights(torch.tensor([[[1.0, 1.0], [3.0, 1.0]]]), "best")[1]
+        tensor([[0.7500, 0.2500]])
     """
     if explain not in EXPLAIN_MODES:
         raise ValueError(f"explain must be one of {EXPLAIN_MODES}, got {explain!r}")
