@@ -25,74 +25,129 @@ The pieces are fam_core's: :func:`fam_core.similarity.channel_contributions`,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from exporters.analytic import pooling_kind, similarity_gradient
-from fam_core.adapters import Head, find_head, resolve_layer
-from fam_core.explainers.base import min_max, upsample
-from fam_core.pooling import PoolingKind, global_pool
+from fam_core.adapters import Head
+from fam_core.discovery import probe_size
+from fam_core.explainers.base import ChannelExplainer, _unwrap, min_max, upsample
+from fam_core.explainers.cam import CAM
+from fam_core.explainers.fam import FAM
+from fam_core.explainers.gradcam import GradCAM
+from fam_core.explainers.gradfam import GradFAM
+from fam_core.fam_maths import (
+    EXPLAIN_MODES,
+    ExplainMode,
+    fam_embedding_weights,
+    rectified_sum,
+    to_channels,
+    weighted_sum,
+)
+from fam_core.pooling import PoolingKind
 from fam_core.similarity import SIMILARITIES, SimilarityKind, channel_contributions
 
-ExplainMode = Literal["mean", "best"]
-EXPLAIN_MODES = ("mean", "best")
+__all__ = [
+    "EXPLAIN_MODES",
+    "CAMGraph",
+    "ExplainMode",
+    "ExplanationGraph",
+    "ExplanationHead",
+    "FAMGraph",
+    "GradFAMGraph",
+    "cam_explanation",
+    "combine",
+    "fam_explanation",
+    "gradfam_explanation",
+    "reference_scores",
+    "to_channels",
+]
+
+combine = weighted_sum  # eq. 13, the name the export heads have always used
 
 
 class ExplanationGraph(nn.Module):
-    """Base: the model, its target layer, and the linear head after it.
+    """Base: an explainer's model, target layer, layout and output, and the linear head.
+
+    Everything the graph needs is the library's: the explainer (:mod:`fam_core.explainers`)
+    finds the target layer from the dataflow, reads its output through its layout (tokens
+    and channel-last outputs become maps ``[B, N, h, w]``), selects the explained output
+    (``output=``) and finds the head (:meth:`~fam_core.explainers.base.Explainer.head_for`).
+    The graph keeps the head's matrix ``W`` ``[J, N]`` as a constant: it exists for linear and
+    identity heads only (other heads are exported by tracing the explainer itself, see
+    :func:`exporters.export.export_model`).
 
     Args:
-        model: the model in eval mode; outputs ``[B, D]`` (or a feature map, pooled).
-        target_layer: name of a layer with a spatial output.
-        method: the method name, used in error messages.
+        model: the model in eval mode (ignored when ``explainer`` is given), or an explainer.
+        target_layer: name of a layer with feature maps; ``None``: found from the dataflow.
         pooling: pooling used where the model ends with a feature map.
+        explainer: the explainer whose choices the graph takes (default: the graph's
+            method built on ``model``).
+        input_size: ``(H, W)`` (or one side) of the inputs the graph is exported for.
     """
 
     method = "?"
+    explainer_class: ClassVar[type[ChannelExplainer]]
 
     def __init__(
-        self, model: nn.Module, target_layer: str | None, *, pooling: PoolingKind = "avg"
+        self,
+        model: nn.Module | None,
+        target_layer: str | None = None,
+        *,
+        pooling: PoolingKind = "avg",
+        explainer: ChannelExplainer | None = None,
+        input_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if model.training:
-            raise ValueError("put the model in eval mode (model.eval()) before exporting it")
+        if explainer is None:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            _check_eval(model)
+            explainer = self.explainer_class(
+                model, target_layer, pooling=pooling, input_size=input_size
+            )
+        model = explainer.model
+        _check_eval(model)
         self.model = model
-        self.target_layer, self._layer = resolve_layer(model, target_layer)
-        self.pooling: PoolingKind = pooling
-        self.heatmap_size: tuple[int, int] | None = None  # constant size for the traced Resize
-        self.head: Head = find_head(model, self.target_layer, pooling)
-        if self.head.nonlinear_layer is not None:
+        self.explainer = explainer
+        self.target_layer, self._layer = explainer.target_layer, explainer.layer
+        self.pooling: PoolingKind = explainer.pooling
+        size = probe_size(model, input_size)
+        # a constant size for the traced Resize when exported for one; else the image's
+        self.heatmap_size: tuple[int, int] | None = size if input_size is not None else None
+        sample = sample_images(model, size)
+        with torch.no_grad():
+            forward = explainer.forward(sample, graph=False)
+        self.layout = forward.layout
+        self.head: Head = explainer.head_for(forward, sample)
+        if self.head.kind == "jacobian":
             raise ValueError(
                 f"cannot export {self.method}: the head after {self.target_layer!r} is not "
-                f"linear (layer {self.head.nonlinear_layer!r}); an ONNX explanation head needs "
-                "global pooling followed by Linear / BatchNorm1d / Dropout / Flatten layers"
+                f"linear (layer {self.head.nonlinear_layer!r}); an ONNX explanation head with a "
+                "constant matrix needs a linear head (export_model traces the Jacobian instead "
+                "unless nonlinear_head='error')"
             )
         matrix = self.head.matrix
         self.register_buffer("matrix", None if matrix is None else matrix.detach().clone())
 
     def run(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs [B, D], activations [B, N, h, w])`` from one forward pass."""
-        captured: list[torch.Tensor] = []
+        captured: list[object] = []
 
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             captured.append(output)
 
         handle = self._layer.register_forward_hook(hook)
         try:
-            outputs = self.model(image)
+            raw_outputs = self.model(image)
         finally:
             handle.remove()
-        if not captured or captured[-1].dim() != 4:
-            raise ValueError(
-                f"target layer {self.target_layer!r} must produce a feature map [B, N, h, w]"
-            )
-        if outputs.dim() == 4:
-            outputs = global_pool(outputs, self.pooling)
-        return outputs, captured[-1]
+        if not captured:
+            raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
+        tensor, _ = _unwrap(captured[-1])
+        return self.explainer._as_vectors(raw_outputs), self.layout.to_map(tensor)
 
     def upsample(self, raw: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Bilinear upsampling to the input size, then min-max per map."""
@@ -121,32 +176,36 @@ class ExplanationGraph(nn.Module):
         ):
             raise ValueError(
                 f"the head found after {self.target_layer!r} does not reproduce the model's "
-                "output (the model must run its layers in the order it registers them)"
+                "output: pass target_layer, or check that the model is deterministic in eval mode"
             )
         return outputs.shape[1]
 
 
-def combine(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
-    """``sum_n w_n A^n`` (eq. 13) as one batched matmul: ``[B, N] x [B, N, h, w] -> [B, h, w]``."""
-    flat = activations.flatten(2)  # [B, N, hw]
-    raw = torch.matmul(weights.unsqueeze(1), flat).squeeze(1)  # [B, hw]
-    return raw.reshape(-1, activations.shape[2], activations.shape[3])
+def _check_eval(model: nn.Module) -> None:
+    if model.training:
+        raise ValueError("put the model in eval mode (model.eval()) before exporting it")
 
 
-# -- The head maths, once: the traced full-model graphs above and the grafted head
-# (:class:`ExplanationHead`, :mod:`exporters.graft`) both call these functions.
-
-
-def to_channels(embedding_weights: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:
-    """``C = W x C'^T`` (eq. 18): weights on the outputs ``[B, J]`` to channels ``[B, N]``.
-
-    ``matrix`` is the head's linear map ``W`` ``[J, N]``; ``None`` is the identity.
+def sample_images(model: nn.Module, size: tuple[int, int], batch: int = 2) -> torch.Tensor:
+    """Random images ``[batch, C, H, W]`` on the model's device, ``C`` from its first
+    convolution (3 without one): what the exporters trace and check with.
 
     Example:
-        >>> to_channels(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))
-        tensor([[1., 2., 3.]])
+        >>> sample_images(nn.Conv2d(1, 2, 3), (4, 6)).shape
+        torch.Size([2, 1, 4, 6])
     """
-    return embedding_weights if matrix is None else embedding_weights @ matrix
+    from fam_core.adapters import input_channels
+
+    parameter = next(model.parameters(), None)
+    device = None if parameter is None else parameter.device
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, input_channels(model) or 3, *size, generator=generator)
+    return images.to(device)
+
+
+# -- The head maths: the traced full-model graphs above and the grafted head
+# (:class:`ExplanationHead`, :mod:`exporters.graft`) call these functions, which are
+# compositions of :mod:`fam_core.fam_maths`, the functions the torch explainers call.
 
 
 def reference_scores(
@@ -180,16 +239,9 @@ def fam_explanation(
         (torch.Size([2, 5]), torch.Size([2, 4]), torch.Size([2, 3, 3]))
     """
     contributions = channel_contributions(outputs, references, similarity)  # eq. 14, [B, K, D]
-    scores = contributions.sum(dim=2)  # s(Z', R_k), [B, K]
-    per_pair = contributions / scores.abs().clamp_min(1e-12).unsqueeze(2)  # eq. 15
-    if explain == "mean":
-        embedding_weights = per_pair.mean(dim=1)  # eq. 11
-    else:
-        best = scores.argmax(dim=1, keepdim=True).unsqueeze(2)  # [B, 1, 1]
-        index = best.expand(-1, -1, per_pair.shape[2])
-        embedding_weights = per_pair.gather(1, index).squeeze(1)
+    scores, embedding_weights = fam_embedding_weights(contributions, explain)  # eq. 15, 11
     weights = min_max(to_channels(embedding_weights, matrix), dim=1)  # eq. 18, eq. 12
-    return scores, weights, combine(weights, activations)  # eq. 13
+    return scores, weights, weighted_sum(weights, activations)  # eq. 13
 
 
 def gradfam_explanation(
@@ -215,7 +267,7 @@ def gradfam_explanation(
     area = activations.shape[2] * activations.shape[3]
     gradient = similarity_gradient(outputs, references, similarity)  # dS/dz', [B, J]
     weights = to_channels(gradient, matrix) / area  # spatial mean of dS/dA, [B, N]
-    return scores, weights, torch.relu(combine(weights, activations))
+    return scores, weights, rectified_sum(weights, activations)
 
 
 def cam_explanation(
@@ -235,8 +287,9 @@ def cam_explanation(
     weights = matrix[classes]  # [B, N]: the class's row of the linear head
     if gradient:
         weights = weights / (activations.shape[2] * activations.shape[3])
-    raw = combine(weights, activations)
-    return weights, torch.relu(raw) if gradient else raw
+    if gradient:
+        return weights, rectified_sum(weights, activations)
+    return weights, weighted_sum(weights, activations)
 
 
 class _ReferenceGraph(ExplanationGraph):
@@ -244,15 +297,19 @@ class _ReferenceGraph(ExplanationGraph):
 
     def __init__(
         self,
-        model: nn.Module,
-        target_layer: str | None,
+        model: nn.Module | None,
+        target_layer: str | None = None,
         *,
         similarity: SimilarityKind = "cosine",
         references: torch.Tensor | None = None,
         heatmap: bool = True,
         pooling: PoolingKind = "avg",
+        explainer: ChannelExplainer | None = None,
+        input_size: int | tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(model, target_layer, pooling=pooling)
+        super().__init__(
+            model, target_layer, pooling=pooling, explainer=explainer, input_size=input_size
+        )
         if similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
         if references is not None:
@@ -315,17 +372,20 @@ class FAMGraph(_ReferenceGraph):
     """
 
     method = "fam"
+    explainer_class = FAM
 
     def __init__(
         self,
-        model: nn.Module,
-        target_layer: str | None,
+        model: nn.Module | None,
+        target_layer: str | None = None,
         *,
         similarity: SimilarityKind = "cosine",
         references: torch.Tensor | None = None,
         explain: ExplainMode = "mean",
         heatmap: bool = True,
         pooling: PoolingKind = "avg",
+        explainer: ChannelExplainer | None = None,
+        input_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -334,6 +394,8 @@ class FAMGraph(_ReferenceGraph):
             references=references,
             heatmap=heatmap,
             pooling=pooling,
+            explainer=explainer,
+            input_size=input_size,
         )
         if explain not in EXPLAIN_MODES:
             raise ValueError(f"explain must be one of {EXPLAIN_MODES}, got {explain!r}")
@@ -360,6 +422,7 @@ class GradFAMGraph(_ReferenceGraph):
     """
 
     method = "gradfam"
+    explainer_class = GradFAM
 
     def _check_head(self) -> None:
         pooling_kind(self.head.pooling, self.target_layer)  # analytic: avg or max pooling only
@@ -389,16 +452,21 @@ class CAMGraph(ExplanationGraph):
 
     def __init__(
         self,
-        model: nn.Module,
-        target_layer: str | None,
+        model: nn.Module | None,
+        target_layer: str | None = None,
         *,
         gradient: bool = False,
         class_input: bool = False,
         heatmap: bool = True,
         pooling: PoolingKind = "avg",
+        explainer: ChannelExplainer | None = None,
+        input_size: int | tuple[int, int] | None = None,
     ) -> None:
         self.method = "gradcam" if gradient else "cam"
-        super().__init__(model, target_layer, pooling=pooling)
+        self.explainer_class = GradCAM if gradient else CAM  # type: ignore[misc]
+        super().__init__(
+            model, target_layer, pooling=pooling, explainer=explainer, input_size=input_size
+        )
         if self.matrix is None:
             raise ValueError(
                 f"cannot export {self.method}: no linear classifier follows {self.target_layer!r}"

@@ -24,6 +24,7 @@ from fam_core.cli import main
 from fam_core.data.flowers import SPLITS, make_flowers
 from fam_core.explainers.base import min_max, upsample
 from fam_core.explainers.fam import FAM
+from fam_core.explainers.gradfam import GradFAM
 from fam_core.models.backbones import build_backbone
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from fam_core.onnx_runtime import OnnxExplainer
@@ -307,6 +308,7 @@ def test_file_format_metadata_and_checker(tmp_path) -> None:
         "std": [0.2, 0.25, 0.3],
         "size": [64, 64],
         "range": [0, 1],
+        "resize": "crop",  # the config's resize policy, read back by OnnxExplainer
     }
     assert props[fmt.KEY_VERSION] and props[fmt.KEY_CLASS_TARGET] == "input"
     assert json.loads(props[fmt.KEY_CLASS_NAMES]) == list("abcdefg")
@@ -424,7 +426,10 @@ def test_runtime_rejects_bad_class_index(tmp_path) -> None:
     assert runner(images, class_index=4).extras["class_index"].tolist() == [4, 4]
 
 
-def test_heads_that_cannot_be_expressed_are_named(tmp_path) -> None:
+def test_nonlinear_heads_are_exported_through_their_jacobian(tmp_path) -> None:
+    """An MLP projector (ReLU) and GeM pooling have no constant-matrix graph: the export
+    traces the explainer itself, and matches it; ``nonlinear_head='error'`` refuses them."""
+    torch.manual_seed(0)
     mlp = nn.Sequential(
         OrderedDict(
             features=nn.Conv2d(3, 4, 3),
@@ -436,11 +441,38 @@ def test_heads_that_cannot_be_expressed_are_named(tmp_path) -> None:
     ).eval()
     with pytest.raises(ValueError, match="not linear \\(layer 'act'\\)"):
         export_model(
-            mlp, method="fam", path=tmp_path / "x.onnx", target_layer="features", input_size=8
+            mlp,
+            method="fam",
+            path=tmp_path / "x.onnx",
+            target_layer="features",
+            input_size=8,
+            nonlinear_head="error",
         )
+    runner = OnnxExplainer(
+        export_model(
+            mlp, method="fam", path=tmp_path / "m.onnx", target_layer="features", input_size=8
+        )
+    )
+    images, references = torch.rand(3, 3, 8, 8), torch.randn(2, 5)
+    expected = FAM(mlp, "features")(images, target=references)
+    actual = runner(images, references=references)
+    assert expected.extras["head"] == "jacobian" and runner.metadata["head"] == "jacobian"
+    close(actual.weights, expected.weights, "weights")
+    close(actual.maps, expected.maps, "heatmap")
     gem = build_backbone("conv4", width=0.25, pooling="gem").eval()
-    with pytest.raises(ValueError, match="pooling after 'block4'.*no analytic gradient"):
-        export_model(gem, method="gradfam", path=tmp_path / "x.onnx", input_size=SIZE)
+    runner = OnnxExplainer(
+        export_model(gem, method="gradfam", path=tmp_path / "g.onnx", input_size=SIZE)
+    )
+    images, references = torch.rand(2, 3, SIZE, SIZE), torch.randn(3, 16)
+    expected = GradFAM(gem, "block4")(images, target=references)
+    actual = runner(images, references=references)
+    scale = expected.weights.abs().amax(dim=1, keepdim=True)
+    close(actual.weights / scale, expected.weights / scale, "weights (relative)")
+    close(actual.maps, expected.maps, "heatmap")
+
+
+def test_wrong_methods_and_modes_are_named(tmp_path) -> None:
+    gem = build_backbone("conv4", width=0.25, pooling="gem").eval()
     classifier = make_model("conv4", num_classes=3)
     with pytest.raises(ValueError, match="use 'cam' or 'gradcam'"):
         export_model(classifier, method="fam", path=tmp_path / "x.onnx", input_size=SIZE)

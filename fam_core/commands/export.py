@@ -24,7 +24,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("model", metavar="NAME_OR_CONFIG", help="model name or config path")
     parser.add_argument("--method", choices=METHODS, default="fam")
     parser.add_argument("--out", required=True, metavar="FILE.onnx")
-    parser.add_argument("--layer", help="target layer (default: the model's)")
+    parser.add_argument("--layer", help="target layer (default: the config's, else found)")
+    parser.add_argument(
+        "--task",
+        choices=("embedding", "classifier"),
+        help="what the model's output is (default: the config's task)",
+    )
     parser.add_argument(
         "--explain",
         choices=("mean", "best"),
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         path = export_model(
             model,
             config,
-            **task_option(export_model, model, config.task),
+            **task_option(export_model, model, args.task or config.task),
             method=args.method,
             path=args.out,
             target_layer=args.layer,
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
             explain=args.explain,
             class_input=args.class_input,
         )
-    except RuntimeError as error:  # the tracer's own failures, one line for the command line
+    except (RuntimeError, AssertionError, NotImplementedError) as error:
+        # the tracers' own failures, one line for the command line
         if config.source != "exported_program":
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else "RuntimeError"
@@ -71,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
             f"exported_program: the ONNX exporter cannot trace {config.exported_program} "
             f"({first}); export from a factory: config of the same model instead"
         ) from None
-    print(f"wrote {path} ({args.method}, layer {args.layer or config.target_layer})")
+    from fam_core.onnx_runtime import OnnxExplainer
+
+    written = OnnxExplainer(path)
+    print(f"wrote {path} ({args.method}, layer {written.target_layer})")
     return 0
 
 

@@ -49,6 +49,7 @@ from fam_core.adapters import (
 )
 from fam_core.discovery import find_layers, probe_size
 from fam_core.explanation import Explanation
+from fam_core.fam_maths import one_hot_references, weighted_sum
 from fam_core.head_fit import fit_head
 from fam_core.layouts import FeatureLayout, as_layout
 from fam_core.outputs import OutputSpec, check_output_spec, is_logits, select_output
@@ -291,7 +292,11 @@ class Explainer(ABC):
         if not captured:
             raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
         activations, layout = captured[-1]
-        return ForwardPass(self._as_vectors(raw_outputs), activations, layout)
+        # selecting the output may take a view ([B, D, 1, 1] -> [B, D]): it must stay in the
+        # graph even when the caller runs under no_grad
+        with torch.set_grad_enabled(graph):
+            outputs = self._as_vectors(raw_outputs)
+        return ForwardPass(outputs, activations, layout)
 
     def run_with(self, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """The outputs ``[B, D]`` with the target layer's maps replaced by ``maps``.
@@ -519,8 +524,8 @@ class Explainer(ABC):
             raise ValueError(
                 f"class index out of range: expected 0 <= target < {num_classes}, got {classes.tolist()}"
             )
-        one_hot = F.one_hot(classes.to(outputs.device), num_classes).to(outputs.dtype)
-        return ResolvedTarget(one_hot.unsqueeze(1), "dot")
+        references = one_hot_references(classes.to(outputs.device), num_classes, outputs.dtype)
+        return ResolvedTarget(references, "dot")
 
 
 class ChannelExplainer(Explainer):
@@ -562,7 +567,17 @@ class ChannelExplainer(Explainer):
         map needs more than the channel weights (LayerCAM's pixel weights) overrides this,
         never ``__call__``, so both paths give the same explanation.
         """
-        resolved = self.resolve_target(target, forward.outputs)
+        return self.explain_resolved(forward, self.resolve_target(target, forward.outputs), images)
+
+    def explain_resolved(
+        self, forward: ForwardPass, resolved: ResolvedTarget, images: torch.Tensor
+    ) -> Explanation:
+        """The template's steps after the target is resolved: weights, eq. 13, upsampling.
+
+        Traced as it is into ONNX by :mod:`exporters` for heads that are not linear (the
+        caller builds ``resolved`` with :func:`fam_core.fam_maths.one_hot_references` or
+        from references, since a traced graph cannot branch on index checks).
+        """
         with torch.set_grad_enabled(self.needs_gradients):
             weights, scores, extras = self.channel_weights(forward, resolved, images)
         raw = self.combine(weights, forward.activations)
@@ -589,11 +604,6 @@ def check_model_options(model: object, similarity: object, pooling: object) -> N
         raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
     if pooling not in POOLING_KINDS:
         raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_KINDS}")
-
-
-def weighted_sum(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
-    """``L = sum_n w_n A^n`` (eq. 13): ``[B, N]`` weights of ``[B, N, h, w]`` maps, ``[B, h, w]``."""
-    return torch.einsum("bn,bnhw->bhw", weights, activations)
 
 
 def build_explanation(

@@ -17,6 +17,7 @@ from torch import nn
 from fam_core.adapters import Head
 from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
 from fam_core.explainers.registry import register
+from fam_core.fam_maths import to_channels
 from fam_core.pooling import GlobalPool
 
 _EPS = 1e-12
@@ -59,7 +60,7 @@ class CAM(ChannelExplainer):
         if target.similarity == "cosine":
             norms = outputs.norm(dim=1, keepdim=True) * references.norm(dim=2)
             coefficients = references / norms.clamp_min(_EPS).unsqueeze(2)
-        weights = coefficients.mean(dim=1) @ matrix.to(coefficients)  # w^c of eq. 1
+        weights = to_channels(coefficients.mean(dim=1), matrix)  # w^c of eq. 1
         scores = self.score(outputs, target)
         return weights, scores, {}
 

@@ -30,8 +30,8 @@ from fam_core.explainers.base import (
     ForwardPass,
     ResolvedTarget,
     min_max,
-    weighted_sum,
 )
+from fam_core.fam_maths import rectified_sum
 
 _EPS = 1e-12
 
@@ -54,11 +54,6 @@ def explained_score(
     norms = outputs.detach().norm(dim=1, keepdim=True) * references.norm(dim=2)
     projections = (outputs.unsqueeze(1) * references).sum(dim=2) / norms.clamp_min(_EPS)
     return projections.mean(dim=1)
-
-
-def rectified_sum(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
-    """``ReLU(sum_n a_n A^n)`` (FAM paper eq. 2), ``[B, h, w]``."""
-    return F.relu(weighted_sum(weights, activations))
 
 
 class GradientCAM(ChannelExplainer):

@@ -6,6 +6,9 @@ C'    = mean_k c'_k ,   S = mean_k s_k                  eq. 11
 C     = W x C'^T        (head between pooling and Z')   eq. 16-18
 c̄_n   = (c_n - min C) / (max C - min C)                 eq. 12
 L_FAM = sum_n c̄_n A^n                                   eq. 13
+
+The steps are the pure functions of :mod:`fam_core.fam_maths`, which the ONNX export heads
+(:mod:`exporters.heads`) call too.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from fam_core.adapters import Head
 from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget, min_max
 from fam_core.explainers.registry import register
+from fam_core.fam_maths import fam_embedding_weights, to_channels
 from fam_core.head_fit import reproduces
 from fam_core.similarity import channel_contributions
 
@@ -45,9 +49,7 @@ class FAM(ChannelExplainer):
         self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         contributions = channel_contributions(forward.outputs, target.references, target.similarity)
-        pair_scores = contributions.sum(dim=2)  # s(Z', R_k), [B, K]
-        per_pair = contributions / pair_scores.abs().clamp_min(1e-12).unsqueeze(2)  # eq. 15
-        embedding_weights = per_pair.mean(dim=1)  # eq. 11, [B, D]
+        pair_scores, embedding_weights = fam_embedding_weights(contributions)  # eq. 14-15, 11
         head = self.head_for(forward, images)
         channel = self.to_channels(embedding_weights, forward, images)  # eq. 18, [B, N]
         return (
@@ -85,7 +87,7 @@ class FAM(ChannelExplainer):
                     f"{self.target_layer!r} has {channels} channels and no linear head follows it"
                 )
             return embedding_weights
-        return embedding_weights @ head.matrix.to(embedding_weights)  # C = W x C'^T
+        return to_channels(embedding_weights, head.matrix)  # C = W x C'^T (eq. 18)
 
     def _check_head(self, head: Head, forward: ForwardPass) -> None:
         """The head must reproduce the model's output, or eq. 18 maps the wrong thing."""

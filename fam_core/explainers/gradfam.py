@@ -26,8 +26,8 @@ from torch import nn
 
 from fam_core.adapters import Head
 from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
-from fam_core.explainers.cam_common import rectified_sum
 from fam_core.explainers.registry import register
+from fam_core.fam_maths import rectified_sum, to_channels
 from fam_core.head_fit import reproduces
 from fam_core.pooling import global_pooling_kind
 from fam_core.similarity import similarity_gradient
@@ -97,6 +97,7 @@ class GradFAM(ChannelExplainer):
         **kwargs: object,
     ) -> None:
         super().__init__(model, target_layer, **kwargs)  # type: ignore[arg-type]
+        self._closed_form: dict[tuple[int, ...], bool] = {}
         if analytic not in (None, True, False):
             raise TypeError(f"analytic must be None, True or False, got {analytic!r}")
         possible = self._analytic_head_supported()
@@ -144,7 +145,7 @@ class GradFAM(ChannelExplainer):
             return weights, scores, {}
         d_embedding = similarity_gradient(outputs, target.references, target.similarity)
         matrix = head.matrix
-        d_pooled = d_embedding if matrix is None else d_embedding @ matrix.to(d_embedding)
+        d_pooled = to_channels(d_embedding, matrix)  # W^T dS/dz'
         if d_pooled.shape[1] != activations.shape[1]:
             raise ValueError(
                 f"the embedding has {d_embedding.shape[1]} dimensions but layer "
@@ -159,15 +160,23 @@ class GradFAM(ChannelExplainer):
         """``ReLU(sum_n a_n A^n)`` (Grad-CAM eq. 2)."""
         return rectified_sum(weights, activations.detach())
 
-    @staticmethod
-    def _head_allows_closed_form(head: Head, forward: ForwardPass) -> bool:
+    def _head_allows_closed_form(self, head: Head, forward: ForwardPass) -> bool:
         """A linear (or identity) head with a known pooling gradient that reproduces the
-        model's output (found from the dataflow, so this holds unless given by hand)."""
+        model's output. A head found from the dataflow (``head="auto"``) is checked once per
+        map shape (it reproduces the outputs by construction; a traced graph cannot branch
+        on the check), a head given by hand on every call."""
         if (
             head.kind == "jacobian"
             or pooling_gradient_sums(head.pooling, forward.activations[:1]) is None
         ):
             return False
+        fitted = isinstance(self._head_spec, str)
+        key = tuple(forward.activations.shape[1:])
+        if fitted and key in self._closed_form:
+            return self._closed_form[key]
         with torch.no_grad():
             predicted = head.transform(head.pool(forward.activations.detach()))
-        return reproduces(predicted.to(forward.outputs.dtype), forward.outputs.detach())
+        allowed = reproduces(predicted.to(forward.outputs.dtype), forward.outputs.detach())
+        if fitted:
+            self._closed_form[key] = allowed
+        return allowed
