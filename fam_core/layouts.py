@@ -33,7 +33,6 @@ import torch
 LayoutKind = Literal["channels_first", "channels_last", "tokens"]
 LAYOUT_KINDS: tuple[str, ...] = ("channels_first", "channels_last", "tokens")
 MAX_PREFIX_TOKENS = 16  # class + registers + distillation tokens seen in practice: at most 5
-_STRIDE_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -92,12 +91,23 @@ class FeatureLayout:
 
 
 def _consistent(size: tuple[int, int], grid: tuple[int, int]) -> bool:
-    """Whether a ``grid`` covers an image of ``size`` with one stride along both axes."""
+    """Whether a ``grid`` covers an image of ``size`` with one stride ``s`` along both axes,
+    each side rounded either way (``floor(H / s) <= h <= ceil(H / s)``, likewise ``w``): a
+    ResNet maps 48 x 64 to 2 x 2 with stride 32, a ViT 224 x 224 to 14 x 14 with stride 16.
+
+    Example:
+        >>> _consistent((48, 64), (2, 2)), _consistent((64, 64), (64, 2))
+        (True, False)
+    """
     (height, width), (rows, cols) = size, grid
     if rows <= 0 or cols <= 0 or rows > height or cols > width:
         return False
-    stride_h, stride_w = height / rows, width / cols
-    return abs(stride_h - stride_w) <= _STRIDE_TOLERANCE * max(stride_h, stride_w)
+    low = max(height / (rows + 1), width / (cols + 1))  # strides s allowed by both sides
+    high = min(
+        height / (rows - 1) if rows > 1 else float("inf"),
+        width / (cols - 1) if cols > 1 else float("inf"),
+    )
+    return low < high
 
 
 def token_grid(tokens: int, size: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
