@@ -199,11 +199,15 @@ class Pipeline:
             ),
             self.limits,
         )
-        pixels, inputs = self._decode(request.images, headers, served, deadline)
+        pixels, inputs = self._decode(request.images, served, headers=headers, deadline=deadline)
         references = None
         if request.references:
             _, reference_inputs = self._decode(
-                request.references, reference_headers, served, deadline, "reference"
+                request.references,
+                served,
+                "reference",
+                headers=reference_headers,
+                deadline=deadline,
             )
             references = self._run(
                 served, Job(reference_inputs, "", heatmap=False), deadline
@@ -223,16 +227,19 @@ class Pipeline:
     def _decode(
         self,
         images: tuple[ImageInput, ...],
-        headers: list[Header | None],
         served: ServedModel,
-        deadline: float | None,
         what: str = "image",
+        *,
+        headers: list[Header | None] | None = None,
+        deadline: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one image at a time inside the in-flight budget, fit it to the model's input
         at once (only ``[3, H, W]`` at the input size is kept), checking the deadline between
         images."""
         fitted = []
         size = served.config.image_size
+        if headers is None:
+            headers = self._headers(images, what)
         for index, (image, header) in enumerate(zip(images, headers, strict=True)):
             _check_deadline(deadline)
             with self.decode_budget.reserve(
