@@ -665,3 +665,48 @@ def test_torchserve_handler_16_bit_png_answers_like_8_bit(handler) -> None:
     assert (
         eight["results"][0]["prediction"]["label"] == sixteen["results"][0]["prediction"]["label"]
     )
+
+
+# -- 9. corrupt, empty or malicious weights: one line, never advice to load unsafely -----------
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+@pytest.mark.parametrize("file", ["weights.pt", "prototypes.pt"])
+@pytest.mark.parametrize("kind", ["empty", "truncated", "pickle"])
+def test_bad_weights_fail_in_one_line_naming_the_file(model_dir, tmp_path, file, kind) -> None:
+    import pickle
+    import shutil
+
+    folder = tmp_path / "bad"
+    shutil.copytree(model_dir / "default-embedding", folder)
+    good = (folder / file).read_bytes()
+    data = {"empty": b"", "truncated": good[:100], "pickle": pickle.dumps(_Evil())}[kind]
+    (folder / file).write_bytes(data)
+    registry = ModelRegistry.load([folder], keep_going=True)
+    (failed,) = registry.failed()
+    assert str(folder / file) in failed.reason and "\n" not in failed.reason
+    assert "False" not in failed.reason and "weights_only" not in failed.reason
+    assert {"empty": "is empty", "truncated": "truncated or corrupt", "pickle": "refused"}[
+        kind
+    ] in failed.reason
+
+
+def test_fam_serve_with_a_malicious_pickle_exits_2_with_one_line(model_dir, tmp_path) -> None:
+    import pickle
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "evil"
+    shutil.copytree(model_dir / "default-classifier", folder)
+    (folder / "weights.pt").write_bytes(pickle.dumps(_Evil()))
+    done = subprocess.run(
+        [sys.executable, "-m", "fam_core.cli", "serve", "--model", str(folder), "--port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "weights.pt" in done.stderr and "False" not in done.stderr
+    assert "unpickled!" not in done.stdout + done.stderr
