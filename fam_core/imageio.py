@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
@@ -29,10 +30,49 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
                 raise ValueError(
                     f"the image has {width}x{height} pixels, more than the limit of {max_pixels}"
                 )
-            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            rgb = to_rgb8(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as error:
         raise ValueError(f"cannot decode the image: {error}") from error
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """An opened image as ``[H, W, 3]`` uint8 RGB, upright, whatever mode PIL decoded it in.
+
+    - EXIF orientation is applied (the pixels turned as a viewer shows them);
+    - 16-bit samples (``I;16``, ``I;16B``, ``I`` from 16-bit PNGs) are scaled by 255/65535,
+      rounded, so a 16-bit picture gives the pixels of its 8-bit equivalent;
+    - ``F`` (float) and ``I`` values holding 8-bit data are rounded and clipped to 0..255;
+    - alpha (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour) is composited over
+      black, so transparent pixels are black whatever colour they store;
+    - ``CMYK``, ``YCbCr``, ``1``, ``L``, ``P`` are converted by PIL.
+
+    Example:
+        >>> sixteen = Image.fromarray(np.full((2, 2), 257 * 200, dtype=np.uint16))
+        >>> sixteen.mode, to_rgb8(sixteen)[0, 0].tolist()
+        ('I;16', [200, 200, 200])
+    """
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        values = np.asarray(image)
+        if mode == "I" and int(values.max(initial=0)) <= 255 and image.format != "PNG":
+            grey = np.clip(values, 0, 255).astype(np.uint8)
+        else:  # 16-bit samples: a PNG's "I" is 16-bit data too
+            wide = np.clip(values.astype(np.int64, copy=False), 0, 65535)
+            grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if (mode == "P" and "transparency" in image.info) or mode in ("PA", "LA"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "RGBa"):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint8)
+        alpha = rgba[:, :, 3:4].astype(np.uint16)
+        return ((rgba[:, :, :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def read_image(path: str | Path) -> torch.Tensor:

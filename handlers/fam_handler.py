@@ -136,7 +136,9 @@ class FamHandler(BaseHandler):
                     raise InvalidArgument("a JSON body must be an object, not a list")
                 else:
                     fields[key] = value
-            return kserve, request_from_fields(self.model_name, fields, force_heatmap=explain)
+            return kserve, request_from_fields(
+                self.model_name, fields, force_heatmap=explain, limits=self.pipeline.limits
+            )
         except PipelineError as error:
             return kserve, error
 

@@ -464,7 +464,12 @@ def test_onnx_variant_heatmap_equals_the_torch_variant(server: Server, name: str
     torch_result, onnx_result = (replies[key]["results"][0] for key in (name, f"{name}-onnx"))
     assert replies[f"{name}-onnx"]["model"] == f"{name}-onnx"
     assert onnx_result["heatmap"]["method"] == torch_result["heatmap"]["method"]
-    assert onnx_result["prediction"] == torch_result["prediction"]
+    onnx_prediction, torch_prediction = onnx_result["prediction"], torch_result["prediction"]
+    assert (onnx_prediction["label"], onnx_prediction["index"]) == (
+        torch_prediction["label"],
+        torch_prediction["index"],
+    )  # the score differs between backends in the 7th digit on some CPUs
+    assert onnx_prediction["score"] == pytest.approx(torch_prediction["score"], abs=1e-4)
     np.testing.assert_allclose(onnx_result["scores"], torch_result["scores"], atol=1e-4)
     onnx_map, torch_map = (decode_heatmap(r["heatmap"]) for r in (onnx_result, torch_result))
     assert torch.allclose(onnx_map, torch_map, atol=1e-3)

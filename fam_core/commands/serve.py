@@ -31,6 +31,26 @@ def add_command(commands) -> None:  # type: ignore[no-untyped-def]
     serve.add_argument("--max-delay-ms", type=float, default=2.0, help="batching delay")
     serve.add_argument("--workers", type=int, default=32, help="RPC threads")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics on this port")
+    serve.add_argument("--metrics-host", help="interface of /metrics (default: --host)")
+    serve.add_argument("--metrics-token-file", help="file with the bearer token /metrics requires")
+    serve.add_argument(
+        "--health-port",
+        type=int,
+        help="gRPC health and OIP readiness on this port too, from threads of their own",
+    )
+    serve.add_argument(
+        "--formats",
+        default="png,jpeg,webp",
+        help="image formats accepted (default png,jpeg,webp; also bmp, gif, tiff, ico)",
+    )
+    serve.add_argument("--max-pixels", type=int, default=16_000_000, help="pixels per image")
+    serve.add_argument("--max-decoded-mb", type=int, default=512, help="decoded MiB per request")
+    serve.add_argument(
+        "--max-inflight-decoded-mb",
+        type=int,
+        default=1024,
+        help="decoded MiB of all requests being decoded at once",
+    )
     serve.add_argument("--token-file", help="file with the bearer token clients must send")
     serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve TLS)")
     serve.add_argument("--tls-key", help="PEM private key")
@@ -48,17 +68,21 @@ def add_command(commands) -> None:  # type: ignore[no-untyped-def]
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fam_core.pipeline import BatchingConfig
+    from fam_core.pipeline import BatchingConfig, Limits
     from fam_core.server import FamServer, ServerConfig
     from fam_core.server.logs import configure_logging
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    token = None
-    if args.token_file:
-        token = Path(args.token_file).read_text().strip()
-        if not token:
-            raise ValueError(f"token file {args.token_file} is empty")
+    token = _read_token(args.token_file)
+    metrics_token = _read_token(args.metrics_token_file)
+    formats = tuple(f.strip().upper().replace("JPG", "JPEG") for f in args.formats.split(","))
+    limits = Limits(
+        max_pixels=args.max_pixels,
+        max_decoded_bytes=args.max_decoded_mb * 1024 * 1024,
+        max_inflight_decoded_bytes=args.max_inflight_decoded_mb * 1024 * 1024,
+        formats=tuple(f for f in formats if f),
+    )
     configure_logging()
     registry = load_registry(args.models, args.model)
     for failed in registry.failed():
@@ -69,11 +93,15 @@ def _serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             max_workers=args.workers,
+            limits=limits,
             batching=BatchingConfig(args.max_batch_size, args.max_delay_ms),
             token=token,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            metrics_token=metrics_token,
+            health_port=args.health_port,
             grace_s=args.grace,
         ),
     )
@@ -90,6 +118,15 @@ def _serve(args: argparse.Namespace) -> int:
     server.wait()
     server.stop()  # returns once the stop thread's work is done
     return 0
+
+
+def _read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
 
 
 def load_registry(models_dir: str | None, models: list[str]) -> ModelRegistry:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fam_core.models.backbones import build_backbone
+from fam_core.models.safe_load import load_weights_only
 
 if TYPE_CHECKING:
     from fam_core.models.store import ModelConfig
@@ -177,12 +178,7 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"weights: {path} is a torch.export file; name it as exported_program: {path.name}"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is one config error
-        raise ValueError(
-            f"weights: cannot load {path} with weights_only=True: {_first_line(error)}"
-        ) from None
+    state = load_weights_only(path, "weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(

@@ -294,12 +294,9 @@ class ModelConfig:
         path = self.directory / self.prototypes
         if not path.is_file():
             raise ValueError(f"prototypes: file {path} does not exist")
-        try:
-            values = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unreadable file is one config error
-            raise ValueError(
-                f"prototypes: cannot load {path} with weights_only=True: {_first_line(error)}"
-            ) from None
+        from fam_core.models.safe_load import load_weights_only
+
+        values = load_weights_only(path, "prototypes")
         if not isinstance(values, torch.Tensor):
             raise ValueError(f"prototypes: {path} holds {type(values).__name__}, expected a tensor")
         return values

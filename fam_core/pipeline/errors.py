@@ -4,8 +4,9 @@
 error                gRPC code               HTTP
 ===================  ======================  =========
 InvalidArgument      INVALID_ARGUMENT        400
+UnsupportedFormat    INVALID_ARGUMENT        415
 NotFound             NOT_FOUND               404
-ResourceExhausted    RESOURCE_EXHAUSTED      413 / 429
+ResourceExhausted    RESOURCE_EXHAUSTED      413 / 429 / 503
 DeadlineExceeded     DEADLINE_EXCEEDED       504
 Unavailable          UNAVAILABLE             503
 ===================  ======================  =========
@@ -33,6 +34,12 @@ class InvalidArgument(PipelineError, ValueError):
     http_status = 400
 
 
+class UnsupportedFormat(InvalidArgument):
+    """An image in a format the server does not accept (``Limits.formats``)."""
+
+    http_status = 415
+
+
 class NotFound(PipelineError, ValueError):
     """The request names a model or method the server does not have."""
 
@@ -45,6 +52,12 @@ class ResourceExhausted(PipelineError):
 
     code = "RESOURCE_EXHAUSTED"
     http_status = 413
+
+
+class Overloaded(ResourceExhausted):
+    """The server is busy (its in-flight decode budget is spent); retrying later may work."""
+
+    http_status = 503
 
 
 class DeadlineExceeded(PipelineError):

@@ -18,7 +18,9 @@ import binascii
 from collections.abc import Mapping
 from typing import Any
 
+from fam_core.pipeline.decode import check_count
 from fam_core.pipeline.errors import InvalidArgument, PipelineError
+from fam_core.pipeline.limits import Limits
 from fam_core.pipeline.request import (
     RESOLUTIONS,
     EncodedImage,
@@ -46,13 +48,18 @@ _FALSE = ("0", "false", "no", "off")
 
 
 def request_from_fields(
-    model: str, fields: Mapping[str, Any], *, force_heatmap: bool = False
+    model: str,
+    fields: Mapping[str, Any],
+    *,
+    force_heatmap: bool = False,
+    limits: Limits | None = None,
 ) -> ExplainRequest:
     """The :class:`ExplainRequest` that ``fields`` describe for ``model``.
 
     Images come from the first of :data:`IMAGE_FIELDS` present; options from
     :data:`OPTION_FIELDS`; any other field is an :class:`InvalidArgument`. ``force_heatmap``
-    (explanation routes) always asks for the heatmap.
+    (explanation routes) always asks for the heatmap. With ``limits`` the number of images
+    is checked before any is base64-decoded.
     """
     unknown = sorted(set(fields) - set(IMAGE_FIELDS) - set(OPTION_FIELDS))
     if unknown:
@@ -68,6 +75,8 @@ def request_from_fields(
         )
     if len(present) > 1:
         raise InvalidArgument(f"images in several fields {present}; use one")
+    if limits is not None:
+        check_count(_count(fields[present[0]]) + _count(fields.get("references", ())), limits)
     images = _images(fields[present[0]], present[0])
     target = fields.get("target_class")
     method = _text(fields.get("method", ""), "method")
@@ -168,6 +177,10 @@ def _match(match: Match) -> dict[str, Any]:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def _count(value: Any) -> int:
+    return len(value) if isinstance(value, list | tuple) else 1
 
 
 def _images(value: Any, name: str) -> tuple[EncodedImage, ...]:

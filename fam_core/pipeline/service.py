@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from fam_core.pipeline.batching import BatchingConfig, BatchObserver, MicroBatcher
-from fam_core.pipeline.decode import check_sizes, decode_input
+from fam_core.pipeline.decode import (
+    DecodeBudget,
+    Header,
+    check_decoded_bytes,
+    check_sizes,
+    decode_input,
+    decoded_bytes,
+    open_header,
+)
 from fam_core.pipeline.encode import encode_result
 from fam_core.pipeline.engine import run_jobs
 from fam_core.pipeline.errors import DeadlineExceeded, InvalidArgument, PipelineError
@@ -26,6 +34,7 @@ from fam_core.pipeline.models import ModelRegistry, ServedModel
 from fam_core.pipeline.preprocess import preprocess
 from fam_core.pipeline.request import (
     RESOLUTIONS,
+    EncodedImage,
     ExplainRequest,
     ExplainResponse,
     ImageInput,
@@ -80,6 +89,7 @@ class Pipeline:
         self._batch_observer = batch_observer
         self._batchers: dict[str, MicroBatcher] = {}
         self._direct_lock = threading.Lock()
+        self.decode_budget = DecodeBudget(limits.max_inflight_decoded_bytes)
         if batching is not None:
             self._batchers = {
                 served.name: MicroBatcher(served, batching, batch_observer) for served in registry
@@ -179,26 +189,72 @@ class Pipeline:
             raise InvalidArgument(
                 f"references need an embedding model; model {served.name!r} is a classifier"
             )
-        pixels, inputs = self._decode(request.images, served)
+        headers = self._headers(request.images, "image")
+        reference_headers = self._headers(request.references, "reference")
+        check_decoded_bytes(
+            sum(decoded_bytes(i, h) for i, h in zip(request.images, headers, strict=True))
+            + sum(
+                decoded_bytes(i, h)
+                for i, h in zip(request.references, reference_headers, strict=True)
+            ),
+            self.limits,
+        )
+        pixels, inputs = self._decode(request.images, served, headers=headers, deadline=deadline)
         references = None
         if request.references:
-            _, reference_inputs = self._decode(request.references, served, "reference")
+            _, reference_inputs = self._decode(
+                request.references,
+                served,
+                "reference",
+                headers=reference_headers,
+                deadline=deadline,
+            )
             references = self._run(
                 served, Job(reference_inputs, "", heatmap=False), deadline
             ).outputs.detach()
         job = Job(inputs, method, request.heatmap, request.target_class, references)
         return _Prepared(served, request, job, pixels)
 
+    def _headers(self, images: tuple[ImageInput, ...], what: str) -> list[Header | None]:
+        """Each encoded image opened and checked against the limits, nothing decoded yet."""
+        return [
+            open_header(image.data, self.limits, f"{what} {index}")
+            if isinstance(image, EncodedImage)
+            else None
+            for index, image in enumerate(images)
+        ]
+
     def _decode(
-        self, images: tuple[ImageInput, ...], served: ServedModel, what: str = "image"
+        self,
+        images: tuple[ImageInput, ...],
+        served: ServedModel,
+        what: str = "image",
+        *,
+        headers: list[Header | None] | None = None,
+        deadline: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        decoded = []
-        for index, image in enumerate(images):
-            try:
-                decoded.append(decode_input(image, self.limits, index=index))
-            except InvalidArgument as error:
-                raise InvalidArgument(str(error).replace("image", what, 1)) from None
-        return preprocess(decoded, served.config)
+        """Decode one image at a time inside the in-flight budget, fit it to the model's input
+        at once (only ``[3, H, W]`` at the input size is kept), checking the deadline between
+        images."""
+        fitted = []
+        size = served.config.image_size
+        if headers is None:
+            headers = self._headers(images, what)
+        for index, (image, header) in enumerate(zip(images, headers, strict=True)):
+            _check_deadline(deadline)
+            with self.decode_budget.reserve(
+                decoded_bytes(image, header), deadline, self.limits.queue_timeout_s
+            ):
+                try:
+                    decoded = decode_input(
+                        image, self.limits, index=index, header=header, size=size
+                    )
+                except InvalidArgument as error:
+                    raise type(error)(str(error).replace("image", what, 1)) from None
+                fitted.append(served.config.fit(decoded))
+                del decoded
+        _check_deadline(deadline)
+        return preprocess(fitted, served.config)
 
     def _run(self, served: ServedModel, job: Job, deadline: float | None) -> Computed:
         _check_deadline(deadline)

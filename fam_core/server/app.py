@@ -17,13 +17,14 @@ from fam_core.server.calls import Calls
 from fam_core.server.fam_service import FamServicer
 from fam_core.server.logs import log_event
 from fam_core.server.metrics import ServerMetrics
-from fam_core.server.oip import InferenceServicer
+from fam_core.server.oip import InferenceServicer, ReadinessServicer
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 
 MESSAGE_OVERHEAD = 1 << 20  # room for everything in a message besides the image bytes
 FAM_SERVICE = fam_pb2.DESCRIPTOR.services_by_name["FamService"].full_name
 OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _PUBLIC_PREFIXES = ("/grpc.health.v1.Health/",)
+HEALTH_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,12 @@ class ServerConfig:
         token: bearer token every RPC but health checks must carry.
         tls_cert, tls_key: PEM files; both set serves TLS.
         metrics_port: ``/metrics`` over HTTP on this port (``None``: off, ``0``: a free port).
+        metrics_host: the interface of ``/metrics`` (``None``: ``host``).
+        metrics_token: bearer token ``/metrics`` requires (``None``: open).
+        health_port: also answer gRPC health checks and the OIP ``ServerLive``,
+            ``ServerReady`` and ``ModelReady`` on this port, from a small thread pool of their
+            own that request load cannot starve (``None``: off, ``0``: a free port); point
+            liveness and readiness probes at it.
         grace_s: how long in-flight RPCs may take to finish on :meth:`FamServer.stop`.
     """
 
@@ -54,6 +61,9 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_port: int | None = None
+    metrics_host: str | None = None
+    metrics_token: str | None = None
+    health_port: int | None = None
     grace_s: float = 30.0
 
 
@@ -113,7 +123,11 @@ class FamServer:
         self.metrics_port: int | None = None
         self._stopped = False
         self._stop_lock = threading.Lock()
-        calls = Calls(self.metrics)
+        self.health_port: int | None = None
+        self._health_server: grpc.Server | None = None
+        calls = Calls(
+            self.metrics, registry.names() + [failed.name for failed in registry.failed()]
+        )
         max_message = config.limits.max_request_bytes + MESSAGE_OVERHEAD
         self._server = grpc.server(
             futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="fam-rpc"),
@@ -134,6 +148,16 @@ class FamServer:
         reflection.enable_server_reflection(
             (FAM_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
+        if config.health_port is not None:
+            self._health_server = grpc.server(
+                futures.ThreadPoolExecutor(HEALTH_WORKERS, thread_name_prefix="fam-health"),
+                maximum_concurrent_rpcs=64,
+                options=[("grpc.max_receive_message_length", 64 * 1024)],
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+                ReadinessServicer(self.pipeline), self._health_server
+            )
 
     @classmethod
     def with_default_models(cls, config: ServerConfig = ServerConfig()) -> FamServer:
@@ -152,6 +176,16 @@ class FamServer:
             port = self._server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot listen on {address}")
+        if self._health_server is not None:
+            health_address = f"{self.config.host}:{self.config.health_port}"
+            self.health_port = (
+                self._health_server.add_secure_port(health_address, credentials)
+                if self.config.tls_cert is not None
+                else self._health_server.add_insecure_port(health_address)
+            )
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {health_address}")
+            self._health_server.start()
         self._server.start()
         self.port = port
         for service in ("", FAM_SERVICE, OIP_SERVICE):
@@ -163,12 +197,16 @@ class FamServer:
             self.health.set(failed.name, health_pb2.HealthCheckResponse.NOT_SERVING)
             log_event("model_failed", model=failed.name, source=failed.source, error=failed.reason)
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self.metrics_port = self.metrics.serve_http(
+                self.config.metrics_port,
+                self.config.metrics_host or self.config.host,
+                token=self.config.metrics_token,
+            )
         log_event(
             "started", address=f"{self.config.host}:{port}", models=registry.names(),
             failed=[failed.name for failed in registry.failed()],
             tls=self.config.tls_cert is not None, auth=self.config.token is not None,
-            metrics_port=self.metrics_port,
+            metrics_port=self.metrics_port, health_port=self.health_port,
         )  # fmt: skip
         return port
 
@@ -181,6 +219,8 @@ class FamServer:
             grace = self.config.grace_s if grace is None else grace
             log_event("stopping", grace_s=grace)
             self._server.stop(grace).wait()
+            if self._health_server is not None:
+                self._health_server.stop(0).wait()
             self.pipeline.close()
             self.metrics.close()
             self._stopped = True

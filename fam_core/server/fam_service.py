@@ -15,6 +15,8 @@ from fam_core.pipeline import (
     PipelineError,
     RawTensor,
 )
+from fam_core.pipeline.decode import check_count
+from fam_core.pipeline.limits import Limits
 from fam_core.pipeline.request import ExplainResult, ImageInput
 from fam_core.server.calls import Calls
 from fam_core.server.status import deadline_of
@@ -38,8 +40,13 @@ def image_from_proto(image: fam_pb2.Image, index: int) -> ImageInput:
     raise InvalidArgument(f"image {index} has neither encoded bytes nor a tensor")
 
 
-def request_from_proto(message: fam_pb2.ExplainRequest) -> ExplainRequest:
-    """The pipeline request of a ``fam.v1.ExplainRequest``."""
+def request_from_proto(
+    message: fam_pb2.ExplainRequest, limits: Limits | None = None
+) -> ExplainRequest:
+    """The pipeline request of a ``fam.v1.ExplainRequest``; the image count is checked
+    against ``limits`` before anything is built per image."""
+    if limits is not None:
+        check_count(len(message.images) + len(message.references), limits)
     if message.resolution not in _RESOLUTIONS:
         raise InvalidArgument(f"unknown resolution {message.resolution}")
     return ExplainRequest(
@@ -110,7 +117,9 @@ class FamServicer(fam_pb2_grpc.FamServiceServicer):
             request.model,
             context,
             lambda: response_to_proto(
-                self.pipeline.explain(request_from_proto(request), deadline=deadline_of(context))
+                self.pipeline.explain(
+                    request_from_proto(request, self.pipeline.limits), deadline=deadline_of(context)
+                )
             ),
         )
 
@@ -123,7 +132,8 @@ class FamServicer(fam_pb2_grpc.FamServiceServicer):
                     _StreamContext(context),
                     lambda request=request: response_to_proto(
                         self.pipeline.explain(
-                            request_from_proto(request), deadline=deadline_of(context)
+                            request_from_proto(request, self.pipeline.limits),
+                            deadline=deadline_of(context),
                         )
                     ),
                 )

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+import hmac
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -47,9 +57,40 @@ class ServerMetrics:
     def observe_batch(self, model: str, images: int) -> None:
         self.batch_size.labels(model).observe(images)
 
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Expose ``/metrics`` over HTTP; returns the port (``0`` picks a free one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, port: int, host: str = "127.0.0.1", token: str | None = None) -> int:
+        """Expose ``/metrics`` over HTTP; returns the port (``0`` picks a free one).
+
+        With ``token``, a request without ``Authorization: Bearer <token>`` gets 401.
+        """
+        registry = self.registry
+        expected = None if token is None else f"Bearer {token}".encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.split("?")[0] not in ("/", "/metrics"):
+                    self._reply(404, b"not found\n", "text/plain")
+                    return
+                given = self.headers.get("Authorization", "").encode()
+                if expected is not None and not hmac.compare_digest(given, expected):
+                    self._reply(401, b"missing or wrong bearer token\n", "text/plain")
+                    return
+                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+
+            def _reply(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                if status == 401:
+                    self.send_header("WWW-Authenticate", "Bearer")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # quiet: the server logs JSON
+                return
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="fam-metrics", daemon=True).start()
         self._http = server
         return int(server.server_port)
 

@@ -10,12 +10,15 @@ FP32 ``[B, D]``, ``heatmap`` FP16 ``[B, H, W]``; all four unless the request nam
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
 
 from fam_core import __version__
-from fam_core.pipeline import ExplainRequest, InvalidArgument, Pipeline
+from fam_core.pipeline import ExplainRequest, InvalidArgument, Limits, Pipeline
+from fam_core.pipeline.decode import check_count, check_decoded_bytes, check_tensor_shape
+from fam_core.pipeline.errors import ResourceExhausted
 from fam_core.pipeline.request import EncodedImage, ExplainResponse, RawTensor
 from fam_core.server.calls import Calls
 from fam_core.server.status import deadline_of
@@ -31,10 +34,15 @@ def pack_bytes(elements: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def unpack_bytes(data: bytes) -> list[bytes]:
-    """Inverse of :func:`pack_bytes`; raises :class:`InvalidArgument` on truncated data."""
+def unpack_bytes(data: bytes, max_elements: int | None = None) -> list[bytes]:
+    """Inverse of :func:`pack_bytes`; raises :class:`InvalidArgument` on truncated data, or
+    when there are more than ``max_elements`` elements (checked before each is built)."""
     elements, offset = [], 0
     while offset < len(data):
+        if max_elements is not None and len(elements) >= max_elements:
+            raise InvalidArgument(
+                f"BYTES tensor data holds more than the {max_elements} elements its shape says"
+            )
         if offset + 4 > len(data):
             raise InvalidArgument("BYTES tensor data is truncated inside a length prefix")
         (size,) = struct.unpack_from("<I", data, offset)
@@ -53,18 +61,65 @@ def _parameter(parameters, name: str):  # type: ignore[no-untyped-def]
     return getattr(value, value.WhichOneof("parameter_choice") or "string_param")
 
 
-def _images(request: pb.ModelInferRequest) -> tuple:
+def _text_parameter(parameters, name: str) -> str | None:  # type: ignore[no-untyped-def]
+    value = _parameter(parameters, name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"parameter {name!r} must be a string, got {value!r}")
+    return value
+
+
+def _target_class(parameters) -> int | None:  # type: ignore[no-untyped-def]
+    """The ``target_class`` parameter: an int64 or uint64, an integral double or decimal text."""
+    value = _parameter(parameters, "target_class")
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidArgument(f"parameter 'target_class' must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise InvalidArgument(f"parameter 'target_class' must be an integer, got {value!r}")
+    text = str(value).strip()
+    if text.lstrip("+-").isdigit() and len(text) <= 20:
+        return int(text)
+    raise InvalidArgument(f"parameter 'target_class' must be an integer, got {text[:40]!r}")
+
+
+def _images(request: pb.ModelInferRequest, limits: Limits) -> tuple:
+    """The images of the input tensor; its shape is checked against ``limits`` (images,
+    sides, pixels, bytes) before anything is built per element."""
     if len(request.inputs) != 1:
         raise InvalidArgument(
             f"expected exactly one input tensor (BYTES images or pixels), got {len(request.inputs)}"
         )
     tensor = request.inputs[0]
+    if len(tensor.shape) > 4:
+        raise InvalidArgument(f"input shape has {len(tensor.shape)} dimensions; expected 1 to 4")
     shape = [int(s) for s in tensor.shape]
+    if not shape or any(s < 0 for s in shape):
+        raise InvalidArgument(f"input shape {shape} must hold sizes >= 0")
+    if len(request.raw_input_contents) > 1:
+        raise InvalidArgument(
+            f"raw_input_contents has {len(request.raw_input_contents)} entries, one per input"
+        )
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
     if tensor.datatype == "BYTES":
-        elements = unpack_bytes(raw) if raw is not None else list(tensor.contents.bytes_contents)
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise InvalidArgument(f"BYTES input shape {shape} must be [B] or [B, 1]")
+        check_count(shape[0], limits, f"BYTES input shape {shape}")
+        if raw is not None:
+            elements = unpack_bytes(raw, max_elements=shape[0])
+        else:
+            contents = tensor.contents.bytes_contents
+            if len(contents) != shape[0]:
+                raise InvalidArgument(
+                    f"BYTES input has {len(contents)} elements, shape says {shape[0]}"
+                )
+            elements = list(contents)
         if len(elements) != shape[0]:
             raise InvalidArgument(
                 f"BYTES input has {len(elements)} elements, shape says {shape[0]}"
@@ -72,44 +127,63 @@ def _images(request: pb.ModelInferRequest) -> tuple:
         return tuple(EncodedImage(e) for e in elements)
     if tensor.datatype not in _PIXEL_TYPES:
         raise InvalidArgument(
-            f"input datatype {tensor.datatype!r} is not supported; expected BYTES, UINT8, FP16 or FP32"
+            f"input datatype {tensor.datatype[:20]!r} is not supported; expected BYTES, UINT8, "
+            "FP16 or FP32"
         )
     dtype, size = _PIXEL_TYPES[tensor.datatype]
     if len(shape) != 4 or shape[1] != 3:
         raise InvalidArgument(f"pixel input shape {shape} must be [B, 3, H, W]")
+    batch = shape[0]
+    check_count(batch, limits, f"pixel input shape {shape}")
+    check_tensor_shape((3, shape[2], shape[3]), limits, f"pixel input shape {shape}")
+    per_image = size * 3 * shape[2] * shape[3]
+    if per_image * batch > limits.max_request_bytes:
+        raise ResourceExhausted(
+            f"pixel input shape {shape} of {tensor.datatype} is {per_image * batch} bytes, more "
+            f"than the limit of {limits.max_request_bytes} bytes per request"
+        )
+    check_decoded_bytes(4 * 3 * shape[2] * shape[3] * batch, limits, f"pixel input shape {shape}")
     if raw is None:
-        contents = tensor.contents
-        values = contents.uint_contents if dtype == "uint8" else contents.fp32_contents
         if dtype == "float16":
             raise InvalidArgument("FP16 input must come in raw_input_contents")
+        contents = tensor.contents
+        values = contents.uint_contents if dtype == "uint8" else contents.fp32_contents
+        if len(values) != 3 * shape[2] * shape[3] * batch:
+            raise InvalidArgument(
+                f"input contents have {len(values)} values; shape {shape} needs "
+                f"{3 * shape[2] * shape[3] * batch}"
+            )
         raw = np.asarray(values, dtype="<u1" if dtype == "uint8" else "<f4").tobytes()
-    per_image = size * 3 * max(shape[2], 0) * max(shape[3], 0)
-    if shape[0] < 0 or len(raw) != per_image * shape[0]:
+    if batch == 0 or len(raw) != per_image * batch:
         raise InvalidArgument(
             f"input data has {len(raw)} bytes; shape {shape} of {tensor.datatype} needs "
-            f"{per_image * max(shape[0], 0)}"
+            f"{per_image * batch}"
         )
     return tuple(
         RawTensor(raw[i * per_image : (i + 1) * per_image], dtype, (3, shape[2], shape[3]))
-        for i in range(shape[0])
+        for i in range(batch)
     )
 
 
-def request_from_infer(request: pb.ModelInferRequest) -> ExplainRequest:
+def request_from_infer(
+    request: pb.ModelInferRequest, limits: Limits | None = None
+) -> ExplainRequest:
     """The pipeline request of a ``ModelInferRequest``."""
+    limits = limits or Limits()
     requested = [o.name for o in request.outputs] or list(OUTPUTS)
     unknown = sorted(set(requested) - set(OUTPUTS))
     if unknown:
-        raise InvalidArgument(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
-    target = _parameter(request.parameters, "target_class")
+        raise InvalidArgument(
+            f"unknown outputs {[name[:40] for name in unknown[:8]]}; this model has {list(OUTPUTS)}"
+        )
     return ExplainRequest(
         model=request.model_name,
-        images=_images(request),
-        method=_parameter(request.parameters, "method") or None,
-        resolution=_parameter(request.parameters, "resolution") or "input",
+        images=_images(request, limits),
+        method=_text_parameter(request.parameters, "method"),
+        resolution=_text_parameter(request.parameters, "resolution") or "input",  # type: ignore[arg-type]
         heatmap="heatmap" in requested,
         embedding="embedding" in requested,
-        target_class=None if target is None else int(target),
+        target_class=_target_class(request.parameters),
         request_id=request.id,
     )
 
@@ -187,9 +261,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request, context):  # noqa: N802
         def body() -> pb.ModelInferResponse:
-            explain = request_from_infer(request)
+            explain = request_from_infer(request, self.pipeline.limits)
             response = self.pipeline.explain(explain, deadline=deadline_of(context))
             requested = [o.name for o in request.outputs] or list(OUTPUTS)
             return infer_response(response, requested, request.model_version or self.VERSION)
 
         return self.calls.run("ModelInfer", request.model_name, context, body)
+
+
+class ReadinessServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``ServerLive``, ``ServerReady`` and ``ModelReady`` alone (the rest UNIMPLEMENTED), for
+    the health port's own thread pool."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def ServerLive(self, request, context):  # noqa: N802
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):  # noqa: N802
+        return pb.ServerReadyResponse(ready=len(self.pipeline.registry) > 0)
+
+    def ModelReady(self, request, context):  # noqa: N802
+        return pb.ModelReadyResponse(ready=request.name in self.pipeline.registry.names())
