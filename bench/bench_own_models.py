@@ -49,6 +49,17 @@ def build(name: str) -> nn.Module:
     raise ValueError(name)
 
 
+def session_options():  # noqa: ANN201
+    """Both sessions of a pair on the same threads, without spinning: two sessions whose
+    idle threads spin would slow each other down in alternating rounds."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def onnx_pair(model: nn.Module, batch: int, folder: Path):  # noqa: ANN201
     """``(plain session, grafted session, feeds)`` for a plain export and its grafted FAM."""
     import onnxruntime
@@ -78,8 +89,7 @@ def onnx_pair(model: nn.Module, batch: int, folder: Path):  # noqa: ANN201
     plain = folder / "plain.onnx"
     plain.write_bytes(buffer.getvalue())
     grafted = graft_onnx(plain, method="fam", task="embedding", input_size=(224, 224))
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options = session_options()
     providers = ["CPUExecutionProvider"]
     plain_session = onnxruntime.InferenceSession(str(plain), options, providers=providers)
     grafted_bytes = (
@@ -102,8 +112,7 @@ def exported_pair(model: nn.Module, batch: int, folder: Path):  # noqa: ANN201
 
     from exporters import export_model
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options = session_options()
     sessions = []
     for heatmap in (False, True):
         path = export_model(
