@@ -34,7 +34,7 @@ import json
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -289,6 +289,8 @@ def export_model(
         target_layer = target_layer or config.target_layer
         output = output if output is not None else config.output
     kind = similarity or (config.similarity if config is not None else "cosine")
+    if _unflattened(model) and isinstance(output, str):
+        output = _flat_output(model, output, size)
     explainer = make_explainer(
         model,
         method,
@@ -313,7 +315,7 @@ def export_model(
         )
     if references is not None:
         references = _check_references(references)
-    if analytic_head(method, head):
+    if analytic_head(method, head) and not _unflattened(model):
         graph = build_graph(
             model,
             method,
@@ -652,6 +654,34 @@ def _set_input_shapes(
                 dim.dim_value = int(extent)
             else:
                 dim.dim_param = name
+
+
+def _unflattened(model: nn.Module) -> bool:
+    """Whether ``model`` is an unflattened ``torch.export`` program (an ``exported_program:``
+    config): the TorchScript tracer cannot trace it, ``make_fx`` can."""
+    from torch.export.unflatten import UnflattenedModule
+
+    return isinstance(model, UnflattenedModule)
+
+
+def _flat_output(
+    model: nn.Module, key: str, size: tuple[int, int]
+) -> Callable[[Any], torch.Tensor]:
+    """``output=key`` for an unflattened program: traced, it returns its outputs as a flat
+    tuple, in the order of the keys of the object it returns when run eagerly."""
+    from fam_core.outputs import select_output
+
+    with torch.no_grad():
+        eager = model(sample_images(model, size))
+    keys = list(eager.keys()) if hasattr(eager, "keys") else []
+    if key not in keys:
+        select_output(eager, key)  # the usual error naming what the model returns
+    index = keys.index(key)
+
+    def select(outputs: Any) -> torch.Tensor:
+        return outputs[index] if isinstance(outputs, tuple) else select_output(outputs, key)
+
+    return select
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -82,7 +82,7 @@ def _select(outputs: Any, spec: OutputSpec) -> Any:
     if isinstance(spec, str):
         if fields is not None and spec in fields:
             return fields[spec]
-        if fields is None and hasattr(outputs, spec):
+        if isinstance(getattr(outputs, spec, None), torch.Tensor):  # an attribute, not a key
             return getattr(outputs, spec)
         known = sorted(fields) if fields is not None else []
         raise ValueError(f"the model output has no {spec!r}; it has {known}")
