@@ -644,16 +644,7 @@ def _set_input_shapes(
     proto: object, args: tuple[torch.Tensor, ...], dynamic_axes: dict[str, dict[int, str]]
 ) -> None:
     """Name the dynamic input axes as :func:`_set_output_shapes` does for outputs."""
-    for value, tensor in zip(proto.graph.input, args, strict=True):  # type: ignore[attr-defined]
-        dims = value.type.tensor_type.shape.dim
-        del dims[:]
-        for axis, extent in enumerate(tensor.shape):
-            dim = dims.add()
-            name = dynamic_axes.get(value.name, {}).get(axis)
-            if name is None:
-                dim.dim_value = int(extent)
-            else:
-                dim.dim_param = name
+    _set_shapes(proto.graph.input, args, dynamic_axes)  # type: ignore[attr-defined]
 
 
 def _unflattened(model: nn.Module) -> bool:
@@ -708,7 +699,14 @@ def _set_output_shapes(
     proto: object, outputs: tuple[torch.Tensor, ...], dynamic_axes: dict[str, dict[int, str]]
 ) -> None:
     """Write the fixed sizes of every output into the graph, keeping the dynamic axes named."""
-    for value, tensor in zip(proto.graph.output, outputs, strict=True):  # type: ignore[attr-defined]
+    _set_shapes(proto.graph.output, outputs, dynamic_axes)  # type: ignore[attr-defined]
+
+
+def _set_shapes(
+    values: object, tensors: tuple[torch.Tensor, ...], dynamic_axes: dict[str, dict[int, str]]
+) -> None:
+    """Each value's shape: the tensor's sizes, with the axes of ``dynamic_axes`` named."""
+    for value, tensor in zip(values, tensors, strict=True):  # type: ignore[call-overload]
         dims = value.type.tensor_type.shape.dim
         del dims[:]
         for axis, extent in enumerate(tensor.shape):

@@ -127,21 +127,7 @@ def open_header(data: bytes, limits: Limits, where: str = "image 0") -> Header:
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidArgument(f"{where}: cannot decode the image: the image has zero size")
-    if width > limits.max_side or height > limits.max_side:
-        raise InvalidArgument(
-            f"{where}: the image is {width}x{height} pixels, a side over the limit of "
-            f"{limits.max_side}"
-        )
-    if max(width, height) > limits.max_aspect_ratio * min(width, height):
-        raise InvalidArgument(
-            f"{where}: the image is {width}x{height} pixels, an aspect ratio over the limit of "
-            f"{limits.max_aspect_ratio:g}"
-        )
-    if width * height > limits.max_pixels:
-        raise InvalidArgument(
-            f"{where}: the image has {width}x{height} pixels, more than the limit of "
-            f"{limits.max_pixels}"
-        )
+    check_extent(width, height, limits, f"{where}: the image is {width}x{height} pixels")
     return Header(image, width, height)
 
 
@@ -293,19 +279,23 @@ def check_tensor_shape(shape: tuple[int, ...], limits: Limits, where: str) -> No
     height, width = shape[1], shape[2]
     if height <= 0 or width <= 0:
         raise InvalidArgument(f"{where}: tensor shape {list(shape)} has zero size")
-    if height > limits.max_side or width > limits.max_side:
+    check_extent(
+        width, height, limits, f"{where}: tensor shape {list(shape)} is {width}x{height} pixels"
+    )
+
+
+def check_extent(width: int, height: int, limits: Limits, subject: str) -> None:
+    """An image's sides, aspect ratio and pixel count against the limits, read before any
+    pixel is decoded; ``subject`` starts the message (``"image 0: the image is 1x20000
+    pixels"``)."""
+    if width > limits.max_side or height > limits.max_side:
+        raise InvalidArgument(f"{subject}, a side over the limit of {limits.max_side}")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
         raise InvalidArgument(
-            f"{where}: tensor shape {list(shape)} has a side over the limit of {limits.max_side}"
+            f"{subject}, an aspect ratio over the limit of {limits.max_aspect_ratio:g}"
         )
-    if max(height, width) > limits.max_aspect_ratio * min(height, width):
-        raise InvalidArgument(
-            f"{where}: tensor shape {list(shape)} has an aspect ratio over the limit of "
-            f"{limits.max_aspect_ratio:g}"
-        )
-    if height * width > limits.max_pixels:
-        raise InvalidArgument(
-            f"{where}: {width}x{height} pixels, more than the limit of {limits.max_pixels}"
-        )
+    if width * height > limits.max_pixels:
+        raise InvalidArgument(f"{subject}, more than the limit of {limits.max_pixels}")
 
 
 def _names(limits: Limits) -> str:
