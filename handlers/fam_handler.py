@@ -19,9 +19,11 @@ body; ``method``, ``target_class``, ``resolution``, ``embedding``, ``overlay``, 
 (``X-Fam-Method: gradcam``; TorchServe 0.12 does not pass query parameters of a request with
 a body to the handler). A batch from
 TorchServe (``batchSize``/``maxBatchDelay``) is explained in one pass; a bad request answers
-its own 4xx row, the others in the batch succeed. A model whose config fails to load (a
-``factory:`` package missing from TorchServe's Python, a weights file that does not match)
-still starts a worker that answers every request with 503 and the one-line reason.
+its own 4xx row, the others in the batch succeed. A model that fails to load (a truncated or
+missing weights file, a ``factory:`` package missing from TorchServe's Python, ``fam_core``
+itself missing) still starts a worker that answers every request at once with 503 and the
+one-line reason, logged once: an exception out of ``initialize`` would make TorchServe restart
+the worker with backoff while requests wait unanswered (README, "Broken archives").
 
 The worker must run a Python with ``fam_core`` installed: ``torchserve`` passes its own
 interpreter to the workers, so start it as ``.venv/bin/torchserve``.
