@@ -19,9 +19,11 @@ body; ``method``, ``target_class``, ``resolution``, ``embedding``, ``overlay``, 
 (``X-Fam-Method: gradcam``; TorchServe 0.12 does not pass query parameters of a request with
 a body to the handler). A batch from
 TorchServe (``batchSize``/``maxBatchDelay``) is explained in one pass; a bad request answers
-its own 4xx row, the others in the batch succeed. A model whose config fails to load (a
-``factory:`` package missing from TorchServe's Python, a weights file that does not match)
-still starts a worker that answers every request with 503 and the one-line reason.
+its own 4xx row, the others in the batch succeed. A model that fails to load (a truncated or
+missing weights file, a ``factory:`` package missing from TorchServe's Python, ``fam_core``
+itself missing) still starts a worker that answers every request at once with 503 and the
+one-line reason, logged once: an exception out of ``initialize`` would make TorchServe restart
+the worker with backoff while requests wait unanswered (README, "Broken archives").
 
 The worker must run a Python with ``fam_core`` installed: ``torchserve`` passes its own
 interpreter to the workers, so start it as ``.venv/bin/torchserve``.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,14 +41,22 @@ from typing import Any
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
-from fam_core.pipeline import ModelRegistry, Pipeline, PipelineError, ServedModel
-from fam_core.pipeline.errors import InvalidArgument, Unavailable
-from fam_core.pipeline.json_codec import (
-    error_to_json,
-    kserve_fields,
-    request_from_fields,
-    response_to_json,
-)
+try:
+    from fam_core.pipeline import ModelRegistry, Pipeline, PipelineError, ServedModel
+    from fam_core.pipeline.errors import InvalidArgument
+    from fam_core.pipeline.json_codec import (
+        error_to_json,
+        kserve_fields,
+        request_from_fields,
+        response_to_json,
+    )
+except ImportError as error:  # the worker stays up and answers 503 with this reason
+    FAM_IMPORT_ERROR: str | None = (
+        f"fam_core cannot be imported by TorchServe's Python {sys.executable} ({error}): "
+        "install it there, or start the torchserve of the environment that has it"
+    )
+else:
+    FAM_IMPORT_ERROR = None
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +65,8 @@ HEATMAPS_RETURNED = "FamHeatmapsReturned"
 HEADER_PREFIX = "x-fam-"
 """Request headers ``X-Fam-<Field>`` carry options (TorchServe 0.12 drops query parameters of
 requests that have a body)."""
+UNAVAILABLE = 503
+"""The status of every request to a model that failed to load (its JSON code ``UNAVAILABLE``)."""
 BATCH_HEADER = "X-Fam-Batch-Size"
 """Response header: how many requests the pass that answered this one explained together."""
 
@@ -62,20 +75,39 @@ class FamHandler(BaseHandler):
     """Predictions with heatmaps for one ``fam_core`` model packed in a ``.mar``."""
 
     def initialize(self, context: Any) -> None:
-        model_dir = Path(context.system_properties["model_dir"])
+        """Load and probe the model once; on any failure keep the worker, answering 503.
+
+        Everything that can fail is checked here, before the worker reports ready: the
+        config, the weights or graph (read and matched against the architecture), the
+        prototypes, the factory's import, and one probe pass for the output and feature
+        shapes. A failure is logged as one line (``fam: model ... failed to load ...``) and
+        every request is answered at once with 503 and that reason: raising here would make
+        TorchServe restart the worker with backoff while requests wait, unanswered.
+        """
         self.context = context
-        self.failure: Unavailable | None = None
-        registry = ModelRegistry.load([model_dir / "config.yaml"], keep_going=True)
-        self.pipeline = Pipeline(registry, batching=None)
+        self.failure: str | None = None
         self.initialized = True
-        for failed in registry.failed():  # answered with 503 and the reason, never a hang
-            self.failure = Unavailable(f"model {failed.name!r} failed to load: {failed.reason}")
-            self.model_name = failed.name
-            logger.error("model %s failed to load: %s", failed.name, failed.reason)
-            return
-        self.served: ServedModel = registry.get(registry.names()[0])
-        self.model_name = self.served.name
-        logger.info("loaded %s (%s) from %s", self.served.name, self.served.task, model_dir)
+        served_as = getattr(context, "model_name", None)  # TorchServe's name for the archive
+        model_dir = Path(context.system_properties["model_dir"])
+        name, reason = model_dir.name, FAM_IMPORT_ERROR
+        try:
+            if reason is None:
+                registry = ModelRegistry.load([model_dir / "config.yaml"], keep_going=True)
+                self.pipeline = Pipeline(registry, batching=None)
+                failed = registry.failed()
+                if not failed:
+                    self.served: ServedModel = registry.get(registry.names()[0])
+                    self.model_name = self.served.name
+                    logger.info(
+                        "loaded %s (%s) from %s", self.model_name, self.served.task, model_dir
+                    )
+                    return
+                name, reason = failed[0].name, failed[0].reason
+        except Exception as error:  # never let the worker die: TorchServe would restart it
+            reason = (f"{type(error).__name__}: {error}".splitlines() or [""])[0]
+        self.model_name = served_as or name
+        self.failure = f"model {self.model_name!r} failed to load: {reason}"
+        logger.error("fam: %s; every request to it is answered %d", self.failure, UNAVAILABLE)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         self.context = context
@@ -109,8 +141,8 @@ class FamHandler(BaseHandler):
         assert self.failure is not None
         for idx in range(rows):
             context.set_response_content_type(idx, "application/json")
-            context.set_response_status(self.failure.http_status, str(self.failure), idx)
-        return [json.dumps(error_to_json(self.failure))] * rows
+            context.set_response_status(UNAVAILABLE, self.failure, idx)
+        return [json.dumps({"code": "UNAVAILABLE", "message": self.failure})] * rows
 
     def _header_fields(self, idx: int) -> dict[str, str]:
         """Options sent as ``X-Fam-<Field>`` headers (``X-Fam-Target-Class: 3``)."""

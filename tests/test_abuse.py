@@ -387,11 +387,12 @@ def test_decoding_stops_at_the_deadline(server, fam, oip, front, monkeypatch) ->
 
 # -- 5. health and readiness from threads request load cannot starve ---------------------------
 def test_health_port_answers_while_every_request_thread_is_busy(model_dir) -> None:
-    server = FamServer(
+    server = FamServer(  # the health port is on by default (a free one with port 0)
         ModelRegistry.from_directory(model_dir),
-        ServerConfig(port=0, max_workers=2, health_port=0, batching=None),
+        ServerConfig(port=0, max_workers=2, batching=None),
     )
     server.start()
+    assert server.health_port not in (None, 0, server.port)
     release = threading.Event()
     real = server.pipeline.explain
 
@@ -432,6 +433,30 @@ def test_health_port_answers_while_every_request_thread_is_busy(model_dir) -> No
     finally:
         release.set()
         server.stop(grace=2.0)
+
+
+def test_health_port_defaults_to_the_next_port_and_turns_off() -> None:
+    from fam_core.commands.serve import _health_port
+    from fam_core.server.app import resolve_health_port
+
+    assert ServerConfig().health_port == "auto"
+    assert resolve_health_port("auto", 50051) == 50052
+    assert resolve_health_port("auto", 0) == 0  # a free one, as the main port
+    assert resolve_health_port(None, 50051) is None
+    assert resolve_health_port(9000, 50051) == 9000
+    for bad, message in (
+        (50051, "differ from the main port"),
+        (70000, r"\[0, 65535\]"),
+        ("8080", "a port, 'auto' or None"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            resolve_health_port(bad, 50051)
+    with pytest.raises(ValueError, match="below 65535"):
+        resolve_health_port("auto", 65535)
+    assert (_health_port("auto"), _health_port("off"), _health_port("0")) == ("auto", None, 0)
+    for bad in ("none", "-1", "65536"):
+        with pytest.raises(Exception, match="expected a port"):
+            _health_port(bad)
 
 
 # -- 6. every PIL mode as its 8-bit RGB equivalent ---------------------------------------------

@@ -319,6 +319,13 @@ def test_sigterm_lets_the_in_flight_request_finish(model_dir) -> None:
         line = process.stdout.readline()  # "fam serve: listening on 127.0.0.1:PORT"
         assert "listening on" in line, process.stderr.read()
         port = int(line.rsplit(":", 1)[1])
+        line = process.stdout.readline()  # "fam serve: health and readiness on 127.0.0.1:PORT"
+        assert "health and readiness on" in line, line  # on by default
+        health_port = int(line.rsplit(":", 1)[1])
+        assert health_port not in (0, port)
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as side:
+            check = health_pb2_grpc.HealthStub(side).Check
+            assert check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status == 1
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = fam_pb2_grpc.FamServiceStub(channel)
             stub.ListModels(fam_pb2.ListModelsRequest(), timeout=TIMEOUT)

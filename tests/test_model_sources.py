@@ -494,6 +494,31 @@ def test_torchserve_handler_answers_503_with_the_reason_when_the_model_fails(tmp
     assert "no_such_package_fam" in json.dumps(body) and "UNAVAILABLE" in json.dumps(body)
 
 
+def test_torchserve_handler_without_fam_core_answers_503_instead_of_dying(
+    tmp_path, monkeypatch
+) -> None:
+    pytest.importorskip("ts", reason="TorchServe is not installed")
+    import importlib.util
+    import json
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fam_core.pipeline", None)  # its import now fails
+    handler_file = Path(__file__).resolve().parents[1] / "handlers" / "fam_handler.py"
+    spec = importlib.util.spec_from_file_location("fam_handler_without_fam_core", handler_file)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    assert module.FAM_IMPORT_ERROR is not None
+    handler = module.FamHandler()
+    context = _FakeContext(tmp_path)
+    context.model_name = "served-name"  # type: ignore[attr-defined]
+    handler.initialize(context)
+    (row,) = handler.handle([{"body": b"x"}], context)
+    assert context.statuses[0][0] == 503
+    message = json.loads(row)["message"]
+    assert message.startswith("model 'served-name' failed to load: fam_core cannot be imported")
+    assert sys.executable in message and "\n" not in message
+
+
 def test_fam_export_of_a_factory_classifier_serves_like_torch(factory_dir, tmp_path) -> None:
     folder = tmp_path / "square"
     folder.mkdir()

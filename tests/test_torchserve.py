@@ -73,11 +73,14 @@ class Server:
         extra: tuple[dict, ...] = (),
         batch_size: int = 4,
         max_batch_delay_ms: int = BATCH_DELAY_MS,
+        never_ready: tuple[str, ...] = (),
     ) -> None:
-        """Serve ``archives`` plus ``extra`` ones (``build_archive`` keyword arguments)."""
+        """Serve ``archives`` plus ``extra`` ones (``build_archive`` keyword arguments);
+        :meth:`wait_ready` does not wait for the models in ``never_ready``."""
         from fam_core.commands.archive import build_archive
 
         self.root = root
+        self.never_ready = never_ready
         store, tmp, logs = root / "store", root / "tmp", root / "logs"
         for folder in (store, tmp, logs):
             folder.mkdir()
@@ -123,9 +126,9 @@ class Server:
         }
         command = [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(config)]
         command += ["--model-store", str(store)]
-        self.log = (root / "console.log").open("wb")
+        self.console = (root / "console.log").open("wb")
         self.process = subprocess.Popen(
-            command, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            command, cwd=root, env=env, stdout=self.console, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
 
@@ -136,21 +139,31 @@ class Server:
                 raise RuntimeError(
                     f"torchserve exited with {self.process.returncode}: {self.tail()}"
                 )
-            if all(self._ready(name) for name in self.models):
+            if all(self._ready(name) for name in self.models if name not in self.never_ready):
                 return
             time.sleep(0.5)
         raise TimeoutError(f"torchserve not READY after {timeout:.0f} s: {self.tail()}")
 
     def _ready(self, name: str) -> bool:
+        workers = self.workers(name)
+        return bool(workers) and all(status == "READY" for status in workers)
+
+    def workers(self, name: str) -> list[str]:
+        """The status of each worker of ``name`` (empty while TorchServe does not answer)."""
         try:
             status, body, _ = http("GET", f"{self.management}/models/{name}")
         except OSError:
-            return False
+            return []
         workers = json.loads(body)[0].get("workers", []) if status == 200 else []
-        return bool(workers) and all(w.get("status") == "READY" for w in workers)
+        return [str(worker.get("status")) for worker in workers]
+
+    def log(self, name: str) -> str:
+        """TorchServe's log file ``name`` (``ts_log.log``, ``model_log.log``)."""
+        path = self.root / "logs" / name
+        return path.read_text(errors="replace") if path.is_file() else ""
 
     def tail(self) -> str:
-        self.log.flush()
+        self.console.flush()
         return (self.root / "console.log").read_text(errors="replace")[-2000:]
 
     def stop(self) -> None:
@@ -166,7 +179,7 @@ class Server:
         if _group_alive(group):
             os.killpg(group, signal.SIGKILL)
         self.process.wait(10)
-        self.log.close()
+        self.console.close()
 
 
 def _group_alive(group: int) -> bool:
@@ -245,12 +258,50 @@ def direct_heatmap(name: str, method: str, png: bytes, target: int | None = None
     return explainer(images, target).maps[0]
 
 
+BROKEN = ("broken-weights", "missing-factory")
+"""Archives whose model fails to load in the handler's ``initialize`` (answered 503)."""
+UNIMPORTABLE = "bad-handler"
+"""An archive whose handler file cannot be imported: TorchServe's own failure path."""
+
+
+def broken_archives(folder: Path) -> tuple[dict, ...]:
+    """``build_archive`` arguments of the broken archives: the default classifier with its
+    weights truncated, one whose ``factory:`` names a missing package, and one packing a
+    handler that raises at import."""
+    import yaml
+
+    from fam_core.models.store import find_config
+
+    good = find_config("default-classifier").parent
+    truncated, factory = folder / "truncated", folder / "factory"
+    for copy in (truncated, factory):
+        shutil.copytree(good, copy)
+    weights = truncated / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    config = yaml.safe_load((factory / "config.yaml").read_text())
+    for key in ("backbone", "backbone_kwargs"):
+        config.pop(key)
+    config.update(name="missing-factory", factory="no_such_package_fam_ts.models:build")
+    (factory / "config.yaml").write_text(yaml.safe_dump(config))
+    handler = folder / "bad_handler.py"
+    handler.write_text("import no_such_module_fam_ts  # fails at import, before any handler code\n")
+    return (
+        {"name_or_config": truncated / "config.yaml", "archive_name": "broken-weights"},
+        {"name_or_config": factory / "config.yaml"},
+        {"name_or_config": good / "config.yaml", "archive_name": UNIMPORTABLE, "handler": handler},
+    )
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     reason = _missing()
     if reason is not None:
         pytest.skip(reason)
-    running = Server(tmp_path_factory.mktemp("torchserve"))
+    running = Server(
+        tmp_path_factory.mktemp("torchserve"),
+        extra=broken_archives(tmp_path_factory.mktemp("broken")),
+        never_ready=(UNIMPORTABLE,),
+    )
     try:
         running.wait_ready()
         yield running
@@ -376,6 +427,59 @@ def test_explanations_and_kserve_explain_return_the_heatmap(server: Server) -> N
     assert status == 200, reply
     (predicted,) = reply["predictions"]
     assert predicted["prediction"] == result["prediction"]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("broken-weights", "weights.pt: the file is truncated or corrupt"),
+        ("missing-factory", "cannot import module 'no_such_package_fam_ts.models'"),
+    ],
+)
+def test_a_broken_archive_answers_503_at_once_without_restarts(
+    server: Server, name: str, reason: str
+) -> None:
+    assert server.workers(name) == ["READY"]  # the worker lives on, answering 503
+    started = time.monotonic()
+    status, raw, _ = http("POST", f"{server.inference}/predictions/{name}", png_bytes(7))
+    elapsed = time.monotonic() - started
+    assert status == 503 and elapsed < 5.0, (status, elapsed, raw)
+    body = json.loads(raw)
+    assert body["code"] == "UNAVAILABLE", body
+    assert (
+        body["message"].startswith(f"model {name!r} failed to load: ") and reason in body["message"]
+    ), body
+    logged = [line for line in server.log("model_log.log").splitlines() if "fam: model" in line]
+    assert any(f"fam: model {name!r} failed to load" in line for line in logged), logged
+    assert f"Load model failed: {name}" not in server.log("ts_log.log")  # never restarted
+    status, raw, _ = http(
+        "POST", f"{server.inference}/predictions/default-classifier", png_bytes(7)
+    )
+    assert status == 200, raw
+
+
+def test_an_archive_whose_handler_cannot_import_is_torchserves_restart_loop(
+    server: Server,
+) -> None:
+    """What TorchServe 0.12 itself does when no handler code runs (see README, TorchServe)."""
+    assert "READY" not in server.workers(UNIMPORTABLE)
+    request = urllib.request.Request(
+        f"{server.inference}/predictions/{UNIMPORTABLE}", data=png_bytes(8), method="POST",
+        headers={"Content-Type": "image/png"},
+    )  # fmt: skip
+    with pytest.raises(OSError, match="timed out"):  # queued for a worker that never comes
+        urllib.request.urlopen(request, timeout=3).read()
+    deadline = time.monotonic() + 30.0
+    while "Retry worker" not in server.log("ts_log.log") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert f"Load model failed: {UNIMPORTABLE}, error: Worker died." in server.log("ts_log.log")
+    assert "No module named 'no_such_module_fam_ts'" in server.log("model_log.log")
+    status, raw, _ = http("GET", f"{server.inference}/ping")  # does not see the dead model
+    assert (status, json.loads(raw)["status"]) == (200, "Healthy"), raw
+    status, raw, _ = http(
+        "POST", f"{server.inference}/predictions/default-classifier", png_bytes(8)
+    )
+    assert status == 200, raw
 
 
 @pytest.mark.parametrize(

@@ -35,8 +35,12 @@ def add_command(commands) -> None:  # type: ignore[no-untyped-def]
     serve.add_argument("--metrics-token-file", help="file with the bearer token /metrics requires")
     serve.add_argument(
         "--health-port",
-        type=int,
-        help="gRPC health and OIP readiness on this port too, from threads of their own",
+        type=_health_port,
+        default="auto",
+        metavar="PORT|auto|off",
+        help="gRPC health and OIP ServerLive/ServerReady/ModelReady from threads of their own "
+        "that request load cannot starve: point probes here (default auto: --port + 1, "
+        "any free port with --port 0; 0: any free port; off: none)",
     )
     serve.add_argument(
         "--formats",
@@ -107,6 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     port = server.start()
     print(f"fam serve: listening on {args.host}:{port}", flush=True)
+    if server.health_port is not None:
+        print(f"fam serve: health and readiness on {args.host}:{server.health_port}", flush=True)
 
     def stop(_signum: int, _frame: object) -> None:
         import threading
@@ -118,6 +124,19 @@ def _serve(args: argparse.Namespace) -> int:
     server.wait()
     server.stop()  # returns once the stop thread's work is done
     return 0
+
+
+def _health_port(text: str) -> int | str | None:
+    """``--health-port``: a port, ``auto`` or ``off``."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port, auto or off, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {port}")
+    return port
 
 
 def _read_token(path: str | None) -> str | None:

@@ -7,6 +7,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +26,33 @@ FAM_SERVICE = fam_pb2.DESCRIPTOR.services_by_name["FamService"].full_name
 OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _PUBLIC_PREFIXES = ("/grpc.health.v1.Health/",)
 HEALTH_WORKERS = 2
+HEALTH_AUTO: Literal["auto"] = "auto"
+"""``ServerConfig.health_port``'s default: the port after the main one."""
+
+
+def resolve_health_port(health_port: int | str | None, port: int) -> int | None:
+    """The health port to bind for ``health_port`` and the main ``port`` (``None``: off).
+
+    Example:
+        >>> resolve_health_port("auto", 50051), resolve_health_port("auto", 0)
+        (50052, 0)
+        >>> resolve_health_port(None, 50051) is None, resolve_health_port(9000, 50051)
+        (True, 9000)
+    """
+    if health_port is None:
+        return None
+    if health_port == HEALTH_AUTO:
+        if port == 65535:
+            raise ValueError("health_port 'auto' is the main port + 1: choose one below 65535")
+        return port + 1 if port else 0
+    if isinstance(health_port, bool) or not isinstance(health_port, int):
+        raise ValueError(f"health_port must be a port, 'auto' or None, got {health_port!r}")
+    if not 0 <= health_port <= 65535 or (health_port and health_port == port):
+        raise ValueError(
+            f"health_port must be in [0, 65535] and differ from the main port {port}, "
+            f"got {health_port}"
+        )
+    return health_port
 
 
 @dataclass(frozen=True)
@@ -46,8 +74,9 @@ class ServerConfig:
         metrics_token: bearer token ``/metrics`` requires (``None``: open).
         health_port: also answer gRPC health checks and the OIP ``ServerLive``,
             ``ServerReady`` and ``ModelReady`` on this port, from a small thread pool of their
-            own that request load cannot starve (``None``: off, ``0``: a free port); point
-            liveness and readiness probes at it.
+            own that request load cannot starve; point liveness and readiness probes at it.
+            ``"auto"`` (default): ``port + 1`` (a free port when ``port`` is ``0``);
+            ``0``: a free port; ``None``: off (health then shares the request threads).
         grace_s: how long in-flight RPCs may take to finish on :meth:`FamServer.stop`.
     """
 
@@ -63,7 +92,7 @@ class ServerConfig:
     metrics_port: int | None = None
     metrics_host: str | None = None
     metrics_token: str | None = None
-    health_port: int | None = None
+    health_port: int | Literal["auto"] | None = HEALTH_AUTO
     grace_s: float = 30.0
 
 
@@ -148,7 +177,8 @@ class FamServer:
         reflection.enable_server_reflection(
             (FAM_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        if config.health_port is not None:
+        self._health_bind = resolve_health_port(config.health_port, config.port)
+        if self._health_bind is not None:
             self._health_server = grpc.server(
                 futures.ThreadPoolExecutor(HEALTH_WORKERS, thread_name_prefix="fam-health"),
                 maximum_concurrent_rpcs=64,
@@ -177,14 +207,17 @@ class FamServer:
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         if self._health_server is not None:
-            health_address = f"{self.config.host}:{self.config.health_port}"
+            health_address = f"{self.config.host}:{self._health_bind}"
             self.health_port = (
                 self._health_server.add_secure_port(health_address, credentials)
                 if self.config.tls_cert is not None
                 else self._health_server.add_insecure_port(health_address)
             )
             if self.health_port == 0:
-                raise OSError(f"cannot listen on {health_address}")
+                raise OSError(
+                    f"cannot listen on {health_address} for health checks: choose another "
+                    "health port (fam serve --health-port N) or turn it off (--health-port off)"
+                )
             self._health_server.start()
         self._server.start()
         self.port = port
