@@ -66,6 +66,46 @@ OPSET = 17
 DYNAMO_OPSET = 18
 # backward operators of core ATen that the torch.export-based ONNX exporter cannot translate
 _NO_ONNX_BACKWARD = frozenset({"aten.convolution_backward.default"})
+
+
+def _convolution_input_gradient(
+    grad_output: torch.Tensor,
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias_sizes: object,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    transposed: bool,
+    output_padding: list[int],
+    groups: int,
+    output_mask: list[bool],
+) -> object:
+    """``d loss / d input`` of a convolution as the transposed convolution of the gradient,
+    so a head with convolutions has an ONNX form (``ConvTranspose``). Only the input's
+    gradient is written: the explainers never ask for the weights'."""
+    if transposed or output_mask[1] or output_mask[2]:
+        return NotImplemented
+    spatial = range(2, inputs.dim())
+    extra = [  # what the strided forward dropped at the end of each axis
+        int(inputs.shape[d])
+        - (
+            (int(grad_output.shape[d]) - 1) * stride[d - 2]
+            - 2 * padding[d - 2]
+            + dilation[d - 2] * (int(weight.shape[d]) - 1)
+            + 1
+        )
+        for d in spatial
+    ]
+    grad_input = torch.ops.aten.convolution.default(
+        grad_output, weight, None, stride, padding, dilation, True, extra, groups
+    )
+    return grad_input, None, None
+
+
+_BACKWARD_DECOMPOSITIONS = {
+    torch.ops.aten.convolution_backward.default: _convolution_input_gradient
+}
 Method = Literal["fam", "gradfam", "cam", "gradcam"]
 EXPLAINERS: dict[str, type[ChannelExplainer]] = {
     "fam": FAM,
@@ -529,7 +569,7 @@ class TracedExplanation:
             warnings.simplefilter("ignore")
             graph_module = make_fx(
                 lambda *inputs: self.function(*inputs),
-                decomposition_table=core_aten_decompositions(),
+                decomposition_table={**core_aten_decompositions(), **_BACKWARD_DECOMPOSITIONS},
                 tracing_mode="symbolic",
                 _allow_non_fake_inputs=True,
             )(*args)

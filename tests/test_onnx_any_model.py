@@ -149,17 +149,26 @@ def test_non_square_input(models, exported) -> None:
     close(actual.weights, expected.weights, "weights")
 
 
-def test_a_head_with_convolutions_is_refused_in_one_line(models, tmp_path) -> None:
-    """Inside ResNet's last stage the head holds convolutions, whose backward the ONNX
-    exporter cannot translate: a clear error, not a converter traceback."""
-    with pytest.raises(ValueError, match="convolution_backward.*no ONNX translation"):
-        export_model(
-            models["resnet"],
-            method="fam",
-            path=tmp_path / "x.onnx",
-            input_size=SIZE,
-            target_layer="encoder.stages.3.layers.0.layer.0",
-        )
+@pytest.mark.parametrize("layer", ["encoder.stages.3.layers.0.layer.0", "encoder.stages.2"])
+def test_a_head_with_convolutions_exports_its_input_gradient(models, tmp_path, layer) -> None:
+    """Inside or before ResNet's last stage the head holds convolutions (strided ones for
+    stage 2): their input gradient is a transposed convolution in the ONNX graph."""
+    path = export_model(
+        models["resnet"],
+        method="fam",
+        path=tmp_path / "conv_head.onnx",
+        input_size=SIZE,
+        target_layer=layer,
+        output="pooler_output",
+    )
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    explainer = FAM(models["resnet"], layer, output="pooler_output")
+    references = explainer.embed(torch.rand(3, 3, SIZE, SIZE))
+    expected = explainer(images, target=references)
+    actual = OnnxExplainer(path)(images, references=references)
+    assert expected.extras["head"] == "jacobian"
+    close(actual.maps, expected.maps, "heatmap")
+    close(actual.weights, expected.weights, "weights")
 
 
 def test_task_is_explicit_not_an_attribute(tmp_path) -> None:
