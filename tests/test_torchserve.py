@@ -876,3 +876,22 @@ def test_unknown_model_names_are_torchserves_404(server: Server) -> None:
     status, raw, _ = http("GET", f"{server.metrics}/metrics")
     assert status == 200 and "made-up-model" not in raw.decode()
     assert_next_good_request_succeeds(server)
+
+
+def test_an_image_at_the_pixel_limit_costs_the_worker_one_decode(server: Server) -> None:
+    """The worst accepted image: 4,000 x 4,000 (``max_pixels``), decoded at a reduced scale."""
+    big = encoded(Image.new("RGB", (4_000, 4_000), (40, 120, 200)))
+    url = f"{server.inference}/predictions/{ABUSED}"
+    with worker_peak_growth(server) as peak:
+        status, raw, _ = http("POST", url, big)
+    assert status == 200, raw[:500]
+    print(f"\nworker peak RSS, 16-megapixel PNG answered: +{peak.growth / MiB:.1f} MiB")
+    assert peak.growth < 160 * MiB, peak.growth / MiB
+    small = encoded(Image.new("RGB", (84, 84), (40, 120, 200)))  # the same colour, same answer
+    status, raw_small, _ = http("POST", url, small)
+    assert status == 200
+    np.testing.assert_allclose(
+        json.loads(raw)["results"][0]["scores"],
+        json.loads(raw_small)["results"][0]["scores"],
+        atol=1e-4,
+    )
