@@ -1,6 +1,8 @@
 """Requests that are small on the wire but would cost a lot inside, and wrong answers on valid
 images (issue 16, items 1-8), against each front door: fam.v1, the Open Inference Protocol
 (our own stubs, in process) and the TorchServe handler (in process, with a stand-in context).
+The same items over a real TorchServe's REST and KServe v1 routes, with the peak RSS measured in
+its worker process, are in ``tests/test_torchserve.py`` (they share its one TorchServe start).
 
 Each test asserts the status, a bound on the growth of this process's peak RSS (the server
 runs in it; the peak is reset through ``/proc/self/clear_refs`` before each request), and that

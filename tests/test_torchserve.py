@@ -322,6 +322,7 @@ def test_fields_map_to_request_from_bytes_text_and_json_values() -> None:
     assert (request.method, request.target_class, request.heatmap) == ("gradcam", 3, False)
     assert (request.top_k, request.overlay, request.embedding) == (2, True, False)
     assert request_from_fields("m", {"body": b"x", "heatmap": "0"}, force_heatmap=True).heatmap
+    assert request_from_fields("m", {"data": b"x", "target_class": 7.0}).target_class == 7
 
 
 @pytest.mark.parametrize(
@@ -334,6 +335,8 @@ def test_fields_map_to_request_from_bytes_text_and_json_values() -> None:
         ({"data": b"x", "heatmap": "perhaps"}, "heatmap"),
         ({"data": b"x", "resolution": "huge"}, "resolution"),
         ({"data": b"x", "image": b"y"}, "several fields"),
+        ({"data": b"x", "target_class": 7.5}, "got '7.5'"),
+        ({"data": b"x", "target_class": "9" * 5_000}, "got '" + "9" * 40 + "'$"),
     ],
 )
 def test_bad_fields_name_what_is_wrong(fields: dict, message: str) -> None:
@@ -675,3 +678,220 @@ def test_torchserve_grpc_predictions_match_the_library(server: Server, tmp_path:
     # body is the handler's error JSON (over REST the same row is a 400)
     bad = json.loads(report["bad"]["details"])
     assert bad["code"] == "INVALID_ARGUMENT" and bad["message"].startswith("image 0"), report
+
+
+# -- issue 16, items 1-8 over TorchServe's REST API, in the worker process --------------------
+# The same abuse as tests/test_abuse.py (fam.v1, OIP), sent to the real server. The peak RSS is
+# the worker's: its pid from the management API, ``VmHWM`` reset through
+# ``/proc/PID/clear_refs`` before each request and read after. Each request waits out the
+# archive's ``maxBatchDelay`` (200 ms here), so the cases are few and bounded.
+
+MiB = 1 << 20
+ABUSED = "default-classifier"
+ABUSE_PEAK_BOUND = 32 * MiB
+"""How far the worker's peak RSS may rise above its RSS for a refused request."""
+
+
+def worker_pid(server: Server, name: str = ABUSED) -> int:
+    status, raw, _ = http("GET", f"{server.management}/models/{name}")
+    assert status == 200, raw
+    (worker,) = json.loads(raw)[0]["workers"]
+    return int(worker["pid"])
+
+
+def _proc_bytes(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+class WorkerPeak:
+    growth = 0
+
+
+@contextlib.contextmanager
+def worker_peak_growth(server: Server, name: str = ABUSED):
+    """``growth``: how far the worker's peak RSS rose above its RSS at entry, in bytes; the
+    same worker (same pid) must still serve ``name`` afterwards (it neither died nor restarted).
+    """
+    pid = worker_pid(server, name)
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+    except OSError as error:
+        pytest.skip(f"cannot reset the worker's peak RSS ({error})")
+    start = _proc_bytes(pid, "VmRSS")
+    peak = WorkerPeak()
+    yield peak
+    peak.growth = _proc_bytes(pid, "VmHWM") - start
+    assert worker_pid(server, name) == pid, "the worker was replaced"
+
+
+def assert_next_good_request_succeeds(server: Server, name: str = ABUSED) -> None:
+    status, raw, _ = http("POST", f"{server.inference}/predictions/{name}", png_bytes(40))
+    assert status == 200, raw
+    assert json.loads(raw)["results"][0]["heatmap"]["shape"] == [84, 84]
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def grey8() -> np.ndarray:
+    """An 8-bit grey picture with structure (a gradient and a square)."""
+    values = np.add.outer(np.arange(96), np.arange(120)).astype(np.uint8)
+    values[30:60, 40:80] = 250
+    return values
+
+
+def _abuse_rows() -> list[tuple[str, str, bytes, str, int, str]]:
+    """``(id, route, body, content type, status, message)`` for one request each."""
+    from serving_helpers import png_header_only
+
+    empty_images = json.dumps({"data": [""] * 100_000}).encode()
+    instances = json.dumps({"instances": [""] * 100_000}).encode()
+    tall = encoded(Image.new("RGB", (1, 10_000), (40, 120, 200)))
+    large = base64.b64encode(encoded(Image.new("RGB", (4_000, 4_000), (40, 120, 200)))).decode()
+    picture = Image.fromarray(grey8())
+    return [
+        # 1. shape bombs: the JSON list's length is checked before any element is decoded
+        ("json-100000-images", "predictions", empty_images, "application/json", 413,
+         "100000 images, more than the limit of 64"),
+        ("kserve-v1-100000-instances", "v1-predict", instances, "application/json", 413,
+         "100000 images, more than the limit of 64"),
+        # 2. decode amplification: refused from the PNG header, or from the request's total
+        ("1x10000", "predictions", tall, "image/png", 400, "aspect ratio over the limit of 32"),
+        ("17000x1000", "predictions", png_header_only(17_000, 1_000), "image/png", 400,
+         "a side over the limit of 16384"),
+        ("25-megapixel", "explanations", png_header_only(5_000, 5_000), "image/png", 400,
+         "more than the limit of 16000000"),
+        ("9x16-megapixel", "predictions", json.dumps({"data": [large] * 9}).encode(),
+         "application/json", 413, "more than the limit of 536870912 bytes per request"),
+        # 7. formats outside the allow-list: their parsers never run
+        ("bmp", "predictions", encoded(picture, "BMP"), "application/octet-stream", 415,
+         "BMP images are not accepted; this server accepts PNG/JPEG/WEBP"),
+        ("gif", "v1-explain", json.dumps({"instances": [{"b64": base64.b64encode(
+            encoded(picture, "GIF")).decode()}]}).encode(), "application/json", 415,
+         "GIF images are not accepted"),
+    ]  # fmt: skip
+
+
+ROUTES = {
+    "predictions": "/predictions/{name}",
+    "explanations": "/explanations/{name}",
+    "v1-predict": "/v1/models/{name}:predict",
+    "v1-explain": "/v1/models/{name}:explain",
+}
+
+
+@pytest.fixture(scope="module")
+def abuse_rows() -> dict[str, tuple[str, bytes, str, int, str]]:
+    return {row[0]: row[1:] for row in _abuse_rows()}
+
+
+@pytest.mark.parametrize("case", [row[0] for row in _abuse_rows()])
+def test_abuse_is_refused_within_a_peak_rss_bound_in_the_worker(
+    server: Server, abuse_rows: dict, case: str
+) -> None:
+    route, body, content_type, status, message = abuse_rows[case]
+    url = server.inference + ROUTES[route].format(name=ABUSED)
+    with worker_peak_growth(server) as peak:
+        got, raw, _ = http("POST", url, body, {"Content-Type": content_type})
+    assert got == status, raw[:500]
+    reply = json.loads(raw)
+    assert message in reply["message"], reply
+    assert len(raw) < 2_000
+    print(f"\nworker peak RSS, {case}: +{peak.growth / MiB:.1f} MiB, {got}")  # README figures
+    assert peak.growth < ABUSE_PEAK_BOUND, peak.growth / MiB
+    assert_next_good_request_succeeds(server)
+
+
+def test_16_bit_png_gets_the_answer_of_its_8_bit_png_over_rest(server: Server) -> None:
+    """6. A 16-bit grey PNG is decoded as its 8-bit equivalent (before: all white)."""
+    grey = grey8()
+    url = f"{server.inference}/predictions/{ABUSED}"
+    answers = []
+    for image in (Image.fromarray(grey), Image.fromarray(grey.astype(np.uint16) * 257)):
+        status, raw, _ = http("POST", url, encoded(image))
+        assert status == 200, raw
+        answers.append(json.loads(raw)["results"][0])
+    eight, sixteen = answers
+    assert eight["prediction"]["label"] == sixteen["prediction"]["label"]
+    np.testing.assert_allclose(eight["scores"], sixteen["scores"], atol=1e-6)
+    assert eight["heatmap"]["data"] == sixteen["heatmap"]["data"]
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("two", "field 'target_class' must be an integer, got 'two'"),
+        (float("nan"), "field 'target_class' must be an integer, got 'nan'"),
+        (1.5, "field 'target_class' must be an integer, got '1.5'"),
+        (True, "field 'target_class' must be an integer, got True"),
+        (48, "target_class must be in [0, 48), got 48"),
+        ("-1", "target_class must be in [0, 48), got -1"),
+        ("9" * 5_000, "field 'target_class' must be an integer, got '999"),
+    ],
+    ids=["text", "nan", "1.5", "bool", "48", "-1", "5000-digits"],
+)
+def test_bad_target_class_is_400_over_rest(server: Server, target: object, message: str) -> None:
+    """8. JSON body (NaN as Python's json writes it; TorchServe's worker reads it back)."""
+    payload = {"data": base64.b64encode(png_bytes(41)).decode(), "target_class": target}
+    status, reply, _ = post_json(f"{server.inference}/predictions/{ABUSED}", payload)
+    assert status == 400, reply
+    assert reply["code"] == "INVALID_ARGUMENT" and message in reply["message"], reply
+    assert len(reply["message"]) < 1_100, len(reply["message"])
+    assert_next_good_request_succeeds(server)
+
+
+def test_target_class_as_header_text_or_integral_json_number(server: Server) -> None:
+    url = f"{server.inference}/predictions/{ABUSED}"
+    png = png_bytes(42)
+    status, raw, _ = http(
+        "POST", url, png, {"Content-Type": "image/png", "X-Fam-Target-Class": "x"}
+    )
+    assert status == 400 and "got 'x'" in raw.decode(), raw
+    heatmaps = set()
+    for target in ("7", 7, 7.0):
+        payload = {"data": base64.b64encode(png).decode(), "target_class": target}
+        status, reply, _ = post_json(url, payload)
+        assert status == 200, reply
+        heatmaps.add(reply["results"][0]["heatmap"]["data"])
+    assert len(heatmaps) == 1  # the same class explained each time
+    expected = direct_heatmap(ABUSED, "cam", png, 7)
+    assert torch.allclose(decode_heatmap(reply["results"][0]["heatmap"]), expected, atol=1e-3)
+
+
+def test_unknown_model_names_are_torchserves_404(server: Server) -> None:
+    """3. TorchServe answers unknown names in its front end; the worker never sees them, and
+    TorchServe's metrics gain no series for them."""
+    with worker_peak_growth(server) as peak:
+        for name in ("made-up-model", "x" * 4_000, "../default-classifier"):
+            status, raw, _ = http("POST", f"{server.inference}/predictions/{name}", png_bytes(43))
+            assert status == 404, raw[:300]
+            assert len(raw) < 6_000
+    assert peak.growth < 4 * MiB, peak.growth / MiB
+    status, raw, _ = http("GET", f"{server.metrics}/metrics")
+    assert status == 200 and "made-up-model" not in raw.decode()
+    assert_next_good_request_succeeds(server)
+
+
+def test_an_image_at_the_pixel_limit_costs_the_worker_one_decode(server: Server) -> None:
+    """The worst accepted image: 4,000 x 4,000 (``max_pixels``), decoded at a reduced scale."""
+    big = encoded(Image.new("RGB", (4_000, 4_000), (40, 120, 200)))
+    url = f"{server.inference}/predictions/{ABUSED}"
+    with worker_peak_growth(server) as peak:
+        status, raw, _ = http("POST", url, big)
+    assert status == 200, raw[:500]
+    print(f"\nworker peak RSS, 16-megapixel PNG answered: +{peak.growth / MiB:.1f} MiB")
+    assert peak.growth < 160 * MiB, peak.growth / MiB
+    small = encoded(Image.new("RGB", (84, 84), (40, 120, 200)))  # the same colour, same answer
+    status, raw_small, _ = http("POST", url, small)
+    assert status == 200
+    np.testing.assert_allclose(
+        json.loads(raw)["results"][0]["scores"],
+        json.loads(raw_small)["results"][0]["scores"],
+        atol=1e-4,
+    )

@@ -232,15 +232,19 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _integer(value: Any, name: str) -> int:
+    """An int, an integral float (JSON ``7.0``, as the OIP takes an integral double) or decimal
+    text; the message quotes at most 40 characters of anything else."""
     if isinstance(value, bool):
         raise InvalidArgument(f"field {name!r} must be an integer, got {value!r}")
     if isinstance(value, int):
         return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     text = _text(value, name) if not isinstance(value, float) else repr(value)
     try:
         return int(text)
-    except ValueError:
-        raise InvalidArgument(f"field {name!r} must be an integer, got {text!r}") from None
+    except ValueError:  # also text of more than 4,300 digits
+        raise InvalidArgument(f"field {name!r} must be an integer, got {text[:40]!r}") from None
 
 
 def _resolution(value: Any) -> str:
