@@ -56,10 +56,30 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str,
     if not isinstance(layer, str):
         raise TypeError(f"target_layer must be a layer name or an nn.Module, got {type(layer)}")
     if layer not in modules or layer == "":
-        close = difflib.get_close_matches(layer, [n for n in modules if n], n=3)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = (
+            f"; did you mean {', '.join(repr(c) for c in close)}?"
+            if (close := close_layers(model, layer))
+            else ""
+        )
         raise ValueError(f"unknown target layer {layer!r}{hint}")
     return layer, modules[layer]
+
+
+def close_layers(model: nn.Module, layer: str, n: int = 3) -> list[str]:
+    """Layer names of ``model`` close to ``layer`` (difflib): among every module name, else,
+    more loosely, among the top-level children (``layer4`` finds ``block4``).
+
+    Example:
+        >>> from fam_core.models.backbones import conv4
+        >>> close_layers(conv4(width=0.25), "layer4")
+        ['block4']
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    close = difflib.get_close_matches(layer, names, n=n)
+    if close:
+        return close
+    children = [name for name, _ in model.named_children()]
+    return difflib.get_close_matches(layer, children, n=n, cutoff=0.3)
 
 
 def _last_child_before_pool(model: nn.Module) -> str:

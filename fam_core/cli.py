@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import NoReturn
 
 EXIT_USAGE = 2
+DEMO_MODEL_NOTE = (
+    "{model} is a demo model trained on 84x84 synthetic flowers (the embedded benchmark): "
+    "on other images its labels and maps show how fam works, not what is in them"
+)
+LAYER_ERROR = "unknown target layer"
 # Feature modules that add a subcommand: each defines ``add_command(commands)``, which adds a
 # parser whose ``run`` default takes the parsed arguments and returns the exit code.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -29,8 +34,10 @@ class _Parser(argparse.ArgumentParser):
 def _explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from fam_core.explainers.registry import check_runnable
     from fam_core.imageio import read_image
     from fam_core.pipeline import (
+        DEFAULT_MODELS,
         EncodedImage,
         ExplainRequest,
         ModelRegistry,
@@ -38,9 +45,13 @@ def _explain(args: argparse.Namespace) -> int:
         ServedModel,
         heatmap_from_bytes,
     )
-    from fam_core.render import overlay_figure, save_png
+    from fam_core.render import explanation_title, overlay_figure, save_png, score_names
+    from fam_core.resizing import map_to_original
 
+    if args.method is not None:
+        check_runnable(args.method)
     served = ServedModel.load(args.model, target_layer=args.layer)
+    config = served.config
     pipeline = Pipeline(ModelRegistry([served]), batching=None)
     references = tuple(EncodedImage(_read_bytes(p)) for p in args.reference or ())
     out = Path(args.out)
@@ -48,7 +59,13 @@ def _explain(args: argparse.Namespace) -> int:
     progress = tqdm(
         args.images, desc="explaining", unit="image", disable=len(args.images) < 8, file=sys.stderr
     )
-    for path in progress:
+    first, second = score_names(config.task, config.similarity)
+    for index, path in enumerate(progress):
+        original = read_image(path)  # one-line errors that name the file
+        if index == 0:  # after the first image read: an error stays the only line
+            if served.name in DEFAULT_MODELS:
+                print(f"fam: note: {DEMO_MODEL_NOTE.format(model=served.name)}", file=sys.stderr)
+            print(f"# image\tlabel\t{first}\t{second}\toverlay")
         request = ExplainRequest(
             model=served.name,
             images=(EncodedImage(_read_bytes(path)),),
@@ -57,14 +74,25 @@ def _explain(args: argparse.Namespace) -> int:
         )
         (result,) = pipeline.explain(request).results
         heatmap = heatmap_from_bytes(result.heatmap.data, result.heatmap.shape).float()
-        pixels = served.config.fit(read_image(path))
-        label, score = result.prediction.label, result.explained_score
-        title = f"{Path(path).name}: {label} ({result.heatmap.method}, score {score:.3f})"
-        written = save_png(
-            overlay_figure(pixels, heatmap, title=title),
-            out / f"{Path(path).stem}_{result.heatmap.method}.png",
+        mapped, seen = map_to_original(
+            heatmap, tuple(original.shape[-2:]), config.image_size, config.resize
         )
-        print(f"{path}\t{label}\t{result.prediction.score:.4f}\t{written}")
+        label, method = result.prediction.label, result.heatmap.method
+        score, explained = result.prediction.score, result.explained_score
+        title = explanation_title(
+            Path(path).name,
+            label,
+            method,
+            score,
+            explained,
+            task=config.task,
+            similarity=config.similarity,
+        )
+        written = save_png(
+            overlay_figure(original, mapped, title=title, seen=None if seen.all() else seen),
+            out / f"{Path(path).stem}_{method}.png",
+        )
+        print(f"{path}\t{label}\t{score:.4f}\t{explained:.3f}\t{written}")
     return 0
 
 
@@ -98,10 +126,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fam_core import __version__
+    from fam_core.explainers.registry import available_methods
+
     parser = _Parser(
         prog="fam", description="Feature Activation Maps for embedding models and classifiers."
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"fam-core {__version__}")
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_Parser, title="commands"
+    )
 
     demo = commands.add_parser("demo", help="explain benchmark images with the default models")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
@@ -116,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--model", default="default-embedding", help="model name or config path")
     explain.add_argument("--layer", help="target layer (default: the model's)")
-    explain.add_argument("--method", help="explainer (default: FAM; CAM for classifiers)")
+    explain.add_argument(
+        "--method",
+        metavar="METHOD",
+        help="explainer (default: fam; cam for classifiers), one of: "
+        + ", ".join(available_methods(runnable_only=True)),
+    )
     explain.add_argument(
         "--out", default="out/explain", help="output folder (default: out/explain)"
     )
@@ -135,11 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the ``fam`` command line; return the exit code (2 for every error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # ``fam`` alone: the usage and the commands
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     try:
         return args.run(args)
     except (ValueError, TypeError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if LAYER_ERROR in message and getattr(args, "model", None):
+            message += f" (run `fam inspect {args.model}` to list the layers)"
         print(f"fam: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

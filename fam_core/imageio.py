@@ -31,8 +31,10 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
                     f"the image has {width}x{height} pixels, more than the limit of {max_pixels}"
                 )
             rgb = to_rgb8(image)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as error:
-        raise ValueError(f"cannot decode the image: {error}") from error
+    except UnidentifiedImageError:
+        raise ValueError("cannot identify image file") from None
+    except (OSError, Image.DecompressionBombError, SyntaxError) as error:
+        raise ValueError(f"cannot decode the image: {str(error).splitlines()[0]}") from error
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -76,7 +78,8 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """Read an image file into ``[3, H, W]`` float32 in ``[0, 1]``."""
+    """Read an image file into ``[3, H, W]`` float32 in ``[0, 1]``; errors are one-line
+    ``ValueError`` starting with the path (``photo.txt: cannot identify image file``)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such image file: {path}")

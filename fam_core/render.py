@@ -37,17 +37,20 @@ from torch import Tensor
 
 __all__ = [
     "colorize",
+    "explanation_title",
     "grid",
     "image_grid",
     "overlay",
     "overlay_figure",
     "save_png",
+    "score_names",
     "to_png_bytes",
 ]
 
 _LUT_SIZE = 256
 _RANGE_TOL = 1e-3  # slack on the image range for de-normalisation round-off
 _CELL_INCHES = 2.0  # height of one image panel in figures
+_MAX_CELL_INCHES = 6.0  # the tallest panel of overlay_figure (at the image's own resolution)
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -186,7 +189,14 @@ def colorize(heatmap: Tensor, cmap: str = "jet") -> Tensor:
     return _apply_lut(heatmap, _check_cmap(cmap))
 
 
-def overlay(image: Tensor, heatmap: Tensor, *, alpha: float = 0.5, cmap: str = "jet") -> Tensor:
+def overlay(
+    image: Tensor,
+    heatmap: Tensor,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    seen: Tensor | None = None,
+) -> Tensor:
     """Blend a coloured heatmap over an image: ``(1 - alpha) * image + alpha * colour(heatmap)``.
 
     A heatmap at another resolution than the image is resized bilinearly to the image size. An
@@ -198,6 +208,9 @@ def overlay(image: Tensor, heatmap: Tensor, *, alpha: float = 0.5, cmap: str = "
         heatmap: float tensor ``[h, w]`` or ``[B, h, w]`` with values in [0, 1].
         alpha: weight of the heatmap colour, in [0, 1].
         cmap: matplotlib colormap name.
+        seen: optional bool mask ``[H, W]`` at the image's size: where it is ``False`` (pixels
+            the model never saw, e.g. outside its centre crop) the image is shown dimmed,
+            without heatmap colour.
 
     Returns:
         uint8 tensor ``[H, W, 3]``, or ``[B, H, W, 3]`` when either input is batched.
@@ -220,7 +233,16 @@ def overlay(image: Tensor, heatmap: Tensor, *, alpha: float = 0.5, cmap: str = "
     heatmaps = _resize(heatmaps.to(images.device), tuple(images.shape[-2:]))
     pixels = images.permute(0, 2, 3, 1) * 255.0  # [B, H, W, 3] in [0, 255]
     colour = _apply_lut(heatmaps, cmap).float()
-    out = ((1.0 - alpha) * pixels + alpha * colour).round().clamp(0, 255).to(torch.uint8)
+    blended = (1.0 - alpha) * pixels + alpha * colour
+    if seen is not None:
+        if tuple(seen.shape) != tuple(images.shape[-2:]):
+            raise ValueError(
+                f"seen must be [H, W] at the image size {tuple(images.shape[-2:])}, "
+                f"got shape {tuple(seen.shape)}"
+            )
+        mask = seen.to(device=images.device, dtype=torch.bool)[None, :, :, None]
+        blended = torch.where(mask, blended, pixels * 0.5)
+    out = blended.round().clamp(0, 255).to(torch.uint8)
     return out if batched else out[0]
 
 
@@ -258,6 +280,49 @@ def save_png(rgb: Tensor | np.ndarray, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- scores and titles
+
+
+def score_names(task: str, similarity: str = "cosine") -> tuple[str, str]:
+    """The names of the two scores every front door shows for one explained image, in order:
+    the prediction's score and the explained score (what the heatmap explains).
+
+    Classifiers: the softmax ``probability`` of the predicted class and the class's ``logit``;
+    embedding models: the ``cosine similarity`` to the matched prototype or reference and the
+    similarity the explainer scores (the model config's ``similarity``).
+
+    Example:
+        >>> score_names("classifier")
+        ('probability', 'explained score (logit)')
+        >>> score_names("embedding", "dot")
+        ('cosine similarity', 'explained score (dot)')
+    """
+    if task == "classifier":
+        return "probability", "explained score (logit)"
+    return "cosine similarity", f"explained score ({similarity})"
+
+
+def explanation_title(
+    name: str,
+    label: str,
+    method: str,
+    score: float,
+    explained_score: float,
+    *,
+    task: str,
+    similarity: str = "cosine",
+) -> str:
+    """The two-line title of an overlay figure, with both scores named by :func:`score_names`.
+
+    Example:
+        >>> print(explanation_title("x.png", "rose", "cam", 0.8875, 12.3161, task="classifier"))
+        x.png: rose (cam)
+        probability 0.8875, explained score (logit) 12.316
+    """
+    first, second = score_names(task, similarity)
+    return f"{name}: {label} ({method})\n{first} {score:.4f}, {second} {explained_score:.3f}"
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -282,13 +347,15 @@ def _panel_figure(
     cmap: str,
     colorbar: bool,
     dpi: int,
+    cell_inches: float = _CELL_INCHES,
 ) -> Tensor:
-    """Lay out equally sized RGB panels in a grid, with an optional colour bar on the right."""
+    """Lay out equally sized RGB panels in a grid, with an optional colour bar on the right;
+    each panel is ``cell_inches`` tall."""
     nrows, ncols = len(rows), len(rows[0])
     height, width = rows[0][0].shape[:2]
-    cell_w = _CELL_INCHES * min(max(width / height, 0.25), 4.0)
+    cell_w = cell_inches * min(max(width / height, 0.25), 4.0)
     fig_w = ncols * cell_w + (0.9 if colorbar else 0.0) + (0.3 if row_labels else 0.0) + 0.2
-    fig_h = nrows * _CELL_INCHES + 0.4 + (0.4 if title else 0.0)
+    fig_h = nrows * cell_inches + 0.4 + (0.4 if title else 0.0)
     fig = Figure(figsize=(fig_w, fig_h), dpi=dpi, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for r, row in enumerate(rows):
@@ -320,14 +387,19 @@ def overlay_figure(
     cmap: str = "jet",
     colorbar: bool = True,
     dpi: int = 100,
+    seen: Tensor | None = None,
 ) -> Tensor:
-    """Render a small figure: the image, its heatmap overlay and a "relevance" colour bar (0..1).
+    """Render a figure: the image, its heatmap overlay and a "relevance" colour bar (0..1).
+
+    Panels are drawn near the image's own resolution: ``H / dpi`` inches tall, at least
+    2 and at most 6 inches (a small image is scaled up, a photograph down to 600 pixels at
+    the default dpi).
 
     Args:
         image: float tensor ``[3, H, W]`` with values in [0, 1].
         heatmap: float tensor ``[h, w]`` with values in [0, 1] (resized to the image if needed).
         title: optional figure title.
-        alpha, cmap: as in :func:`overlay`.
+        alpha, cmap, seen: as in :func:`overlay`.
         colorbar: draw the colour bar.
         dpi: resolution of the rendered figure.
 
@@ -347,7 +419,7 @@ def overlay_figure(
             "overlay_figure takes one image [3, H, W] and one heatmap [H, W], got shapes "
             f"{tuple(image.shape)} and {tuple(heatmap.shape)}; use grid() for batches"
         )
-    blended = overlay(image, heatmap, alpha=alpha, cmap=cmap)
+    blended = overlay(image, heatmap, alpha=alpha, cmap=cmap, seen=seen)
     rows = [[_to_numpy(image.permute(1, 2, 0)), _to_numpy(blended)]]
     return _panel_figure(
         rows,
@@ -357,6 +429,7 @@ def overlay_figure(
         cmap=cmap,
         colorbar=colorbar,
         dpi=dpi,
+        cell_inches=min(max(image.shape[-2] / dpi, _CELL_INCHES), _MAX_CELL_INCHES),
     )
 
 

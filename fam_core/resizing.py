@@ -79,27 +79,86 @@ def fit_image(
     if batch.dim() != 4:
         raise ValueError(f"images must be [C, H, W] or [B, C, H, W], got {tuple(image.shape)}")
     h, w = batch.shape[-2:]
-    if policy == "resize":
-        out = _resample(batch, height, width)
-    elif policy == "crop":
-        scale = max(height / h, width / w)
-        new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-        out = _resample(batch, new_h, new_w)
-        top, left = (new_h - height) // 2, (new_w - width) // 2
+    new_h, new_w, top, left = fit_geometry((int(h), int(w)), (height, width), policy)
+    out = _resample(batch, new_h, new_w)
+    if policy == "crop":
         out = out[..., top : top + height, left : left + width]
-    else:
-        scale = min(height / h, width / w)
-        new_h = min(height, max(1, round(h * scale)))
-        new_w = min(width, max(1, round(w * scale)))
-        inner = _resample(batch, new_h, new_w)
+    elif policy == "letterbox":
         if len(fill) not in (1, batch.shape[1]):
             raise ValueError(f"fill needs 1 or {batch.shape[1]} values, got {len(fill)}")
         colour = torch.tensor(fill, dtype=batch.dtype, device=batch.device).view(1, -1, 1, 1)
-        out = colour.expand(batch.shape[0], batch.shape[1], height, width).clone()
-        top, left = (height - new_h) // 2, (width - new_w) // 2
-        out[..., top : top + new_h, left : left + new_w] = inner
+        padded = colour.expand(batch.shape[0], batch.shape[1], height, width).clone()
+        padded[..., top : top + new_h, left : left + new_w] = out
+        out = padded
     out = out.clamp(0, 1)
     return out if image.dim() == 4 else out[0]
+
+
+def fit_geometry(
+    original: tuple[int, int], size: int | Sequence[int], policy: ResizePolicy = DEFAULT_POLICY
+) -> tuple[int, int, int, int]:
+    """``(new_h, new_w, top, left)`` of :func:`fit_image` for an ``original`` ``(h, w)`` image.
+
+    The image is resampled to ``new_h x new_w``; ``"crop"`` then keeps the ``H x W`` window
+    at ``(top, left)`` of it, ``"letterbox"`` pastes it at ``(top, left)`` of the ``H x W``
+    input, ``"resize"`` is the whole input (``top = left = 0``).
+
+    Example:
+        >>> fit_geometry((60, 120), 30, "crop"), fit_geometry((60, 120), 30, "letterbox")
+        ((30, 60, 0, 15), (15, 30, 7, 0))
+    """
+    height, width = as_size(size)
+    h, w = original
+    policy = check_policy(policy)
+    if policy == "resize":
+        return height, width, 0, 0
+    if policy == "crop":
+        scale = max(height / h, width / w)
+        new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+        return new_h, new_w, (new_h - height) // 2, (new_w - width) // 2
+    scale = min(height / h, width / w)
+    new_h = min(height, max(1, round(h * scale)))
+    new_w = min(width, max(1, round(w * scale)))
+    return new_h, new_w, (height - new_h) // 2, (width - new_w) // 2
+
+
+def map_to_original(
+    heatmap: torch.Tensor,
+    original: tuple[int, int],
+    size: int | Sequence[int],
+    policy: ResizePolicy = DEFAULT_POLICY,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A heatmap ``[h, w]`` over the model input (``size``, any resolution) mapped back onto
+    the pixels of the ``original`` ``(H0, W0)`` image that :func:`fit_image` fitted.
+
+    Returns ``(map [H0, W0], seen [H0, W0] bool)``: ``seen`` is ``False`` where the model never
+    saw the pixels (outside a centre crop), and the map is 0 there; letterbox padding is cut off.
+
+    Example:
+        >>> hot = torch.zeros(4, 4); hot[:, 3] = 1.0  # the right edge of the input is relevant
+        >>> mapped, seen = map_to_original(hot, (4, 8), 4, "crop")
+        >>> seen[0].tolist()
+        [False, False, True, True, True, True, False, False]
+        >>> int(mapped[0].argmax())
+        5
+    """
+    if heatmap.dim() != 2:
+        raise ValueError(f"heatmap must be [h, w], got shape {tuple(heatmap.shape)}")
+    height, width = as_size(size)
+    new_h, new_w, top, left = fit_geometry(original, (height, width), policy)
+    full = _resample(heatmap.float()[None, None], height, width)[0, 0]
+    if policy == "letterbox":
+        full = full[top : top + new_h, left : left + new_w]
+    seen = torch.ones(new_h, new_w, dtype=torch.bool, device=full.device)
+    if policy == "crop":
+        canvas = full.new_zeros(new_h, new_w)
+        canvas[top : top + height, left : left + width] = full
+        full = canvas
+        seen = torch.zeros_like(seen)
+        seen[top : top + height, left : left + width] = True
+    mapped = _resample(full[None, None], *original)[0, 0]
+    seen_mask = F.interpolate(seen[None, None].float(), size=original, mode="nearest")[0, 0]
+    return mapped.clamp(0.0, 1.0), seen_mask > 0.5
 
 
 def _resample(batch: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -250,3 +250,26 @@ def test_image_grid_places_tiles_row_by_row_and_blanks_none():
         image_grid([red, blue], 1, 2, titles=["a"])
     with pytest.raises(ValueError, match=r"tiles\[0\] values must lie in \[0, 1\]"):
         image_grid([red * 2.0], 1, 1)
+
+
+# --------------------------------------------------------------------------- unseen pixels, sizes
+
+
+def test_overlay_dims_pixels_the_model_never_saw() -> None:
+    image = torch.full((3, 2, 4), 1.0)
+    seen = torch.tensor([[False, True, True, False]] * 2)
+    out = overlay(image, torch.zeros(2, 4), alpha=0.5, cmap="gray", seen=seen)
+    assert out[:, 1:3].eq(128).all()  # seen: blended with gray(0)
+    assert out[:, [0, 3]].eq(128).all()  # unseen: the image at half brightness, no colour
+    out = overlay(image, torch.ones(2, 4), alpha=0.5, cmap="gray", seen=seen)
+    assert out[:, 1:3].eq(255).all() and out[:, [0, 3]].eq(128).all()
+    with pytest.raises(ValueError, match="seen must be"):
+        overlay(image, torch.ones(2, 4), seen=torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_overlay_figure_grows_with_the_image_up_to_a_limit() -> None:
+    small = overlay_figure(_image(84, 84), _heatmap(8, 8))
+    photo = overlay_figure(_image(400, 300), _heatmap(8, 8))
+    huge = overlay_figure(_image(2000, 1500), _heatmap(8, 8))
+    assert small.shape[0] < photo.shape[0] <= huge.shape[0]
+    assert photo.shape[0] >= 400 and huge.shape[0] < 800  # own resolution, capped at 6 in

@@ -8,7 +8,7 @@ import torch
 from fam_core.imageio import resize
 from fam_core.models.store import ModelConfig
 from fam_core.pipeline.preprocess import preprocess
-from fam_core.resizing import as_size, fit_image
+from fam_core.resizing import RESIZE_POLICIES, as_size, fit_image, map_to_original
 
 # [1, 2, 4]: two rows of four columns, values k / 8 (exact in float32)
 WIDE = torch.arange(8.0).view(1, 2, 4) / 8
@@ -68,3 +68,36 @@ def test_sizes_and_policies_are_checked() -> None:
             as_size(bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="resize policy must be one of"):
         fit_image(WIDE, 2, "squash")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("policy", RESIZE_POLICIES)
+@pytest.mark.parametrize(("height", "width", "spot"), [(40, 100, (12, 60)), (90, 50, (50, 18))])
+def test_a_map_goes_back_onto_the_original_pixels(height, width, spot, policy) -> None:
+    # a bright spot in a non-square original; the "heatmap" is the fitted image's brightness,
+    # so mapped back it must peak on the spot, at the original's own resolution
+    original = torch.zeros(3, height, width)
+    y, x = spot
+    original[:, y - 3 : y + 4, x - 3 : x + 4] = 1.0
+    heatmap = fit_image(original, (32, 32), policy)[0]
+    mapped, seen = map_to_original(heatmap, (height, width), (32, 32), policy)
+    assert mapped.shape == seen.shape == (height, width)
+    peak_y, peak_x = divmod(int(mapped.argmax()), width)
+    assert abs(peak_y - y) <= 2 and abs(peak_x - x) <= 2
+    if policy == "crop":  # the centre square only: the long side's ends were never seen
+        long_side = max(height, width)
+        seen_line = seen[height // 2] if width > height else seen[:, width // 2]
+        assert not seen_line[0] and not seen_line[-1]
+        assert int(seen_line.sum()) == pytest.approx(min(height, width), abs=2)
+        assert int(seen_line.sum()) < long_side
+        assert float(mapped[~seen].abs().max()) == 0.0
+    else:
+        assert bool(seen.all())
+
+
+def test_a_letterboxed_map_loses_its_padding() -> None:
+    # a wide original letterboxed into a square: the padding rows carry a hot value that must
+    # not reach the original (they are cut off before mapping back)
+    heatmap = torch.zeros(32, 32)
+    heatmap[:8] = 1.0  # (32 - 13) // 2 = 9 rows of padding on top: all above the image
+    mapped, _ = map_to_original(heatmap, (40, 100), (32, 32), "letterbox")
+    assert float(mapped.max()) < 0.05

@@ -10,6 +10,8 @@ from pathlib import Path
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand."""
+    from fam_core.explainers.registry import available_methods
+
     parser = commands.add_parser(
         "eval", help="evaluate every registered explainer on the embedded benchmark"
     )
@@ -33,7 +35,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--methods",
         nargs="+",
         metavar="METHOD",
-        help="methods to run (default: every registered one)",
+        help="methods to run (default: every registered one; those that need fitting are "
+        "fitted on the benchmark's labelled images): " + ", ".join(available_methods()),
     )
     parser.add_argument("--embedding-model", default="default-embedding")
     parser.add_argument("--classifier-model", default="default-classifier")

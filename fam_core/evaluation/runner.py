@@ -132,8 +132,8 @@ def build_explainer(method: str, setting: Setting) -> Explainer:
     """
     cls = get_explainer(method)
     config = setting.loaded.config
-    if issubclass(cls, RelevantFeatures):
-        return fit_relevant_features(setting)
+    if cls.needs_fitting:  # the explainer's own declaration (fam_core.explainers.registry)
+        return fit_explainer(cls, setting)
     parameters = inspect.signature(cls.__init__).parameters
     missing = [
         name
@@ -150,17 +150,41 @@ def build_explainer(method: str, setting: Setting) -> Explainer:
     return cls(setting.loaded.model, **kwargs)
 
 
+def fit_options(method: str) -> dict[str, Any]:
+    """The evaluation's ``fit`` keyword arguments for a method that needs fitting.
+
+    Example:
+        >>> fit_options("relevant-features")
+        {'mu': 10.0, 'iterations': 2000}
+    """
+    if method == RelevantFeatures.method:
+        return {"mu": RELEVANCE_MU, "iterations": RELEVANCE_ITERATIONS}
+    return {}
+
+
+def fit_explainer(
+    cls: type[Explainer], setting: Setting, options: dict[str, Any] | None = None
+) -> Explainer:
+    """An explainer that declares ``needs_fitting``, built with its defaults and fitted on the
+    setting's labelled fit images; they exist in the classifier setting only, so other
+    settings raise NotApplicable."""
+    if not setting.classifier or setting.fit_images is None or setting.fit_labels is None:
+        raise NotApplicable(
+            f"{cls.method} is fitted on labelled training images (it needs fitting): it "
+            "applies to the classifier setting only"
+        )
+    explainer = cls(setting.loaded.model)  # type: ignore[call-arg]
+    inputs = setting.loaded.config.normalize(setting.fit_images)
+    fit = explainer.fit  # type: ignore[attr-defined]
+    return fit(inputs, setting.fit_labels, **(fit_options(cls.method) | (options or {})))
+
+
 def fit_relevant_features(setting: Setting, mu: float = RELEVANCE_MU) -> RelevantFeatures:
     """RelevantFeatures (Oramas et al.) fitted with the mu-Lasso (eq. 1) on the setting's
     labelled fit images; it explains classes, so embedding settings raise NotApplicable."""
-    if not setting.classifier or setting.fit_images is None or setting.fit_labels is None:
-        raise NotApplicable(
-            "relevant-features selects class-relevant features with the mu-Lasso on labelled "
-            "training images (Oramas et al. eq. 1): it applies to the classifier setting only"
-        )
-    explainer = RelevantFeatures(setting.loaded.model)
-    inputs = setting.loaded.config.normalize(setting.fit_images)
-    return explainer.fit(inputs, setting.fit_labels, mu=mu, iterations=RELEVANCE_ITERATIONS)
+    fitted = fit_explainer(RelevantFeatures, setting, {"mu": mu})
+    assert isinstance(fitted, RelevantFeatures)
+    return fitted
 
 
 def relevance_metrics(

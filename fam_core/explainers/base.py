@@ -113,7 +113,10 @@ class Explainer(ABC):
     """Base of every explainer: validation, the hooked forward pass, targets and scores.
 
     Subclasses set ``method`` (the registered name), ``needs_gradients`` when they take
-    ``d score / d activations`` through :meth:`gradients`, and implement :meth:`__call__`.
+    ``d score / d activations`` through :meth:`gradients`, ``needs_fitting`` when they must
+    be fitted on labelled images (a ``fit(images, labels, **options)`` method) before they
+    explain, and implement :meth:`__call__`. Front doors read ``needs_fitting`` through
+    :func:`fam_core.explainers.registry.available_methods` and offer only runnable methods.
 
     Args:
         model: a ``torch.nn.Module`` returning embeddings ``[B, D]`` (or a feature map,
@@ -161,6 +164,7 @@ class Explainer(ABC):
 
     method: ClassVar[str]
     needs_gradients: ClassVar[bool] = False
+    needs_fitting: ClassVar[bool] = False
 
     def __init__(
         self,

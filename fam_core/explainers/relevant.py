@@ -148,6 +148,7 @@ class RelevantFeatures(Explainer):
     """
 
     method = "relevant-features"
+    needs_fitting = True  # the mu-Lasso of eq. 1 on labelled images comes first
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -102,6 +103,9 @@ class Header:
     @property
     def decoded_bytes(self) -> int:
         return self.width * self.height * DECODED_BYTES_PER_PIXEL
+
+
+_BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def open_header(data: bytes, limits: Limits, where: str = "image 0") -> Header:
@@ -303,5 +307,6 @@ def _names(limits: Limits) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
+    """The error's first line, without the ``<_io.BytesIO object at 0x...>`` PIL names."""
+    text = _BUFFER_REPR.sub("", str(error)).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__

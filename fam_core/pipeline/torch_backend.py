@@ -24,9 +24,10 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
-from fam_core.explainers import Explainer, available_methods, get_explainer
+from fam_core.explainers import Explainer, available_methods
 from fam_core.explainers.base import ChannelExplainer
 from fam_core.explainers.fam import FAM
+from fam_core.explainers.registry import check_runnable
 from fam_core.models.sources import load_module
 from fam_core.models.store import ModelConfig
 from fam_core.pipeline.backends import (
@@ -94,7 +95,8 @@ class TorchBackend:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return tuple(available_methods())
+        """The registered methods that explain without fitting (``needs_fitting`` is off)."""
+        return tuple(available_methods(runnable_only=True))
 
     @property
     def default_method(self) -> str:
@@ -105,11 +107,12 @@ class TorchBackend:
         return 0
 
     def check_method(self, method: str) -> None:
+        """:class:`NotFound` unless ``method`` is registered and runs without fitting."""
         if method not in self.methods:
-            raise NotFound(
-                f"unknown method {method!r} for model {self.config.name!r}; expected one of "
-                f"{list(self.methods)}"
-            )
+            try:
+                check_runnable(method)
+            except ValueError as error:
+                raise NotFound(f"model {self.config.name!r}: {error}") from None
         self.explainer(method)
 
     def explainer(self, method: str) -> Explainer:
@@ -117,7 +120,7 @@ class TorchBackend:
         with self._lock:
             if method not in self._explainers:
                 try:
-                    cls = get_explainer(method)
+                    cls = check_runnable(method)
                 except ValueError as error:
                     raise NotFound(str(error)) from None
                 self._explainers[method] = cls(
