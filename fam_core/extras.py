@@ -60,9 +60,9 @@ def require(extra: str, *modules: str) -> ModuleType:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:
-            missing = error.name or name
-            if not (name == missing or name.startswith(f"{missing}.")):
-                raise
+            missing = (error.name or name).split(".")[0]
+            if missing != name.split(".")[0]:
+                raise  # a package that is installed fails on a missing dependency of its own
             raise MissingExtraError(
                 f"{PURPOSES[extra]} needs {missing}, which is not installed: "
                 f"pip install 'fam-core[{extra}]'"
