@@ -73,12 +73,18 @@ def _pip(python: Path, *args: str, cwd: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = tmp_path_factory.mktemp("source")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the checkout's files that the build reads."""
+    folder = tmp_path_factory.mktemp("source")
     for name in SOURCES:
-        shutil.copytree(REPO / name, source / name, ignore=IGNORED)
+        shutil.copytree(REPO / name, folder / name, ignore=IGNORED)
     for name in SOURCE_FILES:
-        shutil.copy2(REPO / name, source / name)
+        shutil.copy2(REPO / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wheel(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     _run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
@@ -172,9 +178,10 @@ def test_wheel_runs_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
     assert not (away / "model-store").exists()
 
 
-def test_editable_install_maps_the_checkout_folders(tmp_path: Path) -> None:
+def test_editable_install_maps_the_checkout_folders(source: Path, tmp_path: Path) -> None:
+    """``pip install -e`` of a checkout (a copy: the install writes its egg-info there)."""
     python = _make_venv(tmp_path / "venv")
-    _pip(python, "--ignore-installed", "--no-build-isolation", "-e", str(REPO), cwd=tmp_path)
+    _pip(python, "--ignore-installed", "--no-build-isolation", "-e", str(source), cwd=tmp_path)
     away = tmp_path / "elsewhere"
     away.mkdir()
     report = _run(
@@ -186,7 +193,7 @@ def test_editable_install_maps_the_checkout_folders(tmp_path: Path) -> None:
         away,
     )  # fmt: skip
     package, graft, store, handler = json.loads(report)
-    assert Path(package) == REPO / "fam_core" / "__init__.py"
-    assert Path(graft) == REPO / "exporters" / "graft.py"
-    assert Path(store) == REPO / "model-store"
-    assert Path(handler) == REPO / "handlers" / "fam_handler.py"
+    assert Path(package) == source / "fam_core" / "__init__.py"
+    assert Path(graft) == source / "exporters" / "graft.py"
+    assert Path(store) == source / "model-store"
+    assert Path(handler) == source / "handlers" / "fam_handler.py"
