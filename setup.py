@@ -17,6 +17,12 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 MAPPED = ["fam_core.exporters", "fam_core.handlers", "fam_core.model_store", "fam_core.proto"]
+# the folders of proto/ are data packages of their own (setuptools warns about unlisted ones)
+PROTO_FOLDERS = [
+    ".".join(("fam_core.proto", *folder.relative_to(ROOT / "proto").parts))
+    for folder in sorted((ROOT / "proto").rglob("*"))
+    if folder.is_dir()
+]
 
 
 def _protos_module():
@@ -42,6 +48,7 @@ setup(
     packages=[
         *find_packages(include=["fam_core", "fam_core.*"], exclude=["fam_core._generated*"]),
         *MAPPED,
+        *PROTO_FOLDERS,
     ],
     cmdclass={"build_py": BuildPyWithStubs},
 )

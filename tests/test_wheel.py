@@ -154,13 +154,15 @@ def test_wheel_runs_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
          "import json, fam_core, fam_core.exporters, fam_core.server.stubs as s; "
          "from fam_core import package_data as d; "
          "print(json.dumps([fam_core.__file__, fam_core.exporters.__file__, s.fam_pb2.__file__, "
-         "str(d.MODEL_STORE), d.IN_CHECKOUT, fam_core.available_models(), fam_core.__version__]))"],
+         "str(d.MODEL_STORE), str(d.HANDLER_FILE), d.IN_CHECKOUT, fam_core.available_models(), "
+         "fam_core.__version__]))"],
         away,
     )  # fmt: skip
-    package, exporters, stubs, store, in_checkout, models, version = json.loads(report)
+    package, exporters, stubs, store, handler, in_checkout, models, version = json.loads(report)
     installed = purelib / "fam_core"
-    for path in (package, exporters, stubs, store):
+    for path in (package, exporters, stubs, store, handler):
         assert Path(path).is_relative_to(installed), f"{path} is not in the installed package"
+    assert Path(handler).is_file()
     assert not in_checkout
     assert {"default-embedding", "default-classifier"} <= set(models)
     assert version.count(".") == 2
