@@ -64,7 +64,7 @@ def onnx_pair(model: nn.Module, batch: int, folder: Path):  # noqa: ANN201
     """``(plain session, grafted session, feeds)`` for a plain export and its grafted FAM."""
     import onnxruntime
 
-    from exporters.graft import graft_onnx
+    from fam_core.exporters.graft import graft_onnx
 
     class Embedding(nn.Module):
         def __init__(self) -> None:
@@ -110,7 +110,7 @@ def exported_pair(model: nn.Module, batch: int, folder: Path):  # noqa: ANN201
     """``(without heatmap, with FAM)`` sessions of ``export_model``'s graphs."""
     import onnxruntime
 
-    from exporters import export_model
+    from fam_core.exporters import export_model
 
     options = session_options()
     sessions = []

@@ -3,7 +3,7 @@
 Example:
     >>> import tempfile
     >>> from fam_core.models.backbones import conv4
-    >>> from exporters import export_model
+    >>> from fam_core.exporters import export_model
     >>> folder = tempfile.TemporaryDirectory()
     >>> path = export_model(
     ...     conv4().eval(), method="fam", path=f"{folder.name}/conv4_fam.onnx", input_size=84
@@ -14,8 +14,12 @@ Example:
     >>> folder.cleanup()
 """
 
-from exporters.export import OPSET, build_graph, export_model
-from exporters.heads import CAMGraph, ExplanationGraph, FAMGraph, GradFAMGraph
+from fam_core.extras import require
+
+require("export", "onnx", "onnxruntime")  # written with onnx, checked with onnxruntime
+
+from fam_core.exporters.export import OPSET, build_graph, export_model  # noqa: E402
+from fam_core.exporters.heads import CAMGraph, ExplanationGraph, FAMGraph, GradFAMGraph  # noqa: E402
 
 __all__ = [
     "OPSET",

@@ -10,7 +10,7 @@ Two ways to the file, chosen from the head the explainer finds
 
 - *linear and identity heads* (global pooling and affine layers, a functional or token mean,
   HF ResNet's pooler, MobileNetV2): the model and the analytic head of
-  :mod:`exporters.heads` (the head's matrix as a constant), traced by PyTorch's TorchScript
+  :mod:`fam_core.exporters.heads` (the head's matrix as a constant), traced by PyTorch's TorchScript
   exporter (``dynamo=False``, opset :data:`OPSET`);
 - *other heads* (ConvNeXt's LayerNorm, a ViT's last block read through its class token, an
   MLP projector), and heads the analytic graph cannot express (GeM pooling for Grad-FAM):
@@ -39,15 +39,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from exporters.analytic import ANALYTIC_POOLING
-from exporters.heads import (
-    CAMGraph,
-    ExplainMode,
-    ExplanationGraph,
-    FAMGraph,
-    GradFAMGraph,
-    sample_images,
-)
 from fam_core import onnx_format as fmt
 from fam_core.adapters import Head, NonlinearHead
 from fam_core.explainers.base import ChannelExplainer, ResolvedTarget, Task
@@ -55,6 +46,15 @@ from fam_core.explainers.cam import CAM, is_average_pooling
 from fam_core.explainers.fam import FAM
 from fam_core.explainers.gradcam import GradCAM
 from fam_core.explainers.gradfam import GradFAM
+from fam_core.exporters.analytic import ANALYTIC_POOLING
+from fam_core.exporters.heads import (
+    CAMGraph,
+    ExplainMode,
+    ExplanationGraph,
+    FAMGraph,
+    GradFAMGraph,
+    sample_images,
+)
 from fam_core.fam_maths import one_hot_references
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from fam_core.outputs import OutputSpec
@@ -168,7 +168,7 @@ def _check_method(method: str, task: str | None, class_input: bool, explain: str
 
 
 def analytic_head(method: str, head: Head) -> bool:
-    """Whether the constant-matrix graphs of :mod:`exporters.heads` express ``method`` on
+    """Whether the constant-matrix graphs of :mod:`fam_core.exporters.heads` express ``method`` on
     ``head``: a linear or identity head, with average or max pooling for the gradient
     methods and average pooling plus a matrix for CAM.
 
@@ -205,7 +205,7 @@ def build_graph(
     explainer: ChannelExplainer | None = None,
 ) -> ExplanationGraph:
     """The constant-matrix ``nn.Module`` that :func:`export_model` traces for linear and
-    identity heads (see :mod:`exporters.heads`), built on the library's explainer.
+    identity heads (see :mod:`fam_core.exporters.heads`), built on the library's explainer.
 
     Example:
         >>> from fam_core.models.backbones import conv4
@@ -804,7 +804,7 @@ def document(
     """Write the metadata props and doc strings of :mod:`fam_core.onnx_format` into ``proto``.
 
     The one writer of the format's metadata: :func:`export_model` and
-    :func:`exporters.graft.graft_onnx` both call it. ``baked_references`` is ``K`` when the
+    :func:`fam_core.exporters.graft.graft_onnx` both call it. ``baked_references`` is ``K`` when the
     references are constants of the graph (``None``: an input); ``similarity``, ``explain``
     and ``baked_references`` apply to ``fam`` / ``gradfam``, ``class_input`` to ``cam`` /
     ``gradcam``.

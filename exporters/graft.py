@@ -3,10 +3,10 @@
 A model exported by someone else (``torch.onnx.export`` with default names, another
 framework) has no hook and no metadata. :func:`graft_onnx` finds, in its dataflow, the
 feature map to explain (the *target tensor*) and the head between it and the output, and
-appends :class:`~exporters.heads.ExplanationHead` (the same maths as ``fam export``: it is
+appends :class:`~fam_core.exporters.heads.ExplanationHead` (the same maths as ``fam export``: it is
 exported from torch on its own and merged with :func:`onnx.compose.merge_models`). The
 result follows :mod:`fam_core.onnx_format` (input ``image``, outputs ``embedding`` /
-``logits``, ``scores``, ``heatmap``...; the same metadata as :func:`exporters.export_model`)
+``logits``, ``scores``, ``heatmap``...; the same metadata as :func:`fam_core.exporters.export_model`)
 so :class:`~fam_core.onnx_runtime.OnnxExplainer` and the servers run it unchanged.
 
 Steps:
@@ -57,9 +57,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from exporters.export import _set_output_shapes, document
-from exporters.heads import ExplainMode, ExplanationHead
 from fam_core import onnx_format as fmt
+from fam_core.exporters.export import _set_output_shapes, document
+from fam_core.exporters.heads import ExplainMode, ExplanationHead
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD
 from fam_core.similarity import SimilarityKind
 

@@ -8,7 +8,7 @@ explanation from them in the same pass with plain tensor operators:
   references (eq. 11) or the best-scoring one, ``C = W C'^T`` (eq. 18), min-max (eq. 12),
   ``sum_n c_n A^n`` (eq. 13), bilinear upsampling and min-max.
 - :class:`GradFAMGraph`: weights are the spatial mean of ``dS/dA`` written analytically
-  (:mod:`exporters.analytic`), ``ReLU(sum_n w_n A^n)``.
+  (:mod:`fam_core.exporters.analytic`), ``ReLU(sum_n w_n A^n)``.
 - :class:`CAMGraph`: CAM (eq. 1: the linear head's row of the class) or Grad-CAM (the spatial
   mean of ``d y_c / dA``, analytic), for the top-1 class or a ``class_index`` input.
 
@@ -16,7 +16,7 @@ The head maths exist once, as the functions :func:`fam_explanation`,
 :func:`gradfam_explanation` and :func:`cam_explanation` of ``(outputs, activations,
 references or classes, matrix)``: the graphs above call them after their forward pass, and
 :class:`ExplanationHead` calls them on activations and outputs that another graph computed
-(:mod:`exporters.graft` exports it alone and grafts it onto a foreign ONNX graph).
+(:mod:`fam_core.exporters.graft` exports it alone and grafts it onto a foreign ONNX graph).
 
 The pieces are fam_core's: :func:`fam_core.similarity.channel_contributions`,
 :func:`fam_core.adapters.find_head` (``Head.matrix``) and
@@ -30,7 +30,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from exporters.analytic import pooling_kind, similarity_gradient
 from fam_core.adapters import Head
 from fam_core.discovery import probe_size
 from fam_core.explainers.base import ChannelExplainer, _unwrap, min_max, upsample
@@ -38,6 +37,7 @@ from fam_core.explainers.cam import CAM
 from fam_core.explainers.fam import FAM
 from fam_core.explainers.gradcam import GradCAM
 from fam_core.explainers.gradfam import GradFAM
+from fam_core.exporters.analytic import pooling_kind, similarity_gradient
 from fam_core.fam_maths import (
     EXPLAIN_MODES,
     ExplainMode,
@@ -77,7 +77,7 @@ class ExplanationGraph(nn.Module):
     (``output=``) and finds the head (:meth:`~fam_core.explainers.base.Explainer.head_for`).
     The graph keeps the head's matrix ``W`` ``[J, N]`` as a constant: it exists for linear and
     identity heads only (other heads are exported by tracing the explainer itself, see
-    :func:`exporters.export.export_model`).
+    :func:`fam_core.exporters.export.export_model`).
 
     Args:
         model: the model in eval mode (ignored when ``explainer`` is given), or an explainer.
@@ -204,7 +204,7 @@ def sample_images(model: nn.Module, size: tuple[int, int], batch: int = 2) -> to
 
 
 # -- The head maths: the traced full-model graphs above and the grafted head
-# (:class:`ExplanationHead`, :mod:`exporters.graft`) call these functions, which are
+# (:class:`ExplanationHead`, :mod:`fam_core.exporters.graft`) call these functions, which are
 # compositions of :mod:`fam_core.fam_maths`, the functions the torch explainers call.
 
 

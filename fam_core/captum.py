@@ -35,11 +35,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-try:
-    from captum.attr import LayerAttribution
-except ImportError as error:  # pragma: no cover - captum is a test / interop dependency
-    raise ImportError("fam_core.captum needs the captum package: pip install captum") from error
-
 from fam_core.explainers.ablationcam import AblationCAM
 from fam_core.explainers.activation import UpsampledActivation
 from fam_core.explainers.base import Explainer, Target, check_model_options
@@ -53,9 +48,12 @@ from fam_core.explainers.layercam import LayerCAM
 from fam_core.explainers.registry import get_explainer
 from fam_core.explainers.scorecam import ScoreCAM
 from fam_core.explainers.xgradcam import XGradCAM
+from fam_core.extras import require
 from fam_core.outputs import OutputSpec, check_output_spec, select_output
 from fam_core.pooling import PoolingKind, global_pool
 from fam_core.similarity import SimilarityKind, similarity
+
+LayerAttribution = require("captum", "captum.attr").LayerAttribution
 
 
 def _per_image_references(references: torch.Tensor, batch: int) -> torch.Tensor:

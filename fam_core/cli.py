@@ -111,9 +111,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from fam_core import training
-    from fam_core.models.store import REPO_MODEL_STORE
+    from fam_core.package_data import OUTPUT_MODEL_STORE
 
-    out = Path(args.out) if args.out else REPO_MODEL_STORE / args.name
+    out = Path(args.out) if args.out else OUTPUT_MODEL_STORE / args.name
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     if args.name == "default-embedding":
         config = training.build_default_embedding(out, training.EmbeddingRecipe(**overrides), print)
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fam`` command line; return the exit code (2 for every error)."""
+    from fam_core.extras import MissingExtraError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # ``fam`` alone: the usage and the commands
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError) as error:
+    except (ValueError, TypeError, OSError, MissingExtraError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if LAYER_ERROR in message and getattr(args, "model", None):
             message += f" (run `fam inspect {args.model}` to list the layers)"

@@ -2,7 +2,7 @@
 
 FAM (Liao et al., section IV), Grad-FAM and the CAM family combine the target layer's maps
 ``A`` ``[B, N, h, w]`` with channel weights. The steps below are written here only:
-:mod:`fam_core.explainers` call them in torch, and :mod:`exporters.heads` calls the same
+:mod:`fam_core.explainers` call them in torch, and :mod:`fam_core.exporters.heads` calls the same
 functions in the graphs it traces into ONNX, so an exported file runs the library's code.
 
 s_k   = s(Z', R_k)                        eq. 14           :func:`fam_embedding_weights`

@@ -1,6 +1,6 @@
 """The contract of an exported explanation graph: tensor names and metadata keys.
 
-:mod:`exporters` writes files that follow it and :mod:`fam_core.onnx_runtime` reads them, so
+:mod:`fam_core.exporters` writes files that follow it and :mod:`fam_core.onnx_runtime` reads them, so
 a server can configure itself from the file alone.
 
 Inputs (``B`` is dynamic):

@@ -1,4 +1,4 @@
-"""Run an exported explanation graph (see :mod:`exporters`) with onnxruntime.
+"""Run an exported explanation graph (see :mod:`fam_core.exporters`) with onnxruntime.
 
 The file configures the runner: method, target layer, preprocessing and the graph's inputs
 come from its metadata props (:mod:`fam_core.onnx_format`). Providers are CUDA then CPU,
@@ -8,7 +8,7 @@ same :class:`~fam_core.explanation.Explanation` the torch explainers return, as 
 
 Example:
     >>> import tempfile
-    >>> from exporters import export_model
+    >>> from fam_core.exporters import export_model
     >>> from fam_core import load_model
     >>> model, config = load_model("default-embedding")
     >>> folder = tempfile.TemporaryDirectory()
@@ -32,6 +32,7 @@ import torch
 
 from fam_core import onnx_format as fmt
 from fam_core.explanation import Explanation
+from fam_core.extras import require
 from fam_core.resizing import DEFAULT_POLICY, ResizePolicy, check_policy, fit_image
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -42,7 +43,7 @@ ArrayLike = torch.Tensor | np.ndarray
 
 def default_providers() -> list[str]:
     """CUDA then CPU, keeping those the installed onnxruntime has."""
-    import onnxruntime
+    onnxruntime = require("onnx", "onnxruntime")
 
     available = set(onnxruntime.get_available_providers())
     return [name for name in PREFERRED_PROVIDERS if name in available]
@@ -52,13 +53,13 @@ class OnnxExplainer:
     """An exported model + explanation head, run by onnxruntime.
 
     Args:
-        path: the ``.onnx`` file written by :func:`exporters.export_model`.
+        path: the ``.onnx`` file written by :func:`fam_core.exporters.export_model`.
         providers: onnxruntime execution providers (default: :func:`default_providers`).
 
     A plain ONNX file that fam-core did not write (no metadata) is grafted in memory at load
-    time when ``graft`` gives the options of :func:`exporters.graft.graft_onnx` (``method``,
+    time when ``graft`` gives the options of :func:`fam_core.exporters.graft.graft_onnx` (``method``,
     ``target_tensor``, ``output_name``, ``input_size``, ...); ``grafted`` says so. A file
-    that :func:`exporters.export_model` wrote runs as it is, and ``graft`` is ignored.
+    that :func:`fam_core.exporters.export_model` wrote runs as it is, and ``graft`` is ignored.
 
     Attributes read from the file: ``method``, ``target_layer``, ``input_size`` ``(H, W)``,
     ``mean``, ``std``, ``class_names``, ``metadata`` (all props), ``input_names``.
@@ -71,12 +72,7 @@ class OnnxExplainer:
         *,
         graft: Mapping[str, Any] | None = None,
     ) -> None:
-        try:
-            import onnxruntime
-        except ImportError as error:  # pragma: no cover - onnxruntime is a dependency
-            raise ImportError(
-                "running exported files needs onnxruntime (or onnxruntime-gpu for CUDA)"
-            ) from error
+        onnxruntime = require("onnx", "onnxruntime")  # or onnxruntime-gpu: the onnx-gpu extra
         path = Path(path)
         if not path.is_file():
             raise OSError(f"no such ONNX file: {path}")
@@ -93,7 +89,7 @@ class OnnxExplainer:
                     "...}} (a config's method / target_tensor) to graft an explanation head "
                     "onto it"
                 )
-            from exporters.graft import graft_onnx
+            from fam_core.exporters.graft import graft_onnx
 
             grafted = graft_onnx(path, **graft)
             self.session = onnxruntime.InferenceSession(

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from exporters import export_model
 from fam_core import CAM, FAM, GradCAM, GradFAM
 from fam_core import onnx_format as fmt
+from fam_core.exporters import export_model
 from fam_core.onnx_runtime import OnnxExplainer
 
 pytest.importorskip("transformers")

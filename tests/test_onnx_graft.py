@@ -1,7 +1,7 @@
 """Grafting an explanation head onto ONNX files that fam-core did not write.
 
 Every model is exported with a plain ``torch.onnx.export`` (``dynamo=False``, default names,
-no fam-core code) and run through ONNX shape inference; :func:`exporters.graft.graft_onnx`
+no fam-core code) and run through ONNX shape inference; :func:`fam_core.exporters.graft.graft_onnx`
 finds the target tensor and the head, and :class:`~fam_core.onnx_runtime.OnnxExplainer`
 runs the result. Heatmaps, low-resolution maps, weights and scores are compared with the
 torch explainer of the same weights and the matching target layer.
@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from exporters.graft import find_target_tensors, graft_onnx, inspect_onnx
 from fam_core import onnx_format as fmt
 from fam_core.explainers import CAM, FAM, GradCAM, GradFAM
+from fam_core.exporters.graft import find_target_tensors, graft_onnx, inspect_onnx
 from fam_core.models.backbones import build_backbone
 from fam_core.models.store import ModelConfig
 from fam_core.onnx_runtime import OnnxExplainer

@@ -10,7 +10,7 @@ import pytest
 import torch
 from serving_helpers import CLASSES, make_model_dir, png_bytes
 
-from exporters import export_model
+from fam_core.exporters import export_model
 from fam_core.models.store import load_model
 from fam_core.pipeline import (
     EncodedImage,

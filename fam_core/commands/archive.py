@@ -10,7 +10,7 @@ otherwise the factory's package must be installed in TorchServe's Python, which
 :func:`archive_notes` says (``fam archive`` prints it).
 
 ``--variant onnx`` archives the exported ONNX graph instead (``<name>-onnx.mar``), exported
-while archiving with :func:`exporters.export_model`: embedding models with their prototypes
+while archiving with :func:`fam_core.exporters.export_model`: embedding models with their prototypes
 baked in and ``explain="best"`` (the nearest prototype is explained in the same pass),
 classifiers with ``method="cam"``. The same handler serves it: the archive's ``config.yaml``
 names the graph (``onnx: model.onnx``) and the pipeline's onnxruntime backend runs it.
@@ -28,11 +28,13 @@ from typing import Literal
 
 import yaml
 
+from fam_core.extras import require
 from fam_core.models.sources import factory_module_file, factory_package
-from fam_core.models.store import REPO_MODEL_STORE, ModelConfig, find_config
+from fam_core.models.store import ModelConfig, find_config
+from fam_core.package_data import HANDLER_FILE, OUTPUT_MODEL_STORE
 
-DEFAULT_OUT = REPO_MODEL_STORE / "archives"
-HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "fam_handler.py"
+DEFAULT_OUT = OUTPUT_MODEL_STORE / "archives"
+HANDLER = HANDLER_FILE
 ARCHIVE_VERSION = "1.0"
 ONNX_SUFFIX = "-onnx"
 Variant = Literal["torch", "onnx"]
@@ -130,12 +132,7 @@ def build_archive(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    try:
-        import model_archiver  # noqa: F401
-    except ImportError:
-        raise OSError(
-            "torch-model-archiver is not installed: pip install 'torch-model-archiver==0.12.*'"
-        ) from None
+    require("torchserve", "model_archiver")
     handler = Path(handler)
     if not handler.is_file():
         raise OSError(f"the handler {handler} is missing: run from a source checkout")
@@ -238,8 +235,8 @@ def export_onnx_variant(config_path: Path, folder: Path, name: str) -> tuple[Pat
     the nearest prototype); classifiers get ``method="cam"`` (the top-1 class). Returns
     ``(graph path, [config path])``.
     """
-    from exporters import export_model
     from fam_core.commands.export import task_option
+    from fam_core.exporters import export_model
     from fam_core.models.store import load_model
 
     model, config = load_model(config_path)

@@ -1,6 +1,6 @@
 """``fam export NAME_OR_CONFIG --method {fam,gradfam,cam,gradcam} --out FILE.onnx``.
 
-Writes the model and its explanation head as one ONNX file (see :mod:`exporters`). Every
+Writes the model and its explanation head as one ONNX file (see :mod:`fam_core.exporters`). Every
 torch source works (``backbone``, ``factory``, ``exported_program``): the config's module is
 loaded and handed to the exporter with the config's task.
 """
@@ -50,7 +50,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exporters import export_model
+    from fam_core.exporters import export_model
     from fam_core.models.store import load_model
 
     if not args.out.endswith(".onnx"):

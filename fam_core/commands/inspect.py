@@ -2,7 +2,7 @@
 
 For an ONNX graph (an ``onnx:`` config or an ``.onnx`` path) the candidates are the graph's
 feature-map values (the config's ``target_tensor`` is the chosen one when it names one) and
-the head is the one :func:`exporters.graft.graft_onnx` would graft onto, or the reason it
+the head is the one :func:`fam_core.exporters.graft.graft_onnx` would graft onto, or the reason it
 cannot; a graph ``fam export`` wrote reports its baked method and target layer.
 """
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
 def inspect_source(name_or_path: str, *, layer: str | None = None) -> str:
     """The report of :func:`fam_core.inspection.inspect_model` for a stored model or config,
-    or of :func:`exporters.graft.inspect_onnx` for an ONNX graph."""
+    or of :func:`fam_core.exporters.graft.inspect_onnx` for an ONNX graph."""
     from fam_core.inspection import inspect_model
     from fam_core.models.store import ModelConfig, find_config, load_model
 
@@ -70,10 +70,8 @@ def inspect_onnx_source(path: Path, config: object | None, layer: str | None) ->
             f"model {name}\nONNX graph written by fam export: method {meta.get(fmt.KEY_METHOD)}, "
             f"target layer {meta.get(fmt.KEY_TARGET_LAYER, '?')} (fixed in the graph)"
         )
-    try:
-        from exporters.graft import inspect_onnx
-    except ImportError as error:
-        raise ValueError(f"onnx: inspecting a graph needs the exporters package: {error}") from None
+    from fam_core.exporters.graft import inspect_onnx
+
     target = layer or (config.target_tensor if isinstance(config, ModelConfig) else None)
     size = config.input_size if isinstance(config, ModelConfig) else None
     output = config.output if isinstance(config, ModelConfig) else None

@@ -578,7 +578,7 @@ class ChannelExplainer(Explainer):
     ) -> Explanation:
         """The template's steps after the target is resolved: weights, eq. 13, upsampling.
 
-        Traced as it is into ONNX by :mod:`exporters` for heads that are not linear (the
+        Traced as it is into ONNX by :mod:`fam_core.exporters` for heads that are not linear (the
         caller builds ``resolved`` with :func:`fam_core.fam_maths.one_hot_references` or
         from references, since a traced graph cannot branch on index checks).
         """

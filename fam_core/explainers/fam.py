@@ -8,7 +8,7 @@ c̄_n   = (c_n - min C) / (max C - min C)                 eq. 12
 L_FAM = sum_n c̄_n A^n                                   eq. 13
 
 The steps are the pure functions of :mod:`fam_core.fam_maths`, which the ONNX export heads
-(:mod:`exporters.heads`) call too.
+(:mod:`fam_core.exporters.heads`) call too.
 """
 
 from __future__ import annotations

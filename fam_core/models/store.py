@@ -2,8 +2,9 @@
 
 A model is a folder with ``config.yaml`` (see :class:`ModelConfig`) and its weights,
 loaded with ``torch.load(..., weights_only=True)``. Named models are looked up in the
-folders of ``$FAM_MODEL_STORE`` (``os.pathsep``-separated), then in the repository's
-``model-store/``.
+folders of ``$FAM_MODEL_STORE`` (``os.pathsep``-separated), then in the default models'
+folder (:data:`fam_core.package_data.MODEL_STORE`: the repository's ``model-store/`` in a
+checkout, the copy installed with the package otherwise).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import yaml
 from torch import nn
 
+from fam_core.package_data import MODEL_STORE
 from fam_core.resizing import (
     DEFAULT_POLICY,
     RESIZE_POLICIES,
@@ -26,7 +28,6 @@ from fam_core.resizing import (
     fit_image,
 )
 
-REPO_MODEL_STORE = Path(__file__).resolve().parents[2] / "model-store"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -320,7 +321,7 @@ class LoadedModel(NamedTuple):
 def model_store_paths() -> list[Path]:
     """Folders searched for named models, in order."""
     extra = os.environ.get("FAM_MODEL_STORE", "")
-    return [Path(p) for p in extra.split(os.pathsep) if p] + [REPO_MODEL_STORE]
+    return [Path(p) for p in extra.split(os.pathsep) if p] + [MODEL_STORE]
 
 
 def available_models() -> list[str]:

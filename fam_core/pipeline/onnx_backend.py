@@ -1,4 +1,4 @@
-"""The onnxruntime backend: a served model that is an exported graph (see :mod:`exporters`).
+"""The onnxruntime backend: a served model that is an exported graph (see :mod:`fam_core.exporters`).
 
 The graph computes the prediction and the heatmap of the method baked into it (its
 ``method`` metadata); any other method is :class:`~fam_core.pipeline.errors.NotFound`. The
@@ -18,7 +18,7 @@ A request the graph cannot answer this way is :class:`InvalidArgument`, naming t
 option it needs.
 
 A graph ``fam export`` did not write is grafted with an explanation head first, by
-``exporters.graft.graft_onnx`` (at the config's ``target_tensor``) where that module exists.
+``fam_core.exporters.graft.graft_onnx`` (at the config's ``target_tensor``) where that module exists.
 
 Example:
     >>> loaded = load_onnx_backend("conv4_fam.onnx")  # doctest: +SKIP
@@ -248,7 +248,7 @@ def _as_pass(explanation: Explanation) -> _Pass:
 def graft_options(
     config: ModelConfig | None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any] | None:
-    """Options of :func:`exporters.graft.graft_onnx` for a plain ONNX file served with
+    """Options of :func:`fam_core.exporters.graft.graft_onnx` for a plain ONNX file served with
     ``config``: task, input size, mean, std, class names, similarity, name, and the config's
     ``target_tensor`` / ``output`` where it has them; ``overrides`` win. The method defaults
     to ``fam`` for embedding models and ``cam`` for classifiers. ``None`` (no config, no
@@ -360,7 +360,9 @@ def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> Lo
 
 def is_explanation_graph(path: Path) -> bool:
     """Whether ``path``'s metadata marks it as a graph ``fam export`` wrote."""
-    import onnx
+    from fam_core.extras import require
+
+    onnx = require("onnx", "onnx")
 
     try:
         model = onnx.load(str(path), load_external_data=False)

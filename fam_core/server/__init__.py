@@ -6,6 +6,17 @@ Example:
     >>> port = server.start()  # doctest: +SKIP
 """
 
-from fam_core.server.app import FamServer, ServerConfig
+from fam_core.extras import require
+
+require(
+    "serve",
+    "grpc",
+    "grpc_health.v1",
+    "grpc_reflection.v1alpha",
+    "google.protobuf",
+    "prometheus_client",
+)
+
+from fam_core.server.app import FamServer, ServerConfig  # noqa: E402
 
 __all__ = ["FamServer", "ServerConfig"]
