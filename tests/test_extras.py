@@ -31,6 +31,7 @@ OPTIONAL = (
 def test_require_returns_the_module_and_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     assert require("serve", "json").__name__ == "json"
     monkeypatch.setitem(sys.modules, "captum", None)
+    monkeypatch.setitem(sys.modules, "captum.attr", None)  # imported by earlier tests
     with pytest.raises(MissingExtraError, match=r"pip install 'fam-core\[captum\]'"):
         require("captum", "captum.attr")
     with pytest.raises(ValueError, match="unknown extra 'gpu'"):
