@@ -168,6 +168,7 @@ def test_wheel_runs_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
     assert version.count(".") == 2
     fam = str(python.parent / "fam")
     assert "demo" in _run([fam, "--help"], away)
+    assert _run([str(python), "-m", "fam_core", "--version"], away).strip() == f"fam-core {version}"
     _run([fam, "demo", "--count", "1", "--out", str(away / "demo")], away)
     assert sorted(p.name for p in (away / "demo").glob("*.png")) == [
         "classifier_0.png",
