@@ -27,16 +27,16 @@ from torchcam import methods as torchcam
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import time_once  # noqa: E402
 
-from fam_core.explainers.ablationcam import AblationCAM  # noqa: E402
-from fam_core.explainers.activation import UpsampledActivation  # noqa: E402
-from fam_core.explainers.cam import CAM  # noqa: E402
-from fam_core.explainers.eigencam import EigenCAM  # noqa: E402
-from fam_core.explainers.gradcam import GradCAM  # noqa: E402
-from fam_core.explainers.gradcam_pp import GradCAMPlusPlus  # noqa: E402
-from fam_core.explainers.guided_gradcam import GuidedGradCAM  # noqa: E402
-from fam_core.explainers.layercam import LayerCAM  # noqa: E402
-from fam_core.explainers.scorecam import ScoreCAM  # noqa: E402
-from fam_core.explainers.xgradcam import XGradCAM  # noqa: E402
+from fam_core.explainers.cam.ablationcam import AblationCAM  # noqa: E402
+from fam_core.explainers.cam.activation import UpsampledActivation  # noqa: E402
+from fam_core.explainers.cam.cam import CAM  # noqa: E402
+from fam_core.explainers.cam.eigencam import EigenCAM  # noqa: E402
+from fam_core.explainers.cam.gradcam import GradCAM  # noqa: E402
+from fam_core.explainers.cam.gradcam_pp import GradCAMPlusPlus  # noqa: E402
+from fam_core.explainers.cam.guided_gradcam import GuidedGradCAM  # noqa: E402
+from fam_core.explainers.cam.layercam import LayerCAM  # noqa: E402
+from fam_core.explainers.cam.scorecam import ScoreCAM  # noqa: E402
+from fam_core.explainers.cam.xgradcam import XGradCAM  # noqa: E402
 from fam_core.models.backbones import resnet18  # noqa: E402
 
 LAYER = "layer4"

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ratio  # noqa: E402
 
-from fam_core.explainers.gradfam import GradFAM  # noqa: E402
+from fam_core.explainers.fam.gradfam import GradFAM  # noqa: E402
 from fam_core.models.backbones import resnet18  # noqa: E402
 
 
@@ -77,8 +77,8 @@ def bench_scorefam(repeats: int) -> None:
     from torchcam.methods import ScoreCAM
 
     from fam_core.data.flowers import make_flowers
-    from fam_core.explainers.cam_common import masked_inputs
-    from fam_core.explainers.scorefam import ScoreFAM
+    from fam_core.explainers.cam.cam_common import masked_inputs
+    from fam_core.explainers.fam.scorefam import ScoreFAM
 
     torch.manual_seed(0)
     model = resnet18(num_classes=1000).eval()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import ratio  # noqa: E402
 
-from fam_core.explainers.fam import FAM  # noqa: E402
+from fam_core.explainers.fam.fam import FAM  # noqa: E402
 from fam_core.exporters import OPSET, export_model  # noqa: E402
 from fam_core.models.backbones import resnet18  # noqa: E402
 from fam_core.onnx_runtime import OnnxExplainer  # noqa: E402

@@ -33,10 +33,10 @@ from torch import nn
 from fam_core.adapters import Head
 from fam_core.discovery import probe_size
 from fam_core.explainers.base import ChannelExplainer, _unwrap, min_max, upsample
-from fam_core.explainers.cam import CAM
-from fam_core.explainers.fam import FAM
-from fam_core.explainers.gradcam import GradCAM
-from fam_core.explainers.gradfam import GradFAM
+from fam_core.explainers.cam.cam import CAM
+from fam_core.explainers.cam.gradcam import GradCAM
+from fam_core.explainers.fam.fam import FAM
+from fam_core.explainers.fam.gradfam import GradFAM
 from fam_core.exporters.analytic import pooling_kind, similarity_gradient
 from fam_core.fam_maths import (
     EXPLAIN_MODES,

@@ -30,24 +30,15 @@ imports (``from __future__ import annotations`` and no relative ``captum`` impor
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fam_core.explainers.ablationcam import AblationCAM
-from fam_core.explainers.activation import UpsampledActivation
+import fam_core.explainers  # noqa: F401  (registers the methods the wrappers are made for)
 from fam_core.explainers.base import Explainer, Target, check_model_options
-from fam_core.explainers.cam import CAM
-from fam_core.explainers.eigencam import EigenCAM
-from fam_core.explainers.fam import FAM
-from fam_core.explainers.gradcam import GradCAM
-from fam_core.explainers.gradcam_pp import GradCAMPlusPlus
-from fam_core.explainers.guided_gradcam import GuidedGradCAM
-from fam_core.explainers.layercam import LayerCAM
 from fam_core.explainers.registry import get_explainer
-from fam_core.explainers.scorecam import ScoreCAM
-from fam_core.explainers.xgradcam import XGradCAM
 from fam_core.extras import require
 from fam_core.outputs import OutputSpec, check_output_spec, select_output
 from fam_core.pooling import PoolingKind, global_pool
@@ -256,85 +247,74 @@ class ExplainerAttribution(LayerAttribution):
         return forward.resolve(images.shape[0], additional)
 
 
-class FAMAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.fam.FAM` as a Captum layer attribution."""
-
-    explainer_class = FAM
-
-
-class CAMAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.cam.CAM` as a Captum layer attribution."""
-
-    explainer_class = CAM
+# What a wrapper's generated docstring adds to the common text, by method name.
+_NOTES = {
+    "guided-gradcam": "Its map is at the input's resolution: ``attribute`` returns ``N x 1 x H x W``.",
+}
 
 
-class GradCAMAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.gradcam.GradCAM` as a Captum layer attribution."""
-
-    explainer_class = GradCAM
-
-
-class GradCAMPlusPlusAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.gradcam_pp.GradCAMPlusPlus` as a Captum layer attribution."""
-
-    explainer_class = GradCAMPlusPlus
-
-
-class XGradCAMAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.xgradcam.XGradCAM` as a Captum layer attribution."""
-
-    explainer_class = XGradCAM
-
-
-class LayerCAMAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.layercam.LayerCAM` as a Captum layer attribution."""
-
-    explainer_class = LayerCAM
-
-
-class ScoreCAMAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.scorecam.ScoreCAM` as a Captum layer attribution."""
-
-    explainer_class = ScoreCAM
-
-
-class AblationCAMAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.ablationcam.AblationCAM` as a Captum layer attribution."""
-
-    explainer_class = AblationCAM
-
-
-class EigenCAMAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.eigencam.EigenCAM` as a Captum layer attribution."""
-
-    explainer_class = EigenCAM
-
-
-class UpsampledActivationAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.activation.UpsampledActivation` as a Captum attribution."""
-
-    explainer_class = UpsampledActivation
-
-
-class GuidedGradCAMAttribution(ExplainerAttribution):
-    """:class:`~fam_core.explainers.guided_gradcam.GuidedGradCAM` as a Captum attribution.
-
-    Its map is at the input's resolution: ``attribute`` returns ``N x 1 x H x W``.
-    """
-
-    explainer_class = GuidedGradCAM
-
-
+@functools.cache
 def layer_attribution(method: str) -> type[ExplainerAttribution]:
     """The Captum layer-attribution class of any registered fam_core method.
+
+    One class per method (the same class on every call): ``<Explainer>Attribution``, a
+    subclass of :class:`ExplainerAttribution` bound to the explainer, with a docstring made
+    from the explainer's. The per-method names of this module (``FAMAttribution``,
+    ``GradCAMAttribution``, ...) are classes made here.
 
     Example:
         >>> layer_attribution("fam").explainer_class.__name__
         'FAM'
+        >>> layer_attribution("gradcam") is GradCAMAttribution
+        True
     """
     explainer_class = get_explainer(method)
-    return type(
-        f"{explainer_class.__name__}Attribution",
-        (ExplainerAttribution,),
-        {"explainer_class": explainer_class, "__module__": __name__},
+    summary = (explainer_class.__doc__ or "").strip().partition("\n")[0]
+    doc = (
+        f":class:`~{explainer_class.__module__}.{explainer_class.__qualname__}` as a Captum "
+        f"layer attribution (``layer_attribution({method!r})``).\n\n"
+        + (f"{summary}\n\n" if summary else "")
+        + "Arguments and ``attribute`` as in :class:`ExplainerAttribution`."
+        + (f"\n\n{_NOTES[method]}" if method in _NOTES else "")
     )
+    name = f"{explainer_class.__name__}Attribution"
+    return type(
+        name,
+        (ExplainerAttribution,),
+        {
+            "explainer_class": explainer_class,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": doc,
+        },
+    )
+
+
+FAMAttribution = layer_attribution("fam")
+CAMAttribution = layer_attribution("cam")
+GradCAMAttribution = layer_attribution("gradcam")
+GradCAMPlusPlusAttribution = layer_attribution("gradcam++")
+XGradCAMAttribution = layer_attribution("xgradcam")
+LayerCAMAttribution = layer_attribution("layercam")
+ScoreCAMAttribution = layer_attribution("scorecam")
+AblationCAMAttribution = layer_attribution("ablationcam")
+EigenCAMAttribution = layer_attribution("eigencam")
+UpsampledActivationAttribution = layer_attribution("activation")
+GuidedGradCAMAttribution = layer_attribution("guided-gradcam")
+
+__all__ = [
+    "AblationCAMAttribution",
+    "CAMAttribution",
+    "EigenCAMAttribution",
+    "ExplainerAttribution",
+    "FAMAttribution",
+    "GradCAMAttribution",
+    "GradCAMPlusPlusAttribution",
+    "GuidedGradCAMAttribution",
+    "LayerCAMAttribution",
+    "ScoreCAMAttribution",
+    "SimilarityForward",
+    "UpsampledActivationAttribution",
+    "XGradCAMAttribution",
+    "layer_attribution",
+]

@@ -49,7 +49,7 @@ def inspect_model(
     task: str | None = None,
 ) -> ModelReport:
     """Inspect ``model`` on a random input of ``input_size`` (see :func:`probe_size`)."""
-    from fam_core.explainers.fam import FAM
+    from fam_core.explainers.fam.fam import FAM
 
     size = probe_size(model, input_size)
     search = find_layers(model, size, output=output)

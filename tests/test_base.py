@@ -13,8 +13,8 @@ from serving_helpers import make_model_dir, png_bytes
 import fam_core
 from fam_core.explainers import EXPLAINERS
 from fam_core.explainers.base import ChannelExplainer, Explainer
-from fam_core.explainers.cam_common import BatchedExplainer, GradientCAM
-from fam_core.explainers.layercam import LayerCAM
+from fam_core.explainers.cam.cam_common import BatchedExplainer, GradientCAM
+from fam_core.explainers.cam.layercam import LayerCAM
 from fam_core.imageio import decode_image, resize
 from fam_core.pipeline import (
     EncodedImage,
@@ -126,7 +126,7 @@ def test_abstract_bases_cannot_be_instantiated(cls, classifier) -> None:
 
 
 def test_input_backprop_needs_a_backward_rule(classifier) -> None:
-    from fam_core.explainers.deconvnet import InputBackprop
+    from fam_core.explainers.backprop.deconvnet import InputBackprop
 
     with pytest.raises(TypeError, match="no backward rule"):
         InputBackprop(classifier, "block4")

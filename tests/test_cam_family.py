@@ -12,18 +12,18 @@ from captum.attr import GuidedGradCam, LayerFeatureAblation, LayerGradCam
 from torch import nn
 from torchcam import methods as torchcam
 
-from fam_core.explainers.ablationcam import AblationCAM
-from fam_core.explainers.activation import UpsampledActivation
 from fam_core.explainers.base import min_max
-from fam_core.explainers.cam import CAM
-from fam_core.explainers.eigencam import EigenCAM
-from fam_core.explainers.gradcam import GradCAM
-from fam_core.explainers.gradcam_pp import GradCAMPlusPlus
-from fam_core.explainers.guided_gradcam import GuidedGradCAM
-from fam_core.explainers.layercam import LayerCAM
+from fam_core.explainers.cam.ablationcam import AblationCAM
+from fam_core.explainers.cam.activation import UpsampledActivation
+from fam_core.explainers.cam.cam import CAM
+from fam_core.explainers.cam.eigencam import EigenCAM
+from fam_core.explainers.cam.gradcam import GradCAM
+from fam_core.explainers.cam.gradcam_pp import GradCAMPlusPlus
+from fam_core.explainers.cam.guided_gradcam import GuidedGradCAM
+from fam_core.explainers.cam.layercam import LayerCAM
+from fam_core.explainers.cam.scorecam import ScoreCAM
+from fam_core.explainers.cam.xgradcam import XGradCAM
 from fam_core.explainers.registry import get_explainer
-from fam_core.explainers.scorecam import ScoreCAM
-from fam_core.explainers.xgradcam import XGradCAM
 from fam_core.models.backbones import conv4
 
 ALL_METHODS = [

@@ -205,7 +205,7 @@ def test_a_method_that_needs_fitting_is_refused_in_one_line(tmp_path, capsys) ->
 
 def test_the_servers_offer_only_runnable_methods() -> None:
     from fam_core.explainers import available_methods
-    from fam_core.explainers.relevant import RelevantFeatures
+    from fam_core.explainers.relevant.relevant import RelevantFeatures
     from fam_core.pipeline import NotFound, ServedModel
 
     assert RelevantFeatures.needs_fitting

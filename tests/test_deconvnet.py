@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fam_core.explainers.deconvnet import (
+from fam_core.explainers.backprop.deconvnet import (
     Deconvnet,
     GuidedBackprop,
     backprop_rules,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fam_core.explainers.gradfam import GradFAM, similarity_gradient
+from fam_core.explainers.fam.gradfam import GradFAM, similarity_gradient
 from fam_core.models.backbones import conv4
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.mu_lasso import project_l1_ball, solve_mu_lasso
+from fam_core.explainers.relevant.mu_lasso import project_l1_ball, solve_mu_lasso
 
 
 def test_projection_by_hand_and_against_its_optimality():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fam_core.explainers.relevant import RelevantFeatures
+from fam_core.explainers.relevant.relevant import RelevantFeatures
 from fam_core.metrics.relevance import (
     ablation_accuracy_drop,
     class_reconstruction_auc,

@@ -9,14 +9,14 @@ from torch import nn
 
 import fam_core
 from fam_core.data.flowers import make_flowers
-from fam_core.explainers.relevant import (
+from fam_core.explainers.relevant.relevant import (
     RelevantFeatures,
     default_feature_layers,
     descriptor_from_responses,
     features,
     top_positive,
 )
-from fam_core.explainers.relevant_ablation import ablation_check
+from fam_core.explainers.relevant.relevant_ablation import ablation_check
 
 
 class _Tiny(nn.Module):
@@ -146,7 +146,7 @@ def test_bad_inputs_raise():
 
 
 def test_receptive_field_by_hand_on_a_conv_pool_stack():
-    from fam_core.explainers.receptive_field import receptive_field
+    from fam_core.explainers.relevant.receptive_field import receptive_field
 
     net = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),  # size 3, stride 1, start -1
@@ -166,7 +166,7 @@ def test_receptive_field_by_hand_on_a_conv_pool_stack():
 
 
 def test_receptive_field_equals_the_gradient_support_of_one_unit():
-    from fam_core.explainers.receptive_field import receptive_field
+    from fam_core.explainers.relevant.receptive_field import receptive_field
 
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -195,7 +195,7 @@ def test_receptive_field_equals_the_gradient_support_of_one_unit():
 
 
 def test_receptive_field_rejects_modules_it_cannot_analyse():
-    from fam_core.explainers.receptive_field import receptive_field
+    from fam_core.explainers.relevant.receptive_field import receptive_field
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2), nn.Conv2d(4, 4, 1))
     with pytest.raises(ValueError, match="'1' .AdaptiveAvgPool2d"):
@@ -205,7 +205,7 @@ def test_receptive_field_rejects_modules_it_cannot_analyse():
 
 
 def test_crop_pads_outside_the_image_with_the_image_mean():
-    from fam_core.explainers.receptive_field import crop
+    from fam_core.explainers.relevant.receptive_field import crop
 
     images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
     out = crop(images, torch.tensor([1, 0]), torch.tensor([[-1, -1, 2, 2], [2, 1, 5, 4]]))
@@ -293,7 +293,7 @@ def test_interpret_defaults_linear_layers_and_validation():
 
 
 def test_render_interpretation_puts_average_then_top_crops_in_rows():
-    from fam_core.explainers.relevant import render_interpretation
+    from fam_core.explainers.relevant.relevant import render_interpretation
 
     _, images, _ = _planted()
     explainer = RelevantFeatures(_PatchDetector().eval(), layers=["shift", "window"])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fam_core.explainers.scorefam import ScoreFAM
+from fam_core.explainers.fam.scorefam import ScoreFAM
 from fam_core.models.backbones import conv4
 
 

@@ -18,7 +18,7 @@ import fam_core.explainers  # noqa: F401  (registers the built-in methods)
 from fam_core.evaluation.settings import Setting, classifier_setting, embedding_settings
 from fam_core.explainers.base import Explainer
 from fam_core.explainers.registry import available_methods, get_explainer
-from fam_core.explainers.relevant import RelevantFeatures
+from fam_core.explainers.relevant.relevant import RelevantFeatures
 from fam_core.explanation import Explanation
 from fam_core.metrics import faithfulness as faith
 from fam_core.metrics import localisation as loc
@@ -102,15 +102,21 @@ class EvalResult:
 
 
 def discover_explainers() -> dict[str, str]:
-    """Import every module of :mod:`fam_core.explainers` so that each ``@register``-ed method
-    is available; return ``{module: reason}`` for modules that fail to import."""
+    """Import every module of :mod:`fam_core.explainers` and of its family subpackages so that
+    each ``@register``-ed method is available; return ``{module: reason}`` for modules that
+    fail to import."""
     failures = {}
-    for info in pkgutil.iter_modules(fam_core.explainers.__path__):
-        name = f"fam_core.explainers.{info.name}"
-        try:
-            importlib.import_module(name)
-        except Exception as error:  # a broken method must not stop the evaluation of the others
-            failures[name] = _first_line(error)
+    packages = [(fam_core.explainers.__path__, "fam_core.explainers.")]
+    while packages:
+        path, prefix = packages.pop(0)
+        for info in pkgutil.iter_modules(path, prefix):
+            try:
+                module = importlib.import_module(info.name)
+            except Exception as error:  # a broken method must not stop the evaluation of others
+                failures[info.name] = _first_line(error)
+                continue
+            if info.ispkg:
+                packages.append((module.__path__, f"{info.name}."))
     return failures
 
 

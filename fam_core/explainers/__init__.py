@@ -1,4 +1,12 @@
-"""Explainers: one module per method over :class:`~fam_core.explainers.base.Explainer`.
+"""Explainers, grouped by family; one module per method over
+:class:`~fam_core.explainers.base.Explainer`.
+
+- :mod:`fam_core.explainers.fam`: FAM, Grad-FAM, Score-FAM;
+- :mod:`fam_core.explainers.cam`: the CAM family (CAM, Grad-CAM, ..., Guided Grad-CAM);
+- :mod:`fam_core.explainers.l2caf`: L2-CAF (a paper and a family of its own);
+- :mod:`fam_core.explainers.backprop`: guided backpropagation and deconvnet;
+- :mod:`fam_core.explainers.relevant`: relevant features (the mu-Lasso, receptive fields,
+  interpretation and ablation with them).
 
 Methods whose map is a weighted sum of the target layer's channels (FAM eq. 13) subclass
 :class:`~fam_core.explainers.base.ChannelExplainer`.
@@ -6,24 +14,24 @@ Methods whose map is a weighted sum of the target layer's channels (FAM eq. 13) 
 Importing this package registers every method (see :mod:`fam_core.explainers.registry`).
 """
 
-from fam_core.explainers.ablationcam import AblationCAM
-from fam_core.explainers.activation import UpsampledActivation
+from fam_core.explainers.backprop import Deconvnet, GuidedBackprop
 from fam_core.explainers.base import ChannelExplainer, Explainer
-from fam_core.explainers.cam import CAM
-from fam_core.explainers.deconvnet import Deconvnet, GuidedBackprop
-from fam_core.explainers.eigencam import EigenCAM
-from fam_core.explainers.fam import FAM
-from fam_core.explainers.gradcam import GradCAM
-from fam_core.explainers.gradcam_pp import GradCAMPlusPlus
-from fam_core.explainers.gradfam import GradFAM
-from fam_core.explainers.guided_gradcam import GuidedGradCAM
+from fam_core.explainers.cam import (
+    CAM,
+    AblationCAM,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    GuidedGradCAM,
+    LayerCAM,
+    ScoreCAM,
+    UpsampledActivation,
+    XGradCAM,
+)
+from fam_core.explainers.fam import FAM, GradFAM, ScoreFAM
 from fam_core.explainers.l2caf import L2CAF
-from fam_core.explainers.layercam import LayerCAM
 from fam_core.explainers.registry import EXPLAINERS, available_methods, get_explainer, register
 from fam_core.explainers.relevant import RelevantFeatures
-from fam_core.explainers.scorecam import ScoreCAM
-from fam_core.explainers.scorefam import ScoreFAM
-from fam_core.explainers.xgradcam import XGradCAM
 
 __all__ = [
     "CAM",

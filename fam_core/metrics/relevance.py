@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fam_core.explainers.mu_lasso import solve_mu_lasso
-from fam_core.explainers.relevant import RelevantFeatures
-from fam_core.explainers.relevant_ablation import ablation_check
+from fam_core.explainers.relevant.mu_lasso import solve_mu_lasso
+from fam_core.explainers.relevant.relevant import RelevantFeatures
+from fam_core.explainers.relevant.relevant_ablation import ablation_check
 
 RECONSTRUCTION_MUS = (0.5, 2.0, 10.0)
 """Default ``mu`` values of the reconstruction curve (the paper's Fig. 9 sweeps ``mu``)."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from fam_core.explainers import Explainer, available_methods
 from fam_core.explainers.base import ChannelExplainer
-from fam_core.explainers.fam import FAM
+from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import check_runnable
 from fam_core.models.sources import load_module
 from fam_core.models.store import ModelConfig

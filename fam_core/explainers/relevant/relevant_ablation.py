@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fam_core.explainers.relevant import RelevantFeatures, layer_responses
+from fam_core.explainers.relevant.relevant import RelevantFeatures, layer_responses
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from fam_core.explainers.base import ForwardPass, ResolvedTarget
-from fam_core.explainers.cam_common import (
+from fam_core.explainers.cam.cam_common import (
     BatchedExplainer,
     all_pairs,
     chunks,

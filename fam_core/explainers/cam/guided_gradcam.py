@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fam_core.explainers.backprop.guided import guided_backprop
 from fam_core.explainers.base import ForwardPass, ResolvedTarget, Target, min_max
-from fam_core.explainers.cam_common import GradientCAM, explained_score
-from fam_core.explainers.guided import guided_backprop
+from fam_core.explainers.cam.cam_common import GradientCAM, explained_score
 from fam_core.explainers.registry import register
 from fam_core.explanation import Explanation
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from fam_core.explainers.base import ForwardPass, ResolvedTarget
-from fam_core.explainers.cam_common import BatchedExplainer, rectified_sum
-from fam_core.explainers.fam import FAM
+from fam_core.explainers.cam.cam_common import BatchedExplainer, rectified_sum
+from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import register
 
 TopKRest = Literal["baseline", "zero"]

@@ -2,7 +2,7 @@
 
 For a feature (layer, channel), every image gives its maximum response over the layer's
 positions; the top-N images (default 100) are kept, each is cropped at its maximum by the
-feature's receptive field (:func:`~fam_core.explainers.receptive_field.receptive_field`,
+feature's receptive field (:func:`~fam_core.explainers.relevant.receptive_field.receptive_field`,
 computed analytically from the kernel sizes, strides, paddings and dilations on the path), and
 the crops are averaged. Parts of a receptive field outside the image are filled with that
 image's per-channel mean. A feature of a ``Linear`` layer has no position: its receptive field
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fam_core.explainers.receptive_field import ReceptiveField, crop, receptive_field
+from fam_core.explainers.relevant.receptive_field import ReceptiveField, crop, receptive_field
 from fam_core.render import image_grid
 
 
@@ -120,7 +120,9 @@ def interpret_features(
         for layer in layers
     }
 
-    from fam_core.explainers.relevant import layer_responses  # no import cycle at load time
+    from fam_core.explainers.relevant.relevant import (
+        layer_responses,  # no import cycle at load time
+    )
 
     values: list[list[torch.Tensor]] = [[] for _ in pairs]
     positions: list[list[torch.Tensor]] = [[] for _ in pairs]

@@ -3,7 +3,7 @@
 Backward rules at a rectifier ``y = f(x)`` receiving the signal ``R``:
 
 - guided backprop (Springenberg et al.): ``f'(x) * max(R, 0)`` (from
-  :mod:`fam_core.explainers.guided`, shared with Guided Grad-CAM);
+  :mod:`fam_core.explainers.backprop.guided`, shared with Guided Grad-CAM);
 - deconvnet (Zeiler & Fergus): ``max(R, 0)``, ignoring the forward pass.
 
 Max pooling routes the signal through its forward switches, convolutions through their
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fam_core.explainers.backprop.guided import GUIDED_MODULES, guided_relus
 from fam_core.explainers.base import Explainer, Target, min_max
-from fam_core.explainers.gradfam import self_projection_score
-from fam_core.explainers.guided import GUIDED_MODULES, guided_relus
+from fam_core.explainers.fam.gradfam import self_projection_score
 from fam_core.explainers.registry import register
 from fam_core.explanation import Explanation
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fam_core.explainers.base import ForwardPass, ResolvedTarget
-from fam_core.explainers.cam_common import GradientCAM
+from fam_core.explainers.cam.cam_common import GradientCAM
 from fam_core.explainers.registry import register
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fam_core.explainers.base import ForwardPass, ResolvedTarget, Target, build_explanation
-from fam_core.explainers.cam_common import GradientCAM
+from fam_core.explainers.cam.cam_common import GradientCAM
 from fam_core.explainers.registry import register
 from fam_core.explanation import Explanation
 

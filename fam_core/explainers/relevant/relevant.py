@@ -6,13 +6,13 @@ layer are L1-normalised, the layers concatenated and the whole vector L2-normali
 
 Relevance (eq. 1). With the descriptors ``X`` of ``N`` training images and their one-hot
 labels ``L``, the mu-Lasso ``W* = argmin ||X^T W - L^T||_F^2  s.t. ||w_j||_1 <= mu`` selects a
-sparse set of (layer, channel) pairs per class (:func:`~fam_core.explainers.mu_lasso.solve_mu_lasso`).
+sparse set of (layer, channel) pairs per class (:func:`~fam_core.explainers.relevant.mu_lasso.solve_mu_lasso`).
 
 Explanation (sec. 3.2). For the predicted class ``j`` the response is ``r = w_j * x``
 (element-wise), normalised by ``|sum(w_j)|`` (authors' demo); the top-k (default 3) positive
 entries are the features that explain the prediction. Each is visualised by guided
 backpropagation from that single channel of that layer to the input (with the stride fix of
-sec. 3.3, :func:`~fam_core.explainers.deconvnet.input_signal`); the heatmaps are min-max
+sec. 3.3, :func:`~fam_core.explainers.backprop.deconvnet.input_signal`); the heatmaps are min-max
 normalised and combined by a pixel-wise maximum.
 
 Example:
@@ -34,15 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fam_core.explainers.backprop.deconvnet import BackpropRule, heatmap, input_signal
 from fam_core.explainers.base import Explainer, Target, min_max
-from fam_core.explainers.deconvnet import BackpropRule, heatmap, input_signal
-from fam_core.explainers.mu_lasso import solve_mu_lasso
 from fam_core.explainers.registry import register
-from fam_core.explainers.relevant_interpretation import (
+from fam_core.explainers.relevant.mu_lasso import solve_mu_lasso
+from fam_core.explainers.relevant.relevant_interpretation import (
     Interpretation,
     interpret_features,
 )
-from fam_core.explainers.relevant_interpretation import (
+from fam_core.explainers.relevant.relevant_interpretation import (
     render_interpretation as render_interpretation,  # re-exported
 )
 from fam_core.explanation import Explanation
@@ -280,7 +280,7 @@ class RelevantFeatures(Explainer):
             shown: best crops kept per feature for :func:`render_interpretation`.
 
         Crops reaching outside an image are filled with that image's per-channel mean.
-        See :mod:`fam_core.explainers.relevant_interpretation`.
+        See :mod:`fam_core.explainers.relevant.relevant_interpretation`.
 
         Example:
             >>> result = explainer.interpret(images, top_n=10)  # doctest: +SKIP

@@ -1,0 +1,12 @@
+"""The FAM family: the channel weight is the channel's contribution to a similarity.
+
+- :mod:`~fam_core.explainers.fam.fam`: FAM (Liao, Gao, Zhang);
+- :mod:`~fam_core.explainers.fam.gradfam` and :mod:`~fam_core.explainers.fam.scorefam`:
+  Grad-FAM and Score-FAM (Wu, Chen, Che, Pu).
+"""
+
+from fam_core.explainers.fam.fam import FAM
+from fam_core.explainers.fam.gradfam import GradFAM
+from fam_core.explainers.fam.scorefam import ScoreFAM
+
+__all__ = ["FAM", "GradFAM", "ScoreFAM"]
