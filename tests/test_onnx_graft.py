@@ -56,17 +56,12 @@ def ours(name: str, **kwargs: object) -> nn.Module:
 
 
 def he_init(model: nn.Module) -> nn.Module:
-    """transformers' std-0.02 init collapses deep CNN activations: He convs, unit BatchNorm."""
-    torch.manual_seed(0)
+    """``hf_factories.reinit`` (He convs, unit BatchNorm) plus wider linear layers."""
+    from hf_factories import reinit
+
+    reinit(model)
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-            module.running_mean.zero_()
-            module.running_var.fill_(1.0)
-        elif isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.1)
     return model.eval()
 
