@@ -6,7 +6,8 @@ Run from the repository root (about a minute on two CPU cores):
 
 Every picture comes from the default models (``model-store/``) explaining novel-class images
 of the embedded benchmark (``fam_core.data.flowers``), drawn by ``fam_core.render``; the last
-column of each grid is the ground-truth discriminative part. The images are committed; run the
+column of each grid is the ground-truth discriminative part; ``images/methods/`` holds one small
+picture per registered method, one benchmark image each. The images are committed; run the
 script again after a change to the explainers or the default models.
 """
 
@@ -40,12 +41,13 @@ def _queries_and_references():
 
 def _save(rgb: torch.Tensor, path: Path) -> None:
     """Write a rendered figure as a 256-colour PNG (a few hundred kB less per picture)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_png(rgb, path)
     Image.open(path).quantize(256).save(path, optimize=True)
     print(f"wrote {path}")
 
 
-def _figure(path: Path, images, maps: dict, masks, labels, title: str) -> None:
+def _figure(path: Path, images, maps: dict, masks, labels, title: str | None) -> None:
     columns = {**maps, "part (truth)": masks.float()}
     _save(grid(images, columns, row_labels=labels, title=title, dpi=DPI), path)
 
@@ -166,6 +168,66 @@ def main() -> None:
     _save(
         render_interpretation(interpretation, shown=4, dpi=DPI), out / "relevant_interpretation.png"
     )
+
+    # One small picture per method (docs/methods/<family>/<method>.md): the first query only,
+    # the same models, layers and targets as the family figures above
+    one = slice(0, 1)
+    emb_one, clf_one, refs_one = emb_in[one], clf_in[one], refs[one]
+    per_method = {
+        "fam": ("FAM, embedding (1-shot)", fam(emb_one, target=refs_one).maps),
+        "gradfam": (
+            "Grad-FAM",
+            fam_core.GradFAM(embedder, layer)(emb_one, target=refs_one).maps,
+        ),
+        "scorefam": (
+            "Score-FAM",
+            fam_core.ScoreFAM(embedder, layer)(emb_one, target=refs_one).maps,
+        ),
+        "l2caf": (
+            "L2-CAF, embedding (1-shot)",
+            fam_core.L2CAF(embedder, layer)(emb_one, target=refs_one).maps,
+        ),
+        "cam": ("CAM", fam_core.CAM(classifier, clf_layer)(clf_one).maps),
+        "gradcam": ("Grad-CAM", fam_core.GradCAM(classifier, clf_layer)(clf_one).maps),
+        "gradcam++": (
+            "Grad-CAM++",
+            fam_core.GradCAMPlusPlus(classifier, clf_layer)(clf_one).maps,
+        ),
+        "xgradcam": ("XGrad-CAM", fam_core.XGradCAM(classifier, clf_layer)(clf_one).maps),
+        "layercam": ("LayerCAM", fam_core.LayerCAM(classifier, clf_layer)(clf_one).maps),
+        "scorecam": ("Score-CAM", fam_core.ScoreCAM(classifier, clf_layer)(clf_one).maps),
+        "ablationcam": (
+            "Ablation-CAM",
+            fam_core.AblationCAM(classifier, clf_layer)(clf_one).maps,
+        ),
+        "eigencam": ("Eigen-CAM", fam_core.EigenCAM(classifier, clf_layer)(clf_one).maps),
+        "guided-gradcam": (
+            "Guided Grad-CAM",
+            fam_core.GuidedGradCAM(classifier, clf_layer)(clf_one).maps,
+        ),
+        "activation": (
+            "upsampled activation",
+            fam_core.UpsampledActivation(classifier, clf_layer)(clf_one).maps,
+        ),
+        "guided-backprop": (
+            "guided backprop, stride fix",
+            fam_core.GuidedBackprop(classifier, stride_fix=True)(clf_one).maps,
+        ),
+        "deconvnet": (
+            "deconvnet, stride fix",
+            fam_core.Deconvnet(classifier, stride_fix=True)(clf_one).maps,
+        ),
+        "relevant-features": ("relevant features", relevant(clf_one).maps),
+    }
+    for name, (column, maps) in per_method.items():
+        _figure(
+            out / "methods" / f"{name.replace('++', 'pp')}.png",
+            queries.images[one],
+            {column: maps},
+            queries.masks[one],
+            labels[:1],
+            None,
+        )
 
 
 if __name__ == "__main__":
