@@ -60,7 +60,6 @@ def fit_head(
     pooling: PoolingKind,
     run: Callable[[torch.Tensor], torch.Tensor],
     run_graph: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    layer_name: str,
 ) -> Head:
     """Find the head from maps ``[B, N, h, w]`` and outputs ``[B, J]`` of one real pass.
 

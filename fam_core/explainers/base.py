@@ -270,7 +270,7 @@ class Explainer(ABC):
         ``d score / d activations`` is exact whether or not the weights require grad.
         """
         if graph is None:
-            graph = self.needs_gradients or self._head_needs_graph(images)
+            graph = self.needs_gradients or self._head_needs_graph()
         captured: list[tuple[torch.Tensor, FeatureLayout]] = []
         size = (int(images.shape[-2]), int(images.shape[-1]))
 
@@ -344,8 +344,7 @@ class Explainer(ABC):
             return self.head
         key = tuple(forward.activations.shape[1:])
         if key not in self._fitted_heads:
-            module_head = None
-            try:
+            try:  # a head registered after the layer: kept only if it reproduces the output
                 module_head = find_head(self.model, self.target_layer, self.pooling)
             except (ValueError, TypeError, RuntimeError):
                 module_head = None
@@ -365,11 +364,10 @@ class Explainer(ABC):
                 pooling=self.pooling,
                 run=run,
                 run_graph=run_graph,
-                layer_name=self.target_layer,
             )
         return self._fitted_heads[key]
 
-    def _head_needs_graph(self, images: torch.Tensor) -> bool:
+    def _head_needs_graph(self) -> bool:
         """Whether this method's forward must record the head (a Jacobian head, or one not
         yet analysed for this input size)."""
         if not self.uses_head or self.nonlinear_head == "error":
