@@ -203,6 +203,7 @@ class Explainer(ABC):
         self.nonlinear_head: NonlinearHead = nonlinear_head
         self._head_spec = head
         self._fitted_heads: dict[tuple[int, ...], Head] = {}
+        self._layouts: dict[object, FeatureLayout] = {}
         if task is None and classifier is not None:
             task = "classifier" if classifier else "embedding"
         if task is None and getattr(model, "is_classifier", None) is not None:
@@ -324,6 +325,11 @@ class Explainer(ABC):
             handle.remove()
 
     def _layout(self, tensor: torch.Tensor, size: tuple[int, int]) -> FeatureLayout:
+        """The layout of the target layer's output, detected once per shape and input size
+        (this runs in every forward pass)."""
+        key = (tuple(tensor.shape[1:]), size) if isinstance(tensor, torch.Tensor) else None
+        if key in self._layouts:
+            return self._layouts[key]
         layout = as_layout(self.layout_spec, tensor, size)
         if layout is None:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else "?"
@@ -332,6 +338,7 @@ class Explainer(ABC):
                 f"{shape}, expected feature maps [B, N, h, w], tokens [B, T, N] or "
                 f"[B, h, w, N] covering a {size[0]}x{size[1]} input"
             )
+        self._layouts[key] = layout
         return layout
 
     # -- the head between the target layer and the outputs
@@ -642,12 +649,7 @@ def _found_layer(
 ) -> str:
     """The target layer found from the dataflow (:func:`find_layers`), searched once per
     model, input size and output: every explainer of a served model shares the search."""
-    key = (
-        size,
-        output if isinstance(output, str | int) or output is None else id(output),
-        channels,
-        pooling,
-    )
+    key = (size, output, channels, pooling)  # a callable output is keyed by itself
     found = _FOUND_LAYERS.setdefault(model, {})
     if key not in found:
         search = find_layers(model, size, output=output, channels=channels, pooling=pooling)
@@ -662,20 +664,16 @@ def _found_layer(
 
 def _unwrap(output: object):  # noqa: ANN202
     """``(tensor, rewrap)``: a layer output's feature tensor (a tensor, or the first item of a
-    tuple or list) and a function putting a replacement back in its place."""
-    if isinstance(output, torch.Tensor):
+    tuple or list) and a function putting a replacement back in its place (a list stays a
+    list; any tuple, named ones included, becomes a plain tuple)."""
+    if not (isinstance(output, list | tuple) and output and isinstance(output[0], torch.Tensor)):
         return output, lambda new: new
-    if isinstance(output, list | tuple) and output and isinstance(output[0], torch.Tensor):
-        rest = tuple(output[1:])
-        return output[
-            0
-        ], lambda new: type(output)((new, *rest)) if isinstance(output, list) else (new, *rest)
-    return output, lambda new: new
+    rest = tuple(output[1:])
 
+    def rewrap(new: torch.Tensor) -> object:
+        return [new, *rest] if isinstance(output, list) else (new, *rest)
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    parameter = next(model.parameters(), None)
-    return None if parameter is None else parameter.device
+    return output[0], rewrap
 
 
 def upsample(raw: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:

@@ -135,12 +135,7 @@ class GradFAM(ChannelExplainer):
         if head is None or not self._head_allows_closed_form(head, forward):
             if not forward.activations.requires_grad:  # the head is not what it seemed
                 forward = self.forward(images, graph=True)
-                outputs = forward.outputs
-                scores = (
-                    self.score(outputs, target)
-                    if not target.explains_self
-                    else (self_projection_score(outputs)[0])
-                )
+                scores = self.score(forward.outputs, target)  # a self target is resolved above
             weights = self.gradients(forward, scores).sum(dim=(2, 3)) / hw  # eq. 3
             return weights, scores, {}
         d_embedding = similarity_gradient(outputs, target.references, target.similarity)
