@@ -49,6 +49,7 @@ def main(url: str, image_path: str) -> None:
         ("corrupt", "default-classifier", _images(b"xx"), {}),
         ("unknown_method", "default-classifier", _images(image), {"method": "nope"}),
         ("too_many", "default-classifier", _images(*[image] * 65), {}),
+        ("large_corrupt", "default-classifier", _images(b"x" * (9 << 20)), {}),  # > 8 MiB
         ("unknown_model", "nope", _images(image), {}),
     ):
         try:

@@ -273,6 +273,8 @@ def test_grpc_v2_with_tritonclient(server, pipeline, tmp_path) -> None:
     assert errors["corrupt"].startswith("StatusCode.INVALID_ARGUMENT"), errors
     assert errors["unknown_method"].startswith("StatusCode.NOT_FOUND"), errors
     assert errors["too_many"].startswith("StatusCode.RESOURCE_EXHAUSTED"), errors
+    # over KServe's default 8 MiB message limit, under the request limit: reaches the pipeline
+    assert errors["large_corrupt"].startswith("StatusCode.INVALID_ARGUMENT"), errors
     assert errors["unknown_model"].startswith("StatusCode.NOT_FOUND"), errors
     assert report["after_errors"] == report[CLASSIFIER]["label"][0]
 

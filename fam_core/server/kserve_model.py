@@ -94,7 +94,8 @@ from kserve.protocol.infer_type import (  # noqa: E402
 VERSION = "1"
 """The model version reported in v2 responses."""
 BODY_OVERHEAD = 1 << 20
-"""Bytes a REST body may hold beyond the base64 of ``Limits.max_request_bytes``."""
+"""Bytes a REST body (a gRPC message) may hold beyond the base64 of (beyond)
+``Limits.max_request_bytes``."""
 
 
 class RequestError(GrpcException):
@@ -272,6 +273,11 @@ def serve(
     models = [FamKServeModel(name, pipeline) for name in registry.names()]
     for model in models:
         model.load()
+    # KServe's gRPC server takes its message limits from the options it parsed at import
+    # (8 MiB by default): fit them to the request limit, as fam serve does
+    options = kserve.model_server.args
+    options.grpc_max_receive_message_length = limits.max_request_bytes + BODY_OVERHEAD
+    options.grpc_max_send_message_length = limits.max_request_bytes + BODY_OVERHEAD
     app = kserve.model_server.app
     app.add_exception_handler(RequestError, request_error_response)
     app.middleware("http")(_limit_body(4 * limits.max_request_bytes // 3 + BODY_OVERHEAD))
