@@ -27,7 +27,7 @@ import yaml
 from serving_helpers import make_model_dir, png_bytes
 
 from fam_core.cli import build_parser
-from fam_core.pipeline import EncodedImage, ExplainRequest, ModelRegistry, Pipeline
+from fam_core.pipeline import EncodedImage, ExplainRequest, ModelRegistry, Pipeline, RawTensor
 from fam_core.pipeline.encode import heatmap_from_bytes
 
 pytest.importorskip("kserve", reason="needs the kserve extra")
@@ -229,6 +229,28 @@ def test_v2_requested_outputs_feature_resolution_and_embedding_model(client, pip
     assert outputs["heatmap"]["shape"] == [1, *expected.shape]
     values = torch.tensor(outputs["heatmap"]["data"]).reshape(expected.shape)
     torch.testing.assert_close(values, expected, atol=ATOL, rtol=0)
+
+
+def test_v2_uint8_pixels(client, pipeline) -> None:
+    pixels = torch.randint(0, 256, (3, 84, 84), generator=torch.Generator().manual_seed(9))
+    values = pixels.to(torch.uint8)
+    body = {
+        "inputs": [
+            {
+                "name": "p",
+                "shape": [1, 3, 84, 84],
+                "datatype": "UINT8",
+                "data": values.flatten().tolist(),
+            }
+        ],
+        "outputs": [{"name": "heatmap"}],
+    }
+    outputs = v2_outputs(client.post(f"/v2/models/{CLASSIFIER}/infer", json=body))
+    raw = RawTensor(values.numpy().tobytes(), "uint8", (3, 84, 84))
+    result = pipeline.explain(ExplainRequest(CLASSIFIER, (raw,))).results[0]
+    expected = heatmap_from_bytes(result.heatmap.data, result.heatmap.shape)
+    got = torch.tensor(outputs["heatmap"]["data"]).reshape(expected.shape)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
 def test_v2_binary_outputs_carry_the_float16_heatmap(client, pipeline) -> None:
