@@ -20,7 +20,6 @@ target: the ratio tells users what the platform costs.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import os
 import socket
@@ -39,10 +38,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_grpc import start_server  # noqa: E402
-from serving_helpers import make_model_dir, png_bytes  # noqa: E402
+from bench_grpc import parse_options, served_models, start_server  # noqa: E402
+from serving_helpers import png_bytes  # noqa: E402
 
-from fam_core.models.store import available_models  # noqa: E402
 from fam_core.pipeline.oip_codec import pack_bytes  # noqa: E402
 from fam_core.server.stubs import grpc_service_pb2 as pb  # noqa: E402
 from fam_core.server.stubs import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -100,18 +98,9 @@ def run_round(clients: int, count: int, send: Callable[[int], None]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=400, help="requests per round")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--model", default="default-classifier")
-    args = parser.parse_args()
-
+    args = parse_options(__doc__)
     scratch = tempfile.TemporaryDirectory()
-    if {"default-embedding", "default-classifier"} <= set(available_models()):
-        models, source = [], "default models"
-    else:
-        models, source = ["--models", str(make_model_dir(Path(scratch.name)))], "random-init Conv4"
+    models, source = served_models(Path(scratch.name))
     images = [png_bytes(seed, (84, 84)) for seed in range(64)]
 
     def infer_request(index: int) -> pb.ModelInferRequest:
