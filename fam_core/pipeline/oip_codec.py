@@ -35,6 +35,24 @@ OUTPUTS: tuple[str, ...] = ("scores", "label", "embedding", "heatmap")
 _PIXEL_TYPES = {"UINT8": ("uint8", 1), "FP16": ("float16", 2), "FP32": ("float32", 4)}
 
 
+def tensor_metadata(output_dim: int) -> dict[str, list[dict[str, Any]]]:
+    """The ``inputs`` and ``outputs`` of a model's OIP metadata (``-1``: any size).
+
+    Example:
+        >>> [(t["name"], t["shape"]) for t in tensor_metadata(8)["outputs"]][2]
+        ('embedding', [-1, 8])
+    """
+    return {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [
+            {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "embedding", "datatype": "FP32", "shape": [-1, output_dim]},
+            {"name": "heatmap", "datatype": "FP16", "shape": [-1, -1, -1]},
+        ],
+    }
+
+
 def pack_bytes(elements: list[bytes]) -> bytes:
     """BYTES tensor serialisation: each element preceded by its 4-byte little-endian length."""
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)

@@ -61,7 +61,12 @@ from fam_core.pipeline import (
 from fam_core.pipeline.decode import check_count
 from fam_core.pipeline.errors import InvalidArgument
 from fam_core.pipeline.json_codec import kserve_fields, request_from_fields, response_to_json
-from fam_core.pipeline.oip_codec import OUTPUTS, infer_response, request_from_infer
+from fam_core.pipeline.oip_codec import (
+    OUTPUTS,
+    infer_response,
+    request_from_infer,
+    tensor_metadata,
+)
 from fam_core.server.calls import MAX_MESSAGE, shorten
 from fam_core.server.status import status_code
 
@@ -130,6 +135,14 @@ class FamKServeModel(kserve.Model):  # type: ignore[misc,name-defined]
         """Ready when the pipeline's registry loaded this model (it loads models itself)."""
         self.ready = self.name in self.pipeline.registry.names()
         return self.ready
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        """The v2 metadata's inputs: one ``BYTES`` ``[B]`` tensor of images."""
+        return tensor_metadata(self.pipeline.describe(self.name).output_dim)["inputs"]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        """The v2 metadata's outputs: ``scores``, ``label``, ``embedding``, ``heatmap``."""
+        return tensor_metadata(self.pipeline.describe(self.name).output_dim)["outputs"]
 
     async def predict(
         self,

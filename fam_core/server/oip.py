@@ -13,6 +13,7 @@ from fam_core.pipeline.oip_codec import (
     infer_response,
     pack_bytes,
     request_from_infer,
+    tensor_metadata,
     unpack_bytes,
 )
 from fam_core.server.calls import Calls
@@ -56,17 +57,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def body() -> pb.ModelMetadataResponse:
             info = self.pipeline.describe(request.name)
             tensor = pb.ModelMetadataResponse.TensorMetadata
+            tensors = tensor_metadata(info.output_dim)
             return pb.ModelMetadataResponse(
                 name=info.name,
                 versions=[self.VERSION],
                 platform="pytorch",
-                inputs=[tensor(name="image", datatype="BYTES", shape=[-1])],
-                outputs=[
-                    tensor(name="scores", datatype="FP32", shape=[-1, -1]),
-                    tensor(name="label", datatype="BYTES", shape=[-1]),
-                    tensor(name="embedding", datatype="FP32", shape=[-1, info.output_dim]),
-                    tensor(name="heatmap", datatype="FP16", shape=[-1, -1, -1]),
-                ],
+                inputs=[tensor(**t) for t in tensors["inputs"]],
+                outputs=[tensor(**t) for t in tensors["outputs"]],
             )
 
         return self.calls.run("ModelMetadata", request.name, context, body)
