@@ -444,6 +444,7 @@ def test_kserve_model_doctest() -> None:
         ["--token-file", "t"],
         ["--tls-cert", "c", "--tls-key", "k"],
         ["--port", "9", "--grpc-port", "9"],
+        ["--metrics-port", "0"],
     ],
 )
 def test_cli_refuses_options_kserve_does_not_take(options) -> None:

@@ -101,7 +101,9 @@ def _serve(args: argparse.Namespace) -> int:
         if not 0 <= port <= 65535:
             raise ValueError(f"{name} must be in [0, 65535], got {port}")
     if args.engine == "kserve":
-        given = [f"--{name.replace('_', '-')}" for name in _GRPC_ONLY if getattr(args, name)]
+        given = [
+            f"--{name.replace('_', '-')}" for name in _GRPC_ONLY if getattr(args, name) is not None
+        ]
         if given:
             raise ValueError(
                 f"{', '.join(given)}: not with --engine kserve (KServe's ingress does auth and "
