@@ -79,19 +79,29 @@ def run_round(
     return len(requests) / (time.perf_counter() - started), latencies
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def parse_options(description: str | None) -> argparse.Namespace:
+    """The options of the serving benchmarks: rounds, requests per round, clients, model."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=400, help="requests per round")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--model", default="default-classifier")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    scratch = tempfile.TemporaryDirectory()
+
+def served_models(scratch: Path) -> tuple[list[str], str]:
+    """``fam serve`` options naming the models, and what they are: the default models when
+    they are in the model store, else random-init models of the same architecture in
+    ``scratch``."""
     if {"default-embedding", "default-classifier"} <= set(available_models()):
-        models, source = [], "default models"
-    else:
-        models, source = ["--models", str(make_model_dir(Path(scratch.name)))], "random-init Conv4"
+        return [], "default models"
+    return ["--models", str(make_model_dir(scratch))], "random-init Conv4"
+
+
+def main() -> None:
+    args = parse_options(__doc__)
+    scratch = tempfile.TemporaryDirectory()
+    models, source = served_models(Path(scratch.name))
     images = [png_bytes(seed, (84, 84)) for seed in range(64)]
     explain = [
         fam_pb2.ExplainRequest(model=args.model, images=[fam_pb2.Image(encoded=images[i % 64])])

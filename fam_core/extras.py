@@ -12,9 +12,10 @@ extra           for
 ``export``      ``fam export``: exporting models to ONNX (onnxscript for non-linear heads)
 ``serve``       ``fam serve`` and ``fam serve-demo``: the gRPC server and its metrics
 ``torchserve``  ``fam archive`` and serving the archives with TorchServe
+``kserve``      ``fam serve --engine kserve``: the KServe model server (REST v1/v2, gRPC v2)
 ``captum``      :mod:`fam_core.captum`, the Captum interop
 ``eval``        ``fam eval`` (its charts and progress bar), matplotlib colour maps
-``all``         every extra above but ``onnx-gpu``
+``all``         every extra above but ``onnx-gpu`` and ``kserve``
 ==============  ==========================================================================
 
 Example:
@@ -37,6 +38,7 @@ PURPOSES: dict[str, str] = {
     "export": "exporting to ONNX",
     "serve": "the gRPC server",
     "torchserve": "building TorchServe archives",
+    "kserve": "the KServe model server",
     "captum": "the Captum interop",
     "eval": "the evaluation",
 }

@@ -15,7 +15,7 @@ from torch import nn
 
 from fam_core.models.backbones import conv4
 
-collect_ignore = ["oip_client.py", "torchserve_grpc_client.py"]
+collect_ignore = ["oip_client.py", "torchserve_grpc_client.py", "kserve_grpc_client.py"]
 if importlib.util.find_spec("transformers") is None:  # its doctest imports transformers
     collect_ignore.append("hf_factories.py")
 

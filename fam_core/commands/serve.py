@@ -1,4 +1,5 @@
-"""``fam serve``: the gRPC server; ``fam serve-demo``: one request through it, then stop."""
+"""``fam serve``: the gRPC server (or, with ``--engine kserve``, the KServe model server);
+``fam serve-demo``: one request through the gRPC server, then stop."""
 
 from __future__ import annotations
 
@@ -8,12 +9,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fam_core.pipeline import ModelRegistry
+    from fam_core.pipeline import BatchingConfig, Limits, ModelRegistry
 
 
 def add_command(commands) -> None:  # type: ignore[no-untyped-def]
     serve = commands.add_parser(
-        "serve", help="serve predictions with heatmaps over gRPC (fam.v1 and the OIP)"
+        "serve",
+        help="serve predictions with heatmaps over gRPC (fam.v1 and the OIP), or on KServe",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="grpc",
+        help="grpc (default): fam's gRPC server; kserve: a KServe model server (REST v1 and "
+        "v2 on --port, default 8080; gRPC v2 on --grpc-port; pip install 'fam-core[kserve]')",
     )
     serve.add_argument(
         "--models", help="folder of */config.yaml and *.onnx (default: the default models)"
@@ -26,7 +35,12 @@ def add_command(commands) -> None:  # type: ignore[no-untyped-def]
         help="a model name, folder, config.yaml or .onnx file (repeatable; with --models too)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
-    serve.add_argument("--port", type=int, default=50051, help="port (default 50051, 0: any)")
+    serve.add_argument(
+        "--port", type=int, help="port (default 50051, 0: any; kserve: the HTTP port, 8080)"
+    )
+    serve.add_argument(
+        "--grpc-port", type=int, default=8081, help="kserve: the gRPC v2 port (default 8081)"
+    )
     serve.add_argument("--max-batch-size", type=int, default=32, help="images per pass (1: off)")
     serve.add_argument("--max-delay-ms", type=float, default=2.0, help="batching delay")
     serve.add_argument("--workers", type=int, default=32, help="RPC threads")
@@ -71,15 +85,32 @@ def add_command(commands) -> None:  # type: ignore[no-untyped-def]
     demo.set_defaults(run=_serve_demo)
 
 
+ENGINES = ("grpc", "kserve")
+DEFAULT_PORTS = {"grpc": 50051, "kserve": 8080}
+_GRPC_ONLY = ("token_file", "tls_cert", "tls_key", "metrics_port", "metrics_token_file")
+"""Options KServe does not take (its ingress authenticates and terminates TLS; it serves
+``/metrics`` on the HTTP port and health on ``/v2/health/*``)."""
+
+
 def _serve(args: argparse.Namespace) -> int:
     from fam_core.pipeline import BatchingConfig, Limits
-    from fam_core.server import FamServer, ServerConfig
-    from fam_core.server.logs import configure_logging
 
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    token = _read_token(args.token_file)
-    metrics_token = _read_token(args.metrics_token_file)
+    if args.port is None:
+        args.port = DEFAULT_PORTS[args.engine]
+    for name, port in (("--port", args.port), ("--grpc-port", args.grpc_port)):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{name} must be in [0, 65535], got {port}")
+    if args.engine == "kserve":
+        given = [
+            f"--{name.replace('_', '-')}" for name in _GRPC_ONLY if getattr(args, name) is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: not with --engine kserve (KServe's ingress does auth and "
+                "TLS; /metrics is on its HTTP port)"
+            )
+        if args.port == args.grpc_port:
+            raise ValueError(f"--port and --grpc-port must differ, both are {args.port}")
     formats = tuple(f.strip().upper().replace("JPG", "JPEG") for f in args.formats.split(","))
     limits = Limits(
         max_pixels=args.max_pixels,
@@ -87,10 +118,39 @@ def _serve(args: argparse.Namespace) -> int:
         max_inflight_decoded_bytes=args.max_inflight_decoded_mb * 1024 * 1024,
         formats=tuple(f for f in formats if f),
     )
-    configure_logging()
+    batching = BatchingConfig(args.max_batch_size, args.max_delay_ms)
     registry = load_registry(args.models, args.model)
     for failed in registry.failed():
         print(f"fam serve: model {failed.name!r} is not ready: {failed.reason}", flush=True)
+    if args.engine == "kserve":
+        from fam_core.server.kserve_model import serve as serve_kserve
+
+        print(
+            f"fam serve: KServe REST on port {args.port}, gRPC v2 on port {args.grpc_port} "
+            "(all interfaces)",
+            flush=True,
+        )
+        serve_kserve(
+            registry,
+            http_port=args.port,
+            grpc_port=args.grpc_port,
+            limits=limits,
+            batching=batching,
+            workers=args.workers,
+        )
+        return 0
+    return _serve_grpc(args, registry, limits, batching)
+
+
+def _serve_grpc(
+    args: argparse.Namespace, registry: ModelRegistry, limits: Limits, batching: BatchingConfig
+) -> int:
+    from fam_core.server import FamServer, ServerConfig
+    from fam_core.server.logs import configure_logging
+
+    token = _read_token(args.token_file)
+    metrics_token = _read_token(args.metrics_token_file)
+    configure_logging()
     server = FamServer(
         registry,
         ServerConfig(
@@ -98,7 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             max_workers=args.workers,
             limits=limits,
-            batching=BatchingConfig(args.max_batch_size, args.max_delay_ms),
+            batching=batching,
             token=token,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,

@@ -1,0 +1,330 @@
+"""KServe front door: fam's request pipeline as a KServe custom model server.
+
+Each served model is a :class:`FamKServeModel` (a ``kserve.Model``) over one shared
+:class:`~fam_core.pipeline.Pipeline` (the one ``fam serve`` and the TorchServe handler run),
+served by ``kserve.ModelServer`` on KServe's routes:
+
+* REST v1: ``POST /v1/models/{name}:predict`` and ``:explain`` with
+  ``{"instances": [base64 image, ...], "parameters": {"method": ..., ...}}``
+  (:func:`~fam_core.pipeline.json_codec.kserve_fields`); the answer is
+  ``{"predictions": [result, ...]}`` or ``{"explanations": [result, ...]}``, each result the
+  JSON of ``fam.v1.Result`` (the heatmap as base64 float16 with its shape).
+* REST v2 (Open Inference Protocol): ``POST /v2/models/{name}/infer`` with one ``BYTES``
+  ``[B]`` input whose elements are base64 text (JSON has no bytes), or ``UINT8``/``FP32``
+  pixels ``[B, 3, H, W]``; parameters ``method``, ``resolution``, ``target_class``. Outputs are
+  named tensors ``scores``, ``label``, ``embedding`` and ``heatmap``
+  (:mod:`~fam_core.pipeline.oip_codec`); the heatmap is FP32 in JSON, FP16 with
+  ``"binary_data_output": true`` (the binary extension).
+* gRPC v2: ``inference.GRPCInferenceService/ModelInfer``, as ``fam serve``'s OIP service
+  (heatmap FP16).
+* health: ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}/ready``,
+  ``/v1/models/{name}``; Prometheus ``/metrics`` on the HTTP port.
+
+A request the pipeline refuses answers the status its error names
+(:mod:`~fam_core.pipeline.errors`): HTTP 400/404/413/415/503/504 with
+``{"error": message, "code": grpc_code}``, or that gRPC status. Bodies larger than the
+request limit (as base64, plus 1 MiB) are refused with 413 before they are read.
+
+Run it with ``fam serve --engine kserve`` or ``python -m fam_core.server.kserve_model``.
+``kserve`` is imported with this module only (``pip install 'fam-core[kserve]'``).
+
+Example:
+    >>> from fam_core.pipeline import ModelRegistry, Pipeline
+    >>> pipeline = Pipeline(ModelRegistry.from_names(["default-classifier"]), batching=None)
+    >>> model = FamKServeModel("default-classifier", pipeline)
+    >>> model.load()
+    True
+    >>> pipeline.close()
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fam_core.extras import require
+from fam_core.pipeline import (
+    BatchingConfig,
+    ExplainRequest,
+    Limits,
+    ModelRegistry,
+    Pipeline,
+    PipelineError,
+)
+from fam_core.pipeline.decode import check_count
+from fam_core.pipeline.errors import InvalidArgument
+from fam_core.pipeline.json_codec import kserve_fields, request_from_fields, response_to_json
+from fam_core.pipeline.oip_codec import (
+    OUTPUTS,
+    infer_response,
+    request_from_infer,
+    tensor_metadata,
+)
+from fam_core.server.calls import MAX_MESSAGE, shorten
+from fam_core.server.status import status_code
+
+
+def _import_kserve() -> Any:
+    """``kserve``, imported with an empty command line: ``kserve.model_server`` parses
+    ``sys.argv`` when it is imported, and would read ``fam serve``'s options as its own."""
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        require("kserve", "kserve", "kserve.model_server", "grpc_interceptor.exceptions")
+    finally:
+        sys.argv = argv
+    import kserve
+
+    return kserve
+
+
+kserve = _import_kserve()
+from fastapi.responses import JSONResponse  # noqa: E402  (a dependency of kserve)
+from grpc_interceptor.exceptions import GrpcException  # noqa: E402
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as kserve_pb  # noqa: E402
+from kserve.protocol.infer_type import (  # noqa: E402
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    to_http_parameters,
+)
+
+VERSION = "1"
+"""The model version reported in v2 responses."""
+BODY_OVERHEAD = 1 << 20
+"""Bytes a REST body (a gRPC message) may hold beyond the base64 of (beyond)
+``Limits.max_request_bytes``."""
+
+
+class RequestError(GrpcException):
+    """A :class:`PipelineError` on its way out: KServe's gRPC server answers
+    ``status_code`` (:class:`GrpcException`), the REST server ``http_status``
+    (:func:`request_error_response`)."""
+
+    def __init__(self, error: PipelineError) -> None:
+        super().__init__(shorten(str(error), MAX_MESSAGE), status_code(error))
+        self.http_status = error.http_status
+        self.code = error.code
+
+    def __str__(self) -> str:
+        return self.details
+
+
+async def request_error_response(_request: Any, error: RequestError) -> JSONResponse:
+    """The REST answer to a refused request: its HTTP status, ``{"error", "code"}``."""
+    return JSONResponse(
+        status_code=error.http_status, content={"error": error.details, "code": error.code}
+    )
+
+
+class FamKServeModel(kserve.Model):  # type: ignore[misc,name-defined]
+    """One served model of ``pipeline`` behind KServe's v1, v2 and gRPC v2 routes."""
+
+    def __init__(self, name: str, pipeline: Pipeline) -> None:
+        super().__init__(name)
+        self.pipeline = pipeline
+
+    def load(self) -> bool:
+        """Ready when the pipeline's registry loaded this model (it loads models itself)."""
+        self.ready = self.name in self.pipeline.registry.names()
+        return self.ready
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        """The v2 metadata's inputs: one ``BYTES`` ``[B]`` tensor of images."""
+        return tensor_metadata(self.pipeline.describe(self.name).output_dim)["inputs"]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        """The v2 metadata's outputs: ``scores``, ``label``, ``embedding``, ``heatmap``."""
+        return tensor_metadata(self.pipeline.describe(self.name).output_dim)["outputs"]
+
+    async def predict(
+        self,
+        payload: dict[str, Any] | bytes | InferRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict[str, Any] | InferResponse | Any:
+        """v1 ``:predict`` (heatmap unless ``"heatmap": false``), v2 ``infer``, gRPC v2."""
+        return await self._answer(payload, explain=False)
+
+    async def explain(
+        self, payload: dict[str, Any] | bytes | InferRequest, headers: dict[str, str] | None = None
+    ) -> dict[str, Any] | InferResponse | Any:
+        """v1 ``:explain``: the results with their heatmaps under ``"explanations"``."""
+        return await self._answer(payload, explain=True)
+
+    async def _answer(self, payload: Any, *, explain: bool) -> Any:
+        try:
+            if isinstance(payload, InferRequest):
+                return await self._infer(payload)
+            request = self._v1_request(payload, explain)
+            response = await asyncio.to_thread(self.pipeline.explain, request)
+            results = response_to_json(response)["results"]
+            return {"explanations" if explain else "predictions": results}
+        except PipelineError as error:
+            raise RequestError(error) from None
+
+    def _v1_request(self, payload: Any, explain: bool) -> ExplainRequest:
+        if isinstance(payload, bytes | bytearray):  # a non-JSON body: the image itself
+            fields: dict[str, Any] = {"data": bytes(payload)}
+        elif isinstance(payload, dict):
+            fields = kserve_fields(payload)
+        else:
+            raise InvalidArgument(
+                f"a KServe v1 body must be a JSON object, got {type(payload).__name__}"
+            )
+        return request_from_fields(
+            self.name, fields, force_heatmap=explain, limits=self.pipeline.limits
+        )
+
+    async def _infer(self, payload: InferRequest) -> Any:
+        """A v2 request: gRPC answers the message itself, REST an :class:`InferResponse`."""
+        if not payload.from_grpc:
+            _decode_base64_inputs(payload, self.pipeline.limits)
+        message = payload.to_grpc()
+        request = request_from_infer(message, self.pipeline.limits)
+        response = await asyncio.to_thread(self.pipeline.explain, request)
+        requested = [output.name for output in message.outputs] or list(OUTPUTS)
+        version = payload.model_version or VERSION
+        answer = infer_response(response, requested, version, kserve_pb.ModelInferResponse)
+        if payload.from_grpc:
+            return answer
+        binary = bool(payload.use_binary_outputs)
+        if not binary:
+            _heatmap_as_fp32(answer)
+        return InferResponse(
+            response_id=answer.id,
+            model_name=answer.model_name,
+            model_version=answer.model_version,
+            infer_outputs=[
+                InferOutput(
+                    name=output.name,
+                    shape=list(output.shape),
+                    datatype=output.datatype,
+                    parameters=to_http_parameters(output.parameters) or None,
+                )
+                for output in answer.outputs
+            ],
+            raw_outputs=list(answer.raw_output_contents),
+            use_binary_outputs=binary,
+        )
+
+
+def _decode_base64_inputs(payload: InferRequest, limits: Limits) -> None:
+    """REST v2 ``BYTES`` elements come as base64 text (JSON carries no bytes): decode them in
+    place, after checking their count against the limits."""
+    for tensor in payload.inputs:
+        if tensor.datatype != "BYTES" or not isinstance(tensor.data, list):
+            continue
+        check_count(len(tensor.data), limits, f"BYTES input {tensor.name[:40]!r}")
+        decoded = []
+        for index, item in enumerate(tensor.data):
+            if not isinstance(item, str):
+                raise InvalidArgument(
+                    f"BYTES element {index} is a {type(item).__name__}; expected base64 text"
+                )
+            try:
+                decoded.append(base64.b64decode(item, validate=True))
+            except (binascii.Error, ValueError):
+                raise InvalidArgument(
+                    f"BYTES element {index} is not base64: send each image as base64 text"
+                ) from None
+        tensor.data = decoded
+
+
+def _heatmap_as_fp32(message: Any) -> None:
+    """JSON has no FP16: the ``heatmap`` output of a JSON answer as FP32 (same values)."""
+    for index, output in enumerate(message.outputs):
+        if output.name == "heatmap" and output.datatype == "FP16":
+            raw = message.raw_output_contents[index]
+            message.raw_output_contents[index] = (
+                np.frombuffer(raw, dtype="<f2").astype("<f4").tobytes()
+            )
+            output.datatype = "FP32"
+
+
+def _limit_body(max_bytes: int) -> Any:
+    """HTTP middleware: 413 for a body whose ``Content-Length`` is over ``max_bytes``."""
+
+    async def limit(request: Any, call_next: Any) -> Any:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_bytes:
+            return JSONResponse(
+                status_code=413,
+                content={
+                    "error": f"the body has {length} bytes, more than the limit of {max_bytes}",
+                    "code": "RESOURCE_EXHAUSTED",
+                },
+            )
+        return await call_next(request)
+
+    return limit
+
+
+def serve(
+    registry: ModelRegistry,
+    *,
+    http_port: int = 8080,
+    grpc_port: int = 8081,
+    limits: Limits | None = None,
+    batching: BatchingConfig | None = None,
+    workers: int = 32,
+) -> None:
+    """Serve the models of ``registry`` with ``kserve.ModelServer`` until SIGTERM/SIGINT.
+
+    KServe listens on every interface (``0.0.0.0`` and ``[::]``), as a pod needs. ``workers``
+    threads run pipeline calls; concurrent requests are micro-batched per model (``batching``).
+    """
+    limits = limits or Limits()
+    pipeline = Pipeline(registry, limits, batching or BatchingConfig())
+    models = [FamKServeModel(name, pipeline) for name in registry.names()]
+    for model in models:
+        model.load()
+    # KServe's gRPC server takes its message limits from the options it parsed at import
+    # (8 MiB by default): fit them to the request limit, as fam serve does
+    options = kserve.model_server.args
+    options.grpc_max_receive_message_length = limits.max_request_bytes + BODY_OVERHEAD
+    options.grpc_max_send_message_length = limits.max_request_bytes + BODY_OVERHEAD
+    app = kserve.model_server.app
+    app.add_exception_handler(RequestError, request_error_response)
+    app.middleware("http")(_limit_body(4 * limits.max_request_bytes // 3 + BODY_OVERHEAD))
+    server = kserve.ModelServer(
+        http_port=http_port,
+        grpc_port=grpc_port,
+        workers=1,
+        max_asyncio_workers=workers,
+        enable_latency_logging=False,
+    )
+    try:
+        server.start(models)
+    finally:
+        pipeline.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fam_core.server.kserve_model [--http-port 8080] [--grpc-port 8081]
+    [--model NAME_OR_CONFIG ...] [--models DIR]``; ``fam serve --engine kserve`` has every
+    option."""
+    from fam_core.commands.serve import load_registry
+
+    parser = argparse.ArgumentParser(prog="python -m fam_core.server.kserve_model")
+    parser.add_argument("--http-port", type=int, default=8080)
+    parser.add_argument("--grpc-port", type=int, default=8081)
+    parser.add_argument("--models", help="folder of */config.yaml and *.onnx")
+    parser.add_argument("--model", action="append", default=[], metavar="CONFIG")
+    args = parser.parse_args(argv)
+    registry = load_registry(args.models, args.model)
+    for failed in registry.failed():
+        print(f"fam kserve: model {failed.name!r} is not ready: {failed.reason}", flush=True)
+    serve(registry, http_port=args.http_port, grpc_port=args.grpc_port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
