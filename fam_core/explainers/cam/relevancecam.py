@@ -22,6 +22,10 @@ classifier) the positive contributions are ``x^+ w^+ + x^- w^-``, which is ``x w
 linear / ``BatchNorm1d`` layers, :mod:`fam_core.head_fit`); global pooling passes the
 relevance of ``z_n`` to the positions by their positive contributions
 ``(A_nij dz_n/dA_nij)^+`` (``A_nij / hw`` for average pooling, the maximum for max pooling).
+A head found by probing (functional layers, :func:`~fam_core.head_fit.fit_head`) is one
+composed linear map, so eq. 9 runs through it as one layer. The authors' code averages the
+relevance over positions where this sums it: a factor ``hw`` that min-max normalisation
+removes.
 
 Why not Captum's ``LayerLRP`` (``Alpha1_Beta0_Rule``)? It needs a rule on every leaf module
 of the *whole* model, before the target layer too, and supports none of ours there:
