@@ -12,7 +12,7 @@ extra           for
 ``export``      ``fam export``: exporting models to ONNX (onnxscript for non-linear heads)
 ``serve``       ``fam serve`` and ``fam serve-demo``: the gRPC server and its metrics
 ``torchserve``  ``fam archive`` and serving the archives with TorchServe
-``captum``      :mod:`fam_core.captum`, the Captum interop
+``captum``      :mod:`fam_core.captum`, the Captum interop, and LIFT-CAM (Captum's DeepLift)
 ``eval``        ``fam eval`` (nothing beyond the base install today)
 ``all``         every extra above but ``onnx-gpu``
 ==============  ==========================================================================

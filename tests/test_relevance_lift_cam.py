@@ -237,3 +237,22 @@ def test_hooks_are_removed_when_the_model_fails(method, layer, classifier, image
         assert not any(hasattr(m, "rule") for m in classifier.modules())
     finally:
         handle.remove()
+
+
+def test_liftcam_without_captum_is_refused_before_any_work(monkeypatch, classifier) -> None:
+    import fam_core.explainers.cam.liftcam as liftcam
+    from fam_core.extras import MissingExtraError, require
+    from fam_core.models.store import ModelConfig, find_config
+    from fam_core.pipeline.errors import NotFound
+    from fam_core.pipeline.torch_backend import TorchBackend
+
+    def missing(extra: str, *_modules: str) -> object:
+        return require(extra, "no_such_module_xyz")
+
+    monkeypatch.setattr(liftcam, "require", missing)
+    with pytest.raises(MissingExtraError, match=r"pip install 'fam-core\[captum\]'"):
+        LiftCAM(classifier, "block4")
+    config = ModelConfig.from_file(find_config("default-classifier"))
+    backend = TorchBackend(classifier, config)
+    with pytest.raises(NotFound, match="'liftcam'.*fam-core\\[captum\\]"):
+        backend.explainer("liftcam")

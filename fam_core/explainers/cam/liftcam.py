@@ -68,7 +68,8 @@ class ScoreAfterLayer(nn.Module):
 class LiftCAM(ChannelExplainer):
     """LIFT-CAM: channels weighted by their DeepLIFT contributions (approximate SHAP values).
 
-    Needs the ``captum`` extra. ``extras["contributions"]`` holds ``C`` ``[B, N, h, w]``.
+    Needs the ``captum`` extra (:class:`~fam_core.extras.MissingExtraError` when it is
+    built without it). ``extras["contributions"]`` holds ``C`` ``[B, N, h, w]``.
 
     Example:
         >>> from fam_core.models.backbones import conv4
@@ -82,16 +83,21 @@ class LiftCAM(ChannelExplainer):
 
     method = "liftcam"
 
+    def __init__(
+        self, model: nn.Module, target_layer: str | nn.Module | None = None, **options: object
+    ) -> None:
+        self._deep_lift = require("captum", "captum.attr").DeepLift  # before any work
+        super().__init__(model, target_layer, **options)  # type: ignore[arg-type]
+
     def channel_weights(
         self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        deep_lift = require("captum", "captum.attr").DeepLift
         outputs, maps = forward.outputs.detach(), forward.activations.detach()
         coefficients = linear_coefficients(outputs, target, "LIFT-CAM")
         score = ScoreAfterLayer(self, forward, images)
         with warnings.catch_warnings():  # Captum announces its (temporary) hooks every call
             warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
-            contributions = deep_lift(score).attribute(
+            contributions = self._deep_lift(score).attribute(
                 maps.clone().requires_grad_(True),
                 baselines=torch.zeros_like(maps),  # reference activation A' = 0
                 additional_forward_args=(images, coefficients),
