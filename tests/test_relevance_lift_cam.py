@@ -256,3 +256,17 @@ def test_liftcam_without_captum_is_refused_before_any_work(monkeypatch, classifi
     backend = TorchBackend(classifier, config)
     with pytest.raises(NotFound, match="'liftcam'.*fam-core\\[captum\\]"):
         backend.explainer("liftcam")
+
+
+def test_both_are_the_similarity_contributions_when_the_embedding_is_the_pooled_layer(
+    images, references
+) -> None:
+    # no layer between pooling and the score: the z-rule and DeepLIFT both give z_n c_n
+    torch.manual_seed(11)
+    model = conv4(width=0.125, activation="relu").eval()  # embedding: pooled block4 (8)
+    z = model(images).detach()
+    coefficients = (references / references.norm(dim=1, keepdim=True)).mean(dim=0)
+    expected = z * coefficients / z.norm(dim=1, keepdim=True)
+    for method in (RelevanceCAM, LiftCAM):
+        explanation = method(model, "block4")(images, target=references)
+        torch.testing.assert_close(explanation.weights, expected, atol=1e-6, rtol=1e-5)

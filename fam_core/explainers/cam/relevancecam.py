@@ -22,6 +22,8 @@ classifier) the positive contributions are ``x^+ w^+ + x^- w^-``, which is ``x w
 linear / ``BatchNorm1d`` layers, :mod:`fam_core.head_fit`); global pooling passes the
 relevance of ``z_n`` to the positions by their positive contributions
 ``(A_nij dz_n/dA_nij)^+`` (``A_nij / hw`` for average pooling, the maximum for max pooling).
+Relevance that reaches a channel without positive contributions (a LeakyReLU channel whose
+values are all negative) stops there: conservation is exact on ReLU networks.
 A head found by probing (functional layers, :func:`~fam_core.head_fit.fit_head`) is one
 composed linear map, so eq. 9 runs through it as one layer. The authors' code averages the
 relevance over positions where this sums it: a factor ``hw`` that min-max normalisation
