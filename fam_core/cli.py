@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -31,9 +31,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"fam: error: {message}\n")
 
 
-def _explain(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _progress(items: list[str], **options: object) -> Iterable[str]:
+    """tqdm's progress bar where tqdm is installed (the ``eval`` extra), else the items."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, **options)
 
+
+def _explain(args: argparse.Namespace) -> int:
     from fam_core.explainers.registry import check_runnable
     from fam_core.imageio import read_image
     from fam_core.pipeline import (
@@ -56,7 +63,7 @@ def _explain(args: argparse.Namespace) -> int:
     references = tuple(EncodedImage(_read_bytes(p)) for p in args.reference or ())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = tqdm(
+    progress = _progress(
         args.images, desc="explaining", unit="image", disable=len(args.images) < 8, file=sys.stderr
     )
     first, second = score_names(config.task, config.similarity)

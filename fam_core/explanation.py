@@ -45,8 +45,10 @@ class Explanation:
     extras: dict[str, torch.Tensor | str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if "flat" not in self.extras:  # no spatial information: say so
-            self.extras["flat"] = self.maps.flatten(1).amax(dim=1) == 0
+        extras = dict(self.extras)  # a copy: the caller's dict is never changed
+        if "flat" not in extras:  # no spatial information: say so
+            extras["flat"] = self.maps.flatten(1).amax(dim=1) == 0
+        object.__setattr__(self, "extras", extras)
 
     def __len__(self) -> int:
         return self.maps.shape[0]

@@ -1,6 +1,6 @@
 """Optional dependencies, grouped in the extras of the ``fam-core`` distribution.
 
-The base install (torch, numpy, pillow, pyyaml, matplotlib, tqdm) explains and renders; each
+The base install (torch, numpy, pillow) explains and renders; each
 front door that needs more checks for its extra when it is first used and fails with one line
 naming the extra to install:
 
@@ -13,7 +13,7 @@ extra           for
 ``serve``       ``fam serve`` and ``fam serve-demo``: the gRPC server and its metrics
 ``torchserve``  ``fam archive`` and serving the archives with TorchServe
 ``captum``      :mod:`fam_core.captum`, the Captum interop, and LIFT-CAM (Captum's DeepLift)
-``eval``        ``fam eval`` (nothing beyond the base install today)
+``eval``        ``fam eval`` (its charts and progress bar), matplotlib colour maps
 ``all``         every extra above but ``onnx-gpu``
 ==============  ==========================================================================
 

@@ -163,12 +163,26 @@ def detect_layout(features: torch.Tensor, size: tuple[int, int]) -> FeatureLayou
     return None
 
 
+def check_layout_spec(spec: object) -> None:
+    """Reject a layout option that is not ``None``, ``"auto"``, a kind or a FeatureLayout.
+
+    Example:
+        >>> check_layout_spec("tokens")
+        >>> check_layout_spec("nchw")
+        Traceback (most recent call last):
+        ValueError: layout must be 'auto', one of ('channels_first', 'channels_last', 'tokens') or a FeatureLayout, got 'nchw'
+    """  # noqa: E501
+    if not isinstance(spec, FeatureLayout) and spec not in (None, "auto", *LAYOUT_KINDS):
+        raise ValueError(
+            f"layout must be 'auto', one of {LAYOUT_KINDS} or a FeatureLayout, got {spec!r}"
+        )
+
+
 def as_layout(spec: FeatureLayout | str | None, features: torch.Tensor, size: tuple[int, int]):
     """Resolve a user's layout option against an observed output (``None``/"auto": detect)."""
     if isinstance(spec, FeatureLayout):
         return spec
-    if spec not in (None, "auto", *LAYOUT_KINDS):
-        raise ValueError(f"layout must be 'auto', one of {LAYOUT_KINDS} or a FeatureLayout")
+    check_layout_spec(spec)
     found = detect_layout(features, size)
     if spec in (None, "auto") or (found is not None and found.kind == spec):
         return found

@@ -9,31 +9,28 @@ One implementation shared by the CLI, the demo and the servers. Conventions:
   size before it is overlaid;
 - outputs are channel-last ``uint8`` RGB tensors ``[H, W, 3]`` (``[B, H, W, 3]`` when batched).
 
-Pixel maths is done in torch; numpy only appears at the boundary, when pixels are handed to PIL or
-matplotlib. Matplotlib supplies the colour maps and draws the figures with a colour bar through
-:class:`matplotlib.figure.Figure` and the Agg canvas, never ``pyplot``: rendering touches no global
-state and is safe in servers and threads.
+Pixel maths is done in torch; numpy only appears at the boundary, when pixels are handed to PIL.
+Colour maps come from :mod:`fam_core.colormaps` (``"jet"`` and ``"gray"`` built in, any
+matplotlib colour map when matplotlib is installed); figures are drawn with Pillow by
+:mod:`fam_core.panels`. Rendering touches no global state and is safe in servers and threads.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Colormap, Normalize
-from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
+
+from fam_core.colormaps import LUT_SIZE, check_cmap, lut
+from fam_core.panels import panel_figure
 
 __all__ = [
     "colorize",
@@ -47,7 +44,6 @@ __all__ = [
     "to_png_bytes",
 ]
 
-_LUT_SIZE = 256
 _RANGE_TOL = 1e-3  # slack on the image range for de-normalisation round-off
 _CELL_INCHES = 2.0  # height of one image panel in figures
 _MAX_CELL_INCHES = 6.0  # the tallest panel of overlay_figure (at the image's own resolution)
@@ -117,16 +113,6 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def _check_cmap(cmap: str) -> str:
-    if not isinstance(cmap, str):
-        raise TypeError(f"cmap must be a matplotlib colormap name (str), got {type(cmap).__name__}")
-    if cmap not in matplotlib.colormaps:
-        raise ValueError(
-            f"unknown colormap {cmap!r}; expected a name from matplotlib.colormaps, e.g. 'jet'"
-        )
-    return cmap
-
-
 def _check_dpi(dpi: int) -> int:
     if isinstance(dpi, bool) or not isinstance(dpi, numbers.Integral):
         raise TypeError(f"dpi must be a positive int, got {type(dpi).__name__}")
@@ -138,17 +124,10 @@ def _check_dpi(dpi: int) -> int:
 # --------------------------------------------------------------------------- tensor helpers
 
 
-@functools.lru_cache(maxsize=32)
-def _lut(cmap: str) -> Tensor:
-    """uint8 look-up table ``[256, 3]`` sampled from matplotlib's colormap ``cmap`` (cached)."""
-    rgba = matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, _LUT_SIZE))
-    return torch.from_numpy(np.rint(rgba[:, :3] * 255.0).astype(np.uint8))
-
-
 def _apply_lut(values: Tensor, cmap: str) -> Tensor:
     """Map float values (clamped to [0, 1]) to uint8 RGB ``[..., 3]`` by LUT indexing."""
-    index = values.clamp(0.0, 1.0).mul(_LUT_SIZE - 1).round().long()
-    return _lut(cmap).to(values.device)[index]
+    index = values.clamp(0.0, 1.0).mul(LUT_SIZE - 1).round().long()
+    return lut(cmap).to(values.device)[index]
 
 
 def _resize(heatmaps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -159,7 +138,7 @@ def _resize(heatmaps: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def _to_numpy(pixels: Tensor | np.ndarray) -> np.ndarray:
-    """Hand pixels over to numpy (for PIL / matplotlib): the only tensor->numpy conversion."""
+    """Hand pixels over to numpy (for PIL): the only tensor->numpy conversion."""
     if isinstance(pixels, Tensor):
         return pixels.detach().cpu().contiguous().numpy()
     return np.asarray(pixels)
@@ -169,14 +148,14 @@ def _to_numpy(pixels: Tensor | np.ndarray) -> np.ndarray:
 
 
 def colorize(heatmap: Tensor, cmap: str = "jet") -> Tensor:
-    """Colour a heatmap with a matplotlib colormap.
+    """Colour a heatmap with a colour map.
 
-    Values are clamped to [0, 1] and looked up in a 256-entry table built from
-    ``matplotlib.colormaps[cmap]``.
+    Values are clamped to [0, 1] and looked up in a 256-entry table
+    (:func:`fam_core.colormaps.lut`).
 
     Args:
         heatmap: float tensor ``[H, W]`` or ``[B, H, W]``.
-        cmap: matplotlib colormap name.
+        cmap: ``"jet"``, ``"gray"`` or (with matplotlib installed) any matplotlib colour map.
 
     Returns:
         uint8 tensor ``[H, W, 3]`` (``[B, H, W, 3]`` when batched), on the heatmap's device.
@@ -186,7 +165,7 @@ def colorize(heatmap: Tensor, cmap: str = "jet") -> Tensor:
         [[[0, 0, 0], [255, 255, 255]]]
     """
     heatmap = _check_heatmap(heatmap)
-    return _apply_lut(heatmap, _check_cmap(cmap))
+    return _apply_lut(heatmap, check_cmap(cmap))
 
 
 def overlay(
@@ -207,7 +186,7 @@ def overlay(
         image: float tensor ``[3, H, W]`` or ``[B, 3, H, W]`` with values in [0, 1].
         heatmap: float tensor ``[h, w]`` or ``[B, h, w]`` with values in [0, 1].
         alpha: weight of the heatmap colour, in [0, 1].
-        cmap: matplotlib colormap name.
+        cmap: a colour map name, as in :func:`colorize`.
         seen: optional bool mask ``[H, W]`` at the image's size: where it is ``False`` (pixels
             the model never saw, e.g. outside its centre crop) the image is shown dimmed,
             without heatmap colour.
@@ -220,7 +199,7 @@ def overlay(
         torch.Size([4, 4, 3])
     """
     alpha = _check_alpha(alpha)
-    cmap = _check_cmap(cmap)
+    cmap = check_cmap(cmap)
     image = _check_image(image)
     heatmap = _check_heatmap(heatmap)
     if image.dim() == 4 and heatmap.dim() == 3 and image.shape[0] != heatmap.shape[0]:
@@ -326,58 +305,6 @@ def explanation_title(
 # --------------------------------------------------------------------------- figures
 
 
-def _colormap(cmap: str) -> Colormap:
-    return matplotlib.colormaps[_check_cmap(cmap)]
-
-
-def _figure_to_tensor(fig: Figure) -> Tensor:
-    """Rasterise a figure with the Agg canvas into a uint8 RGB tensor ``[H, W, 3]``."""
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    rgba = np.asarray(canvas.buffer_rgba())
-    return torch.from_numpy(rgba[..., :3].copy())
-
-
-def _panel_figure(
-    rows: Sequence[Sequence[np.ndarray]],
-    *,
-    col_titles: Sequence[str],
-    row_labels: Sequence[str] | None,
-    title: str | None,
-    cmap: str,
-    colorbar: bool,
-    dpi: int,
-    cell_inches: float = _CELL_INCHES,
-) -> Tensor:
-    """Lay out equally sized RGB panels in a grid, with an optional colour bar on the right;
-    each panel is ``cell_inches`` tall."""
-    nrows, ncols = len(rows), len(rows[0])
-    height, width = rows[0][0].shape[:2]
-    cell_w = cell_inches * min(max(width / height, 0.25), 4.0)
-    fig_w = ncols * cell_w + (0.9 if colorbar else 0.0) + (0.3 if row_labels else 0.0) + 0.2
-    fig_h = nrows * cell_inches + 0.4 + (0.4 if title else 0.0)
-    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi, layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for r, row in enumerate(rows):
-        for c, pixels in enumerate(row):
-            ax = axes[r, c]
-            ax.imshow(pixels)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if r == 0:
-                ax.set_title(col_titles[c], fontsize=10)
-        if row_labels:
-            axes[r, 0].set_ylabel(row_labels[r], fontsize=10)
-    if colorbar:
-        mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=_colormap(cmap))
-        fig.colorbar(mappable, ax=axes, label="relevance", ticks=[0.0, 0.5, 1.0])
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return _figure_to_tensor(fig)
-
-
 def overlay_figure(
     image: Tensor,
     heatmap: Tensor,
@@ -421,13 +348,11 @@ def overlay_figure(
         )
     blended = overlay(image, heatmap, alpha=alpha, cmap=cmap, seen=seen)
     rows = [[_to_numpy(image.permute(1, 2, 0)), _to_numpy(blended)]]
-    return _panel_figure(
+    return panel_figure(
         rows,
         col_titles=("image", "overlay"),
-        row_labels=None,
         title=title,
-        cmap=cmap,
-        colorbar=colorbar,
+        colorbar=lut(cmap) if colorbar else None,
         dpi=dpi,
         cell_inches=min(max(image.shape[-2] / dpi, _CELL_INCHES), _MAX_CELL_INCHES),
     )
@@ -506,13 +431,12 @@ def grid(
         [_to_numpy(batch[i].permute(1, 2, 0))] + [_to_numpy(column[i]) for column in columns]
         for i in range(batch.shape[0])
     ]
-    return _panel_figure(
+    return panel_figure(
         rows,
         col_titles=["image", *col_titles],
         row_labels=None if row_labels is None else [str(label) for label in row_labels],
         title=title,
-        cmap=cmap,
-        colorbar=colorbar,
+        colorbar=lut(cmap) if colorbar else None,
         dpi=dpi,
     )
 
@@ -582,12 +506,10 @@ def image_grid(
                 for tile in checked[r * cols : (r + 1) * cols]
             ]
         )
-    return _panel_figure(
+    return panel_figure(
         panels,
         col_titles=[""] * cols if titles is None else [str(t) for t in titles],
         row_labels=None if row_labels is None else [str(label) for label in row_labels],
         title=title,
-        cmap="gray",
-        colorbar=False,
         dpi=dpi,
     )

@@ -190,3 +190,20 @@ def test_pipeline_explains_layercam_from_one_forward_pass(tmp_path) -> None:
     for result, expected_map in zip(response.results, expected.maps, strict=True):
         heatmap = heatmap_from_bytes(result.heatmap.data, result.heatmap.shape)
         assert torch.allclose(heatmap, expected_map, atol=1e-3)  # float16 rounding
+
+
+def test_an_explanation_copies_its_extras_and_marks_flat_maps() -> None:
+    from fam_core.explanation import Explanation
+
+    extras: dict = {"head": "linear"}
+    maps = torch.stack([torch.zeros(2, 2), torch.eye(2)])
+    explanation = Explanation(
+        maps, maps, torch.zeros(2, 1), torch.zeros(2), "fam", "layer4", extras
+    )
+    assert extras == {"head": "linear"}  # the caller's dict is left as it was
+    assert explanation.extras["flat"].tolist() == [True, False]
+
+
+def test_an_unknown_layout_is_refused_when_the_explainer_is_made(classifier) -> None:
+    with pytest.raises(ValueError, match="layout must be 'auto'.*got 'nchw'"):
+        fam_core.FAM(classifier, layout="nchw")

@@ -13,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from fam_core.extras import PURPOSES, MissingExtraError, require
 
@@ -25,6 +27,9 @@ OPTIONAL = (
     "onnxscript",
     "model_archiver",
     "prometheus_client",
+    "matplotlib",
+    "tqdm",
+    "yaml",
 )
 
 
@@ -86,6 +91,7 @@ def test_front_doors_name_their_extra(tmp_path: Path) -> None:
             "serve-demo": main(["serve-demo", "--out", {str(tmp_path / "serve")!r}]),
             "export": main(["export", "default-classifier", "--out", {str(tmp_path / "m.onnx")!r}]),
             "archive": main(["archive", "--out", {str(tmp_path / "archives")!r}]),
+            "eval": main(["eval", "--out", {str(tmp_path / "eval")!r}]),
         }}
         print(json.dumps({{"codes": codes, "captum": attempt(captum), "onnx": attempt(onnx_file)}}))
         """
@@ -95,13 +101,15 @@ def test_front_doors_name_their_extra(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["codes"] == {"serve-demo": 2, "export": 2, "archive": 2}, done.stderr
+    assert result["codes"] == {"serve-demo": 2, "export": 2, "archive": 2, "eval": 2}, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("fam: error:")]
     assert errors == [
         "fam: error: the gRPC server needs grpc, which is not installed: pip install 'fam-core[serve]'",
         "fam: error: exporting to ONNX needs onnx, which is not installed: pip install 'fam-core[export]'",
         "fam: error: building TorchServe archives needs model_archiver, which is not installed: "
         "pip install 'fam-core[torchserve]'",
+        "fam: error: the evaluation needs matplotlib, which is not installed: "
+        "pip install 'fam-core[eval]'",
     ], done.stderr
     assert result["captum"] == (
         "the Captum interop needs captum, which is not installed: pip install 'fam-core[captum]'"
@@ -109,3 +117,33 @@ def test_front_doors_name_their_extra(tmp_path: Path) -> None:
     assert result["onnx"] == (
         "running ONNX files needs onnxruntime, which is not installed: pip install 'fam-core[onnx]'"
     )
+
+
+def test_the_base_install_explains_and_renders(tmp_path: Path) -> None:
+    """torch, numpy and pillow are enough for ``fam demo`` and ``fam explain`` on the default
+    models: configs, colour maps, figures and progress need no optional package."""
+    from fam_core.render import save_png
+
+    image = torch.rand(3, 60, 90)  # not the model's size: the overlay is drawn on it
+    save_png((image.permute(1, 2, 0) * 255).round().to(torch.uint8), tmp_path / "x.png")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        for name in {OPTIONAL!r}:
+            sys.modules[name] = None
+        from fam_core.cli import main
+        demo = main(["demo", "--count", "2", "--out", {str(tmp_path / "demo")!r}])
+        explain = main(["explain", {str(tmp_path / "x.png")!r}, "--model", "default-classifier",
+                        "--out", {str(tmp_path / "explain")!r}])
+        print(demo, explain)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 0", done.stdout + done.stderr
+    (figure,) = (tmp_path / "explain").glob("*.png")
+    with Image.open(figure) as png:
+        assert png.mode == "RGB" and png.height > 60
+    assert list((tmp_path / "demo").glob("*.png"))

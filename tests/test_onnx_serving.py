@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 from serving_helpers import CLASSES, make_model_dir, png_bytes
+from tolerances import assert_top_classes
 
 from fam_core.exporters import export_model
 from fam_core.models.store import load_model
@@ -96,8 +97,13 @@ def onnx_pipeline(onnx_registry):
 def assert_same_results(onnx_response, torch_response) -> None:
     assert len(onnx_response.results) == len(torch_response.results)
     for got, want in zip(onnx_response.results, torch_response.results, strict=True):
-        assert got.prediction.index == want.prediction.index
-        assert got.prediction.label == want.prediction.label
+        if want.scores:  # a near-tie may break the other way on another backend
+            chosen = [got.prediction.index]
+            assert_top_classes(chosen, torch.tensor([list(want.scores)]), TOLERANCE)
+        else:
+            assert got.prediction.index == want.prediction.index
+        if got.prediction.index == want.prediction.index:
+            assert got.prediction.label == want.prediction.label
         assert got.prediction.score == pytest.approx(want.prediction.score, abs=TOLERANCE)
         assert got.scores == pytest.approx(want.scores, abs=TOLERANCE)
         assert [m.index for m in got.top_k] == [m.index for m in want.top_k]

@@ -49,10 +49,11 @@ def test_colorize_clamps_and_batches() -> None:
     assert torch.equal(out[0], out[1])  # -3 -> 0 and 7 -> 1
 
 
-def test_colorize_matches_matplotlib_on_the_lut_grid() -> None:
+@pytest.mark.parametrize("cmap", ["jet", "gray", "viridis"])  # built in, built in, matplotlib
+def test_colorize_matches_matplotlib_on_the_lut_grid(cmap: str) -> None:
     values = torch.linspace(0, 1, 256)[None]
-    expected = np.round(matplotlib.colormaps["viridis"](values.numpy()[0])[:, :3] * 255)
-    assert np.array_equal(colorize(values, "viridis")[0].numpy(), expected.astype(np.uint8))
+    expected = np.round(matplotlib.colormaps[cmap](values.numpy()[0])[:, :3] * 255)
+    assert np.array_equal(colorize(values, cmap)[0].numpy(), expected.astype(np.uint8))
 
 
 # --------------------------------------------------------------------------- overlay

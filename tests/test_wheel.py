@@ -130,7 +130,7 @@ def test_wheel_contents(wheel: Path) -> None:
         if line.startswith("Requires-Dist:")
     ]
     base = sorted(r.split(">")[0].split("=")[0] for r in requires if "extra ==" not in r)
-    assert base == ["matplotlib", "numpy", "pillow", "pyyaml", "torch", "tqdm"], base
+    assert base == ["numpy", "pillow", "torch"], base
     extras = {line.split(":", 1)[1].strip() for line in metadata.decode().splitlines()
               if line.startswith("Provides-Extra:")}  # fmt: skip
     assert {"onnx", "onnx-gpu", "export", "serve", "torchserve", "captum", "eval", "all",

@@ -26,8 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
+from fam_core.configfile import dump_config
 from fam_core.extras import require
 from fam_core.models.sources import factory_module_file, factory_package
 from fam_core.models.store import ModelConfig, find_config
@@ -253,14 +252,13 @@ def export_onnx_variant(config_path: Path, folder: Path, name: str) -> tuple[Pat
         export_model(model, config, method="cam", path=graph, **options)
     served_config = folder / "config.yaml"
     served_config.write_text(
-        yaml.safe_dump(
+        dump_config(
             {
                 "name": name,
                 "task": config.task,
                 "onnx": graph.name,
                 "class_names": list(config.class_names),
-            },
-            sort_keys=False,
+            }
         )
     )
     return graph, [served_config]

@@ -46,6 +46,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation and write the report; print the table and the runtime."""
+    from fam_core.extras import require
+
+    require("eval", "matplotlib", "tqdm")  # the report's charts and the progress bar
     from fam_core.evaluation.report import write_report
     from fam_core.evaluation.runner import EvalOptions, run_evaluation
 

@@ -51,7 +51,7 @@ from fam_core.discovery import find_layers, probe_size
 from fam_core.explanation import Explanation
 from fam_core.fam_maths import one_hot_references, weighted_sum
 from fam_core.head_fit import fit_head
-from fam_core.layouts import FeatureLayout, as_layout
+from fam_core.layouts import FeatureLayout, as_layout, check_layout_spec
 from fam_core.outputs import OutputSpec, check_output_spec, is_logits, select_output
 from fam_core.pooling import POOLING_KINDS, PoolingKind, global_pool
 from fam_core.similarity import SIMILARITIES, SimilarityKind, similarity
@@ -189,6 +189,7 @@ class Explainer(ABC):
         if task is not None and task not in TASKS:
             raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
         check_output_spec(output)
+        check_layout_spec(layout)
         self.model = model
         self.output = output
         self.layout_spec = layout

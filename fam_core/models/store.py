@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-import yaml
 from torch import nn
 
+from fam_core.configfile import dump_config, parse_config
 from fam_core.package_data import MODEL_STORE
 from fam_core.resizing import (
     DEFAULT_POLICY,
@@ -221,8 +221,8 @@ class ModelConfig:
         """
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as error:
+            raw = parse_config(path.read_text(), path)
+        except (OSError, ValueError) as error:
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ValueError(f"cannot read model config {path}: {first}") from error
         if not isinstance(raw, dict):
@@ -256,7 +256,8 @@ class ModelConfig:
             raise ValueError(f"model config {path}: {error}") from None
 
     def to_file(self, path: str | Path) -> None:
-        """Write this config as YAML (``directory`` is implied by the file's location).
+        """Write this config as YAML, in its JSON form (``directory`` is implied by the file's
+        location).
 
         Keys of sources it does not use are left out.
         """
@@ -271,7 +272,7 @@ class ModelConfig:
                 data.pop(key)
         if self.source != "backbone":
             data.pop("backbone_kwargs")
-        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+        Path(path).write_text(dump_config(data))
 
     def build(self) -> nn.Module:
         """The architecture with freshly initialised weights (``backbone`` and ``factory``)."""

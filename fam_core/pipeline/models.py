@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
+from fam_core.configfile import parse_config
 from fam_core.models.store import ModelConfig, find_config
 from fam_core.pipeline.backends import Backend, LoadedBackend, default_method
 from fam_core.pipeline.errors import NotFound, Unavailable
@@ -175,8 +175,8 @@ def _name_and_task(source: str | Path) -> tuple[str, str]:
     except ValueError:
         return (path.parent.name if path.name == "config.yaml" else path.stem or str(source)), ""
     try:
-        raw = yaml.safe_load(config_path.read_text())
-    except (OSError, yaml.YAMLError):
+        raw = parse_config(config_path.read_text(), config_path)
+    except (OSError, ValueError):
         raw = None
     if not isinstance(raw, dict):
         return config_path.parent.name, ""
