@@ -7,7 +7,9 @@ For each method and batch: our time / forward, the peer's time / forward and our
 each the median of per-round ratios with the two sides interleaved (bench/common.py).
 Peers: torchcam 0.5 (extractor built once, as its docs use it, its hooks enabled only while it
 runs so that they do not slow the other measurements) and Captum 0.9
-(LayerGradCam, GuidedGradCam, LayerFeatureAblation with one group per channel).
+(LayerGradCam, GuidedGradCam, LayerFeatureAblation with one group per channel; for LIFT-CAM
+the authors' recipe: a hooked forward, then Captum's DeepLift on pooling + fc from zero maps).
+Relevance-CAM has no peer: Captum's LayerLRP supports neither GlobalPool nor the residual sums.
 Score-CAM and Ablation-CAM run ``N`` forwards per image (N = 512 channels), so they run at
 ``--perturbation-batch`` images (default 1) with fewer repeats. Targets: the predicted class.
 """
@@ -17,11 +19,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from captum.attr import GuidedGradCam, LayerFeatureAblation, LayerGradCam
+import torch.nn.functional as F
+from captum.attr import DeepLift, GuidedGradCam, LayerFeatureAblation, LayerGradCam
+from torch import nn
 from torchcam import methods as torchcam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +40,8 @@ from fam_core.explainers.cam.gradcam import GradCAM  # noqa: E402
 from fam_core.explainers.cam.gradcam_pp import GradCAMPlusPlus  # noqa: E402
 from fam_core.explainers.cam.guided_gradcam import GuidedGradCAM  # noqa: E402
 from fam_core.explainers.cam.layercam import LayerCAM  # noqa: E402
+from fam_core.explainers.cam.liftcam import LiftCAM  # noqa: E402
+from fam_core.explainers.cam.relevancecam import RelevanceCAM  # noqa: E402
 from fam_core.explainers.cam.scorecam import ScoreCAM  # noqa: E402
 from fam_core.explainers.cam.xgradcam import XGradCAM  # noqa: E402
 from fam_core.models.backbones import resnet18  # noqa: E402
@@ -65,6 +72,29 @@ def torchcam_scorecam(extractor, model, images, classes) -> Callable[[], object]
             return extractor(class_idx=classes)
         finally:
             extractor.disable_hooks()
+
+    return run
+
+
+def lift_cam_recipe(model, images, classes) -> Callable[[], object]:  # noqa: ANN001
+    """LIFT-CAM as its authors run it: capture the layer, DeepLift on the part after it."""
+    layer = model.get_submodule(LAYER)
+    after = nn.Sequential(model.pool, model.embed, model.fc)
+
+    def run() -> object:
+        captured: list[torch.Tensor] = []
+        handle = layer.register_forward_hook(lambda _m, _i, output: captured.append(output))
+        try:
+            with torch.no_grad():
+                model(images)
+        finally:
+            handle.remove()
+        maps = captured[0]
+        contributions = DeepLift(after).attribute(
+            maps.clone().requires_grad_(True), torch.zeros_like(maps), target=classes
+        )
+        weights = contributions.sum(dim=(2, 3))
+        return F.relu((weights[:, :, None, None] * maps).sum(dim=1))
 
     return run
 
@@ -122,6 +152,8 @@ def peers(name: str, model, images, classes) -> list[tuple[str, Callable[[], obj
                 lambda: guided.attribute(images, target=classes, interpolate_mode="bilinear"),
             )
         )
+    if name == "liftcam":
+        found.append(("captum (authors' recipe)", lift_cam_recipe(model, images, classes)))
     if name == "ablationcam":
         ablation = LayerFeatureAblation(model, layer)
         mask = torch.arange(512).view(1, 512, 1, 1)
@@ -163,9 +195,12 @@ def main() -> None:
             "activation",
             "scorecam",
             "ablationcam",
+            "relevancecam",
+            "liftcam",
         ],
     )
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
     torch.manual_seed(0)
     model = resnet18(num_classes=1000).eval()
     ours = {
@@ -179,6 +214,8 @@ def main() -> None:
         "activation": UpsampledActivation(model, LAYER),
         "scorecam": ScoreCAM(model, LAYER, batch_size=32),
         "ablationcam": AblationCAM(model, LAYER, batch_size=32),
+        "relevancecam": RelevanceCAM(model, LAYER),
+        "liftcam": LiftCAM(model, LAYER),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet18 224x224")
     print("| method | batch | ours / forward | peer | peer / forward | ours / peer |")

@@ -127,6 +127,8 @@ def main() -> None:
         "Score-CAM": fam_core.ScoreCAM(classifier, clf_layer),
         "Eigen-CAM": fam_core.EigenCAM(classifier, clf_layer),
         "Guided Grad-CAM": fam_core.GuidedGradCAM(classifier, clf_layer),
+        "Relevance-CAM": fam_core.RelevanceCAM(classifier, clf_layer),
+        "LIFT-CAM": fam_core.LiftCAM(classifier, clf_layer),
     }
     _figure(
         out / "cam_family.png",
@@ -205,6 +207,11 @@ def main() -> None:
             "Guided Grad-CAM",
             fam_core.GuidedGradCAM(classifier, clf_layer)(clf_one).maps,
         ),
+        "relevancecam": (
+            "Relevance-CAM",
+            fam_core.RelevanceCAM(classifier, clf_layer)(clf_one).maps,
+        ),
+        "liftcam": ("LIFT-CAM", fam_core.LiftCAM(classifier, clf_layer)(clf_one).maps),
         "activation": (
             "upsampled activation",
             fam_core.UpsampledActivation(classifier, clf_layer)(clf_one).maps,

@@ -132,8 +132,7 @@ def make_explainer(
         >>> make_explainer(conv4(width=0.25).eval(), "gradfam", input_size=(84, 96)).target_layer
         'block4'
     """
-    if method not in fmt.METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {fmt.METHODS}")
+    fmt.check_exportable(method)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if model.training:

@@ -654,8 +654,7 @@ def _nonlinear_message(
 
 
 def _check_task(method: str, task: Task | None) -> Task:
-    if method not in fmt.METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {fmt.METHODS}")
+    fmt.check_exportable(method)
     implied: Task = "embedding" if method in fmt.EMBEDDING_METHODS else "classifier"
     if task is not None and task not in ("embedding", "classifier"):
         raise ValueError(f"task must be 'embedding' or 'classifier', got {task!r}")

@@ -301,6 +301,8 @@ AblationCAMAttribution = layer_attribution("ablationcam")
 EigenCAMAttribution = layer_attribution("eigencam")
 UpsampledActivationAttribution = layer_attribution("activation")
 GuidedGradCAMAttribution = layer_attribution("guided-gradcam")
+RelevanceCAMAttribution = layer_attribution("relevancecam")
+LiftCAMAttribution = layer_attribution("liftcam")
 
 __all__ = [
     "AblationCAMAttribution",
@@ -312,6 +314,8 @@ __all__ = [
     "GradCAMPlusPlusAttribution",
     "GuidedGradCAMAttribution",
     "LayerCAMAttribution",
+    "LiftCAMAttribution",
+    "RelevanceCAMAttribution",
     "ScoreCAMAttribution",
     "SimilarityForward",
     "UpsampledActivationAttribution",

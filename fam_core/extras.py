@@ -13,7 +13,7 @@ extra           for
 ``serve``       ``fam serve`` and ``fam serve-demo``: the gRPC server and its metrics
 ``torchserve``  ``fam archive`` and serving the archives with TorchServe
 ``kserve``      ``fam serve --engine kserve``: the KServe model server (REST v1/v2, gRPC v2)
-``captum``      :mod:`fam_core.captum`, the Captum interop
+``captum``      :mod:`fam_core.captum`, the Captum interop, and LIFT-CAM (Captum's DeepLift)
 ``eval``        ``fam eval`` (its charts and progress bar), matplotlib colour maps
 ``all``         every extra above but ``onnx-gpu`` and ``kserve``
 ==============  ==========================================================================

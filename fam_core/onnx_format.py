@@ -59,3 +59,29 @@ KEY_OPSET = "opset"
 METHODS: tuple[str, ...] = ("fam", "gradfam", "cam", "gradcam")
 EMBEDDING_METHODS: tuple[str, ...] = ("fam", "gradfam")
 CLASSIFIER_METHODS: tuple[str, ...] = ("cam", "gradcam")
+NOT_EXPORTED: dict[str, str] = {
+    "relevancecam": "Relevance-CAM's z+ relevance propagation has no ONNX graph",
+    "liftcam": "LIFT-CAM runs Captum's DeepLift (hooks and a second pass from the "
+    "reference), which has no ONNX graph",
+}
+"""Registered methods the export refuses by name, with the reason."""
+
+
+def check_exportable(method: str) -> None:
+    """Raise ``ValueError`` unless ``method`` is one of :data:`METHODS`, naming the method
+    and why it is not exported.
+
+    Example:
+        >>> check_exportable("liftcam")
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot export method 'liftcam' to ONNX: LIFT-CAM runs Captum's DeepLift (hooks and a second pass from the reference), which has no ONNX graph; exportable methods: ('fam', 'gradfam', 'cam', 'gradcam')
+    """
+    if method in METHODS:
+        return
+    if method in NOT_EXPORTED:
+        raise ValueError(
+            f"cannot export method {method!r} to ONNX: {NOT_EXPORTED[method]}; "
+            f"exportable methods: {METHODS}"
+        )
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

@@ -38,6 +38,8 @@ CHANNEL_METHODS = {
     "eigencam",
     "activation",
     "guided-gradcam",
+    "relevancecam",
+    "liftcam",
 }
 """Methods whose map is ``sum_n w_n A^n`` of the target layer (FAM eq. 13), maybe rectified."""
 OTHER_METHODS = {"l2caf", "deconvnet", "guided-backprop", "relevant-features"}

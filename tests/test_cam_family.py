@@ -21,6 +21,8 @@ from fam_core.explainers.cam.gradcam import GradCAM
 from fam_core.explainers.cam.gradcam_pp import GradCAMPlusPlus
 from fam_core.explainers.cam.guided_gradcam import GuidedGradCAM
 from fam_core.explainers.cam.layercam import LayerCAM
+from fam_core.explainers.cam.liftcam import LiftCAM
+from fam_core.explainers.cam.relevancecam import RelevanceCAM
 from fam_core.explainers.cam.scorecam import ScoreCAM
 from fam_core.explainers.cam.xgradcam import XGradCAM
 from fam_core.explainers.registry import get_explainer
@@ -37,6 +39,8 @@ ALL_METHODS = [
     CAM,
     UpsampledActivation,
     GuidedGradCAM,
+    RelevanceCAM,
+    LiftCAM,
 ]
 NAMES = {
     GradCAM: "gradcam",
@@ -49,6 +53,8 @@ NAMES = {
     CAM: "cam",
     UpsampledActivation: "activation",
     GuidedGradCAM: "guided-gradcam",
+    RelevanceCAM: "relevancecam",
+    LiftCAM: "liftcam",
 }
 CLASSES = [3, 1]
 

@@ -32,6 +32,8 @@ WRAPPERS = [
     fam_captum.EigenCAMAttribution,
     fam_captum.UpsampledActivationAttribution,
     fam_captum.GuidedGradCAMAttribution,
+    fam_captum.RelevanceCAMAttribution,
+    fam_captum.LiftCAMAttribution,
 ]
 
 

@@ -481,6 +481,9 @@ def test_wrong_methods_and_modes_are_named(tmp_path) -> None:
         export_model(gem, method="cam", path=tmp_path / "x.onnx", input_size=SIZE)
     with pytest.raises(ValueError, match="unknown method 'lime'"):
         export_model(gem, method="lime", path=tmp_path / "x.onnx", input_size=SIZE)
+    for method in ("relevancecam", "liftcam"):  # registered, refused by name
+        with pytest.raises(ValueError, match=f"cannot export method '{method}' to ONNX"):
+            export_model(classifier, method=method, path=tmp_path / "x.onnx", input_size=SIZE)
     with pytest.raises(ValueError, match="eval mode"):
         export_model(gem.train(), method="fam", path=tmp_path / "x.onnx", input_size=SIZE)
 

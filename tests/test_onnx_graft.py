@@ -292,6 +292,8 @@ def test_bad_target_tensors_and_options_are_clear_errors() -> None:
         graft_onnx(proto, method="fam", task="classifier")
     with pytest.raises(ValueError, match="unknown method"):
         graft_onnx(proto, method="lime")
+    with pytest.raises(ValueError, match="cannot export method 'relevancecam' to ONNX"):
+        graft_onnx(proto, method="relevancecam")
     with pytest.raises(ValueError, match=r"references must be \[K, 16\]"):
         graft_onnx(proto, references=np.ones((2, 5), dtype=np.float32))
     with pytest.raises(ValueError, match="does not match the graph's fixed input size"):

@@ -246,3 +246,34 @@ def test_predict_only_matches_explain_predictions(pipeline) -> None:
     ).results[0]
     assert predicted.heatmap is None
     assert predicted.top_k == explained.top_k
+
+
+@pytest.mark.parametrize("method", ["relevancecam", "liftcam"])
+def test_relevance_and_lift_cam_are_served_like_the_library(pipeline, registry, method) -> None:
+    from fam_core.explainers.registry import get_explainer
+
+    query, refs = png_bytes(7), [png_bytes(8)]
+    served = registry.get("default-classifier")
+    inputs = model_inputs(registry, "default-classifier", [query])
+    response = pipeline.explain(
+        ExplainRequest("default-classifier", (EncodedImage(query),), method=method, target_class=2)
+    )
+    expected = get_explainer(method)(served.model, "block4")(inputs, target=2)
+    (result,) = response.results
+    heatmap = heatmap_from_bytes(result.heatmap.data, result.heatmap.shape)
+    assert torch.allclose(heatmap, expected.maps[0], atol=1e-3)
+    assert result.explained_score == pytest.approx(float(expected.scores[0]), rel=1e-5)
+    # an embedding model explains the similarity to reference images (FAM eq. 11)
+    response = pipeline.explain(
+        ExplainRequest(
+            "default-embedding", (EncodedImage(query),), method=method,
+            references=tuple(map(EncodedImage, refs)),
+        )
+    )  # fmt: skip
+    embedder = registry.get("default-embedding").model
+    explainer = get_explainer(method)(embedder, "block4")
+    references = explainer.embed(model_inputs(registry, "default-embedding", refs))
+    expected = explainer(model_inputs(registry, "default-embedding", [query]), target=references)
+    (result,) = response.results
+    heatmap = heatmap_from_bytes(result.heatmap.data, result.heatmap.shape)
+    assert torch.allclose(heatmap, expected.maps[0], atol=1e-3)

@@ -371,7 +371,8 @@ def run_evaluation(
         except NotApplicable as reason:
             result.skipped.setdefault(method, {})[setting.name] = f"not applicable: {reason}"
             continue
-        except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
+        except (ValueError, TypeError, NotImplementedError, RuntimeError, ImportError) as error:
+            # ImportError: a method whose optional extra is missing (LIFT-CAM needs captum)
             result.skipped.setdefault(method, {})[setting.name] = _first_line(error)
             continue
         if isinstance(explainer, RelevantFeatures):

@@ -2,7 +2,7 @@
 :class:`~fam_core.explainers.base.Explainer`.
 
 - :mod:`fam_core.explainers.fam`: FAM, Grad-FAM, Score-FAM;
-- :mod:`fam_core.explainers.cam`: the CAM family (CAM, Grad-CAM, ..., Guided Grad-CAM);
+- :mod:`fam_core.explainers.cam`: the CAM family (CAM, Grad-CAM, ..., Relevance-CAM, LIFT-CAM);
 - :mod:`fam_core.explainers.l2caf`: L2-CAF (a paper and a family of its own);
 - :mod:`fam_core.explainers.backprop`: guided backpropagation and deconvnet;
 - :mod:`fam_core.explainers.relevant`: relevant features (the mu-Lasso, receptive fields,
@@ -24,6 +24,8 @@ from fam_core.explainers.cam import (
     GradCAMPlusPlus,
     GuidedGradCAM,
     LayerCAM,
+    LiftCAM,
+    RelevanceCAM,
     ScoreCAM,
     UpsampledActivation,
     XGradCAM,
@@ -49,6 +51,8 @@ __all__ = [
     "GuidedBackprop",
     "GuidedGradCAM",
     "LayerCAM",
+    "LiftCAM",
+    "RelevanceCAM",
     "RelevantFeatures",
     "ScoreCAM",
     "ScoreFAM",

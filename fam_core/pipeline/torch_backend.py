@@ -28,6 +28,7 @@ from fam_core.explainers import Explainer, available_methods
 from fam_core.explainers.base import ChannelExplainer
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import check_runnable
+from fam_core.extras import MissingExtraError
 from fam_core.models.sources import load_module
 from fam_core.models.store import ModelConfig
 from fam_core.pipeline.backends import (
@@ -123,9 +124,12 @@ class TorchBackend:
                     cls = check_runnable(method)
                 except ValueError as error:
                     raise NotFound(str(error)) from None
-                self._explainers[method] = cls(
-                    self.module, self.config.target_layer, **explainer_options(self.config, cls)
-                )
+                try:
+                    self._explainers[method] = cls(
+                        self.module, self.config.target_layer, **explainer_options(self.config, cls)
+                    )
+                except MissingExtraError as error:  # e.g. LIFT-CAM without captum
+                    raise NotFound(f"method {method!r}: {error}") from None
             return self._explainers[method]
 
     def run(

@@ -12,6 +12,8 @@ from fam_core.explainers.cam.gradcam import GradCAM
 from fam_core.explainers.cam.gradcam_pp import GradCAMPlusPlus
 from fam_core.explainers.cam.guided_gradcam import GuidedGradCAM
 from fam_core.explainers.cam.layercam import LayerCAM
+from fam_core.explainers.cam.liftcam import LiftCAM
+from fam_core.explainers.cam.relevancecam import RelevanceCAM
 from fam_core.explainers.cam.scorecam import ScoreCAM
 from fam_core.explainers.cam.xgradcam import XGradCAM
 
@@ -23,6 +25,8 @@ __all__ = [
     "GradCAMPlusPlus",
     "GuidedGradCAM",
     "LayerCAM",
+    "LiftCAM",
+    "RelevanceCAM",
     "ScoreCAM",
     "UpsampledActivation",
     "XGradCAM",

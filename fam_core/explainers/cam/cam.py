@@ -16,11 +16,10 @@ from torch import nn
 
 from fam_core.adapters import Head
 from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.cam.cam_common import linear_coefficients
 from fam_core.explainers.registry import register
 from fam_core.fam_maths import to_channels
 from fam_core.pooling import GlobalPool
-
-_EPS = 1e-12
 
 
 def is_average_pooling(pooling: nn.Module) -> bool:
@@ -50,17 +49,8 @@ class CAM(ChannelExplainer):
         self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         matrix = self.classifier_matrix(self.head_for(forward, images))  # [J, N]
-        if target.similarity == "euclidean":
-            raise ValueError(
-                "CAM needs a score linear in the model output: use a class target or "
-                "similarity='dot' / 'cosine', not 'euclidean'"
-            )
-        outputs, references = forward.outputs.detach(), target.references
-        coefficients = references  # d<y, r>/dy
-        if target.similarity == "cosine":
-            norms = outputs.norm(dim=1, keepdim=True) * references.norm(dim=2)
-            coefficients = references / norms.clamp_min(_EPS).unsqueeze(2)
-        weights = to_channels(coefficients.mean(dim=1), matrix)  # w^c of eq. 1
+        outputs = forward.outputs.detach()
+        weights = to_channels(linear_coefficients(outputs, target, "CAM"), matrix)  # w^c, eq. 1
         scores = self.score(outputs, target)
         return weights, scores, {}
 

@@ -36,6 +36,33 @@ from fam_core.fam_maths import rectified_sum
 _EPS = 1e-12
 
 
+def linear_coefficients(outputs: torch.Tensor, target: ResolvedTarget, method: str) -> torch.Tensor:
+    """``c [B, D]`` with the explained score ``y = <z, c>`` linear in the output ``z``.
+
+    A class target is the one-hot reference ``e_c`` (``c = e_c``, ``y`` the logit); a dot
+    product with references ``r`` gives their mean; the cosine holds ``|z|`` constant,
+    ``c = mean_k r_k / (|z| |r_k|)`` (the linear part FAM eq. 14 uses). CAM, Relevance-CAM
+    and LIFT-CAM propagate this last linear layer like the classifier's; ``method`` names
+    the caller in the error for the Euclidean similarity, which is not linear in ``z``.
+
+    Example:
+        >>> target = ResolvedTarget(torch.tensor([[[3.0, 4.0]]]), "cosine")
+        >>> linear_coefficients(torch.tensor([[0.0, 2.0]]), target, "CAM")
+        tensor([[0.3000, 0.4000]])
+    """
+    if target.similarity == "euclidean":
+        raise ValueError(
+            f"{method} needs a score linear in the model output: use a class target or "
+            "similarity='dot' / 'cosine', not 'euclidean'"
+        )
+    outputs, references = outputs.detach(), target.references
+    coefficients = references  # d<z, r>/dz
+    if target.similarity == "cosine":
+        norms = outputs.norm(dim=1, keepdim=True) * references.norm(dim=2)
+        coefficients = references / norms.clamp_min(_EPS).unsqueeze(2)
+    return coefficients.mean(dim=1)
+
+
 def explained_score(
     explainer: Explainer, outputs: torch.Tensor, target: ResolvedTarget
 ) -> torch.Tensor:
