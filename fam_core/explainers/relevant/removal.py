@@ -22,25 +22,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fam_core.explainers.relevant.receptive_field import ELEMENTWISE
+
 PER_CHANNEL: tuple[type[nn.Module], ...] = (
+    *ELEMENTWISE,
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
 )
+"""Modules that act on each channel alone: the element-wise ones (activations, dropout) and
+the per-channel normalisations."""
 
 
 def removal_points(model: nn.Module, layers: Sequence[str], images: torch.Tensor) -> list[str]:
