@@ -102,7 +102,7 @@ def main() -> None:
         "Grad-FAM and Score-FAM (Wu et al.)",
     )
 
-    # L2-CAF: the embedding model (maximise the similarity) and the classifier (its class)
+    # L2-CAF: the embedding model (against a support image) and the classifier (its class)
     _figure(
         out / "l2caf.png",
         queries.images,

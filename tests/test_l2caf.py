@@ -20,8 +20,6 @@ class RegionNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flat = nn.Flatten()
         self.fc = nn.Linear(6, classes)
-        with torch.no_grad():  # large logits: a loss the default lr 0.5 can move
-            self.fc.weight.mul_(30.0)
 
 
 class Crop(nn.Module):
@@ -44,7 +42,7 @@ def test_class_oblivious_filter_concentrates_on_the_known_region():
     torch.manual_seed(0)
     model = RegionNet().eval()
     images = torch.rand(2, 3, 8, 8)
-    explanation = L2CAF(model, "features", iterations=300, check_every=50)(images)
+    explanation = L2CAF(model, "features")(images)
     assert (_region_fraction(explanation.raw) > 0.9).all()
     assert (explanation.scores < explanation.extras["initial_loss"]).all()
     unit = explanation.extras["filter"]
@@ -63,17 +61,35 @@ def test_targeted_modes_use_their_losses():
         # first loss, with f = ones / 8 (unit norm on 8x8): output of the scaled features
         feats = model.features(images) / 8.0
         scaled = model.fc(model.flat(model.pool(model.crop(feats))))
+    size = (logits - model.fc.bias).norm()  # S: the output an all-zero filter takes away
     cls = explainer(images, target=2)
-    expected = scaled.sum() - 2 * scaled[0, 2]
+    expected = (scaled.sum() - 2 * scaled[0, 2]) / size
     assert torch.allclose(cls.extras["initial_loss"], expected.view(1), atol=1e-5)
     oblivious = explainer(images)
-    mse = (scaled - logits).square().mean()
+    mse = (scaled - logits).square().sum() / size**2
     assert torch.allclose(oblivious.extras["initial_loss"], mse.view(1), atol=1e-6)
     embedding = L2CAF(model, "features", iterations=1, classifier=False)
-    ref = torch.randn(4)
-    sim = torch.cosine_similarity(scaled, ref.view(1, -1))
-    out = embedding(images, target=ref)
-    assert torch.allclose(out.extras["initial_loss"], -sim, atol=1e-6)
+    refs = torch.randn(2, 4)
+    units = refs / refs.norm(dim=1, keepdim=True)
+    kept = ((scaled - logits) @ units.T).square().mean() / size**2  # <FT - NT, r_k>^2
+    out = embedding(images, target=refs)
+    assert torch.allclose(out.extras["initial_loss"], kept.view(1), atol=1e-6)
+    # not scale-invariant: scaling the references changes nothing, scaling the filter does
+    assert torch.allclose(embedding(images, target=3 * refs).extras["initial_loss"], kept.view(1))
+
+
+def test_losses_do_not_depend_on_the_size_of_the_output():
+    torch.manual_seed(5)
+    model = RegionNet().eval()
+    images = torch.rand(2, 3, 8, 8)
+    ref = torch.randn(3, 4)
+    small = L2CAF(model, "features", iterations=40, classifier=False)(images, target=ref)
+    with torch.no_grad():
+        model.fc.weight.mul_(100.0)
+        model.fc.bias.mul_(100.0)
+    large = L2CAF(model, "features", iterations=40, classifier=False)(images, target=ref)
+    torch.testing.assert_close(small.extras["initial_loss"], large.extras["initial_loss"])
+    torch.testing.assert_close(small.raw, large.raw, atol=1e-5, rtol=1e-4)
 
 
 def test_fast_equals_slow_and_batched_equals_single():

@@ -16,7 +16,9 @@ from fam_core.explainers.relevant.relevant import (
     features,
     top_positive,
 )
-from fam_core.explainers.relevant.relevant_ablation import ablation_check
+from fam_core.explainers.relevant.relevant_ablation import ablated_accuracy, ablation_check
+from fam_core.explainers.relevant.removal import removal_points
+from fam_core.models.backbones import ResNet12Block, conv4
 
 
 class _Tiny(nn.Module):
@@ -302,3 +304,52 @@ def test_render_interpretation_puts_average_then_top_crops_in_rows():
     assert figure.dtype == torch.uint8 and figure.dim() == 3 and figure.shape[-1] == 3
     wide = render_interpretation(result, shown=1, dpi=40)
     assert wide.shape[1] < figure.shape[1]  # one column fewer
+
+
+class ShiftNet(nn.Module):
+    """1x1 conv (channel 0 = red, 1 = green), BatchNorm shifting both by +1, ReLU, mean,
+    identity classifier: red images are class 0, green ones class 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(2)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0]]).view(2, 3, 1, 1))
+            self.bn.bias.fill_(1.0)  # running mean 0, var 1, weight 1: BN adds 1
+            self.fc.weight.copy_(torch.eye(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_a_filter_is_removed_after_batchnorm_and_activation():
+    model = ShiftNet().eval()
+    images = torch.zeros(4, 3, 2, 2)
+    images[:2, 0] = 2.0  # red: class 0
+    images[2:, 1] = 2.0  # green: class 1
+    labels = torch.tensor([0, 0, 1, 1])
+    assert removal_points(model, ["conv"], images[:1]) == ["act"]
+    # zeroing the conv's red channel leaves BN's shift: red images score (0 + 1, 0 + 1) and
+    # argmax takes class 0 on the tie, green ones (1, 3): nothing is lost
+    assert ablated_accuracy(model, images, labels, {model.conv: [0]}) == 1.0
+    # removed after the ReLU: red images score (0, 1) -> class 1, wrong; green (0, 3) right
+    assert ablated_accuracy(model, images, labels, {model.act: [0]}) == 0.5
+    rf = RelevantFeatures(model, ["conv"], classifier=True).fit(images, labels, mu=1.0)
+    report = ablation_check(rf, images, labels, features=[("conv", 0)], repeats=2)
+    assert report.baseline_accuracy == 1.0 and report.selected_accuracy == 0.5
+
+
+def test_removal_points_follow_the_dataflow():
+    net = conv4(width=0.25, num_classes=3).eval()
+    names = [f"block{i}.conv" for i in range(1, 5)]
+    image = torch.rand(1, 3, 32, 32)
+    points = removal_points(net, names, image)
+    assert points == [f"block{i}.act" for i in range(1, 5)]  # conv -> BN -> activation
+    shared = nn.ReLU()  # one ReLU module used twice (as torchvision's BasicBlock does)
+    net2 = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2), shared, nn.Conv2d(2, 2, 1), shared)
+    assert removal_points(net2.eval(), ["0", "3"], image) == ["1", "3"]
+    block = ResNet12Block(3, 4, nn.ReLU).eval()  # conv3 -> bn3 -> residual sum: stop at bn3
+    assert removal_points(block, ["conv1", "conv3"], image) == ["act1", "bn3"]

@@ -1,8 +1,11 @@
 """The feature ablation check of Oramas et al. (sec. 4.1).
 
-Relevant features are removed by setting their layer/filter output to zero (a temporary
-forward hook per call); the accuracy drop is reported next to the drop caused by removing as
-many features chosen at random among all candidate features (mean over ``repeats`` draws).
+Relevant features are removed by setting their filter's response to zero (a temporary
+forward hook per call) where removing the filter takes effect: after the normalisation and
+activation that follow the layer (:mod:`~fam_core.explainers.relevant.removal`; the paper's
+VGG has none, and zeroing a convolution channel before BatchNorm leaves BN's shift in
+place). The accuracy drop is reported next to the drop caused by removing as many features
+chosen at random among all candidate features (mean over ``repeats`` draws).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from fam_core.explainers.relevant.relevant import RelevantFeatures, layer_responses
+from fam_core.explainers.relevant.removal import removal_points
 
 
 @dataclass(frozen=True)
@@ -78,20 +82,25 @@ def ablated_accuracy(
 
 
 def channel_means(
-    explainer: RelevantFeatures, images: torch.Tensor, batch_size: int = 64
+    explainer: RelevantFeatures,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    points: list[str] | None = None,
 ) -> dict[nn.Module, torch.Tensor]:
-    """Mean of every feature channel over ``images`` (and positions), per feature layer."""
+    """Mean of every feature channel over ``images`` (and positions), per feature layer, at
+    the modules named by ``points`` (default the feature layers), keyed by those modules."""
+    points = points or explainer.layer_names
     sums: list[torch.Tensor] = []
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
             responses, _ = layer_responses(
-                explainer.model, images[start : start + batch_size], explainer.layer_names
+                explainer.model, images[start : start + batch_size], points
             )
             means = [r.reshape(r.shape[0], r.shape[1], -1).mean(2).sum(0) for r in responses]
             sums = means if not sums else [a + b for a, b in zip(sums, means, strict=True)]
+    modules = dict(explainer.model.named_modules())
     return {
-        module: total / images.shape[0]
-        for module, total in zip(explainer.modules, sums, strict=True)
+        modules[name]: total / images.shape[0] for name, total in zip(points, sums, strict=True)
     }
 
 
@@ -107,7 +116,10 @@ def ablation_check(
     mode: str = "zero",
     per_class: bool = False,
 ) -> AblationReport:
-    """Sec. 4.1: accuracy drop from zeroing ``features`` vs as many random features.
+    """Sec. 4.1: accuracy drop from removing ``features`` vs as many random features.
+
+    A feature is removed after the normalisation and activation that follow its layer
+    (:func:`~fam_core.explainers.relevant.removal.removal_points`).
 
     Args:
         explainer: a fitted :class:`RelevantFeatures` on a classifier.
@@ -119,8 +131,7 @@ def ablation_check(
             draws as many features per class. Sharper on small networks, where the union
             over all classes is a large share of every channel.
         mode: ``"zero"`` sets a removed channel to zero (sec. 4.1); ``"mean"`` sets it to its
-            mean over ``images`` (gentler where a normalisation layer follows, for which a
-            zero channel is far from its usual input).
+            mean over ``images`` (a channel that is never silent keeps its average).
 
     Example:
         >>> from fam_core.models.backbones import conv4
@@ -151,8 +162,12 @@ def ablation_check(
         raise ValueError("no features to ablate: the relevance matrix has no non-zero entry")
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
-    modules = dict(zip(explainer.layer_names, explainer.modules, strict=True))
-    fill = channel_means(explainer, images, batch_size) if mode == "mean" else None
+    points = removal_points(explainer.model, explainer.layer_names, images[:1])
+    named = dict(explainer.model.named_modules())
+    modules = {
+        layer: named[point] for layer, point in zip(explainer.layer_names, points, strict=True)
+    }
+    fill = channel_means(explainer, images, batch_size, points) if mode == "mean" else None
 
     def accuracy(chosen: Sequence[tuple[str, int]]) -> float:
         ablate: dict[nn.Module, list[int]] = {}
