@@ -14,6 +14,7 @@ extra           for
 ``torchserve``  ``fam archive`` and serving the archives with TorchServe
 ``captum``      :mod:`fam_core.captum`, the Captum interop
 ``eval``        ``fam eval`` (nothing beyond the base install today)
+``bulk``        ``fam bulk``: bulk explanation on Ray Data, Parquet output
 ``all``         every extra above but ``onnx-gpu``
 ==============  ==========================================================================
 
@@ -39,6 +40,7 @@ PURPOSES: dict[str, str] = {
     "torchserve": "building TorchServe archives",
     "captum": "the Captum interop",
     "eval": "the evaluation",
+    "bulk": "bulk explanation on Ray",
 }
 """What each extra is for: the start of the error message."""
 
