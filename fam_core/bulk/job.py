@@ -122,20 +122,18 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
     names = [plan.shard_name(k) for k in range(len(plan.shards))]
     out = Path(options.out)
     references = tuple(_read_reference(path) for path in options.references)
+    # the models loaded here once: one-line errors before anything is written or Ray starts
+    served = [m.name for m in BulkWorker(_spec(options, plan, [], references)).served]
     check_job(out, _settings(options, plan))
     done = done_shards(out, names)
     pending = [k for k in range(len(plan.shards)) if k not in done]
-    spec = _spec(options, plan, pending, references)
-    checked = BulkWorker(spec)  # loads the models here once: one-line errors before Ray starts
-    report = BulkReport(
-        out, len(plan.shards), [m.name for m in checked.served], skipped=sorted(done)
-    )
-    del checked
+    report = BulkReport(out, len(plan.shards), served, skipped=sorted(done))
     if done:
         say(f"{len(done)} of {len(plan.shards)} shards already written in {out}: skipped")
     if not pending:
         report.seconds = time.perf_counter() - start
         return report
+    spec = _spec(options, plan, pending, references)
     _start_ray(options)
     dataset = _dataset(plan, pending, options, spec)
     expected = {k: len(plan.shards[k]) * len(options.models) for k in pending}
@@ -220,21 +218,24 @@ def _start_ray(options: BulkOptions) -> None:
 
 
 def _dataset(plan: Plan, pending: list[int], options: BulkOptions, spec: WorkerSpec):  # type: ignore[no-untyped-def]
-    """Images of the pending shards read by Ray Data, explained by the actor pool."""
+    """Images of the pending shards read by Ray Data, explained by the actor pool.
+
+    Reading is I/O and asks for no CPU: with actors holding every CPU a read task that asks
+    for one would wait for ever.
+    """
     import ray.data
 
     count = sum(len(plan.shards[k]) for k in pending)
     blocks = min(count, max(2 * options.actors, math.ceil(count / options.batch_size)))
-    light = {"num_cpus": 0}  # reading is I/O: it must not wait for the CPUs the actors hold
     if plan.parquet:
         dataset = ray.data.read_parquet(  # the actors drop the rows of written shards
-            list(plan.parquet), columns=["id", "image"], ray_remote_args=light
+            list(plan.parquet), columns=["id", "image"], num_cpus=0
         )
         columns = ("id", "image")
     else:
         paths = [item.path for k in pending for item in plan.shards[k]]
         dataset = ray.data.read_binary_files(
-            paths, include_paths=True, override_num_blocks=blocks, ray_remote_args=light
+            paths, include_paths=True, override_num_blocks=blocks, num_cpus=0
         )
         columns = ("path", "bytes")
     return dataset.map_batches(

@@ -6,10 +6,10 @@ A shard is written to a temporary name in the output folder and renamed over its
 or other settings into the same folder is refused instead of mixing results.
 
 Example:
-    >>> import doctest, tempfile
+    >>> import tempfile
     >>> out = Path(tempfile.mkdtemp())
     >>> check_job(out, {"plan": "abc"}); check_job(out, {"plan": "abc"})
-    >>> check_job(out, {"plan": "xyz"})
+    >>> check_job(out, {"plan": "xyz"})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     ValueError: --out /tmp/... holds another job (its plan differs); use a new --out folder

@@ -8,7 +8,9 @@ instead of failing the Ray job: a batch goes through the pipeline as one request
 pipeline refuses it, again image by image.
 
 Example:
-    >>> worker = BulkWorker(WorkerSpec(models=("default-classifier",)))  # doctest: +SKIP
+    >>> worker = BulkWorker(WorkerSpec(models=("default-classifier",), shards={"a.png": 0}))
+    >>> worker.rows(["a.png"], (EncodedImage(b"junk"),))[0]["error"]  # doctest: +ELLIPSIS
+    'InvalidArgument: image 0: cannot decode the image: ...'
 """
 
 from __future__ import annotations
