@@ -30,7 +30,7 @@ from fam_core.bulk.summary import (  # noqa: E402
     write_domain_gap,
     write_montages,
 )
-from fam_core.bulk.worker import BulkWorker, WorkerSpec  # noqa: E402
+from fam_core.bulk.worker import BulkWorker, ExplainSettings, WorkerSpec  # noqa: E402
 from fam_core.cli import main  # noqa: E402
 from fam_core.pipeline import (  # noqa: E402
     EncodedImage,
@@ -225,9 +225,8 @@ def _worker_rows(spec: WorkerSpec, files: list[Path]) -> list[dict]:
 
 def test_eval_metrics_follow_their_definitions(image_dir, tmp_path):
     files = sorted(image_dir.glob("flower-*.png"))[:6]
-    spec = WorkerSpec(
-        models=(MODEL,), evaluate=True, eval_steps=4, shards={str(f): 0 for f in files}
-    )
+    settings = ExplainSettings(evaluate=True, eval_steps=4)
+    spec = WorkerSpec(models=(MODEL,), settings=settings, shards={str(f): 0 for f in files})
     rows = _worker_rows(spec, files)
     served = ServedModel.load(MODEL)
     pipeline = Pipeline(ModelRegistry([served]), batching=None)
@@ -256,7 +255,7 @@ def test_checkpoints_side_by_side_with_a_montage_per_image(image_dir, tmp_path):
     models = (MODEL, "default-embedding")
     spec = WorkerSpec(
         models=models,
-        overlay=True,
+        settings=ExplainSettings(overlay=True),
         shards={str(f): 0 for f in files},
         ids={str(f): f.name for f in files},
     )

@@ -15,5 +15,14 @@ Example:
 
 from fam_core.bulk.job import BulkOptions, BulkReport, run_bulk
 from fam_core.bulk.rows import ROW_SCHEMA, decode_heatmap, read_rows
+from fam_core.bulk.worker import ExplainSettings
 
-__all__ = ["ROW_SCHEMA", "BulkOptions", "BulkReport", "decode_heatmap", "read_rows", "run_bulk"]
+__all__ = [
+    "ROW_SCHEMA",
+    "BulkOptions",
+    "BulkReport",
+    "ExplainSettings",
+    "decode_heatmap",
+    "read_rows",
+    "run_bulk",
+]

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -22,12 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fam_core.bulk.evaluate import DEFAULT_STEPS
 from fam_core.bulk.plan import Plan, list_images
 from fam_core.bulk.rows import Row
 from fam_core.bulk.shards import check_job, done_shards, write_shard
-from fam_core.bulk.worker import BulkWorker, WorkerSpec
-from fam_core.pipeline.request import RESOLUTIONS, Resolution
+from fam_core.bulk.worker import BulkWorker, ExplainSettings, WorkerSpec
 
 DEFAULT_SHARD_SIZE = 256
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
@@ -43,8 +42,7 @@ class BulkOptions:
             model) are run on every image and written side by side.
         images: a folder, a glob or Parquet files with ``id`` and ``image`` columns.
         out: the output folder (one Parquet file per shard, ``job.json``, ``summary.json``).
-        method: the explainer (``None``: each model's default).
-        layer, resolution, embedding, overlay, evaluate, eval_steps: as :class:`WorkerSpec`.
+        settings: what every image gets (method, resolution, embedding, overlay, metrics).
         references: reference image files (embedding models).
         batch_size: images per ``map_batches`` call (and per pipeline pass).
         actors: actors in the pool (each loads the models once).
@@ -58,13 +56,7 @@ class BulkOptions:
     models: tuple[str, ...]
     images: str
     out: str = "out/bulk"
-    method: str | None = None
-    layer: str | None = None
-    resolution: Resolution = "input"
-    embedding: bool = False
-    overlay: bool = False
-    evaluate: bool = False
-    eval_steps: int = DEFAULT_STEPS
+    settings: ExplainSettings = ExplainSettings()
     references: tuple[str, ...] = ()
     batch_size: int = 16
     actors: int = 1
@@ -77,7 +69,7 @@ class BulkOptions:
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("give at least one model")
-        for name in ("batch_size", "actors", "shard_size", "eval_steps"):
+        for name in ("batch_size", "actors", "shard_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}")
@@ -87,10 +79,6 @@ class BulkOptions:
             raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
-        if self.resolution not in RESOLUTIONS:
-            raise ValueError(f"--resolution must be one of {list(RESOLUTIONS)}")
-        if self.evaluate and self.resolution != "input":
-            raise ValueError("--eval needs --resolution input")
 
 
 @dataclass
@@ -123,7 +111,8 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
     out = Path(options.out)
     references = tuple(_read_reference(path) for path in options.references)
     # the models loaded here once: one-line errors before anything is written or Ray starts
-    served = [m.name for m in BulkWorker(_spec(options, plan, [], references)).served]
+    check = dataclasses.replace(_spec(options, plan, [], references), device="cpu")
+    served = [m.name for m in BulkWorker(check).served]
     check_job(out, _settings(options, plan))
     done = done_shards(out, names)
     pending = [k for k in range(len(plan.shards)) if k not in done]
@@ -137,13 +126,15 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
     _start_ray(options)
     dataset = _dataset(plan, pending, options, spec)
     expected = {k: len(plan.shards[k]) * len(options.models) for k in pending}
-    collected: dict[int, list[Row]] = {k: [] for k in pending}
+    collected: dict[int, dict[tuple[str, str], Row]] = {k: {} for k in pending}
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
             shard = row["shard"]
-            collected[shard].append(row)
+            if shard not in collected:  # a retried task's row of a shard already written
+                continue
+            collected[shard][row["id"], row["model"]] = row  # or of one still collecting
             if len(collected[shard]) == expected[shard]:
-                rows = collected.pop(shard)
+                rows = list(collected.pop(shard).values())
                 write_shard(out, names[shard], rows)
                 report.written.append(shard)
                 report.rows += len(rows)
@@ -160,13 +151,7 @@ def _settings(options: BulkOptions, plan: Plan) -> dict[str, object]:
         "plan": plan.fingerprint(),
         "shard_size": options.shard_size,
         "models": list(options.models),
-        "method": options.method,
-        "layer": options.layer,
-        "resolution": options.resolution,
-        "embedding": options.embedding,
-        "overlay": options.overlay,
-        "evaluate": options.evaluate,
-        "eval_steps": options.eval_steps,
+        **dataclasses.asdict(options.settings),
         "references": [Path(p).name for p in options.references],
     }
 
@@ -178,13 +163,7 @@ def _spec(
     ids = {item.path: item.id for k in pending for item in plan.shards[k] if item.path}
     return WorkerSpec(
         models=tuple(options.models),
-        method=options.method,
-        layer=options.layer,
-        resolution=options.resolution,
-        embedding=options.embedding,
-        overlay=options.overlay,
-        evaluate=options.evaluate,
-        eval_steps=options.eval_steps,
+        settings=options.settings,
         references=references,
         shards=keys,
         ids=ids,

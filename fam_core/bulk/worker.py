@@ -36,7 +36,39 @@ from fam_core.pipeline import (
     heatmap_from_bytes,
 )
 from fam_core.pipeline.limits import IMAGE_FORMATS
-from fam_core.pipeline.request import Resolution
+from fam_core.pipeline.request import RESOLUTIONS, Resolution
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What every image gets.
+
+    Attributes:
+        method: the explainer (``None``: each model's default).
+        layer: target layer override.
+        resolution: heatmaps at ``"input"`` or ``"feature"`` resolution.
+        embedding: write the model's output vector.
+        overlay: write a PNG overlay of the heatmap on the model's input.
+        evaluate: compute the per-image faithfulness metrics (:mod:`fam_core.bulk.evaluate`).
+        eval_steps: deletion / insertion points.
+    """
+
+    method: str | None = None
+    layer: str | None = None
+    resolution: Resolution = "input"
+    embedding: bool = False
+    overlay: bool = False
+    evaluate: bool = False
+    eval_steps: int = DEFAULT_STEPS
+
+    def __post_init__(self) -> None:
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"--resolution must be one of {list(RESOLUTIONS)}")
+        steps = self.eval_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"--eval-steps must be an int >= 1, got {steps!r}")
+        if self.evaluate and self.resolution != "input":
+            raise ValueError("--eval needs --resolution input")
 
 
 @dataclass(frozen=True)
@@ -45,27 +77,16 @@ class WorkerSpec:
 
     Attributes:
         models: model names, config paths or ``.onnx`` paths (several: checkpoints side by side).
-        method: the explainer (``None``: each model's default).
-        layer: target layer override.
-        resolution: heatmaps at ``"input"`` or ``"feature"`` resolution.
-        embedding: write the model's output vector.
-        overlay: write a PNG overlay of the heatmap on the model's input.
-        evaluate: compute the per-image faithfulness metrics (:mod:`fam_core.bulk.evaluate`).
-        eval_steps: deletion / insertion points.
+        settings: what every image gets.
         references: encoded reference images (embedding models).
-        shards: the shard of each image key (file path or Parquet id).
+        shards: the shard of each image key (file path or Parquet id); other keys are skipped.
         ids: the id of each file path (Parquet sets: empty, the key is the id).
         device: ``"cpu"`` or ``"cuda"``.
+        batch_size: images per batch (the request limit allows it).
     """
 
     models: tuple[str, ...]
-    method: str | None = None
-    layer: str | None = None
-    resolution: Resolution = "input"
-    embedding: bool = False
-    overlay: bool = False
-    evaluate: bool = False
-    eval_steps: int = DEFAULT_STEPS
+    settings: ExplainSettings = ExplainSettings()
     references: tuple[bytes, ...] = ()
     shards: dict[str, int] = field(default_factory=dict)
     ids: dict[str, str] = field(default_factory=dict)
@@ -74,14 +95,15 @@ class WorkerSpec:
 
     def load(self) -> tuple[Pipeline, list[ServedModel]]:
         """The models loaded and a pipeline over them; ``ValueError`` for what cannot run."""
-        served = [ServedModel.load(m, self.device, target_layer=self.layer) for m in self.models]
+        layer = self.settings.layer
+        served = [ServedModel.load(m, self.device, target_layer=layer) for m in self.models]
         limits = Limits(
             max_batch=max(64, self.batch_size + len(self.references)), formats=IMAGE_FORMATS
         )
         pipeline = Pipeline(ModelRegistry(served), limits=limits, batching=None)
         for model in served:
-            if self.method is not None:
-                model.check_method(self.method)
+            if self.settings.method is not None:
+                model.check_method(self.settings.method)
             if self.references and model.task != "embedding":
                 raise ValueError(
                     f"--references need embedding models; {model.name!r} is a classifier"
@@ -108,7 +130,7 @@ class BulkWorker:
         for model in self.served:
             embeddings = self._reference_embeddings(model) if references else None
             self.reference_embeddings[model.name] = embeddings
-            if spec.evaluate:
+            if spec.settings.evaluate:
                 check_evaluable(model, embeddings)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
@@ -136,14 +158,14 @@ class BulkWorker:
         return rows
 
     def _request(self, model: ServedModel, images: tuple[EncodedImage, ...]) -> ExplainRequest:
-        spec = self.spec
+        settings = self.spec.settings
         return ExplainRequest(
             model=model.name,
             images=images,
-            method=spec.method,
-            resolution=spec.resolution,
-            embedding=spec.embedding,
-            overlay=spec.overlay,
+            method=settings.method,
+            resolution=settings.resolution,
+            embedding=settings.embedding,
+            overlay=settings.overlay,
             references=self.references,
         )
 
@@ -160,7 +182,7 @@ class BulkWorker:
                 for a in self.pipeline.explain_batch([self._request(model, (i,)) for i in images])
             ]
         metrics: dict[int, dict[str, float]] = {}
-        if self.spec.evaluate:
+        if self.spec.settings.evaluate:
             done = [i for i, a in enumerate(answers) if isinstance(a, ExplainResult)]
             if done:
                 values = self._metrics(model, [images[i] for i in done], [answers[i] for i in done])  # type: ignore[misc]
@@ -170,8 +192,6 @@ class BulkWorker:
     def _metrics(
         self, model: ServedModel, images: list[EncodedImage], results: list[ExplainResult]
     ) -> list[dict[str, float]]:
-        if self.spec.resolution != "input":
-            raise ValueError("--eval needs heatmaps at input resolution")
         pixels = self.pipeline.pixels(model.name, tuple(images))
         maps = torch.stack(
             [heatmap_from_bytes(r.heatmap.data, r.heatmap.shape) for r in results]  # type: ignore[union-attr]
@@ -183,7 +203,7 @@ class BulkWorker:
             maps,
             explained,
             self.reference_embeddings[model.name],
-            steps=self.spec.eval_steps,
+            steps=self.spec.settings.eval_steps,
         )
 
     def _reference_embeddings(self, model: ServedModel) -> torch.Tensor:

@@ -59,7 +59,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the job, then write the summary (and montages); print where."""
-    from fam_core.bulk import BulkOptions, run_bulk
+    from fam_core.bulk import BulkOptions, ExplainSettings, run_bulk
     from fam_core.bulk.summary import write_montages, write_summary
 
     if args.montage and not args.overlay:
@@ -68,13 +68,15 @@ def run(args: argparse.Namespace) -> int:
         models=tuple(args.model),
         images=args.images,
         out=args.out,
-        method=args.method,
-        layer=args.layer,
-        resolution=args.resolution,
-        embedding=args.embedding,
-        overlay=args.overlay,
-        evaluate=args.eval,
-        eval_steps=args.eval_steps,
+        settings=ExplainSettings(
+            method=args.method,
+            layer=args.layer,
+            resolution=args.resolution,
+            embedding=args.embedding,
+            overlay=args.overlay,
+            evaluate=args.eval,
+            eval_steps=args.eval_steps,
+        ),
         references=tuple(args.references),
         batch_size=args.batch_size,
         actors=args.actors,
