@@ -29,6 +29,8 @@ from fam_core.bulk.shards import check_job, done_shards, write_shard
 from fam_core.bulk.worker import BulkWorker, ExplainSettings, WorkerSpec
 
 DEFAULT_SHARD_SIZE = 256
+READ_BLOCK = 64
+"""Images per block Ray Data reads (each a task)."""
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 """Object store of a local Ray session (Ray spills to disk beyond it)."""
 
@@ -205,16 +207,19 @@ def _dataset(plan: Plan, pending: list[int], options: BulkOptions, spec: WorkerS
     import ray.data
 
     count = sum(len(plan.shards[k]) for k in pending)
-    blocks = min(count, max(2 * options.actors, math.ceil(count / options.batch_size)))
+    # blocks of about READ_BLOCK images, at least two per actor; at most two reads per actor
+    # at once (a read asking for no CPU could otherwise start a Python worker per block)
+    blocks = min(count, max(2 * options.actors, math.ceil(count / READ_BLOCK)))
+    reads = 2 * options.actors
     if plan.parquet:
         dataset = ray.data.read_parquet(  # the actors drop the rows of written shards
-            list(plan.parquet), columns=["id", "image"], num_cpus=0
+            list(plan.parquet), columns=["id", "image"], num_cpus=0, concurrency=reads
         )
         columns = ("id", "image")
     else:
         paths = [item.path for k in pending for item in plan.shards[k]]
         dataset = ray.data.read_binary_files(
-            paths, include_paths=True, override_num_blocks=blocks, num_cpus=0
+            paths, include_paths=True, override_num_blocks=blocks, num_cpus=0, concurrency=reads
         )
         columns = ("path", "bytes")
     return dataset.map_batches(
