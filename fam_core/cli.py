@@ -19,6 +19,7 @@ LAYER_ERROR = "unknown target layer"
 # parser whose ``run`` default takes the parsed arguments and returns the exit code.
 COMMAND_MODULES: tuple[str, ...] = (
     "fam_core.commands.archive",
+    "fam_core.commands.bulk",
     "fam_core.commands.eval",
     "fam_core.commands.export",
     "fam_core.commands.inspect",

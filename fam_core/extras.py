@@ -15,6 +15,7 @@ extra           for
 ``kserve``      ``fam serve --engine kserve``: the KServe model server (REST v1/v2, gRPC v2)
 ``captum``      :mod:`fam_core.captum`, the Captum interop, and LIFT-CAM (Captum's DeepLift)
 ``eval``        ``fam eval`` (its charts and progress bar), matplotlib colour maps
+``bulk``        ``fam bulk``: bulk explanation on Ray Data, Parquet output
 ``all``         every extra above but ``onnx-gpu`` and ``kserve``
 ==============  ==========================================================================
 
@@ -41,6 +42,7 @@ PURPOSES: dict[str, str] = {
     "kserve": "the KServe model server",
     "captum": "the Captum interop",
     "eval": "the evaluation",
+    "bulk": "bulk explanation on Ray",
 }
 """What each extra is for: the start of the error message."""
 

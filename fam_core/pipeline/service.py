@@ -155,6 +155,13 @@ class Pipeline:
             num_prototypes=served.num_prototypes,
         )
 
+    def pixels(self, model: str, images: tuple[ImageInput, ...]) -> torch.Tensor:
+        """``images`` as model ``model`` sees them, before normalisation: decoded within the
+        limits and fitted to its input, ``[B, 3, H, W]`` in ``[0, 1]`` (what the heatmaps of
+        :meth:`explain` at input resolution cover; the metrics of ``fam bulk --eval`` read it).
+        """
+        return self._decode(tuple(images), self.registry.get(model))[0]
+
     def close(self) -> None:
         """Finish queued work and stop the batching threads."""
         for batcher in self._batchers.values():
