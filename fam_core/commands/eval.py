@@ -10,10 +10,13 @@ from pathlib import Path
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand."""
+    from fam_core.commands import NamesIntactFormatter
     from fam_core.explainers.registry import available_methods
 
     parser = commands.add_parser(
-        "eval", help="evaluate every registered explainer on the embedded benchmark"
+        "eval",
+        help="evaluate every registered explainer on the embedded benchmark",
+        formatter_class=NamesIntactFormatter,
     )
     parser.add_argument(
         "--images", type=int, default=16, help="explained images per setting (default 16)"
