@@ -86,7 +86,19 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
     assert "runtime" in stdout and "| fam |" in stdout
     data = json.loads((out / "results.json").read_text())
     assert data["methods"] == ["fam"]
-    assert set(data["tasks"]) == {"few-shot", "kNN", "retrieval", "classifier"}
+    assert set(data["tasks"]) == {
+        "few-shot",
+        "kNN",
+        "retrieval",
+        "scene",
+        "scene-retrieval",
+        "classifier",
+    }
+    for name in ("scene", "scene-retrieval"):  # every method's per-pair and per-scene values
+        per_image = data["per_image"][name]["fam"]
+        assert len(per_image["proportion_matched"]) == data["settings"][name]["images"]
+        assert len(per_image["sensitivity_gap"]) == data["tasks"]["scene"]["scenes"] == 3
+        assert data["metrics"][name]["fam"]["sensitivity_rank"] <= 1.0 + 1e-6
     assert data["tasks"]["classifier"]["accuracy"] == 1.0  # the fitted last layer
     for name in ("few-shot", "classifier"):
         values = data["metrics"][name]["fam"]

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 import fam_core.explainers  # noqa: F401  (registers the built-in methods)
+from fam_core.evaluation.scenes import SCENE_METRICS, scene_metrics, scene_settings
 from fam_core.evaluation.settings import Setting, classifier_setting, embedding_settings
 from fam_core.explainers.base import Explainer
 from fam_core.explainers.registry import available_methods, get_explainer
@@ -37,6 +38,7 @@ METRICS: dict[str, str] = {
     "deletion_auc": "deletion AUC (lower is better)",
     "insertion_auc": "insertion AUC (higher is better)",
     "explanation_map_ap": "explanation-map retrieval AP, Wu et al. app. A (higher is better)",
+    **SCENE_METRICS,
 }
 RELEVANCE_METRICS: dict[str, str] = {
     "accuracy": "accuracy of the classifier on the held-out test split",
@@ -88,6 +90,8 @@ class EvalResult:
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
     relevance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per-image values (per pair or per scene) of the scene metrics, for bootstrap intervals
+    per_image: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     runtime_seconds: float = 0.0
     examples: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     example_images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -326,6 +330,12 @@ def run_evaluation(
             seed=options.seed,
             model_name=options.embedding_model,
         ),
+        *scene_settings(
+            embedding,
+            images=options.images,
+            seed=options.seed,
+            model_name=options.embedding_model,
+        ),
         classifier_setting(
             classifier,
             images=options.images,
@@ -377,6 +387,10 @@ def run_evaluation(
         if isinstance(explainer, RelevantFeatures):
             fitted[setting.name] = explainer
         values, curves = evaluate_maps(setting, maps, options.steps)
+        if setting.scene is not None:
+            means, per_image = scene_metrics(setting, maps)
+            values.update(means)
+            result.per_image.setdefault(setting.name, {})[method] = per_image
         result.metrics.setdefault(setting.name, {})[method] = values
         result.curves.setdefault(setting.name, {})[method] = curves
         result.examples.setdefault(setting.name, {})[method] = maps[:4]
