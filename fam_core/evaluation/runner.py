@@ -247,7 +247,8 @@ def explain(
 
 
 def evaluate_maps(setting: Setting, maps: torch.Tensor, steps: int) -> tuple[dict, dict]:
-    """Every metric of one method's maps on one setting, and its mean deletion/insertion curves."""
+    """Every metric of one method's maps on one setting, and its mean deletion/insertion curves
+    (scene settings: the localisation and scene metrics only, no curves)."""
     images = setting.images
     values = {
         "proportion": loc.energy_pointing_proportion(maps, setting.boxes).mean().item(),
@@ -255,6 +256,9 @@ def evaluate_maps(setting: Setting, maps: torch.Tensor, steps: int) -> tuple[dic
         "pointing": loc.pointing_game(maps, setting.masks).mean().item(),
         "iou_auc": loc.area_under_iou_curve(maps, setting.masks).mean().item(),
     }
+    if setting.scene is not None:  # scenes: localisation and target sensitivity only
+        means, _ = scene_metrics(setting, maps)
+        return values | means, {}
     scores = setting.score(images)
     masked = setting.score(eq21_masked_images(setting, maps))
     values["average_drop"] = faith.average_drop(scores, masked)
@@ -388,11 +392,10 @@ def run_evaluation(
             fitted[setting.name] = explainer
         values, curves = evaluate_maps(setting, maps, options.steps)
         if setting.scene is not None:
-            means, per_image = scene_metrics(setting, maps)
-            values.update(means)
-            result.per_image.setdefault(setting.name, {})[method] = per_image
+            result.per_image.setdefault(setting.name, {})[method] = scene_metrics(setting, maps)[1]
         result.metrics.setdefault(setting.name, {})[method] = values
-        result.curves.setdefault(setting.name, {})[method] = curves
+        if curves:
+            result.curves.setdefault(setting.name, {})[method] = curves
         result.examples.setdefault(setting.name, {})[method] = maps[:4]
         if options.sanity_images and setting.name in ("few-shot", "classifier"):
             torch.manual_seed(options.seed)
