@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fam_core.data.flowers import SPLITS, FlowerBatch, make_flowers
+from fam_core.data.flowers import NUM_CLASSES, SPLITS, FlowerBatch, make_flowers
 from fam_core.data.scenes import GRID, SceneBatch, make_scenes
 from fam_core.evaluation import settings as _settings
 from fam_core.evaluation.settings import SceneGroups, Setting, _embed
@@ -99,7 +99,7 @@ def scene_settings(
 
 def _class_slots(scenes: SceneBatch, classes: list[int]) -> torch.Tensor:
     """``[S, 4]``: the column of each flower's class in ``classes``, -1 for padding."""
-    lookup = torch.full((int(scenes.labels.max()) + 2,), -1, dtype=torch.long)
+    lookup = torch.full((NUM_CLASSES,), -1, dtype=torch.long)
     lookup[torch.tensor(classes)] = torch.arange(len(classes))
     return torch.where(scenes.labels >= 0, lookup[scenes.labels.clamp_min(0)], -1)
 
