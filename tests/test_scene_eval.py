@@ -8,7 +8,7 @@ import torch
 from fam_core.data.flowers import SPLITS, make_flowers
 from fam_core.evaluation import settings
 from fam_core.evaluation.runner import build_explainer, explain
-from fam_core.evaluation.scenes import scene_metrics, scene_settings
+from fam_core.evaluation.scenes import _matching_task, scene_metrics, scene_settings
 from fam_core.models.backbones import build_backbone
 from fam_core.models.store import LoadedModel, ModelConfig
 
@@ -107,3 +107,15 @@ def test_scene_metrics_need_a_scene_setting(scene_pair) -> None:
 
     with pytest.raises(ValueError, match="holds no scenes"):
         scene_metrics(replace(scene_pair[0], scene=None), scene_pair[0].masks.float())
+
+
+def test_matching_task_by_hand() -> None:
+    # two scenes over 3 candidate classes; both hold classes 0 and 2 (slots), class 1 absent
+    sims = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.9, 0.5]])
+    slot = torch.tensor([[0, 2], [2, 0]])
+    present = torch.ones(2, 2, dtype=torch.bool)
+    task = _matching_task(sims, slot, present)
+    assert task["top1_present"] == pytest.approx(0.5)  # scene 2's best class (1) is absent
+    assert task["present_above_absent"] == pytest.approx(0.5)  # scene 1: 2/2, scene 2: 0/2
+    assert task["top_n_exact"] == pytest.approx(0.5)
+    assert task["scenes"] == 2 and task["pairs"] == 4

@@ -72,9 +72,7 @@ def scene_settings(
     fewshot_refs = support.gather(1, slot.clamp_min(0))  # [S, 4] pool positions
     cells = _cell_embeddings(loaded, scenes)  # [S, 4 cells, D]
     fewshot_task = _matching_task(class_sims, slot, present)
-    fewshot_task["cell_match"] = _cell_match(
-        cells, scenes, pool_embeddings[fewshot_refs], present, kind
-    )
+    fewshot_task["cell_match"] = _cell_match(cells, scenes, pool_embeddings[fewshot_refs], kind)
 
     # scene-retrieval: the gallery item of each flower's class that matches the scene best
     gallery = pool_embeddings[gallery_index]
@@ -88,7 +86,7 @@ def scene_settings(
     top1 = gallery_labels[gallery_sims.argmax(dim=1)]
     retrieval_task = {
         "recall@1": (top1.unsqueeze(1) == scenes.labels).any(dim=1).float().mean().item(),
-        "cell_match": _cell_match(cells, scenes, pool_embeddings[best.clamp_min(0)], present, kind),
+        "cell_match": _cell_match(cells, scenes, pool_embeddings[best.clamp_min(0)], kind),
         "gallery": len(gallery_index),
     }
     return [
@@ -141,7 +139,6 @@ def _cell_match(
     cells: torch.Tensor,
     scenes: SceneBatch,
     references: torch.Tensor,
-    present: torch.Tensor,
     kind: str,
 ) -> float:
     """Share of (scene, flower) pairs whose reference is most similar to that flower's own
