@@ -248,7 +248,9 @@ def explain(
 
 def evaluate_maps(setting: Setting, maps: torch.Tensor, steps: int) -> tuple[dict, dict]:
     """Every metric of one method's maps on one setting, and its mean deletion/insertion curves
-    (scene settings: the localisation and scene metrics only, no curves)."""
+    (scene settings: the scene metrics of :mod:`.scenes` only, no curves)."""
+    if setting.scene is not None:  # the matched / other flowers and target sensitivity only
+        return scene_metrics(setting, maps)[0], {}
     images = setting.images
     values = {
         "proportion": loc.energy_pointing_proportion(maps, setting.boxes).mean().item(),
@@ -256,9 +258,6 @@ def evaluate_maps(setting: Setting, maps: torch.Tensor, steps: int) -> tuple[dic
         "pointing": loc.pointing_game(maps, setting.masks).mean().item(),
         "iou_auc": loc.area_under_iou_curve(maps, setting.masks).mean().item(),
     }
-    if setting.scene is not None:  # scenes: localisation and target sensitivity only
-        means, _ = scene_metrics(setting, maps)
-        return values | means, {}
     scores = setting.score(images)
     masked = setting.score(eq21_masked_images(setting, maps))
     values["average_drop"] = faith.average_drop(scores, masked)
