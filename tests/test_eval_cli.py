@@ -180,3 +180,10 @@ def test_eval_fits_relevant_features_on_the_classifier_only(
     assert set(relevance["reconstruction_auc"]) == {"0.5", "2.0", "10.0"}
     assert all(0.0 <= auc <= 1.0 for auc in relevance["reconstruction_auc"].values())
     assert "Feature relevance" in (out / "results.md").read_text()
+
+
+def test_unknown_settings_are_refused_before_any_work() -> None:
+    from fam_core.evaluation.runner import EvalOptions, run_evaluation
+
+    with pytest.raises(ValueError, match="unknown settings \\['nope'\\]"):
+        run_evaluation(EvalOptions(settings=("scene", "nope"), embedding_model="/nonexistent"))

@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from fam_core.evaluation import SETTING_NAMES
+
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand."""
@@ -41,6 +43,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help="methods to run (default: every registered one; those that need fitting are "
         "fitted on the benchmark's labelled images): " + ", ".join(available_methods()),
     )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        metavar="SETTING",
+        choices=SETTING_NAMES,
+        help="settings to evaluate (default: all): " + ", ".join(SETTING_NAMES),
+    )
     parser.add_argument("--embedding-model", default="default-embedding")
     parser.add_argument("--classifier-model", default="default-classifier")
     parser.add_argument("--out", default="out/eval", help="output folder (default out/eval)")
@@ -62,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         episodes=args.episodes,
         seed=args.seed,
         methods=tuple(args.methods) if args.methods else None,
+        settings=tuple(args.settings) if args.settings else None,
         steps=args.steps,
         sanity_images=args.sanity_images,
         embedding_model=args.embedding_model,
@@ -74,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             f"--images {args.images} --episodes {args.episodes} --steps {args.steps}",
             f"--sanity-images {args.sanity_images} --seed {args.seed}",
             *([f"--methods {' '.join(args.methods)}"] if args.methods else []),
+            *([f"--settings {' '.join(args.settings)}"] if args.settings else []),
             f"--embedding-model {shlex.quote(args.embedding_model)}",
             f"--classifier-model {shlex.quote(args.classifier_model)}",
             f"--out {shlex.quote(args.out)}",

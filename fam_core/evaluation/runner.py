@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 import fam_core.explainers  # noqa: F401  (registers the built-in methods)
+from fam_core.evaluation import SETTING_NAMES
 from fam_core.evaluation.scenes import SCENE_METRICS, scene_metrics, scene_settings
 from fam_core.evaluation.settings import Setting, classifier_setting, embedding_settings
 from fam_core.explainers.base import Explainer
@@ -62,7 +63,8 @@ class NotApplicable(Exception):
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What ``fam eval`` runs. ``images``: explained images per setting; ``episodes``:
+    """What ``fam eval`` runs. ``images``: explained images (scenes) per setting; ``settings``:
+    the settings evaluated (all by default); ``episodes``:
     few-shot episodes for the accuracy; ``steps``: deletion/insertion points;
     ``sanity_images``: images of the randomisation test (0 skips it)."""
 
@@ -70,6 +72,7 @@ class EvalOptions:
     episodes: int = 600
     seed: int = 0
     methods: tuple[str, ...] | None = None
+    settings: tuple[str, ...] | None = None  # None: every setting
     steps: int = 10
     sanity_images: int = 4
     embedding_model: str = "default-embedding"
@@ -318,6 +321,9 @@ def run_evaluation(
     started = time.perf_counter()
     if options.images < 1 or options.episodes < 1 or options.steps < 1 or options.sanity_images < 0:
         raise ValueError("images, episodes and steps must be >= 1 and sanity_images >= 0")
+    unknown = set(options.settings or ()) - set(SETTING_NAMES)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {SETTING_NAMES}")
     import_failures = discover_explainers()
     methods = resolve_methods(options.methods)
     torch.manual_seed(options.seed)
@@ -346,6 +352,8 @@ def run_evaluation(
             model_name=options.classifier_model,
         ),
     ]
+    if options.settings:
+        settings = [s for s in settings if s.name in options.settings]
     result = EvalResult(options=asdict(options), methods=methods)
     for module, reason in import_failures.items():
         result.skipped.setdefault(module, {})["import"] = reason
