@@ -64,6 +64,8 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
         "eval",
         "--images",
         "3",
+        "--scenes",
+        "3",
         "--episodes",
         "20",
         "--steps",
@@ -125,6 +127,8 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
 def test_eval_rejects_bad_options(tmp_path, capsys, small_benchmark) -> None:
     assert fam_core.cli.main(["eval", "--images", "0", "--out", str(tmp_path)]) == 2
     assert "--images must be >= 1" in capsys.readouterr().err
+    assert fam_core.cli.main(["eval", "--scenes", "0", "--out", str(tmp_path)]) == 2
+    assert "--scenes must be >= 1" in capsys.readouterr().err
     code = fam_core.cli.main(
         ["eval", "--methods", "nope", "--embedding-model", str(tmp_path), "--out", str(tmp_path)]
     )

@@ -24,6 +24,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--images", type=int, default=16, help="explained images per setting (default 16)"
     )
     parser.add_argument(
+        "--scenes",
+        type=int,
+        default=6,
+        help="scenes per scene setting, each explained against each of its 2-4 flowers (default 6)",
+    )
+    parser.add_argument(
         "--episodes", type=int, default=600, help="few-shot episodes for the accuracy (default 600)"
     )
     parser.add_argument(
@@ -61,13 +67,14 @@ def run(args: argparse.Namespace) -> int:
     from fam_core.evaluation.report import write_report
     from fam_core.evaluation.runner import EvalOptions, run_evaluation
 
-    for name in ("images", "episodes", "steps"):
+    for name in ("images", "scenes", "episodes", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.sanity_images < 0:
         raise ValueError(f"--sanity-images must be >= 0, got {args.sanity_images}")
     options = EvalOptions(
         images=args.images,
+        scenes=args.scenes,
         episodes=args.episodes,
         seed=args.seed,
         methods=tuple(args.methods) if args.methods else None,
@@ -81,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     command = " ".join(
         [
             "fam eval",
-            f"--images {args.images} --episodes {args.episodes} --steps {args.steps}",
+            f"--images {args.images} --scenes {args.scenes} --episodes {args.episodes}",
+            f"--steps {args.steps}",
             f"--sanity-images {args.sanity_images} --seed {args.seed}",
             *([f"--methods {' '.join(args.methods)}"] if args.methods else []),
             *([f"--settings {' '.join(args.settings)}"] if args.settings else []),

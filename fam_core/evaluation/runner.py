@@ -63,12 +63,14 @@ class NotApplicable(Exception):
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What ``fam eval`` runs. ``images``: explained images (scenes) per setting; ``settings``:
+    """What ``fam eval`` runs. ``images``: explained images per setting; ``scenes``: scenes
+    per scene setting (one explained pair per flower); ``settings``:
     the settings evaluated (all by default); ``episodes``:
     few-shot episodes for the accuracy; ``steps``: deletion/insertion points;
     ``sanity_images``: images of the randomisation test (0 skips it)."""
 
     images: int = 16
+    scenes: int = 6  # scenes per scene setting; each gives one explained pair per flower (2-4)
     episodes: int = 600
     seed: int = 0
     methods: tuple[str, ...] | None = None
@@ -319,8 +321,9 @@ def run_evaluation(
 ) -> EvalResult:
     """Run the tasks, then every method x setting x metric, then the sanity checks."""
     started = time.perf_counter()
-    if options.images < 1 or options.episodes < 1 or options.steps < 1 or options.sanity_images < 0:
-        raise ValueError("images, episodes and steps must be >= 1 and sanity_images >= 0")
+    counts = (options.images, options.scenes, options.episodes, options.steps)
+    if min(counts) < 1 or options.sanity_images < 0:
+        raise ValueError("images, scenes, episodes and steps must be >= 1 and sanity_images >= 0")
     unknown = set(options.settings or ()) - set(SETTING_NAMES)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {SETTING_NAMES}")
@@ -341,7 +344,7 @@ def run_evaluation(
         ),
         *scene_settings(
             embedding,
-            images=options.images,
+            images=options.scenes,
             seed=options.seed,
             model_name=options.embedding_model,
         ),
