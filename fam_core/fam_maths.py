@@ -31,13 +31,14 @@ from typing import Literal
 
 import torch
 
-from fam_core.similarity import channel_contributions
+from fam_core.similarity import SimilarityKind, channel_contributions, similarity_gradient
 
 __all__ = [
     "EXPLAIN_MODES",
     "ExplainMode",
     "channel_contributions",
     "fam_embedding_weights",
+    "gradient_contributions",
     "one_hot_references",
     "rectified_sum",
     "to_channels",
@@ -50,7 +51,9 @@ _EPS = 1e-12
 
 
 def fam_embedding_weights(
-    contributions: torch.Tensor, explain: ExplainMode = "mean"
+    contributions: torch.Tensor,
+    explain: ExplainMode = "mean",
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FAM's weights on the embedding (eq. 14-15, 11): ``(scores [B, K], weights [B, D])``.
 
@@ -58,6 +61,8 @@ def fam_embedding_weights(
     (:func:`fam_core.similarity.channel_contributions`); their sum over ``D`` is the pair's
     score. Each pair's contributions are divided by ``|s_k|`` (eq. 15) and averaged over the
     references (eq. 11), or, with ``explain="best"``, only the best-scoring one is kept.
+    ``scores`` ``[B, K]`` gives the pairs' similarities when the contributions do not sum
+    to them (a FAM variant's contributions, :mod:`fam_core.explainers.fam.variants`).
 
     Example:
         >>> contributions = torch.tensor([[[1.0, 1.0], [3.0, -1.0]]])
@@ -68,13 +73,34 @@ def fam_embedding_weights(
     """
     if explain not in EXPLAIN_MODES:
         raise ValueError(f"explain must be one of {EXPLAIN_MODES}, got {explain!r}")
-    scores = contributions.sum(dim=2)  # s(Z', R_k), [B, K]
+    if scores is None:
+        scores = contributions.sum(dim=2)  # s(Z', R_k), [B, K]
     per_pair = contributions / scores.abs().clamp_min(_EPS).unsqueeze(2)  # eq. 15
     if explain == "mean":
         return scores, per_pair.mean(dim=1)  # eq. 11
     best = scores.argmax(dim=1, keepdim=True).unsqueeze(2)  # [B, 1, 1]
     index = best.expand(-1, -1, per_pair.shape[2])
     return scores, per_pair.gather(1, index).squeeze(1)
+
+
+def gradient_contributions(
+    embeddings: torch.Tensor, references: torch.Tensor, kind: SimilarityKind = "cosine"
+) -> torch.Tensor:
+    """``z_n * d s(Z, R_k) / d z_n`` ``[B, K, D]``: activation times the similarity's gradient.
+
+    For the cosine this is ``z_n r⊥_kn / (|Z| |R_k|)`` with ``r⊥_k = R_k - (R_k . Ẑ) Ẑ``, the
+    reference's part orthogonal to the query embedding (the contributions sum to 0); for
+    the dot product it equals :func:`channel_contributions`.
+
+    Example:
+        >>> z, r = torch.tensor([[3.0, 4.0]]), torch.tensor([[[4.0, 3.0]]])
+        >>> gradient_contributions(z, r, "cosine")  # (4, 3) - 0.96 (3, 4) = (1.12, -0.84)
+        tensor([[[ 0.1344, -0.1344]]])
+    """
+    batch, count, dim = references.shape
+    z = embeddings.repeat_interleave(count, dim=0)  # row b * K + k
+    gradient = similarity_gradient(z, references.reshape(batch * count, 1, dim), kind)
+    return (z * gradient).view(batch, count, dim)
 
 
 def to_channels(embedding_weights: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:

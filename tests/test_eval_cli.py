@@ -64,6 +64,8 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
         "eval",
         "--images",
         "3",
+        "--scenes",
+        "3",
         "--episodes",
         "20",
         "--steps",
@@ -86,7 +88,19 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
     assert "runtime" in stdout and "| fam |" in stdout
     data = json.loads((out / "results.json").read_text())
     assert data["methods"] == ["fam"]
-    assert set(data["tasks"]) == {"few-shot", "kNN", "retrieval", "classifier"}
+    assert set(data["tasks"]) == {
+        "few-shot",
+        "kNN",
+        "retrieval",
+        "scene",
+        "scene-retrieval",
+        "classifier",
+    }
+    for name in ("scene", "scene-retrieval"):  # every method's per-pair and per-scene values
+        per_image = data["per_image"][name]["fam"]
+        assert len(per_image["proportion_matched"]) == data["settings"][name]["images"]
+        assert len(per_image["sensitivity_gap"]) == data["tasks"]["scene"]["scenes"] == 3
+        assert data["metrics"][name]["fam"]["sensitivity_rank"] <= 1.0 + 1e-6
     assert data["tasks"]["classifier"]["accuracy"] == 1.0  # the fitted last layer
     for name in ("few-shot", "classifier"):
         values = data["metrics"][name]["fam"]
@@ -113,6 +127,8 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
 def test_eval_rejects_bad_options(tmp_path, capsys, small_benchmark) -> None:
     assert fam_core.cli.main(["eval", "--images", "0", "--out", str(tmp_path)]) == 2
     assert "--images must be >= 1" in capsys.readouterr().err
+    assert fam_core.cli.main(["eval", "--scenes", "0", "--out", str(tmp_path)]) == 2
+    assert "--scenes must be >= 1" in capsys.readouterr().err
     code = fam_core.cli.main(
         ["eval", "--methods", "nope", "--embedding-model", str(tmp_path), "--out", str(tmp_path)]
     )
@@ -168,3 +184,10 @@ def test_eval_fits_relevant_features_on_the_classifier_only(
     assert set(relevance["reconstruction_auc"]) == {"0.5", "2.0", "10.0"}
     assert all(0.0 <= auc <= 1.0 for auc in relevance["reconstruction_auc"].values())
     assert "Feature relevance" in (out / "results.md").read_text()
+
+
+def test_unknown_settings_are_refused_before_any_work() -> None:
+    from fam_core.evaluation.runner import EvalOptions, run_evaluation
+
+    with pytest.raises(ValueError, match="unknown settings \\['nope'\\]"):
+        run_evaluation(EvalOptions(settings=("scene", "nope"), embedding_model="/nonexistent"))

@@ -7,16 +7,27 @@ import shlex
 import sys
 from pathlib import Path
 
+from fam_core.evaluation import SETTING_NAMES
+
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand."""
+    from fam_core.commands import NamesIntactFormatter
     from fam_core.explainers.registry import available_methods
 
     parser = commands.add_parser(
-        "eval", help="evaluate every registered explainer on the embedded benchmark"
+        "eval",
+        help="evaluate every registered explainer on the embedded benchmark",
+        formatter_class=NamesIntactFormatter,
     )
     parser.add_argument(
         "--images", type=int, default=16, help="explained images per setting (default 16)"
+    )
+    parser.add_argument(
+        "--scenes",
+        type=int,
+        default=6,
+        help="scenes per scene setting, each explained against each of its 2-4 flowers (default 6)",
     )
     parser.add_argument(
         "--episodes", type=int, default=600, help="few-shot episodes for the accuracy (default 600)"
@@ -38,6 +49,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help="methods to run (default: every registered one; those that need fitting are "
         "fitted on the benchmark's labelled images): " + ", ".join(available_methods()),
     )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        metavar="SETTING",
+        choices=SETTING_NAMES,
+        help="settings to evaluate (default: all): " + ", ".join(SETTING_NAMES),
+    )
     parser.add_argument("--embedding-model", default="default-embedding")
     parser.add_argument("--classifier-model", default="default-classifier")
     parser.add_argument("--out", default="out/eval", help="output folder (default out/eval)")
@@ -52,16 +70,18 @@ def run(args: argparse.Namespace) -> int:
     from fam_core.evaluation.report import write_report
     from fam_core.evaluation.runner import EvalOptions, run_evaluation
 
-    for name in ("images", "episodes", "steps"):
+    for name in ("images", "scenes", "episodes", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.sanity_images < 0:
         raise ValueError(f"--sanity-images must be >= 0, got {args.sanity_images}")
     options = EvalOptions(
         images=args.images,
+        scenes=args.scenes,
         episodes=args.episodes,
         seed=args.seed,
         methods=tuple(args.methods) if args.methods else None,
+        settings=tuple(args.settings) if args.settings else None,
         steps=args.steps,
         sanity_images=args.sanity_images,
         embedding_model=args.embedding_model,
@@ -71,9 +91,11 @@ def run(args: argparse.Namespace) -> int:
     command = " ".join(
         [
             "fam eval",
-            f"--images {args.images} --episodes {args.episodes} --steps {args.steps}",
+            f"--images {args.images} --scenes {args.scenes} --episodes {args.episodes}",
+            f"--steps {args.steps}",
             f"--sanity-images {args.sanity_images} --seed {args.seed}",
             *([f"--methods {' '.join(args.methods)}"] if args.methods else []),
+            *([f"--settings {' '.join(args.settings)}"] if args.settings else []),
             f"--embedding-model {shlex.quote(args.embedding_model)}",
             f"--classifier-model {shlex.quote(args.classifier_model)}",
             f"--out {shlex.quote(args.out)}",

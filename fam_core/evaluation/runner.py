@@ -15,6 +15,8 @@ import torch
 from tqdm import tqdm
 
 import fam_core.explainers  # noqa: F401  (registers the built-in methods)
+from fam_core.evaluation import SETTING_NAMES
+from fam_core.evaluation.scenes import SCENE_METRICS, scene_metrics, scene_settings
 from fam_core.evaluation.settings import Setting, classifier_setting, embedding_settings
 from fam_core.explainers.base import Explainer
 from fam_core.explainers.registry import available_methods, get_explainer
@@ -37,6 +39,7 @@ METRICS: dict[str, str] = {
     "deletion_auc": "deletion AUC (lower is better)",
     "insertion_auc": "insertion AUC (higher is better)",
     "explanation_map_ap": "explanation-map retrieval AP, Wu et al. app. A (higher is better)",
+    **SCENE_METRICS,
 }
 RELEVANCE_METRICS: dict[str, str] = {
     "accuracy": "accuracy of the classifier on the held-out test split",
@@ -60,14 +63,18 @@ class NotApplicable(Exception):
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What ``fam eval`` runs. ``images``: explained images per setting; ``episodes``:
+    """What ``fam eval`` runs. ``images``: explained images per setting; ``scenes``: scenes
+    per scene setting (one explained pair per flower); ``settings``:
+    the settings evaluated (all by default); ``episodes``:
     few-shot episodes for the accuracy; ``steps``: deletion/insertion points;
     ``sanity_images``: images of the randomisation test (0 skips it)."""
 
     images: int = 16
+    scenes: int = 6  # scenes per scene setting; each gives one explained pair per flower (2-4)
     episodes: int = 600
     seed: int = 0
     methods: tuple[str, ...] | None = None
+    settings: tuple[str, ...] | None = None  # None: every setting
     steps: int = 10
     sanity_images: int = 4
     embedding_model: str = "default-embedding"
@@ -88,6 +95,8 @@ class EvalResult:
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
     relevance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per-image values (per pair or per scene) of the scene metrics, for bootstrap intervals
+    per_image: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     runtime_seconds: float = 0.0
     examples: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     example_images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -243,7 +252,10 @@ def explain(
 
 
 def evaluate_maps(setting: Setting, maps: torch.Tensor, steps: int) -> tuple[dict, dict]:
-    """Every metric of one method's maps on one setting, and its mean deletion/insertion curves."""
+    """Every metric of one method's maps on one setting, and its mean deletion/insertion curves
+    (scene settings: the scene metrics of :mod:`.scenes` only, no curves)."""
+    if setting.scene is not None:  # the matched / other flowers and target sensitivity only
+        return scene_metrics(setting, maps)[0], {}
     images = setting.images
     values = {
         "proportion": loc.energy_pointing_proportion(maps, setting.boxes).mean().item(),
@@ -309,8 +321,12 @@ def run_evaluation(
 ) -> EvalResult:
     """Run the tasks, then every method x setting x metric, then the sanity checks."""
     started = time.perf_counter()
-    if options.images < 1 or options.episodes < 1 or options.steps < 1 or options.sanity_images < 0:
-        raise ValueError("images, episodes and steps must be >= 1 and sanity_images >= 0")
+    counts = (options.images, options.scenes, options.episodes, options.steps)
+    if min(counts) < 1 or options.sanity_images < 0:
+        raise ValueError("images, scenes, episodes and steps must be >= 1 and sanity_images >= 0")
+    unknown = set(options.settings or ()) - set(SETTING_NAMES)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {SETTING_NAMES}")
     import_failures = discover_explainers()
     methods = resolve_methods(options.methods)
     torch.manual_seed(options.seed)
@@ -326,6 +342,12 @@ def run_evaluation(
             seed=options.seed,
             model_name=options.embedding_model,
         ),
+        *scene_settings(
+            embedding,
+            images=options.scenes,
+            seed=options.seed,
+            model_name=options.embedding_model,
+        ),
         classifier_setting(
             classifier,
             images=options.images,
@@ -333,6 +355,8 @@ def run_evaluation(
             model_name=options.classifier_model,
         ),
     ]
+    if options.settings:
+        settings = [s for s in settings if s.name in options.settings]
     result = EvalResult(options=asdict(options), methods=methods)
     for module, reason in import_failures.items():
         result.skipped.setdefault(module, {})["import"] = reason
@@ -378,8 +402,11 @@ def run_evaluation(
         if isinstance(explainer, RelevantFeatures):
             fitted[setting.name] = explainer
         values, curves = evaluate_maps(setting, maps, options.steps)
+        if setting.scene is not None:
+            result.per_image.setdefault(setting.name, {})[method] = scene_metrics(setting, maps)[1]
         result.metrics.setdefault(setting.name, {})[method] = values
-        result.curves.setdefault(setting.name, {})[method] = curves
+        if curves:
+            result.curves.setdefault(setting.name, {})[method] = curves
         result.examples.setdefault(setting.name, {})[method] = maps[:4]
         if options.sanity_images and setting.name in ("few-shot", "classifier"):
             torch.manual_seed(options.seed)

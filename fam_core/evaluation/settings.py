@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fam_core.data.flowers import NUM_CLASSES, SPLITS, FlowerBatch, make_flowers
+from fam_core.data.scenes import SceneBatch
 from fam_core.metrics.scoring import class_probability_scorer, similarity_scorer
 from fam_core.models.store import LoadedModel
 from fam_core.tasks.fewshot import classify_episode, few_shot_accuracy, sample_episodes
@@ -27,6 +28,24 @@ CLASSIFIER_PER_CLASS = 4  # held-out test images per class (task accuracy, featu
 FIT_PER_CLASS = 6  # labelled images per class that RelevantFeatures is fitted on
 KNN_TARGET_NEIGHBOURS = 5
 DATA_SEED_OFFSET = 500  # evaluation images never coincide with the default training images
+
+
+@dataclass(frozen=True)
+class SceneGroups:
+    """How a scene setting's explained pairs group into scenes (:mod:`.scenes`).
+
+    ``scenes`` holds every flower's part; pair ``i`` explains scene ``pair_scene[i]`` against
+    the reference of its flower ``pair_flower[i]``.
+    """
+
+    scenes: SceneBatch
+    pair_scene: torch.Tensor  # [P]
+    pair_flower: torch.Tensor  # [P]
+
+    @property
+    def present(self) -> torch.Tensor:
+        """``[P, 4]`` bool: which flower slots of each pair's scene hold a flower."""
+        return self.scenes.labels[self.pair_scene] >= 0
 
 
 @dataclass
@@ -59,6 +78,8 @@ class Setting:
     # feature-relevance metrics measure accuracy on it, every class equally represented
     test_images: torch.Tensor | None = None  # [T, 3, H, W] in [0, 1]
     test_labels: torch.Tensor | None = None  # [T]
+    # multi-flower scenes (scene settings only): each row is a (scene, flower) pair
+    scene: SceneGroups | None = None
 
     @property
     def classifier(self) -> bool:

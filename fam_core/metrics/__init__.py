@@ -6,7 +6,9 @@
   deletion / insertion AUC, the explanation-map AP (Grad-FAM / Score-FAM, appendix A);
 - :mod:`~fam_core.metrics.sanity`: cascading model-parameter randomisation (Adebayo et al.);
 - :mod:`~fam_core.metrics.scoring`: the scores the faithfulness metrics read;
-- :mod:`~fam_core.metrics.relevance`: feature ablation and class reconstruction (Oramas et al.).
+- :mod:`~fam_core.metrics.relevance`: feature ablation and class reconstruction (Oramas et al.);
+- :mod:`~fam_core.metrics.target`: target sensitivity on multi-object scenes (which object
+  made the match).
 """
 
 from fam_core.metrics.faithfulness import (
@@ -32,6 +34,12 @@ from fam_core.metrics.localisation import (
 )
 from fam_core.metrics.sanity import RandomisationResult, cascading_randomisation, spearman
 from fam_core.metrics.scoring import class_probability_scorer, similarity_scorer
+from fam_core.metrics.target import (
+    matched_and_others,
+    part_hits,
+    part_shares,
+    target_sensitivity,
+)
 
 __all__ = [
     "RandomisationResult",
@@ -51,9 +59,13 @@ __all__ = [
     "increase_in_confidence",
     "insertion_curve",
     "mask_iou_curve",
+    "matched_and_others",
     "masked_by_map",
     "masked_model_input",
+    "part_hits",
+    "part_shares",
     "pointing_game",
     "similarity_scorer",
     "spearman",
+    "target_sensitivity",
 ]

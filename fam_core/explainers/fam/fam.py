@@ -48,12 +48,12 @@ class FAM(ChannelExplainer):
     def channel_weights(
         self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        contributions = channel_contributions(forward.outputs, target.references, target.similarity)
-        pair_scores, embedding_weights = fam_embedding_weights(contributions)  # eq. 14-15, 11
+        contributions, pair_scores = self.pair_contributions(forward.outputs, target)
+        _, embedding_weights = fam_embedding_weights(contributions, scores=pair_scores)  # 15, 11
         head = self.head_for(forward, images)
         channel = self.to_channels(embedding_weights, forward, images)  # eq. 18, [B, N]
         return (
-            min_max(channel, dim=1),  # eq. 12
+            self.normalise(channel),  # eq. 12
             pair_scores.mean(dim=1),  # eq. 11
             {
                 "contributions": contributions.mean(dim=1),
@@ -61,6 +61,18 @@ class FAM(ChannelExplainer):
                 "head": head.kind or "linear",
             },
         )
+
+    def pair_contributions(
+        self, outputs: torch.Tensor, target: ResolvedTarget
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each channel's contribution ``[B, K, D]`` to ``s(Z', R_k)`` (eq. 14-15) and the
+        pairs' scores ``[B, K]`` (their sum). Variants override this step."""
+        contributions = channel_contributions(outputs, target.references, target.similarity)
+        return contributions, contributions.sum(dim=2)
+
+    def normalise(self, channel: torch.Tensor) -> torch.Tensor:
+        """Eq. 12: min-max of the channel weights ``[B, N]``. Variants override this step."""
+        return min_max(channel, dim=1)
 
     def to_channels(
         self, embedding_weights: torch.Tensor, forward: ForwardPass, images: torch.Tensor
