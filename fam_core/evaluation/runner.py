@@ -99,6 +99,9 @@ class EvalResult:
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
     relevance: dict[str, dict[str, Any]] = field(default_factory=dict)
     runtime_seconds: float = 0.0
+    # seconds per stage ("tasks", "<method>/<setting>", "sanity/<method>/<setting>",
+    # "relevance"): wall clock and process CPU time, to size longer runs (docs/evaluation.md)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
     examples: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     example_images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     per_image: dict[str, PerImage] = field(default_factory=dict, repr=False)
@@ -342,6 +345,7 @@ def run_evaluation(
     classifier = load_model(options.classifier_model)
     if progress:
         progress("rendering the benchmark and running the tasks")
+    clock = _Clock()
     settings = [
         *embedding_settings(
             embedding,
@@ -358,6 +362,7 @@ def run_evaluation(
         ),
     ]
     result = EvalResult(options=asdict(options), methods=methods)
+    result.timings["tasks"] = clock.lap()
     for module, reason in import_failures.items():
         result.skipped.setdefault(module, {})["import"] = reason
     for setting in settings:
@@ -392,6 +397,7 @@ def run_evaluation(
     bar = tqdm(jobs, desc="fam eval", unit="run", file=sys.stderr)
     for setting, method in bar:
         bar.set_postfix_str(f"{method} / {setting.name}")
+        clock.lap()
         torch.manual_seed(options.seed)
         try:
             explainer = build_explainer(method, setting)
@@ -408,6 +414,7 @@ def run_evaluation(
         result.per_image.setdefault(setting.name, {})[method] = values
         result.curves.setdefault(setting.name, {})[method] = curves
         result.examples.setdefault(setting.name, {})[method] = maps[:4]
+        result.timings[f"{method}/{setting.name}"] = clock.lap()
         if options.sanity_images and setting.name in ("few-shot", "classifier"):
             torch.manual_seed(options.seed)
             try:
@@ -416,7 +423,9 @@ def run_evaluation(
                 )
             except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
                 result.skipped.setdefault(method, {})[f"sanity/{setting.name}"] = _first_line(error)
+            result.timings[f"sanity/{method}/{setting.name}"] = clock.lap()
     bar.close()
+    clock.lap()
     if "relevant-features" in methods:
         for setting in settings:
             if setting.classifier and len(setting.labels):
@@ -430,9 +439,24 @@ def run_evaluation(
                     result.skipped.setdefault("relevant-features", {})[
                         f"relevance/{setting.name}"
                     ] = _first_line(error)
+    result.timings["relevance"] = clock.lap()
     summarise_result(result, options.seed)
+    result.timings["statistics"] = clock.lap()
     result.runtime_seconds = round(time.perf_counter() - started, 1)
     return result
+
+
+class _Clock:
+    """Wall and process CPU seconds since the previous lap."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> dict[str, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        spent = {"wall": round(wall - self.wall, 2), "cpu": round(cpu - self.cpu, 2)}
+        self.wall, self.cpu = wall, cpu
+        return spent
 
 
 def _first_line(error: BaseException) -> str:
