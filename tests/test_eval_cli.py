@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -110,6 +111,23 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
     assert data["sanity"]["fam"]["classifier"]["layers"][0] == "fc"
     if "retrieval" in data["metrics"]:
         assert "explanation_map_ap" in data["metrics"]["retrieval"]["fam"]
+    # every metric keeps its interval around the mean, and the per-image values behind it
+    per_image = torch.load(out / "per_image.pt", weights_only=True)
+    for name, per_method in data["metrics"].items():
+        assert data["settings"][name]["asked"] == 3
+        for metric, mean in per_method["fam"].items():
+            interval = data["intervals"][name]["fam"][metric]
+            assert interval["mean"] == mean
+            if not math.isnan(mean):
+                assert interval["low"] <= mean + 1e-9 and mean - 1e-9 <= interval["high"]
+                assert per_image[name]["fam"][metric].nanmean().item() == pytest.approx(
+                    mean, abs=1e-6
+                )
+        count = data["settings"][name]["images"]
+        assert (
+            f"**{name}** (" in stdout
+            and f"{count} correctly handled images explained of 3" in stdout
+        )
     for name in (
         "results.md",
         "deletion_insertion.png",
@@ -191,3 +209,47 @@ def test_unknown_settings_are_refused_before_any_work() -> None:
 
     with pytest.raises(ValueError, match="unknown settings \\['nope'\\]"):
         run_evaluation(EvalOptions(settings=("scene", "nope"), embedding_model="/nonexistent"))
+
+
+def test_query_sets_grow_with_the_images_asked_for(tmp_path) -> None:
+    from fam_core.models.store import load_model
+
+    embedding, classifier = write_models(tmp_path, seed=3)
+    novel = len(settings.SPLITS["novel"])
+    for images in (16, 100):
+        found = settings.embedding_settings(
+            load_model(embedding), images=images, episodes=5, seed=3, model_name="emb"
+        )
+        knn, retrieval = found[1].task, found[2].task
+        assert knn["bank"] == retrieval["gallery"] == settings.BANK_PER_CLASS * novel
+        # 72 queries as before for the default 16 images; 1.5 candidates per image for 100
+        expected = novel * max(4, math.ceil(settings.CANDIDATES_PER_IMAGE * images / novel))
+        assert knn["queries"] == retrieval["queries"] == expected
+        assert expected >= settings.CANDIDATES_PER_IMAGE * images
+    test = settings.classifier_setting(load_model(classifier), images=200, seed=3, model_name="c")
+    assert test.task["images"] >= settings.CANDIDATES_PER_IMAGE * 200
+    assert len(test.labels) <= 200
+
+
+def test_report_marks_significant_differences_from_fam() -> None:
+    from fam_core.evaluation.report import markdown
+    from fam_core.evaluation.runner import EvalResult, summarise_result
+
+    fam = torch.linspace(0.3, 0.7, 30)
+    result = EvalResult(options={}, methods=["fam", "close", "far"])
+    result.settings["few-shot"] = {"model": "m", "images": 30, "asked": 40}
+    result.per_image["few-shot"] = {
+        "fam": {"proportion": fam},
+        "close": {"proportion": fam.flip(0)},  # same mean, other images: no difference
+        "far": {"proportion": fam - 0.2},
+    }
+    summarise_result(result, seed=0)
+    table = markdown(result, "fam eval")
+    assert "30 correctly handled images explained of 40 asked" in table
+    far = result.intervals["few-shot"]["far"]["proportion"]
+    assert f"| far | 0.300 [{far['low']:.3f}, {far['high']:.3f}] † |" in table
+    close_row = next(line for line in table.splitlines() if line.startswith("| close |"))
+    assert close_row.startswith("| close | 0.500 [") and "†" not in close_row
+    assert not result.comparisons["few-shot"]["close"]["proportion"]["significant"]
+    assert "† marks a mean that differs from `fam`" in table
+    assert result.metrics["few-shot"]["fam"]["proportion"] == pytest.approx(0.5)

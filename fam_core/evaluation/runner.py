@@ -18,6 +18,7 @@ import fam_core.explainers  # noqa: F401  (registers the built-in methods)
 from fam_core.evaluation import SETTING_NAMES
 from fam_core.evaluation.scenes import SCENE_METRICS, scene_metrics, scene_settings
 from fam_core.evaluation.settings import Setting, classifier_setting, embedding_settings
+from fam_core.evaluation.summary import PerImage, summarise
 from fam_core.explainers.base import Explainer
 from fam_core.explainers.registry import available_methods, get_explainer
 from fam_core.explainers.relevant.relevant import RelevantFeatures
@@ -83,28 +84,40 @@ class EvalOptions:
 
 @dataclass
 class EvalResult:
-    """Everything ``results.json`` holds (see :func:`run_evaluation`)."""
+    """Everything ``results.json`` holds (see :func:`run_evaluation`).
+
+    ``per_image[setting][method][metric]`` is a tensor ``[N]`` with one value per explained
+    image (``nan`` where an image has none); :func:`summarise_result` turns it into
+    ``metrics`` (means), ``intervals`` (95 % bootstrap intervals) and ``comparisons`` (FAM
+    against each other method, paired on the same images), for any setting and metric name.
+    ``per_image`` is written to ``per_image.pt``, not to ``results.json``.
+    """
 
     options: dict[str, Any]
     methods: list[str]
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    intervals: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    comparisons: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
     curves: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     sanity: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
     relevance: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # per-image values (per pair or per scene) of the scene metrics, for bootstrap intervals
-    per_image: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     runtime_seconds: float = 0.0
+    # seconds per stage ("tasks", "<method>/<setting>", "sanity/<method>/<setting>",
+    # "relevance"): wall clock and process CPU time, to size longer runs (docs/evaluation.md)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
     examples: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     example_images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    per_image: dict[str, PerImage] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(replace(self, examples={}, example_images={}, per_image={}))
         data.pop("examples")
         data.pop("example_images")
+        data.pop("per_image")
         data["metric_descriptions"] = METRICS
         data["relevance_descriptions"] = RELEVANCE_METRICS
         return data
@@ -251,46 +264,59 @@ def explain(
     return Explanation.concat(parts)
 
 
-def evaluate_maps(setting: Setting, maps: torch.Tensor, steps: int) -> tuple[dict, dict]:
-    """Every metric of one method's maps on one setting, and its mean deletion/insertion curves
-    (scene settings: the scene metrics of :mod:`.scenes` only, no curves)."""
+def evaluate_maps(
+    setting: Setting, maps: torch.Tensor, steps: int
+) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+    """Every metric of one method's maps on one setting, per image (``{metric: [B]}``, on the
+    CPU), and its mean deletion/insertion curves (scene settings: the scene metrics of
+    :mod:`.scenes` only, per pair or per scene, and no curves)."""
     if setting.scene is not None:  # the matched / other flowers and target sensitivity only
-        return scene_metrics(setting, maps)[0], {}
+        per_item = scene_metrics(setting, maps)[1]
+        return {name: torch.tensor(values) for name, values in per_item.items()}, {}
     images = setting.images
     values = {
-        "proportion": loc.energy_pointing_proportion(maps, setting.boxes).mean().item(),
-        "box_iou": loc.box_iou(maps, setting.boxes).mean().item(),
-        "pointing": loc.pointing_game(maps, setting.masks).mean().item(),
-        "iou_auc": loc.area_under_iou_curve(maps, setting.masks).mean().item(),
+        "proportion": loc.energy_pointing_proportion(maps, setting.boxes),
+        "box_iou": loc.box_iou(maps, setting.boxes),
+        "pointing": loc.pointing_game(maps, setting.masks),
+        "iou_auc": loc.area_under_iou_curve(maps, setting.masks),
     }
     scores = setting.score(images)
     masked = setting.score(eq21_masked_images(setting, maps))
-    values["average_drop"] = faith.average_drop(scores, masked)
-    values["increase_confidence"] = faith.increase_in_confidence(scores, masked)
+    values["average_drop"] = faith.relative_drops(scores, masked)
+    values["increase_confidence"] = faith.confidence_increases(scores, masked)
     deletion = faith.deletion_curve(setting.score, images, maps, steps=steps)
     insertion = faith.insertion_curve(setting.score, images, maps, steps=steps)
-    values["deletion_auc"] = faith.curve_auc(deletion).mean().item()
-    values["insertion_auc"] = faith.curve_auc(insertion).mean().item()
+    values["deletion_auc"] = faith.curve_auc(deletion)
+    values["insertion_auc"] = faith.curve_auc(insertion)
     if setting.gallery is not None:
         gallery, gallery_labels = setting.gallery
-        values["explanation_map_ap"] = (
-            faith.explanation_map_average_precision(
-                lambda x: _embed(setting, x),
-                images,
-                maps,
-                setting.labels,
-                gallery,
-                gallery_labels,
-                similarity=setting.loaded.config.similarity,
-            )
-            .mean()
-            .item()
+        values["explanation_map_ap"] = faith.explanation_map_average_precision(
+            lambda x: _embed(setting, x),
+            images,
+            maps,
+            setting.labels,
+            gallery,
+            gallery_labels,
+            similarity=setting.loaded.config.similarity,
         )
     curves = {
         "deletion": deletion.mean(dim=0).tolist(),
         "insertion": insertion.mean(dim=0).tolist(),
     }
-    return values, curves
+    return {k: v.detach().float().cpu() for k, v in values.items()}, curves
+
+
+def summarise_result(result: EvalResult, seed: int) -> None:
+    """Fill ``metrics``, ``intervals`` and ``comparisons`` of every setting in
+    ``result.per_image`` (see :func:`fam_core.evaluation.summary.summarise`)."""
+    for name, per_method in result.per_image.items():
+        intervals, comparisons = summarise(per_method, seed=seed)
+        result.intervals[name] = intervals
+        result.comparisons[name] = comparisons
+        result.metrics[name] = {
+            method: {metric: interval["mean"] for metric, interval in values.items()}
+            for method, values in intervals.items()
+        }
 
 
 def _embed(setting: Setting, images: torch.Tensor) -> torch.Tensor:
@@ -334,6 +360,7 @@ def run_evaluation(
     classifier = load_model(options.classifier_model)
     if progress:
         progress("rendering the benchmark and running the tasks")
+    clock = _Clock()
     settings = [
         *embedding_settings(
             embedding,
@@ -358,11 +385,16 @@ def run_evaluation(
     if options.settings:
         settings = [s for s in settings if s.name in options.settings]
     result = EvalResult(options=asdict(options), methods=methods)
+    result.timings["tasks"] = clock.lap()
     for module, reason in import_failures.items():
         result.skipped.setdefault(module, {})["import"] = reason
     for setting in settings:
         result.tasks[setting.name] = setting.task
-        result.settings[setting.name] = {"model": setting.model_name, "images": len(setting.labels)}
+        result.settings[setting.name] = {
+            "model": setting.model_name,
+            "images": len(setting.labels),
+            "asked": options.images,
+        }
         if len(setting.labels) == 0:
             continue
         result.example_images[setting.name] = setting.images[:4]
@@ -388,6 +420,7 @@ def run_evaluation(
     bar = tqdm(jobs, desc="fam eval", unit="run", file=sys.stderr)
     for setting, method in bar:
         bar.set_postfix_str(f"{method} / {setting.name}")
+        clock.lap()
         torch.manual_seed(options.seed)
         try:
             explainer = build_explainer(method, setting)
@@ -402,12 +435,11 @@ def run_evaluation(
         if isinstance(explainer, RelevantFeatures):
             fitted[setting.name] = explainer
         values, curves = evaluate_maps(setting, maps, options.steps)
-        if setting.scene is not None:
-            result.per_image.setdefault(setting.name, {})[method] = scene_metrics(setting, maps)[1]
-        result.metrics.setdefault(setting.name, {})[method] = values
+        result.per_image.setdefault(setting.name, {})[method] = values
         if curves:
             result.curves.setdefault(setting.name, {})[method] = curves
         result.examples.setdefault(setting.name, {})[method] = maps[:4]
+        result.timings[f"{method}/{setting.name}"] = clock.lap()
         if options.sanity_images and setting.name in ("few-shot", "classifier"):
             torch.manual_seed(options.seed)
             try:
@@ -416,7 +448,9 @@ def run_evaluation(
                 )
             except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
                 result.skipped.setdefault(method, {})[f"sanity/{setting.name}"] = _first_line(error)
+            result.timings[f"sanity/{method}/{setting.name}"] = clock.lap()
     bar.close()
+    clock.lap()
     if "relevant-features" in methods:
         for setting in settings:
             if setting.classifier and len(setting.labels):
@@ -430,8 +464,24 @@ def run_evaluation(
                     result.skipped.setdefault("relevant-features", {})[
                         f"relevance/{setting.name}"
                     ] = _first_line(error)
+    result.timings["relevance"] = clock.lap()
+    summarise_result(result, options.seed)
+    result.timings["statistics"] = clock.lap()
     result.runtime_seconds = round(time.perf_counter() - started, 1)
     return result
+
+
+class _Clock:
+    """Wall and process CPU seconds since the previous lap."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> dict[str, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        spent = {"wall": round(wall - self.wall, 2), "cpu": round(cpu - self.cpu, 2)}
+        self.wall, self.cpu = wall, cpu
+        return spent
 
 
 def _first_line(error: BaseException) -> str:
