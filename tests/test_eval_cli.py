@@ -97,10 +97,11 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
         "scene-retrieval",
         "classifier",
     }
+    per_image = torch.load(out / "per_image.pt", weights_only=True)
     for name in ("scene", "scene-retrieval"):  # every method's per-pair and per-scene values
-        per_image = data["per_image"][name]["fam"]
-        assert len(per_image["proportion_matched"]) == data["settings"][name]["images"]
-        assert len(per_image["sensitivity_gap"]) == data["tasks"]["scene"]["scenes"] == 3
+        values = per_image[name]["fam"]
+        assert len(values["proportion_matched"]) == data["settings"][name]["images"]
+        assert len(values["sensitivity_gap"]) == data["tasks"]["scene"]["scenes"] == 3
         assert data["metrics"][name]["fam"]["sensitivity_rank"] <= 1.0 + 1e-6
     assert data["tasks"]["classifier"]["accuracy"] == 1.0  # the fitted last layer
     for name in ("few-shot", "classifier"):
@@ -112,7 +113,6 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
     if "retrieval" in data["metrics"]:
         assert "explanation_map_ap" in data["metrics"]["retrieval"]["fam"]
     # every metric keeps its interval around the mean, and the per-image values behind it
-    per_image = torch.load(out / "per_image.pt", weights_only=True)
     for name, per_method in data["metrics"].items():
         assert data["settings"][name]["asked"] == 3
         for metric, mean in per_method["fam"].items():
