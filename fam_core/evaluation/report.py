@@ -37,12 +37,18 @@ def _cell(value: float | None, metric: str) -> str:
     return f"{value:.3f}"
 
 
+def _model_label(info: dict) -> str:
+    """The model of a setting with its target layer's map size, e.g. ``default-embedding, 5x5``."""
+    resolution = info.get("resolution")
+    return f"{info['model']}, {resolution}" if resolution else str(info["model"])
+
+
 def markdown(result: EvalResult, command: str) -> str:
     """The tables of the report as markdown."""
     lines = [f"Command: `{command}` — runtime {result.runtime_seconds:.0f} s", ""]
     lines += ["| task | model | result |", "|---|---|---|"]
     for name, task in result.tasks.items():
-        model = result.settings[name]["model"]
+        model = _model_label(result.settings[name])
         shown = ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in task.items()
         )
@@ -52,7 +58,7 @@ def markdown(result: EvalResult, command: str) -> str:
         info = result.settings[name]
         lines += [
             "",
-            f"**{name}** ({info['model']}, {info['images']} correctly handled images)",
+            f"**{name}** ({_model_label(info)}, {info['images']} correctly handled images)",
             "",
         ]
         lines.append("| method | " + " | ".join(metrics) + " |")

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 import fam_core.explainers  # noqa: F401  (registers the built-in methods)
+from fam_core.evaluation.resolution import RESOLUTIONS, map_resolution, setting_name
 from fam_core.evaluation.settings import Setting, classifier_setting, embedding_settings
 from fam_core.explainers.base import Explainer
 from fam_core.explainers.registry import available_methods, get_explainer
@@ -62,7 +63,9 @@ class NotApplicable(Exception):
 class EvalOptions:
     """What ``fam eval`` runs. ``images``: explained images per setting; ``episodes``:
     few-shot episodes for the accuracy; ``steps``: deletion/insertion points;
-    ``sanity_images``: images of the randomisation test (0 skips it)."""
+    ``sanity_images``: images of the randomisation test (0 skips it; it runs on the first
+    resolution's models); ``resolutions``: which model pairs run every setting (coarse: the
+    5x5 default models, fine: their 10x10 twins)."""
 
     images: int = 16
     episodes: int = 600
@@ -72,6 +75,17 @@ class EvalOptions:
     sanity_images: int = 4
     embedding_model: str = "default-embedding"
     classifier_model: str = "default-classifier"
+    fine_embedding_model: str = "default-embedding-fine"
+    fine_classifier_model: str = "default-classifier-fine"
+    resolutions: tuple[str, ...] = RESOLUTIONS  # each runs every setting on its two models
+
+    def models(self, resolution: str) -> tuple[str, str]:
+        """``(embedding model, classifier model)`` of a resolution in :data:`RESOLUTIONS`."""
+        if resolution == "coarse":
+            return self.embedding_model, self.classifier_model
+        if resolution == "fine":
+            return self.fine_embedding_model, self.fine_classifier_model
+        raise ValueError(f"unknown resolution {resolution!r}; expected one of {RESOLUTIONS}")
 
 
 @dataclass
@@ -311,34 +325,47 @@ def run_evaluation(
     started = time.perf_counter()
     if options.images < 1 or options.episodes < 1 or options.steps < 1 or options.sanity_images < 0:
         raise ValueError("images, episodes and steps must be >= 1 and sanity_images >= 0")
+    if not options.resolutions or len(set(options.resolutions)) != len(options.resolutions):
+        raise ValueError(f"resolutions must be distinct, some of {RESOLUTIONS}")
+    models = [options.models(resolution) for resolution in options.resolutions]
     import_failures = discover_explainers()
     methods = resolve_methods(options.methods)
     torch.manual_seed(options.seed)
-    embedding = load_model(options.embedding_model)
-    classifier = load_model(options.classifier_model)
     if progress:
         progress("rendering the benchmark and running the tasks")
-    settings = [
-        *embedding_settings(
-            embedding,
-            images=options.images,
-            episodes=options.episodes,
-            seed=options.seed,
-            model_name=options.embedding_model,
-        ),
-        classifier_setting(
-            classifier,
-            images=options.images,
-            seed=options.seed,
-            model_name=options.classifier_model,
-        ),
-    ]
+    settings: list[Setting] = []
+    resolution_of: dict[str, str] = {}  # setting name -> "HxW" of its model's target layer
+    sizes: dict[str, str] = {}  # model name -> the same
+    for position, (embedding_name, classifier_name) in enumerate(models):
+        embedding, classifier = load_model(embedding_name), load_model(classifier_name)
+        for setting in [
+            *embedding_settings(
+                embedding,
+                images=options.images,
+                episodes=options.episodes,
+                seed=options.seed,
+                model_name=embedding_name,
+            ),
+            classifier_setting(
+                classifier, images=options.images, seed=options.seed, model_name=classifier_name
+            ),
+        ]:
+            if setting.model_name not in sizes:
+                sizes[setting.model_name] = map_resolution(setting.loaded)
+            size = sizes[setting.model_name]
+            setting.name = setting_name(setting.name, size, first=position == 0)
+            resolution_of[setting.name] = size
+            settings.append(setting)
     result = EvalResult(options=asdict(options), methods=methods)
     for module, reason in import_failures.items():
         result.skipped.setdefault(module, {})["import"] = reason
     for setting in settings:
         result.tasks[setting.name] = setting.task
-        result.settings[setting.name] = {"model": setting.model_name, "images": len(setting.labels)}
+        result.settings[setting.name] = {
+            "model": setting.model_name,
+            "resolution": resolution_of[setting.name],
+            "images": len(setting.labels),
+        }
         if len(setting.labels) == 0:
             continue
         result.example_images[setting.name] = setting.images[:4]
