@@ -177,7 +177,17 @@ def test_eval_runs_every_setting_at_both_resolutions(tmp_path, capsys, small_ben
     fine = write_models(tmp_path, seed=3, backbone="conv4s8")
     out = tmp_path / "report"
     argv = ["eval", "--images", "2", "--episodes", "10", "--steps", "2", "--sanity-images", "1"]
-    argv += ["--seed", "3", "--methods", "fam", "--out", str(out)]
+    argv += [
+        "--seed",
+        "3",
+        "--methods",
+        "fam",
+        "--out",
+        str(out),
+        "--resolutions",
+        "coarse",
+        "fine",
+    ]
     argv += ["--embedding-model", coarse[0], "--classifier-model", coarse[1]]
     argv += ["--fine-embedding-model", fine[0], "--fine-classifier-model", fine[1]]
     assert fam_core.cli.main(argv) == 0
@@ -225,5 +235,6 @@ def test_eval_options_pick_each_resolutions_models() -> None:
     from fam_core.evaluation.runner import EvalOptions
 
     options = EvalOptions(embedding_model="e", classifier_model="c")
+    assert options.resolutions == ("coarse",)  # the default run stays within its 10 minutes
     assert options.models("coarse") == ("e", "c")
     assert options.models("fine") == ("default-embedding-fine", "default-classifier-fine")

@@ -43,8 +43,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--resolutions",
         nargs="+",
         choices=RESOLUTIONS,
-        default=list(RESOLUTIONS),
-        help="model pairs that run every setting (default: both): coarse = --embedding-model "
+        default=["coarse"],
+        help="model pairs that run every setting (default: coarse; `coarse fine` reports both): "
+        "coarse = --embedding-model "
         "and --classifier-model (5x5 maps), fine = --fine-embedding-model and "
         "--fine-classifier-model (10x10 maps)",
     )
