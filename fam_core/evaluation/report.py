@@ -59,12 +59,27 @@ def _metric_names(per_method: dict[str, dict[str, float]]) -> list[str]:
     return [m for m in METRICS if m in present] + [m for m in present if m not in METRICS]
 
 
+def _model_label(info: dict) -> str:
+    """The model of a setting with its target layer's map size, e.g. ``default-embedding, 5x5``."""
+    resolution = info.get("resolution")
+    return f"{info['model']}, {resolution}" if resolution else str(info["model"])
+
+
+def _explained(info: dict) -> str:
+    """What a setting explained: images, or (scene, reference) pairs from its scenes."""
+    count = info.get("images", "?")
+    if info.get("unit") == "pairs":
+        return f"{count} (scene, reference) pairs from {info.get('asked', '?')} scenes"
+    asked = f" of {info['asked']} asked" if "asked" in info else ""
+    return f"{count} correctly handled images explained{asked}"
+
+
 def markdown(result: EvalResult, command: str) -> str:
     """The tables of the report as markdown."""
     lines = [f"Command: `{command}` — runtime {result.runtime_seconds:.0f} s", ""]
     lines += ["| task | model | result |", "|---|---|---|"]
     for name, task in result.tasks.items():
-        model = result.settings[name]["model"]
+        model = _model_label(result.settings[name])
         shown = ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in task.items()
         )
@@ -81,11 +96,9 @@ def markdown(result: EvalResult, command: str) -> str:
     for name, per_method in result.metrics.items():
         metrics = _metric_names(per_method)
         info = result.settings.get(name, {})
-        asked = f" of {info['asked']} asked" if "asked" in info else ""
         lines += [
             "",
-            f"**{name}** ({info.get('model', '?')}, {info.get('images', '?')} correctly "
-            f"handled images explained{asked})",
+            f"**{name}** ({_model_label(info)}, {_explained(info)})",
             "",
         ]
         lines.append("| method | " + " | ".join(metrics) + " |")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import fam_core.explainers  # noqa: F401  (registers the built-in methods)
 from fam_core.evaluation import SETTING_NAMES
+from fam_core.evaluation.resolution import RESOLUTIONS, map_resolution, setting_name
 from fam_core.evaluation.scenes import SCENE_METRICS, scene_metrics, scene_settings
 from fam_core.evaluation.settings import Setting, classifier_setting, embedding_settings
 from fam_core.evaluation.summary import PerImage, summarise
@@ -68,7 +69,9 @@ class EvalOptions:
     per scene setting (one explained pair per flower); ``settings``:
     the settings evaluated (all by default); ``episodes``:
     few-shot episodes for the accuracy; ``steps``: deletion/insertion points;
-    ``sanity_images``: images of the randomisation test (0 skips it)."""
+    ``sanity_images``: images of the randomisation test (0 skips it; it runs on the first
+    resolution's models); ``resolutions``: which model pairs run every setting (coarse: the
+    5x5 default models, fine: their 10x10 twins)."""
 
     images: int = 16
     scenes: int = 6  # scenes per scene setting; each gives one explained pair per flower (2-4)
@@ -80,6 +83,17 @@ class EvalOptions:
     sanity_images: int = 4
     embedding_model: str = "default-embedding"
     classifier_model: str = "default-classifier"
+    fine_embedding_model: str = "default-embedding-fine"
+    fine_classifier_model: str = "default-classifier-fine"
+    resolutions: tuple[str, ...] = ("coarse",)  # each runs every setting on its two models
+
+    def models(self, resolution: str) -> tuple[str, str]:
+        """``(embedding model, classifier model)`` of a resolution in :data:`RESOLUTIONS`."""
+        if resolution == "coarse":
+            return self.embedding_model, self.classifier_model
+        if resolution == "fine":
+            return self.fine_embedding_model, self.fine_classifier_model
+        raise ValueError(f"unknown resolution {resolution!r}; expected one of {RESOLUTIONS}")
 
 
 @dataclass
@@ -353,37 +367,43 @@ def run_evaluation(
     unknown = set(options.settings or ()) - set(SETTING_NAMES)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {SETTING_NAMES}")
+    if not options.resolutions or len(set(options.resolutions)) != len(options.resolutions):
+        raise ValueError(f"resolutions must be distinct, some of {RESOLUTIONS}")
+    models = [options.models(resolution) for resolution in options.resolutions]
     import_failures = discover_explainers()
     methods = resolve_methods(options.methods)
     torch.manual_seed(options.seed)
-    embedding = load_model(options.embedding_model)
-    classifier = load_model(options.classifier_model)
     if progress:
         progress("rendering the benchmark and running the tasks")
     clock = _Clock()
-    settings = [
-        *embedding_settings(
-            embedding,
-            images=options.images,
-            episodes=options.episodes,
-            seed=options.seed,
-            model_name=options.embedding_model,
-        ),
-        *scene_settings(
-            embedding,
-            images=options.scenes,
-            seed=options.seed,
-            model_name=options.embedding_model,
-        ),
-        classifier_setting(
-            classifier,
-            images=options.images,
-            seed=options.seed,
-            model_name=options.classifier_model,
-        ),
-    ]
-    if options.settings:
-        settings = [s for s in settings if s.name in options.settings]
+    settings: list[Setting] = []
+    resolution_of: dict[str, str] = {}  # setting name -> "HxW" of its model's target layer
+    sizes: dict[str, str] = {}  # model name -> the same
+    for position, (embedding_name, classifier_name) in enumerate(models):
+        embedding, classifier = load_model(embedding_name), load_model(classifier_name)
+        for setting in [
+            *embedding_settings(
+                embedding,
+                images=options.images,
+                episodes=options.episodes,
+                seed=options.seed,
+                model_name=embedding_name,
+            ),
+            *scene_settings(
+                embedding, images=options.scenes, seed=options.seed, model_name=embedding_name
+            ),
+            classifier_setting(
+                classifier, images=options.images, seed=options.seed, model_name=classifier_name
+            ),
+        ]:
+            if options.settings and setting.name not in options.settings:
+                continue
+            if setting.model_name not in sizes:
+                sizes[setting.model_name] = map_resolution(setting.loaded)
+            size = sizes[setting.model_name]
+            setting.name = setting_name(setting.name, size, first=position == 0)
+            resolution_of[setting.name] = size
+            settings.append(setting)
     result = EvalResult(options=asdict(options), methods=methods)
     result.timings["tasks"] = clock.lap()
     for module, reason in import_failures.items():
@@ -392,8 +412,10 @@ def run_evaluation(
         result.tasks[setting.name] = setting.task
         result.settings[setting.name] = {
             "model": setting.model_name,
-            "images": len(setting.labels),
-            "asked": options.images,
+            "resolution": resolution_of[setting.name],
+            "images": len(setting.labels),  # scene settings: (scene, reference) pairs
+            "asked": options.scenes if setting.scene is not None else options.images,
+            "unit": "pairs" if setting.scene is not None else "images",
         }
         if len(setting.labels) == 0:
             continue
