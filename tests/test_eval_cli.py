@@ -126,10 +126,12 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
                     mean, abs=1e-6
                 )
         count = data["settings"][name]["images"]
-        assert (
-            f"**{name}** (" in stdout
-            and f"{count} correctly handled images explained of 3" in stdout
+        explained = (
+            f"{count} (scene, reference) pairs from 3 scenes"
+            if name.startswith("scene")
+            else f"{count} correctly handled images explained of 3"
         )
+        assert f"**{name}** (" in stdout and explained in stdout
     for name in (
         "results.md",
         "deletion_insertion.png",
@@ -263,6 +265,8 @@ def test_eval_runs_every_setting_at_both_resolutions(tmp_path, capsys, small_ben
     out = tmp_path / "report"
     argv = ["eval", "--images", "2", "--episodes", "10", "--steps", "2", "--sanity-images", "1"]
     argv += [
+        "--scenes",
+        "2",
         "--seed",
         "3",
         "--methods",
@@ -277,7 +281,7 @@ def test_eval_runs_every_setting_at_both_resolutions(tmp_path, capsys, small_ben
     argv += ["--fine-embedding-model", fine[0], "--fine-classifier-model", fine[1]]
     assert fam_core.cli.main(argv) == 0
     data = json.loads((out / "results.json").read_text())
-    tasks = ("few-shot", "kNN", "retrieval", "classifier")
+    tasks = ("few-shot", "kNN", "retrieval", "scene", "scene-retrieval", "classifier")
     assert list(data["tasks"]) == [*tasks, *(f"{t} 10x10" for t in tasks)]
     for task in tasks:
         assert data["settings"][task]["resolution"] == "5x5"
