@@ -123,12 +123,7 @@ def _train(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else OUTPUT_MODEL_STORE / args.name
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
-    if args.name == "default-embedding":
-        config = training.build_default_embedding(out, training.EmbeddingRecipe(**overrides), print)
-    else:
-        config = training.build_default_classifier(
-            out, training.ClassifierRecipe(**overrides), print
-        )
+    config = training.build_default_model(args.name, out, print, **overrides)
     print(f"wrote {out} {config.metrics}")
     return 0
 
@@ -136,6 +131,7 @@ def _train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from fam_core import __version__
     from fam_core.explainers.registry import available_methods
+    from fam_core.package_data import DEFAULT_MODEL_NAMES
 
     parser = _Parser(
         prog="fam", description="Feature Activation Maps for embedding models and classifiers."
@@ -170,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(run=_explain)
 
     train = commands.add_parser("train", help="train a default model on the embedded benchmark")
-    train.add_argument("name", choices=["default-embedding", "default-classifier"])
+    train.add_argument("name", choices=list(DEFAULT_MODEL_NAMES))
     train.add_argument("--out", help="output folder (default: model-store/NAME)")
     train.add_argument("--steps", type=int)
     train.add_argument("--seed", type=int)

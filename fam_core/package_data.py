@@ -31,7 +31,15 @@ def _folder(checkout_name: str, package_name: str) -> Path:
 
 
 MODEL_STORE = _folder("model-store", "model_store")
-"""The folder of the default models (``default-embedding``, ``default-classifier``)."""
+"""The folder of the default models (:data:`DEFAULT_MODEL_NAMES`)."""
+DEFAULT_MODEL_NAMES: tuple[str, ...] = (
+    "default-embedding",
+    "default-classifier",
+    "default-embedding-fine",
+    "default-classifier-fine",
+)
+"""The default models, committed in :data:`MODEL_STORE` and trained by ``fam train NAME``: Conv4
+(5x5 target layer at 84x84) and its ``-fine`` Conv4-s8 twins (10x10)."""
 PROTO_ROOT = _folder("proto", "proto")
 """The root of the ``.proto`` sources (``fam/v1/fam.proto``, ``inference/grpc_service.proto``);
 :mod:`fam_core.protos` finds the same folder."""

@@ -5,6 +5,10 @@
   the NOVEL classes with 5-way 1-shot episodes.
 - ``default-classifier``: Conv4 plus a linear layer over all classes, trained with cross
   entropy; evaluated on held-out images.
+- ``default-embedding-fine`` and ``default-classifier-fine``: the same two recipes on Conv4-s8
+  (8x downsampling), whose target layer is 10x10 at 84x84 instead of 5x5.
+
+:data:`DEFAULT_MODELS` maps each name to its builder and recipe (what ``fam train NAME`` runs).
 
 Training images are generated on the fly (every step sees new images), so the runs need no
 data on disk. Everything is seeded: the same command gives the same weights on the same
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -254,8 +258,9 @@ def build_default_embedding(
     directory: str | Path,
     recipe: EmbeddingRecipe = EmbeddingRecipe(),
     progress: Progress | None = None,
+    name: str = "default-embedding",
 ) -> ModelConfig:
-    """Train, evaluate and save ``default-embedding`` with novel-class prototypes."""
+    """Train, evaluate and save the embedding model ``name`` with novel-class prototypes."""
     model, seconds = _timed(lambda: train_embedding(recipe, progress))
     result = evaluate_embedding(model, image_size=recipe.image_size)
     novel = list(SPLITS["novel"])
@@ -271,7 +276,7 @@ def build_default_embedding(
             "novel_5way_1shot_interval95": round(result.interval, 4),
             "episodes": result.episodes,
         },
-        name="default-embedding",
+        name=name,
         task="embedding",
         backbone_kwargs={"width": recipe.width},
         class_names=tuple(CLASS_NAMES[c] for c in novel),
@@ -287,18 +292,55 @@ def build_default_classifier(
     directory: str | Path,
     recipe: ClassifierRecipe = ClassifierRecipe(),
     progress: Progress | None = None,
+    name: str = "default-classifier",
 ) -> ModelConfig:
-    """Train, evaluate and save ``default-classifier``."""
+    """Train, evaluate and save the classifier ``name``."""
     model, seconds = _timed(lambda: train_classifier(recipe, progress))
     config = _default_config(
         model,
         recipe,
         seconds,
         {"test_accuracy": round(evaluate_classifier(model, image_size=recipe.image_size), 4)},
-        name="default-classifier",
+        name=name,
         task="classifier",
         backbone_kwargs={"width": recipe.width, "num_classes": NUM_CLASSES},
         class_names=tuple(CLASS_NAMES),
     )
     save_model(model, config, directory)
     return config
+
+
+Builder = Callable[..., ModelConfig]
+DEFAULT_MODELS: dict[str, tuple[Builder, EmbeddingRecipe | ClassifierRecipe]] = {
+    "default-embedding": (build_default_embedding, EmbeddingRecipe()),
+    "default-classifier": (build_default_classifier, ClassifierRecipe()),
+    "default-embedding-fine": (build_default_embedding, EmbeddingRecipe(backbone="conv4s8")),
+    "default-classifier-fine": (
+        build_default_classifier,
+        ClassifierRecipe(backbone="conv4s8", init_from="default-embedding-fine"),
+    ),
+}
+"""Every default model of the store: its builder and its recipe (``fam train NAME``)."""
+
+
+def build_default_model(
+    name: str,
+    directory: str | Path,
+    progress: Progress | None = None,
+    **overrides: object,
+) -> ModelConfig:
+    """Train, evaluate and save the default model ``name``, its recipe updated by ``overrides``.
+
+    Example:
+        >>> sorted(DEFAULT_MODELS)[:2]
+        ['default-classifier', 'default-classifier-fine']
+        >>> build_default_model("vgg", "out")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown default model 'vgg'; expected one of ['default-embedding', \
+'default-classifier', 'default-embedding-fine', 'default-classifier-fine']
+    """
+    if name not in DEFAULT_MODELS:
+        raise ValueError(f"unknown default model {name!r}; expected one of {list(DEFAULT_MODELS)}")
+    build, recipe = DEFAULT_MODELS[name]
+    return build(directory, replace(recipe, **overrides), progress, name)

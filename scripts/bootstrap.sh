@@ -26,7 +26,8 @@ if ! command -v java >/dev/null 2>&1; then
   echo "note: java not found; TorchServe needs Java 17 (the rest works without it)" >&2
 fi
 .venv/bin/python -m fam_core.protos  # gRPC stubs from proto/, regenerated when stale
-for name in default-embedding default-classifier; do
+# (each classifier starts from its embedding model, so the embedding models come first)
+for name in default-embedding default-classifier default-embedding-fine default-classifier-fine; do
   if [ ! -f "model-store/$name/weights.pt" ]; then
     .venv/bin/fam train "$name"
   fi

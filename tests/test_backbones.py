@@ -23,12 +23,14 @@ from fam_core.pooling import global_pool
 # (channels, h, w) of the last stage at 84x84 and the parameter count without embed / fc.
 EXPECTED_84 = {
     "conv4": ((64, 5, 5), 112_832),
+    "conv4s8": ((64, 10, 10), 112_832),
     "conv64f": ((64, 21, 21), 112_832),
     "resnet12": ((640, 5, 5), 12_424_320),
     "resnet18": ((512, 3, 3), 11_176_512),
 }
 STAGES = {
     "conv4": ["block1", "block2", "block3", "block4"],
+    "conv4s8": ["block1", "block2", "block3", "block4"],
     "conv64f": ["block1", "block2", "block3", "block4"],
     "resnet12": ["stem", "layer1", "layer2", "layer3", "layer4"],
     "resnet18": ["stem", "layer1", "layer2", "layer3", "layer4"],
@@ -45,7 +47,7 @@ def _seed() -> None:
 
 
 def test_backbone_names() -> None:
-    assert BACKBONES == ("conv4", "conv64f", "resnet12", "resnet18")
+    assert BACKBONES == ("conv4", "conv4s8", "conv64f", "resnet12", "resnet18")
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -63,12 +65,28 @@ def test_feature_map_output_and_parameter_count_at_84(name: str) -> None:
     assert not net.is_classifier
 
 
+def test_conv4s8_is_conv4_without_the_last_maxpool() -> None:
+    """Same weights: pooling Conv4-s8's 10x10 map 2x2 gives Conv4's 5x5 map exactly."""
+    coarse = conv4(width=0.25).eval()
+    fine = build_backbone("conv4s8", width=0.25).eval()
+    fine.load_state_dict(coarse.state_dict())  # same parameter names and shapes
+    x = torch.randn(2, 3, 84, 84)
+    with torch.no_grad():
+        fine_map = fine.features(x)
+        assert fine_map.shape == (2, 16, 10, 10)
+        torch.testing.assert_close(
+            nn.functional.max_pool2d(fine_map, 2), coarse.features(x), rtol=0, atol=0
+        )
+    assert not hasattr(fine.block4, "pool") and hasattr(fine.block3, "pool")
+
+
 def test_parameter_counts_match_closed_forms() -> None:
     def bn(c: int) -> int:
         return 2 * c
 
     conv_block = (9 * 3 * 64 + bn(64)) + 3 * (9 * 64 * 64 + bn(64))
     assert EXPECTED_84["conv4"][1] == conv_block == EXPECTED_84["conv64f"][1]
+    assert EXPECTED_84["conv4s8"][1] == conv_block
 
     def res12_block(cin: int, c: int) -> int:
         return 9 * cin * c + 2 * 9 * c * c + 3 * bn(c) + cin * c + bn(c)
@@ -269,7 +287,7 @@ def test_bad_arguments_raise(name: str, kwargs: dict[str, object]) -> None:
 
 
 def test_unknown_backbone_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="conv4.*conv64f.*resnet12.*resnet18"):
+    with pytest.raises(ValueError, match="conv4.*conv4s8.*conv64f.*resnet12.*resnet18"):
         build_backbone("vgg16")
 
 

@@ -164,7 +164,12 @@ def test_wheel_runs_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
         assert Path(path).is_relative_to(installed), f"{path} is not in the installed package"
     assert Path(handler).is_file()
     assert not in_checkout
-    assert {"default-embedding", "default-classifier"} <= set(models)
+    assert {
+        "default-embedding",
+        "default-classifier",
+        "default-embedding-fine",
+        "default-classifier-fine",
+    } <= set(models)
     assert version.count(".") == 2
     fam = str(python.parent / "fam")
     assert "demo" in _run([fam, "--help"], away)

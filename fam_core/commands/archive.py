@@ -30,7 +30,7 @@ from fam_core.configfile import dump_config
 from fam_core.extras import require
 from fam_core.models.sources import factory_module_file, factory_package
 from fam_core.models.store import ModelConfig, find_config
-from fam_core.package_data import HANDLER_FILE, OUTPUT_MODEL_STORE
+from fam_core.package_data import DEFAULT_MODEL_NAMES, HANDLER_FILE, OUTPUT_MODEL_STORE
 
 DEFAULT_OUT = OUTPUT_MODEL_STORE / "archives"
 HANDLER = HANDLER_FILE
@@ -48,8 +48,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "models",
         nargs="*",
         metavar="NAME_OR_CONFIG",
-        default=["default-embedding", "default-classifier"],
-        help="models to archive (default: both default models)",
+        default=list(DEFAULT_MODEL_NAMES),
+        help="models to archive (default: " + ", ".join(DEFAULT_MODEL_NAMES) + ")",
     )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"folder (default: {DEFAULT_OUT})")
     parser.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (8)")

@@ -13,6 +13,7 @@ from fam_core.evaluation import SETTING_NAMES
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand."""
     from fam_core.commands import NamesIntactFormatter
+    from fam_core.evaluation.resolution import RESOLUTIONS
     from fam_core.explainers.registry import available_methods
 
     parser = commands.add_parser(
@@ -56,8 +57,20 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         choices=SETTING_NAMES,
         help="settings to evaluate (default: all): " + ", ".join(SETTING_NAMES),
     )
+    parser.add_argument(
+        "--resolutions",
+        nargs="+",
+        choices=RESOLUTIONS,
+        default=["coarse"],
+        help="model pairs that run every setting (default: coarse; `coarse fine` reports both): "
+        "coarse = --embedding-model "
+        "and --classifier-model (5x5 maps), fine = --fine-embedding-model and "
+        "--fine-classifier-model (10x10 maps)",
+    )
     parser.add_argument("--embedding-model", default="default-embedding")
     parser.add_argument("--classifier-model", default="default-classifier")
+    parser.add_argument("--fine-embedding-model", default="default-embedding-fine")
+    parser.add_argument("--fine-classifier-model", default="default-classifier-fine")
     parser.add_argument("--out", default="out/eval", help="output folder (default out/eval)")
     parser.set_defaults(run=run)
 
@@ -86,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         sanity_images=args.sanity_images,
         embedding_model=args.embedding_model,
         classifier_model=args.classifier_model,
+        fine_embedding_model=args.fine_embedding_model,
+        fine_classifier_model=args.fine_classifier_model,
+        resolutions=tuple(args.resolutions),
     )
     result = run_evaluation(options, progress=lambda m: print(m, file=sys.stderr))
     command = " ".join(
@@ -96,8 +112,11 @@ def run(args: argparse.Namespace) -> int:
             f"--sanity-images {args.sanity_images} --seed {args.seed}",
             *([f"--methods {' '.join(args.methods)}"] if args.methods else []),
             *([f"--settings {' '.join(args.settings)}"] if args.settings else []),
+            f"--resolutions {' '.join(args.resolutions)}",
             f"--embedding-model {shlex.quote(args.embedding_model)}",
             f"--classifier-model {shlex.quote(args.classifier_model)}",
+            f"--fine-embedding-model {shlex.quote(args.fine_embedding_model)}",
+            f"--fine-classifier-model {shlex.quote(args.fine_classifier_model)}",
             f"--out {shlex.quote(args.out)}",
         ]
     )

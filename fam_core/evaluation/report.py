@@ -7,22 +7,25 @@ import math
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fam_core.evaluation.runner import METRICS, EvalResult  # noqa: E402
+from fam_core.evaluation.summary import REFERENCE_METHOD, SIGNIFICANCE  # noqa: E402
 from fam_core.render import grid, save_png  # noqa: E402
 
 
 def write_report(result: EvalResult, out: Path, command: str) -> list[Path]:
     """Write every file of the report into ``out``; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "results.json", out / "results.md"]
+    written = [out / "results.json", out / "results.md", out / "per_image.pt"]
     data = result.to_json()
     data["command"] = command
     written[0].write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     written[1].write_text(markdown(result, command))
+    torch.save(result.per_image, written[2])  # plain tensors: torch.load(weights_only=True)
     written += bar_charts(result, out)
     written += curve_plots(result, out)
     written += overlay_grids(result, out)
@@ -37,28 +40,71 @@ def _cell(value: float | None, metric: str) -> str:
     return f"{value:.3f}"
 
 
+def _interval_cell(result: EvalResult, name: str, method: str, metric: str) -> str:
+    """``mean [low, high]``, with a dagger when it differs significantly from FAM."""
+    interval = result.intervals.get(name, {}).get(method, {}).get(metric)
+    if interval is None:
+        return _cell(result.metrics[name][method].get(metric), metric)
+    text = _cell(interval["mean"], metric)
+    if not math.isnan(interval["low"]):
+        text += f" [{_cell(interval['low'], metric)}, {_cell(interval['high'], metric)}]"
+    if result.comparisons.get(name, {}).get(method, {}).get(metric, {}).get("significant"):
+        text += " †"
+    return text
+
+
+def _metric_names(per_method: dict[str, dict[str, float]]) -> list[str]:
+    """The table's columns: the known metrics in their order, then any others a setting adds."""
+    present = list(dict.fromkeys(k for values in per_method.values() for k in values))
+    return [m for m in METRICS if m in present] + [m for m in present if m not in METRICS]
+
+
+def _model_label(info: dict) -> str:
+    """The model of a setting with its target layer's map size, e.g. ``default-embedding, 5x5``."""
+    resolution = info.get("resolution")
+    return f"{info['model']}, {resolution}" if resolution else str(info["model"])
+
+
+def _explained(info: dict) -> str:
+    """What a setting explained: images, or (scene, reference) pairs from its scenes."""
+    count = info.get("images", "?")
+    if info.get("unit") == "pairs":
+        return f"{count} (scene, reference) pairs from {info.get('asked', '?')} scenes"
+    asked = f" of {info['asked']} asked" if "asked" in info else ""
+    return f"{count} correctly handled images explained{asked}"
+
+
 def markdown(result: EvalResult, command: str) -> str:
     """The tables of the report as markdown."""
     lines = [f"Command: `{command}` — runtime {result.runtime_seconds:.0f} s", ""]
     lines += ["| task | model | result |", "|---|---|---|"]
     for name, task in result.tasks.items():
-        model = result.settings[name]["model"]
+        model = _model_label(result.settings[name])
         shown = ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in task.items()
         )
         lines.append(f"| {name} | {model} | {shown} |")
-    for name, per_method in result.metrics.items():
-        metrics = [m for m in METRICS if any(m in v for v in per_method.values())]
-        info = result.settings[name]
+    if result.metrics:
         lines += [
             "",
-            f"**{name}** ({info['model']}, {info['images']} correctly handled images)",
+            "Each cell: mean over the explained images [95 % percentile-bootstrap interval]. "
+            f"† marks a mean that differs from `{REFERENCE_METHOD}`'s on the same images: "
+            "paired bootstrap of the mean difference, two-sided p Holm-adjusted over the "
+            f"methods compared on that metric, below {SIGNIFICANCE} (`comparisons` in "
+            "`results.json` holds every difference, interval and p-value).",
+        ]
+    for name, per_method in result.metrics.items():
+        metrics = _metric_names(per_method)
+        info = result.settings.get(name, {})
+        lines += [
+            "",
+            f"**{name}** ({_model_label(info)}, {_explained(info)})",
             "",
         ]
         lines.append("| method | " + " | ".join(metrics) + " |")
         lines.append("|---|" + "---|" * len(metrics))
-        for method, values in per_method.items():
-            cells = " | ".join(_cell(values.get(m), m) for m in metrics)
+        for method in per_method:
+            cells = " | ".join(_interval_cell(result, name, method, m) for m in metrics)
             lines.append(f"| {method} | {cells} |")
     if result.sanity:
         lines += [
@@ -108,7 +154,8 @@ def markdown(result: EvalResult, command: str) -> str:
 
 
 def bar_charts(result: EvalResult, out: Path) -> list[Path]:
-    """One bar chart per metric: settings on the x axis, one bar per method."""
+    """One bar chart per metric: settings on the x axis, one bar per method, with its 95 %
+    bootstrap interval as the error bar."""
     paths = []
     for metric, description in METRICS.items():
         settings = [
@@ -123,7 +170,20 @@ def bar_charts(result: EvalResult, out: Path) -> list[Path]:
             heights = [
                 result.metrics[s].get(method, {}).get(metric, float("nan")) for s in settings
             ]
-            ax.bar([j + i * width for j in range(len(settings))], heights, width, label=method)
+            bounds = [result.intervals.get(s, {}).get(method, {}).get(metric, {}) for s in settings]
+            errors = [
+                [h - b.get("low", h) for h, b in zip(heights, bounds, strict=True)],
+                [b.get("high", h) - h for h, b in zip(heights, bounds, strict=True)],
+            ]
+            ax.bar(
+                [j + i * width for j in range(len(settings))],
+                heights,
+                width,
+                yerr=errors,
+                capsize=1,
+                error_kw={"linewidth": 0.6},
+                label=method,
+            )
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings)
         ax.set_title(description, fontsize=9)
         ax.legend(fontsize=7)

@@ -16,8 +16,10 @@ from tqdm import tqdm
 
 import fam_core.explainers  # noqa: F401  (registers the built-in methods)
 from fam_core.evaluation import SETTING_NAMES
+from fam_core.evaluation.resolution import RESOLUTIONS, map_resolution, setting_name
 from fam_core.evaluation.scenes import SCENE_METRICS, scene_metrics, scene_settings
 from fam_core.evaluation.settings import Setting, classifier_setting, embedding_settings
+from fam_core.evaluation.summary import PerImage, summarise
 from fam_core.explainers.base import Explainer
 from fam_core.explainers.registry import available_methods, get_explainer
 from fam_core.explainers.relevant.relevant import RelevantFeatures
@@ -67,7 +69,9 @@ class EvalOptions:
     per scene setting (one explained pair per flower); ``settings``:
     the settings evaluated (all by default); ``episodes``:
     few-shot episodes for the accuracy; ``steps``: deletion/insertion points;
-    ``sanity_images``: images of the randomisation test (0 skips it)."""
+    ``sanity_images``: images of the randomisation test (0 skips it; it runs on the first
+    resolution's models); ``resolutions``: which model pairs run every setting (coarse: the
+    5x5 default models, fine: their 10x10 twins)."""
 
     images: int = 16
     scenes: int = 6  # scenes per scene setting; each gives one explained pair per flower (2-4)
@@ -79,32 +83,55 @@ class EvalOptions:
     sanity_images: int = 4
     embedding_model: str = "default-embedding"
     classifier_model: str = "default-classifier"
+    fine_embedding_model: str = "default-embedding-fine"
+    fine_classifier_model: str = "default-classifier-fine"
+    resolutions: tuple[str, ...] = ("coarse",)  # each runs every setting on its two models
+
+    def models(self, resolution: str) -> tuple[str, str]:
+        """``(embedding model, classifier model)`` of a resolution in :data:`RESOLUTIONS`."""
+        if resolution == "coarse":
+            return self.embedding_model, self.classifier_model
+        if resolution == "fine":
+            return self.fine_embedding_model, self.fine_classifier_model
+        raise ValueError(f"unknown resolution {resolution!r}; expected one of {RESOLUTIONS}")
 
 
 @dataclass
 class EvalResult:
-    """Everything ``results.json`` holds (see :func:`run_evaluation`)."""
+    """Everything ``results.json`` holds (see :func:`run_evaluation`).
+
+    ``per_image[setting][method][metric]`` is a tensor ``[N]`` with one value per explained
+    image (``nan`` where an image has none); :func:`summarise_result` turns it into
+    ``metrics`` (means), ``intervals`` (95 % bootstrap intervals) and ``comparisons`` (FAM
+    against each other method, paired on the same images), for any setting and metric name.
+    ``per_image`` is written to ``per_image.pt``, not to ``results.json``.
+    """
 
     options: dict[str, Any]
     methods: list[str]
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    intervals: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    comparisons: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
     curves: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     sanity: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
     relevance: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # per-image values (per pair or per scene) of the scene metrics, for bootstrap intervals
-    per_image: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     runtime_seconds: float = 0.0
+    # seconds per stage ("tasks", "<method>/<setting>", "sanity/<method>/<setting>",
+    # "relevance"): wall clock and process CPU time, to size longer runs (docs/evaluation.md)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
     examples: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     example_images: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    per_image: dict[str, PerImage] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(replace(self, examples={}, example_images={}, per_image={}))
         data.pop("examples")
         data.pop("example_images")
+        data.pop("per_image")
         data["metric_descriptions"] = METRICS
         data["relevance_descriptions"] = RELEVANCE_METRICS
         return data
@@ -251,46 +278,59 @@ def explain(
     return Explanation.concat(parts)
 
 
-def evaluate_maps(setting: Setting, maps: torch.Tensor, steps: int) -> tuple[dict, dict]:
-    """Every metric of one method's maps on one setting, and its mean deletion/insertion curves
-    (scene settings: the scene metrics of :mod:`.scenes` only, no curves)."""
+def evaluate_maps(
+    setting: Setting, maps: torch.Tensor, steps: int
+) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+    """Every metric of one method's maps on one setting, per image (``{metric: [B]}``, on the
+    CPU), and its mean deletion/insertion curves (scene settings: the scene metrics of
+    :mod:`.scenes` only, per pair or per scene, and no curves)."""
     if setting.scene is not None:  # the matched / other flowers and target sensitivity only
-        return scene_metrics(setting, maps)[0], {}
+        per_item = scene_metrics(setting, maps)[1]
+        return {name: torch.tensor(values) for name, values in per_item.items()}, {}
     images = setting.images
     values = {
-        "proportion": loc.energy_pointing_proportion(maps, setting.boxes).mean().item(),
-        "box_iou": loc.box_iou(maps, setting.boxes).mean().item(),
-        "pointing": loc.pointing_game(maps, setting.masks).mean().item(),
-        "iou_auc": loc.area_under_iou_curve(maps, setting.masks).mean().item(),
+        "proportion": loc.energy_pointing_proportion(maps, setting.boxes),
+        "box_iou": loc.box_iou(maps, setting.boxes),
+        "pointing": loc.pointing_game(maps, setting.masks),
+        "iou_auc": loc.area_under_iou_curve(maps, setting.masks),
     }
     scores = setting.score(images)
     masked = setting.score(eq21_masked_images(setting, maps))
-    values["average_drop"] = faith.average_drop(scores, masked)
-    values["increase_confidence"] = faith.increase_in_confidence(scores, masked)
+    values["average_drop"] = faith.relative_drops(scores, masked)
+    values["increase_confidence"] = faith.confidence_increases(scores, masked)
     deletion = faith.deletion_curve(setting.score, images, maps, steps=steps)
     insertion = faith.insertion_curve(setting.score, images, maps, steps=steps)
-    values["deletion_auc"] = faith.curve_auc(deletion).mean().item()
-    values["insertion_auc"] = faith.curve_auc(insertion).mean().item()
+    values["deletion_auc"] = faith.curve_auc(deletion)
+    values["insertion_auc"] = faith.curve_auc(insertion)
     if setting.gallery is not None:
         gallery, gallery_labels = setting.gallery
-        values["explanation_map_ap"] = (
-            faith.explanation_map_average_precision(
-                lambda x: _embed(setting, x),
-                images,
-                maps,
-                setting.labels,
-                gallery,
-                gallery_labels,
-                similarity=setting.loaded.config.similarity,
-            )
-            .mean()
-            .item()
+        values["explanation_map_ap"] = faith.explanation_map_average_precision(
+            lambda x: _embed(setting, x),
+            images,
+            maps,
+            setting.labels,
+            gallery,
+            gallery_labels,
+            similarity=setting.loaded.config.similarity,
         )
     curves = {
         "deletion": deletion.mean(dim=0).tolist(),
         "insertion": insertion.mean(dim=0).tolist(),
     }
-    return values, curves
+    return {k: v.detach().float().cpu() for k, v in values.items()}, curves
+
+
+def summarise_result(result: EvalResult, seed: int) -> None:
+    """Fill ``metrics``, ``intervals`` and ``comparisons`` of every setting in
+    ``result.per_image`` (see :func:`fam_core.evaluation.summary.summarise`)."""
+    for name, per_method in result.per_image.items():
+        intervals, comparisons = summarise(per_method, seed=seed)
+        result.intervals[name] = intervals
+        result.comparisons[name] = comparisons
+        result.metrics[name] = {
+            method: {metric: interval["mean"] for metric, interval in values.items()}
+            for method, values in intervals.items()
+        }
 
 
 def _embed(setting: Setting, images: torch.Tensor) -> torch.Tensor:
@@ -327,42 +367,56 @@ def run_evaluation(
     unknown = set(options.settings or ()) - set(SETTING_NAMES)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; expected some of {SETTING_NAMES}")
+    if not options.resolutions or len(set(options.resolutions)) != len(options.resolutions):
+        raise ValueError(f"resolutions must be distinct, some of {RESOLUTIONS}")
+    models = [options.models(resolution) for resolution in options.resolutions]
     import_failures = discover_explainers()
     methods = resolve_methods(options.methods)
     torch.manual_seed(options.seed)
-    embedding = load_model(options.embedding_model)
-    classifier = load_model(options.classifier_model)
     if progress:
         progress("rendering the benchmark and running the tasks")
-    settings = [
-        *embedding_settings(
-            embedding,
-            images=options.images,
-            episodes=options.episodes,
-            seed=options.seed,
-            model_name=options.embedding_model,
-        ),
-        *scene_settings(
-            embedding,
-            images=options.scenes,
-            seed=options.seed,
-            model_name=options.embedding_model,
-        ),
-        classifier_setting(
-            classifier,
-            images=options.images,
-            seed=options.seed,
-            model_name=options.classifier_model,
-        ),
-    ]
-    if options.settings:
-        settings = [s for s in settings if s.name in options.settings]
+    clock = _Clock()
+    settings: list[Setting] = []
+    resolution_of: dict[str, str] = {}  # setting name -> "HxW" of its model's target layer
+    sizes: dict[str, str] = {}  # model name -> the same
+    for position, (embedding_name, classifier_name) in enumerate(models):
+        embedding, classifier = load_model(embedding_name), load_model(classifier_name)
+        for setting in [
+            *embedding_settings(
+                embedding,
+                images=options.images,
+                episodes=options.episodes,
+                seed=options.seed,
+                model_name=embedding_name,
+            ),
+            *scene_settings(
+                embedding, images=options.scenes, seed=options.seed, model_name=embedding_name
+            ),
+            classifier_setting(
+                classifier, images=options.images, seed=options.seed, model_name=classifier_name
+            ),
+        ]:
+            if options.settings and setting.name not in options.settings:
+                continue
+            if setting.model_name not in sizes:
+                sizes[setting.model_name] = map_resolution(setting.loaded)
+            size = sizes[setting.model_name]
+            setting.name = setting_name(setting.name, size, first=position == 0)
+            resolution_of[setting.name] = size
+            settings.append(setting)
     result = EvalResult(options=asdict(options), methods=methods)
+    result.timings["tasks"] = clock.lap()
     for module, reason in import_failures.items():
         result.skipped.setdefault(module, {})["import"] = reason
     for setting in settings:
         result.tasks[setting.name] = setting.task
-        result.settings[setting.name] = {"model": setting.model_name, "images": len(setting.labels)}
+        result.settings[setting.name] = {
+            "model": setting.model_name,
+            "resolution": resolution_of[setting.name],
+            "images": len(setting.labels),  # scene settings: (scene, reference) pairs
+            "asked": options.scenes if setting.scene is not None else options.images,
+            "unit": "pairs" if setting.scene is not None else "images",
+        }
         if len(setting.labels) == 0:
             continue
         result.example_images[setting.name] = setting.images[:4]
@@ -388,6 +442,7 @@ def run_evaluation(
     bar = tqdm(jobs, desc="fam eval", unit="run", file=sys.stderr)
     for setting, method in bar:
         bar.set_postfix_str(f"{method} / {setting.name}")
+        clock.lap()
         torch.manual_seed(options.seed)
         try:
             explainer = build_explainer(method, setting)
@@ -402,12 +457,11 @@ def run_evaluation(
         if isinstance(explainer, RelevantFeatures):
             fitted[setting.name] = explainer
         values, curves = evaluate_maps(setting, maps, options.steps)
-        if setting.scene is not None:
-            result.per_image.setdefault(setting.name, {})[method] = scene_metrics(setting, maps)[1]
-        result.metrics.setdefault(setting.name, {})[method] = values
+        result.per_image.setdefault(setting.name, {})[method] = values
         if curves:
             result.curves.setdefault(setting.name, {})[method] = curves
         result.examples.setdefault(setting.name, {})[method] = maps[:4]
+        result.timings[f"{method}/{setting.name}"] = clock.lap()
         if options.sanity_images and setting.name in ("few-shot", "classifier"):
             torch.manual_seed(options.seed)
             try:
@@ -416,7 +470,9 @@ def run_evaluation(
                 )
             except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
                 result.skipped.setdefault(method, {})[f"sanity/{setting.name}"] = _first_line(error)
+            result.timings[f"sanity/{method}/{setting.name}"] = clock.lap()
     bar.close()
+    clock.lap()
     if "relevant-features" in methods:
         for setting in settings:
             if setting.classifier and len(setting.labels):
@@ -430,8 +486,24 @@ def run_evaluation(
                     result.skipped.setdefault("relevant-features", {})[
                         f"relevance/{setting.name}"
                     ] = _first_line(error)
+    result.timings["relevance"] = clock.lap()
+    summarise_result(result, options.seed)
+    result.timings["statistics"] = clock.lap()
     result.runtime_seconds = round(time.perf_counter() - started, 1)
     return result
+
+
+class _Clock:
+    """Wall and process CPU seconds since the previous lap."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> dict[str, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        spent = {"wall": round(wall - self.wall, 2), "cpu": round(cpu - self.cpu, 2)}
+        self.wall, self.cpu = wall, cpu
+        return spent
 
 
 def _first_line(error: BaseException) -> str:

@@ -4,10 +4,16 @@ A :class:`Setting` is a batch of benchmark images (with ground-truth masks and b
 model got right in one task, the target each explainer receives for them, and the score the
 faithfulness metrics read. The embedding model is evaluated on the NOVEL classes in three
 tasks (few-shot, kNN, retrieval); the classifier on held-out images of all classes.
+
+The rendered sets grow with the number of images asked for (:func:`images_per_class`): every
+setting gets ``CANDIDATES_PER_IMAGE`` times as many candidate images as asked for, so that the
+count asked for is reached although the model gets some of them wrong; below that, the sets
+keep their minimum sizes (the protocol's 16 images per novel class, 4 test images per class).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,9 +28,10 @@ from fam_core.tasks.fewshot import classify_episode, few_shot_accuracy, sample_e
 from fam_core.tasks.knn import knn_predict, neighbour_targets
 from fam_core.tasks.retrieval import retrieval_metrics, top1_gallery_targets
 
-NOVEL_PER_CLASS = 16  # 1 support + 15 queries per class, as in FAM's 5-way 1-shot protocol
-BANK_PER_CLASS = 12  # kNN bank / retrieval gallery: 12 images per novel class; queries: 4
-CLASSIFIER_PER_CLASS = 4  # held-out test images per class (task accuracy, feature ablation)
+NOVEL_PER_CLASS = 16  # at least 1 support + 15 queries per class (FAM's 5-way 1-shot protocol)
+BANK_PER_CLASS = 12  # kNN bank / retrieval gallery per novel class; the rest are queries
+CLASSIFIER_PER_CLASS = 4  # at least: held-out test images per class (accuracy, feature ablation)
+CANDIDATES_PER_IMAGE = 1.5  # rendered candidates per image asked for (headroom for misses)
 FIT_PER_CLASS = 6  # labelled images per class that RelevantFeatures is fitted on
 KNN_TARGET_NEIGHBOURS = 5
 DATA_SEED_OFFSET = 500  # evaluation images never coincide with the default training images
@@ -130,6 +137,21 @@ def spread_over_classes(labels: torch.Tensor, count: int) -> torch.Tensor:
     return order[: max(count, 0)]
 
 
+def images_per_class(images: int, classes: int, minimum: int) -> int:
+    """Images to render per class so that ``classes`` classes hold at least
+    ``CANDIDATES_PER_IMAGE * images`` candidates, and never fewer than ``minimum`` per class.
+
+    Example (200 images over 18 novel classes: 300 candidates, 17 per class):
+        >>> images_per_class(200, 18, minimum=4), images_per_class(16, 18, minimum=4)
+        (17, 4)
+    """
+    if images < 0 or classes < 1 or minimum < 0:
+        raise ValueError(
+            f"need images >= 0, classes >= 1 and minimum >= 0, got {images}, {classes}, {minimum}"
+        )
+    return max(minimum, math.ceil(CANDIDATES_PER_IMAGE * images / classes))
+
+
 def _pick(batch: FlowerBatch, index: torch.Tensor) -> dict[str, torch.Tensor]:
     return {
         "images": batch.images[index],
@@ -144,14 +166,17 @@ def embedding_settings(
 ) -> list[Setting]:
     """Few-shot, kNN and retrieval settings of an embedding model on the novel classes."""
     novel = list(SPLITS["novel"])
+    # the kNN / retrieval queries (all but the bank) and the few-shot pool grow with `images`
+    queries = images_per_class(images, len(novel), minimum=NOVEL_PER_CLASS - BANK_PER_CLASS)
+    per_class = BANK_PER_CLASS + queries
     pool = make_flowers(
-        novel, NOVEL_PER_CLASS, image_size=loaded.config.input_size, seed=seed + DATA_SEED_OFFSET
+        novel, per_class, image_size=loaded.config.input_size, seed=seed + DATA_SEED_OFFSET
     )
     embeddings = _embed(loaded.model, loaded, pool.images)
     kind = loaded.config.similarity
     return [
         _few_shot(loaded, pool, embeddings, images, episodes, seed, kind, model_name),
-        *_bank_settings(loaded, pool, embeddings, images, kind, model_name),
+        *_bank_settings(loaded, pool, embeddings, images, kind, model_name, per_class),
     ]
 
 
@@ -210,8 +235,9 @@ def _bank_settings(
     images: int,
     kind: str,
     model_name: str,
+    per_class: int,
 ) -> list[Setting]:
-    position = torch.arange(len(pool.labels)) % NOVEL_PER_CLASS
+    position = torch.arange(len(pool.labels)) % per_class  # make_flowers renders class by class
     bank_index = (position < BANK_PER_CLASS).nonzero().flatten()
     query_index = (position >= BANK_PER_CLASS).nonzero().flatten()
     bank, bank_labels = embeddings[bank_index], pool.labels[bank_index]
@@ -299,7 +325,7 @@ def classifier_setting(loaded: LoadedModel, *, images: int, seed: int, model_nam
     """Held-out images of every class that the classifier gets right, target = their class."""
     test = make_flowers(
         list(range(NUM_CLASSES)),
-        CLASSIFIER_PER_CLASS,
+        images_per_class(images, NUM_CLASSES, minimum=CLASSIFIER_PER_CLASS),
         image_size=loaded.config.input_size,
         seed=seed + DATA_SEED_OFFSET + 1,
     )

@@ -47,12 +47,23 @@ def average_drop(scores: torch.Tensor, masked_scores: torch.Tensor) -> float:
         >>> average_drop(torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.6]))
         25.0
     """
-    scores, masked_scores = _check_pair(scores, masked_scores)
-    valid = scores > 0
-    if not valid.any():
+    drops = relative_drops(scores, masked_scores)
+    if drops.isnan().all():
         return float("nan")
-    drop = (scores - masked_scores).clamp_min(0) / scores.clamp_min(1e-12)
-    return float(100 * drop[valid].mean())
+    return float(drops.nanmean())
+
+
+def relative_drops(scores: torch.Tensor, masked_scores: torch.Tensor) -> torch.Tensor:
+    """Per-image terms of eq. 21 in percent, ``100 max(0, s_i - s'_i) / s_i``; ``nan`` where
+    ``s_i <= 0`` (no relative drop). Their NaN-ignoring mean is :func:`average_drop`.
+
+    Example:
+        >>> relative_drops(torch.tensor([1.0, 0.5, -1.0]), torch.tensor([0.5, 0.6, 0.0]))
+        tensor([50.,  0., nan])
+    """
+    scores, masked_scores = _check_pair(scores, masked_scores)
+    drop = 100 * (scores - masked_scores).clamp_min(0) / scores.clamp_min(1e-12)
+    return torch.where(scores > 0, drop, torch.full_like(drop, float("nan")))
 
 
 def increase_in_confidence(scores: torch.Tensor, masked_scores: torch.Tensor) -> float:
@@ -64,8 +75,19 @@ def increase_in_confidence(scores: torch.Tensor, masked_scores: torch.Tensor) ->
         >>> increase_in_confidence(torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.6]))
         50.0
     """
+    return float(confidence_increases(scores, masked_scores).mean())
+
+
+def confidence_increases(scores: torch.Tensor, masked_scores: torch.Tensor) -> torch.Tensor:
+    """Per-image terms of eq. 22 in percent, ``100 x 1[s_i < s'_i]``; their mean is
+    :func:`increase_in_confidence`.
+
+    Example:
+        >>> confidence_increases(torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.6]))
+        tensor([  0., 100.])
+    """
     scores, masked_scores = _check_pair(scores, masked_scores)
-    return float(100 * (scores < masked_scores).float().mean())
+    return 100 * (scores < masked_scores).to(scores.dtype)
 
 
 def masked_by_map(

@@ -1,10 +1,11 @@
-"""CNN backbones used in the FAM paper (Liao et al.): Conv4Net, Conv64F, ResNet12 and ResNet18.
+"""CNN backbones used in the FAM paper (Liao et al.): Conv4Net, Conv64F, ResNet12 and ResNet18,
+plus Conv4-s8, Conv4 with an 8x (not 16x) downsampling for finer maps.
 
 Every backbone is an :class:`EmbeddingNet` whose top-level children are flat and registered in
 forward order, so an explainer can address a layer by name and run "everything after the target
 layer" by walking :meth:`torch.nn.Module.named_children`:
 
-- feature stages: ``block1`` .. ``block4`` (Conv4, Conv64F) or ``stem``, ``layer1`` .. ``layer4``
+- feature stages: ``block1`` .. ``block4`` (Conv4, Conv4-s8, Conv64F) or ``stem``, ``layer1`` .. ``layer4``
   (ResNets; ResNet12 has no stem of its own, so its ``stem`` is an :class:`torch.nn.Identity` and
   the stage names are the same for both ResNets);
 - ``pool``: :class:`fam_core.pooling.GlobalPool`, feature map ``[B, C, h, w]`` -> ``[B, C]``;
@@ -41,7 +42,7 @@ ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "relu")
 LEAKY_RELU_SLOPE = 0.1
 """Negative slope of LeakyReLU for all few-shot backbones (FAM paper, Sec. IV-B)."""
 
-BACKBONES: tuple[str, ...] = ("conv4", "conv64f", "resnet12", "resnet18")
+BACKBONES: tuple[str, ...] = ("conv4", "conv4s8", "conv64f", "resnet12", "resnet18")
 _RESERVED_NAMES = ("pool", "embed", "fc")
 
 
@@ -202,7 +203,7 @@ def _four_block_net(
     in_channels: int,
 ) -> EmbeddingNet:
     """``block1``..``block4`` of conv3x3-BN-activation (64 channels x ``width``); the first
-    ``pooled_blocks`` max-pool. Conv4 and Conv64F differ only there."""
+    ``pooled_blocks`` max-pool. Conv4, Conv4-s8 and Conv64F differ only there."""
     act = _activation_factory(activation)
     channels = _scaled(64, width)
     _check_positive_int("in_channels", in_channels)
@@ -234,6 +235,28 @@ def conv4(
         torch.Size([1, 64, 5, 5])
     """
     return _four_block_net(4, pooling, embedding_dim, num_classes, activation, width, in_channels)
+
+
+def conv4s8(
+    *,
+    pooling: PoolingKind = "avg",
+    embedding_dim: int | None = None,
+    num_classes: int | None = None,
+    activation: ActivationKind = "leaky_relu",
+    width: float = 1.0,
+    in_channels: int = 3,
+) -> EmbeddingNet:
+    """Conv4-s8: Conv4 without the last maxpool, so the input is downsampled 8x, not 16x.
+
+    Same parameters and nearly the same cost as :func:`conv4` (block4's convolution runs at the
+    same resolution; only its pooling is gone), but the feature map is ``[64, 10, 10]`` at 84x84
+    instead of 5x5: fine enough to tell a flower's centre from its petal ring.
+
+    Example:
+        >>> conv4s8().features(torch.randn(1, 3, 84, 84)).shape
+        torch.Size([1, 64, 10, 10])
+    """
+    return _four_block_net(3, pooling, embedding_dim, num_classes, activation, width, in_channels)
 
 
 def conv64f(
@@ -327,6 +350,7 @@ def resnet18(
 
 _FACTORIES: dict[str, Callable[..., EmbeddingNet]] = {
     "conv4": conv4,
+    "conv4s8": conv4s8,
     "conv64f": conv64f,
     "resnet12": resnet12,
     "resnet18": resnet18,

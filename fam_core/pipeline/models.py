@@ -16,12 +16,13 @@ from torch import nn
 
 from fam_core.configfile import parse_config
 from fam_core.models.store import ModelConfig, find_config
+from fam_core.package_data import DEFAULT_MODEL_NAMES
 from fam_core.pipeline.backends import Backend, LoadedBackend, default_method
 from fam_core.pipeline.errors import NotFound, Unavailable
 from fam_core.pipeline.onnx_backend import OnnxBackend, load_onnx_backend
 from fam_core.pipeline.torch_backend import TorchBackend, load_torch_backend
 
-DEFAULT_MODELS: tuple[str, ...] = ("default-embedding", "default-classifier")
+DEFAULT_MODELS: tuple[str, ...] = DEFAULT_MODEL_NAMES  # what a server serves when told nothing
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -243,7 +244,7 @@ class ModelRegistry:
         *,
         keep_going: bool = False,
     ) -> ModelRegistry:
-        """Load models by store name or config path (default: the two default models)."""
+        """Load models by store name or config path (default: :data:`DEFAULT_MODELS`)."""
         return cls.load(list(names), keep_going=keep_going)
 
     @classmethod

@@ -191,7 +191,7 @@ class FamServer:
 
     @classmethod
     def with_default_models(cls, config: ServerConfig = ServerConfig()) -> FamServer:
-        """Serve ``default-embedding`` and ``default-classifier`` from the model store."""
+        """Serve the default models (:data:`fam_core.package_data.DEFAULT_MODEL_NAMES`)."""
         return cls(ModelRegistry.from_names(), config)
 
     def start(self) -> int:
