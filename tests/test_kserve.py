@@ -53,12 +53,17 @@ def b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("kserve-models"))
+    folder = make_model_dir(tmp_path_factory.mktemp("kserve-models"))
+    broken = folder / "broken"  # a config whose weights are missing: fails to load
+    broken.mkdir()
+    config = (folder / CLASSIFIER / "config.yaml").read_text().replace(CLASSIFIER, "broken")
+    (broken / "config.yaml").write_text(config)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def pipeline(models):
-    pipeline = Pipeline(ModelRegistry.from_directory(models), batching=None)
+    pipeline = Pipeline(ModelRegistry.from_directory(models, keep_going=True), batching=None)
     yield pipeline
     pipeline.close()
 
@@ -136,6 +141,20 @@ def test_health_routes(client) -> None:
     outputs = {t["name"]: (t["datatype"], t["shape"]) for t in metadata["outputs"]}
     assert outputs["heatmap"] == ("FP16", [-1, -1, -1])
     assert outputs["embedding"] == ("FP32", [-1, 64])  # the random-init Conv4's embedding size
+
+
+def test_a_model_that_failed_to_load_is_not_ready_and_answers_503(client) -> None:
+    not_ready = client.get("/v2/models/broken/ready")  # KServe: 503 for a model not ready
+    assert not_ready.status_code == 503 and "not ready" in not_ready.json()["error"]
+    for route, body in (
+        ("/v2/models/broken/infer", {"inputs": [{"name": "image", "shape": [1],
+                                                 "datatype": "BYTES", "data": ["AAAA"]}]}),
+        ("/v1/models/broken:predict", {"instances": ["AAAA"]}),
+    ):  # fmt: skip
+        answer = client.post(route, json=body)
+        assert answer.status_code == 503, answer.text
+        assert "broken is not ready" in answer.json()["error"]
+    assert client.get(f"/v2/models/{CLASSIFIER}/ready").json()["ready"] is True  # the others
 
 
 # -- REST v1

@@ -132,7 +132,8 @@ class FamKServeModel(kserve.Model):  # type: ignore[misc,name-defined]
         self.pipeline = pipeline
 
     def load(self) -> bool:
-        """Ready when the pipeline's registry loaded this model (it loads models itself)."""
+        """Ready when the pipeline's registry loaded this model (it loads models itself); a
+        model that failed to load stays not ready and the pipeline answers it with 503."""
         self.ready = self.name in self.pipeline.registry.names()
         return self.ready
 
@@ -286,6 +287,9 @@ def serve(
     models = [FamKServeModel(name, pipeline) for name in registry.names()]
     for model in models:
         model.load()
+    # a model that failed to load: not ready, and its requests answer 503 with the reason (as
+    # fam serve's do), not 404 as an unknown name would (start() registers ready models only)
+    failed = [FamKServeModel(model.name, pipeline) for model in registry.failed()]
     # KServe's gRPC server takes its message limits from the options it parsed at import
     # (8 MiB by default): fit them to the request limit, as fam serve does
     options = kserve.model_server.args
@@ -301,6 +305,8 @@ def serve(
         max_asyncio_workers=workers,
         enable_latency_logging=False,
     )
+    for model in failed:
+        server.register_model(model)
     try:
         server.start(models)
     finally:
