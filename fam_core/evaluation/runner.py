@@ -285,8 +285,7 @@ def evaluate_maps(
     CPU), and its mean deletion/insertion curves (scene settings: the scene metrics of
     :mod:`.scenes` only, per pair or per scene, and no curves)."""
     if setting.scene is not None:  # the matched / other flowers and target sensitivity only
-        per_item = scene_metrics(setting, maps)[1]
-        return {name: torch.tensor(values) for name, values in per_item.items()}, {}
+        return scene_metrics(setting, maps)[1], {}
     images = setting.images
     values = {
         "proportion": loc.energy_pointing_proportion(maps, setting.boxes),

@@ -208,10 +208,10 @@ SCENE_METRICS: dict[str, str] = {
 
 def scene_metrics(
     setting: Setting, maps: torch.Tensor
-) -> tuple[dict[str, float], dict[str, list[float]]]:
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """The :data:`SCENE_METRICS` of one method's maps ``[P, H, W]`` on a scene setting: their
     means and their per-pair (``*_matched``, ``*_others``) or per-scene (``sensitivity_*``)
-    values, for bootstrap intervals."""
+    values (float tensors on the CPU), for bootstrap intervals."""
     if setting.scene is None:
         raise ValueError(f"setting {setting.name!r} holds no scenes")
     groups = setting.scene
@@ -228,5 +228,5 @@ def scene_metrics(
     values["sensitivity_gap"], values["sensitivity_rank"] = target.target_sensitivity(
         by_scene, scenes.boxes, scenes.labels >= 0
     )
-    means = {name: v.float().mean().item() for name, v in values.items()}
-    return means, {name: v.float().tolist() for name, v in values.items()}
+    per_item = {name: v.detach().float().cpu() for name, v in values.items()}
+    return {name: v.mean().item() for name, v in per_item.items()}, per_item
