@@ -8,7 +8,8 @@ not reach its class token, a layer after global pooling has no spatial extent.
 
 The chosen layer is the last one that ran, has a spatial map (``h * w > 1``) and reaches the
 output, preferring the model's building blocks (children of the model, of an
-``nn.ModuleList`` / ``nn.Sequential``, or of the module that owns one: stages, blocks,
+``nn.ModuleList`` / ``nn.Sequential`` or a container of children named by index, as
+``torch.export.unflatten`` rebuilds them, or of the module that owns one: stages, blocks,
 encoder layers, a backbone's final norm) over the layers inside them. That is ``layer4`` of a ResNet, the last stage of a ConvNeXt, and, for a vision
 transformer explained through its class token, the block before the last.
 
@@ -131,16 +132,32 @@ def find_layers(
         for handle in handles:
             handle.remove()
     candidates = []
+    earlier: set[int] = set()
     for (name, tensor, layout), grad in zip(seen, grads, strict=True):
+        alias = id(tensor) in earlier
+        earlier.add(id(tensor))
+        if alias and _parent(name) == "" and len(list(modules[name].children())) == 1:
+            # a top-level wrapper passing on its only child's maps (an encoder rebuilt by
+            # torch.export.unflatten returns its last stage's tensor): the stage names them
+            continue
         reaches = grad is not None and bool(layout.to_map(grad).abs().amax() > 0)
         parent = modules[_parent(name)]
         block = (
             _parent(name) == ""
-            or isinstance(parent, nn.ModuleList | nn.Sequential)
-            or any(isinstance(c, nn.ModuleList | nn.Sequential) for c in parent.children())
+            or _is_sequence(parent)
+            or any(_is_sequence(child) for child in parent.children())
         )
         candidates.append(LayerCandidate(name, tuple(tensor.shape), layout, reaches, block))
     return LayerSearch(tuple(candidates), _choose(candidates), input_size)
+
+
+def _is_sequence(module: nn.Module) -> bool:
+    """A ``ModuleList`` / ``Sequential``, or a container whose children are named by their
+    index: what ``torch.export.unflatten`` rebuilds a ``ModuleList`` as."""
+    if isinstance(module, nn.ModuleList | nn.Sequential):
+        return True
+    names = [name for name, _ in module.named_children()]
+    return bool(names) and names == [str(index) for index in range(len(names))]
 
 
 def _choose(candidates: list[LayerCandidate]) -> str | None:

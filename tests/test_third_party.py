@@ -62,6 +62,24 @@ def test_target_layer_is_found_from_the_dataflow(name: str) -> None:
     assert EXPECTED_LAYER[name] in str(search)
 
 
+@pytest.mark.parametrize("name", ["resnet", "convnext", "vit"])
+def test_an_exported_program_gets_the_eager_models_layer(name: str, tmp_path) -> None:
+    """``torch.export.unflatten`` rebuilds ModuleLists as containers of children named
+    by index, and an encoder that returns its last stage's tensor: the layer keeps the
+    eager model's name."""
+    from fam_core.models.sources import load_exported_program
+
+    model = build(name)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(
+        model, (torch.rand(2, 3, SIZE, SIZE),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, tmp_path / "model.pt2")
+    unflattened = load_exported_program(tmp_path / "model.pt2")
+    found = find_layers(unflattened, (SIZE, SIZE), output="pooler_output").chosen
+    assert found == EXPECTED_LAYER[name]
+
+
 def test_vit_last_block_patches_do_not_reach_the_class_token() -> None:
     search = find_layers(build("vit"), (SIZE, SIZE))
     by_name = {c.name: c for c in search.candidates}

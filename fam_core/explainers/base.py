@@ -38,6 +38,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from fam_core.adapters import (
     Head,
@@ -51,6 +52,7 @@ from fam_core.discovery import find_layers, probe_size
 from fam_core.explanation import Explanation
 from fam_core.fam_maths import one_hot_references, weighted_sum
 from fam_core.head_fit import fit_head
+from fam_core.head_rows import RowPlan, find_row_plan, pruned_rows
 from fam_core.layouts import FeatureLayout, as_layout, check_layout_spec
 from fam_core.outputs import OutputSpec, check_output_spec, is_logits, select_output
 from fam_core.pooling import POOLING_KINDS, PoolingKind, global_pool
@@ -205,6 +207,7 @@ class Explainer(ABC):
         self._head_spec = head
         self._fitted_heads: dict[tuple[int, ...], Head] = {}
         self._layouts: dict[object, FeatureLayout] = {}
+        self._row_plans: dict[tuple[int, int], RowPlan] = {}
         if task is None and classifier is not None:
             task = "classifier" if classifier else "embedding"
         if task is None and getattr(model, "is_classifier", None) is not None:
@@ -291,7 +294,7 @@ class Explainer(ABC):
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), pruned_rows(self.model, self._row_plans.get(size, {})):
                 raw_outputs = self.model(images)
         finally:
             handle.remove()
@@ -302,7 +305,19 @@ class Explainer(ABC):
         # graph even when the caller runs under no_grad
         with torch.set_grad_enabled(graph):
             outputs = self._as_vectors(raw_outputs)
+        if graph and size not in self._row_plans and get_proxy_mode() is None:
+            self._plan_rows(images[:1], outputs[:1].detach(), size)
         return ForwardPass(outputs, activations, layout)
+
+    def _plan_rows(self, image: torch.Tensor, outputs: torch.Tensor, size: tuple[int, int]) -> None:
+        """Find, once per input size, the token rows of the head that reach the output
+        (:mod:`fam_core.head_rows`): later passes leave the others uncomputed."""
+        self._row_plans[size] = {}  # the probe's own graph pass runs without a plan
+
+        def run_graph() -> torch.Tensor:
+            return self.forward(image, graph=True).outputs
+
+        self._row_plans[size] = find_row_plan(self.model, run_graph, outputs)
 
     def run_with(self, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """The outputs ``[B, D]`` with the target layer's maps replaced by ``maps``.
@@ -321,7 +336,8 @@ class Explainer(ABC):
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            return self._as_vectors(self.model(images))
+            with pruned_rows(self.model, self._row_plans.get(size, {})):
+                return self._as_vectors(self.model(images))
         finally:
             handle.remove()
 
