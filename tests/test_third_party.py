@@ -297,6 +297,21 @@ def test_channels_last_memory_and_bfloat16(images) -> None:
     assert float((half.maps - plain.maps).abs().mean()) < 0.05
 
 
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+@pytest.mark.parametrize("method", [FAM, GradFAM])
+def test_float16_models_explain_like_float32(name: str, method: type, images) -> None:
+    """A half-precision model (as served on a GPU; CPU kernels here) gives float32 maps
+    within float16 rounding of the float32 model's, weights in the model's dtype."""
+    full = method(build(name))
+    references = full.embed(images[:2])
+    expected = full(images, target=references)
+    half = method(build(name).half())(images, target=references.half())
+    assert half.maps.dtype == torch.float32 and half.weights.dtype == torch.float16
+    assert float((half.maps - expected.maps).abs().max()) < 0.03
+    correlation = torch.corrcoef(torch.stack([half.maps.flatten(), expected.maps.flatten()]))
+    assert float(correlation[0, 1]) > 0.999
+
+
 def test_captum_methods_on_a_model_output_object(images) -> None:
     from captum.attr import IntegratedGradients, LayerGradCam
 
