@@ -139,6 +139,17 @@ def test_eval_writes_the_report(tmp_path, capsys, small_benchmark) -> None:
         "overlays_classifier.png",
     ):
         assert (out / name).stat().st_size > 0
+    # the headline table: one column per setting's headline metric, FAM's cells its intervals;
+    # printed again from results.json alone (how the README's table is regenerated)
+    from fam_core.evaluation import report
+
+    headline = (out / "results.md").read_text().split("**Headline**")[1].split("\n\n")[1]
+    header, _, fam_row = headline.splitlines()[:3]
+    assert header.count("|") - 2 == len(report.HEADLINE) == len(fam_row.split("|")) - 3
+    interval = data["intervals"]["scene"]["fam"]["sensitivity_gap"]
+    assert f"{interval['mean']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]" in fam_row
+    assert report.main([str(out / "results.json")]) == 0
+    assert headline in capsys.readouterr().out
     # deterministic for a seed: a second run gives the same numbers
     second = tmp_path / "again"
     assert fam_core.cli.main([*argv[:-1], str(second)]) == 0

@@ -36,8 +36,8 @@ def _cell(value: float | None, metric: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if metric in ("average_drop", "increase_confidence"):
-        return f"{value:.1f}"
-    return f"{value:.3f}"
+        return f"{round(value, 1) + 0.0:.1f}"  # + 0.0: no "-0.0" for a rounded-off -1e-9
+    return f"{round(value, 3) + 0.0:.3f}"
 
 
 def _interval_cell(result: EvalResult, name: str, method: str, metric: str) -> str:
@@ -74,6 +74,52 @@ def _explained(info: dict) -> str:
     return f"{count} correctly handled images explained{asked}"
 
 
+HEADLINE: tuple[tuple[str, str, str], ...] = (
+    ("few-shot", "proportion", "few-shot proportion"),
+    ("kNN", "proportion", "kNN proportion"),
+    ("retrieval", "proportion", "retrieval proportion"),
+    ("retrieval", "explanation_map_ap", "retrieval expl.-map AP"),
+    ("scene", "proportion_matched", "scene: matched flower"),
+    ("scene", "sensitivity_gap", "scene: sensitivity gap"),
+    ("scene-retrieval", "sensitivity_gap", "scene-retrieval: sensitivity gap"),
+    ("classifier", "proportion", "classifier proportion"),
+)
+"""The headline table's columns ``(setting, metric, label)``: what issue 15 reads the methods
+against, one column per setting that ran (the README shows this table)."""
+
+
+def headline(result: EvalResult) -> list[str]:
+    """One table over the settings: the headline metric of each, per method (markdown lines).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> interval = {"mean": 0.5, "low": 0.4, "high": 0.6, "images": 9}
+        >>> result = SimpleNamespace(metrics={"kNN": {"fam": {"proportion": 0.5}}},
+        ...     intervals={"kNN": {"fam": {"proportion": interval}}}, comparisons={})
+        >>> headline(result)[-1]
+        '| fam | 0.500 [0.400, 0.600] |'
+    """
+    columns = [
+        (name, metric, label)
+        for name, metric, label in HEADLINE
+        if any(metric in values for values in result.metrics.get(name, {}).values())
+    ]
+    if not columns:
+        return []
+    methods = list(dict.fromkeys(m for name, _, _ in columns for m in result.metrics[name]))
+    lines = ["| method | " + " | ".join(label for _, _, label in columns) + " |"]
+    lines.append("|---|" + "---|" * len(columns))
+    for method in methods:
+        cells = [
+            _interval_cell(result, name, method, metric)
+            if metric in result.metrics[name].get(method, {})
+            else "–"
+            for name, metric, _ in columns
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: EvalResult, command: str) -> str:
     """The tables of the report as markdown."""
     lines = [f"Command: `{command}` — runtime {result.runtime_seconds:.0f} s", ""]
@@ -93,6 +139,8 @@ def markdown(result: EvalResult, command: str) -> str:
             f"methods compared on that metric, below {SIGNIFICANCE} (`comparisons` in "
             "`results.json` holds every difference, interval and p-value).",
         ]
+        lines += ["", "**Headline** (one metric per setting; the tables below have them all)", ""]
+        lines += headline(result)
     for name, per_method in result.metrics.items():
         metrics = _metric_names(per_method)
         info = result.settings.get(name, {})
@@ -226,3 +274,26 @@ def overlay_grids(result: EvalResult, out: Path) -> list[Path]:
         path = save_png(grid(images, per_method, title=name), out / f"overlays_{name}.png")
         paths.append(path)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the headline table of a finished run: ``python -m fam_core.evaluation.report
+    OUT/results.json`` (how the README's table is regenerated from a run's results)."""
+    import argparse
+    from types import SimpleNamespace
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path, help="results.json written by fam eval")
+    args = parser.parse_args(argv)
+    data = json.loads(args.results.read_text())
+    run = SimpleNamespace(
+        **{key: data.get(key, {}) for key in ("metrics", "intervals", "comparisons")}
+    )
+    print(f"Command: `{data.get('command', '?')}` — runtime {data.get('runtime_seconds', 0):.0f} s")
+    print()
+    print("\n".join(headline(run)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
