@@ -56,14 +56,16 @@ def find_row_plan(
 
     ``run_graph()`` runs the model with autograd recording from the target layer on
     (the layers before it without) and returns its outputs ``[B, D]``; ``outputs`` are the
-    same outputs from a plain pass. A layer is listed when its output is ``[B, T, F]`` and
-    at most half of its ``T`` rows reach the outputs. The plan is kept only if the model
+    same outputs from a plain pass. A layer is listed when it runs once, its output is
+    ``[B, T, F]`` and at most half of its ``T`` rows reach the outputs. The plan is kept only if the model
     gives the same outputs with it (relative ``1e-4``); otherwise it is empty.
     """
     captured: dict[str, torch.Tensor] = {}
+    called: dict[str, int] = {}
 
     def recorder(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            called[name] = called.get(name, 0) + 1
             if isinstance(output, torch.Tensor) and output.requires_grad and output.dim() == 3:
                 captured[name] = output
 
@@ -80,6 +82,7 @@ def find_row_plan(
     finally:
         for handle in handles:
             handle.remove()
+    captured = {name: out for name, out in captured.items() if called[name] == 1}  # not shared
     if not captured or not recorded.requires_grad:
         return {}
     generator = torch.Generator().manual_seed(0)

@@ -64,6 +64,21 @@ def test_a_plan_that_changes_the_output_is_dropped() -> None:
     assert find_row_plan(model, run, wrong) == {}
 
 
+def test_a_layer_called_twice_is_not_pruned() -> None:
+    class Shared(nn.Module):  # the same layer reads every token, then token 0 only
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Linear(4, 4)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            every = self.mlp(tokens).mean(dim=1)
+            return every + self.mlp(tokens + 1.0)[:, 0]
+
+    model = Shared().eval()
+    tokens = torch.rand(2, 5, 4)
+    assert find_row_plan(model, lambda: model(tokens.requires_grad_(True)), model(tokens)) == {}
+
+
 def test_a_head_that_needs_every_row_gets_no_plan() -> None:
     class MeanTokens(nn.Module):
         def __init__(self) -> None:
