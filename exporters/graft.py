@@ -587,7 +587,9 @@ def _target(graph: _Graph, target_tensor: str | None) -> Candidate:
             f"target_tensor {target_tensor!r} does not reach the output {graph.output!r}"
         )
     raise ValueError(
-        f"target_tensor {target_tensor!r} is not a feature map [B, C, h, w] with h * w > 1 "
+        f"target_tensor {target_tensor!r} is not a feature map [B, C, h, w], a token "
+        "sequence [B, T, C] or a channel-last map [B, h, w, C] with a grid h * w > 1 "
+        "covering the input "
         f"(its shape is {shape}); candidates are {[c.name for c in graph.candidates]}"
     )
 
@@ -1303,6 +1305,8 @@ def _describe_interpreted(graph: _Graph, target: Candidate, reason: str | None) 
             f"{why}FAM maps its weights through the head's per-sample vector-Jacobian "
             f"product ({layer})"
         )
+    elif kind == "identity":
+        how = f"{why}the output is the mean of the maps (eq. 18 with W = I)"
     else:
-        how = f"{why}eq. 16-18 with the matrix found from the dataflow"
+        how = f"{why}W mean(A) + b, eq. 16-18 with W found from the dataflow"
     return kind, f"{how}; grafted as the head interpreted in torch ({ops})"

@@ -63,6 +63,8 @@ class _Ints:
 def _ints(value: object) -> tuple[Any, ...]:
     if isinstance(value, _Ints):
         return value.values
+    if isinstance(value, list | tuple):
+        return tuple(value)
     if isinstance(value, torch.Tensor):
         return tuple(int(v) for v in value.reshape(-1).tolist())
     raise TypeError(f"expected integers, got {type(value).__name__}")
