@@ -468,7 +468,8 @@ class TracedExplanation:
     :mod:`fam_core.onnx_format` in their order, computed by
     :meth:`~fam_core.explainers.base.ChannelExplainer.explain_resolved`. ``heatmap_size``
     ``(H, W)`` sets the heatmap's size where the explainer's input is not the image: a
-    grafted head's input is the target tensor (:func:`fam_core.exporters.graft.graft_onnx`).
+    grafted head's input is the target tensor (:func:`fam_core.exporters.graft.graft_onnx`);
+    ``dynamic_batch=False`` exports the sample's batch size only (a head that fixes it).
 
     Example:
         >>> from fam_core.models.backbones import conv4
@@ -487,9 +488,11 @@ class TracedExplanation:
         class_input: bool = False,
         heatmap: bool = True,
         heatmap_size: tuple[int, int] | None = None,
+        dynamic_batch: bool = True,
     ) -> None:
         self.explainer = explainer
         self.heatmap_size = heatmap_size
+        self.dynamic_batch = dynamic_batch
         self.method = method
         self.classifier = method in ("cam", "gradcam")
         self.references = references
@@ -579,12 +582,12 @@ class TracedExplanation:
                 tracing_mode="symbolic",
                 _allow_non_fake_inputs=True,
             )(*args)
-        batch = Dim("batch", min=1)
-        shapes: list[dict[int, object]] = [{0: batch}]
+        batch: dict[int, object] = {0: Dim("batch", min=1)} if self.dynamic_batch else {}
+        shapes: list[dict[int, object]] = [batch]
         if self.takes_references:
             shapes.append({0: Dim("num_references", min=1)})
         elif self.class_input:
-            shapes.append({0: batch})
+            shapes.append(batch)
         output_names = self.output_names()
         missing = sorted(
             {

@@ -11,20 +11,32 @@ so :class:`~fam_core.onnx_runtime.OnnxExplainer` and the servers run it unchange
 
 Steps:
 
-1. **Candidates** (:func:`find_target_tensors`): every float value ``[B, C, h, w]`` with
-   ``h * w > 1`` whose data reaches the output (edges into ``Shape`` / ``Size`` carry no
-   data), in the graph's topological order, with shapes from ONNX shape inference, or from
-   one onnxruntime run where they are symbolic. The automatic target is the last of them:
-   the last spatial map before global pooling.
-2. **Head** (:func:`analyse_head`): the subgraph from the target to the output, probed with
-   onnxruntime. It must be invariant to a permutation of the spatial positions and affine
-   (``h(A + B) - h(B) = h(A) - h(0)`` and ``h(-A) - h(0) = h(0) - h(A)`` to 1e-4
-   relative), i.e. global average pooling then an affine map ``z = W mean(A) + b``. ``W``
-   ``[J, N]`` and ``b`` come from running it on constant-per-channel maps. A head that is
-   not affine raises ``ValueError`` naming its first non-affine node: nothing is
-   approximated.
+1. **Candidates** (:func:`find_target_tensors`): every float value whose data reaches the
+   output and that holds feature maps as the torch explainers read them
+   (:func:`fam_core.layouts.detect_layout`): channel-first maps ``[B, C, h, w]``, token
+   sequences ``[B, T, C]`` (leading class / register tokens dropped, the grid from the input
+   size) and channel-last maps ``[B, h, w, C]``, with ``h * w > 1``, in the graph's
+   topological order, with shapes from ONNX shape inference, or from one onnxruntime run
+   where they are symbolic. A candidate that every path from the input to the output
+   crosses is a *block* output. The automatic target (:func:`choose_target`) is the torch
+   side's rule (:mod:`fam_core.discovery`): the last block output whose maps reach the
+   output (for tokens: whose patch tokens do), i.e. the last map before global pooling of a
+   CNN, and the output of the block before the last of a ViT read through its class token.
+2. **Head** (:func:`analyse_head`): the subgraph from the target to the output. For a
+   channel-first target it is probed with onnxruntime: invariant to a permutation of the
+   spatial positions and affine (``h(A + B) - h(B) = h(A) - h(0)`` and
+   ``h(-A) - h(0) = h(0) - h(A)`` to 1e-4 relative), i.e. global average pooling then an
+   affine map ``z = W mean(A) + b``; ``W`` ``[J, N]`` and ``b`` come from running it on
+   constant-per-channel maps. Any other head (and every token or channel-last target) is
+   interpreted in torch (:mod:`fam_core.exporters.onnx_torch`) and explained by the
+   library's explainer (:mod:`fam_core.exporters.interpreted`): a linear head found from the
+   dataflow, or the head's exact per-sample Jacobian (``nonlinear_head="jacobian"``, the
+   default; ``"error"`` refuses it, naming the first non-affine node).
 3. **Graft** (:func:`graft_onnx`): FAM eq. 16-18 with that ``W`` (or Grad-FAM, CAM,
-   Grad-CAM), merged after the target and the output.
+   Grad-CAM), merged after the target and the output; or the interpreted explanation,
+   traced and exported as :func:`~fam_core.exporters.export.export_model` exports non-linear
+   heads, merged after the target (the foreign head is dropped). The metadata key ``head``
+   says which: ``identity``, ``linear`` or ``jacobian``.
 
 Example:
     >>> import io, warnings
@@ -1032,8 +1044,8 @@ def graft_onnx(
         method: ``"fam"`` / ``"gradfam"`` (embedding models) or ``"cam"`` / ``"gradcam"``
             (classifiers).
         task: ``"embedding"`` or ``"classifier"``; checked against ``method`` when given.
-        target_tensor: the feature map to explain (a value name, see :func:`inspect_onnx`);
-            ``None``: the last spatial map before global pooling.
+        target_tensor: the feature map or token sequence to explain (a value name, see
+            :func:`inspect_onnx`); ``None``: found as the torch explainers find their layer.
         output_name: the value holding the embedding / logits ``[B, D]``; ``None``: the
             first graph output of rank 2.
         references: ``[K, D]`` references baked in as constants (``fam`` / ``gradfam``);
@@ -1043,9 +1055,13 @@ def graft_onnx(
         input_size: ``(H, W)`` (or an int); needed when the graph's input size is dynamic.
         mean, std, class_names, similarity, model_name: written to the metadata.
         out_path: write the file there and return its path; ``None``: return the model.
+        nonlinear_head: ``"jacobian"`` grafts a head that is not global average pooling +
+            an affine map through its per-sample Jacobian (the head interpreted in torch);
+            ``"error"`` refuses it.
 
-    Raises ``ValueError`` for a target tensor that is not in the graph or not a feature map,
-    a head that is not global average pooling + an affine map (naming its first non-affine
+    Raises ``ValueError`` for a target tensor that is not in the graph or not a feature map /
+    token sequence, a head with an ONNX operator the interpreter does not run (naming it),
+    a head that is not linear with ``nonlinear_head="error"`` (naming its first non-affine
     node), and a method that does not fit the task.
 
     Example:
@@ -1184,36 +1200,58 @@ def _graft_interpreted(
     exported as the torch exporter exports non-linear heads, after the target."""
     from fam_core.exporters.interpreted import export_interpreted, head_explainer, head_kind
 
-    explainer = head_explainer(
-        _head_graph(graph, target.name), method, target.layout, task, similarity
-    )
-    sample = _sample_value(graph, target.name, batch=2)
-    kind, layer = head_kind(explainer, sample)
+    head = _head_graph(graph, target.name)
+    explainer = head_explainer(head, method, target.layout, task, similarity)
+    options = {
+        "method": method,
+        "heatmap_size": graph.size,
+        "references": references,
+        "explain": explain,
+        "class_input": class_input,
+    }
+    fixed = _fixed_batch(graph.image)
+    try:  # a dynamic batch, even where the graph's input fixes one (shapes read by Shape)
+        sample = _sample_value(graph, target.name, batch=2)
+        kind, layer = head_kind(explainer, sample)
+        _refuse_jacobian(kind, layer, nonlinear_head, graph, target)
+        head_proto, head_inputs, output_names = export_interpreted(explainer, sample, **options)
+        batch = None
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001 - a head whose constants fix the batch: export that one
+        if fixed is None:
+            raise
+        sample = _sample_value(graph, target.name, batch=fixed)
+        explainer = head_explainer(head, method, target.layout, task, similarity, fixed)
+        kind, layer = head_kind(explainer, sample)
+        _refuse_jacobian(kind, layer, nonlinear_head, graph, target)
+        head_proto, head_inputs, output_names = export_interpreted(
+            explainer, sample, dynamic_batch=False, **options
+        )
+        batch = fixed
+    _rename(head_proto.graph, head_inputs[0], _HEAD_INPUTS[0])
+    input_names = [fmt.INPUT_IMAGE, *head_inputs[1:]]
+    merged = _merge(graph, target, head_proto, output_names, batch=batch, interpreted=True)
+    if batch is None and not _runs_batched(merged, graph.size, int(graph.output_shape[1])):
+        batch = fixed
+        merged = _merge(graph, target, head_proto, output_names, batch=batch, interpreted=True)
+    if batch is not None:
+        _warn_fixed_batch(graph)
+        for value in (*merged.graph.input, *merged.graph.output):
+            dims = value.type.tensor_type.shape.dim
+            if dims and (dims[0].dim_param == "batch" or not dims[0].dim_param):
+                _set_batch(value, batch)
+    return merged, input_names, output_names, _default_opset(merged), kind
+
+
+def _refuse_jacobian(
+    kind: str, layer: str | None, nonlinear_head: str, graph: _Graph, target: Candidate
+) -> None:
     if kind == "jacobian" and nonlinear_head == "error":
         raise ValueError(
             f"the head between {target.name!r} and {graph.output!r} is not linear ({layer}); "
             "pass nonlinear_head='jacobian' to graft its per-sample Jacobian"
         )
-    head_proto, head_inputs, output_names = export_interpreted(
-        explainer,
-        sample,
-        method=method,
-        heatmap_size=graph.size,
-        references=references,
-        explain=explain,
-        class_input=class_input,
-    )
-    _rename(head_proto.graph, head_inputs[0], _HEAD_INPUTS[0])
-    input_names = [fmt.INPUT_IMAGE, *head_inputs[1:]]
-    merged = _merge(graph, target, head_proto, output_names, batch=None, interpreted=True)
-    if not _runs_batched(merged, graph.size, int(graph.output_shape[1])):
-        batch = _warn_fixed_batch(graph)
-        merged = _merge(graph, target, head_proto, output_names, batch=batch, interpreted=True)
-        for value in (*merged.graph.input, *merged.graph.output):
-            dims = value.type.tensor_type.shape.dim
-            if dims and dims[0].dim_param == "batch":
-                _set_batch(value, batch)
-    return merged, input_names, output_names, _default_opset(merged), kind
 
 
 def _warn_fixed_batch(graph: _Graph) -> int | None:

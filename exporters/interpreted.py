@@ -55,16 +55,21 @@ TARGET = "target"  # the identity layer whose output is the target tensor
 class HeadModel(nn.Module):
     """``head(target(x))``: the target tensor ``x`` in, the graph's output out.
 
-    ``target`` is an identity layer: the explainers hook it as their target layer.
+    ``target`` is an identity layer: the explainers hook it as their target layer. A head
+    whose constants fix the batch size to ``batch`` runs chunks of that size.
     """
 
-    def __init__(self, head: nn.Module) -> None:
+    def __init__(self, head: nn.Module, batch: int | None = None) -> None:
         super().__init__()
         self.target = nn.Identity()
         self.head = head
+        self.batch = batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.target(x))
+        x = self.target(x)
+        if self.batch is None or x.shape[0] == self.batch:
+            return self.head(x)
+        return torch.cat([self.head(part) for part in x.split(self.batch)])
 
 
 def head_explainer(
@@ -73,11 +78,12 @@ def head_explainer(
     layout: FeatureLayout,
     task: Task,
     similarity: SimilarityKind = "cosine",
+    batch: int | None = None,
 ) -> ChannelExplainer:
     """The explainer ``method`` on the head subgraph ``head`` interpreted in torch, reading
-    the target tensor through ``layout``. Raises ``ValueError`` naming an operator that
-    cannot be interpreted."""
-    model = HeadModel(OnnxModule(head)).eval()
+    the target tensor through ``layout`` (``batch``: a batch size the head fixes). Raises
+    ``ValueError`` naming an operator that cannot be interpreted."""
+    model = HeadModel(OnnxModule(head), batch).eval()
     return EXPLAINERS[method](model, TARGET, task=task, layout=layout, similarity=similarity)
 
 
@@ -101,11 +107,13 @@ def export_interpreted(
     references: torch.Tensor | None,
     explain: ExplainMode,
     class_input: bool,
+    dynamic_batch: bool = True,
 ) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """The explanation as ONNX: ``(proto, input names, output names)``.
 
     The graph's first input is the target tensor (named ``image`` by the traced export;
-    the graft renames it), ``sample`` a batch of it from the foreign graph.
+    the graft renames it), ``sample`` a batch of it from the foreign graph;
+    ``dynamic_batch=False`` for a head that fixes the batch size (its ``Reshape`` shapes).
     """
     tensor = torch.from_numpy(np.ascontiguousarray(sample))
     traced = TracedExplanation(
@@ -115,6 +123,7 @@ def export_interpreted(
         explain=explain,
         class_input=class_input,
         heatmap_size=heatmap_size,
+        dynamic_batch=dynamic_batch,
     )
     proto, input_names, output_names = traced.export(tensor)
     return proto, input_names, output_names  # type: ignore[return-value]
