@@ -113,7 +113,7 @@ class Candidate:
         '/layer4/Relu_output_0  Relu  [B, 64, 7, 7]'
         >>> tokens = FeatureLayout("tokens", prefix=1, grid=(4, 4))
         >>> str(Candidate("/encoder/layer.0/Add_1_output_0", "Add", (17, 32), tokens, True))
-        '/encoder/layer.0/Add_1_output_0  Add  [B, 17, 32]  tokens, 1 leading, grid 4x4, block'
+        '/encoder/layer.0/Add_1_output_0  Add  [B, 17, 32]  tokens, 1 leading, grid 4x4  block'
     """
 
     name: str
@@ -297,7 +297,7 @@ def _session(proto: onnx.ModelProto, outputs: Sequence[str] = ()) -> object:
                 copy.graph.output.append(helper.make_empty_tensor_value_info(name))
         proto = copy
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failed probe (a fixed batch) raises; no log line
     return onnxruntime.InferenceSession(
         proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
@@ -1341,7 +1341,7 @@ def _describe_interpreted(graph: _Graph, target: Candidate, reason: str | None) 
     if kind == "jacobian":
         how = (
             f"{why}FAM maps its weights through the head's per-sample vector-Jacobian "
-            f"product ({layer})"
+            f"product (first non-linear layer: {layer})"
         )
     elif kind == "identity":
         how = f"{why}the output is the mean of the maps (eq. 18 with W = I)"

@@ -59,17 +59,20 @@ class PatchMean(nn.Module):
         return self.projection(tokens[:, 1:].mean(dim=1))
 
 
-def vit() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(
+def vit_config(layers: int = 2) -> object:
+    return transformers.ViTConfig(
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=64,
         image_size=SIZE,
         patch_size=8,
     )
-    return Pooled(transformers.ViTModel(config)).eval()
+
+
+def vit() -> nn.Module:
+    torch.manual_seed(0)
+    return Pooled(transformers.ViTModel(vit_config())).eval()
 
 
 def dinov2() -> nn.Module:
@@ -87,15 +90,7 @@ def dinov2() -> nn.Module:
 
 def patch_mean() -> nn.Module:
     torch.manual_seed(2)
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=SIZE,
-        patch_size=8,
-    )
-    return PatchMean(transformers.ViTModel(config, add_pooling_layer=False)).eval()
+    return PatchMean(transformers.ViTModel(vit_config(1), add_pooling_layer=False)).eval()
 
 
 MODELS = {"vit": vit, "dinov2": dinov2}
