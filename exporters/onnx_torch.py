@@ -134,7 +134,7 @@ def _int_binary(function: Callable[[Any, Any], Any]) -> Callable[..., Any]:
     return apply
 
 
-def _binary(tensor_op: Callable[..., torch.Tensor], int_op: Callable[[Any, Any], Any]):  # noqa: ANN202
+def _binary(tensor_op: Callable[..., torch.Tensor], int_op: Callable[[Any, Any], Any]):
     on_ints = _int_binary(int_op)
 
     def apply(a: object, b: object, **_: object) -> object:
@@ -153,24 +153,24 @@ def _int_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.div(a, b, rounding_mode="trunc")
 
 
-def _gemm(a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):  # noqa: ANN001, ANN202, N803
+def _gemm(a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
     a = a.transpose(0, 1) if transA else a
     b = b.transpose(0, 1) if transB else b
     out = alpha * (a @ b)
     return out if c is None else out + beta * _tensor(c)
 
 
-def _layer_norm(x, scale, bias=None, *, axis=-1, epsilon=1e-5, stash_type=1):  # noqa: ANN001, ANN202, ARG001
+def _layer_norm(x, scale, bias=None, *, axis=-1, epsilon=1e-5, stash_type=1):
     axis = axis % x.dim()
     return F.layer_norm(x, tuple(x.shape[axis:]), scale, bias, epsilon)
 
 
-def _softmax(x, *, axis=-1):  # noqa: ANN001, ANN202
+def _softmax(x, *, axis=-1):
     return torch.softmax(x, dim=axis)
 
 
-def _reduce(function: Callable[..., torch.Tensor]):  # noqa: ANN202
-    def apply(x, axes=None, *, keepdims=1, noop_with_empty_axes=0, **attributes):  # noqa: ANN001, ANN202
+def _reduce(function: Callable[..., torch.Tensor]):
+    def apply(x, axes=None, *, keepdims=1, noop_with_empty_axes=0, **attributes):
         chosen = _axes([x, axes], attributes, 1)
         if not chosen:
             if noop_with_empty_axes:
@@ -181,13 +181,13 @@ def _reduce(function: Callable[..., torch.Tensor]):  # noqa: ANN202
     return apply
 
 
-def _transpose(x, *, perm=None):  # noqa: ANN001, ANN202
+def _transpose(x, *, perm=None):
     if isinstance(x, _Ints):
         return x
     return x.permute(*(perm if perm is not None else reversed(range(x.dim()))))
 
 
-def _reshape(x, shape, *, allowzero=0):  # noqa: ANN001, ANN202
+def _reshape(x, shape, *, allowzero=0):
     sizes = list(_ints(shape))
     if not allowzero:
         sizes = [x.shape[i] if isinstance(s, int) and s == 0 else s for i, s in enumerate(sizes)]
@@ -196,12 +196,12 @@ def _reshape(x, shape, *, allowzero=0):  # noqa: ANN001, ANN202
     return x.reshape(sizes)
 
 
-def _flatten(x, *, axis=1):  # noqa: ANN001, ANN202
+def _flatten(x, *, axis=1):
     axis = axis % x.dim() if x.dim() else 0
     return x.reshape(math.prod(x.shape[:axis]) if axis else 1, -1)
 
 
-def _gather(data, indices, *, axis=0):  # noqa: ANN001, ANN202
+def _gather(data, indices, *, axis=0):
     if isinstance(data, _Ints):
         positions = _ints(indices)
         chosen = tuple(data.values[p] for p in positions)
@@ -218,7 +218,7 @@ def _gather(data, indices, *, axis=0):  # noqa: ANN001, ANN202
     return picked.reshape(*data.shape[:axis], *index.shape, *data.shape[axis + 1 :])
 
 
-def _slice(data, starts, ends, axes=None, steps=None, **_):  # noqa: ANN001, ANN202
+def _slice(data, starts, ends, axes=None, steps=None, **_):
     begin, end = list(_ints(starts)), list(_ints(ends))
     rank = len(data.values) if isinstance(data, _Ints) else data.dim()
     axis_list = list(_ints(axes)) if axes is not None else list(range(len(begin)))
@@ -236,13 +236,13 @@ def _slice(data, starts, ends, axes=None, steps=None, **_):  # noqa: ANN001, ANN
     return data[tuple(index)]
 
 
-def _concat(*values, axis=0):  # noqa: ANN002, ANN202
+def _concat(*values, axis=0):
     if all(isinstance(v, _Ints) for v in values):
         return _Ints(tuple(x for v in values for x in v.values))
     return torch.cat([_tensor(v) for v in values], dim=axis)
 
 
-def _split(x, split=None, *, axis=0, num_outputs=None, _count=1):  # noqa: ANN001, ANN202
+def _split(x, split=None, *, axis=0, num_outputs=None, _count=1):
     sizes = list(_ints(split)) if split is not None else None
     if sizes is None:
         parts = num_outputs or _count
@@ -252,7 +252,7 @@ def _split(x, split=None, *, axis=0, num_outputs=None, _count=1):  # noqa: ANN00
     return tuple(torch.split(x, sizes, dim=axis))
 
 
-def _squeeze(x, axes=None, **attributes):  # noqa: ANN001, ANN202
+def _squeeze(x, axes=None, **attributes):
     chosen = _axes([x, axes], attributes, 1)
     if isinstance(x, _Ints):
         return _Ints(x.values, scalar=True)
@@ -263,7 +263,7 @@ def _squeeze(x, axes=None, **attributes):  # noqa: ANN001, ANN202
     return x
 
 
-def _unsqueeze(x, axes=None, **attributes):  # noqa: ANN001, ANN202
+def _unsqueeze(x, axes=None, **attributes):
     chosen = _axes([x, axes], attributes, 1) or []
     if isinstance(x, _Ints):
         return _Ints(x.values, scalar=False)
@@ -273,12 +273,15 @@ def _unsqueeze(x, axes=None, **attributes):  # noqa: ANN001, ANN202
     return x
 
 
-def _shape(x, *, start=0, end=None):  # noqa: ANN001, ANN202
-    sizes = tuple(x.values and (len(x.values),)) if isinstance(x, _Ints) else tuple(x.shape)
+def _shape(x, *, start=0, end=None):
+    if isinstance(x, _Ints):
+        sizes: tuple[Any, ...] = () if x.scalar else (len(x.values),)
+    else:
+        sizes = tuple(x.shape)
     return _Ints(sizes[start:end])
 
 
-def _cast(x, *, to, saturate=1):  # noqa: ANN001, ANN202, ARG001
+def _cast(x, *, to, saturate=1):
     dtype = _DTYPES.get(to)
     if dtype is None:
         raise ValueError(f"Cast to ONNX type {to} is not supported")
@@ -287,7 +290,7 @@ def _cast(x, *, to, saturate=1):  # noqa: ANN001, ANN202, ARG001
     return _tensor(x).to(dtype)
 
 
-def _where(condition, a, b):  # noqa: ANN001, ANN202
+def _where(condition, a, b):
     if all(isinstance(v, _Ints) for v in (condition, a, b)):
         n = max(len(condition.values), len(a.values), len(b.values))
 
@@ -298,12 +301,12 @@ def _where(condition, a, b):  # noqa: ANN001, ANN202
     return torch.where(_tensor(condition).bool(), _tensor(a), _tensor(b))
 
 
-def _expand(x, shape):  # noqa: ANN001, ANN202
+def _expand(x, shape):
     x = _tensor(x)
     return x.expand(*_broadcast(tuple(x.shape), _ints(shape)))
 
 
-def _constant_of_shape(shape, *, value=None):  # noqa: ANN001, ANN202
+def _constant_of_shape(shape, *, value=None):
     fill = numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
     sizes = _ints(shape)
     small = len(sizes) == 1 and isinstance(sizes[0], int) and sizes[0] <= _SMALL_INTS
@@ -312,7 +315,7 @@ def _constant_of_shape(shape, *, value=None):  # noqa: ANN001, ANN202
     return torch.full(tuple(sizes), fill.reshape(-1)[0].item(), dtype=torch.from_numpy(fill).dtype)
 
 
-def _constant(**attributes):  # noqa: ANN003, ANN202
+def _constant(**attributes):
     if "value" in attributes:
         return _as_value(numpy_helper.to_array(attributes["value"]))
     for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
@@ -324,17 +327,17 @@ def _constant(**attributes):  # noqa: ANN003, ANN202
     raise ValueError(f"Constant with attributes {sorted(attributes)} is not supported")
 
 
-def _clip(x, low=None, high=None, **_):  # noqa: ANN001, ANN202
+def _clip(x, low=None, high=None, **_):
     return torch.clamp(
         x, None if low is None else _tensor(low), None if high is None else _tensor(high)
     )
 
 
-def _gelu(x, *, approximate="none"):  # noqa: ANN001, ANN202
+def _gelu(x, *, approximate="none"):
     return F.gelu(x, approximate=approximate)
 
 
-def _conv(x, weight, bias=None, *, dilations=None, group=1, pads=None, strides=None, **_):  # noqa: ANN001, ANN202
+def _conv(x, weight, bias=None, *, dilations=None, group=1, pads=None, strides=None, **_):
     rank = weight.dim() - 2
     pads = pads or [0] * (2 * rank)
     if pads[:rank] != pads[rank:]:
@@ -343,22 +346,22 @@ def _conv(x, weight, bias=None, *, dilations=None, group=1, pads=None, strides=N
     return function(x, weight, bias, strides or 1, pads[:rank], dilations or 1, group)
 
 
-def _batch_norm(x, scale, bias, mean, var, *, epsilon=1e-5, **_):  # noqa: ANN001, ANN202
+def _batch_norm(x, scale, bias, mean, var, *, epsilon=1e-5, **_):
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, epsilon)
 
 
-def _global_average_pool(x):  # noqa: ANN001, ANN202
+def _global_average_pool(x):
     return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
-def _unary(function: Callable[[torch.Tensor], torch.Tensor]):  # noqa: ANN202
-    def apply(x, **_):  # noqa: ANN001, ANN202
+def _unary(function: Callable[[torch.Tensor], torch.Tensor]):
+    def apply(x, **_):
         return function(_tensor(x))
 
     return apply
 
 
-def _compare(function: Callable[[Any, Any], Any], tensor_op: Callable[..., torch.Tensor]):  # noqa: ANN202
+def _compare(function: Callable[[Any, Any], Any], tensor_op: Callable[..., torch.Tensor]):
     return _binary(tensor_op, lambda a, b: int(bool(function(a, b))))
 
 
