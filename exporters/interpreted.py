@@ -7,7 +7,7 @@ where the target tensor is a token sequence ``[B, T, C]`` or a channel-last map
 ``[B, h, w, C]``:
 
 1. the head subgraph becomes a torch module (:class:`~fam_core.exporters.onnx_torch.OnnxModule`);
-2. :class:`HeadModel` runs it after an identity layer ``target`` whose output is the
+2. :class:`HeadModel` runs it after an identity layer ``target_tensor`` whose output is the
    target tensor, so the explainer of the method (FAM, Grad-FAM, CAM, Grad-CAM) runs on
    it exactly as on any torch model: the layout (:mod:`fam_core.layouts`: class and
    register tokens dropped, grid from the input size), the head found from the dataflow
@@ -49,27 +49,28 @@ from fam_core.similarity import SimilarityKind
 
 __all__ = ["HeadModel", "export_interpreted", "head_explainer", "head_kind"]
 
-TARGET = "target"  # the identity layer whose output is the target tensor
+TARGET = "target_tensor"  # the identity layer whose output is the target tensor
 
 
 class HeadModel(nn.Module):
-    """``head(target(x))``: the target tensor ``x`` in, the graph's output out.
+    """``onnx_head(target_tensor(x))``: the target tensor ``x`` in, the graph's output out.
 
-    ``target`` is an identity layer: the explainers hook it as their target layer. A head
-    whose constants fix the batch size to ``batch`` runs chunks of that size.
+    ``target_tensor`` is an identity layer: the explainers hook it as their target layer
+    (errors name these two layers). A head whose constants fix the batch size to ``batch``
+    runs chunks of that size.
     """
 
     def __init__(self, head: nn.Module, batch: int | None = None) -> None:
         super().__init__()
-        self.target = nn.Identity()
-        self.head = head
+        self.target_tensor = nn.Identity()
+        self.onnx_head = head
         self.batch = batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.target(x)
+        x = self.target_tensor(x)
         if self.batch is None or x.shape[0] == self.batch:
-            return self.head(x)
-        return torch.cat([self.head(part) for part in x.split(self.batch)])
+            return self.onnx_head(x)
+        return torch.cat([self.onnx_head(part) for part in x.split(self.batch)])
 
 
 def head_explainer(

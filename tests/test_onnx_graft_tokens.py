@@ -197,6 +197,38 @@ def test_class_token_models_match_the_torch_explainer(exported, images, name, me
         np.testing.assert_allclose(single[2][0], heatmap[1], atol=HEATMAP_ATOL)
 
 
+class Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values).logits
+
+
+def test_a_vit_classifier_is_grafted_with_gradcam_and_cam_is_refused(images) -> None:
+    torch.manual_seed(4)
+    config = vit_config()
+    config.num_labels = 5
+    model = Logits(transformers.ViTForImageClassification(config)).eval()
+    proto = plain_export(model)
+    grafted = graft_onnx(proto, method="gradcam", class_input=True)
+    classes = np.array([1, 2, 4])
+    logits, heatmap, lowres, weights = run(
+        grafted, {"image": images.numpy(), "class_index": classes}
+    )
+    explainer = get_explainer("gradcam")(model, None, task="classifier", input_size=SIZE)
+    expected = explainer(images, target=classes.tolist())
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(images).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(weights, expected.weights.numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(lowres, expected.raw.numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(heatmap, expected.maps.numpy(), atol=HEATMAP_ATOL)
+    # CAM needs a linear classifier after the target: refused as the torch CAM refuses it
+    with pytest.raises(ValueError, match="CAM needs global average pooling and a linear"):
+        graft_onnx(proto, method="cam")
+
+
 def test_a_mean_pooled_token_model_is_grafted_with_its_linear_head(images, tmp_path) -> None:
     model = patch_mean()
     proto = plain_export(model)
