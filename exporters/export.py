@@ -41,7 +41,7 @@ from torch import nn
 
 from fam_core import onnx_format as fmt
 from fam_core.adapters import Head, NonlinearHead
-from fam_core.explainers.base import ChannelExplainer, ResolvedTarget, Task
+from fam_core.explainers.base import ChannelExplainer, ResolvedTarget, Task, upsample
 from fam_core.explainers.cam.cam import CAM, is_average_pooling
 from fam_core.explainers.cam.gradcam import GradCAM
 from fam_core.explainers.fam.fam import FAM
@@ -466,7 +466,10 @@ class TracedExplanation:
 
     ``function(image[, references | class_index])`` returns the outputs of
     :mod:`fam_core.onnx_format` in their order, computed by
-    :meth:`~fam_core.explainers.base.ChannelExplainer.explain_resolved`.
+    :meth:`~fam_core.explainers.base.ChannelExplainer.explain_resolved`. ``heatmap_size``
+    ``(H, W)`` sets the heatmap's size where the explainer's input is not the image: a
+    grafted head's input is the target tensor (:func:`fam_core.exporters.graft.graft_onnx`);
+    ``dynamic_batch=False`` exports the sample's batch size only (a head that fixes it).
 
     Example:
         >>> from fam_core.models.backbones import conv4
@@ -484,8 +487,12 @@ class TracedExplanation:
         explain: ExplainMode = "mean",
         class_input: bool = False,
         heatmap: bool = True,
+        heatmap_size: tuple[int, int] | None = None,
+        dynamic_batch: bool = True,
     ) -> None:
         self.explainer = explainer
+        self.heatmap_size = heatmap_size
+        self.dynamic_batch = dynamic_batch
         self.method = method
         self.classifier = method in ("cam", "gradcam")
         self.references = references
@@ -538,7 +545,10 @@ class TracedExplanation:
                 references = references.gather(1, best)
             target = ResolvedTarget(references, explainer.similarity)
         explanation = explainer.explain_resolved(forward, target, image)
-        return (*first, explanation.maps, explanation.raw, explanation.weights)
+        maps = explanation.maps
+        if self.heatmap_size is not None:  # the input is not the image (a grafted head)
+            maps = upsample(explanation.raw, self.heatmap_size)
+        return (*first, maps, explanation.raw, explanation.weights)
 
     def export(self, sample_image: torch.Tensor) -> tuple[object, list[str], list[str]]:
         """Trace, export and check: ``(proto, input names, output names)``."""
@@ -572,12 +582,12 @@ class TracedExplanation:
                 tracing_mode="symbolic",
                 _allow_non_fake_inputs=True,
             )(*args)
-        batch = Dim("batch", min=1)
-        shapes: list[dict[int, object]] = [{0: batch}]
+        batch: dict[int, object] = {0: Dim("batch", min=1)} if self.dynamic_batch else {}
+        shapes: list[dict[int, object]] = [batch]
         if self.takes_references:
             shapes.append({0: Dim("num_references", min=1)})
         elif self.class_input:
-            shapes.append({0: batch})
+            shapes.append(batch)
         output_names = self.output_names()
         missing = sorted(
             {

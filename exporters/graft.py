@@ -11,20 +11,32 @@ so :class:`~fam_core.onnx_runtime.OnnxExplainer` and the servers run it unchange
 
 Steps:
 
-1. **Candidates** (:func:`find_target_tensors`): every float value ``[B, C, h, w]`` with
-   ``h * w > 1`` whose data reaches the output (edges into ``Shape`` / ``Size`` carry no
-   data), in the graph's topological order, with shapes from ONNX shape inference, or from
-   one onnxruntime run where they are symbolic. The automatic target is the last of them:
-   the last spatial map before global pooling.
-2. **Head** (:func:`analyse_head`): the subgraph from the target to the output, probed with
-   onnxruntime. It must be invariant to a permutation of the spatial positions and affine
-   (``h(A + B) - h(B) = h(A) - h(0)`` and ``h(-A) - h(0) = h(0) - h(A)`` to 1e-4
-   relative), i.e. global average pooling then an affine map ``z = W mean(A) + b``. ``W``
-   ``[J, N]`` and ``b`` come from running it on constant-per-channel maps. A head that is
-   not affine raises ``ValueError`` naming its first non-affine node: nothing is
-   approximated.
+1. **Candidates** (:func:`find_target_tensors`): every float value whose data reaches the
+   output and that holds feature maps as the torch explainers read them
+   (:func:`fam_core.layouts.detect_layout`): channel-first maps ``[B, C, h, w]``, token
+   sequences ``[B, T, C]`` (leading class / register tokens dropped, the grid from the input
+   size) and channel-last maps ``[B, h, w, C]``, with ``h * w > 1``, in the graph's
+   topological order, with shapes from ONNX shape inference, or from one onnxruntime run
+   where they are symbolic. A candidate that every path from the input to the output
+   crosses is a *block* output. The automatic target (:func:`choose_target`) is the torch
+   side's rule (:mod:`fam_core.discovery`): the last block output whose maps reach the
+   output (for tokens: whose patch tokens do), i.e. the last map before global pooling of a
+   CNN, and the output of the block before the last of a ViT read through its class token.
+2. **Head** (:func:`analyse_head`): the subgraph from the target to the output. For a
+   channel-first target it is probed with onnxruntime: invariant to a permutation of the
+   spatial positions and affine (``h(A + B) - h(B) = h(A) - h(0)`` and
+   ``h(-A) - h(0) = h(0) - h(A)`` to 1e-4 relative), i.e. global average pooling then an
+   affine map ``z = W mean(A) + b``; ``W`` ``[J, N]`` and ``b`` come from running it on
+   constant-per-channel maps. Any other head (and every token or channel-last target) is
+   interpreted in torch (:mod:`fam_core.exporters.onnx_torch`) and explained by the
+   library's explainer (:mod:`fam_core.exporters.interpreted`): a linear head found from the
+   dataflow, or the head's exact per-sample Jacobian (``nonlinear_head="jacobian"``, the
+   default; ``"error"`` refuses it, naming the first non-affine node).
 3. **Graft** (:func:`graft_onnx`): FAM eq. 16-18 with that ``W`` (or Grad-FAM, CAM,
-   Grad-CAM), merged after the target and the output.
+   Grad-CAM), merged after the target and the output; or the interpreted explanation,
+   traced and exported as :func:`~fam_core.exporters.export.export_model` exports non-linear
+   heads, merged after the target (the foreign head is dropped). The metadata key ``head``
+   says which: ``identity``, ``linear`` or ``jacobian``.
 
 Example:
     >>> import io, warnings
@@ -47,7 +59,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -60,6 +72,7 @@ from onnx import TensorProto, helper
 from fam_core import onnx_format as fmt
 from fam_core.exporters.export import _set_output_shapes, document
 from fam_core.exporters.heads import ExplainMode, ExplanationHead
+from fam_core.layouts import FeatureLayout, detect_layout
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD
 from fam_core.similarity import SimilarityKind
 
@@ -84,25 +97,46 @@ _MIN_OPSET, _MAX_OPSET = 14, 20  # what torch.onnx.export(dynamo=False) writes t
 
 @dataclass(frozen=True)
 class Candidate:
-    """A feature-map value of the graph: a target tensor the head can explain.
+    """A value of the graph holding feature maps: a target tensor the head can explain.
 
     Attributes:
         name: the value's name in the graph.
         op_type: the operator that produces it.
-        shape: ``(C, h, w)``, the batch axis left out.
+        shape: the value's shape, the batch axis left out: ``(C, h, w)`` for channel-first
+            maps, ``(T, C)`` for tokens, ``(h, w, C)`` for channel-last maps.
+        layout: how it holds its maps (:mod:`fam_core.layouts`: prefix tokens, grid).
+        block: every path from the input to the output passes through it (a block's
+            output, not a value inside a residual block): preferred as the target.
 
     Example:
         >>> str(Candidate("/layer4/Relu_output_0", "Relu", (64, 7, 7)))
         '/layer4/Relu_output_0  Relu  [B, 64, 7, 7]'
+        >>> tokens = FeatureLayout("tokens", prefix=1, grid=(4, 4))
+        >>> str(Candidate("/encoder/layer.0/Add_1_output_0", "Add", (17, 32), tokens, True))
+        '/encoder/layer.0/Add_1_output_0  Add  [B, 17, 32]  tokens, 1 leading, grid 4x4  block'
     """
 
     name: str
     op_type: str
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
+    layout: FeatureLayout = FeatureLayout("channels_first")
+    block: bool = False
+
+    @property
+    def maps_shape(self) -> tuple[int, int, int]:
+        """``(N, h, w)``: the maps ``A`` the explainers combine."""
+        height, width = self.layout.grid
+        if self.layout.kind == "channels_first":
+            return (self.shape[0], self.shape[1], self.shape[2])
+        return (self.shape[-1], height, width)
 
     def __str__(self) -> str:
-        channels, height, width = self.shape
-        return f"{self.name}  {self.op_type}  [B, {channels}, {height}, {width}]"
+        text = f"{self.name}  {self.op_type}  [B, {', '.join(str(s) for s in self.shape)}]"
+        if self.layout.kind == "tokens":
+            text += f"  tokens, {self.layout.prefix} leading, grid {self.layout.grid[0]}x{self.layout.grid[1]}"
+        elif self.layout.kind == "channels_last":
+            text += "  channels last"
+        return text + ("  block" if self.block else "")
 
 
 @dataclass(frozen=True)
@@ -157,6 +191,8 @@ class Inspection:
     chosen: Candidate
     head: AffineHead | None
     head_error: str | None
+    head_kind: str | None = None  # an interpreted head: "identity", "linear" or "jacobian"
+    head_detail: str | None = None
 
     def __str__(self) -> str:
         height, width = self.input_size
@@ -172,6 +208,8 @@ class Inspection:
         lines.append(f"chosen target tensor: {self.chosen.name}")
         if self.head is not None:
             lines.append(f"head: {self.head}")
+        elif self.head_kind is not None:
+            lines.append(f"head: {self.head_kind}: {self.head_detail}")
         else:
             lines.append(f"head: cannot be grafted: {self.head_error}")
         return "\n".join(lines)
@@ -259,7 +297,7 @@ def _session(proto: onnx.ModelProto, outputs: Sequence[str] = ()) -> object:
                 copy.graph.output.append(helper.make_empty_tensor_value_info(name))
         proto = copy
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failed probe (a fixed batch) raises; no log line
     return onnxruntime.InferenceSession(
         proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
@@ -370,7 +408,7 @@ def _analyse_graph(
     unknown = [
         name
         for name in [*ordered, output]
-        if name not in shapes or (len(shapes[name]) in (2, 4) and None in shapes[name][1:])
+        if name not in shapes or (len(shapes[name]) in (2, 3, 4) and None in shapes[name][1:])
     ]
     types = _elem_types(proto)
     unknown = [name for name in unknown if types.get(name, 0) in (0, TensorProto.FLOAT)]
@@ -381,10 +419,16 @@ def _analyse_graph(
             full[name] = measured[name]
         elif name in shapes and None not in shapes[name][1:]:
             full[name] = (batch, *shapes[name][1:])  # type: ignore[arg-type]
+    found = [(name, _layout(full[name], size)) for name in ordered if name in full]
+    spatial = [
+        (name, layout)
+        for name, layout in found
+        if layout is not None and not _flattened_map(producers[name], full)
+    ]
+    blocks = _dominators(proto, image.name, output, [name for name, _ in spatial])
     candidates = tuple(
-        Candidate(name, producers[name].op_type, full[name][1:])  # type: ignore[arg-type]
-        for name in ordered
-        if name in full and len(full[name]) == 4 and full[name][2] * full[name][3] > 1
+        Candidate(name, producers[name].op_type, full[name][1:], layout, name in blocks)
+        for name, layout in spatial
     )
     output_shape = full.get(output)
     if output_shape is None or len(output_shape) != 2:
@@ -392,6 +436,62 @@ def _analyse_graph(
             f"output {output!r} must be [B, D] (an embedding or logits), got shape {output_shape}"
         )
     return _Graph(proto, source, image, size, output, output_shape, candidates, full)
+
+
+def _layout(shape: tuple[int, ...], size: tuple[int, int]) -> FeatureLayout | None:
+    """The layout of a value of ``shape`` (batch first) as the torch explainers read it
+    (:func:`fam_core.layouts.detect_layout`), with a spatial grid (``h * w > 1``); a 4-D
+    value that fits no grid of the input is read channel-first, as before tokens existed."""
+    if len(shape) not in (3, 4):
+        return None
+    layout = detect_layout(torch.empty(shape, device="meta"), size)
+    if layout is None and len(shape) == 4:
+        layout = FeatureLayout("channels_first", grid=(int(shape[2]), int(shape[3])))
+    if layout is None or layout.grid[0] * layout.grid[1] <= 1:
+        return None
+    return layout
+
+
+def _flattened_map(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether ``node`` flattens a channel-first map ``[B, C, h, w]`` to ``[B, C, h * w]``
+    (before a pooling or a transpose to tokens): channels, not tokens, on its second axis."""
+    if node.op_type not in ("Reshape", "Flatten") or not node.input:
+        return False
+    source, result = shapes.get(node.input[0]), shapes.get(node.output[0])
+    return (
+        source is not None
+        and result is not None
+        and len(source) == 4
+        and len(result) == 3
+        and result[1:] == (source[1], source[2] * source[3])
+    )
+
+
+def _dominators(proto: onnx.ModelProto, source: str, sink: str, names: Sequence[str]) -> set[str]:
+    """The values of ``names`` that every data path from ``source`` to ``sink`` crosses.
+
+    A residual block's output is one; a value inside the block is not (the skip connection
+    avoids it): the ONNX counterpart of the building blocks that
+    :func:`fam_core.discovery.find_layers` prefers.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        if node.op_type in _NO_DATA_OPS:
+            continue
+        for given in node.input:
+            consumers.setdefault(given, []).append(node)
+    found: set[str] = set()
+    for avoided in names:
+        seen, stack = {source}, [source]
+        while stack and sink not in seen:
+            for node in consumers.get(stack.pop(), ()):
+                for produced in node.output:
+                    if produced and produced != avoided and produced not in seen:
+                        seen.add(produced)
+                        stack.append(produced)
+        if sink not in seen:
+            found.add(avoided)
+    return found
 
 
 def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
@@ -421,8 +521,17 @@ def find_target_tensors(
     return list(_analyse_graph(model, input_size, output_name).candidates)
 
 
-def choose_target(candidates: Sequence[Candidate]) -> Candidate:
-    """The automatic target: the last spatial map on the path to the output.
+def choose_target(
+    candidates: Sequence[Candidate], reaches: Callable[[Candidate], bool] | None = None
+) -> Candidate:
+    """The automatic target, by the rule of :func:`fam_core.discovery.find_layers`: the last
+    block output (:attr:`Candidate.block`) whose maps reach the output, else the last
+    candidate whose maps do. ``reaches`` tells whether a candidate's maps (a token
+    sequence's patches, not its class token) reach the output (default: all do).
+
+    For a CNN that is the last map before global pooling; for a vision transformer read
+    through its class token, the output of the block before the last (the last block's
+    patch tokens never reach the class token).
 
     Example:
         >>> choose_target([Candidate("a", "Relu", (8, 4, 4)), Candidate("b", "Relu", (16, 2, 2))]).name
@@ -430,14 +539,52 @@ def choose_target(candidates: Sequence[Candidate]) -> Candidate:
     """
     if not candidates:
         raise ValueError(
-            "the graph has no feature map [B, C, h, w] with h * w > 1 on the path to its output"
+            "the graph has no feature map [B, C, h, w], token sequence [B, T, C] or "
+            "channel-last map [B, h, w, C] (h * w > 1) on the path to its output"
         )
-    return candidates[-1]
+    check = reaches or (lambda _candidate: True)
+    for group in ([c for c in candidates if c.block], list(candidates)):
+        for candidate in reversed(group):
+            if check(candidate):
+                return candidate
+    raise ValueError(
+        "no candidate target tensor's maps reach the output: pass target_tensor= "
+        f"(candidates: {[c.name for c in candidates]})"
+    )
+
+
+def _reaches(graph: _Graph) -> Callable[[Candidate], bool]:
+    """Whether a candidate's maps reach the output: always for maps; for tokens, when a
+    change of the patch tokens alone (the leading tokens kept) changes the output."""
+
+    def check(candidate: Candidate) -> bool:
+        if candidate.layout.kind != "tokens":
+            return True
+        try:
+            head = _head_graph(graph, candidate.name)
+        except ValueError:
+            return False
+        sample = _sample_value(graph, candidate.name)[:1]
+        noise = np.random.default_rng(3).standard_normal(sample.shape).astype(np.float32)
+        noise[:, : candidate.layout.prefix] = 0.0
+        moved = sample + noise * max(float(sample.std()), 1e-3)
+        session = _session(head)
+        before, after = (_run(session, candidate.name, x)[0] for x in (sample, moved))
+        return bool(np.abs(after - before).max() > 1e-6 * max(float(np.abs(before).max()), 1.0))
+
+    return check
+
+
+def _sample_value(graph: _Graph, name: str, batch: int = 1) -> np.ndarray:
+    """The value ``name`` on sample images (item by item where the graph fixes the batch)."""
+    session = _session(graph.proto, [name])
+    images = _sample_image(graph.size, batch)
+    return _run(session, graph.image.name, images, [name])[0]
 
 
 def _target(graph: _Graph, target_tensor: str | None) -> Candidate:
     if target_tensor is None:
-        return choose_target(graph.candidates)
+        return choose_target(graph.candidates, _reaches(graph))
     for candidate in graph.candidates:
         if candidate.name == target_tensor:
             return candidate
@@ -452,7 +599,9 @@ def _target(graph: _Graph, target_tensor: str | None) -> Candidate:
             f"target_tensor {target_tensor!r} does not reach the output {graph.output!r}"
         )
     raise ValueError(
-        f"target_tensor {target_tensor!r} is not a feature map [B, C, h, w] with h * w > 1 "
+        f"target_tensor {target_tensor!r} is not a feature map [B, C, h, w], a token "
+        "sequence [B, T, C] or a channel-last map [B, h, w, C] with a grid h * w > 1 "
+        "covering the input "
         f"(its shape is {shape}); candidates are {[c.name for c in graph.candidates]}"
     )
 
@@ -489,13 +638,12 @@ def _head_graph(graph: _Graph, target: str) -> onnx.ModelProto:
         needed.add(index[id(node)])
         stack.extend(node.input)
     nodes = [proto.graph.node[position] for position in sorted(needed)]
-    channels, height, width = graph.shapes[target][1:]
     head = helper.make_graph(
         nodes,
         "head",
         [
             helper.make_tensor_value_info(
-                target, TensorProto.FLOAT, ["batch", channels, height, width]
+                target, TensorProto.FLOAT, ["batch", *graph.shapes[target][1:]]
             )
         ],
         [
@@ -578,18 +726,20 @@ def _analyse_head(graph: _Graph, target: Candidate) -> AffineHead:
     probes = _probes(sample)
     zero, a, b, ab, minus_a = _run(session, target.name, probes)[0]
     if _affine_error(zero, a, b, ab, minus_a) > RTOL:
-        raise ValueError(_nonlinear_message(graph, head, target, probes))
+        raise _NotAffine(*_nonlinear_message(graph, head, target, probes))
     flat = sample[:1].reshape(1, target.shape[0], -1)
     permuted = flat[:, :, np.random.default_rng(2).permutation(flat.shape[2])].reshape(
         sample[:1].shape
     )
     moved = _run(session, target.name, permuted)[0][0]
     if np.abs(moved - a).max() > RTOL * max(float(np.abs(a).max()), 1e-12):
-        raise ValueError(
+        raise _NotAffine(
             f"the head between {target.name!r} and {graph.output!r} is affine but not global "
             "average pooling: its output depends on where in the map a feature lies (e.g. "
             "Flatten + Gemm without pooling); choose an earlier target tensor, before the "
-            "layers that mix spatial positions"
+            "layers that mix spatial positions, or graft its per-sample Jacobian "
+            "(nonlinear_head='jacobian')",
+            "affine but position-dependent: no global average pooling",
         )
     channels = target.shape[0]
     basis = np.zeros((channels + 1, *target.shape), dtype=np.float32)
@@ -599,9 +749,10 @@ def _analyse_head(graph: _Graph, target: Candidate) -> AffineHead:
     matrix = (responses[1:] - bias).T.astype(np.float32)  # [J, N]
     predicted = flat.mean(axis=2) @ matrix.T + bias
     if np.abs(predicted[0] - a).max() > RTOL * max(float(np.abs(a).max()), 1.0):
-        raise ValueError(
+        raise _NotAffine(
             f"the head between {target.name!r} and {graph.output!r} does not reproduce the "
-            "output as W mean(A) + b (a numerically unstable head); cannot graft it exactly"
+            "output as W mean(A) + b (a numerically unstable head); cannot graft it exactly",
+            "not reproduced as W mean(A) + b",
         )
     return AffineHead(
         matrix, bias.astype(np.float32), tuple(node.op_type for node in head.graph.node)
@@ -619,10 +770,19 @@ def _descendants(head: onnx.ModelProto, source: str) -> list[str]:
     return ordered
 
 
+class _NotAffine(ValueError):
+    """The head is not global average pooling + an affine map; ``reason`` in a few words."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def _nonlinear_message(
     graph: _Graph, head: onnx.ModelProto, target: Candidate, probes: np.ndarray
-) -> str:
-    """Name the first node of ``head`` whose output is not affine in the target tensor."""
+) -> tuple[str, str]:
+    """``(message, reason)`` naming the first node of ``head`` whose output is not affine
+    in the target tensor."""
     typed = _float_values(_inferred(head))
     names = [name for name in _descendants(head, target.name) if name in typed]
     culprit = None
@@ -633,20 +793,23 @@ def _nonlinear_message(
                 culprit = _producers(head)[name]
                 break
     advice = (
-        "grafting fam, gradfam, cam or gradcam needs global average pooling followed by an "
+        "with nonlinear_head='error', grafting needs global average pooling followed by an "
         "affine map (Gemm, MatMul, Add, BatchNormalization, Flatten, Reshape), and nothing "
         "is approximated. Alternatives: explain the value before that node with "
-        "output_name=, or explain the PyTorch model with the torch explainers (FAM with "
-        "nonlinear_head='jacobian', Grad-FAM or Grad-CAM through autograd)"
+        "output_name=, or graft the head's exact per-sample Jacobian "
+        "(nonlinear_head='jacobian', the default)"
     )
     if culprit is None:
-        return f"the head between {target.name!r} and {graph.output!r} is not affine; {advice}"
+        message = f"the head between {target.name!r} and {graph.output!r} is not affine"
+        return f"{message}; {advice}", "not affine"
     before = next((name for name in culprit.input if name in names), None)
     suggestion = f" (output_name={before!r} is the value before it)" if before else ""
+    reason = f"first non-affine node {culprit.name or '(unnamed)'!r} ({culprit.op_type})"
     return (
         f"the head between {target.name!r} and {graph.output!r} is not affine: its first "
         f"non-affine node is {culprit.name or '(unnamed)'!r} ({culprit.op_type}){suggestion}; "
-        f"{advice}"
+        f"{advice}",
+        reason,
     )
 
 
@@ -764,23 +927,35 @@ def _merge(
     head_proto: onnx.ModelProto,
     output_names: Sequence[str],
     batch: int | None,
+    *,
+    interpreted: bool = False,
 ) -> onnx.ModelProto:
+    """The foreign graph up to the target (and its output, for an affine head) with the
+    head graph after it. An interpreted head recomputes the output from the target: the
+    foreign graph's own head is dropped."""
     foreign = onnx.ModelProto()
     foreign.CopyFrom(graph.proto)
     del foreign.graph.value_info[:]  # inferred for a fixed batch; the merged graph re-infers
-    present = {value.name for value in foreign.graph.output}
-    for name in (target.name, graph.output):
-        if name not in present:
-            foreign.graph.output.append(helper.make_empty_tensor_value_info(name))
+    links = [(target.name, _HEAD_INPUTS[0])]
+    if not interpreted:
+        links.append((graph.output, _HEAD_INPUTS[1]))
+    del foreign.graph.output[:]
+    for name, _ in links:
+        foreign.graph.output.append(helper.make_empty_tensor_value_info(name))
+    foreign, head_proto = _same_opset(foreign, head_proto)
     version = max(foreign.ir_version, head_proto.ir_version)
     foreign.ir_version = head_proto.ir_version = version
     merged = onnx.compose.merge_models(
         foreign,
         head_proto,
-        io_map=[(target.name, _HEAD_INPUTS[0]), (graph.output, _HEAD_INPUTS[1])],
+        io_map=links,
         prefix1=_PREFIX,
         outputs=list(output_names),
     )
+    _prune(merged.graph)
+    opsets = {(entry.domain, entry.version): entry for entry in merged.opset_import}
+    del merged.opset_import[:]
+    merged.opset_import.extend(opsets.values())
     _rename(merged.graph, _PREFIX + graph.image.name, fmt.INPUT_IMAGE)
     image = next(value for value in merged.graph.input if value.name == fmt.INPUT_IMAGE)
     dims = image.type.tensor_type.shape.dim
@@ -794,6 +969,52 @@ def _merge(
     del merged.graph.input[:]
     merged.graph.input.extend(kept)
     return merged
+
+
+def _same_opset(
+    first: onnx.ModelProto, second: onnx.ModelProto
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Both graphs at the higher of their default-domain opsets (``onnx.version_converter``)."""
+    a, b = _default_opset(first), _default_opset(second)
+    if a == b:
+        return first, second
+    from onnx import version_converter
+
+    try:
+        if a < b:
+            return version_converter.convert_version(first, b), second
+        return first, version_converter.convert_version(second, a)
+    except Exception as error:  # noqa: BLE001 - the converter's errors name no common type
+        raise ValueError(
+            f"cannot bring the graph (opset {a}) and the explanation head (opset {b}) to one "
+            f"opset: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop the nodes and initializers that no graph output needs."""
+    producers = {name: node for node in graph.node for name in node.output if name}
+    needed: set[str] = set()
+    stack = [value.name for value in graph.output]
+    kept_nodes: set[int] = set()
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producers.get(name)
+        if node is not None and id(node) not in kept_nodes:
+            kept_nodes.add(id(node))
+            stack.extend(given for given in node.input if given)
+            for attribute in node.attribute:  # values a subgraph (If, Loop) reads
+                for sub in (attribute.g, *attribute.graphs):
+                    stack.extend(given for inner in sub.node for given in inner.input)
+    nodes = [node for node in graph.node if id(node) in kept_nodes]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
 
 
 def graft_onnx(
@@ -813,6 +1034,7 @@ def graft_onnx(
     similarity: SimilarityKind = "cosine",
     model_name: str | None = None,
     out_path: str | Path | None = None,
+    nonlinear_head: Literal["jacobian", "error"] = "jacobian",
 ) -> onnx.ModelProto | Path:
     """Graft the explanation head ``method`` onto the ONNX graph ``model``.
 
@@ -822,8 +1044,8 @@ def graft_onnx(
         method: ``"fam"`` / ``"gradfam"`` (embedding models) or ``"cam"`` / ``"gradcam"``
             (classifiers).
         task: ``"embedding"`` or ``"classifier"``; checked against ``method`` when given.
-        target_tensor: the feature map to explain (a value name, see :func:`inspect_onnx`);
-            ``None``: the last spatial map before global pooling.
+        target_tensor: the feature map or token sequence to explain (a value name, see
+            :func:`inspect_onnx`); ``None``: found as the torch explainers find their layer.
         output_name: the value holding the embedding / logits ``[B, D]``; ``None``: the
             first graph output of rank 2.
         references: ``[K, D]`` references baked in as constants (``fam`` / ``gradfam``);
@@ -833,9 +1055,13 @@ def graft_onnx(
         input_size: ``(H, W)`` (or an int); needed when the graph's input size is dynamic.
         mean, std, class_names, similarity, model_name: written to the metadata.
         out_path: write the file there and return its path; ``None``: return the model.
+        nonlinear_head: ``"jacobian"`` grafts a head that is not global average pooling +
+            an affine map through its per-sample Jacobian (the head interpreted in torch);
+            ``"error"`` refuses it.
 
-    Raises ``ValueError`` for a target tensor that is not in the graph or not a feature map,
-    a head that is not global average pooling + an affine map (naming its first non-affine
+    Raises ``ValueError`` for a target tensor that is not in the graph or not a feature map /
+    token sequence, a head with an ONNX operator the interpreter does not run (naming it),
+    a head that is not linear with ``nonlinear_head="error"`` (naming its first non-affine
     node), and a method that does not fit the task.
 
     Example:
@@ -844,9 +1070,17 @@ def graft_onnx(
         'gradcam'
     """
     task = _check_task(method, task)
+    if nonlinear_head not in ("jacobian", "error"):
+        raise ValueError(f"nonlinear_head must be 'jacobian' or 'error', got {nonlinear_head!r}")
     graph = _analyse_graph(model, input_size, output_name)
     target = _target(graph, target_tensor)
-    head = _analyse_head(graph, target)
+    head: AffineHead | None = None
+    if target.layout.kind == "channels_first":
+        try:
+            head = _analyse_head(graph, target)
+        except _NotAffine:
+            if nonlinear_head == "error":
+                raise
     dimension = int(graph.output_shape[1])
     if task == "classifier" and class_names and len(class_names) != dimension:
         raise ValueError(
@@ -858,41 +1092,20 @@ def graft_onnx(
         baked = torch.as_tensor(np.asarray(references), dtype=torch.float32)
         if baked.dim() != 2 or baked.shape[1] != dimension:
             raise ValueError(f"references must be [K, {dimension}], got {tuple(baked.shape)}")
-    module = _head_module(
-        head,
-        method,
-        size=graph.size,
-        similarity=similarity,
-        references=baked,
-        explain=explain,
-        class_input=class_input,
-    )
-    opset = min(max(_default_opset(graph.proto), _MIN_OPSET), _MAX_OPSET)
-    if opset != _default_opset(graph.proto):
-        raise ValueError(
-            f"the graph uses opset {_default_opset(graph.proto)}; grafting supports opsets "
-            f"{_MIN_OPSET}-{_MAX_OPSET} (convert it with onnx.version_converter first)"
+    options = {
+        "similarity": similarity,
+        "references": baked,
+        "explain": explain,
+        "class_input": class_input,
+    }
+    if head is not None:
+        merged, input_names, output_names, opset, kind = _graft_affine(
+            graph, target, head, method, dimension, **options
         )
-    head_proto, sample, axes, head_inputs = _export_head(module, target.shape, dimension, opset)
-    output_names = [value.name for value in head_proto.graph.output]
-    input_names = [fmt.INPUT_IMAGE] + [n for n in head_inputs if n not in _HEAD_INPUTS]
-    axes[fmt.INPUT_IMAGE] = {0: "batch"}
-    merged = _merge(graph, target, head_proto, output_names, batch=None)
-    batch = None
-    if not _runs_batched(merged, graph.size, module, dimension):
-        batch = _fixed_batch(graph.image)
-        warnings.warn(
-            f"{graph.source}: the graph fixes its batch size to {batch}; the grafted graph "
-            "takes that batch only (export it with a dynamic batch axis to lift this)",
-            stacklevel=2,
+    else:
+        merged, input_names, output_names, opset, kind = _graft_interpreted(
+            graph, target, method, task, nonlinear_head, **options
         )
-        merged = _merge(graph, target, head_proto, output_names, batch=batch)
-        for name in list(axes):
-            axes[name] = {axis: label for axis, label in axes[name].items() if axis != 0}
-    _set_output_shapes(merged, sample, axes)
-    if batch is not None:
-        for value in merged.graph.output:
-            _set_batch(value, batch)
     document(
         merged,
         method=method,
@@ -910,6 +1123,7 @@ def graft_onnx(
         explain=explain,
         baked_references=None if baked is None else int(baked.shape[0]),
         class_input=class_input,
+        head=kind,
     )
     merged.doc_string += f" (grafted onto {graph.source!r} after output {graph.output!r})"
     onnx.checker.check_model(merged, full_check=True)
@@ -922,9 +1136,135 @@ def graft_onnx(
     return path
 
 
-def _runs_batched(
-    merged: onnx.ModelProto, size: tuple[int, int], module: ExplanationHead, dimension: int
-) -> bool:
+def _graft_affine(
+    graph: _Graph,
+    target: Candidate,
+    head: AffineHead,
+    method: str,
+    dimension: int,
+    *,
+    similarity: SimilarityKind,
+    references: torch.Tensor | None,
+    explain: ExplainMode,
+    class_input: bool,
+) -> tuple[onnx.ModelProto, list[str], list[str], int, str]:
+    """FAM eq. 16-18 (or Grad-FAM, CAM, Grad-CAM) with the probed ``W`` after the target."""
+    module = _head_module(
+        head,
+        method,
+        size=graph.size,
+        similarity=similarity,
+        references=references,
+        explain=explain,
+        class_input=class_input,
+    )
+    opset = min(max(_default_opset(graph.proto), _MIN_OPSET), _MAX_OPSET)
+    if opset != _default_opset(graph.proto):
+        raise ValueError(
+            f"the graph uses opset {_default_opset(graph.proto)}; grafting supports opsets "
+            f"{_MIN_OPSET}-{_MAX_OPSET} (convert it with onnx.version_converter first)"
+        )
+    head_proto, sample, axes, head_inputs = _export_head(
+        module, target.maps_shape, dimension, opset
+    )
+    output_names = [value.name for value in head_proto.graph.output]
+    input_names = [fmt.INPUT_IMAGE] + [n for n in head_inputs if n not in _HEAD_INPUTS]
+    axes[fmt.INPUT_IMAGE] = {0: "batch"}
+    merged = _merge(graph, target, head_proto, output_names, batch=None)
+    batch = None
+    if not _runs_batched(merged, graph.size, dimension):
+        batch = _warn_fixed_batch(graph)
+        merged = _merge(graph, target, head_proto, output_names, batch=batch)
+        for name in list(axes):
+            axes[name] = {axis: label for axis, label in axes[name].items() if axis != 0}
+    _set_output_shapes(merged, sample, axes)
+    if batch is not None:
+        for value in merged.graph.output:
+            _set_batch(value, batch)
+    return merged, input_names, output_names, opset, "identity" if head.is_identity else "linear"
+
+
+def _graft_interpreted(
+    graph: _Graph,
+    target: Candidate,
+    method: str,
+    task: Task,
+    nonlinear_head: str,
+    *,
+    similarity: SimilarityKind,
+    references: torch.Tensor | None,
+    explain: ExplainMode,
+    class_input: bool,
+) -> tuple[onnx.ModelProto, list[str], list[str], int, str]:
+    """The explainer's own steps on the head interpreted in torch (:mod:`.interpreted`),
+    exported as the torch exporter exports non-linear heads, after the target."""
+    from fam_core.exporters.interpreted import export_interpreted, head_explainer, head_kind
+
+    head = _head_graph(graph, target.name)
+    explainer = head_explainer(head, method, target.layout, task, similarity)
+    options = {
+        "method": method,
+        "heatmap_size": graph.size,
+        "references": references,
+        "explain": explain,
+        "class_input": class_input,
+    }
+    fixed = _fixed_batch(graph.image)
+    try:  # a dynamic batch, even where the graph's input fixes one (shapes read by Shape)
+        sample = _sample_value(graph, target.name, batch=2)
+        kind, layer = head_kind(explainer, sample)
+        _refuse_jacobian(kind, layer, nonlinear_head, graph, target)
+        head_proto, head_inputs, output_names = export_interpreted(explainer, sample, **options)
+        batch = None
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001 - a head whose constants fix the batch: export that one
+        if fixed is None:
+            raise
+        sample = _sample_value(graph, target.name, batch=fixed)
+        explainer = head_explainer(head, method, target.layout, task, similarity, fixed)
+        kind, layer = head_kind(explainer, sample)
+        _refuse_jacobian(kind, layer, nonlinear_head, graph, target)
+        head_proto, head_inputs, output_names = export_interpreted(
+            explainer, sample, dynamic_batch=False, **options
+        )
+        batch = fixed
+    _rename(head_proto.graph, head_inputs[0], _HEAD_INPUTS[0])
+    input_names = [fmt.INPUT_IMAGE, *head_inputs[1:]]
+    merged = _merge(graph, target, head_proto, output_names, batch=batch, interpreted=True)
+    if batch is None and not _runs_batched(merged, graph.size, int(graph.output_shape[1])):
+        batch = fixed
+        merged = _merge(graph, target, head_proto, output_names, batch=batch, interpreted=True)
+    if batch is not None:
+        _warn_fixed_batch(graph)
+        for value in (*merged.graph.input, *merged.graph.output):
+            dims = value.type.tensor_type.shape.dim
+            if dims and (dims[0].dim_param == "batch" or not dims[0].dim_param):
+                _set_batch(value, batch)
+    return merged, input_names, output_names, _default_opset(merged), kind
+
+
+def _refuse_jacobian(
+    kind: str, layer: str | None, nonlinear_head: str, graph: _Graph, target: Candidate
+) -> None:
+    if kind == "jacobian" and nonlinear_head == "error":
+        raise ValueError(
+            f"the head between {target.name!r} and {graph.output!r} is not linear ({layer}); "
+            "pass nonlinear_head='jacobian' to graft its per-sample Jacobian"
+        )
+
+
+def _warn_fixed_batch(graph: _Graph) -> int | None:
+    batch = _fixed_batch(graph.image)
+    warnings.warn(
+        f"{graph.source}: the graph fixes its batch size to {batch}; the grafted graph "
+        "takes that batch only (export it with a dynamic batch axis to lift this)",
+        stacklevel=3,
+    )
+    return batch
+
+
+def _runs_batched(merged: onnx.ModelProto, size: tuple[int, int], dimension: int) -> bool:
     """Whether the grafted graph runs a batch of 2 (a foreign graph may fix batch 1)."""
     feeds: dict[str, np.ndarray] = {fmt.INPUT_IMAGE: _sample_image(size, 2)}
     names = {value.name for value in merged.graph.input}
@@ -958,11 +1298,20 @@ def inspect_onnx(
     """
     graph = _analyse_graph(model, input_size, output_name)
     chosen = _target(graph, target_tensor)
-    head, error = None, None
-    try:
-        head = _analyse_head(graph, chosen)
-    except ValueError as problem:
-        error = str(problem)
+    head, error, reason = None, None, None
+    if chosen.layout.kind == "channels_first":
+        try:
+            head = _analyse_head(graph, chosen)
+        except _NotAffine as problem:
+            reason = problem.reason
+        except ValueError as problem:
+            error = str(problem)
+    kind, detail = None, None
+    if head is None and error is None:
+        try:
+            kind, detail = _describe_interpreted(graph, chosen, reason)
+        except ValueError as problem:
+            error = str(problem)
     return Inspection(
         source=graph.source,
         input_name=graph.image.name,
@@ -973,4 +1322,29 @@ def inspect_onnx(
         chosen=chosen,
         head=head,
         head_error=error,
+        head_kind=kind,
+        head_detail=detail,
     )
+
+
+def _describe_interpreted(graph: _Graph, target: Candidate, reason: str | None) -> tuple[str, str]:
+    """``(kind, description)`` of a head the graft interprets in torch."""
+    from fam_core.exporters.interpreted import head_explainer, head_kind
+
+    proto = _head_graph(graph, target.name)
+    explainer = head_explainer(proto, "fam", target.layout, "embedding")
+    kind, layer = head_kind(explainer, _sample_value(graph, target.name))
+    ops = ", ".join(
+        dict.fromkeys(n.op_type for n in proto.graph.node if n.op_type not in ("Constant",))
+    )
+    why = f"not affine ({reason}); " if reason else ""
+    if kind == "jacobian":
+        how = (
+            f"{why}FAM maps its weights through the head's per-sample vector-Jacobian "
+            f"product (first non-linear layer: {layer})"
+        )
+    elif kind == "identity":
+        how = f"{why}the output is the mean of the maps (eq. 18 with W = I)"
+    else:
+        how = f"{why}W mean(A) + b, eq. 16-18 with W found from the dataflow"
+    return kind, f"{how}; grafted as the head interpreted in torch ({ops})"

@@ -219,6 +219,8 @@ class OnnxExplainer:
             )
             scores = logits.gather(1, classes.view(-1, 1)).squeeze(1)
             extras = {"logits": logits, "class_index": classes}
+        if "head" in self.metadata:  # how the head was decomposed, as the torch explainers say
+            extras["head"] = self.metadata["head"]
         return Explanation(
             maps=tensors[fmt.OUTPUT_HEATMAP],
             raw=tensors[fmt.OUTPUT_HEATMAP_LOWRES],

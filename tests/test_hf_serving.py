@@ -5,9 +5,11 @@ the Open Inference Protocol) and TorchServe, checked against the library's own e
 Every config leaves ``target_layer`` out: it is found from the dataflow. Sources:
 ``factory:`` (the factory module next to the config, ``weights:`` a state dict),
 ``exported_program:`` (``torch.export.save`` of the HF module, which returns a
-``ModelOutput``) and ``onnx:`` (a plain ``torch.onnx.export``, grafted at load). The ONNX
-graph of ConvNeXt (mean, then LayerNorm: not affine) cannot be grafted: the server starts
-the others and reports that one not ready with its one-line reason.
+``ModelOutput``) and ``onnx:`` (a plain ``torch.onnx.export``, grafted at load: ViT's class
+token and ConvNeXt's mean-then-LayerNorm heads are not affine, and are grafted through their
+per-sample Jacobian, the head interpreted in torch). An ONNX graph whose head uses an
+operator the graft cannot interpret (``Atan``) is refused: the server starts the others and
+reports that one not ready with its one-line reason.
 
 The library's explanation: the explainer of the served method with ``target_layer=None``
 and the config's ``output``/``task``, on the eager module with the same weights, on the image
@@ -63,12 +65,23 @@ EXPORTED_MODELS = {"hf-resnet-exported": ("resnet", "embedding", "pooler_output"
 ONNX_MODELS = {  # plain torch.onnx.export files, grafted at load
     "hf-resnet-classifier-onnx": ("resnet_classifier", "classifier", None, False),
     "hf-mobilenetv2-onnx": ("mobilenetv2", "embedding", None, False),
+    "hf-convnext-onnx": ("convnext", "embedding", None, False),
+    "hf-vit-onnx": ("vit", "embedding", None, False),
 }
-REFUSED = "hf-convnext-onnx"
+REFUSED = "hf-atan-onnx"
 ALL_MODELS = {**FACTORY_MODELS, **EXPORTED_MODELS, **ONNX_MODELS}
-ONNX_GRAFT_REASON = (
-    "head between .* is not affine: its first non-affine node is .*LayerNormalization"
-)
+ONNX_GRAFT_REASON = "the head uses the ONNX operator Atan, which the graft cannot interpret"
+
+
+class AtanEmbedding(torch.nn.Module):
+    """A ResNet embedding squashed by ``atan``: an operator the graft does not interpret."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = hf_factories.resnet()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.atan(self.model(images).pooler_output.flatten(1))
 
 
 def build(factory: str) -> torch.nn.Module:
@@ -125,7 +138,7 @@ def make_models(root: Path) -> dict[str, Path]:
         folders[name] = folder
     refused = root / REFUSED
     refused.mkdir()
-    export_onnx(build("convnext"), refused / "model.onnx")
+    export_onnx(AtanEmbedding().eval(), refused / "model.onnx")
     write_config(refused, name=REFUSED, task="embedding", onnx="model.onnx", input_size=SIZE)
     folders[REFUSED] = refused
     return folders
@@ -242,7 +255,7 @@ def test_the_ungraftable_onnx_model_is_refused_in_one_line_and_the_others_serve(
         stub.Explain(request, timeout=10)
     assert time.monotonic() - started < 5
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "LayerNormalization" in error.value.details()
+    assert "Atan" in error.value.details()
 
 
 @pytest.mark.parametrize("name", sorted(FACTORY_MODELS))
@@ -454,8 +467,11 @@ def test_fam_inspect_reports_layers_of_factory_and_onnx_configs(folders, capsys)
     report = inspect("hf-resnet-classifier-onnx")
     assert "chosen target tensor: /resnet/encoder/stages.3/" in report
     assert "head: global average pooling + affine map [5 x 64]" in report
+    report = inspect("hf-convnext-onnx")
+    assert "head: jacobian: not affine (first non-affine node" in report
+    assert "LayerNormalization" in report and "interpreted in torch" in report
     report = inspect(REFUSED)
-    assert "head: cannot be grafted: " in report and "LayerNormalization" in report
+    assert "head: cannot be grafted: " in report and "Atan" in report
 
 
 def test_an_onnx_config_names_the_graph_output_to_explain(folders, tmp_path) -> None:

@@ -255,8 +255,11 @@ def test_nonlinear_head_is_refused_naming_the_node() -> None:
     config = transformers.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
     proto = plain_export(transformers.ConvNextModel(config).eval())  # pooler: LayerNorm(mean)
     with pytest.raises(ValueError, match=r"not affine.*LayerNormalization.*output_name="):
-        graft_onnx(proto, method="fam")
-    assert "LayerNormalization" in (inspect_onnx(proto).head_error or "")
+        graft_onnx(proto, method="fam", nonlinear_head="error")
+    report = inspect_onnx(
+        proto
+    )  # the default grafts its Jacobian (tests/test_onnx_graft_tokens.py)
+    assert report.head_kind == "jacobian" and "LayerNormalization" in str(report)
     # the value the error suggests (the mean before the LayerNorm) can be explained exactly
     pooled = next(n.output[0] for n in proto.graph.node if n.op_type == "ReduceMean")
     grafted = graft_onnx(proto, method="fam", output_name=pooled)
@@ -268,7 +271,7 @@ def test_a_target_before_the_last_block_is_refused() -> None:
     proto = plain_export(model)
     layer3 = [c for c in find_target_tensors(proto) if c.shape == (64, 4, 4)]
     with pytest.raises(ValueError, match=r"not affine: its first non-affine node is .*Relu"):
-        graft_onnx(proto, target_tensor=layer3[-1].name)  # layer3's output: layer4 follows
+        graft_onnx(proto, target_tensor=layer3[-1].name, nonlinear_head="error")  # layer4 follows
     with pytest.raises(ValueError, match="through a path that avoids"):
         graft_onnx(proto, target_tensor=layer3[-3].name)  # inside a block: the skip avoids it
 
@@ -279,7 +282,7 @@ def test_spatial_head_without_pooling_is_refused() -> None:
     )
     proto = plain_export(model.eval())
     with pytest.raises(ValueError, match="affine but not global average pooling"):
-        graft_onnx(proto)
+        graft_onnx(proto, nonlinear_head="error")
 
 
 def test_bad_target_tensors_and_options_are_clear_errors() -> None:

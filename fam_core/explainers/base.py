@@ -344,7 +344,12 @@ class Explainer(ABC):
     def _layout(self, tensor: torch.Tensor, size: tuple[int, int]) -> FeatureLayout:
         """The layout of the target layer's output, detected once per shape and input size
         (this runs in every forward pass)."""
-        key = (tuple(tensor.shape[1:]), size) if isinstance(tensor, torch.Tensor) else None
+        # int(): the sizes after the batch axis are fixed (a traced input's are symbolic)
+        key = (
+            (tuple(int(d) for d in tensor.shape[1:]), size)
+            if isinstance(tensor, torch.Tensor)
+            else None
+        )
         if key in self._layouts:
             return self._layouts[key]
         layout = as_layout(self.layout_spec, tensor, size)
