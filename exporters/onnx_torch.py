@@ -467,6 +467,29 @@ class OnnxModule(nn.Module):
         self._buffers_by_value: dict[str, str] = {}
         for position, tensor in enumerate(graph.initializer):
             self._store(f"initializer_{position}", tensor.name, numpy_helper.to_array(tensor))
+        self.linears = nn.ModuleDict(self._linear_layers(graph))
+
+    def _linear_layers(self, graph: onnx.GraphProto) -> dict[str, nn.Linear]:
+        """``MatMul(x, W)`` with a constant 2-D ``W`` as an ``nn.Linear`` (no bias), keyed by
+        the node's position: a layer :mod:`fam_core.head_rows` can run on the token rows
+        that reach the output only (a class token's last block), as on a torch model."""
+        weights = {tensor.name: tensor for tensor in graph.initializer}
+        layers: dict[str, nn.Linear] = {}
+        for position, node in enumerate(graph.node):
+            weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+            if (
+                weight is None
+                or len(weight.dims) != 2
+                or weight.data_type != onnx.TensorProto.FLOAT
+            ):
+                continue
+            matrix = torch.from_numpy(numpy_helper.to_array(weight).copy())  # [C, F]
+            layer = nn.Linear(matrix.shape[0], matrix.shape[1], bias=False)
+            with torch.no_grad():
+                layer.weight.copy_(matrix.T)
+            layer.requires_grad_(False)
+            layers[str(position)] = layer
+        return layers
 
     def _store(self, key: str, name: str, array: np.ndarray) -> None:
         value = _as_value(array)
@@ -480,7 +503,10 @@ class OnnxModule(nn.Module):
         values: dict[str, Any] = dict(self._constants)
         values.update({name: getattr(self, key) for name, key in self._buffers_by_value.items()})
         values[self.input_name] = x
-        for op_type, inputs, outputs, attributes in self.nodes:
+        for position, (op_type, inputs, outputs, attributes) in enumerate(self.nodes):
+            if str(position) in self.linears:
+                values[outputs[0]] = self.linears[str(position)](_tensor(values[inputs[0]]))
+                continue
             arguments = [values[name] if name else None for name in inputs]
             while arguments and arguments[-1] is None:
                 arguments.pop()

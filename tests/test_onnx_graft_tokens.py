@@ -197,6 +197,26 @@ def test_class_token_models_match_the_torch_explainer(exported, images, name, me
         np.testing.assert_allclose(single[2][0], heatmap[1], atol=HEATMAP_ATOL)
 
 
+def test_the_interpreted_class_token_head_computes_the_class_tokens_rows_only(exported) -> None:
+    """MatMuls with a constant weight run as nn.Linear layers, so the head's token rows that
+    never reach the class token are left out (fam_core.head_rows), as on the torch model."""
+    from fam_core.exporters.graft import _analyse_graph, _head_graph
+    from fam_core.exporters.interpreted import head_explainer
+
+    _, proto = exported["vit"]
+    graph = _analyse_graph(proto, None, None)
+    target = inspect_onnx(proto).chosen
+    explainer = head_explainer(_head_graph(graph, target.name), "fam", target.layout, "embedding")
+    tokens = torch.rand(2, *target.shape, generator=torch.Generator().manual_seed(7))
+    first = explainer.forward(tokens, graph=True)  # finds the plan after its own pass
+    (plan,) = explainer._row_plans.values()
+    linears = explainer.model.onnx_head.linears
+    assert len(plan) == 4 and all(rows == (0,) for rows in plan.values())  # q, o, fc1, fc2
+    assert len(linears) == 6  # the last block's q, k, v, o, fc1, fc2 (k, v need every row)
+    pruned = explainer.forward(tokens, graph=True)
+    torch.testing.assert_close(pruned.outputs, first.outputs, rtol=1e-5, atol=1e-6)
+
+
 class Logits(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
