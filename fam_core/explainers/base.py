@@ -305,8 +305,11 @@ class Explainer(ABC):
         # graph even when the caller runs under no_grad
         with torch.set_grad_enabled(graph):
             outputs = self._as_vectors(raw_outputs)
-        if graph and size not in self._row_plans and get_proxy_mode() is None:
-            self._plan_rows(images[:1], outputs[:1].detach(), size)
+        if size not in self._row_plans and get_proxy_mode() is None:
+            if layout.kind != "tokens":  # only token heads carry rows to leave out
+                self._row_plans[size] = {}
+            elif graph:  # the probe needs the head recorded, as this pass did
+                self._plan_rows(images[:1], outputs[:1].detach(), size)
         return ForwardPass(outputs, activations, layout)
 
     def _plan_rows(self, image: torch.Tensor, outputs: torch.Tensor, size: tuple[int, int]) -> None:
