@@ -1201,7 +1201,6 @@ def _graft_interpreted(
     from fam_core.exporters.interpreted import export_interpreted, head_explainer, head_kind
 
     head = _head_graph(graph, target.name)
-    explainer = head_explainer(head, method, target.layout, task, similarity)
     options = {
         "method": method,
         "heatmap_size": graph.size,
@@ -1209,25 +1208,26 @@ def _graft_interpreted(
         "explain": explain,
         "class_input": class_input,
     }
-    fixed = _fixed_batch(graph.image)
-    try:  # a dynamic batch, even where the graph's input fixes one (shapes read by Shape)
-        sample = _sample_value(graph, target.name, batch=2)
+
+    def export_at(batch: int | None) -> tuple[onnx.ModelProto, list[str], list[str], str]:
+        """The head's explanation exported with a dynamic batch (``None``) or ``batch``."""
+        sample = _sample_value(graph, target.name, batch=batch or 2)
+        explainer = head_explainer(head, method, target.layout, task, similarity, batch)
         kind, layer = head_kind(explainer, sample)
         _refuse_jacobian(kind, layer, nonlinear_head, graph, target)
-        head_proto, head_inputs, output_names = export_interpreted(explainer, sample, **options)
+        exported = export_interpreted(explainer, sample, dynamic_batch=batch is None, **options)
+        return (*exported, kind)
+
+    fixed = _fixed_batch(graph.image)
+    try:  # a dynamic batch, even where the graph's input fixes one (shapes read by Shape)
+        head_proto, head_inputs, output_names, kind = export_at(None)
         batch = None
     except ValueError:
         raise
     except Exception:  # noqa: BLE001 - a head whose constants fix the batch: export that one
         if fixed is None:
             raise
-        sample = _sample_value(graph, target.name, batch=fixed)
-        explainer = head_explainer(head, method, target.layout, task, similarity, fixed)
-        kind, layer = head_kind(explainer, sample)
-        _refuse_jacobian(kind, layer, nonlinear_head, graph, target)
-        head_proto, head_inputs, output_names = export_interpreted(
-            explainer, sample, dynamic_batch=False, **options
-        )
+        head_proto, head_inputs, output_names, kind = export_at(fixed)
         batch = fixed
     _rename(head_proto.graph, head_inputs[0], _HEAD_INPUTS[0])
     input_names = [fmt.INPUT_IMAGE, *head_inputs[1:]]
