@@ -200,13 +200,13 @@ def test_class_token_models_match_the_torch_explainer(exported, images, name, me
 def test_the_interpreted_class_token_head_computes_the_class_tokens_rows_only(exported) -> None:
     """MatMuls with a constant weight run as nn.Linear layers, so the head's token rows that
     never reach the class token are left out (fam_core.head_rows), as on the torch model."""
-    from fam_core.exporters.graft import _analyse_graph, _head_graph
+    from fam_core.exporters.onnx_dataflow import analyse_graph, head_graph
     from fam_core.exporters.interpreted import head_explainer
 
     _, proto = exported["vit"]
-    graph = _analyse_graph(proto, None, None)
+    graph = analyse_graph(proto, None, None)
     target = inspect_onnx(proto).chosen
-    explainer = head_explainer(_head_graph(graph, target.name), "fam", target.layout, "embedding")
+    explainer = head_explainer(head_graph(graph, target.name), "fam", target.layout, "embedding")
     tokens = torch.rand(2, *target.shape, generator=torch.Generator().manual_seed(7))
     first = explainer.forward(tokens, graph=True)  # finds the plan after its own pass
     (plan,) = explainer._row_plans.values()

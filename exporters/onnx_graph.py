@@ -1,0 +1,166 @@
+"""Small tools over an ONNX graph that every stage of the graft uses.
+
+Producers and data ancestors of a value, the shapes and element types that shape
+inference typed, an onnxruntime CPU session with extra outputs, a batched run that falls
+back to item by item where a graph fixes its batch, renaming and pruning.
+
+Example:
+    >>> from onnx import helper, TensorProto
+    >>> node = helper.make_node("Relu", ["x"], ["y"])
+    >>> graph = helper.make_graph([node], "g",
+    ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2])],
+    ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2])])
+    >>> sorted(data_ancestors(helper.make_model(graph), "y"))
+    ['x', 'y']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+NO_DATA_OPS = ("Shape", "Size")  # ops whose output does not depend on their input's values
+
+__all__ = [
+    "NO_DATA_OPS",
+    "data_ancestors",
+    "default_opset",
+    "elem_types",
+    "float_value_shapes",
+    "make_session",
+    "producers_of",
+    "prune_graph",
+    "rename_value",
+    "run_batch",
+    "sample_image",
+    "with_inferred_shapes",
+]
+
+
+def sample_image(size: tuple[int, int], batch: int = 1, seed: int = 0) -> np.ndarray:
+    generator = np.random.default_rng(seed)
+    return generator.standard_normal((batch, 3, *size)).astype(np.float32)
+
+
+def make_session(proto: onnx.ModelProto, outputs: Sequence[str] = ()) -> object:
+    """An onnxruntime CPU session on ``proto`` with the values ``outputs`` added as outputs."""
+    import onnxruntime
+
+    if outputs:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        present = {value.name for value in copy.graph.output}
+        for name in outputs:
+            if name not in present:
+                copy.graph.output.append(helper.make_empty_tensor_value_info(name))
+        proto = copy
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4  # a failed probe (a fixed batch) raises; no log line
+    return onnxruntime.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def run_batch(
+    session: object, name: str, maps: np.ndarray, outputs: Sequence[str] | None = None
+) -> list[np.ndarray]:
+    """Run ``session`` on a batch of ``maps``; item by item where the head fixes the batch."""
+    try:
+        return session.run(outputs, {name: maps})  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a graph that hard-codes batch 1 runs item by item
+        parts = [session.run(outputs, {name: maps[i : i + 1]}) for i in range(len(maps))]  # type: ignore[attr-defined]
+        return [np.concatenate(arrays) for arrays in zip(*parts, strict=True)]
+
+
+def float_value_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Shapes of the float values that shape inference typed (``None``: a symbolic axis)."""
+    shapes: dict[str, list[int | None]] = {}
+    for value in (*proto.graph.value_info, *proto.graph.output):
+        tensor = value.type.tensor_type
+        if tensor.elem_type != TensorProto.FLOAT or not tensor.HasField("shape"):
+            continue
+        shapes[value.name] = [
+            d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim
+        ]
+    return shapes
+
+
+def elem_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the values that shape inference typed."""
+    return {
+        value.name: value.type.tensor_type.elem_type
+        for value in (*proto.graph.value_info, *proto.graph.output)
+    }
+
+
+def producers_of(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {name: node for node in proto.graph.node for name in node.output if name}
+
+
+def data_ancestors(proto: onnx.ModelProto, output: str) -> set[str]:
+    """Values whose data reaches ``output`` (edges into Shape/Size carry none)."""
+    producers = producers_of(proto)
+    seen: set[str] = set()
+    stack = [output]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is None or node.op_type in NO_DATA_OPS:
+            continue
+        stack.extend(given for given in node.input if given)
+    return seen
+
+
+def with_inferred_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - an unknown op stops inference; onnxruntime measures instead
+        return proto
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise ValueError("the graph imports no default-domain ('ai.onnx') opset")
+
+
+def rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.name == old:
+            value.name = new
+
+
+def prune_graph(graph: onnx.GraphProto) -> None:
+    """Drop the nodes and initializers that no graph output needs."""
+    producers = {name: node for node in graph.node for name in node.output if name}
+    needed: set[str] = set()
+    stack = [value.name for value in graph.output]
+    kept_nodes: set[int] = set()
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producers.get(name)
+        if node is not None and id(node) not in kept_nodes:
+            kept_nodes.add(id(node))
+            stack.extend(given for given in node.input if given)
+            for attribute in node.attribute:  # values a subgraph (If, Loop) reads
+                for sub in (attribute.g, *attribute.graphs):
+                    stack.extend(given for inner in sub.node for given in inner.input)
+    nodes = [node for node in graph.node if id(node) in kept_nodes]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
