@@ -49,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,7 @@ from fam_core.exporters.onnx_graph import default_opset, prune_graph, rename_val
 from fam_core.exporters.onnx_head import AffineHead, NotAffine, analyse_graph_head, analyse_head
 from fam_core.exporters.onnx_inspect import Inspection, inspect_onnx
 from fam_core.exporters.onnx_load import fixed_batch
+from fam_core.exporters.onnx_normalise import InputLayout
 from fam_core.exporters.onnx_verify import runs_batched
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD
 from fam_core.similarity import SimilarityKind
@@ -97,8 +99,6 @@ Task = Literal["embedding", "classifier"]
 _PREFIX = "model/"  # the foreign graph's names, so they cannot clash with the format's
 
 _HEAD_INPUTS = ("activations", "outputs")
-
-_MIN_OPSET, _MAX_OPSET = 14, 20  # what torch.onnx.export(dynamo=False) writes the head in
 
 
 def _check_task(method: str, task: Task | None) -> Task:
@@ -203,11 +203,13 @@ def _merge(
     head graph after it. An interpreted head recomputes the output from the target: the
     foreign graph's own head is dropped."""
     foreign = onnx.ModelProto()
-    foreign.CopyFrom(graph.proto)
+    foreign.CopyFrom(graph.normalised.backbone)  # the file's own precision
     del foreign.graph.value_info[:]  # inferred for a fixed batch; the merged graph re-infers
     links = [(target.name, _HEAD_INPUTS[0])]
     if not interpreted:
         links.append((graph.output, _HEAD_INPUTS[1]))
+    if graph.normalised.precision == "float16":  # the head computes in float32
+        links = [(_cast_to_float(foreign.graph, name), head) for name, head in links]
     del foreign.graph.output[:]
     for name, _ in links:
         foreign.graph.output.append(helper.make_empty_tensor_value_info(name))
@@ -238,6 +240,30 @@ def _merge(
     del merged.graph.input[:]
     merged.graph.input.extend(kept)
     return merged
+
+
+def _pixel_preprocessing(
+    graph: Graph, mean: Sequence[float], std: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``mean`` 0 and ``std`` 1/255 per channel: images in [0, 1] fed as pixels 0-255 to a
+    graph that takes uint8 and normalises them itself; other values are refused."""
+    channels = len(tuple(mean))
+    pixels = (0.0,) * channels, (1 / 255,) * channels
+    given = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    defaults = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    if given != defaults and not np.allclose(given, pixels):
+        raise ValueError(
+            f"{graph.source}: the graph takes uint8 pixels and normalises them itself; its "
+            f"config must not set mean/std (got mean {list(given[0])}, std {list(given[1])})"
+        )
+    return pixels
+
+
+def _cast_to_float(graph: onnx.GraphProto, name: str) -> str:
+    """A float32 copy of the value ``name`` of ``graph`` (a ``Cast`` node), by its name."""
+    cast = f"{name}/float32"
+    graph.node.append(helper.make_node("Cast", [name], [cast], to=onnx.TensorProto.FLOAT))
+    return cast
 
 
 def _same_opset(
@@ -278,6 +304,7 @@ def graft_onnx(
     model_name: str | None = None,
     out_path: str | Path | None = None,
     nonlinear_head: Literal["jacobian", "error"] = "jacobian",
+    layout: InputLayout | None = None,
 ) -> onnx.ModelProto | Path:
     """Graft the explanation head ``method`` onto the ONNX graph ``model``.
 
@@ -301,6 +328,10 @@ def graft_onnx(
         nonlinear_head: ``"jacobian"`` grafts a head that is not global average pooling +
             an affine map through its per-sample Jacobian (the head interpreted in torch);
             ``"error"`` refuses it.
+        layout: the input's layout, ``"NCHW"`` or ``"NHWC"``; ``None``: detected
+            (:mod:`~fam_core.exporters.onnx_normalise`, which also reads any opset, batch
+            form, precision and uint8 input). A graph that takes uint8 pixels is fed values
+            0-255: ``mean`` / ``std`` are then 0 and 1/255, and others are refused.
 
     Raises ``ValueError`` for a target tensor that is not in the graph or not a feature map /
     token sequence, a head with an ONNX operator the interpreter does not run (naming it),
@@ -315,7 +346,9 @@ def graft_onnx(
     task = _check_task(method, task)
     if nonlinear_head not in ("jacobian", "error"):
         raise ValueError(f"nonlinear_head must be 'jacobian' or 'error', got {nonlinear_head!r}")
-    graph = analyse_graph(model, input_size, output_name)
+    graph = analyse_graph(model, input_size, output_name, layout)
+    if graph.normalised.pixel_input:
+        mean, std = _pixel_preprocessing(graph, mean, std)
     target = resolve_target(graph, target_tensor)
     head: AffineHead | None = None
     if target.layout.kind == "channels_first":
@@ -369,6 +402,13 @@ def graft_onnx(
         head=kind,
     )
     merged.doc_string += f" (grafted onto {graph.source!r} after output {graph.output!r})"
+    helper.set_model_props(
+        merged,
+        {
+            **{prop.key: prop.value for prop in merged.metadata_props},
+            fmt.KEY_NORMALISATION: json.dumps(list(graph.normalised.steps)),
+        },
+    )
     onnx.checker.check_model(merged, full_check=True)
     if out_path is None:
         return merged
@@ -401,12 +441,7 @@ def _graft_affine(
         explain=explain,
         class_input=class_input,
     )
-    opset = min(max(default_opset(graph.proto), _MIN_OPSET), _MAX_OPSET)
-    if opset != default_opset(graph.proto):
-        raise ValueError(
-            f"the graph uses opset {default_opset(graph.proto)}; grafting supports opsets "
-            f"{_MIN_OPSET}-{_MAX_OPSET} (convert it with onnx.version_converter first)"
-        )
+    opset = default_opset(graph.proto)  # within GRAFT_OPSETS: the normalisation converts
     head_proto, sample, axes, head_inputs = _export_head(
         module, target.maps_shape, dimension, opset
     )

@@ -43,6 +43,7 @@ from fam_core.exporters.onnx_graph import (
     with_inferred_shapes,
 )
 from fam_core.exporters.onnx_load import fixed_batch, image_input, load_graph, resolve_input_size
+from fam_core.exporters.onnx_normalise import InputLayout, Normalised, normalise_graph
 from fam_core.layouts import FeatureLayout, detect_layout
 
 __all__ = [
@@ -144,15 +145,18 @@ class Graph:
     output_shape: tuple[int, ...]
     candidates: tuple[Candidate, ...]
     shapes: dict[str, tuple[int, ...]]  # measured / inferred shapes of candidates (batch 1)
+    normalised: Normalised  # proto before shape inference, its backbone, the steps taken
 
 
 def analyse_graph(
     model: str | Path | onnx.ModelProto,
     input_size: int | Sequence[int] | None,
     output_name: str | None,
+    layout: InputLayout | None = None,
 ) -> Graph:
     proto, source = load_graph(model)
-    proto = with_inferred_shapes(proto)
+    normalised = normalise_graph(proto, layout=layout)
+    proto = with_inferred_shapes(normalised.proto)
     image = image_input(proto)
     size = resolve_input_size(image, input_size)
     output = _choose_output(proto, output_name)
@@ -192,7 +196,7 @@ def analyse_graph(
         raise ValueError(
             f"output {output!r} must be [B, D] (an embedding or logits), got shape {output_shape}"
         )
-    return Graph(proto, source, image, size, output, output_shape, candidates, full)
+    return Graph(proto, source, image, size, output, output_shape, candidates, full, normalised)
 
 
 def _layout(shape: tuple[int, ...], size: tuple[int, int]) -> FeatureLayout | None:

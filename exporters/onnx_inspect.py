@@ -23,6 +23,7 @@ from fam_core.exporters.onnx_dataflow import (
     sample_value,
 )
 from fam_core.exporters.onnx_head import AffineHead, NotAffine, analyse_graph_head
+from fam_core.exporters.onnx_normalise import InputLayout
 
 __all__ = ["Inspection", "inspect_onnx"]
 
@@ -42,11 +43,13 @@ class Inspection:
     head_error: str | None
     head_kind: str | None = None  # an interpreted head: "identity", "linear" or "jacobian"
     head_detail: str | None = None
+    normalisation: tuple[str, ...] = ()  # the steps that read the file (onnx_normalise)
 
     def __str__(self) -> str:
         height, width = self.input_size
         lines = [
             f"ONNX graph {self.source}",
+            *(f"normalised: {step}" for step in self.normalisation),
             f"input   {self.input_name}  [B, 3, {height}, {width}]",
             f"output  {self.output_name}  [B, {self.output_dim}]",
             f"candidate target tensors ({len(self.candidates)}, in dataflow order):",
@@ -70,6 +73,7 @@ def inspect_onnx(
     input_size: int | Sequence[int] | None = None,
     output_name: str | None = None,
     target_tensor: str | None = None,
+    layout: InputLayout | None = None,
 ) -> Inspection:
     """Candidate target tensors, the chosen one and the head after it (``fam inspect``).
 
@@ -81,7 +85,7 @@ def inspect_onnx(
         ONNX graph resnet18
         ...
     """
-    graph = analyse_graph(model, input_size, output_name)
+    graph = analyse_graph(model, input_size, output_name, layout)
     chosen = resolve_target(graph, target_tensor)
     head, error, reason = None, None, None
     if chosen.layout.kind == "channels_first":
@@ -109,6 +113,7 @@ def inspect_onnx(
         head_error=error,
         head_kind=kind,
         head_detail=detail,
+        normalisation=graph.normalised.steps,
     )
 
 

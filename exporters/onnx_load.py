@@ -15,10 +15,18 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-__all__ = ["fixed_batch", "image_input", "load_graph", "resolve_input_size"]
+__all__ = [
+    "fixed_batch",
+    "image_input",
+    "load_graph",
+    "missing_external_data",
+    "resolve_input_size",
+]
 
 
 def load_graph(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """``(a copy of the graph, its name)``; weights stored as external data are read from
+    the file's folder (``location`` relative to it), and a missing data file is named."""
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -28,7 +36,39 @@ def load_graph(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, st
     path = Path(model)
     if not path.is_file():
         raise OSError(f"no such ONNX file: {path}")
-    return onnx.load(str(path)), path.stem
+    missing = missing_external_data(path)
+    if missing:
+        raise ValueError(
+            f"{path.name} keeps its weights in {missing[0]!r} beside it (external data), "
+            f"which is missing: expected {path.parent / missing[0]}"
+        )
+    try:
+        return onnx.load(str(path)), path.stem
+    except Exception as error:  # noqa: BLE001 - protobuf and onnx errors share no type
+        text = str(error).strip().splitlines()
+        raise ValueError(
+            f"cannot read {path} as ONNX: {text[0] if text else type(error).__name__}"
+        ) from None
+
+
+def missing_external_data(path: Path) -> list[str]:
+    """The external-data files that ``path``'s tensors name and its folder lacks.
+
+    Example:
+        >>> missing_external_data(Path("model.onnx"))  # doctest: +SKIP
+        ['model.onnx.data']
+    """
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the full load
+        return []
+    locations: dict[str, None] = {}
+    constants = [a.t for node in proto.graph.node for a in node.attribute if a.HasField("t")]
+    for tensor in (*proto.graph.initializer, *constants):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            locations[entries.get("location", "")] = None
+    return [name for name in locations if not (path.parent / name).is_file()]
 
 
 def image_input(proto: onnx.ModelProto) -> onnx.ValueInfoProto:

@@ -55,6 +55,7 @@ KEY_CLASS_NAMES = "class_names"  # JSON list
 KEY_INPUTS = "inputs"  # JSON list of input names
 KEY_OUTPUTS = "outputs"  # JSON list of output names
 KEY_OPSET = "opset"
+KEY_NORMALISATION = "normalisation"  # JSON list: the steps that read a foreign file (graft)
 
 METHODS: tuple[str, ...] = ("fam", "gradfam", "cam", "gradcam")
 EMBEDDING_METHODS: tuple[str, ...] = ("fam", "gradfam")
