@@ -398,8 +398,9 @@ class Zoo:
 
     Example:
         >>> import tempfile
-        >>> zoo = Zoo(Path(tempfile.mkdtemp()))
-        >>> zoo["opset17"].target, zoo["opset17"].weight.shape
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     model = Zoo(Path(folder))["opset17"]
+        >>> model.target, model.weight.shape
         ('/features/features.8/Relu_output_0', (5, 16))
     """
 

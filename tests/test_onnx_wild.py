@@ -183,6 +183,8 @@ def test_quantized_files_stay_close_to_the_float_model(zoo, name) -> None:
     own = reference_maps(model, images)
     twin = reference_maps(zoo[model.float_twin], images, classes=own.classes)
     assert_top_classes(own.classes, torch.from_numpy(twin.outputs), 0.05)
+    scale = np.abs(twin.weight).max()
+    assert np.abs(own.weight - twin.weight).max() <= 0.01 * scale  # dequantized W, read off
     for method in METHODS:
         r = correlation(own.maps[method], twin.maps[method])
         print(f"{name} {method}: own graph's map vs the float model's, correlation {r:.4f}")
