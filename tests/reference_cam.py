@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +85,8 @@ def reference_maps(
     if model.target is None:
         raise ValueError(f"{model.name} has no target tensor: it is refused")
     proto = onnx.load(str(model.path))  # external data beside the file comes along
-    weight_name, reader = _classifier_weight(proto, model.target)
-    taps = [model.target, *reader.taps]
+    weight_name, head = _classifier_weight(proto, model.target)
+    taps = [model.target, *head.taps]
     session = _tapped_session(proto, taps)
     first_output = proto.graph.output[0].name
     inputs = model.model_input(images)
@@ -100,10 +101,10 @@ def reference_maps(
         )
         activations.append(values[model.target][0].astype(np.float64))
         outputs.append(values[first_output][0].astype(np.float64))
-        tapped = values
+        tapped = values  # the head's computed matrix is the same for every image
     activations_array = np.stack(activations)
     outputs_array = np.stack(outputs).reshape(len(outputs), -1)
-    weight = reader.weight(tapped)
+    weight = head.weight(tapped)
     if weight is None:  # the pooled maps are the output: W is the identity
         weight = np.eye(activations_array.shape[1])
     if weight.shape[1] != activations_array.shape[1]:
@@ -131,23 +132,25 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 # -- reading the head
 
 
-class _WeightReader:
-    """How to get ``W`` ``[C, N]`` once the tapped values are known."""
+class _Head:
+    """The head's matrix ``W`` ``[C, N]``: built from the graph's constants and, where the
+    matrix is computed (a DequantizeLinear or Cast of a constant), from the values tapped
+    under the names in ``taps``; ``None`` when the pooled maps are the output (identity)."""
 
-    def __init__(self, proto: onnx.ModelProto) -> None:
-        self.constants = _constants(proto)
+    def __init__(self, constants: dict[str, np.ndarray]) -> None:
+        self.constants = constants
         self.taps: list[str] = []
-        self._build = lambda tapped: None
+        self.build: Callable[[dict[str, np.ndarray]], np.ndarray | None] = lambda tapped: None
 
-    def value(self, name: str) -> str | np.ndarray:
-        """A constant's value, or the name to tap when it is computed (DequantizeLinear...)."""
-        if name in self.constants:
-            return self.constants[name]
-        self.taps.append(name)
-        return name
+    def value(self, name: str, tapped: dict[str, np.ndarray]) -> np.ndarray:
+        return self.constants[name] if name in self.constants else tapped[name]
+
+    def need(self, name: str) -> None:
+        if name not in self.constants:
+            self.taps.append(name)
 
     def weight(self, tapped: dict[str, np.ndarray]) -> np.ndarray | None:
-        return self._build(tapped)
+        return self.build(tapped)
 
 
 def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -160,14 +163,14 @@ def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
-def _classifier_weight(proto: onnx.ModelProto, target: str) -> tuple[str, _WeightReader]:
+def _classifier_weight(proto: onnx.ModelProto, target: str) -> tuple[str, _Head]:
     """The head's matrix after the pooling of ``target``, followed through reshapes,
     casts and (de)quantization to the first MatMul / Gemm / MatMulInteger."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    reader = _WeightReader(proto)
+    head = _Head(_constants(proto))
     pool = next(
         (n for n in consumers.get(target, []) if n.op_type in ("GlobalAveragePool", "ReduceMean")),
         None,
@@ -180,56 +183,56 @@ def _classifier_weight(proto: onnx.ModelProto, target: str) -> tuple[str, _Weigh
         following = [n for n in consumers.get(value, []) if n.op_type != "Shape"]
         if not following:
             if value in outputs:
-                return "identity", reader  # the pooled values are the output
+                return "identity", head  # the pooled values are the output
             raise ValueError(f"found no classifier after {value}")
         node = following[0]
         if node.op_type in ("MatMul", "Gemm"):
-            return node.input[1], _linear(reader, node)
+            _linear(head, node)
+            return node.input[1], head
         if node.op_type == "MatMulInteger":
-            return node.input[1], _integer_linear(reader, node, proto)
-        if node.op_type in PASS_THROUGH | OUTPUT_TAILS:
-            value = node.output[0]
-            continue
-        raise ValueError(f"unexpected {node.op_type} node after the pooling")
+            _integer_linear(head, node, proto)
+            return node.input[1], head
+        if node.op_type not in PASS_THROUGH | OUTPUT_TAILS:
+            raise ValueError(f"unexpected {node.op_type} node after the pooling")
+        value = node.output[0]
 
 
-def _linear(reader: _WeightReader, node: onnx.NodeProto) -> _WeightReader:
+def _linear(head: _Head, node: onnx.NodeProto) -> None:
+    """``MatMul(x, B)``: ``W = B^T``; ``Gemm(x, B, alpha, transB)``: ``alpha B`` or its
+    transpose."""
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    matrix = reader.value(node.input[1])
     transposed = node.op_type == "Gemm" and attributes.get("transB", 0) == 1
     alpha = float(attributes.get("alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+    matrix = node.input[1]
+    head.need(matrix)
 
     def build(tapped: dict[str, np.ndarray]) -> np.ndarray:
-        values = tapped[matrix] if isinstance(matrix, str) else matrix
-        values = values.astype(np.float64) * alpha
+        values = head.value(matrix, tapped).astype(np.float64) * alpha
         return values if transposed else values.T  # [C, N]
 
-    reader._build = build
-    return reader
+    head.build = build
 
 
-def _integer_linear(
-    reader: _WeightReader, node: onnx.NodeProto, proto: onnx.ModelProto
-) -> _WeightReader:
+def _integer_linear(head: _Head, node: onnx.NodeProto, proto: onnx.ModelProto) -> None:
     """``MatMulInteger(x_q, W_q, x_zero, W_zero)`` then ``Mul`` by ``x_scale * W_scale``
     (onnxruntime's dynamic quantization): ``W = (W_q - W_zero) * W_scale``."""
-    quantized = reader.constants[node.input[1]].astype(np.float64)
-    zero = reader.constants[node.input[3]].astype(np.float64) if len(node.input) > 3 else 0.0
+    constants = head.constants
+    quantized = constants[node.input[1]].astype(np.float64)
+    zero = constants[node.input[3]].astype(np.float64) if len(node.input) > 3 else 0.0
     producer = {out: n for n in proto.graph.node for out in n.output}
     dynamic = producer[node.input[0]]
     if dynamic.op_type != "DynamicQuantizeLinear":
         raise ValueError(f"expected DynamicQuantizeLinear before {node.name}")
     input_scale = dynamic.output[1]
     scale = next(
-        reader.constants[other]
+        constants[other]
         for n in proto.graph.node
         if n.op_type == "Mul" and input_scale in n.input
         for other in n.input
-        if other != input_scale and other in reader.constants
+        if other != input_scale and other in constants
     ).astype(np.float64)
     weight = ((quantized - zero) * scale).T  # [C, N]
-    reader._build = lambda tapped: weight
-    return reader
+    head.build = lambda tapped: weight
 
 
 def _tapped_session(proto: onnx.ModelProto, names: list[str]) -> onnxruntime.InferenceSession:

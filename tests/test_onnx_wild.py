@@ -2,8 +2,8 @@
 
 For every file a real exporter could have written (old opsets, a ``-1`` or symbolic batch,
 Constant-node weights, external data, float16, int8, NHWC and uint8 inputs, Softmax /
-LogSoftmax / Sigmoid / L2-normalised outputs, two outputs, greyscale, PaddleOCR's and a
-tf2onnx-converted Keras classifier) CAM and Grad-CAM are compared with an independent map
+LogSoftmax / Sigmoid / L2-normalised outputs, two outputs, greyscale, PaddleOCR's classifier,
+a Keras and a TFLite classifier converted by tf2onnx) CAM and Grad-CAM are compared with an independent map
 (tests/reference_cam.py: the tensor before the pooling tapped from the ORIGINAL file by
 onnxruntime, the head's matrix read off the graph), at the library level (``graft_onnx`` then
 ``OnnxExplainer``) and served from an ``onnx:`` config over the Open Inference Protocol.
@@ -105,16 +105,14 @@ def report_float_correlation(zoo: Zoo, model: ZooModel, maps: np.ndarray, method
 # -- the reference itself
 
 
-def torch_source(model: ZooModel) -> tuple[torch.nn.Module, torch.Tensor] | None:
-    """The float torch classifier a zoo file was exported from and its input for the test
-    images, where the file is a float export of it."""
+def torch_source(model: ZooModel) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The float torch classifier a zoo file was exported from, and its input for the
+    test images."""
     images = torch.from_numpy(in_unit_range(pixels(model)))
     if model.name == "greyscale":
         return zoo_classifier("zoo-greyscale", channels=1), images[:, :1]
-    if model.name == "uint8-input":
+    if model.name == "uint8-input":  # the graph's own Cast -> Sub -> Div
         return zoo_classifier(), (torch.from_numpy(pixels(model)).float() - 127.5) / 127.5
-    if model.precision != "float32" or model.name not in BUILT_HERE or model.refused:
-        return None
     return zoo_classifier(), images
 
 
