@@ -26,6 +26,7 @@ if ! command -v java >/dev/null 2>&1; then
   echo "note: java not found; TorchServe needs Java 17 (the rest works without it)" >&2
 fi
 .venv/bin/python -m fam_core.protos  # gRPC stubs from proto/, regenerated when stale
+bash scripts/build_onnx_zoo.sh  # tests/onnx_zoo.py's tf2onnx-converted file (own venv, cached)
 # (each classifier starts from its embedding model, so the embedding models come first)
 for name in default-embedding default-classifier default-embedding-fine default-classifier-fine; do
   if [ ! -f "model-store/$name/weights.pt" ]; then
