@@ -54,7 +54,15 @@ SERVED = (
 BATCH = 3
 MIN_CORRELATION = 0.99
 MAX_DIFFERENCE = 1e-3
-IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # the models take [0, 1] pixels
+
+
+def preprocessing(model: ZooModel) -> dict[str, tuple[float, ...]]:
+    """Mean 0 and std 1 per channel: the models take [0, 1] pixels. A uint8 model sets
+    none: it normalises its pixels itself, and the graft feeds it 0-255."""
+    if model.input_dtype == "uint8":
+        return {}
+    return {"mean": (0.0,) * model.channels, "std": (1.0,) * model.channels}
+
 TIMEOUT = 60
 
 
@@ -205,7 +213,7 @@ def test_grafted_file_explains_like_the_reference(zoo, name, method, tmp_path) -
         input_size=model.input_size,
         class_input=True,
         out_path=tmp_path / f"{name}-{method}.onnx",
-        **IDENTITY,
+        **preprocessing(model),
     )
     runner = OnnxExplainer(path)
     explanation = runner(
@@ -246,10 +254,10 @@ def write_config(folder: Path, model: ZooModel) -> None:
     if data.is_file():
         shutil.copy(data, folder)
     height, width = model.input_size
+    lines = "".join(f"{key}: {list(values)}\n" for key, values in preprocessing(model).items())
     (folder / "config.yaml").write_text(
         f"name: {model.name}\ntask: classifier\nonnx: model.onnx\n"
-        f"input_size: [{height}, {width}]\nresize: resize\n"
-        "mean: [0.0, 0.0, 0.0]\nstd: [1.0, 1.0, 1.0]\n"
+        f"input_size: [{height}, {width}]\nresize: resize\n{lines}"
     )
 
 
