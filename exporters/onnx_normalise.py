@@ -101,6 +101,7 @@ def normalise_graph(proto: onnx.ModelProto, *, layout: InputLayout | None = None
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     steps: list[str] = []
+    steps += _image_rank(copy)
     steps += _dynamic_batch(copy)
     copy, converted = _convert_opset(copy)
     steps += converted
@@ -148,6 +149,32 @@ def _dynamic_batch(proto: onnx.ModelProto) -> list[str]:
     if steps:
         del proto.graph.value_info[:]
     return steps
+
+
+def _image_rank(proto: onnx.ModelProto) -> list[str]:
+    """A rank-4 shape ``[batch, C, height, width]`` for an image input that has none (some
+    converters write no shape), ``C`` from the first ``Conv`` its data reaches."""
+    value = _image_value(proto.graph)
+    if value is None or value.type.tensor_type.HasField("shape"):
+        return []
+    frontier, channels = {value.name}, None
+    for node in proto.graph.node:
+        if not frontier.intersection(node.input):
+            continue
+        if node.op_type == "Conv":
+            weights = {tensor.name: tensor for tensor in proto.graph.initializer}
+            weight = weights.get(node.input[1])
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            channels = None if weight is None else int(weight.dims[1]) * group
+            break
+        frontier.update(node.output)
+    if channels is None:
+        return []
+    shape = ["batch", channels, "height", "width"]
+    value.type.CopyFrom(helper.make_tensor_type_proto(value.type.tensor_type.elem_type, shape))
+    return [
+        f"input: {value.name} had no shape; [batch, {channels}, height, width] from its first Conv"
+    ]
 
 
 # -- opset

@@ -372,3 +372,16 @@ def test_external_data_is_read_from_the_models_folder_and_a_missing_file_named(
     with pytest.raises(ValueError, match=r"keeps its weights in 'weights.data'.*missing") as error:
         graft_onnx(path, method="cam", task="classifier")
     assert "\n" not in str(error.value)
+
+
+def test_an_input_without_shape_gets_rank_4_from_its_first_conv(model, reference) -> None:
+    proto = export(model)
+    proto.graph.input[0].type.tensor_type.ClearField("shape")
+    normalised = normalise_graph(proto)
+    dims = normalised.proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims] == ["batch", 3, "height", "width"]
+    grafted = graft_onnx(proto, method="cam", task="classifier", input_size=SIZE)
+    with tempfile.TemporaryDirectory() as folder:
+        onnx.save(grafted, f"{folder}/grafted.onnx")
+        maps = OnnxExplainer(f"{folder}/grafted.onnx")(torch.from_numpy(images())).maps.numpy()
+    np.testing.assert_allclose(maps, reference["cam"], atol=1e-4)

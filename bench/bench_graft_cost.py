@@ -1,0 +1,100 @@
+"""What grafting costs on ONNX files as real exporters write them: the grafted graph against
+the original file under onnxruntime (CPU), batch 1 and 16, median of alternating rounds in
+one process (``common.ratio``).
+
+Run: .venv/bin/python bench/bench_graft_cost.py [--repeats N] [--models ppocr-cls fer-keras ...]
+Target: grafted / original <= 1.05 for every model and method.
+
+Models (from the tests' zoo, ``tests/onnx_zoo.py``): PaddleOCR's text-orientation classifier
+shipped in ``rapidocr-onnxruntime`` (opset 11, ``-1`` batch, Constant-node weights, a Softmax
+output; 48 x 192), the Keras emotion classifier of ``fer`` converted by tf2onnx (NHWC,
+greyscale, 64 x 64; needs ``bash scripts/build_onnx_zoo.sh``), the zoo's small classifier at
+opset 17 and its static QDQ int8 form. Each is grafted with CAM and with Grad-CAM as a served
+``onnx:`` config grafts it (``class_input=False``: top-1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent / "tests"))
+from common import ratio  # noqa: E402
+from onnx_zoo import Zoo  # noqa: E402
+
+from fam_core.exporters.graft import graft_onnx  # noqa: E402
+
+DEFAULT_MODELS = ("ppocr-cls", "fer-keras", "opset17", "qdq-int8")
+
+
+def session(source: bytes | str):  # noqa: ANN201
+    """A CPU session on the machine's threads that does not spin between runs: two sessions
+    whose idle threads spin would slow each other down in alternating rounds."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def pair(model, method: str, batch: int):  # noqa: ANN001, ANN201
+    """``(grafted run, original run)`` on the same images."""
+    channels = model.channels
+    grafted = graft_onnx(
+        model.path,
+        method=method,
+        task="classifier",
+        input_size=model.input_size,
+        mean=(0.0,) * channels,
+        std=(1.0,) * channels,
+    )
+    images = np.random.default_rng(0).random((batch, 3, *model.input_size), dtype=np.float32)
+    original = session(str(model.path))
+    feeds = {original.get_inputs()[0].name: model.model_input(images)}
+    explained = session(grafted.SerializeToString())  # type: ignore[union-attr]
+    pixels = images[:, :channels] * (255.0 if model.input_dtype == "uint8" else 1.0)
+    explained_feeds = {"image": np.ascontiguousarray(pixels)}
+    return (
+        lambda: explained.run(None, explained_feeds),
+        lambda: original.run(None, feeds),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--methods", nargs="+", default=["cam", "gradcam"])
+    args = parser.parse_args()
+    print(f"onnx {onnx.__version__}, {torch.get_num_threads()} threads")
+    print("| model | method | batch | original (ms) | grafted / original |")
+    print("|---|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as folder:
+        zoo = Zoo(Path(folder))
+        for name in args.models:
+            model = zoo[name]
+            for method in args.methods:
+                for batch in args.batches:
+                    fixed = model.batch if getattr(model, "batch", None) else None
+                    if fixed is not None and fixed != batch:
+                        continue
+                    explained, original = pair(model, method, batch)
+                    value, _, seconds = ratio(explained, original, repeats=args.repeats)
+                    print(
+                        f"| {name} | {method} | {batch} | {1000 * seconds:.2f} | {value:.3f} |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
