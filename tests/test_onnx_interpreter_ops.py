@@ -167,6 +167,11 @@ CASES = {
         {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
         shape=(2, 3, 8, 8),
     ),
+    "MaxPool-ceil-no-window-in-end-padding": Case(
+        "MaxPool",
+        12,
+        {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+    ),
     "MaxPool-same-upper": Case(
         "MaxPool",
         12,
@@ -217,6 +222,11 @@ CASES = {
             "count_include_pad": 1,
         },
         shape=(2, 3, 8, 8),
+    ),
+    "AveragePool-ceil-no-window-in-end-padding": Case(
+        "AveragePool",
+        11,
+        {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
     ),
     "AveragePool-same-upper": Case(
         "AveragePool",
@@ -283,6 +293,16 @@ CASES = {
     ),
     "Resize-nearest-half-pixel-floor-down": Case(
         "Resize", 13, {"mode": "nearest"}, [None, f32(1, 1, 0.6, 0.6)]
+    ),
+    "Resize-nearest-ties-prefer-floor": Case(
+        "Resize", 13, {"mode": "nearest"}, [None, f32(1, 1, 0.5, 0.5)], shape=(2, 3, 8, 8)
+    ),
+    "Resize-nearest-ties-prefer-ceil": Case(
+        "Resize",
+        13,
+        {"mode": "nearest", "nearest_mode": "round_prefer_ceil"},
+        [None, f32(1, 1, 0.5, 0.5)],
+        shape=(2, 3, 8, 8),
     ),
     "Resize-nearest-ceil-sizes": Case(
         "Resize", 13, {"mode": "nearest", "nearest_mode": "ceil"}, [None, None, i64(2, 3, 10, 5)]
