@@ -1114,6 +1114,44 @@ SUPPORTED_OPS: tuple[str, ...] = tuple(sorted(_OPS))
 """The ONNX operators (default domain) a head may use."""
 
 
+_NOT_FOLDED = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial"}
+)
+
+
+def _fold_constants(
+    graph: onnx.GraphProto, opset: int
+) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """The nodes that depend on the graph's input, and the values the others compute from
+    constants alone (evaluated by onnx's reference implementation) that those nodes or the
+    output read: e.g. the pads ``torch.onnx.export`` writes for ``F.pad`` as a
+    ConstantOfShape / Concat / Reshape / Slice / Transpose chain on 2-D integer tensors, which
+    the shape values (:class:`_Ints`, at most 1-D) cannot hold."""
+    from onnx.reference import ReferenceEvaluator
+
+    known = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    computed: dict[str, np.ndarray] = {}
+    kept: list[onnx.NodeProto] = []
+    for node in graph.node:
+        constant = (node.input or node.op_type == "Constant") and all(
+            not name or name in known for name in node.input
+        )
+        if constant and node.domain in ("", "ai.onnx") and node.op_type not in _NOT_FOLDED:
+            feeds = {name: known[name] for name in node.input if name}
+            try:
+                results = ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
+            except Exception:  # the interpreter runs what the reference implementation cannot
+                results = None
+            if results is not None:
+                for name, value in zip(node.output, results, strict=False):
+                    if name:
+                        known[name] = computed[name] = np.asarray(value)
+                continue
+        kept.append(node)
+    read = {name for node in kept for name in node.input} | {graph.output[0].name}
+    return kept, {name: value for name, value in computed.items() if name in read}
+
+
 def _default_opset(proto: onnx.ModelProto) -> int:
     """The graph's default-domain opset (the newest this onnx knows where it names none)."""
     for entry in proto.opset_import:
@@ -1161,23 +1199,27 @@ class OnnxModule(nn.Module):
             raise ValueError("the head must have one input and one output")
         self.input_name, self.output_name = inputs[0], graph.output[0].name
         self.opset = _default_opset(proto)
+        kept, folded = _fold_constants(graph, self.opset)
         self.nodes = [
-            (node.op_type, list(node.input), list(node.output), _attributes(node))
-            for node in graph.node
+            (node.op_type, list(node.input), list(node.output), _attributes(node)) for node in kept
         ]
         self._constants: dict[str, _Ints] = {}
         self._buffers_by_value: dict[str, str] = {}
         for position, tensor in enumerate(graph.initializer):
             self._store(f"initializer_{position}", tensor.name, numpy_helper.to_array(tensor))
-        self.linears = nn.ModuleDict(self._linear_layers(graph))
+        for position, (name, array) in enumerate(folded.items()):
+            self._store(f"folded_{position}", name, array)
+        self.linears = nn.ModuleDict(self._linear_layers(graph, kept))
 
-    def _linear_layers(self, graph: onnx.GraphProto) -> dict[str, nn.Linear]:
+    def _linear_layers(
+        self, graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
+    ) -> dict[str, nn.Linear]:
         """``MatMul(x, W)`` with a constant 2-D ``W`` as an ``nn.Linear`` (no bias), keyed by
         the node's position: a layer :mod:`fam_core.head_rows` can run on the token rows
         that reach the output only (a class token's last block), as on a torch model."""
         weights = {tensor.name: tensor for tensor in graph.initializer}
         layers: dict[str, nn.Linear] = {}
-        for position, node in enumerate(graph.node):
+        for position, node in enumerate(nodes):
             weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
             if (
                 weight is None
