@@ -9,11 +9,29 @@ product, :meth:`~fam_core.explainers.base.Explainer.head_jacobian_product`), and
 explanation is exported back to ONNX by the code path of
 :func:`fam_core.exporters.export.export_model` (``make_fx`` + the ``torch.export`` exporter).
 
-Initializers and ``Constant`` nodes become buffers. Integer tensors that describe shapes
-(``Shape`` outputs, small int64 constants, and what ``Gather`` / ``Concat`` / ``Unsqueeze``
-/ ``Slice`` / arithmetic make of them) are kept as Python tuples (:class:`_Ints`), so a
-dynamic batch axis stays symbolic while the module is traced. An operator outside
-:data:`SUPPORTED_OPS` raises ``ValueError`` naming it.
+Initializers and ``Constant`` nodes become buffers, and so do the values that nodes compute
+from constants alone (folded once by onnx's reference implementation). Integer tensors that
+describe shapes (``Shape`` outputs, small int64 constants, and what ``Gather`` / ``Concat`` /
+``Unsqueeze`` / ``Slice`` / arithmetic make of them) are kept as Python tuples
+(:class:`_Ints`), so a dynamic batch axis stays symbolic while the module is traced. An
+operator outside :data:`SUPPORTED_OPS` raises ``ValueError`` naming it; a form of a supported
+operator that is not interpreted (MaxPool's ``Indices``, Resize's ``tf_crop_and_resize`` or
+``antialias`` when downsampling, blocked quantization) raises ``ValueError`` naming the form
+when the module runs.
+
+Operators keep the semantics of their opset: attributes before inputs (Clip's ``min`` /
+``max`` and Pad's ``pads`` before opset 11, Upsample's ``scales`` in opset 7), Softmax and
+LogSoftmax on a 2-D view before opset 13, Resize's inputs and its "simple" nearest rounding
+before opset 11. Pooling, Pad and Resize follow onnxruntime to the sample (``ceil_mode``,
+``auto_pad``, ``count_include_pad``, each coordinate transformation and nearest mode).
+
+Quantization: a quantized tensor is held as a float tensor of its integer values.
+``QuantizeLinear`` computes them exactly (round half to even, saturated to uint8 / int8) but
+lets the gradient pass straight through (the straight-through estimator: the gradient of
+``x / scale + zero_point``), so ``DequantizeLinear(QuantizeLinear(x))`` has the identity as
+its gradient and the explainers see through a QDQ model; ``DynamicQuantizeLinear`` does the
+same with its scale and zero point held constant. ``MatMulInteger`` / ``ConvInteger`` are
+exact (float64 sums of integers), int32 on integer tensors.
 
 Example:
     >>> from onnx import helper, TensorProto
@@ -315,16 +333,20 @@ def _constant_of_shape(shape, *, value=None):
     return torch.full(tuple(sizes), fill.reshape(-1)[0].item(), dtype=torch.from_numpy(fill).dtype)
 
 
-def _constant(**attributes):
+def _constant_array(**attributes) -> np.ndarray:
     if "value" in attributes:
-        return _as_value(numpy_helper.to_array(attributes["value"]))
+        return numpy_helper.to_array(attributes["value"])
     for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
         if key in attributes:
-            return _as_value(np.array(attributes[key], dtype=dtype))
+            return np.array(attributes[key], dtype=dtype)
     for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
         if key in attributes:
-            return _as_value(np.array(attributes[key], dtype=dtype))
+            return np.array(attributes[key], dtype=dtype)
     raise ValueError(f"Constant with attributes {sorted(attributes)} is not supported")
+
+
+def _constant(**attributes):
+    return _as_value(_constant_array(**attributes))
 
 
 def _gelu(x, *, approximate="none"):
@@ -400,12 +422,6 @@ def _thresholded_relu(x, *, alpha=1.0):
 
 
 def _sum(*values):
-    if all(isinstance(v, _Ints) for v in values):
-        add = _int_binary(lambda a, b: a + b)
-        total = values[0]
-        for value in values[1:]:
-            total = add(total, value)
-        return total
     tensors = [_tensor(v) for v in values]
     total = tensors[0]
     for tensor in tensors[1:]:
@@ -1110,6 +1126,9 @@ _OPS: dict[str, Callable[..., Any]] = {
     "Where": _where,
 }
 _NEEDS_OPSET = frozenset({"LogSoftmax", "Resize", "Softmax"})  # their inputs or axes changed
+# ops whose float inputs set sizes: read as Python floats from the constants, since a
+# tensor's values are unknown while the module is traced with a symbolic batch
+_READS_FLOATS = frozenset({"Resize", "Upsample"})
 SUPPORTED_OPS: tuple[str, ...] = tuple(sorted(_OPS))
 """The ONNX operators (default domain) a head may use."""
 
@@ -1139,7 +1158,10 @@ def _fold_constants(
         if constant and node.domain in ("", "ai.onnx") and node.op_type not in _NOT_FOLDED:
             feeds = {name: known[name] for name in node.input if name}
             try:
-                results = ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
+                if node.op_type == "Constant":
+                    results = [_constant_array(**_attributes(node))]
+                else:
+                    results = ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
             except Exception:  # the interpreter runs what the reference implementation cannot
                 results = None
             if results is not None:
@@ -1205,6 +1227,7 @@ class OnnxModule(nn.Module):
         ]
         self._constants: dict[str, _Ints] = {}
         self._buffers_by_value: dict[str, str] = {}
+        self._floats: dict[str, tuple[float, ...]] = {}
         for position, tensor in enumerate(graph.initializer):
             self._store(f"initializer_{position}", tensor.name, numpy_helper.to_array(tensor))
         for position, (name, array) in enumerate(folded.items()):
@@ -1236,6 +1259,8 @@ class OnnxModule(nn.Module):
         return layers
 
     def _store(self, key: str, name: str, array: np.ndarray) -> None:
+        if array.dtype.kind == "f" and array.ndim <= 1 and array.size <= _SMALL_INTS:
+            self._floats[name] = tuple(float(v) for v in array.reshape(-1))
         value = _as_value(array)
         if isinstance(value, _Ints):
             self._constants[name] = value
@@ -1261,6 +1286,11 @@ class OnnxModule(nn.Module):
                 options["_count"] = len([name for name in outputs if name])
             if op_type in _NEEDS_OPSET:
                 options["_opset"] = self.opset
+            if op_type in _READS_FLOATS:
+                arguments = [
+                    self._floats.get(name, value)
+                    for name, value in zip(inputs, arguments, strict=False)
+                ]
             result = _OPS[op_type](*arguments, **options)
             results = result if isinstance(result, tuple) else (result,)
             for name, value in zip(outputs, results, strict=False):

@@ -663,3 +663,107 @@ def test_an_unsupported_form_of_a_supported_operator_says_which() -> None:
     )
     with pytest.raises(ValueError, match="tf_crop_and_resize"):
         OnnxModule(one_node(case))(torch.from_numpy(sample(NCHW)))
+
+
+class ConvolutionalHead(torch.nn.Module):
+    """The operators torch.onnx.export writes for the layers of small vision classifiers."""
+
+    def __init__(self, opset: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.prelu = torch.nn.PReLU(3, init=0.2)
+        self.norm = torch.nn.InstanceNorm2d(3, affine=True)
+        self.fc = torch.nn.Linear(3, 4)
+        self.ceil_mode = opset >= 10
+        self.bilinear = opset >= 11  # before, torch's bilinear has no ONNX equivalent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.pad(x, (1, 2, 2, 1), mode="reflect")
+        x = torch.nn.functional.pad(x, (1, 0, 0, 1), mode="replicate")
+        x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=0.5)
+        x = self.norm(self.prelu(x))
+        x = torch.nn.functional.hardswish(x) + torch.nn.functional.mish(x)
+        x = torch.nn.functional.max_pool2d(x, 3, 2, 1, ceil_mode=self.ceil_mode)
+        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        x = torch.nn.functional.avg_pool2d(x, 2, 2, count_include_pad=False)
+        if self.bilinear:
+            x = torch.nn.functional.interpolate(x, size=(9, 7), mode="bilinear")
+        x = torch.nn.functional.elu(x) + torch.nn.functional.hardsigmoid(x)
+        x = torch.nn.functional.adaptive_max_pool2d(x, 1).flatten(1)
+        return torch.log_softmax(self.fc(x), dim=1)
+
+
+@pytest.mark.parametrize("opset", [9, 11, 17])
+def test_a_head_exported_by_torch_matches_torch_and_onnxruntime(opset: int) -> None:
+    """Real exporter output: the pads of F.pad as a constant subgraph (folded), Upsample at
+    opset 9, Resize after, PRelu's [C, 1, 1] slope, InstanceNormalization."""
+    import io
+    import warnings
+
+    head = ConvolutionalHead(opset).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            head,
+            (torch.rand(1, *NCHW[1:]),),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch"}},
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    ops = {node.op_type for node in proto.graph.node}
+    assert {"Pad", "PRelu", "MaxPool", "AveragePool", "HardSigmoid"} <= ops
+    assert ("Upsample" if opset < 10 else "Resize") in ops
+    interpreted = {op for op, *_ in OnnxModule(proto).nodes}
+    assert not {"Constant", "ConstantOfShape", "Transpose", "Cast"} & interpreted  # folded
+    x = sample((3, *NCHW[1:]))
+    got = assert_matches_onnxruntime(proto, x, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            got.numpy(), head(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_the_module_traces_with_a_symbolic_batch_gradient_included() -> None:
+    """What the graft's export does (``make_fx`` with a symbolic batch, through autograd):
+    no operator reads tensor values into Python, and the trace runs another batch size."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    nodes = [
+        helper.make_node("Pad", ["x", "pads", "fill"], ["padded"]),
+        helper.make_node(
+            "MaxPool", ["padded"], ["pooled"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1
+        ),
+        helper.make_node("Resize", ["pooled", "", "scales"], ["resized"], mode="linear"),
+        helper.make_node(
+            "AveragePool", ["resized"], ["averaged"], kernel_shape=[2, 2], pads=[1, 1, 0, 0]
+        ),
+        helper.make_node("HardSwish", ["averaged"], ["activated"]),
+        helper.make_node("DynamicQuantizeLinear", ["activated"], ["q", "s", "z"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+    ]
+    constants = [
+        const("pads", i64(0, 0, 1, 1, 0, 0, 1, 1)),
+        const("fill", np.float32(0.5)),
+        const("scales", f32(1, 1, 2, 2)),
+    ]
+    module = OnnxModule(model(nodes, 14, ["batch", 3, 7, 7], constants))
+
+    def value_and_gradient(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = module(x)
+            (gradient,) = torch.autograd.grad((y * y).sum(), x)
+        return y, gradient
+
+    traced = make_fx(value_and_gradient, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+        torch.from_numpy(sample(NCHW))
+    )
+    x = torch.from_numpy(sample((5, *NCHW[1:]), seed=1))
+    for got, want in zip(traced(x), value_and_gradient(x), strict=True):
+        np.testing.assert_allclose(
+            got.detach().numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-6
+        )
