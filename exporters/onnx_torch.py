@@ -103,7 +103,7 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 def _as_value(array: np.ndarray) -> torch.Tensor | _Ints:
-    if array.dtype == np.int64 and array.ndim <= 1 and array.size <= _SMALL_INTS:
+    if array.dtype in (np.int64, np.int32) and array.ndim <= 1 and array.size <= _SMALL_INTS:
         return _Ints(tuple(int(v) for v in array.reshape(-1)), scalar=array.ndim == 0)
     return torch.from_numpy(array.copy())
 

@@ -256,6 +256,32 @@ CASES = {
     "LpPool": Case(
         "LpPool", 18, {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "p": 2}
     ),
+    "Conv-asymmetric-pads": Case(
+        "Conv", 11, {"pads": [0, 1, 2, 0]}, [_RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)]
+    ),
+    "Conv-same-upper": Case(
+        "Conv",
+        11,
+        {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+        [_RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)],
+        shape=(2, 3, 8, 8),
+    ),
+    "Conv-same-lower": Case(
+        "Conv",
+        11,
+        {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
+        [_RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)],
+        shape=(2, 3, 8, 8),
+    ),
+    "Conv-valid": Case(
+        "Conv",
+        11,
+        {"auto_pad": "VALID", "strides": [2, 1]},
+        [
+            _RNG.standard_normal((4, 3, 3, 3)).astype(np.float32),
+            _RNG.standard_normal(4).astype(np.float32),
+        ],
+    ),
     # padding
     "Pad-opset2-constant": Case("Pad", 2, {"pads": [0, 0, 1, 2, 0, 0, 2, 1], "value": 1.5}),
     "Pad-opset2-reflect": Case("Pad", 2, {"pads": [0, 0, 2, 1, 0, 0, 1, 3], "mode": "reflect"}),
@@ -743,9 +769,14 @@ def test_the_module_traces_with_a_symbolic_batch_gradient_included() -> None:
         ),
         helper.make_node("HardSwish", ["averaged"], ["activated"]),
         helper.make_node("DynamicQuantizeLinear", ["activated"], ["q", "s", "z"]),
-        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dequantized"]),
+        helper.make_node("Cast", ["bounds"], ["bounds32"], to=TensorProto.INT32),  # folded
+        helper.make_node("Split", ["bounds32"], ["start", "end"], axis=0),
+        helper.make_node("Slice", ["dequantized", "start", "end", "axis"], ["y"]),
     ]
     constants = [
+        const("bounds", i64(1, 5)),
+        const("axis", i64(3)),
         const("pads", i64(0, 0, 1, 1, 0, 0, 1, 1)),
         const("fill", np.float32(0.5)),
         const("scales", f32(1, 1, 2, 2)),
