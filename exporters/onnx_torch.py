@@ -49,7 +49,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -1138,6 +1138,16 @@ _NOT_FOLDED = frozenset(
 )
 
 
+def _from_constants(node: onnx.NodeProto, constants: Container[str]) -> bool:
+    """Whether ``node`` computes its outputs from the values named in ``constants`` alone."""
+    return (
+        node.domain in ("", "ai.onnx")
+        and node.op_type not in _NOT_FOLDED
+        and (bool(node.input) or node.op_type == "Constant")
+        and all(not name or name in constants for name in node.input)
+    )
+
+
 def _fold_constants(
     graph: onnx.GraphProto, opset: int
 ) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
@@ -1152,10 +1162,7 @@ def _fold_constants(
     computed: dict[str, np.ndarray] = {}
     kept: list[onnx.NodeProto] = []
     for node in graph.node:
-        constant = (node.input or node.op_type == "Constant") and all(
-            not name or name in known for name in node.input
-        )
-        if constant and node.domain in ("", "ai.onnx") and node.op_type not in _NOT_FOLDED:
+        if _from_constants(node, known):
             feeds = {name: known[name] for name in node.input if name}
             try:
                 if node.op_type == "Constant":
@@ -1185,18 +1192,35 @@ def _default_opset(proto: onnx.ModelProto) -> int:
 def unsupported_ops(proto: onnx.ModelProto) -> list[str]:
     """The operators of ``proto``'s graph that :class:`OnnxModule` cannot run, in order.
 
+    A node that computes from constants alone is folded when the module is built, whatever
+    its operator (of the default domain), so it is not named.
+
     Example:
         >>> from onnx import helper
         >>> graph = helper.make_graph([helper.make_node("Loop", ["n", "c"], ["y"])], "g", [], [])
         >>> unsupported_ops(helper.make_model(graph))
         ['Loop']
     """
-    found = [
-        node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        for node in proto.graph.node
-        if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS
-    ]
+    constants = {tensor.name for tensor in proto.graph.initializer}
+    found = []
+    for node in proto.graph.node:
+        if _from_constants(node, constants):
+            constants.update(node.output)
+        elif node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
+            found.append(_qualified(node))
     return list(dict.fromkeys(found))
+
+
+def _qualified(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def _refuse(missing: list[str]) -> ValueError:
+    return ValueError(
+        f"the head uses the ONNX operator{'s' if len(missing) > 1 else ''} "
+        f"{', '.join(missing)}, which the graft cannot interpret in torch; "
+        f"supported: {', '.join(SUPPORTED_OPS)}"
+    )
 
 
 class OnnxModule(nn.Module):
@@ -1209,11 +1233,7 @@ class OnnxModule(nn.Module):
         super().__init__()
         missing = unsupported_ops(proto)
         if missing:
-            raise ValueError(
-                f"the head uses the ONNX operator{'s' if len(missing) > 1 else ''} "
-                f"{', '.join(missing)}, which the graft cannot interpret in torch; "
-                f"supported: {', '.join(SUPPORTED_OPS)}"
-            )
+            raise _refuse(missing)
         graph = proto.graph
         initializers = {tensor.name for tensor in graph.initializer}
         inputs = [value.name for value in graph.input if value.name not in initializers]
@@ -1222,6 +1242,9 @@ class OnnxModule(nn.Module):
         self.input_name, self.output_name = inputs[0], graph.output[0].name
         self.opset = _default_opset(proto)
         kept, folded = _fold_constants(graph, self.opset)
+        unfolded = [_qualified(node) for node in kept if node.op_type not in _OPS]
+        if unfolded:  # constant nodes the reference implementation could not evaluate
+            raise _refuse(list(dict.fromkeys(unfolded)))
         self.nodes = [
             (node.op_type, list(node.input), list(node.output), _attributes(node)) for node in kept
         ]

@@ -798,3 +798,26 @@ def test_the_module_traces_with_a_symbolic_batch_gradient_included() -> None:
         np.testing.assert_allclose(
             got.detach().numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-6
         )
+
+
+def test_operators_on_constants_alone_are_folded_whatever_they_are() -> None:
+    """Range and Sin are not interpreted, but on constants they are folded once (a
+    positional table); the same Sin on the input is named."""
+    table = [
+        helper.make_node("Range", ["start", "limit", "delta"], ["positions"]),
+        helper.make_node("Cast", ["positions"], ["floats"], to=TensorProto.FLOAT),
+        helper.make_node("Sin", ["floats"], ["table"]),
+        helper.make_node("Mul", ["x", "table"], ["y"]),
+    ]
+    constants = [
+        const("start", np.int64(0)),
+        const("limit", np.int64(7)),
+        const("delta", np.int64(1)),
+    ]
+    proto = model(table, 13, NCHW, constants)
+    assert unsupported_ops(proto) == []
+    assert_matches_onnxruntime(proto, sample(NCHW))
+    on_input = model([helper.make_node("Sin", ["x"], ["y"])], 13, NCHW)
+    assert unsupported_ops(on_input) == ["Sin"]
+    with pytest.raises(ValueError, match="the head uses the ONNX operator Sin,"):
+        OnnxModule(on_input)
