@@ -315,7 +315,7 @@ def graft_onnx(
     task = _check_task(method, task)
     if nonlinear_head not in ("jacobian", "error"):
         raise ValueError(f"nonlinear_head must be 'jacobian' or 'error', got {nonlinear_head!r}")
-    graph = analyse_graph(model, input_size, output_name)
+    graph = analyse_graph(model, input_size, output_name, walk_back=task == "classifier")
     target = resolve_target(graph, target_tensor)
     head: AffineHead | None = None
     if target.layout.kind == "channels_first":
@@ -368,6 +368,7 @@ def graft_onnx(
         class_input=class_input,
         head=kind,
     )
+    _record_output(merged, graph)
     merged.doc_string += f" (grafted onto {graph.source!r} after output {graph.output!r})"
     onnx.checker.check_model(merged, full_check=True)
     if out_path is None:
@@ -377,6 +378,23 @@ def graft_onnx(
         raise OSError(f"output folder {path.parent} does not exist")
     onnx.save_model(merged, str(path), save_as_external_data=False)
     return path
+
+
+def _record_output(merged: onnx.ModelProto, graph: Graph) -> None:
+    """The metadata of the explained output: its name in the foreign graph, the graph
+    output it stands for, the activation the graph applied after it (the served scores
+    apply it back), and an L2 normalisation inside the graph."""
+    props = {fmt.KEY_EXPLAINED_OUTPUT: graph.output}
+    choice = graph.choice
+    if choice is not None and choice.declared != graph.output:
+        props[fmt.KEY_GRAPH_OUTPUT] = choice.declared
+    if choice is not None and choice.activation is not None:
+        props[fmt.KEY_OUTPUT_ACTIVATION] = choice.activation
+    if choice is not None and choice.normalisation is not None:
+        props[fmt.KEY_OUTPUT_NORMALISATION] = choice.normalisation
+    for key, value in props.items():
+        entry = merged.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def _graft_affine(
@@ -458,6 +476,12 @@ def _graft_interpreted(
         explainer = head_explainer(head, method, target.layout, task, similarity, batch)
         kind, layer = head_kind(explainer, sample)
         _refuse_jacobian(kind, layer, nonlinear_head, graph, target)
+        if method == "cam" and kind == "jacobian":  # as the torch CAM refuses it
+            raise ValueError(
+                "CAM needs global average pooling and a linear classifier after "
+                f"{target.name!r}; the head to {graph.output!r} is not linear (first "
+                f"non-linear node: {layer}): use method='gradcam'"
+            )
         exported = export_interpreted(explainer, sample, dynamic_batch=batch is None, **options)
         return (*exported, kind)
 
