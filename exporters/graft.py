@@ -289,8 +289,11 @@ def graft_onnx(
         task: ``"embedding"`` or ``"classifier"``; checked against ``method`` when given.
         target_tensor: the feature map or token sequence to explain (a value name, see
             :func:`inspect_onnx`); ``None``: found as the torch explainers find their layer.
-        output_name: the value holding the embedding / logits ``[B, D]``; ``None``: the
-            first graph output of rank 2.
+        output_name: the value holding the embedding / logits ``[B, D]``, explained as
+            named; ``None``: the first graph output of rank 2, and for classifiers the logits
+            before a trailing Softmax / LogSoftmax / Sigmoid
+            (:func:`~fam_core.exporters.onnx_output.choose_output`; the metadata records
+            ``explained_output`` and ``output_activation``).
         references: ``[K, D]`` references baked in as constants (``fam`` / ``gradfam``);
             ``None``: a ``references`` input.
         explain: ``"mean"`` over the references (eq. 11) or ``"best"`` (``fam`` only).
@@ -302,7 +305,10 @@ def graft_onnx(
             an affine map through its per-sample Jacobian (the head interpreted in torch);
             ``"error"`` refuses it.
 
-    Raises ``ValueError`` for a target tensor that is not in the graph or not a feature map /
+    Raises a one-line ``ValueError`` for an output that is no image-level score ``[B, D]``
+    (CTC ``[B, T, C]``, detection boxes, segmentation ``[B, K, H, W]``: its shape and what is
+    expected, :func:`~fam_core.exporters.onnx_output.describe_output`), for a target tensor
+    that is not in the graph or not a feature map /
     token sequence, a head with an ONNX operator the interpreter does not run (naming it),
     a head that is not linear with ``nonlinear_head="error"`` (naming its first non-affine
     node), and a method that does not fit the task.

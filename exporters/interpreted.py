@@ -95,7 +95,7 @@ def head_kind(explainer: ChannelExplainer, sample: np.ndarray) -> tuple[str, str
     """``(kind, first non-linear node)`` of the head the explainer finds from the dataflow
     on ``sample`` (a batch of the target tensor): ``"identity"``, ``"linear"`` or
     ``"jacobian"``. The node is the head's first ONNX node whose output is not affine in
-    the target tensor, as :func:`~fam_core.exporters.onnx_dataflow.describe_node` names it
+    the target tensor, as :func:`~fam_core.exporters.onnx_output.describe_node` names it
     (the torch modules that run the head carry no name of the graph's)."""
     tensor = torch.from_numpy(np.ascontiguousarray(sample))
     with torch.no_grad():
@@ -110,8 +110,8 @@ def head_kind(explainer: ChannelExplainer, sample: np.ndarray) -> tuple[str, str
 def nonlinear_node(model: nn.Module, sample: np.ndarray) -> str | None:
     """The first non-affine ONNX node of a :class:`HeadModel`'s head on ``sample``, named
     as messages name nodes; ``None`` for another model or when every node is affine."""
-    from fam_core.exporters.onnx_dataflow import describe_node
     from fam_core.exporters.onnx_head import first_nonaffine_node, layout_probes
+    from fam_core.exporters.onnx_output import describe_node
 
     source = getattr(model, "source", None)
     if not isinstance(source, onnx.ModelProto):

@@ -27,7 +27,6 @@ from fam_core.exporters.onnx_dataflow import (
     Candidate,
     Graph,
     analyse_graph,
-    describe_node,
     head_graph,
     resolve_target,
 )
@@ -41,6 +40,7 @@ from fam_core.exporters.onnx_graph import (
     with_inferred_shapes,
 )
 from fam_core.exporters.onnx_load import fixed_batch
+from fam_core.exporters.onnx_output import describe_node
 
 RTOL = 1e-4  # relative tolerance of the head probes
 

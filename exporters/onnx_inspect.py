@@ -112,7 +112,7 @@ def inspect_onnx(
     Sigmoid unless ``task="embedding"``; an L2 normalisation in the graph is named), the
     candidates, the target and the head. A head that cannot be grafted is reported
     (``head_error``), not raised; an output that is no image-level score ``[B, D]`` raises
-    the one-line ``ValueError`` of :func:`~fam_core.exporters.onnx_dataflow.describe_output`.
+    the one-line ``ValueError`` of :func:`~fam_core.exporters.onnx_output.describe_output`.
 
     Example:
         >>> print(inspect_onnx("resnet18.onnx"))  # doctest: +SKIP
