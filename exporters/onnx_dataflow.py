@@ -129,7 +129,7 @@ def _measured_shapes(
     session = make_session(proto, names)
     image = image_input(proto).name
     values = session.run(list(names), {image: sample_image(size, batch)})  # type: ignore[attr-defined]
-    return {name: tuple(array.shape) for name, array in zip(names, values, strict=True)}
+    return {name: tuple(np.shape(array)) for name, array in zip(names, values, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -184,12 +184,15 @@ def analyse_graph(
     ]
     unknown = [name for name in unknown if types.get(name, 0) in (0, TensorProto.FLOAT)]
     declared_dims = {value.name: _declared(value) for value in proto.graph.output}
-    unknown += [
+    listed_unknown = [
         name
         for name in graph_outputs
         if name not in unknown and (declared_dims[name] is None or None in declared_dims[name][1:])
     ]
-    measured = _measured_shapes(proto, unknown, size, batch)
+    try:  # the other outputs are listed, never needed: one that onnxruntime cannot return
+        measured = _measured_shapes(proto, [*unknown, *listed_unknown], size, batch)
+    except Exception:  # noqa: BLE001 - (a sequence, a map) is listed as declared
+        measured = _measured_shapes(proto, unknown, size, batch)
     full: dict[str, tuple[int, ...]] = {}
     for name in wanted:
         if name in measured:
