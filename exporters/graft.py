@@ -316,8 +316,11 @@ def graft_onnx(
         task: ``"embedding"`` or ``"classifier"``; checked against ``method`` when given.
         target_tensor: the feature map or token sequence to explain (a value name, see
             :func:`inspect_onnx`); ``None``: found as the torch explainers find their layer.
-        output_name: the value holding the embedding / logits ``[B, D]``; ``None``: the
-            first graph output of rank 2.
+        output_name: the value holding the embedding / logits ``[B, D]``, explained as
+            named; ``None``: the first graph output of rank 2, and for classifiers the logits
+            before a trailing Softmax / LogSoftmax / Sigmoid
+            (:func:`~fam_core.exporters.onnx_output.choose_output`; the metadata records
+            ``explained_output`` and ``output_activation``).
         references: ``[K, D]`` references baked in as constants (``fam`` / ``gradfam``);
             ``None``: a ``references`` input.
         explain: ``"mean"`` over the references (eq. 11) or ``"best"`` (``fam`` only).
@@ -333,7 +336,10 @@ def graft_onnx(
             form, precision and uint8 input). A graph that takes uint8 pixels is fed values
             0-255: ``mean`` / ``std`` are then 0 and 1/255, and others are refused.
 
-    Raises ``ValueError`` for a target tensor that is not in the graph or not a feature map /
+    Raises a one-line ``ValueError`` for an output that is no image-level score ``[B, D]``
+    (CTC ``[B, T, C]``, detection boxes, segmentation ``[B, K, H, W]``: its shape and what is
+    expected, :func:`~fam_core.exporters.onnx_output.describe_output`), for a target tensor
+    that is not in the graph or not a feature map /
     token sequence, a head with an ONNX operator the interpreter does not run (naming it),
     a head that is not linear with ``nonlinear_head="error"`` (naming its first non-affine
     node), and a method that does not fit the task.
@@ -346,7 +352,7 @@ def graft_onnx(
     task = _check_task(method, task)
     if nonlinear_head not in ("jacobian", "error"):
         raise ValueError(f"nonlinear_head must be 'jacobian' or 'error', got {nonlinear_head!r}")
-    graph = analyse_graph(model, input_size, output_name, layout)
+    graph = analyse_graph(model, input_size, output_name, layout, walk_back=task == "classifier")
     if graph.normalised.pixel_input:
         mean, std = _pixel_preprocessing(graph, mean, std)
     target = resolve_target(graph, target_tensor)
@@ -401,6 +407,7 @@ def graft_onnx(
         class_input=class_input,
         head=kind,
     )
+    _record_output(merged, graph)
     merged.doc_string += f" (grafted onto {graph.source!r} after output {graph.output!r})"
     helper.set_model_props(
         merged,
@@ -418,6 +425,23 @@ def graft_onnx(
         raise OSError(f"output folder {path.parent} does not exist")
     onnx.save_model(merged, str(path), save_as_external_data=False)
     return path
+
+
+def _record_output(merged: onnx.ModelProto, graph: Graph) -> None:
+    """The metadata of the explained output: its name in the foreign graph, the graph
+    output it stands for, the activation the graph applied after it (the served scores
+    apply it back), and an L2 normalisation inside the graph."""
+    props = {fmt.KEY_EXPLAINED_OUTPUT: graph.output}
+    choice = graph.choice
+    if choice is not None and choice.declared != graph.output:
+        props[fmt.KEY_GRAPH_OUTPUT] = choice.declared
+    if choice is not None and choice.activation is not None:
+        props[fmt.KEY_OUTPUT_ACTIVATION] = choice.activation
+    if choice is not None and choice.normalisation is not None:
+        props[fmt.KEY_OUTPUT_NORMALISATION] = choice.normalisation
+    for key, value in props.items():
+        entry = merged.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def _graft_affine(
@@ -494,6 +518,12 @@ def _graft_interpreted(
         explainer = head_explainer(head, method, target.layout, task, similarity, batch)
         kind, layer = head_kind(explainer, sample)
         _refuse_jacobian(kind, layer, nonlinear_head, graph, target)
+        if method == "cam" and kind == "jacobian":  # as the torch CAM refuses it
+            raise ValueError(
+                "CAM needs global average pooling and a linear classifier after "
+                f"{target.name!r}; the head to {graph.output!r} is not linear (first "
+                f"non-linear node: {layer}): use method='gradcam'"
+            )
         exported = export_interpreted(explainer, sample, dynamic_batch=batch is None, **options)
         return (*exported, kind)
 

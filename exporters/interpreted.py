@@ -47,7 +47,7 @@ from fam_core.exporters.onnx_torch import OnnxModule
 from fam_core.layouts import FeatureLayout
 from fam_core.similarity import SimilarityKind
 
-__all__ = ["HeadModel", "export_interpreted", "head_explainer", "head_kind"]
+__all__ = ["HeadModel", "export_interpreted", "head_explainer", "head_kind", "nonlinear_node"]
 
 TARGET = "target_tensor"  # the identity layer whose output is the target tensor
 
@@ -60,11 +60,14 @@ class HeadModel(nn.Module):
     runs chunks of that size.
     """
 
-    def __init__(self, head: nn.Module, batch: int | None = None) -> None:
+    def __init__(
+        self, head: nn.Module, batch: int | None = None, source: onnx.ModelProto | None = None
+    ) -> None:
         super().__init__()
         self.target_tensor = nn.Identity()
         self.onnx_head = head
         self.batch = batch
+        self.source = source  # the ONNX head: messages name its operators, not torch modules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.target_tensor(x)
@@ -84,19 +87,38 @@ def head_explainer(
     """The explainer ``method`` on the head subgraph ``head`` interpreted in torch, reading
     the target tensor through ``layout`` (``batch``: a batch size the head fixes). Raises
     ``ValueError`` naming an operator that cannot be interpreted."""
-    model = HeadModel(OnnxModule(head), batch).eval()
+    model = HeadModel(OnnxModule(head), batch, head).eval()
     return EXPLAINERS[method](model, TARGET, task=task, layout=layout, similarity=similarity)
 
 
 def head_kind(explainer: ChannelExplainer, sample: np.ndarray) -> tuple[str, str | None]:
-    """``(kind, first non-linear layer)`` of the head the explainer finds from the dataflow
+    """``(kind, first non-linear node)`` of the head the explainer finds from the dataflow
     on ``sample`` (a batch of the target tensor): ``"identity"``, ``"linear"`` or
-    ``"jacobian"``."""
+    ``"jacobian"``. The node is the head's first ONNX node whose output is not affine in
+    the target tensor, as :func:`~fam_core.exporters.onnx_output.describe_node` names it
+    (the torch modules that run the head carry no name of the graph's)."""
     tensor = torch.from_numpy(np.ascontiguousarray(sample))
     with torch.no_grad():
         forward = explainer.forward(tensor, graph=False)
     head = explainer.head_for(forward, tensor)
-    return head.kind or "linear", head.nonlinear_layer
+    kind = head.kind or "linear"
+    if kind != "jacobian":
+        return kind, None
+    return kind, nonlinear_node(explainer.model, sample) or head.nonlinear_layer
+
+
+def nonlinear_node(model: nn.Module, sample: np.ndarray) -> str | None:
+    """The first non-affine ONNX node of a :class:`HeadModel`'s head on ``sample``, named
+    as messages name nodes; ``None`` for another model or when every node is affine."""
+    from fam_core.exporters.onnx_head import first_nonaffine_node, layout_probes
+    from fam_core.exporters.onnx_output import describe_node
+
+    source = getattr(model, "source", None)
+    if not isinstance(source, onnx.ModelProto):
+        return None
+    inputs = [value.name for value in source.graph.input]
+    found = first_nonaffine_node(source, inputs[0], layout_probes(np.asarray(sample)))
+    return None if found is None else describe_node(found)
 
 
 def export_interpreted(

@@ -1,5 +1,9 @@
 """Where to explain a foreign ONNX graph: its candidate target tensors and its head.
 
+0. **The output** (:func:`choose_output`): the value named, else the first graph output
+   ``[B, D]``; a classifier's trailing Softmax / LogSoftmax / Sigmoid is walked back through
+   to its logits, an L2 normalisation is recognised, and an output with no image-level
+   score (CTC, detection, segmentation) is refused in one line (:func:`describe_output`).
 1. **Candidates** (:func:`find_target_tensors`): every float value whose data reaches the
    output and that holds feature maps as the torch explainers read them
    (:func:`fam_core.layouts.detect_layout`): channel-first maps ``[B, C, h, w]``, token
@@ -44,17 +48,32 @@ from fam_core.exporters.onnx_graph import (
 )
 from fam_core.exporters.onnx_load import fixed_batch, image_input, load_graph, resolve_input_size
 from fam_core.exporters.onnx_normalise import InputLayout, Normalised, normalise_graph
+from fam_core.exporters.onnx_output import (
+    OutputChoice,
+    activation_fits,
+    choose_output,
+    describe_node,
+    describe_output,
+    format_shape,
+    with_l2_norms_written_out,
+)
 from fam_core.layouts import FeatureLayout, detect_layout
 
 __all__ = [
     "Candidate",
     "Graph",
+    "OutputChoice",
     "analyse_graph",
+    "choose_output",
     "choose_target",
+    "describe_node",
+    "describe_output",
+    "format_shape",
     "find_target_tensors",
     "head_graph",
     "resolve_target",
     "sample_value",
+    "with_l2_norms_written_out",
 ]
 
 
@@ -102,25 +121,6 @@ class Candidate:
         return text + ("  block" if self.block else "")
 
 
-def _choose_output(proto: onnx.ModelProto, output_name: str | None) -> str:
-    names = [value.name for value in proto.graph.output]
-    if output_name is not None:
-        if output_name not in names and output_name not in producers_of(proto):
-            raise ValueError(
-                f"output {output_name!r} is not a value of the graph; its outputs are {names}"
-            )
-        return output_name
-    ranked = [
-        value.name for value in proto.graph.output if len(value.type.tensor_type.shape.dim) == 2
-    ]
-    if not ranked:
-        raise ValueError(
-            f"none of the graph's outputs {names} is [B, D]: pass output_name= the value "
-            "that holds the embedding or the logits"
-        )
-    return ranked[0]
-
-
 def _measured_shapes(
     proto: onnx.ModelProto, names: Sequence[str], size: tuple[int, int], batch: int
 ) -> dict[str, tuple[int, ...]]:
@@ -130,7 +130,7 @@ def _measured_shapes(
     session = make_session(proto, names)
     image = image_input(proto).name
     values = session.run(list(names), {image: sample_image(size, batch)})  # type: ignore[attr-defined]
-    return {name: tuple(array.shape) for name, array in zip(names, values, strict=True)}
+    return {name: tuple(np.shape(array)) for name, array in zip(names, values, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -141,11 +141,13 @@ class Graph:
     source: str
     image: onnx.ValueInfoProto
     size: tuple[int, int]
-    output: str
+    output: str  # the value explained: the logits before a trailing activation
     output_shape: tuple[int, ...]
     candidates: tuple[Candidate, ...]
     shapes: dict[str, tuple[int, ...]]  # measured / inferred shapes of candidates (batch 1)
     normalised: Normalised  # proto before shape inference, its backbone, the steps taken
+    choice: OutputChoice | None = None  # how ``output`` relates to the graph's output
+    outputs: tuple[tuple[str, tuple[int | None, ...] | None], ...] = ()  # every graph output
 
 
 def analyse_graph(
@@ -153,33 +155,70 @@ def analyse_graph(
     input_size: int | Sequence[int] | None,
     output_name: str | None,
     layout: InputLayout | None = None,
+    *,
+    walk_back: bool = True,
 ) -> Graph:
+    """Load ``model`` and find its image input, the output to explain (:func:`choose_output`;
+    ``walk_back=False`` keeps a trailing Softmax / LogSoftmax / Sigmoid, as for embedding
+    models, whose served output is what is compared) and the candidate target tensors.
+
+    Raises a one-line ``ValueError`` (:func:`describe_output`) when the output is no
+    image-level score ``[B, D]`` (CTC text recognition ``[B, T, C]``, detection boxes,
+    segmentation ``[B, K, H, W]``).
+    """
     proto, source = load_graph(model)
     normalised = normalise_graph(proto, layout=layout)
     proto = with_inferred_shapes(normalised.proto)
     image = image_input(proto)
     size = resolve_input_size(image, input_size)
-    output = _choose_output(proto, output_name)
+    choice = choose_output(proto, output_name, walk_back=walk_back)
     batch = fixed_batch(image) or 1
     shapes = float_value_shapes(proto)
-    ancestors = data_ancestors(proto, output)
+    types = elem_types(proto)
+    ancestors = data_ancestors(proto, choice.declared)
     producers = producers_of(proto)
     ordered = [name for node in proto.graph.node for name in node.output if name in ancestors]
+    graph_outputs = [value.name for value in proto.graph.output]
     # values whose C/h/w shape inference left symbolic (or untyped) are measured instead
+    wanted = list(dict.fromkeys([*ordered, choice.explained, choice.declared]))
     unknown = [
         name
-        for name in [*ordered, output]
+        for name in wanted
         if name not in shapes or (len(shapes[name]) in (2, 3, 4) and None in shapes[name][1:])
     ]
-    types = elem_types(proto)
     unknown = [name for name in unknown if types.get(name, 0) in (0, TensorProto.FLOAT)]
-    measured = _measured_shapes(proto, unknown, size, batch)
+    declared_dims = {value.name: _declared(value) for value in proto.graph.output}
+    listed_unknown = [
+        name
+        for name in graph_outputs
+        if name not in unknown and (declared_dims[name] is None or None in declared_dims[name][1:])
+    ]
+    try:  # the other outputs are listed, never needed: one that onnxruntime cannot return
+        measured = _measured_shapes(proto, [*unknown, *listed_unknown], size, batch)
+    except Exception:  # noqa: BLE001 - (a sequence, a map) is listed as declared
+        measured = _measured_shapes(proto, unknown, size, batch)
     full: dict[str, tuple[int, ...]] = {}
-    for name in [*ordered, output]:
+    for name in wanted:
         if name in measured:
             full[name] = measured[name]
         elif name in shapes and None not in shapes[name][1:]:
             full[name] = (batch, *shapes[name][1:])  # type: ignore[arg-type]
+    listed = tuple((name, measured.get(name, declared_dims[name])) for name in graph_outputs)
+    if choice.explained != choice.declared and not activation_fits(
+        producers, choice, full.get(choice.explained), full.get(choice.declared)
+    ):  # an activation over no [B, D] (a CTC softmax per time step): refused as declared
+        choice = OutputChoice(choice.declared, choice.declared)
+    output = choice.explained
+    output_shape = full.get(output)
+    if output_shape is None or len(output_shape) != 2:
+        message = describe_output(output, output_shape)
+        if len(listed) > 1:
+            message += "; the graph's outputs: " + ", ".join(
+                f"{name!r} {format_shape(shape)}" for name, shape in listed
+            )
+        raise ValueError(message)
+    ancestors = data_ancestors(proto, output)
+    ordered = [name for name in ordered if name in ancestors]
     found = [(name, _layout(full[name], size)) for name in ordered if name in full]
     spatial = [
         (name, layout)
@@ -191,12 +230,27 @@ def analyse_graph(
         Candidate(name, producers[name].op_type, full[name][1:], layout, name in blocks)
         for name, layout in spatial
     )
-    output_shape = full.get(output)
-    if output_shape is None or len(output_shape) != 2:
-        raise ValueError(
-            f"output {output!r} must be [B, D] (an embedding or logits), got shape {output_shape}"
-        )
-    return Graph(proto, source, image, size, output, output_shape, candidates, full, normalised)
+    return Graph(
+        proto,
+        source,
+        image,
+        size,
+        output,
+        output_shape,
+        candidates,
+        full,
+        normalised,
+        choice,
+        listed,
+    )
+
+
+def _declared(value: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
+    """A graph output's declared shape (``None`` for a symbolic axis), ``None`` if untyped."""
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
 
 
 def _layout(shape: tuple[int, ...], size: tuple[int, int]) -> FeatureLayout | None:
@@ -337,6 +391,13 @@ def sample_value(graph: Graph, name: str, batch: int = 1) -> np.ndarray:
 
 def resolve_target(graph: Graph, target_tensor: str | None) -> Candidate:
     if target_tensor is None:
+        if not graph.candidates:
+            raise ValueError(
+                f"output {graph.output!r} [B, {graph.output_shape[1]}] is computed from no "
+                "feature map [B, C, h, w], token sequence [B, T, C] or channel-last map "
+                "[B, h, w, C] (h * w > 1): fam-core explains a score through such maps; "
+                "name another output with output: (output_name=)"
+            )
         return choose_target(graph.candidates, _reaches(graph))
     for candidate in graph.candidates:
         if candidate.name == target_tensor:
@@ -406,4 +467,4 @@ def head_graph(graph: Graph, target: str) -> onnx.ModelProto:
     model = helper.make_model(head, opset_imports=list(proto.opset_import))
     model.ir_version = proto.ir_version
     model.functions.extend(proto.functions)
-    return model
+    return with_l2_norms_written_out(model)

@@ -32,7 +32,7 @@ from fam_core.exporters.onnx_dataflow import (
 )
 from fam_core.exporters.onnx_graph import (
     NO_DATA_OPS,
-    float_value_shapes,
+    elem_types,
     make_session,
     producers_of,
     run_batch,
@@ -40,6 +40,7 @@ from fam_core.exporters.onnx_graph import (
     with_inferred_shapes,
 )
 from fam_core.exporters.onnx_load import fixed_batch
+from fam_core.exporters.onnx_output import describe_node
 
 RTOL = 1e-4  # relative tolerance of the head probes
 
@@ -49,6 +50,8 @@ __all__ = [
     "RTOL",
     "analyse_graph_head",
     "analyse_head",
+    "first_nonaffine_node",
+    "layout_probes",
 ]
 
 
@@ -199,20 +202,70 @@ class NotAffine(ValueError):
         self.reason = reason
 
 
+def layout_probes(activations: np.ndarray, seed: int = 1) -> np.ndarray:
+    """``[0, A, B, A + B, -A]`` for a value of any layout: ``A`` its first item, ``B``
+    noise of its scale (maps, tokens or channel-last maps alike)."""
+    generator = np.random.default_rng(seed)
+    a = activations[:1].astype(np.float32)
+    spread = float(a.std()) or 1.0
+    b = (generator.standard_normal(a.shape) * spread + a.mean()).astype(np.float32)
+    return np.concatenate([np.zeros_like(a), a, b, a + b, -a]).astype(np.float32)
+
+
+def first_nonaffine_node(
+    head: onnx.ModelProto, source: str, probes: np.ndarray
+) -> onnx.NodeProto | None:
+    """The first node of ``head`` whose output is not affine in ``source`` on ``probes``
+    (``[0, A, B, A + B, -A]``), in topological order; ``None`` when every float value is.
+
+    Every value computed from ``source``'s data is run, typed by shape inference or not
+    (a Reshape whose shape comes from Shape -> Slice -> Concat leaves the rest of the head
+    untyped): the node named is the real operator, a Softmax rather than the Identity
+    after it.
+
+    Example:
+        >>> from onnx import helper, TensorProto
+        >>> nodes = [helper.make_node("Softmax", ["x"], ["p"], name="soft"),
+        ...          helper.make_node("Identity", ["p"], ["y"], name="out")]
+        >>> graph = helper.make_graph(nodes, "h",
+        ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3])],
+        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])])
+        >>> head = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        >>> x = np.array([[1.0, 2.0, 3.0]], np.float32)
+        >>> first_nonaffine_node(head, "x", np.concatenate([0 * x, x, x, 2 * x, -x])).name
+        'soft'
+    """
+    types = elem_types(with_inferred_shapes(head))
+    names = [
+        name
+        for name in _descendants(head, source)
+        if types.get(name, 0) in (0, onnx.TensorProto.FLOAT)
+    ]
+    if not names:
+        return None
+    try:
+        results = run_batch(make_session(head, names), source, probes, names)
+    except Exception:  # noqa: BLE001 - a value onnxruntime cannot return: name no node
+        return None
+    producers = producers_of(head)
+    for name, values in zip(names, results, strict=True):
+        if (
+            isinstance(values, np.ndarray)
+            and values.dtype == np.float32
+            and values.ndim > 0
+            and values.shape[0] == len(probes)
+            and _affine_error(*values) > RTOL
+        ):
+            return producers[name]
+    return None
+
+
 def _nonlinear_message(
     graph: Graph, head: onnx.ModelProto, target: Candidate, probes: np.ndarray
 ) -> tuple[str, str]:
     """``(message, reason)`` naming the first node of ``head`` whose output is not affine
     in the target tensor."""
-    typed = float_value_shapes(with_inferred_shapes(head))
-    names = [name for name in _descendants(head, target.name) if name in typed]
-    culprit = None
-    if names:
-        results = run_batch(make_session(head, names), target.name, probes, names)
-        for name, values in zip(names, results, strict=True):
-            if values.shape[0] == len(probes) and _affine_error(*values) > RTOL:
-                culprit = producers_of(head)[name]
-                break
+    culprit = first_nonaffine_node(head, target.name, probes)
     advice = (
         "with nonlinear_head='error', grafting needs global average pooling followed by an "
         "affine map (Gemm, MatMul, Add, BatchNormalization, Flatten, Reshape), and nothing "
@@ -223,12 +276,12 @@ def _nonlinear_message(
     if culprit is None:
         message = f"the head between {target.name!r} and {graph.output!r} is not affine"
         return f"{message}; {advice}", "not affine"
-    before = next((name for name in culprit.input if name in names), None)
+    computed = set(_descendants(head, target.name))
+    before = next((name for name in culprit.input if name in computed), None)
     suggestion = f" (output_name={before!r} is the value before it)" if before else ""
-    reason = f"first non-affine node {culprit.name or '(unnamed)'!r} ({culprit.op_type})"
+    node = describe_node(culprit)
     return (
         f"the head between {target.name!r} and {graph.output!r} is not affine: its first "
-        f"non-affine node is {culprit.name or '(unnamed)'!r} ({culprit.op_type}){suggestion}; "
-        f"{advice}",
-        reason,
+        f"non-affine node is {node}{suggestion}; {advice}",
+        f"first non-affine node {node}",
     )

@@ -17,7 +17,9 @@ import onnx
 from fam_core.exporters.onnx_dataflow import (
     Candidate,
     Graph,
+    OutputChoice,
     analyse_graph,
+    format_shape,
     head_graph,
     resolve_target,
     sample_value,
@@ -44,16 +46,34 @@ class Inspection:
     head_kind: str | None = None  # an interpreted head: "identity", "linear" or "jacobian"
     head_detail: str | None = None
     normalisation: tuple[str, ...] = ()  # the steps that read the file (onnx_normalise)
+    choice: OutputChoice | None = None  # the graph output and the value explained
+    outputs: tuple[tuple[str, tuple[int | None, ...] | None], ...] = ()  # every graph output
 
     def __str__(self) -> str:
         height, width = self.input_size
+        declared = self.choice.declared if self.choice is not None else self.output_name
         lines = [
             f"ONNX graph {self.source}",
             *(f"normalised: {step}" for step in self.normalisation),
             f"input   {self.input_name}  [B, 3, {height}, {width}]",
-            f"output  {self.output_name}  [B, {self.output_dim}]",
-            f"candidate target tensors ({len(self.candidates)}, in dataflow order):",
         ]
+        if len(self.outputs) > 1:
+            lines.append(f"graph outputs ({len(self.outputs)}, * the one explained):")
+            for name, shape in self.outputs:
+                mark = "*" if name == declared else " "
+                lines.append(f"  {mark} {name}  {format_shape(shape)}")
+        if self.choice is not None and self.choice.activation is not None:
+            lines.append(f"output  {declared}  [B, {self.output_dim}]")
+            lines.append(
+                f"explained  {self.output_name}  [B, {self.output_dim}]: {self._explained_note()}"
+            )
+        else:
+            note = self.choice.note if self.choice is not None else ""
+            lines.append(
+                f"output  {self.output_name}  [B, {self.output_dim}]"
+                + (f"  {note}" if note else "")
+            )
+        lines.append(f"candidate target tensors ({len(self.candidates)}, in dataflow order):")
         for candidate in self.candidates:
             mark = "*" if candidate == self.chosen else " "
             lines.append(f"  {mark} {candidate}")
@@ -66,6 +86,19 @@ class Inspection:
             lines.append(f"head: cannot be grafted: {self.head_error}")
         return "\n".join(lines)
 
+    def _explained_note(self) -> str:
+        choice = self.choice
+        assert choice is not None and choice.activation is not None
+        served = {
+            "softmax": "its softmax (the graph's probabilities)",
+            "log_softmax": "its softmax (the probabilities whose log the graph writes)",
+            "sigmoid": "its sigmoid (the graph's per-class probabilities)",
+        }[choice.activation]
+        return (
+            f"{choice.note}; CAM, Grad-CAM and the gradient methods explain the logits, "
+            f"served scores are {served}"
+        )
+
 
 def inspect_onnx(
     model: str | Path | onnx.ModelProto,
@@ -74,18 +107,23 @@ def inspect_onnx(
     output_name: str | None = None,
     target_tensor: str | None = None,
     layout: InputLayout | None = None,
+    task: str | None = None,
 ) -> Inspection:
     """Candidate target tensors, the chosen one and the head after it (``fam inspect``).
 
-    ``str()`` of the result is the printable report; a head that cannot be grafted is
-    reported (``head_error``), not raised.
+    ``str()`` of the result is the printable report: the graph's outputs (when there are
+    several), the output explained (the logits before a trailing Softmax / LogSoftmax /
+    Sigmoid unless ``task="embedding"``; an L2 normalisation in the graph is named), the
+    candidates, the target and the head. A head that cannot be grafted is reported
+    (``head_error``), not raised; an output that is no image-level score ``[B, D]`` raises
+    the one-line ``ValueError`` of :func:`~fam_core.exporters.onnx_output.describe_output`.
 
     Example:
         >>> print(inspect_onnx("resnet18.onnx"))  # doctest: +SKIP
         ONNX graph resnet18
         ...
     """
-    graph = analyse_graph(model, input_size, output_name, layout)
+    graph = analyse_graph(model, input_size, output_name, layout, walk_back=task != "embedding")
     chosen = resolve_target(graph, target_tensor)
     head, error, reason = None, None, None
     if chosen.layout.kind == "channels_first":
@@ -114,6 +152,8 @@ def inspect_onnx(
         head_kind=kind,
         head_detail=detail,
         normalisation=graph.normalised.steps,
+        choice=graph.choice,
+        outputs=graph.outputs,
     )
 
 

@@ -56,6 +56,16 @@ KEY_INPUTS = "inputs"  # JSON list of input names
 KEY_OUTPUTS = "outputs"  # JSON list of output names
 KEY_OPSET = "opset"
 KEY_NORMALISATION = "normalisation"  # JSON list: the steps that read a foreign file (graft)
+KEY_EXPLAINED_OUTPUT = "explained_output"  # grafted graphs: the foreign value explained
+KEY_GRAPH_OUTPUT = "graph_output"  # grafted graphs: the foreign graph's output it stands for
+KEY_OUTPUT_ACTIVATION = "output_activation"  # softmax | log_softmax | sigmoid after the logits
+KEY_OUTPUT_NORMALISATION = "output_normalisation"  # the ops that L2-normalise the output
+
+OUTPUT_ACTIVATIONS: tuple[str, ...] = ("softmax", "log_softmax", "sigmoid")
+"""What a grafted classifier's graph applied after the logits it explains: the ``logits``
+output holds the logits, and the scores a server reports apply the activation back
+(softmax for ``softmax`` and ``log_softmax``, whose softmax is the probabilities; the
+element-wise ``sigmoid`` for ``sigmoid``)."""
 
 METHODS: tuple[str, ...] = ("fam", "gradfam", "cam", "gradcam")
 EMBEDDING_METHODS: tuple[str, ...] = ("fam", "gradfam")

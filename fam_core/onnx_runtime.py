@@ -62,7 +62,10 @@ class OnnxExplainer:
     that :func:`fam_core.exporters.export_model` wrote runs as it is, and ``graft`` is ignored.
 
     Attributes read from the file: ``method``, ``target_layer``, ``input_size`` ``(H, W)``,
-    ``mean``, ``std``, ``class_names``, ``metadata`` (all props), ``input_names``.
+    ``mean``, ``std``, ``class_names``, ``metadata`` (all props), ``input_names``,
+    ``output_activation``. A grafted graph's explanations carry ``extras["output"]``, the
+    foreign value explained (the logits before a trailing Softmax / LogSoftmax / Sigmoid),
+    and ``extras["output_activation"]`` where the graph applied one.
     """
 
     def __init__(
@@ -127,6 +130,14 @@ class OnnxExplainer:
     def output_dim(self) -> int | None:
         """``D`` of the ``embedding`` or ``C`` of the ``logits`` output."""
         return self._dimension
+
+    @property
+    def output_activation(self) -> str | None:
+        """``"softmax"``, ``"log_softmax"`` or ``"sigmoid"``: what the grafted graph's source
+        applied after the logits it explains (the ``logits`` output holds the logits; scores
+        apply the activation back), ``None`` when it applied none."""
+        value = self.metadata.get(fmt.KEY_OUTPUT_ACTIVATION)
+        return value if value in fmt.OUTPUT_ACTIVATIONS else None
 
     @property
     def feature_shape(self) -> tuple[int, int] | None:
@@ -221,6 +232,10 @@ class OnnxExplainer:
             extras = {"logits": logits, "class_index": classes}
         if "head" in self.metadata:  # how the head was decomposed, as the torch explainers say
             extras["head"] = self.metadata["head"]
+        if fmt.KEY_EXPLAINED_OUTPUT in self.metadata:  # a grafted graph: the value explained
+            extras["output"] = self.metadata[fmt.KEY_EXPLAINED_OUTPUT]
+        if self.output_activation is not None:
+            extras["output_activation"] = self.output_activation
         return Explanation(
             maps=tensors[fmt.OUTPUT_HEATMAP],
             raw=tensors[fmt.OUTPUT_HEATMAP_LOWRES],

@@ -200,8 +200,8 @@ def test_class_token_models_match_the_torch_explainer(exported, images, name, me
 def test_the_interpreted_class_token_head_computes_the_class_tokens_rows_only(exported) -> None:
     """MatMuls with a constant weight run as nn.Linear layers, so the head's token rows that
     never reach the class token are left out (fam_core.head_rows), as on the torch model."""
-    from fam_core.exporters.onnx_dataflow import analyse_graph, head_graph
     from fam_core.exporters.interpreted import head_explainer
+    from fam_core.exporters.onnx_dataflow import analyse_graph, head_graph
 
     _, proto = exported["vit"]
     graph = analyse_graph(proto, None, None)

@@ -63,6 +63,7 @@ def preprocessing(model: ZooModel) -> dict[str, tuple[float, ...]]:
         return {}
     return {"mean": (0.0,) * model.channels, "std": (1.0,) * model.channels}
 
+
 TIMEOUT = 60
 
 

@@ -81,6 +81,7 @@ def inspect_onnx_source(path: Path, config: object | None, layer: str | None) ->
             input_size=size,
             target_tensor=target,
             output_name=output if isinstance(output, str) else None,
+            task=config.task if isinstance(config, ModelConfig) else None,
         )
     except (OSError, ValueError) as error:
         key = "target_tensor" if target is not None else "onnx"

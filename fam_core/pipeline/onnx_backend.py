@@ -126,6 +126,8 @@ class OnnxBackend:
         given = all(c is not None for c in classes)
         first = self._call(inputs, classes=[0 if c is None else c for c in classes], served=served)
         scores, predicted = predict(served, first.outputs, None)
+        if self.runner.output_activation == "sigmoid":  # the graph's own multi-label scores
+            scores = torch.sigmoid(first.outputs)
         if not job.heatmap:
             return Computed(outputs=first.outputs, scores=scores, predicted=predicted)
         targets = [p if c is None else c for c, p in zip(classes, predicted.tolist(), strict=True)]
