@@ -57,7 +57,7 @@ from typing import Literal
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from fam_core import onnx_format as fmt
 from fam_core.exporters.export import _set_output_shapes, document
@@ -75,9 +75,9 @@ from fam_core.exporters.onnx_dataflow import (
 from fam_core.exporters.onnx_graph import default_opset, prune_graph, rename_value
 from fam_core.exporters.onnx_head import AffineHead, NotAffine, analyse_graph_head, analyse_head
 from fam_core.exporters.onnx_inspect import Inspection, inspect_onnx
-from fam_core.exporters.onnx_load import fixed_batch
+from fam_core.exporters.onnx_load import fixed_batch, image_input, load_graph
 from fam_core.exporters.onnx_verify import runs_batched
-from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD
+from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, channel_mismatch
 from fam_core.similarity import SimilarityKind
 
 __all__ = [
@@ -89,6 +89,7 @@ __all__ = [
     "find_target_tensors",
     "graft_onnx",
     "inspect_onnx",
+    "rgb_view",
 ]
 
 
@@ -99,6 +100,8 @@ _PREFIX = "model/"  # the foreign graph's names, so they cannot clash with the f
 _HEAD_INPUTS = ("activations", "outputs")
 
 _MIN_OPSET, _MAX_OPSET = 14, 20  # what torch.onnx.export(dynamo=False) writes the head in
+
+_ADAPTER = "fam_channels"  # the node that feeds a greyscale graph from a 3-channel probe
 
 
 def _check_task(method: str, task: Task | None) -> Task:
@@ -228,7 +231,7 @@ def _merge(
     rename_value(merged.graph, _PREFIX + graph.image.name, fmt.INPUT_IMAGE)
     image = next(value for value in merged.graph.input if value.name == fmt.INPUT_IMAGE)
     dims = image.type.tensor_type.shape.dim
-    for axis, extent in zip((1, 2, 3), (3, *graph.size), strict=True):
+    for axis, extent in zip((1, 2, 3), (input_channels(graph.image), *graph.size), strict=True):
         dims[axis].dim_value = extent
     _set_batch(image, batch)
     del merged.graph.value_info[:]
@@ -238,6 +241,63 @@ def _merge(
     del merged.graph.input[:]
     merged.graph.input.extend(kept)
     return merged
+
+
+def input_channels(image: onnx.ValueInfoProto) -> int:
+    """The channels of an image input ``[B, C, H, W]`` (3 where the graph leaves it open)."""
+    extent = image.type.tensor_type.shape.dim[1]
+    return int(extent.dim_value) if extent.HasField("dim_value") else 3
+
+
+def rgb_view(model: str | Path | onnx.ModelProto) -> tuple[str | Path | onnx.ModelProto, int]:
+    """``model`` as the graft's stages probe it, with its input channels: a 3-channel graph
+    as it is; a greyscale one behind an adapter (``Gather`` of channel 0) that feeds it from
+    a 3-channel input, since the stages probe with 3-channel sample images (and
+    :func:`inspect_onnx` reads it so). :func:`graft_onnx` takes the adapter out of the
+    grafted graph. Other channel counts are a ``ValueError`` naming the input.
+
+    Example:
+        >>> from onnx import TensorProto
+        >>> value = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 1, 4, 4])
+        >>> node = helper.make_node("Relu", ["x"], ["y"])
+        >>> grey = helper.make_model(helper.make_graph([node], "grey", [value], [
+        ...     helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 1, 4, 4])]))
+        >>> view, channels = rgb_view(grey)
+        >>> channels, [n.op_type for n in view.graph.node], view.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+        (1, ['Gather', 'Relu'], 3)
+    """
+    proto, source = load_graph(model)
+    image = image_input(proto)  # refuses channel counts other than 1 and 3
+    channels = input_channels(image)
+    if channels == 3:
+        return model, 3
+    inner = f"{_ADAPTER}/{image.name}"
+    for node in proto.graph.node:
+        node.input[:] = [inner if name == image.name else name for name in node.input]
+    index = numpy_helper.from_array(np.zeros(1, dtype=np.int64), f"{_ADAPTER}/index")
+    proto.graph.initializer.append(index)
+    adapter = helper.make_node("Gather", [image.name, index.name], [inner], _ADAPTER, axis=1)
+    proto.graph.node.insert(0, adapter)
+    image.type.tensor_type.shape.dim[1].dim_value = 3
+    proto.graph.name = source
+    return proto, channels
+
+
+def _restore_channels(merged: onnx.ModelProto, channels: int) -> None:
+    """Drop :func:`rgb_view`'s adapter: the grafted graph's ``image`` takes ``channels``."""
+    inner = f"{_PREFIX}{_ADAPTER}/"
+    adapter = next(node for node in merged.graph.node if node.output[0].startswith(inner))
+    merged.graph.node.remove(adapter)
+    rename_value(merged.graph, adapter.output[0], fmt.INPUT_IMAGE)
+    prune_graph(merged.graph)
+    image = next(value for value in merged.graph.input if value.name == fmt.INPUT_IMAGE)
+    image.type.tensor_type.shape.dim[1].dim_value = channels
+
+
+def _check_normalisation(mean: Sequence[float], std: Sequence[float], channels: int) -> None:
+    for key, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise ValueError(f"{key}: {channel_mismatch(len(values), channels)}")
 
 
 def _same_opset(
@@ -283,7 +343,8 @@ def graft_onnx(
 
     Args:
         model: an ONNX file or ``onnx.ModelProto`` with one image input ``[B, 3, H, W]``
-            (already normalised with ``mean`` / ``std``), written by any exporter.
+            (already normalised with ``mean`` / ``std``), written by any exporter; or
+            ``[B, 1, H, W]``: a greyscale model (``mean`` / ``std`` then have one value).
         method: ``"fam"`` / ``"gradfam"`` (embedding models) or ``"cam"`` / ``"gradcam"``
             (classifiers).
         task: ``"embedding"`` or ``"classifier"``; checked against ``method`` when given.
@@ -296,7 +357,8 @@ def graft_onnx(
         explain: ``"mean"`` over the references (eq. 11) or ``"best"`` (``fam`` only).
         class_input: ``cam`` / ``gradcam`` take a ``class_index`` input instead of top-1.
         input_size: ``(H, W)`` (or an int); needed when the graph's input size is dynamic.
-        mean, std, class_names, similarity, model_name: written to the metadata.
+        mean, std, class_names, similarity, model_name: written to the metadata (``mean``
+            and ``std``: one value per input channel, or one for all).
         out_path: write the file there and return its path; ``None``: return the model.
         nonlinear_head: ``"jacobian"`` grafts a head that is not global average pooling +
             an affine map through its per-sample Jacobian (the head interpreted in torch);
@@ -315,6 +377,8 @@ def graft_onnx(
     task = _check_task(method, task)
     if nonlinear_head not in ("jacobian", "error"):
         raise ValueError(f"nonlinear_head must be 'jacobian' or 'error', got {nonlinear_head!r}")
+    model, channels = rgb_view(model)
+    _check_normalisation(mean, std, channels)
     graph = analyse_graph(model, input_size, output_name)
     target = resolve_target(graph, target_tensor)
     head: AffineHead | None = None
@@ -349,6 +413,8 @@ def graft_onnx(
         merged, input_names, output_names, opset, kind = _graft_interpreted(
             graph, target, method, task, nonlinear_head, **options
         )
+    if channels != 3:
+        _restore_channels(merged, channels)
     document(
         merged,
         method=method,
@@ -367,6 +433,7 @@ def graft_onnx(
         baked_references=None if baked is None else int(baked.shape[0]),
         class_input=class_input,
         head=kind,
+        channels=channels,
     )
     merged.doc_string += f" (grafted onto {graph.source!r} after output {graph.output!r})"
     onnx.checker.check_model(merged, full_check=True)

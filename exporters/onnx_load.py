@@ -44,9 +44,10 @@ def image_input(proto: onnx.ModelProto) -> onnx.ValueInfoProto:
     if tensor.elem_type != TensorProto.FLOAT or len(tensor.shape.dim) != 4:
         raise ValueError(f"the graph's input {value.name!r} must be float32 [B, 3, H, W]")
     channels = tensor.shape.dim[1]
-    if channels.HasField("dim_value") and channels.dim_value != 3:
+    if channels.HasField("dim_value") and channels.dim_value not in (1, 3):
         raise ValueError(
-            f"the graph's input {value.name!r} has {channels.dim_value} channels, not 3"
+            f"the graph's input {value.name!r} has {channels.dim_value} channels: expected "
+            "1 (greyscale) or 3 (RGB)"
         )
     return value
 
