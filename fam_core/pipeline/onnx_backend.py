@@ -43,7 +43,6 @@ from typing import Any, NamedTuple
 import torch
 
 from fam_core import onnx_format as fmt
-from fam_core.explainers import available_methods
 from fam_core.explanation import Explanation
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, channel_mismatch
 from fam_core.onnx_runtime import OnnxExplainer
@@ -121,12 +120,10 @@ class OnnxBackend:
                 return self.grafts.runner(method)
             if method == self.runner.method:
                 return self.runner
-            if method in available_methods():
-                raise NotFound(
-                    f"method {method!r}: fam export wrote this graph with "
-                    f"{self.runner.method!r} only"
-                )
-            raise NotFound(f"unknown method {method!r}")
+            raise NotFound(
+                f"unknown method {method!r}: fam export wrote this graph with "
+                f"{self.runner.method!r} only"
+            )
         except NotFound as error:
             where = f"model {self.name!r}: " if self.name else ""
             raise NotFound(
@@ -157,31 +154,28 @@ class OnnxBackend:
         """Predict (and explain) ``inputs`` ``[B, C, S, S]`` as the torch engine does, with
         the graph of ``job.method`` (the default one's when it predicts only)."""
         runner = self.runner_for(job.method) if job.heatmap else self.runner
+        if runner is not self.runner:  # the same steps on that method's graph
+            return replace(self, runner=runner, grafts=None).run(
+                served, inputs, job, classes, references
+            )
         if served.task == "classifier":
-            return self._classify(runner, served, inputs, job, classes)
-        return self._embed(runner, served, inputs, job, references)
+            return self._classify(served, inputs, job, classes)
+        return self._embed(served, inputs, job, references)
 
     # -- classifiers
     def _classify(
-        self,
-        runner: OnnxExplainer,
-        served: ServedView,
-        inputs: torch.Tensor,
-        job: Job,
-        classes: list[int | None],
+        self, served: ServedView, inputs: torch.Tensor, job: Job, classes: list[int | None]
     ) -> Computed:
         given = all(c is not None for c in classes)
-        first = self._call(
-            runner, inputs, classes=[0 if c is None else c for c in classes], served=served
-        )
+        first = self._call(inputs, classes=[0 if c is None else c for c in classes], served=served)
         scores, predicted = predict(served, first.outputs, None)
         if not job.heatmap:
             return Computed(outputs=first.outputs, scores=scores, predicted=predicted)
         targets = [p if c is None else c for c, p in zip(classes, predicted.tolist(), strict=True)]
         explained = first
-        if runner.takes_class_index:
+        if self.runner.takes_class_index:
             if not given:  # the classes to explain are known only now
-                explained = self._call(runner, inputs, classes=targets, served=served)
+                explained = self._call(inputs, classes=targets, served=served)
         elif targets != predicted.tolist():
             raise InvalidArgument(
                 f"model {served.name!r} is an ONNX graph that explains the top-1 class: "
@@ -192,7 +186,6 @@ class OnnxBackend:
     # -- embedding models
     def _embed(
         self,
-        runner: OnnxExplainer,
         served: ServedView,
         inputs: torch.Tensor,
         job: Job,
@@ -209,24 +202,23 @@ class OnnxBackend:
                     f"model {served.name!r} is an ONNX graph that explains the best reference "
                     "only: send one reference, or export it with explain='mean'"
                 )
-            first = self._by_reference(runner, served, inputs, references)
+            first = self._by_reference(served, inputs, references)
             return self._ranked(first.outputs, first.pair_scores, first if job.heatmap else None)
         if self.baked or served.prototypes is not None:  # explain the nearest prototype
-            first = self._call(runner, inputs, references=served.prototypes, served=served)
+            first = self._call(inputs, references=served.prototypes, served=served)
             scores = first.pair_scores
             if not job.heatmap or self.explain == "best" or scores.shape[1] == 1:
                 return self._ranked(first.outputs, scores, first if job.heatmap else None)
             nearest = served.prototypes[scores.argmax(dim=1)].unsqueeze(1)  # type: ignore[index]
-            nearest_pass = self._by_reference(runner, served, inputs, nearest)
-            return self._ranked(first.outputs, scores, nearest_pass)
+            return self._ranked(first.outputs, scores, self._by_reference(served, inputs, nearest))
         # No prototypes: the embedding explains itself. The embedding does not depend on the
         # references input, so any reference serves for the first pass.
         probe = torch.ones(1, int(served.output_dim))
-        first = self._call(runner, inputs, references=probe, served=served)
+        first = self._call(inputs, references=probe, served=served)
         empty = first.outputs.new_zeros(first.outputs.shape[0], 0)
         if not job.heatmap:
             return self._ranked(first.outputs, empty, None)
-        itself = self._by_reference(runner, served, inputs, first.outputs.unsqueeze(1))
+        itself = self._by_reference(served, inputs, first.outputs.unsqueeze(1))
         return self._ranked(first.outputs, empty, itself)
 
     def _ranked(
@@ -242,11 +234,7 @@ class OnnxBackend:
         return Computed.explained_by(outputs, scores, predicted, explained.explanation)
 
     def _by_reference(
-        self,
-        runner: OnnxExplainer,
-        served: ServedView,
-        inputs: torch.Tensor,
-        references: torch.Tensor,
+        self, served: ServedView, inputs: torch.Tensor, references: torch.Tensor
     ) -> _Pass:
         """Item ``i`` against ``references[i]`` ``[K, D]``; items with equal ones in one run."""
         groups: list[tuple[list[int], torch.Tensor]] = []
@@ -258,7 +246,7 @@ class OnnxBackend:
             else:
                 groups.append(([index], references[index]))
         runs = [
-            self._call(runner, inputs[members], references=shared, served=served)
+            self._call(inputs[members], references=shared, served=served)
             for members, shared in groups
         ]
         order = torch.tensor([index for members, _ in groups for index in members])
@@ -276,7 +264,6 @@ class OnnxBackend:
     # -- one graph run
     def _call(
         self,
-        runner: OnnxExplainer,
         inputs: torch.Tensor,
         *,
         served: ServedView,
@@ -284,12 +271,12 @@ class OnnxBackend:
         classes: list[int] | None = None,
     ) -> _Pass:
         feeds: dict[str, object] = {}
-        if runner.takes_references:
+        if self.runner.takes_references:
             feeds["references"] = references.detach().float().cpu().contiguous()  # type: ignore[union-attr]
-        if runner.takes_class_index:
+        if self.runner.takes_class_index:
             feeds["class_index"] = classes
         try:
-            explanation = runner(inputs.detach().float().cpu().contiguous(), **feeds)  # type: ignore[arg-type]
+            explanation = self.runner(inputs.detach().float().cpu().contiguous(), **feeds)  # type: ignore[arg-type]
         except (ValueError, TypeError) as error:
             raise InvalidArgument(f"ONNX model {served.name!r}: {error}") from None
         return _as_pass(explanation)
