@@ -407,3 +407,61 @@ def test_greyscale_model_with_three_channel_normalisation_is_refused(tmp_path) -
     assert failed.reason.endswith("(ImageNet's mean: the default)")
     with pytest.raises(ValueError, match=r"^std: got 3 values for a 1-channel"):
         graft_onnx(folder / "model.onnx", method="cam", mean=(0.5,))
+
+
+GREY_FACTORY = """
+from torch import nn
+
+
+def build():
+    trunk = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU()
+    )
+    return nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+"""
+
+
+def test_torch_greyscale_config_matches_the_onnx_greyscale_model(tmp_path, channel) -> None:
+    """``channels: 1`` on a torch config: the same luminance, so the same CAM as the ONNX
+    graph of the same weights (served by the module's server)."""
+    folder = tmp_path / "grey-torch"
+    folder.mkdir()
+    (folder / "grey_factory.py").write_text(GREY_FACTORY)
+    torch.save(classifier(channels=1).state_dict(), folder / "weights.pt")
+    (folder / "config.yaml").write_text(
+        "name: grey-torch\ntask: classifier\nfactory: grey_factory:build\nweights: weights.pt\n"
+        f"input_size: {SIZE}\nchannels: 1\nmean: [0.4]\nstd: [0.3]\ntarget_layer: '0'\n"
+    )
+    registry = ModelRegistry.load([folder / "config.yaml"], keep_going=False)
+    assert registry.get("grey-torch").feature_shape == (8, 8)
+    pipeline = Pipeline(registry, batching=None)
+    image = png(7)
+    for method in ("cam", "gradcam"):
+        (result,) = pipeline.explain(
+            ExplainRequest("grey-torch", (EncodedImage(image),), method=method)
+        ).results
+        heatmap = heatmap_from_bytes(result.heatmap.data, result.heatmap.shape)
+        _, served_onnx = fam_explain(channel, "grey", image, method)
+        assert (heatmap - served_onnx).abs().max() <= TOLERANCE
+    pipeline.close()
+    (folder / "config.yaml").write_text(
+        (folder / "config.yaml").read_text().replace("mean: [0.4]", "mean: [0.4, 0.4, 0.4]")
+    )
+    (failed,) = ModelRegistry.load([folder / "config.yaml"]).failed()
+    assert "mean: got 3 values for a 1-channel (greyscale) model" in failed.reason
+
+
+def test_fam_explain_chooses_the_method_of_a_plain_onnx_model(models, tmp_path, capsys) -> None:
+    image = tmp_path / "image.png"
+    image.write_bytes(png(8))
+    config = str(models / "classifier" / "config.yaml")
+    out = tmp_path / "out"
+    for method in ("cam", "gradcam"):
+        argv = ["explain", str(image), "--model", config, "--method", method, "--out", str(out)]
+        assert main(argv) == 0
+        assert (out / f"image_{method}.png").is_file()
+    capsys.readouterr()
+    argv = ["explain", str(image), "--model", config, "--method", "scorefam", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "method 'scorefam': not exportable to ONNX" in err
