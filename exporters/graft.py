@@ -51,6 +51,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -90,6 +91,7 @@ __all__ = [
     "graft_onnx",
     "inspect_onnx",
     "rgb_view",
+    "without_adapter",
 ]
 
 
@@ -283,6 +285,12 @@ def rgb_view(model: str | Path | onnx.ModelProto) -> tuple[str | Path | onnx.Mod
     return proto, channels
 
 
+def without_adapter(candidates: Sequence[Candidate]) -> tuple[Candidate, ...]:
+    """``candidates`` less :func:`rgb_view`'s adapter output (a map of the input, not of the
+    model: never a target)."""
+    return tuple(c for c in candidates if not c.name.startswith(f"{_ADAPTER}/"))
+
+
 def _restore_channels(merged: onnx.ModelProto, channels: int) -> None:
     """Drop :func:`rgb_view`'s adapter: the grafted graph's ``image`` takes ``channels``."""
     inner = f"{_PREFIX}{_ADAPTER}/"
@@ -380,6 +388,8 @@ def graft_onnx(
     model, channels = rgb_view(model)
     _check_normalisation(mean, std, channels)
     graph = analyse_graph(model, input_size, output_name)
+    if channels != 3:
+        graph = replace(graph, candidates=without_adapter(graph.candidates))
     target = resolve_target(graph, target_tensor)
     head: AffineHead | None = None
     if target.layout.kind == "channels_first":

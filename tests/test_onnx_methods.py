@@ -360,6 +360,7 @@ def test_inspect_lists_the_methods_and_why_not_the_others(models, capsys) -> Non
     assert main(["inspect", str(models / "grey" / "config.yaml")]) == 0
     out = capsys.readouterr().out
     assert "[B, 1, 16, 16]" in out and "methods (classifier): cam, gradcam\n" in out
+    assert "candidate target tensors (4," in out and "Gather" not in out  # no probe adapter
 
 
 def test_luminance_is_pillows_convert_l_before_its_rounding() -> None:
@@ -388,6 +389,26 @@ def test_greyscale_classifier_is_served_on_the_luminance(models, registry, chann
         # the graft's runner gives greyscale graphs the luminance of RGB images too
         ran = runner(runner.preprocess(torch.from_numpy(pixels)))
         assert (ran.maps[0] - want).abs().max() <= 1e-4
+
+
+def test_greyscale_graft_takes_one_channel_and_other_counts_are_refused(tmp_path) -> None:
+    import onnx
+
+    grey = plain_export(classifier(channels=1), tmp_path / "grey.onnx", channels=1)
+    grafted = graft_onnx(grey, method="gradcam", mean=(0.5,), std=(0.25,))
+    (image,) = grafted.graph.input
+    dims = [d.dim_param or d.dim_value for d in image.type.tensor_type.shape.dim]
+    assert image.name == "image" and dims == ["batch", 1, SIZE, SIZE]
+    names = [t.name for t in grafted.graph.initializer]
+    names += [name for node in grafted.graph.node for name in (node.name, *node.input)]
+    assert not [name for name in names if "fam_channels" in name]  # the probe adapter is gone
+    props = {prop.key: prop.value for prop in grafted.metadata_props}
+    assert '"channels": 1' in props["preprocessing"]
+    _seeded("four")
+    four = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    path = plain_export(nn.Sequential(four, nn.Flatten(), nn.Linear(8, 3)), tmp_path / "4.onnx", 4)
+    with pytest.raises(ValueError, match=r"has 4 channels: expected 1 \(greyscale\) or 3"):
+        graft_onnx(onnx.load(str(path)), method="cam")
 
 
 def test_greyscale_model_with_three_channel_normalisation_is_refused(tmp_path) -> None:

@@ -79,7 +79,9 @@ def inspect_onnx_source(path: Path, config: object | None, layer: str | None) ->
             f"methods: {meta.get(fmt.KEY_METHOD)} (the one fam export wrote; export the model "
             "again for another)"
         )
-    from fam_core.exporters.graft import inspect_onnx, rgb_view
+    from dataclasses import replace
+
+    from fam_core.exporters.graft import inspect_onnx, rgb_view, without_adapter
 
     target = layer or (config.target_tensor if isinstance(config, ModelConfig) else None)
     size = config.input_size if isinstance(config, ModelConfig) else None
@@ -95,8 +97,10 @@ def inspect_onnx_source(path: Path, config: object | None, layer: str | None) ->
     except (OSError, ValueError) as error:
         key = "target_tensor" if target is not None else "onnx"
         raise ValueError(f"model {name!r}: {key}: {str(error).splitlines()[0]}") from None
-    text = str(report)
     if channels != 3:  # the report reads the graph behind rgb_view's 3-channel adapter
+        report = replace(report, candidates=without_adapter(report.candidates))
+    text = str(report)
+    if channels != 3:
         text = text.replace(
             f"input   {report.input_name}  [B, 3,", f"input   {report.input_name}  [B, {channels},"
         )
