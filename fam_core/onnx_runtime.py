@@ -63,7 +63,8 @@ class OnnxExplainer:
     that :func:`fam_core.exporters.export_model` wrote runs as it is, and ``graft`` is ignored.
 
     Attributes read from the file: ``method``, ``target_layer``, ``input_size`` ``(H, W)``,
-    ``channels`` (1 for a greyscale graph, else 3), ``mean``, ``std``, ``class_names``,
+    ``channels`` (the preprocessing metadata's, else the image input's: 1 for a greyscale
+    graph), ``mean``, ``std``, ``class_names``,
     ``metadata`` (all props), ``input_names``.
     """
 
@@ -106,7 +107,13 @@ class OnnxExplainer:
         self.input_size: tuple[int, int] = tuple(preprocessing["size"])  # type: ignore[assignment]
         self.mean: tuple[float, ...] = tuple(preprocessing["mean"])
         self.std: tuple[float, ...] = tuple(preprocessing["std"])
-        self.channels = int(preprocessing.get("channels", 3))
+        self._channels = int(self.session.get_inputs()[0].shape[1])
+        self.channels = int(preprocessing.get("channels", self._channels))
+        if self._channels != self.channels:
+            raise ValueError(
+                f"{path}: its image input takes {self._channels} channels, its preprocessing "
+                f"metadata says {self.channels}"
+            )
         self.resize: ResizePolicy = check_policy(preprocessing.get("resize", DEFAULT_POLICY))
         self.class_names: list[str] = json.loads(self.metadata.get(fmt.KEY_CLASS_NAMES, "[]"))
         self.input_names = [value.name for value in self.session.get_inputs()]
@@ -115,12 +122,6 @@ class OnnxExplainer:
         if missing:
             raise ValueError(
                 f"{path} has no {', '.join(missing)} output: export it with heatmap=True"
-            )
-        self._channels = int(self.session.get_inputs()[0].shape[1])
-        if self._channels != self.channels:
-            raise ValueError(
-                f"{path}: its image input takes {self._channels} channels, its preprocessing "
-                f"metadata says {self.channels}"
             )
         self._dimension = self._output_width(fmt.OUTPUT_EMBEDDING) or self._output_width(
             fmt.OUTPUT_LOGITS

@@ -113,8 +113,8 @@ class ModelConfig:
     target_layer: str | None = None
     input_size: int | tuple[int, int] = 84
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     class_names: tuple[str, ...] = ()
     prototypes: str | None = None
     similarity: str = "cosine"

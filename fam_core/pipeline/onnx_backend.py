@@ -382,8 +382,8 @@ def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> Lo
         target_layer=runner.target_layer,
         input_size=int(height) if height == width else (int(height), int(width)),
         resize=runner.resize,
-        mean=tuple(runner.mean),  # type: ignore[arg-type]
-        std=tuple(runner.std),  # type: ignore[arg-type]
+        mean=tuple(runner.mean),
+        std=tuple(runner.std),
         class_names=config.class_names or tuple(runner.class_names),
         similarity=runner.metadata.get(fmt.KEY_SIMILARITY, config.similarity),
     )
