@@ -809,6 +809,7 @@ def document(
     class_input: bool = False,
     resize: str | None = None,
     head: str | None = None,
+    channels: int = 3,
 ) -> None:
     """Write the metadata props and doc strings of :mod:`fam_core.onnx_format` into ``proto``.
 
@@ -816,7 +817,8 @@ def document(
     :func:`fam_core.exporters.graft.graft_onnx` both call it. ``baked_references`` is ``K`` when the
     references are constants of the graph (``None``: an input); ``similarity``, ``explain``
     and ``baked_references`` apply to ``fam`` / ``gradfam``, ``class_input`` to ``cam`` /
-    ``gradcam``.
+    ``gradcam``. ``channels``: the image input's channels, written to the preprocessing
+    metadata when not 3 (1: greyscale; readers take a missing entry as 3).
 
     Example:
         >>> import onnx
@@ -844,6 +846,8 @@ def document(
     }
     if resize is not None:
         preprocessing["resize"] = resize
+    if channels != 3:
+        preprocessing["channels"] = int(channels)
     props = {
         fmt.KEY_FORMAT: fmt.FORMAT_VERSION,
         fmt.KEY_VERSION: fam_core.__version__,

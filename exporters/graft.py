@@ -76,10 +76,10 @@ from fam_core.exporters.onnx_dataflow import (
 from fam_core.exporters.onnx_graph import default_opset, prune_graph, rename_value
 from fam_core.exporters.onnx_head import AffineHead, NotAffine, analyse_graph_head, analyse_head
 from fam_core.exporters.onnx_inspect import Inspection, inspect_onnx
-from fam_core.exporters.onnx_load import fixed_batch
+from fam_core.exporters.onnx_load import fixed_batch, input_channels
 from fam_core.exporters.onnx_normalise import InputLayout
 from fam_core.exporters.onnx_verify import runs_batched, slimmed
-from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD
+from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, channel_mismatch
 from fam_core.similarity import SimilarityKind
 
 __all__ = [
@@ -230,7 +230,7 @@ def _merge(
     rename_value(merged.graph, _PREFIX + graph.image.name, fmt.INPUT_IMAGE)
     image = next(value for value in merged.graph.input if value.name == fmt.INPUT_IMAGE)
     dims = image.type.tensor_type.shape.dim
-    for axis, extent in zip((1, 2, 3), (3, *graph.size), strict=True):
+    for axis, extent in zip((1, 2, 3), (input_channels(graph.image), *graph.size), strict=True):
         dims[axis].dim_value = extent
     _set_batch(image, batch)
     del merged.graph.value_info[:]
@@ -243,11 +243,10 @@ def _merge(
 
 
 def _pixel_preprocessing(
-    graph: Graph, mean: Sequence[float], std: Sequence[float]
+    graph: Graph, mean: Sequence[float], std: Sequence[float], channels: int
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``mean`` 0 and ``std`` 1/255 per channel: images in [0, 1] fed as pixels 0-255 to a
     graph that takes uint8 and normalises them itself; other values are refused."""
-    channels = len(tuple(mean))
     pixels = (0.0,) * channels, (1 / 255,) * channels
     given = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     defaults = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
@@ -264,6 +263,12 @@ def _cast_to_float(graph: onnx.GraphProto, name: str) -> str:
     cast = f"{name}/float32"
     graph.node.append(helper.make_node("Cast", [name], [cast], to=onnx.TensorProto.FLOAT))
     return cast
+
+
+def _check_normalisation(mean: Sequence[float], std: Sequence[float], channels: int) -> None:
+    for key, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise ValueError(f"{key}: {channel_mismatch(len(values), channels)}")
 
 
 def _same_opset(
@@ -310,7 +315,8 @@ def graft_onnx(
 
     Args:
         model: an ONNX file or ``onnx.ModelProto`` with one image input ``[B, 3, H, W]``
-            (already normalised with ``mean`` / ``std``), written by any exporter.
+            (already normalised with ``mean`` / ``std``), written by any exporter; or
+            ``[B, 1, H, W]``: a greyscale model (``mean`` / ``std`` then have one value).
         method: ``"fam"`` / ``"gradfam"`` (embedding models) or ``"cam"`` / ``"gradcam"``
             (classifiers).
         task: ``"embedding"`` or ``"classifier"``; checked against ``method`` when given.
@@ -326,7 +332,8 @@ def graft_onnx(
         explain: ``"mean"`` over the references (eq. 11) or ``"best"`` (``fam`` only).
         class_input: ``cam`` / ``gradcam`` take a ``class_index`` input instead of top-1.
         input_size: ``(H, W)`` (or an int); needed when the graph's input size is dynamic.
-        mean, std, class_names, similarity, model_name: written to the metadata.
+        mean, std, class_names, similarity, model_name: written to the metadata (``mean``
+            and ``std``: one value per input channel, or one for all).
         out_path: write the file there and return its path; ``None``: return the model.
         nonlinear_head: ``"jacobian"`` grafts a head that is not global average pooling +
             an affine map through its per-sample Jacobian (the head interpreted in torch);
@@ -353,8 +360,10 @@ def graft_onnx(
     if nonlinear_head not in ("jacobian", "error"):
         raise ValueError(f"nonlinear_head must be 'jacobian' or 'error', got {nonlinear_head!r}")
     graph = analyse_graph(model, input_size, output_name, layout, walk_back=task == "classifier")
+    channels = input_channels(graph.image)
     if graph.normalised.pixel_input:
-        mean, std = _pixel_preprocessing(graph, mean, std)
+        mean, std = _pixel_preprocessing(graph, mean, std, channels)
+    _check_normalisation(mean, std, channels)
     target = resolve_target(graph, target_tensor)
     head: AffineHead | None = None
     if target.layout.kind == "channels_first":
@@ -406,6 +415,7 @@ def graft_onnx(
         baked_references=None if baked is None else int(baked.shape[0]),
         class_input=class_input,
         head=kind,
+        channels=channels,
     )
     _record_output(merged, graph)
     merged.doc_string += f" (grafted onto {graph.source!r} after output {graph.output!r})"

@@ -46,7 +46,13 @@ from fam_core.exporters.onnx_graph import (
     sample_image,
     with_inferred_shapes,
 )
-from fam_core.exporters.onnx_load import fixed_batch, image_input, load_graph, resolve_input_size
+from fam_core.exporters.onnx_load import (
+    fixed_batch,
+    image_input,
+    input_channels,
+    load_graph,
+    resolve_input_size,
+)
 from fam_core.exporters.onnx_normalise import InputLayout, Normalised, normalise_graph
 from fam_core.exporters.onnx_output import (
     OutputChoice,
@@ -128,8 +134,9 @@ def _measured_shapes(
     if not names:
         return {}
     session = make_session(proto, names)
-    image = image_input(proto).name
-    values = session.run(list(names), {image: sample_image(size, batch)})  # type: ignore[attr-defined]
+    image = image_input(proto)
+    images = sample_image(size, batch, channels=input_channels(image))
+    values = session.run(list(names), {image.name: images})  # type: ignore[attr-defined]
     return {name: tuple(np.shape(array)) for name, array in zip(names, values, strict=True)}
 
 
@@ -385,7 +392,7 @@ def _reaches(graph: Graph) -> Callable[[Candidate], bool]:
 def sample_value(graph: Graph, name: str, batch: int = 1) -> np.ndarray:
     """The value ``name`` on sample images (item by item where the graph fixes the batch)."""
     session = make_session(graph.proto, [name])
-    images = sample_image(graph.size, batch)
+    images = sample_image(graph.size, batch, channels=input_channels(graph.image))
     return run_batch(session, graph.image.name, images, [name])[0]
 
 

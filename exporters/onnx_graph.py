@@ -40,9 +40,12 @@ __all__ = [
 ]
 
 
-def sample_image(size: tuple[int, int], batch: int = 1, seed: int = 0) -> np.ndarray:
+def sample_image(
+    size: tuple[int, int], batch: int = 1, seed: int = 0, channels: int = 3
+) -> np.ndarray:
+    """``[batch, channels, *size]`` standard-normal images (normalised inputs)."""
     generator = np.random.default_rng(seed)
-    return generator.standard_normal((batch, 3, *size)).astype(np.float32)
+    return generator.standard_normal((batch, channels, *size)).astype(np.float32)
 
 
 def make_session(proto: onnx.ModelProto, outputs: Sequence[str] = ()) -> object:

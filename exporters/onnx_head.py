@@ -39,7 +39,7 @@ from fam_core.exporters.onnx_graph import (
     sample_image,
     with_inferred_shapes,
 )
-from fam_core.exporters.onnx_load import fixed_batch
+from fam_core.exporters.onnx_load import fixed_batch, input_channels
 from fam_core.exporters.onnx_output import describe_node
 
 RTOL = 1e-4  # relative tolerance of the head probes
@@ -142,7 +142,9 @@ def analyse_graph_head(graph: Graph, target: Candidate) -> AffineHead:
     sample = run_batch(
         make_session(graph.proto, [target.name]),
         graph.image.name,
-        sample_image(graph.size, fixed_batch(graph.image) or 1),
+        sample_image(
+            graph.size, fixed_batch(graph.image) or 1, channels=input_channels(graph.image)
+        ),
         [target.name],
     )[0]
     head = head_graph(graph, target.name)

@@ -25,6 +25,7 @@ from fam_core.exporters.onnx_dataflow import (
     sample_value,
 )
 from fam_core.exporters.onnx_head import AffineHead, NotAffine, analyse_graph_head
+from fam_core.exporters.onnx_load import input_channels
 from fam_core.exporters.onnx_normalise import InputLayout
 
 __all__ = ["Inspection", "inspect_onnx"]
@@ -46,6 +47,7 @@ class Inspection:
     head_kind: str | None = None  # an interpreted head: "identity", "linear" or "jacobian"
     head_detail: str | None = None
     normalisation: tuple[str, ...] = ()  # the steps that read the file (onnx_normalise)
+    channels: int = 3  # of the image input; 1: greyscale, given the images' luminance
     choice: OutputChoice | None = None  # the graph output and the value explained
     outputs: tuple[tuple[str, tuple[int | None, ...] | None], ...] = ()  # every graph output
 
@@ -55,7 +57,8 @@ class Inspection:
         lines = [
             f"ONNX graph {self.source}",
             *(f"normalised: {step}" for step in self.normalisation),
-            f"input   {self.input_name}  [B, 3, {height}, {width}]",
+            f"input   {self.input_name}  [B, {self.channels}, {height}, {width}]"
+            + ("  greyscale: images are given as their luminance" if self.channels == 1 else ""),
         ]
         if len(self.outputs) > 1:
             lines.append(f"graph outputs ({len(self.outputs)}, * the one explained):")
@@ -152,6 +155,7 @@ def inspect_onnx(
         head_kind=kind,
         head_detail=detail,
         normalisation=graph.normalised.steps,
+        channels=input_channels(graph.image),
         choice=graph.choice,
         outputs=graph.outputs,
     )

@@ -18,6 +18,7 @@ from onnx import TensorProto
 __all__ = [
     "fixed_batch",
     "image_input",
+    "input_channels",
     "load_graph",
     "missing_external_data",
     "resolve_input_size",
@@ -84,11 +85,18 @@ def image_input(proto: onnx.ModelProto) -> onnx.ValueInfoProto:
     if tensor.elem_type != TensorProto.FLOAT or len(tensor.shape.dim) != 4:
         raise ValueError(f"the graph's input {value.name!r} must be float32 [B, 3, H, W]")
     channels = tensor.shape.dim[1]
-    if channels.HasField("dim_value") and channels.dim_value != 3:
+    if channels.HasField("dim_value") and channels.dim_value not in (1, 3):
         raise ValueError(
-            f"the graph's input {value.name!r} has {channels.dim_value} channels, not 3"
+            f"the graph's input {value.name!r} has {channels.dim_value} channels: expected "
+            "1 (greyscale) or 3 (RGB)"
         )
     return value
+
+
+def input_channels(image: onnx.ValueInfoProto) -> int:
+    """The channels of an image input ``[B, C, H, W]`` (3 where the graph leaves it open)."""
+    extent = image.type.tensor_type.shape.dim[1]
+    return int(extent.dim_value) if extent.HasField("dim_value") else 3
 
 
 def resolve_input_size(

@@ -1,4 +1,5 @@
-"""Reading images into ``[3, H, W]`` float tensors in ``[0, 1]``."""
+"""Reading images into ``[3, H, W]`` float tensors in ``[0, 1]``, and giving a model the
+channels it takes (:func:`to_channels`: RGB to luminance for greyscale models)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000
+LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 luma weights of R, G, B: what Pillow's ``convert("L")`` computes."""
+CHANNEL_COUNTS = (1, 3)
+"""The input channels a model may take: greyscale (luminance) or RGB."""
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -97,3 +102,29 @@ def resize(image: torch.Tensor, size: int) -> torch.Tensor:
     from fam_core.resizing import fit_image
 
     return fit_image(image, size, "crop")
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """RGB ``[B, 3, H, W]`` (or ``[3, H, W]``) images as a model with ``channels`` input
+    channels takes them: unchanged for 3, the ITU-R BT.601 luminance
+    ``0.299 R + 0.587 G + 0.114 B`` (Pillow's ``convert("L")``, without its rounding to
+    8 bits) for 1. Images that already have ``channels`` channels are returned as they are.
+
+    Example:
+        >>> grey = to_channels(torch.tensor([[[1.0]], [[0.5]], [[0.0]]]), 1)  # [3, 1, 1] RGB
+        >>> tuple(grey.shape), round(float(grey), 4)
+        ((1, 1, 1), 0.5925)
+    """
+    if channels not in CHANNEL_COUNTS:
+        raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
+    axis = images.dim() - 3
+    if axis < 0:
+        raise ValueError(f"images must be [3, H, W] or [B, 3, H, W], got {tuple(images.shape)}")
+    if images.shape[axis] == channels:
+        return images
+    if images.shape[axis] != 3:
+        raise ValueError(
+            f"images have {images.shape[axis]} channels: expected 3 (RGB) or {channels}"
+        )
+    weights = torch.tensor(LUMINANCE_WEIGHTS, dtype=images.dtype, device=images.device)
+    return (images * weights.view(3, 1, 1)).sum(dim=axis, keepdim=True)

@@ -33,6 +33,7 @@ import torch
 from fam_core import onnx_format as fmt
 from fam_core.explanation import Explanation
 from fam_core.extras import require
+from fam_core.imageio import to_channels
 from fam_core.resizing import DEFAULT_POLICY, ResizePolicy, check_policy, fit_image
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -62,10 +63,9 @@ class OnnxExplainer:
     that :func:`fam_core.exporters.export_model` wrote runs as it is, and ``graft`` is ignored.
 
     Attributes read from the file: ``method``, ``target_layer``, ``input_size`` ``(H, W)``,
-    ``mean``, ``std``, ``class_names``, ``metadata`` (all props), ``input_names``,
-    ``output_activation``. A grafted graph's explanations carry ``extras["output"]``, the
-    foreign value explained (the logits before a trailing Softmax / LogSoftmax / Sigmoid),
-    and ``extras["output_activation"]`` where the graph applied one.
+    ``channels`` (the preprocessing metadata's, else the image input's: 1 for a greyscale
+    graph), ``mean``, ``std``, ``class_names``,
+    ``metadata`` (all props), ``input_names``.
     """
 
     def __init__(
@@ -107,6 +107,13 @@ class OnnxExplainer:
         self.input_size: tuple[int, int] = tuple(preprocessing["size"])  # type: ignore[assignment]
         self.mean: tuple[float, ...] = tuple(preprocessing["mean"])
         self.std: tuple[float, ...] = tuple(preprocessing["std"])
+        self._channels = int(self.session.get_inputs()[0].shape[1])
+        self.channels = int(preprocessing.get("channels", self._channels))
+        if self._channels != self.channels:
+            raise ValueError(
+                f"{path}: its image input takes {self._channels} channels, its preprocessing "
+                f"metadata says {self.channels}"
+            )
         self.resize: ResizePolicy = check_policy(preprocessing.get("resize", DEFAULT_POLICY))
         self.class_names: list[str] = json.loads(self.metadata.get(fmt.KEY_CLASS_NAMES, "[]"))
         self.input_names = [value.name for value in self.session.get_inputs()]
@@ -116,7 +123,6 @@ class OnnxExplainer:
             raise ValueError(
                 f"{path} has no {', '.join(missing)} output: export it with heatmap=True"
             )
-        self._channels = int(self.session.get_inputs()[0].shape[1])
         self._dimension = self._output_width(fmt.OUTPUT_EMBEDDING) or self._output_width(
             fmt.OUTPUT_LOGITS
         )
@@ -160,17 +166,22 @@ class OnnxExplainer:
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, h, w]`` (or ``[3, h, w]``) images in ``[0, 1]`` fitted to the graph's input
         size by its resize policy (:func:`fam_core.resizing.fit_image`; ``"crop"`` unless the
-        metadata says otherwise), then normalised as the file's metadata says.
+        metadata says otherwise), given the channels the graph takes
+        (:func:`fam_core.imageio.to_channels`: luminance for a greyscale graph), then
+        normalised as the file's metadata says.
 
         Example:
             >>> runner = object.__new__(OnnxExplainer)  # the attributes a file would give
             >>> runner.input_size, runner.resize = (4, 6), "letterbox"
             >>> runner.mean, runner.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+            >>> runner.channels = 3
             >>> runner.preprocess(torch.ones(1, 3, 8, 8)).shape
             torch.Size([1, 3, 4, 6])
         """
         batch = images if images.dim() == 4 else images.unsqueeze(0)
-        fitted = fit_image(batch, self.input_size, self.resize, fill=self.mean)
+        fitted = to_channels(
+            fit_image(batch, self.input_size, self.resize, fill=self.mean), self.channels
+        )
         mean = torch.tensor(self.mean, dtype=fitted.dtype, device=fitted.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=fitted.dtype, device=fitted.device).view(1, -1, 1, 1)
         return (fitted - mean) / std
@@ -181,7 +192,7 @@ class OnnxExplainer:
         references: ArrayLike | None = None,
         class_index: int | Sequence[int] | ArrayLike | None = None,
     ) -> Explanation:
-        """Explain normalised ``images`` ``[B, 3, H, W]`` float32.
+        """Explain normalised ``images`` ``[B, C, H, W]`` float32 (``C``: :attr:`channels`).
 
         ``references`` ``[K, D]`` float32 are required by graphs that take them (and refused
         by graphs with baked references); ``class_index`` (int, one per image) by CAM graphs
@@ -247,7 +258,7 @@ class OnnxExplainer:
         )
 
     def _check_images(self, images: ArrayLike) -> np.ndarray:
-        array = _as_float32(images, "images", "[B, 3, H, W]")
+        array = _as_float32(images, "images", f"[B, {self._channels}, H, W]")
         height, width = self.input_size
         expected = f"[B, {self._channels}, {height}, {width}]"
         if array.ndim != 4:

@@ -237,7 +237,7 @@ def test_plain_file_is_grafted_at_load_time(tmp_path) -> None:
         name="plain", task="embedding", onnx=path.name, input_size=SIZE, directory=tmp_path
     )
     served = load_onnx_backend(path, config)
-    assert served.backend.methods == ("fam",)
+    assert served.backend.methods == ("fam", "gradfam")  # every method the graft takes
     assert served.feature_shape == (4, 4) and served.output_dim == 16
 
 

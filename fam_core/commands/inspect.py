@@ -3,13 +3,20 @@
 For an ONNX graph (an ``onnx:`` config or an ``.onnx`` path) the candidates are the graph's
 feature-map values (the config's ``target_tensor`` is the chosen one when it names one) and
 the head is the one :func:`fam_core.exporters.graft.graft_onnx` would graft onto, or the reason it
-cannot; a graph ``fam export`` wrote reports its baked method and target layer.
+cannot, followed by the methods the file serves and why not the others
+(:func:`fam_core.pipeline.onnx_methods.graftable_methods`; for the config's task, or for
+both tasks without a config); a graph ``fam export`` wrote reports its baked method and
+target layer.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fam_core.exporters.onnx_inspect import Inspection
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -68,7 +75,9 @@ def inspect_onnx_source(path: Path, config: object | None, layer: str | None) ->
         }
         return (
             f"model {name}\nONNX graph written by fam export: method {meta.get(fmt.KEY_METHOD)}, "
-            f"target layer {meta.get(fmt.KEY_TARGET_LAYER, '?')} (fixed in the graph)"
+            f"target layer {meta.get(fmt.KEY_TARGET_LAYER, '?')} (fixed in the graph)\n"
+            f"methods: {meta.get(fmt.KEY_METHOD)} (the one fam export wrote; export the model "
+            "again for another)"
         )
     from fam_core.exporters.graft import inspect_onnx
 
@@ -86,4 +95,40 @@ def inspect_onnx_source(path: Path, config: object | None, layer: str | None) ->
     except (OSError, ValueError) as error:
         key = "target_tensor" if target is not None else "onnx"
         raise ValueError(f"model {name!r}: {key}: {str(error).splitlines()[0]}") from None
-    return f"model {name}\n{report}"
+    text = str(report)
+    task = config.task if isinstance(config, ModelConfig) else None
+    return f"model {name}\n{text}\n{methods_report(report, task)}"
+
+
+def methods_report(report: Inspection, task: str | None) -> str:
+    """The methods the inspected file serves as a ``task`` model (both tasks for ``None``),
+    then each other method with the reason it is not served.
+
+    Example:
+        >>> print(methods_report(inspect_onnx("resnet18.onnx"), "classifier"))  # doctest: +SKIP
+        methods (classifier): cam, gradcam
+        not served:
+          fam: grafted onto embedding models only (a classifier takes cam, gradcam)
+        ...
+    """
+    from fam_core.pipeline.onnx_methods import graftable_methods, served_methods
+
+    if report.head is not None:
+        head: str | None = "identity" if report.head.is_identity else "linear"
+    else:
+        head = report.head_kind
+    lines: list[str] = []
+    refused: dict[str, list[str]] = {}
+    for kind in (task,) if task is not None else ("classifier", "embedding"):
+        reasons = graftable_methods(kind, head, report.head_error)
+        served = served_methods(reasons)
+        lines.append(f"methods ({kind}): {', '.join(served) if served else 'none'}")
+        for method, reason in reasons.items():
+            if reason is not None:
+                refused.setdefault(method, []).append(reason)
+    lines.append("not served:")
+    for method, reasons in refused.items():
+        if task is None and len(reasons) < 2:
+            continue  # served as the other task
+        lines.append(f"  {method}: {'; '.join(dict.fromkeys(reasons))}")
+    return "\n".join(lines)

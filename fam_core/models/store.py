@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fam_core.configfile import dump_config, parse_config
+from fam_core.imageio import CHANNEL_COUNTS, to_channels
 from fam_core.package_data import MODEL_STORE
 from fam_core.resizing import (
     DEFAULT_POLICY,
@@ -85,7 +86,14 @@ class ModelConfig:
             output the grafted head explains (``None``: the first ``[B, D]`` output).
         input_size: input side in pixels, or ``(H, W)``.
         resize: how images are fitted to ``input_size`` (:mod:`fam_core.resizing`).
-        mean, std: per-channel normalisation of ``[0, 1]`` images.
+        mean, std: per-channel normalisation of ``[0, 1]`` images: one value per input
+            channel, or one value for all of them.
+        channels: the model's input channels: 3 (RGB) or 1 (greyscale: images become their
+            ITU-R BT.601 luminance, :func:`fam_core.imageio.to_channels`). An ``onnx`` graph's
+            input says it; a config value other than 3 must match it.
+        method: the explanation method when a request names none; ``None``: the one rule
+            of :func:`fam_core.pipeline.backends.default_method` (FAM for embedding models,
+            CAM for classifiers).
         class_names: the classifier's classes, or the labels of ``prototypes``.
         prototypes: optional ``[K, D]`` tensor file of class prototypes (embedding models).
         similarity: the similarity the embedding model was trained for.
@@ -105,8 +113,8 @@ class ModelConfig:
     target_layer: str | None = None
     input_size: int | tuple[int, int] = 84
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     class_names: tuple[str, ...] = ()
     prototypes: str | None = None
     similarity: str = "cosine"
@@ -118,6 +126,8 @@ class ModelConfig:
     target_tensor: str | None = None
     output: str | int | None = None
     resize: ResizePolicy = DEFAULT_POLICY
+    channels: int = 3
+    method: str | None = None
     directory: Path = Path(".")
 
     def __post_init__(self) -> None:
@@ -180,6 +190,12 @@ class ModelConfig:
             problems.append(
                 ("resize", f"expected one of {list(RESIZE_POLICIES)}, got {self.resize!r}")
             )
+        if isinstance(self.channels, bool) or self.channels not in CHANNEL_COUNTS:
+            problems.append(
+                ("channels", f"expected 1 (greyscale) or 3 (RGB), got {self.channels!r}")
+            )
+        if self.method is not None and (not isinstance(self.method, str) or not self.method):
+            problems.append(("method", f"expected a method name, got {self.method!r}"))
         for key in ("mean", "std"):
             value = getattr(self, key)
             if not (
@@ -190,6 +206,8 @@ class ModelConfig:
                 problems.append(
                     (key, f"expected a list of numbers (one per channel), got {value!r}")
                 )
+            elif self.channels in CHANNEL_COUNTS and len(value) not in (1, self.channels):
+                problems.append((key, channel_mismatch(len(value), self.channels)))
         if any(v == 0 for v in self.std if isinstance(v, int | float)):
             problems.append(("std", f"expected non-zero values, got {self.std!r}"))
         return problems
@@ -267,9 +285,11 @@ class ModelConfig:
             data[key] = list(data[key])
         if isinstance(data["input_size"], tuple):
             data["input_size"] = list(data["input_size"])
-        for key in (*SOURCES, "factory_kwargs", "target_tensor", "output", "weights"):
+        for key in (*SOURCES, "factory_kwargs", "target_tensor", "output", "weights", "method"):
             if data[key] in (None, {}) and key != self.source:
                 data.pop(key)
+        if data["channels"] == 3:
+            data.pop("channels")
         if self.source != "backbone":
             data.pop("backbone_kwargs")
         Path(path).write_text(dump_config(data))
@@ -281,8 +301,16 @@ class ModelConfig:
         return build_module(self)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` images in ``[0, 1]`` to the model's input distribution."""
-        return normalize_images(images, self.mean, self.std)
+        """``[B, 3, H, W]`` images in ``[0, 1]`` to the model's input distribution: its
+        ``channels`` (:func:`fam_core.imageio.to_channels`), then ``(x - mean) / std``.
+
+        Example:
+            >>> grey = ModelConfig(name="g", task="classifier", onnx="g.onnx", channels=1,
+            ...                    mean=(0.5,), std=(0.25,))
+            >>> grey.normalize(torch.ones(2, 3, 4, 4)).shape
+            torch.Size([2, 1, 4, 4])
+        """
+        return normalize_images(to_channels(images, self.channels), self.mean, self.std)
 
     def fit(self, images: torch.Tensor) -> torch.Tensor:
         """``[3, h, w]`` (or ``[B, 3, h, w]``) images in ``[0, 1]`` fitted to ``input_size`` by
@@ -302,6 +330,20 @@ class ModelConfig:
         if not isinstance(values, torch.Tensor):
             raise ValueError(f"prototypes: {path} holds {type(values).__name__}, expected a tensor")
         return values
+
+
+def channel_mismatch(values: int, channels: int) -> str:
+    """What a ``mean`` / ``std`` of ``values`` numbers for a ``channels``-channel model lacks.
+
+    Example:
+        >>> channel_mismatch(3, 1)
+        'got 3 values for a 1-channel (greyscale) model: expected one value, e.g. [0.5]'
+    """
+    if channels == 1:
+        return (
+            f"got {values} values for a 1-channel (greyscale) model: expected one value, e.g. [0.5]"
+        )
+    return f"got {values} values for a {channels}-channel model: expected 1 or {channels}"
 
 
 def _first_line(error: BaseException) -> str:

@@ -97,6 +97,19 @@ def default_method(task: str) -> str:
     return "fam"
 
 
+def configured_method(config: ModelConfig) -> str:
+    """The method a model explains with when a request names none: the config's ``method``,
+    else :func:`default_method` of its task. The one rule of torch models and ONNX graphs.
+
+    Example:
+        >>> plain = ModelConfig(name="m", task="classifier", onnx="m.onnx")
+        >>> chosen = ModelConfig(name="m", task="classifier", onnx="m.onnx", method="gradcam")
+        >>> configured_method(plain), configured_method(chosen)
+        ('cam', 'gradcam')
+    """
+    return config.method or default_method(config.task)
+
+
 def check_prototypes(config: ModelConfig, prototypes: torch.Tensor, output_dim: int) -> None:
     """``ValueError`` unless ``prototypes`` is ``[K, output_dim]``."""
     if prototypes.dim() != 2 or prototypes.shape[1] != output_dim:

@@ -39,7 +39,8 @@ class ServedModel:
     """A loaded model with what the pipeline needs to predict and explain with it.
 
     The backend runs it (:mod:`fam_core.pipeline.backends`): a torch module explained by every
-    registered method, or an ONNX graph explained by the method baked into it.
+    registered method, or an ONNX graph explained by the method baked into it (a plain file:
+    by every method the graft can put onto it).
     """
 
     config: ModelConfig

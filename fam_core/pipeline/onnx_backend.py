@@ -1,8 +1,9 @@
 """The onnxruntime backend: a served model that is an exported graph (see :mod:`fam_core.exporters`).
 
-The graph computes the prediction and the heatmap of the method baked into it (its
-``method`` metadata); any other method is :class:`~fam_core.pipeline.errors.NotFound`. The
-file's metadata configures the model (target layer, input size, mean, std, class names).
+A graph ``fam export`` wrote computes the prediction and the heatmap of the method baked
+into it (its ``method`` metadata); any other method is
+:class:`~fam_core.pipeline.errors.NotFound`. The file's metadata configures the model
+(target layer, input size, channels, mean, std, class names).
 Results are :class:`~fam_core.pipeline.engine.Computed`, encoded by the same code as the
 torch path, and mean what they mean there:
 
@@ -18,12 +19,18 @@ A request the graph cannot answer this way is :class:`InvalidArgument`, naming t
 option it needs.
 
 A graph ``fam export`` did not write is grafted with an explanation head first, by
-``fam_core.exporters.graft.graft_onnx`` (at the config's ``target_tensor``) where that module exists.
+``fam_core.exporters.graft.graft_onnx`` (at the config's ``target_tensor``): with the
+config's default method at load (a file that cannot be grafted does not load), and with
+every other method it takes on that method's first request
+(:class:`~fam_core.pipeline.onnx_methods.GraftedMethods`); methods it does not take are
+:class:`NotFound`, naming why.
 
 Example:
     >>> loaded = load_onnx_backend("conv4_fam.onnx")  # doctest: +SKIP
     >>> loaded.backend.methods, loaded.config.target_layer  # doctest: +SKIP
     (('fam',), 'block4')
+    >>> load_onnx_backend("plain.onnx", config).backend.methods  # doctest: +SKIP
+    ('cam', 'gradcam')
 """
 
 from __future__ import annotations
@@ -37,11 +44,17 @@ import torch
 
 from fam_core import onnx_format as fmt
 from fam_core.explanation import Explanation
-from fam_core.models.store import ModelConfig
+from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, channel_mismatch
 from fam_core.onnx_runtime import OnnxExplainer
-from fam_core.pipeline.backends import LoadedBackend, ServedView, check_prototypes
+from fam_core.pipeline.backends import (
+    LoadedBackend,
+    ServedView,
+    check_prototypes,
+    configured_method,
+)
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
+from fam_core.pipeline.onnx_methods import GraftedMethods, graftable_methods
 
 
 class _Pass(NamedTuple):
@@ -55,9 +68,15 @@ class _Pass(NamedTuple):
 
 @dataclass(frozen=True)
 class OnnxBackend:
-    """Runs one exported graph for :func:`fam_core.pipeline.engine.run_jobs`."""
+    """Runs an exported graph for :func:`fam_core.pipeline.engine.run_jobs`.
+
+    ``runner`` is the graph of the default method; ``grafts`` (plain files) the graphs of
+    the other methods, grafted on first use; ``None``: a ``fam export`` graph, one method.
+    """
 
     runner: OnnxExplainer
+    grafts: GraftedMethods | None = None
+    name: str = ""
 
     def __post_init__(self) -> None:
         meta = self.runner.metadata
@@ -80,19 +99,37 @@ class OnnxBackend:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """The one method baked into the graph."""
-        return (self.runner.method,)
+        """The method baked into the graph, or every method grafted onto a plain file."""
+        if self.grafts is None:
+            return (self.runner.method,)
+        return self.grafts.methods
 
     @property
     def default_method(self) -> str:
         return self.runner.method
 
     def check_method(self, method: str) -> None:
-        if method != self.runner.method:
+        """:class:`NotFound` unless this graph explains with ``method`` (grafting a plain
+        file with it now if this is its first use), naming why not."""
+        self.runner_for(method)
+
+    def runner_for(self, method: str) -> OnnxExplainer:
+        """The graph that explains with ``method`` (:class:`NotFound` if none does)."""
+        try:
+            if self.grafts is not None:
+                return self.grafts.runner(method)
+            if method == self.runner.method:
+                return self.runner
             raise NotFound(
-                f"unknown method {method!r} for ONNX graph {self.runner.path.name}; expected one "
-                f"of {list(self.methods)}"
+                f"unknown method {method!r}: fam export wrote this graph with "
+                f"{self.runner.method!r} only"
             )
+        except NotFound as error:
+            where = f"model {self.name!r}: " if self.name else ""
+            raise NotFound(
+                f"{where}{error} (ONNX graph {self.runner.path.name}); expected one of "
+                f"{list(self.methods)}"
+            ) from None
 
     @property
     def explain(self) -> str:
@@ -114,7 +151,13 @@ class OnnxBackend:
         classes: list[int | None],
         references: torch.Tensor | None,
     ) -> Computed:
-        """Predict (and explain) ``inputs`` ``[B, 3, S, S]`` as the torch engine does."""
+        """Predict (and explain) ``inputs`` ``[B, C, S, S]`` as the torch engine does, with
+        the graph of ``job.method`` (the default one's when it predicts only)."""
+        runner = self.runner_for(job.method) if job.heatmap else self.runner
+        if runner is not self.runner:  # the same steps on that method's graph
+            return replace(self, runner=runner, grafts=None).run(
+                served, inputs, job, classes, references
+            )
         if served.task == "classifier":
             return self._classify(served, inputs, job, classes)
         return self._embed(served, inputs, job, references)
@@ -252,8 +295,9 @@ def graft_options(
 ) -> dict[str, Any] | None:
     """Options of :func:`fam_core.exporters.graft.graft_onnx` for a plain ONNX file served with
     ``config``: task, input size, mean, std, class names, similarity, name, and the config's
-    ``target_tensor`` / ``output`` where it has them; ``overrides`` win. The method defaults
-    to ``fam`` for embedding models and ``cam`` for classifiers. ``None`` (no config, no
+    ``target_tensor`` / ``output`` where it has them; ``overrides`` win. The method is the
+    config's default (:func:`~fam_core.pipeline.backends.configured_method`: its ``method``,
+    else FAM for embedding models and CAM for classifiers). ``None`` (no config, no
     overrides): a plain file is refused rather than grafted with guessed options.
 
     Example:
@@ -265,7 +309,7 @@ def graft_options(
     options: dict[str, Any] = {}
     if config is not None:
         options = {
-            "method": "fam" if config.task == "embedding" else "cam",
+            "method": configured_method(config),
             "task": config.task,
             "input_size": config.input_size,
             "mean": tuple(config.mean),
@@ -308,6 +352,7 @@ def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> Lo
             "that names its task, input_size (and target_tensor:)"
         )
     else:
+        _check_plain_config(path, config)
         options = graft_options(config)
     try:
         runner = OnnxExplainer(path, graft=options)
@@ -328,18 +373,25 @@ def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> Lo
         raise ValueError(
             f"model {config.name!r}: task: its config says task {config.task!r}, {path} is {task!r}"
         )
+    elif config.method is not None and config.method != runner.method:
+        raise ValueError(
+            f"model {config.name!r}: method: {config.method!r}, but fam export wrote {path.name} "
+            f"with {runner.method!r} (export it again, or drop method:)"
+        )
     config = replace(
         config,
+        channels=runner.channels,
         target_layer=runner.target_layer,
         input_size=int(height) if height == width else (int(height), int(width)),
         resize=runner.resize,
-        mean=tuple(runner.mean),  # type: ignore[arg-type]
-        std=tuple(runner.std),  # type: ignore[arg-type]
+        mean=tuple(runner.mean),
+        std=tuple(runner.std),
         class_names=config.class_names or tuple(runner.class_names),
         similarity=runner.metadata.get(fmt.KEY_SIMILARITY, config.similarity),
     )
+    grafts = None if options is None else GraftedMethods(path, options, task, runner)
     try:
-        backend = OnnxBackend(runner)
+        backend = OnnxBackend(runner, grafts, name=config.name)
     except ValueError as error:
         raise ValueError(f"model {config.name!r}: onnx: {error}") from None
     output_dim, feature_shape = runner.output_dim, runner.feature_shape
@@ -362,16 +414,62 @@ def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> Lo
 
 def is_explanation_graph(path: Path) -> bool:
     """Whether ``path``'s metadata marks it as a graph ``fam export`` wrote."""
+    keys = {prop.key for prop in _read_graph(path).metadata_props}
+    return fmt.KEY_METHOD in keys and fmt.KEY_PREPROCESSING in keys
+
+
+def _read_graph(path: Path) -> Any:
+    """The ``onnx.ModelProto`` of ``path`` (its weights may stay outside)."""
     from fam_core.extras import require
 
     onnx = require("onnx", "onnx")
-
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as error:  # noqa: BLE001 - any unreadable file is one config error
         text = str(error).strip().splitlines()
         raise ValueError(
             f"onnx: cannot read {path}: {text[0] if text else type(error).__name__}"
         ) from None
-    keys = {prop.key for prop in model.metadata_props}
-    return fmt.KEY_METHOD in keys and fmt.KEY_PREPROCESSING in keys
+
+
+def input_channels(path: Path) -> int:
+    """The channels of a plain graph's image input ``[B, C, H, W]`` (3 where it is not fixed:
+    the graft says what is wrong with the input)."""
+    proto = _read_graph(path)
+    initializers = {tensor.name for tensor in proto.graph.initializer}
+    inputs = [value for value in proto.graph.input if value.name not in initializers]
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else ()
+    if len(dims) != 4 or not dims[1].HasField("dim_value"):
+        return 3
+    return int(dims[1].dim_value)
+
+
+def _check_plain_config(path: Path, config: ModelConfig) -> None:
+    """One-line ``ValueError`` naming the key, for a config the graft would fail on: a
+    default ``method`` the file cannot take, ``channels``, ``mean`` or ``std`` that do not
+    fit the graph's input."""
+    where = f"model {config.name!r}: "
+    if config.method is not None:
+        reasons = graftable_methods(config.task)
+        if config.method not in reasons:
+            raise ValueError(
+                f"{where}method: unknown method {config.method!r}; expected one of "
+                f"{[m for m, reason in reasons.items() if reason is None]}"
+            )
+        if reasons[config.method] is not None:
+            raise ValueError(f"{where}method: {config.method!r} {reasons[config.method]}")
+    channels = input_channels(path)
+    if config.channels != 3 and config.channels != channels:
+        raise ValueError(
+            f"{where}channels: the config says {config.channels}, the input of {path.name} "
+            f"takes {channels}"
+        )
+    defaults = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    for key in ("mean", "std"):
+        values = tuple(getattr(config, key))
+        if channels in (1, 3) and len(values) not in (1, channels):
+            unset = f" (ImageNet's {key}: the default)" if values == defaults[key] else ""
+            raise ValueError(
+                f"{where}{key}: {path.name} takes {channels} channel(s): "
+                f"{channel_mismatch(len(values), channels)}{unset}"
+            )

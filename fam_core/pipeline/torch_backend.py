@@ -35,7 +35,7 @@ from fam_core.pipeline.backends import (
     LoadedBackend,
     ServedView,
     check_prototypes,
-    default_method,
+    configured_method,
 )
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
@@ -101,7 +101,7 @@ class TorchBackend:
 
     @property
     def default_method(self) -> str:
-        return default_method(self.config.task)
+        return configured_method(self.config)
 
     @property
     def baked(self) -> int:
@@ -166,8 +166,9 @@ def load_torch_backend(
     *,
     target_layer: str | None = None,
 ) -> LoadedBackend:
-    """Build the config's module, probe one ``[1, 3, H, W]`` input for the output and feature
-    shapes; ``target_layer`` overrides the config's. Errors are one-line ``ValueError``."""
+    """Build the config's module, probe one ``[1, C, H, W]`` input (``C``: the config's
+    ``channels``) for the output and feature shapes; ``target_layer`` overrides the config's.
+    Errors are one-line ``ValueError``."""
     try:
         module = load_module(config).to(device).eval()
     except ValueError as error:
@@ -180,13 +181,14 @@ def load_torch_backend(
     except (ValueError, TypeError) as error:
         raise ValueError(f"model {config.name!r}: target_layer: {_first_line(error)}") from None
     height, width = config.image_size
+    channels = config.channels
     try:
         with torch.no_grad():
-            forward = probe.forward(torch.zeros(1, 3, height, width, device=device))
+            forward = probe.forward(torch.zeros(1, channels, height, width, device=device))
     except Exception as error:  # noqa: BLE001 - the user's model may raise anything
         raise ValueError(
-            f"model {config.name!r}: input_size: a [1, 3, {height}, {width}] input failed: "
-            f"{type(error).__name__}: {_first_line(error)}"
+            f"model {config.name!r}: input_size: a [1, {channels}, {height}, {width}] input "
+            f"failed: {type(error).__name__}: {_first_line(error)}"
         ) from None
     outputs, activations = forward.outputs, forward.activations
     if outputs.dim() != 2:
@@ -202,6 +204,12 @@ def load_torch_backend(
     feature_height, feature_width = activations.shape[-2:]
     backend = TorchBackend(module, config)
     backend._explainers["fam"] = probe
+    if config.method is not None:
+        try:
+            backend.check_method(config.method)
+        except ValueError as error:
+            text = _first_line(error).removeprefix(f"model {config.name!r}: ")
+            raise ValueError(f"model {config.name!r}: method: {text}") from None
     return LoadedBackend(
         config=config,
         backend=backend,
