@@ -385,3 +385,16 @@ def test_an_input_without_shape_gets_rank_4_from_its_first_conv(model, reference
         onnx.save(grafted, f"{folder}/grafted.onnx")
         maps = OnnxExplainer(f"{folder}/grafted.onnx")(torch.from_numpy(images())).maps.numpy()
     np.testing.assert_allclose(maps, reference["cam"], atol=1e-4)
+
+
+def test_a_stated_layout_wins_and_the_config_key_reaches_the_graft(model) -> None:
+    from fam_core.models.store import ModelConfig
+    from fam_core.pipeline.onnx_backend import graft_options
+
+    proto = _nhwc(export(model))
+    assert normalise_graph(proto).layout == "NHWC"
+    assert normalise_graph(proto, layout="NCHW").layout == "NCHW"
+    config = ModelConfig(name="m", task="classifier", onnx="m.onnx", layout="NHWC")
+    assert graft_options(config)["layout"] == "NHWC"
+    with pytest.raises(ValueError, match="layout: expected NCHW or NHWC"):
+        ModelConfig(name="m", task="classifier", onnx="m.onnx", layout="channels_last")

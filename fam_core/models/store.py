@@ -55,6 +55,7 @@ _SOURCE_KEYS: dict[str, tuple[str, ...]] = {
     "factory_kwargs": ("factory",),
     "weights": ("backbone", "factory"),
     "target_tensor": ("onnx",),
+    "layout": ("onnx",),
     "output": (*TORCH_SOURCES, "onnx"),
 }
 
@@ -94,6 +95,9 @@ class ModelConfig:
         method: the explanation method when a request names none; ``None``: the one rule
             of :func:`fam_core.pipeline.backends.default_method` (FAM for embedding models,
             CAM for classifiers).
+        layout: ``onnx`` only: the graph input's layout, ``NCHW`` or ``NHWC``; ``None``:
+            detected from the input's shape and its first ``Transpose``
+            (:mod:`fam_core.exporters.onnx_normalise`).
         class_names: the classifier's classes, or the labels of ``prototypes``.
         prototypes: optional ``[K, D]`` tensor file of class prototypes (embedding models).
         similarity: the similarity the embedding model was trained for.
@@ -128,6 +132,7 @@ class ModelConfig:
     resize: ResizePolicy = DEFAULT_POLICY
     channels: int = 3
     method: str | None = None
+    layout: str | None = None
     directory: Path = Path(".")
 
     def __post_init__(self) -> None:
@@ -194,6 +199,8 @@ class ModelConfig:
             problems.append(
                 ("channels", f"expected 1 (greyscale) or 3 (RGB), got {self.channels!r}")
             )
+        if self.layout not in (None, "NCHW", "NHWC"):
+            problems.append(("layout", f"expected NCHW or NHWC, got {self.layout!r}"))
         if self.method is not None and (not isinstance(self.method, str) or not self.method):
             problems.append(("method", f"expected a method name, got {self.method!r}"))
         for key in ("mean", "std"):
@@ -285,7 +292,15 @@ class ModelConfig:
             data[key] = list(data[key])
         if isinstance(data["input_size"], tuple):
             data["input_size"] = list(data["input_size"])
-        for key in (*SOURCES, "factory_kwargs", "target_tensor", "output", "weights", "method"):
+        for key in (
+            *SOURCES,
+            "factory_kwargs",
+            "target_tensor",
+            "layout",
+            "output",
+            "weights",
+            "method",
+        ):
             if data[key] in (None, {}) and key != self.source:
                 data.pop(key)
         if data["channels"] == 3:

@@ -318,9 +318,9 @@ def graft_options(
             "similarity": config.similarity,
             "model_name": config.name,
         }
-        target_tensor = getattr(config, "target_tensor", None)
-        if target_tensor is not None:
-            options["target_tensor"] = target_tensor
+        for key in ("target_tensor", "layout"):
+            if getattr(config, key, None) is not None:
+                options[key] = getattr(config, key)
         output = getattr(config, "output", None)
         if isinstance(output, str):
             options["output_name"] = output
