@@ -215,8 +215,29 @@ class OnnxExplainer:
             feeds[fmt.INPUT_CLASS_INDEX] = self._check_classes(class_index, image.shape[0])
         elif class_index is not None:
             raise ValueError("this graph takes no class_index (it explains the top-1 class)")
-        values = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+        values = dict(zip(self.output_names, self._run(feeds, image.shape[0]), strict=True))
         return self._explanation(values, feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+        """One session run; in runs of the graph's own batch where its input fixes one (a
+        TFLite file's batch of 1), the per-image feeds split and the outputs joined."""
+        fixed = self.session.get_inputs()[0].shape[0]
+        if not isinstance(fixed, int) or fixed <= 0 or fixed == batch:
+            return self.session.run(None, feeds)
+        if batch % fixed:
+            raise ValueError(f"this graph takes batches of {fixed} images, got {batch}")
+        per_image = {fmt.INPUT_IMAGE, fmt.INPUT_CLASS_INDEX}
+        runs = [
+            self.session.run(
+                None,
+                {
+                    name: value[start : start + fixed] if name in per_image else value
+                    for name, value in feeds.items()
+                },
+            )
+            for start in range(0, batch, fixed)
+        ]
+        return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
 
     # -- helpers
     def _output_width(self, name: str) -> int | None:

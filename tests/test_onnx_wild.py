@@ -31,7 +31,11 @@ from tolerances import assert_top_classes
 from fam_core.exporters.graft import graft_onnx
 from fam_core.onnx_runtime import OnnxExplainer
 
-SERVABLE = tuple(name for name in ZOO if name not in REFUSED)
+EMBEDDINGS = ("l2-reduce", "l2-lpnorm")
+"""L2-normalised embeddings: explained as served, by FAM / Grad-FAM, not by the classifier's
+CAM of the logits before the normalisation (tests/test_onnx_outputs.py checks them against
+the torch FAM and the un-normalised Grad-FAM)."""
+SERVABLE = tuple(name for name in ZOO if name not in REFUSED and name not in EMBEDDINGS)
 QUANTIZED = ("float16-io32", "float16", "qdq-int8", "dynamic-int8-head", "fer-tflite")
 METHODS = ("cam", "gradcam")
 SERVED = (
@@ -45,7 +49,6 @@ SERVED = (
     "uint8-input",
     "greyscale",
     "two-outputs",
-    "l2-reduce",
     "ppocr-cls",
     "fer-keras",
     "fer-tflite",
