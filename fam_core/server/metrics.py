@@ -5,21 +5,32 @@ from __future__ import annotations
 import hmac
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from fam_core.pipeline import Pipeline
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+LANES = ("cheap", "expensive")
+
+
 class ServerMetrics:
-    """Requests, latency, batch sizes and errors by status.
+    """Requests, latency, batch sizes, errors by status, cancelled requests and cost lanes.
+
+    ``fam_cancelled_total`` counts requests stopped unfinished (answered ``UNAVAILABLE``
+    when the drain's grace ended, or abandoned by their client): never counted ``OK``.
 
     Example:
         >>> metrics = ServerMetrics()
@@ -48,11 +59,39 @@ class ServerMetrics:
             ["model"], buckets=BATCH_BUCKETS, registry=self.registry,
         )  # fmt: skip
 
-    def observe(self, rpc: str, model: str, code: str, seconds: float) -> None:
+        self.cancelled = Counter(
+            "fam_cancelled", "Requests stopped unfinished (drain grace ended, client gone)",
+            ["rpc", "model"], registry=self.registry,
+        )  # fmt: skip
+        self.lane_queued = Gauge(
+            "fam_lane_queued", "Jobs waiting per model and cost lane",
+            ["model", "lane"], registry=self.registry,
+        )  # fmt: skip
+        self.lane_running = Gauge(
+            "fam_lane_running", "Images running per model and cost lane",
+            ["model", "lane"], registry=self.registry,
+        )  # fmt: skip
+
+    def observe(
+        self, rpc: str, model: str, code: str, seconds: float, *, cancelled: bool = False
+    ) -> None:
         self.requests.labels(rpc, model, code).inc()
         self.latency.labels(rpc).observe(seconds)
         if code != "OK":
             self.errors.labels(rpc, code).inc()
+        if cancelled:
+            self.cancelled.labels(rpc, model).inc()
+
+    def watch_lanes(self, pipeline: Pipeline) -> None:
+        """``fam_lane_queued`` and ``fam_lane_running`` read from ``pipeline`` at scrape."""
+        for name in pipeline.registry.names():
+            for lane in LANES:
+                self.lane_queued.labels(name, lane).set_function(
+                    lambda name=name, lane=lane: pipeline.lanes(name)["queued"][lane]
+                )
+                self.lane_running.labels(name, lane).set_function(
+                    lambda name=name, lane=lane: pipeline.lanes(name)["running"][lane]
+                )
 
     def observe_batch(self, model: str, images: int) -> None:
         self.batch_size.labels(model).observe(images)
