@@ -167,7 +167,8 @@ def _serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             grace_s=args.grace,
         )
-        return 0
+        _exit_at_once(0)
+        return 0  # pragma: no cover
     return _serve_grpc(args, registry, limits, batching)
 
 

@@ -14,7 +14,6 @@ first calls :meth:`StepControl.step`, which
 
 Example:
     >>> from torch import nn
-from torch.nn.modules import module as module_hooks
     >>> from fam_core.pipeline.errors import Cancelled
     >>> model = watch_steps(nn.Linear(2, 2))
     >>> stop = StepControl(lambda: Cancelled("the grace period ended"))

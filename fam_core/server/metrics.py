@@ -63,14 +63,7 @@ class ServerMetrics:
             "fam_cancelled", "Requests stopped unfinished (drain grace ended, client gone)",
             ["rpc", "model"], registry=self.registry,
         )  # fmt: skip
-        self.lane_queued = Gauge(
-            "fam_lane_queued", "Jobs waiting per model and cost lane",
-            ["model", "lane"], registry=self.registry,
-        )  # fmt: skip
-        self.lane_running = Gauge(
-            "fam_lane_running", "Images running per model and cost lane",
-            ["model", "lane"], registry=self.registry,
-        )  # fmt: skip
+        self.lane_queued, self.lane_running = lane_gauges(self.registry)
 
     def observe(
         self, rpc: str, model: str, code: str, seconds: float, *, cancelled: bool = False
@@ -84,14 +77,7 @@ class ServerMetrics:
 
     def watch_lanes(self, pipeline: Pipeline) -> None:
         """``fam_lane_queued`` and ``fam_lane_running`` read from ``pipeline`` at scrape."""
-        for name in pipeline.registry.names():
-            for lane in LANES:
-                self.lane_queued.labels(name, lane).set_function(
-                    lambda name=name, lane=lane: pipeline.lanes(name)["queued"][lane]
-                )
-                self.lane_running.labels(name, lane).set_function(
-                    lambda name=name, lane=lane: pipeline.lanes(name)["running"][lane]
-                )
+        watch_lanes(pipeline, self.lane_queued, self.lane_running)
 
     def observe_batch(self, model: str, images: int) -> None:
         self.batch_size.labels(model).observe(images)
@@ -138,3 +124,29 @@ class ServerMetrics:
         if http is not None:
             http.shutdown()
             http.server_close()
+
+
+def lane_gauges(registry: CollectorRegistry) -> tuple[Gauge, Gauge]:
+    """``fam_lane_queued`` (jobs waiting) and ``fam_lane_running`` (images running) gauges,
+    by model and cost lane, in ``registry``."""
+    queued = Gauge(
+        "fam_lane_queued", "Jobs waiting per model and cost lane",
+        ["model", "lane"], registry=registry,
+    )  # fmt: skip
+    running = Gauge(
+        "fam_lane_running", "Images running per model and cost lane",
+        ["model", "lane"], registry=registry,
+    )  # fmt: skip
+    return queued, running
+
+
+def watch_lanes(pipeline: Pipeline, queued: Gauge, running: Gauge) -> None:
+    """Make the :func:`lane_gauges` read ``pipeline``'s lanes at each scrape."""
+    for name in pipeline.registry.names():
+        for lane in LANES:
+            queued.labels(name, lane).set_function(
+                lambda name=name, lane=lane: pipeline.lanes(name)["queued"][lane]
+            )
+            running.labels(name, lane).set_function(
+                lambda name=name, lane=lane: pipeline.lanes(name)["running"][lane]
+            )
