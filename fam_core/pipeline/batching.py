@@ -105,6 +105,10 @@ class _Pending:
 
 BatchObserver = Callable[[str, int], None]
 """Called with ``(model name, images in the pass)`` after every pass."""
+StepObserver = Callable[[str, float], None]
+"""Called with ``(model name, seconds)`` for each step of an expensive batch: the time since
+the batch began or since the cheap work run at its previous step ended; a cheap request waits
+at most about this long."""
 
 
 class MicroBatcher:
@@ -121,10 +125,12 @@ class MicroBatcher:
         observer: BatchObserver | None = None,
         *,
         expensive_slots: threading.Semaphore | None = None,
+        step_observer: StepObserver | None = None,
     ) -> None:
         self.served = served
         self.config = config
         self._observer = observer
+        self._step_observer = step_observer
         self._slots = expensive_slots or threading.BoundedSemaphore(config.expensive_concurrency)
         self._lanes: dict[CostClass, deque[_Pending]] = {"cheap": deque(), "expensive": deque()}
         self._queued_expensive_images = 0
@@ -283,7 +289,17 @@ class MicroBatcher:
                 return DeadlineExceeded("the deadline passed while the request was running")
             return None
 
-        return StepControl(stop_reason, self._serve_cheap if lane == "expensive" else None)
+        if lane == "cheap":
+            return StepControl(stop_reason)
+        last_step = [time.perf_counter()]
+
+        def between() -> None:
+            if self._step_observer is not None:
+                self._step_observer(self.served.name, time.perf_counter() - last_step[0])
+            self._serve_cheap()
+            last_step[0] = time.perf_counter()
+
+        return StepControl(stop_reason, between)
 
     def _serve_cheap(self) -> None:
         """At a step of an expensive batch: run the cheap jobs waiting now, no delay."""

@@ -20,6 +20,7 @@ from fam_core.pipeline.batching import (
     BatchingConfig,
     BatchObserver,
     MicroBatcher,
+    StepObserver,
 )
 from fam_core.pipeline.decode import (
     DecodeBudget,
@@ -75,6 +76,7 @@ class Pipeline:
             call directly in the caller's thread (for front doors that batch themselves, e.g.
             TorchServe).
         batch_observer: called with ``(model, images)`` after each pass (metrics).
+        step_observer: called with ``(model, seconds)`` at each step of an expensive batch.
 
     Draining (a server's stop): :meth:`start_drain` makes :attr:`ready` false at once while
     work goes on; :meth:`cancel` ends the grace period: queued requests and running ones (at
@@ -100,6 +102,7 @@ class Pipeline:
         limits: Limits = DEFAULT_LIMITS,
         batching: BatchingConfig | None = DEFAULT_BATCHING,
         batch_observer: BatchObserver | None = None,
+        step_observer: StepObserver | None = None,
     ) -> None:
         self.registry = registry
         self.limits = limits
@@ -113,7 +116,13 @@ class Pipeline:
         if batching is not None:
             slots = threading.BoundedSemaphore(batching.expensive_concurrency)
             self._batchers = {
-                served.name: MicroBatcher(served, batching, batch_observer, expensive_slots=slots)
+                served.name: MicroBatcher(
+                    served,
+                    batching,
+                    batch_observer,
+                    expensive_slots=slots,
+                    step_observer=step_observer,
+                )
                 for served in registry
             }
         else:

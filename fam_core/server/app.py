@@ -153,7 +153,11 @@ class FamServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.pipeline = Pipeline(
-            registry, config.limits, config.batching, batch_observer=self.metrics.observe_batch
+            registry,
+            config.limits,
+            config.batching,
+            batch_observer=self.metrics.observe_batch,
+            step_observer=self.metrics.observe_step,
         )
         self.metrics.watch_lanes(self.pipeline)
         self.health = health.HealthServicer()

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 LANES = ("cheap", "expensive")
@@ -59,6 +60,11 @@ class ServerMetrics:
             ["model"], buckets=BATCH_BUCKETS, registry=self.registry,
         )  # fmt: skip
 
+        self.step = Histogram(
+            "fam_expensive_step_seconds",
+            "Seconds per step of an expensive batch: how long a cheap request may wait",
+            ["model"], buckets=STEP_BUCKETS, registry=self.registry,
+        )  # fmt: skip
         self.cancelled = Counter(
             "fam_cancelled", "Requests stopped unfinished (drain grace ended, client gone)",
             ["rpc", "model"], registry=self.registry,
@@ -81,6 +87,9 @@ class ServerMetrics:
 
     def observe_batch(self, model: str, images: int) -> None:
         self.batch_size.labels(model).observe(images)
+
+    def observe_step(self, model: str, seconds: float) -> None:
+        self.step.labels(model).observe(seconds)
 
     def serve_http(self, port: int, host: str = "127.0.0.1", token: str | None = None) -> int:
         """Expose ``/metrics`` over HTTP; returns the port (``0`` picks a free one).
