@@ -285,3 +285,19 @@ def _read_until(process: subprocess.Popen, log: list[str], marker: str) -> str:
         if marker in line:
             return line
     raise AssertionError(f"no {marker} in the first 10,000 lines")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--max-queued-expensive", "0"), ("--expensive-concurrency", "0"), ("--grace", "-1")],
+)
+def test_serve_refuses_bad_lane_and_grace_options_in_one_line(option: str, value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fam_core", "serve", "--port", "0", option, value],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"fam: error: {option} must be >= {'0 seconds' if option == '--grace' else '1'}, "
+        f"got {float(value) if option == '--grace' else int(value)}"
+    ]

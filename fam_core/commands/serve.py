@@ -141,6 +141,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.grace < 0:
         raise ValueError(f"--grace must be >= 0 seconds, got {args.grace}")
+    for option in ("max_queued_expensive", "expensive_concurrency"):
+        if getattr(args, option) < 1:
+            name = "--" + option.replace("_", "-")
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, option)}")
     batching = BatchingConfig(
         args.max_batch_size,
         args.max_delay_ms,
