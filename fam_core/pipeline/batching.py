@@ -165,9 +165,10 @@ class MicroBatcher:
                 queued = self._queued_expensive_images
                 if queued and queued + len(job) > self.config.max_queued_expensive:
                     raise LaneFull(
-                        f"model {self.served.name!r} has {queued} images of expensive work "
-                        f"({job.method}) waiting, the limit is "
-                        f"{self.config.max_queued_expensive}; retry later or use a cheap method",
+                        f"model {self.served.name!r} already has {queued} images of expensive "
+                        f"work waiting, its limit is {self.config.max_queued_expensive} "
+                        f"(method {job.method!r} is expensive): retry later, or use a cheap "
+                        "method",
                         retry_after_s=self._retry_after(),
                     )
                 self._queued_expensive_images += len(job)
