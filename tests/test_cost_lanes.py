@@ -39,7 +39,7 @@ from fam_core.training import save_model
 TIMEOUT = 120
 WAIT_S = 60  # bound of every wait for an observable state
 MODEL = "tiny-classifier"
-EXPENSIVE_IMAGES = 16  # a Score-FAM request of this many images runs for seconds
+EXPENSIVE_IMAGES = 32  # a Score-FAM request of this many images runs for seconds (64 steps)
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ def test_kserve_lane_limit_and_drain(model_dir, tmp_path) -> None:
             ThreadPoolExecutor(2) as pool,
             grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
         ):
-            running = pool.submit(client.post, url, json=predict_body("scorefam", 32))
+            running = pool.submit(client.post, url, json=predict_body("scorefam", 64))
             wait_until(lambda: expensive("running") > 0, "Score-FAM to run")
             queued = pool.submit(client.post, url, json=predict_body("scorefam", 1))
             wait_until(lambda: expensive("queued") == 1, "the second request to wait")
