@@ -43,6 +43,23 @@ def add_command(commands) -> None:  # type: ignore[no-untyped-def]
     )
     serve.add_argument("--max-batch-size", type=int, default=32, help="images per pass (1: off)")
     serve.add_argument("--max-delay-ms", type=float, default=2.0, help="batching delay")
+    serve.add_argument(
+        "--max-queued-expensive",
+        type=int,
+        default=16,
+        metavar="IMAGES",
+        help="images of expensive work (Score-FAM, Score-CAM, Ablation-CAM, L2-CAF, ...) that "
+        "may wait per model; more are refused with RESOURCE_EXHAUSTED / HTTP 429 and a retry "
+        "hint (default 16)",
+    )
+    serve.add_argument(
+        "--expensive-concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="expensive batches running at once, all models together (default 1); cheap "
+        "requests never wait behind them",
+    )
     serve.add_argument("--workers", type=int, default=32, help="RPC threads")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics on this port")
     serve.add_argument("--metrics-host", help="interface of /metrics (default: --host)")
@@ -73,7 +90,11 @@ def add_command(commands) -> None:  # type: ignore[no-untyped-def]
     serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve TLS)")
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument(
-        "--grace", type=float, default=30.0, help="seconds in-flight RPCs get on stop"
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get on SIGTERM (readiness turns false at once); "
+        "requests still running then are cancelled and answered UNAVAILABLE",
     )
     serve.set_defaults(run=_serve)
 
@@ -118,7 +139,18 @@ def _serve(args: argparse.Namespace) -> int:
         max_inflight_decoded_bytes=args.max_inflight_decoded_mb * 1024 * 1024,
         formats=tuple(f for f in formats if f),
     )
-    batching = BatchingConfig(args.max_batch_size, args.max_delay_ms)
+    if args.grace < 0:
+        raise ValueError(f"--grace must be >= 0 seconds, got {args.grace}")
+    for option in ("max_queued_expensive", "expensive_concurrency"):
+        if getattr(args, option) < 1:
+            name = "--" + option.replace("_", "-")
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, option)}")
+    batching = BatchingConfig(
+        args.max_batch_size,
+        args.max_delay_ms,
+        max_queued_expensive=args.max_queued_expensive,
+        expensive_concurrency=args.expensive_concurrency,
+    )
     registry = load_registry(args.models, args.model)
     for failed in registry.failed():
         print(f"fam serve: model {failed.name!r} is not ready: {failed.reason}", flush=True)
@@ -137,8 +169,10 @@ def _serve(args: argparse.Namespace) -> int:
             limits=limits,
             batching=batching,
             workers=args.workers,
+            grace_s=args.grace,
         )
-        return 0
+        _exit_at_once(0)
+        return 0  # pragma: no cover
     return _serve_grpc(args, registry, limits, batching)
 
 
@@ -183,7 +217,22 @@ def _serve_grpc(
     signal.signal(signal.SIGINT, stop)
     server.wait()
     server.stop()  # returns once the stop thread's work is done
-    return 0
+    _exit_at_once(0)
+    return 0  # pragma: no cover
+
+
+def _exit_at_once(code: int) -> None:
+    """End the process now that the server has stopped: Python's own teardown of torch, gRPC
+    and their modules takes another second or more on a busy machine, and a drain promises
+    to exit within the grace period plus 2 seconds."""
+    import logging
+    import os
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _health_port(text: str) -> int | str | None:

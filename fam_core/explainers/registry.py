@@ -4,17 +4,73 @@ An explainer that must be fitted on labelled images before it explains declares
 ``needs_fitting = True`` (:class:`~fam_core.explainers.base.Explainer`); every front door
 reads that declaration here: :func:`available_methods` with ``runnable_only=True`` leaves
 such methods out and :func:`check_runnable` refuses them with a one-line reason.
+
+What a method costs is declared here too, next to its name (:data:`METHOD_COSTS`): the model
+passes it makes per image, and its cost class, ``"cheap"`` (a few passes) or ``"expensive"``
+(a pass per channel, per ablation or per optimisation step). Servers schedule by the class
+(:func:`cost_class`): cheap requests never wait behind expensive ones.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Literal, TypeVar
 
 from fam_core.explainers.base import Explainer
 
 ExplainerType = TypeVar("ExplainerType", bound=type[Explainer])
 EXPLAINERS: dict[str, type[Explainer]] = {}
 FIT_HINT = "`fam eval --methods {name}` fits it on the benchmark; in Python call its fit(...)"
+
+CostClass = Literal["cheap", "expensive"]
+COST_CLASSES: tuple[CostClass, ...] = ("cheap", "expensive")
+
+
+@dataclass(frozen=True)
+class MethodCost:
+    """What explaining one image costs, known before it runs.
+
+    Attributes:
+        cost_class: ``"cheap"`` or ``"expensive"``: how a server schedules it.
+        passes: the model passes per image, in words (``N``: the target layer's channels).
+
+    Example:
+        >>> METHOD_COSTS["scorefam"].cost_class, METHOD_COSTS["scorefam"].passes
+        ('expensive', '1 forward + N masked forwards')
+    """
+
+    cost_class: CostClass
+    passes: str
+
+
+_ONE_FORWARD = MethodCost("cheap", "1 forward")
+_FORWARD_BACKWARD = MethodCost("cheap", "1 forward + 1 backward")
+METHOD_COSTS: dict[str, MethodCost] = {
+    "activation": _ONE_FORWARD,
+    "cam": _ONE_FORWARD,
+    "eigencam": _ONE_FORWARD,
+    "fam": _ONE_FORWARD,
+    "fam-signed": _ONE_FORWARD,
+    "fam-centred": _ONE_FORWARD,
+    "fam-orthogonal": _ONE_FORWARD,
+    "gradfam": _FORWARD_BACKWARD,
+    "gradcam": _FORWARD_BACKWARD,
+    "gradcam++": _FORWARD_BACKWARD,
+    "xgradcam": _FORWARD_BACKWARD,
+    "layercam": _FORWARD_BACKWARD,
+    "guided-gradcam": MethodCost("cheap", "1 forward + 2 backward"),
+    "guided-backprop": _FORWARD_BACKWARD,
+    "deconvnet": _FORWARD_BACKWARD,
+    "relevancecam": _FORWARD_BACKWARD,
+    "liftcam": MethodCost("cheap", "1 forward + 1 DeepLIFT pass of the head"),
+    "scorefam": MethodCost("expensive", "1 forward + N masked forwards"),
+    "scorecam": MethodCost("expensive", "1 forward + N masked forwards"),
+    "ablationcam": MethodCost("expensive", "1 forward + N ablated forwards of the head"),
+    "l2caf": MethodCost("expensive", "1 forward + up to 'iterations' forward-backward steps"),
+    "relevant-features": MethodCost("expensive", "1 forward + 1 backward per relevant feature"),
+}
+"""The cost of every registered method, by name; a method missing here is expensive."""
+UNLISTED_COST = MethodCost("expensive", "unknown")
 
 
 def register(cls: ExplainerType) -> ExplainerType:
@@ -47,6 +103,27 @@ def needs_fitting(name: str) -> bool:
         (True, False)
     """
     return bool(get_explainer(name).needs_fitting)
+
+
+def method_cost(name: str) -> MethodCost:
+    """The declared cost of method ``name``; :data:`UNLISTED_COST` (expensive) when the
+    method declares none, so that unknown work never delays cheap requests.
+
+    Example:
+        >>> method_cost("gradcam").passes
+        '1 forward + 1 backward'
+    """
+    return METHOD_COSTS.get(name, UNLISTED_COST)
+
+
+def cost_class(name: str) -> CostClass:
+    """``"cheap"`` or ``"expensive"``: how a server schedules requests for method ``name``.
+
+    Example:
+        >>> cost_class("cam"), cost_class("scorefam")
+        ('cheap', 'expensive')
+    """
+    return method_cost(name).cost_class
 
 
 def available_methods(*, runnable_only: bool = False) -> list[str]:

@@ -7,8 +7,10 @@ InvalidArgument      INVALID_ARGUMENT        400
 UnsupportedFormat    INVALID_ARGUMENT        415
 NotFound             NOT_FOUND               404
 ResourceExhausted    RESOURCE_EXHAUSTED      413 / 429 / 503
+LaneFull             RESOURCE_EXHAUSTED      429 (with a retry hint)
 DeadlineExceeded     DEADLINE_EXCEEDED       504
 Unavailable          UNAVAILABLE             503
+Cancelled            UNAVAILABLE             503
 ===================  ======================  =========
 
 ``InvalidArgument`` and ``NotFound`` are ``ValueError`` subclasses, so library callers that
@@ -60,6 +62,21 @@ class Overloaded(ResourceExhausted):
     http_status = 503
 
 
+class LaneFull(ResourceExhausted):
+    """A model has as much expensive work queued as it may: retry after ``retry_after_s``.
+
+    Example:
+        >>> LaneFull("busy", retry_after_s=3).retry_after_s
+        3
+    """
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(PipelineError):
     """The request's deadline passed before its result was ready."""
 
@@ -72,3 +89,7 @@ class Unavailable(PipelineError):
 
     code = "UNAVAILABLE"
     http_status = 503
+
+
+class Cancelled(Unavailable):
+    """The request was running when the server's drain grace ended: its work was stopped."""

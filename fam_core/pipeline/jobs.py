@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from fam_core.explainers.registry import CostClass, cost_class
 from fam_core.explanation import Explanation
 
 
@@ -47,6 +48,11 @@ class Job:
         """Jobs with equal keys can run in one pass."""
         references = -1 if self.references is None else int(self.references.shape[0])
         return (self.method if self.heatmap else "", self.heatmap, references)
+
+    def cost_class(self) -> CostClass:
+        """``"cheap"`` or ``"expensive"``: the method's declared cost class (predicting only
+        is cheap); the scheduler's lane for this job."""
+        return cost_class(self.method) if self.heatmap else "cheap"
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fam_core.pipeline.batching import BatchingConfig, BatchObserver, MicroBatcher
+from fam_core.pipeline.batching import (
+    CANCELLED_MESSAGE,
+    BatchingConfig,
+    BatchObserver,
+    MicroBatcher,
+    StepObserver,
+)
 from fam_core.pipeline.decode import (
     DecodeBudget,
     Header,
@@ -27,7 +33,13 @@ from fam_core.pipeline.decode import (
 )
 from fam_core.pipeline.encode import encode_result
 from fam_core.pipeline.engine import run_jobs
-from fam_core.pipeline.errors import DeadlineExceeded, InvalidArgument, PipelineError
+from fam_core.pipeline.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    PipelineError,
+    Unavailable,
+)
 from fam_core.pipeline.jobs import Computed, Job
 from fam_core.pipeline.limits import Limits
 from fam_core.pipeline.models import ModelRegistry, ServedModel
@@ -40,6 +52,7 @@ from fam_core.pipeline.request import (
     ImageInput,
     ModelDescription,
 )
+from fam_core.pipeline.steps import StepControl, stepping, watch_steps
 
 DEFAULT_LIMITS = Limits()
 DEFAULT_BATCHING = BatchingConfig()
@@ -59,9 +72,16 @@ class Pipeline:
     Args:
         registry: the served models.
         limits: request limits.
-        batching: micro-batching settings; ``None`` runs each call directly in the caller's
-            thread (for front doors that batch themselves, e.g. TorchServe).
+        batching: micro-batching and cost-lane settings (:mod:`.batching`); ``None`` runs each
+            call directly in the caller's thread (for front doors that batch themselves, e.g.
+            TorchServe).
         batch_observer: called with ``(model, images)`` after each pass (metrics).
+        step_observer: called with ``(model, seconds)`` at each step of an expensive batch.
+
+    Draining (a server's stop): :meth:`start_drain` makes :attr:`ready` false at once while
+    work goes on; :meth:`cancel` ends the grace period: queued requests and running ones (at
+    their next model pass, :mod:`.steps`) fail with
+    :class:`~fam_core.pipeline.errors.Cancelled`, and new ones are refused.
 
     Example:
         >>> from fam_core.data.flowers import make_flowers
@@ -82,6 +102,7 @@ class Pipeline:
         limits: Limits = DEFAULT_LIMITS,
         batching: BatchingConfig | None = DEFAULT_BATCHING,
         batch_observer: BatchObserver | None = None,
+        step_observer: StepObserver | None = None,
     ) -> None:
         self.registry = registry
         self.limits = limits
@@ -90,14 +111,61 @@ class Pipeline:
         self._batchers: dict[str, MicroBatcher] = {}
         self._direct_lock = threading.Lock()
         self.decode_budget = DecodeBudget(limits.max_inflight_decoded_bytes)
+        self._draining = threading.Event()
+        self._cancelled = threading.Event()
         if batching is not None:
+            slots = threading.BoundedSemaphore(batching.expensive_concurrency)
             self._batchers = {
-                served.name: MicroBatcher(served, batching, batch_observer) for served in registry
+                served.name: MicroBatcher(
+                    served,
+                    batching,
+                    batch_observer,
+                    expensive_slots=slots,
+                    step_observer=step_observer,
+                )
+                for served in registry
             }
+        else:
+            for served in registry:
+                if served.model is not None:
+                    watch_steps(served.model)
+
+    # -- readiness and drain
+    @property
+    def ready(self) -> bool:
+        """Whether this pipeline takes new work: a model is loaded and no drain has begun."""
+        return len(self.registry) > 0 and not self._draining.is_set()
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`start_drain` was called."""
+        return self._draining.is_set()
+
+    def lanes(self, name: str) -> dict[str, dict[str, int]]:
+        """Model ``name``'s lanes: ``{"queued": {lane: jobs}, "running": {lane: images}}``
+        (all zero without batching)."""
+        batcher = self._batchers.get(name)
+        if batcher is None:
+            idle = {"cheap": 0, "expensive": 0}
+            return {"queued": dict(idle), "running": dict(idle)}
+        return {"queued": dict(batcher.queued()), "running": dict(batcher.running())}
+
+    def start_drain(self) -> None:
+        """Not :attr:`ready` from now on; work in flight goes on until :meth:`cancel`."""
+        self._draining.set()
+
+    def cancel(self) -> None:
+        """End the drain's grace: queued and running work fails with ``Cancelled`` (running
+        work at its next model pass); new work is refused with ``Unavailable``."""
+        self._draining.set()
+        self._cancelled.set()
+        for batcher in self._batchers.values():
+            batcher.cancel()
 
     # -- front-door API
     def explain(self, request: ExplainRequest, *, deadline: float | None = None) -> ExplainResponse:
         """Predict and explain one request. ``deadline`` is a ``time.monotonic()`` instant."""
+        self._check_open()
         _check_deadline(deadline)
         prepared = self._prepare(request, deadline)
         return self._finish(prepared, self._run(prepared.served, prepared.job, deadline))
@@ -123,7 +191,8 @@ class Pipeline:
         for (name, _key), members in groups.items():
             items = [prepared[i] for i in members]
             try:
-                with self._direct_lock:
+                self._check_open()
+                with self._direct_lock, stepping(self._direct_control(None)):
                     computed = run_jobs(self.registry.get(name), [p.job for p in items])  # type: ignore[union-attr]
             except PipelineError as error:
                 for i in members:
@@ -162,10 +231,29 @@ class Pipeline:
         """
         return self._decode(tuple(images), self.registry.get(model))[0]
 
-    def close(self) -> None:
-        """Finish queued work and stop the batching threads."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish queued work and stop the batching threads, waiting up to ``timeout``
+        seconds for each (``None``: as long as it takes); work still unanswered then fails
+        with ``Cancelled``."""
         for batcher in self._batchers.values():
-            batcher.close()
+            batcher.close(timeout)
+
+    def _check_open(self) -> None:
+        if self._cancelled.is_set():
+            raise Unavailable("the server is shutting down")
+
+    def _direct_control(self, deadline: float | None) -> StepControl:
+        """Stops a call run in the caller's thread at its next model pass after
+        :meth:`cancel` or past ``deadline``."""
+
+        def stop_reason() -> PipelineError | None:
+            if self._cancelled.is_set():
+                return Cancelled(CANCELLED_MESSAGE)
+            if deadline is not None and time.monotonic() >= deadline:
+                return DeadlineExceeded("the deadline passed while the request was running")
+            return None
+
+        return StepControl(stop_reason)
 
     # -- steps
     def _prepare(self, request: ExplainRequest, deadline: float | None) -> _Prepared:
@@ -266,7 +354,7 @@ class Pipeline:
     def _run(self, served: ServedModel, job: Job, deadline: float | None) -> Computed:
         _check_deadline(deadline)
         if not self._batchers:
-            with self._direct_lock:
+            with self._direct_lock, stepping(self._direct_control(deadline)):
                 (computed,) = run_jobs(served, [job])
             if self._batch_observer is not None:
                 self._batch_observer(served.name, len(job))

@@ -28,6 +28,11 @@ _PUBLIC_PREFIXES = ("/grpc.health.v1.Health/",)
 HEALTH_WORKERS = 2
 HEALTH_AUTO: Literal["auto"] = "auto"
 """``ServerConfig.health_port``'s default: the port after the main one."""
+ANSWER_MARGIN_S = 1.0
+"""After the grace, how long a cancelled request has to answer UNAVAILABLE itself (it stops at
+its next model pass) before gRPC cuts the call."""
+CLOSE_WAIT_S = 0.5
+"""How long :meth:`FamServer.stop` then waits for each model's worker thread."""
 
 
 def resolve_health_port(health_port: int | str | None, port: int) -> int | None:
@@ -66,7 +71,8 @@ class ServerConfig:
         max_concurrent_rpcs: RPCs in progress; more are refused with RESOURCE_EXHAUSTED.
         limits: request limits; messages larger than ``max_request_bytes`` plus 1 MiB are
             refused by gRPC itself with RESOURCE_EXHAUSTED.
-        batching: micro-batching (``None``: none).
+        batching: micro-batching and cost lanes (``None``: none):
+            :class:`~fam_core.pipeline.BatchingConfig` holds the limits of the expensive lane.
         token: bearer token every RPC but health checks must carry.
         tls_cert, tls_key: PEM files; both set serves TLS.
         metrics_port: ``/metrics`` over HTTP on this port (``None``: off, ``0``: a free port).
@@ -77,7 +83,9 @@ class ServerConfig:
             own that request load cannot starve; point liveness and readiness probes at it.
             ``"auto"`` (default): ``port + 1`` (a free port when ``port`` is ``0``);
             ``0``: a free port; ``None``: off (health then shares the request threads).
-        grace_s: how long in-flight RPCs may take to finish on :meth:`FamServer.stop`.
+        grace_s: how long in-flight RPCs may take to finish on :meth:`FamServer.stop`; a
+            request still running then is cancelled at its next model pass and answered
+            UNAVAILABLE; the stop returns within about ``grace_s + 1.5`` seconds.
     """
 
     host: str = "127.0.0.1"
@@ -145,8 +153,13 @@ class FamServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.pipeline = Pipeline(
-            registry, config.limits, config.batching, batch_observer=self.metrics.observe_batch
+            registry,
+            config.limits,
+            config.batching,
+            batch_observer=self.metrics.observe_batch,
+            step_observer=self.metrics.observe_step,
         )
+        self.metrics.watch_lanes(self.pipeline)
         self.health = health.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -244,20 +257,38 @@ class FamServer:
         return port
 
     def stop(self, grace: float | None = None) -> None:
-        """Refuse new RPCs, let in-flight ones finish (up to ``grace`` seconds), release all."""
+        """Drain: not ready at once (gRPC health ``NOT_SERVING``, OIP ``ServerReady`` false),
+        refuse new RPCs, let in-flight ones finish for up to ``grace`` seconds, then cancel
+        what still runs (it stops at its next model pass, answers UNAVAILABLE and is counted
+        in ``fam_cancelled_total``) and release everything."""
         with self._stop_lock:  # a second caller waits until the first one has finished
             if self._stopped:
                 return
+            self.pipeline.start_drain()
             self.health.enter_graceful_shutdown()
             grace = self.config.grace_s if grace is None else grace
             log_event("stopping", grace_s=grace)
-            self._server.stop(grace).wait()
+            end_of_grace = threading.Timer(grace, self._end_grace)
+            end_of_grace.daemon = True
+            end_of_grace.start()
+            self._server.stop(grace + ANSWER_MARGIN_S).wait()
+            end_of_grace.cancel()
+            self.pipeline.cancel()  # nothing runs on after the calls are gone
             if self._health_server is not None:
                 self._health_server.stop(0).wait()
-            self.pipeline.close()
+            self.pipeline.close(CLOSE_WAIT_S)
             self.metrics.close()
             self._stopped = True
             log_event("stopped")
+
+    def _end_grace(self) -> None:
+        running = {
+            name: lanes["running"]
+            for name in self.pipeline.registry.names()
+            if any((lanes := self.pipeline.lanes(name))["running"].values())
+        }
+        log_event("grace_ended", cancelling=running)
+        self.pipeline.cancel()
 
     def wait(self) -> None:
         """Block until :meth:`stop` has finished."""

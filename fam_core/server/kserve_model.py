@@ -21,9 +21,16 @@ served by ``kserve.ModelServer`` on KServe's routes:
   ``/v1/models/{name}``; Prometheus ``/metrics`` on the HTTP port.
 
 A request the pipeline refuses answers the status its error names
-(:mod:`~fam_core.pipeline.errors`): HTTP 400/404/413/415/503/504 with
+(:mod:`~fam_core.pipeline.errors`): HTTP 400/404/413/415/429/503/504 with
 ``{"error": message, "code": grpc_code}``, or that gRPC status. Bodies larger than the
-request limit (as base64, plus 1 MiB) are refused with 413 before they are read.
+request limit (as base64, plus 1 MiB) are refused with 413 before they are read. A model
+whose expensive lane is full answers 429 with ``Retry-After`` (seconds); the lanes are
+``fam_lane_queued`` and ``fam_lane_running`` on ``/metrics``.
+
+Drain: on SIGTERM (or SIGINT) ``/v2/health/ready``, ``/v2/models/{name}/ready`` and the gRPC
+``ServerReady`` / ``ModelReady`` answer not ready at once and new requests are refused with
+503; requests in flight finish within ``grace_s``; one still running then is cancelled at its
+next model pass and answered 503 (``UNAVAILABLE``); ``fam serve`` exits soon after.
 
 Run it with ``fam serve --engine kserve`` or ``python -m fam_core.server.kserve_model``.
 ``kserve`` is imported with this module only (``pip install 'fam-core[kserve]'``).
@@ -43,7 +50,10 @@ import argparse
 import asyncio
 import base64
 import binascii
+import math
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +69,7 @@ from fam_core.pipeline import (
     PipelineError,
 )
 from fam_core.pipeline.decode import check_count
-from fam_core.pipeline.errors import InvalidArgument
+from fam_core.pipeline.errors import InvalidArgument, LaneFull, Unavailable
 from fam_core.pipeline.json_codec import kserve_fields, request_from_fields, response_to_json
 from fam_core.pipeline.oip_codec import (
     OUTPUTS,
@@ -112,15 +122,20 @@ class RequestError(GrpcException):
         super().__init__(shorten(str(error), MAX_MESSAGE), status_code(error))
         self.http_status = error.http_status
         self.code = error.code
+        self.retry_after_s = error.retry_after_s if isinstance(error, LaneFull) else None
 
     def __str__(self) -> str:
         return self.details
 
 
 async def request_error_response(_request: Any, error: RequestError) -> JSONResponse:
-    """The REST answer to a refused request: its HTTP status, ``{"error", "code"}``."""
+    """The REST answer to a refused request: its HTTP status, ``{"error", "code"}``, and
+    ``Retry-After`` when retrying later may succeed."""
+    headers = None if error.retry_after_s is None else {"Retry-After": str(error.retry_after_s)}
     return JSONResponse(
-        status_code=error.http_status, content={"error": error.details, "code": error.code}
+        status_code=error.http_status,
+        content={"error": error.details, "code": error.code},
+        headers=headers,
     )
 
 
@@ -162,6 +177,8 @@ class FamKServeModel(kserve.Model):  # type: ignore[misc,name-defined]
 
     async def _answer(self, payload: Any, *, explain: bool) -> Any:
         try:
+            if self.pipeline.draining:
+                raise Unavailable("the server is shutting down")
             if isinstance(payload, InferRequest):
                 return await self._infer(payload)
             request = self._v1_request(payload, explain)
@@ -268,6 +285,50 @@ def _limit_body(max_bytes: int) -> Any:
     return limit
 
 
+class Drain:
+    """The drain of a KServe server: readiness false at once, cancel at the end of the grace.
+
+    :meth:`watch_signals` runs as the app's startup hook, inside uvicorn's own SIGTERM/SIGINT
+    handlers, and puts :meth:`begin` in front of them (uvicorn then stops taking connections
+    and waits for those in flight; KServe stops its gRPC server after it).
+    """
+
+    def __init__(self, pipeline: Pipeline, models: list[FamKServeModel], grace_s: float) -> None:
+        self.pipeline = pipeline
+        self.models = models
+        self.grace_s = grace_s
+        self._timer: threading.Timer | None = None
+
+    async def ready(self) -> bool:
+        """KServe's server readiness (REST ``/v2/health/ready``, gRPC ``ServerReady``)."""
+        return self.pipeline.ready
+
+    def begin(self) -> None:
+        """Not ready from now on; what still runs after ``grace_s`` is cancelled."""
+        if self._timer is not None:
+            return
+        self.pipeline.start_drain()
+        for model in self.models:
+            model.ready = False
+        self._timer = threading.Timer(self.grace_s, self.pipeline.cancel)
+        self._timer.daemon = True
+        self._timer.start()
+        print(f"fam serve: draining, grace {self.grace_s:g} s", file=sys.stderr, flush=True)
+
+    def watch_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for number in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(number)
+
+            def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+                self.begin()
+                if callable(previous):
+                    previous(signum, frame)
+
+            signal.signal(number, handler)
+
+
 def serve(
     registry: ModelRegistry,
     *,
@@ -276,11 +337,13 @@ def serve(
     limits: Limits | None = None,
     batching: BatchingConfig | None = None,
     workers: int = 32,
+    grace_s: float = 30.0,
 ) -> None:
     """Serve the models of ``registry`` with ``kserve.ModelServer`` until SIGTERM/SIGINT.
 
     KServe listens on every interface (``0.0.0.0`` and ``[::]``), as a pod needs. ``workers``
-    threads run pipeline calls; concurrent requests are micro-batched per model (``batching``).
+    threads run pipeline calls; concurrent requests are micro-batched per model, in cost lanes
+    (``batching``). SIGTERM drains (:class:`Drain`) with ``grace_s`` seconds of grace.
     """
     limits = limits or Limits()
     pipeline = Pipeline(registry, limits, batching or BatchingConfig())
@@ -295,7 +358,14 @@ def serve(
     options = kserve.model_server.args
     options.grpc_max_receive_message_length = limits.max_request_bytes + BODY_OVERHEAD
     options.grpc_max_send_message_length = limits.max_request_bytes + BODY_OVERHEAD
+    from prometheus_client import REGISTRY
+
+    from fam_core.server.metrics import lane_gauges, watch_lanes
+
+    watch_lanes(pipeline, *lane_gauges(REGISTRY))  # KServe's /metrics serves this registry
+    drain = Drain(pipeline, models, grace_s)
     app = kserve.model_server.app
+    app.router.on_startup.append(drain.watch_signals)
     app.add_exception_handler(RequestError, request_error_response)
     app.middleware("http")(_limit_body(4 * limits.max_request_bytes // 3 + BODY_OVERHEAD))
     server = kserve.ModelServer(
@@ -304,7 +374,9 @@ def serve(
         workers=1,
         max_asyncio_workers=workers,
         enable_latency_logging=False,
+        grace_period=math.ceil(grace_s + 1.0),  # uvicorn's wait: the cancelled answer too
     )
+    server.dataplane.ready = drain.ready
     for model in failed:
         server.register_model(model)
     try:

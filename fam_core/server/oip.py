@@ -1,5 +1,9 @@
 """The Open Inference Protocol (KServe v2) ``inference.GRPCInferenceService`` over the pipeline.
 
+``ServerReady`` and ``ModelReady`` answer ``false`` from the moment a drain begins
+(:meth:`~fam_core.pipeline.Pipeline.start_drain`, the server's stop), as gRPC health turns
+``NOT_SERVING``.
+
 The wire format (input tensors, parameters, named output tensors) is
 :mod:`fam_core.pipeline.oip_codec`'s, shared with the KServe model server.
 """
@@ -45,10 +49,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request, context):  # noqa: N802
-        return pb.ServerReadyResponse(ready=len(self.pipeline.registry) > 0)
+        return pb.ServerReadyResponse(ready=self.pipeline.ready)
 
     def ModelReady(self, request, context):  # noqa: N802
-        return pb.ModelReadyResponse(ready=request.name in self.pipeline.registry.names())
+        return pb.ModelReadyResponse(ready=model_ready(self.pipeline, request.name))
 
     def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(name="fam-core", version=__version__, extensions=[])
@@ -91,7 +95,12 @@ class ReadinessServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request, context):  # noqa: N802
-        return pb.ServerReadyResponse(ready=len(self.pipeline.registry) > 0)
+        return pb.ServerReadyResponse(ready=self.pipeline.ready)
 
     def ModelReady(self, request, context):  # noqa: N802
-        return pb.ModelReadyResponse(ready=request.name in self.pipeline.registry.names())
+        return pb.ModelReadyResponse(ready=model_ready(self.pipeline, request.name))
+
+
+def model_ready(pipeline: Pipeline, name: str) -> bool:
+    """Whether model ``name`` loaded and the pipeline takes work (no drain has begun)."""
+    return pipeline.ready and name in pipeline.registry.names()
