@@ -1,0 +1,175 @@
+"""The Ray session of a bulk job: started for the job, shut down when it ends, however it ends.
+
+A job without ``--address`` starts Ray on this machine with its own temporary folder
+(``fam-ray-*`` in the system's temporary directory) and, when the job ends — normally, on an
+error, on Ctrl-C (SIGINT) or on SIGTERM — shuts it down (``ray.shutdown``: the GCS, the raylet
+and its agents, the workers), ends any process Ray started that outlives it, and removes the
+folder. With ``--address`` the driver only disconnects: the cluster and its files are not the
+job's. A Ray already running in the process (``ray.init`` by the caller) is used and left as is.
+
+Example:
+    >>> signal_name(15)
+    'SIGTERM'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+TEMP_PREFIX = "fam-ray-"
+"""The prefix of a local session's temporary folder."""
+OBJECT_STORE_BYTES = 256 * 1024 * 1024
+"""Object store of a local Ray session (Ray spills to disk beyond it)."""
+_GRACE_SECONDS = 5.0
+
+
+class Stopped(Exception):
+    """The job was stopped by a signal (SIGTERM); its checkpoints are kept."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal_name(signum)}")
+        self.signum = signum
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15."""
+    return signal.Signals(signum).name
+
+
+class Session:
+    """A job's Ray session: its temporary folder (local sessions) and the driver threads that
+    wait on Ray, joined after the shutdown (which ends their wait)."""
+
+    def __init__(self, temp: Path | None = None):
+        self.temp = temp
+        self.threads: list[threading.Thread] = []
+
+    def join_after_shutdown(self, thread: threading.Thread) -> None:
+        """Join ``thread`` once Ray is shut down (for at most a few seconds)."""
+        self.threads.append(thread)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Session]:
+    """Ray for the job's duration.
+
+    Inside, SIGTERM raises :class:`Stopped` in the main thread (and SIGINT, as always,
+    ``KeyboardInterrupt``), so the shutdown runs whichever way the job ends.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield Session()
+        return
+    session = Session()
+    before = _descendants()
+    with _no_auto_init():
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                session.temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+                ray.init(
+                    num_cpus=num_cpus or os.cpu_count() or 1,
+                    include_dashboard=False,
+                    object_store_memory=OBJECT_STORE_BYTES,
+                    log_to_driver=False,
+                    _temp_dir=str(session.temp),
+                )
+            with _stop_on_sigterm():
+                yield session
+        finally:
+            started = _descendants() - before
+            ray.shutdown()
+            for thread in session.threads:
+                thread.join(_GRACE_SECONDS)
+            _end(started)
+            if session.temp is not None:
+                shutil.rmtree(session.temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises :class:`Stopped` (replacing Ray's handler) while inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _no_auto_init() -> Iterator[None]:
+    """No Ray call of a thread that outlives the session starts a new one behind our back
+    (Ray starts a local cluster on a call made while none is connected)."""
+    try:
+        from ray._private import auto_init_hook
+    except ImportError:  # another Ray: its threads are ended with the session all the same
+        yield
+        return
+    previous = auto_init_hook.enable_auto_connect
+    auto_init_hook.enable_auto_connect = False
+    try:
+        yield
+    finally:
+        auto_init_hook.enable_auto_connect = previous
+
+
+def _descendants() -> set[int]:
+    """The pids of this process's descendants (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    found, queue = set(), [os.getpid()]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            if child not in found:
+                found.add(child)
+                queue.append(child)
+    return found
+
+
+def _end(pids: set[int]) -> None:
+    """SIGTERM the processes of ``pids`` still running, then SIGKILL those that stay."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = {pid for pid in pids if _alive(pid)}
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + _GRACE_SECONDS
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = {pid for pid in alive if _alive(pid)}
+        if not alive:
+            return
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (a zombie of ours is reaped here)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
