@@ -387,6 +387,7 @@ def test_list_images_of_a_folder_and_a_glob(image_dir):
         (["--images", "{images}", "--method", "no-such-method"], "no-such-method"),
         (["--images", "{images}", "--montage"], "--montage needs --overlay"),
         (["--images", "{images}", "--eval", "--resolution", "feature"], "--eval needs"),
+        (["--images", "{images}", "--checkpoint-seconds", "0"], "--checkpoint-seconds must be"),
     ],
 )
 def test_bad_command_lines_exit_2_with_one_line(arguments, message, image_dir, tmp_path, capsys):

@@ -20,7 +20,6 @@ import dataclasses
 import math
 import queue
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,13 +32,12 @@ from fam_core.bulk.checkpoints import (
     saved_rows,
 )
 from fam_core.bulk.plan import Item, Plan, list_images
-from fam_core.bulk.rows import Row
 from fam_core.bulk.session import ray_session
 from fam_core.bulk.shards import check_job, done_shards, prepare_output, write_shard
+from fam_core.bulk.stream import RowStream
 from fam_core.bulk.worker import BulkWorker, ExplainSettings, WorkerSpec
 
 DEFAULT_SHARD_SIZE = 256
-_END = object()
 
 
 @dataclass(frozen=True)
@@ -174,7 +172,7 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
         spec = _spec(options, plan, pending, references, todo)
         with ray_session(options.address, options.num_cpus) as session:
             try:
-                with _RowStream(_dataset(plan, todo, options, spec)) as stream:
+                with RowStream(_dataset(plan, todo, options, spec)) as stream:
                     session.join_after_shutdown(stream.thread)
                     _collect(stream, collector, finish)
             finally:  # stopped or failed: what came back is saved for the restart
@@ -186,55 +184,7 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
     return report
 
 
-class _RowStream:
-    """The rows of ``dataset`` read by a thread into a queue, so the main thread waits with a
-    timeout (to checkpoint on time) and handles signals at once.
-
-    Leaving the ``with`` block stops the thread at its next row; a thread still waiting on Ray
-    ends when Ray is shut down.
-    """
-
-    def __init__(self, dataset) -> None:  # type: ignore[no-untyped-def]
-        self._batches: queue.Queue[object] = queue.Queue(maxsize=8)
-        self._stop = threading.Event()
-        self.thread = threading.Thread(
-            target=self._read, args=(dataset,), name="fam-bulk-rows", daemon=True
-        )
-
-    def __enter__(self) -> _RowStream:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-
-    def get(self, timeout: float | None) -> list[Row] | None:
-        """The next batch of rows (``None`` at the end); ``queue.Empty`` after ``timeout``."""
-        item = self._batches.get(timeout=timeout)
-        if isinstance(item, BaseException):
-            raise item
-        return None if item is _END else item  # type: ignore[return-value]
-
-    def _read(self, dataset) -> None:  # type: ignore[no-untyped-def]
-        try:
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                if not self._put(batch.to_pylist()):
-                    return
-            self._put(_END)
-        except BaseException as error:  # noqa: BLE001 - handed to the main thread
-            self._put(error)
-
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._batches.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-
-def _collect(stream: _RowStream, collector: ShardCollector, finish: Callable[[int], None]) -> None:
+def _collect(stream: RowStream, collector: ShardCollector, finish: Callable[[int], None]) -> None:
     """Feed the rows of ``stream`` to ``collector``, ``finish`` each whole shard, checkpoint
     on time (also while no row comes back)."""
     while True:
