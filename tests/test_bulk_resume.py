@@ -32,6 +32,7 @@ from fam_core.bulk.atomic import remove_temporaries, write_atomically  # noqa: E
 from fam_core.bulk.checkpoints import ShardCollector, checkpoint_folder, saved_rows  # noqa: E402
 from fam_core.bulk.rows import error_row  # noqa: E402
 from fam_core.bulk.sample import write_flower_pngs  # noqa: E402
+from fam_core.bulk.session import remove_stale_sessions  # noqa: E402
 from fam_core.bulk.summary import summarise, write_summary  # noqa: E402
 
 MODEL = "default-classifier"
@@ -206,6 +207,11 @@ def test_a_job_killed_while_writing_a_shard_resumes_from_its_checkpoints(
     pid = job.process.pid
     assert job.kill(signal.SIGKILL) == -signal.SIGKILL
     _end(_processes_using(scratch))  # a killed driver cannot end its Ray: the test does
+    deadline = time.monotonic() + 60
+    while _processes_using(scratch) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (left,) = scratch.glob("fam-ray-*")  # the next local session's start removes it
+    assert remove_stale_sessions(scratch) == [left] and list(scratch.iterdir()) == []
     temporary = out / "shards" / f".shard-00001-of-00003.parquet.{pid}.tmp"
     assert temporary.is_file()  # whole, but never renamed
     assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == [

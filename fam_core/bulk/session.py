@@ -4,7 +4,8 @@ A job without ``--address`` starts Ray on this machine with its own temporary fo
 (``fam-ray-*`` in the system's temporary directory) and, when the job ends — normally, on an
 error, on Ctrl-C (SIGINT) or on SIGTERM — shuts it down (``ray.shutdown``: the GCS, the raylet
 and its agents, the workers), ends any process Ray started that outlives it, and removes the
-folder. With ``--address`` the driver only disconnects: the cluster and its files are not the
+folder. A folder that a killed job (SIGKILL) left is removed by the next job's start
+(:func:`remove_stale_sessions`). With ``--address`` the driver only disconnects: the cluster and its files are not the
 job's. A Ray already running in the process (``ray.init`` by the caller) is used and left as is.
 
 Example:
@@ -76,6 +77,7 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Session]:
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
+                remove_stale_sessions(Path(tempfile.gettempdir()))
                 session.temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
                 ray.init(
                     num_cpus=num_cpus or os.cpu_count() or 1,
@@ -94,6 +96,37 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Session]:
             _end(started)
             if session.temp is not None:
                 shutil.rmtree(session.temp, ignore_errors=True)
+
+
+def remove_stale_sessions(root: Path) -> list[Path]:
+    """Remove the ``fam-ray-*`` folders in ``root`` left by jobs that were killed (SIGKILL
+    gives no chance to clean up): those whose drivers (the pid ending each ``session_*``
+    name) are gone and which no running process names; return them."""
+    removed: list[Path] = []
+    if not Path("/proc/self").is_dir():  # no way to tell a live session: leave them all
+        return removed
+    for folder in sorted(root.glob(f"{TEMP_PREFIX}*")):
+        drivers = [s.name.rsplit("_", 1)[-1] for s in folder.glob("session_2*")]
+        if any(not pid.isdigit() or _alive(int(pid)) for pid in drivers):
+            continue
+        if not drivers and time.time() - folder.stat().st_mtime < 3600:
+            continue  # a session starting now has no folder yet
+        if _named_by_a_process(folder):
+            continue  # Ray processes of a killed driver, still ending
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _named_by_a_process(folder: Path) -> bool:
+    needle = str(folder).encode()
+    for entry in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if needle in entry.read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @contextlib.contextmanager
