@@ -173,7 +173,7 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
         with ray_session(options.address, options.num_cpus) as session:
             try:
                 with RowStream(_dataset(plan, todo, options, spec)) as stream:
-                    session.join_after_shutdown(stream.thread)
+                    session.join_at_shutdown(stream.thread)
                     _collect(stream, collector, finish)
             finally:  # stopped or failed: what came back is saved for the restart
                 collector.checkpoint()

@@ -47,15 +47,20 @@ def signal_name(signum: int) -> str:
 
 class Session:
     """A job's Ray session: its temporary folder (local sessions) and the driver threads that
-    wait on Ray, joined after the shutdown (which ends their wait)."""
+    read from Ray, given a few seconds to end before the shutdown (a Ray Data iterator that
+    ends while Ray runs stops its actors quietly) and joined after it."""
 
     def __init__(self, temp: Path | None = None):
         self.temp = temp
         self.threads: list[threading.Thread] = []
 
-    def join_after_shutdown(self, thread: threading.Thread) -> None:
-        """Join ``thread`` once Ray is shut down (for at most a few seconds)."""
+    def join_at_shutdown(self, thread: threading.Thread) -> None:
+        """Join ``thread`` when the session ends (for at most a few seconds)."""
         self.threads.append(thread)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(_GRACE_SECONDS)
 
 
 @contextlib.contextmanager
@@ -89,10 +94,10 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Session]:
             with _stop_on_sigterm():
                 yield session
         finally:
+            session.join()
             started = _descendants() - before
             ray.shutdown()
-            for thread in session.threads:
-                thread.join(_GRACE_SECONDS)
+            session.join()
             _end(started)
             if session.temp is not None:
                 shutil.rmtree(session.temp, ignore_errors=True)
