@@ -98,12 +98,25 @@ class BulkOptions:
 
 @dataclass
 class BulkReport:
-    """What a job did: shards written now and skipped (written before), the images skipped
-    (in those shards or in checkpoints), rows and error rows written now."""
+    """What a job did.
+
+    Attributes:
+        out: the output folder.
+        shards: the shards of the plan.
+        models: the served names, in ``--model`` order.
+        written: the shards written now.
+        skipped: the shards written before (by a killed or finished job).
+        images: the images of the plan.
+        images_skipped: the images not explained now: in skipped shards or in checkpoints.
+        rows: the rows of the shards written now (with those read back from checkpoints).
+        errors: the error rows among them.
+        checkpoints: the part files written now.
+        seconds: the job's time.
+    """
 
     out: Path
     shards: int
-    models: list[str] = field(default_factory=list)  # served names, in --model order
+    models: list[str] = field(default_factory=list)
     written: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     images: int = 0

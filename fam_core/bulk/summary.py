@@ -157,6 +157,7 @@ def write_domain_gap(first: Path, second: Path, out: Path) -> dict[str, Any]:
     means = mean_heatmaps(first), mean_heatmaps(second)
     gaps = domain_gap(*means)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out)
     for model, gap in gaps.items():
         for which, maps in zip(("first", "second"), means, strict=True):
             _write_png(
