@@ -30,9 +30,11 @@ pq = pytest.importorskip("pyarrow.parquet")
 from fam_core.bulk import BulkOptions, decode_heatmap, read_rows, run_bulk  # noqa: E402
 from fam_core.bulk.atomic import remove_temporaries, write_atomically  # noqa: E402
 from fam_core.bulk.checkpoints import ShardCollector, checkpoint_folder, saved_rows  # noqa: E402
+from fam_core.bulk.job import _collect  # noqa: E402
 from fam_core.bulk.rows import error_row  # noqa: E402
 from fam_core.bulk.sample import write_flower_pngs  # noqa: E402
 from fam_core.bulk.session import remove_stale_sessions  # noqa: E402
+from fam_core.bulk.stream import RowStream  # noqa: E402
 from fam_core.bulk.summary import summarise, write_summary  # noqa: E402
 
 MODEL = "default-classifier"
@@ -319,6 +321,36 @@ def test_checkpoints_fall_on_time_and_are_read_back(tmp_path):
         "b.png",
         "c.png",
     ]
+
+
+def test_rows_are_saved_on_time_while_no_row_comes_back(tmp_path):
+    first, second = (error_row(f"{name}.png", "m", 0, "") for name in "ab")
+    part = checkpoint_folder(tmp_path, 0) / "part-00000.parquet"
+    seen: dict[str, bool] = {}
+
+    class Batch:
+        def __init__(self, rows: list[dict]):
+            self.rows = rows
+
+        def to_pylist(self) -> list[dict]:
+            return self.rows
+
+    class SlowDataset:  # an actor busy for up to 30 s after its first batch
+        def iter_batches(self, **options: object):
+            yield Batch([first])
+            deadline = time.monotonic() + 30
+            while not part.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen["saved before the next row"] = part.exists()
+            yield Batch([second])
+
+    collector = ShardCollector(tmp_path, {0: 2}, seconds=0.05)
+    whole: list[list[dict]] = []
+    with RowStream(SlowDataset()) as stream:
+        _collect(stream, collector, lambda shard: whole.append(collector.take(shard)))
+    assert seen == {"saved before the next row": True}
+    assert pq.read_table(part)["id"].to_pylist() == ["a.png"]
+    assert [sorted(r["id"] for r in rows) for rows in whole] == [["a.png", "b.png"]]
 
 
 def test_an_image_saved_for_only_some_models_is_redone(tmp_path):
