@@ -4,8 +4,9 @@ Each job runs as ``fam bulk`` in a subprocess that pauses at a named point
 (:mod:`fam_core.bulk.pause`: it writes a barrier file and sleeps), so the test kills it at a
 known moment, never after a guessed delay. Reruns are compared with an uninterrupted job of
 the same images: the same rows, none missing, none twice, heatmaps within float16 rounding.
-Each subprocess gets a short temporary folder of its own (``TMPDIR``; Ray's socket paths
-must stay short) in which nothing may be left, and no process may still run that uses it.
+Each subprocess gets a short temporary folder of its own (``TMPDIR`` and ``RAY_TMPDIR``: Ray's
+socket paths must stay short) in which nothing may be left, and no process may still run that
+uses it.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def scratch():
     yield folder
     _end(_processes_using(folder))
     subprocess.run(["rm", "-rf", str(folder)], check=False)
+    _barrier(folder).unlink(missing_ok=True)
+
+
+def _barrier(scratch: Path) -> Path:
+    """The file a paused job writes: beside its temporary folder, which must stay empty."""
+    return scratch.parent / f"{scratch.name}.barrier"
 
 
 def _processes_using(folder: Path) -> list[int]:
@@ -123,9 +130,10 @@ class _Job:
     """``fam bulk`` in a subprocess that pauses at ``point`` (``None``: runs to the end)."""
 
     def __init__(self, out: Path, images: Path, scratch: Path, shard_size: int, point: str | None):
-        self.barrier = scratch.parent / f"{scratch.name}.barrier"
+        self.barrier = _barrier(scratch)
         self.barrier.unlink(missing_ok=True)
-        env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "TMPDIR": str(scratch), "RAY_TMPDIR": str(scratch)}
+        env["OMP_NUM_THREADS"] = "1"
         if point is not None:
             env.update(FAM_BULK_PAUSE_AT=point, FAM_BULK_PAUSE_FILE=str(self.barrier))
         self.logs = out.parent / f"{out.name}.{point or 'whole'}.log"

@@ -1,12 +1,13 @@
 """The Ray session of a bulk job: started for the job, shut down when it ends, however it ends.
 
 A job without ``--address`` starts Ray on this machine with its own temporary folder
-(``fam-ray-*`` in the system's temporary directory) and, when the job ends — normally, on an
-error, on Ctrl-C (SIGINT) or on SIGTERM — shuts it down (``ray.shutdown``: the GCS, the raylet
-and its agents, the workers), ends any process Ray started that outlives it, and removes the
-folder. A folder that a killed job (SIGKILL) left is removed by the next job's start
-(:func:`remove_stale_sessions`). With ``--address`` the driver only disconnects: the cluster and its files are not the
-job's. A Ray already running in the process (``ray.init`` by the caller) is used and left as is.
+(``fam-ray-*`` where Ray would put its sessions, :func:`temp_root`) and, when the job ends —
+normally, on an error, on Ctrl-C (SIGINT) or on SIGTERM — shuts it down (``ray.shutdown``:
+the GCS, the raylet and its agents, the workers), ends any process started since Ray's start
+that outlives it, and removes the folder. A folder that a killed job (SIGKILL) left is removed
+by the next job's start (:func:`remove_stale_sessions`). With ``--address`` the driver only
+disconnects: the cluster and its files are not the job's. A Ray already running in the
+process (``ray.init`` by the caller) is used and left as is.
 
 Example:
     >>> signal_name(15)
@@ -19,6 +20,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -82,8 +84,9 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Session]:
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                remove_stale_sessions(Path(tempfile.gettempdir()))
-                session.temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+                root = temp_root()
+                remove_stale_sessions(root)
+                session.temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
                 ray.init(
                     num_cpus=num_cpus or os.cpu_count() or 1,
                     include_dashboard=False,
@@ -101,6 +104,16 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Session]:
             _end(started)
             if session.temp is not None:
                 shutil.rmtree(session.temp, ignore_errors=True)
+
+
+def temp_root() -> Path:
+    """Where Ray itself would put its sessions: ``RAY_TMPDIR``, else ``TMPDIR`` on Linux, else
+    ``/tmp`` (short paths: Ray's socket paths must fit in 107 bytes)."""
+    if os.environ.get("RAY_TMPDIR"):
+        return Path(os.environ["RAY_TMPDIR"])
+    if sys.platform.startswith("linux") and os.environ.get("TMPDIR"):
+        return Path(os.environ["TMPDIR"])
+    return Path("/tmp")
 
 
 def remove_stale_sessions(root: Path) -> list[Path]:
