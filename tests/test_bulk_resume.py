@@ -39,7 +39,9 @@ from fam_core.bulk.stream import RowStream  # noqa: E402
 from fam_core.bulk.summary import summarise, write_summary  # noqa: E402
 
 MODEL = "default-classifier"
-IMAGES = 40  # and corrupt.png, an error row
+IMAGES = 80  # and corrupt.png, an error row
+SMALL_SHARD = 32  # three shards: 32, 32 and 17 images
+ONE_SHARD = 128  # every image in one shard
 BATCH = 4
 HEATMAP_TOLERANCE = 2e-3  # float16 heatmaps; batched passes of other sizes round differently
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +81,7 @@ def _options(images: Path, out: Path, shard_size: int, **other: object) -> BulkO
 def reference(ray_session, images, tmp_path_factory) -> dict[tuple[str, str], dict]:
     """The rows of an uninterrupted job, by id and model."""
     out = tmp_path_factory.mktemp("resume-reference") / "out"
-    run_bulk(_options(images, out, 16, batch_size=8), progress=lambda message: None)
+    run_bulk(_options(images, out, SMALL_SHARD, batch_size=8), progress=lambda message: None)
     return {(r["id"], r["model"]): r for r in read_rows(out)}
 
 
@@ -212,7 +214,7 @@ def test_a_job_killed_while_writing_a_shard_resumes_from_its_checkpoints(
     ray_session, images, reference, scratch, tmp_path
 ):
     out = tmp_path / "out"
-    job = _Job(out, images, scratch, 16, "replace shard-00001-of-00003.parquet")
+    job = _Job(out, images, scratch, SMALL_SHARD, "replace shard-00001-of-00003.parquet")
     job.wait_for_barrier()
     pid = job.process.pid
     assert job.kill(signal.SIGKILL) == -signal.SIGKILL
@@ -228,29 +230,34 @@ def test_a_job_killed_while_writing_a_shard_resumes_from_its_checkpoints(
         "shard-00000-of-00003.parquet"
     ]
     saved = _saved_ids(out)
-    assert 16 <= len(saved) < IMAGES + 1
+    assert SMALL_SHARD <= len(saved) < IMAGES + 1
 
-    again = run_bulk(_options(images, out, 16, batch_size=BATCH), progress=lambda message: None)
+    again = run_bulk(
+        _options(images, out, SMALL_SHARD, batch_size=BATCH), progress=lambda message: None
+    )
     assert again.images_skipped == len(saved) and 0 in again.skipped and 1 in again.written
-    assert again.rows == sum([16, 16, IMAGES + 1 - 32][k] for k in again.written)
+    sizes = [SMALL_SHARD, SMALL_SHARD, IMAGES + 1 - 2 * SMALL_SHARD]
+    assert again.rows == sum(sizes[k] for k in again.written)
     assert _leftovers(out) == []
-    _assert_same_rows(out, reference, 16)
+    _assert_same_rows(out, reference, SMALL_SHARD)
 
 
 def test_a_job_killed_while_writing_its_summary_keeps_the_previous_one(
     ray_session, images, scratch, tmp_path
 ):
     out = tmp_path / "out"
-    run_bulk(_options(images, out, 64), progress=lambda message: None)
+    run_bulk(_options(images, out, ONE_SHARD), progress=lambda message: None)
     before = json.loads(write_summary(out).read_text())
-    job = _Job(out, images, scratch, 64, "replace summary.json")  # every shard written: no Ray
+    job = _Job(
+        out, images, scratch, ONE_SHARD, "replace summary.json"
+    )  # every shard written: no Ray
     job.wait_for_barrier()
     pid = job.process.pid
     job.kill(signal.SIGKILL)
     assert json.loads((out / "summary.json").read_text()) == before  # whole, never half written
     assert (out / f".summary.json.{pid}.tmp").is_file()
 
-    rerun = _Job(out, images, scratch, 64, None)
+    rerun = _Job(out, images, scratch, ONE_SHARD, None)
     assert rerun.finish() == 0, rerun.output()[-3000:]
     assert f"{IMAGES + 1} of {IMAGES + 1} images skipped" in rerun.output()
     assert _leftovers(out) == []
@@ -275,7 +282,7 @@ def test_a_stopped_job_shuts_ray_down_and_its_rerun_goes_on(
     ray_session, images, reference, scratch, tmp_path, signum
 ):
     out = tmp_path / "out"
-    job = _Job(out, images, scratch, 64, "checkpoint-1")
+    job = _Job(out, images, scratch, ONE_SHARD, "checkpoint-1")
     job.wait_for_barrier()
     ray_processes = _processes_using(scratch)
     sessions = list(scratch.glob("fam-ray-*/session_*"))
@@ -289,15 +296,15 @@ def test_a_stopped_job_shuts_ray_down_and_its_rerun_goes_on(
     assert 1 <= len(saved) < IMAGES + 1  # the first checkpoint, and no whole shard
 
     if signum == signal.SIGTERM:  # the command again, to its end
-        rerun = _Job(out, images, scratch, 64, None)
+        rerun = _Job(out, images, scratch, ONE_SHARD, None)
         assert rerun.finish() == 0, rerun.output()[-3000:]
         assert f"{len(saved)} of {IMAGES + 1} images skipped" in rerun.output()
         assert _processes_using(scratch) == [] and list(scratch.iterdir()) == []
     else:
-        again = run_bulk(_options(images, out, 64), progress=lambda message: None)
+        again = run_bulk(_options(images, out, ONE_SHARD), progress=lambda message: None)
         assert again.images_skipped == len(saved) and again.written == [0]
     assert _leftovers(out) == []
-    _assert_same_rows(out, reference, 64)
+    _assert_same_rows(out, reference, ONE_SHARD)
 
 
 # -- the pieces, without Ray

@@ -184,11 +184,15 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
     if todo:
         spec = _spec(options, plan, pending, references, todo)
         with ray_session(options.address, options.num_cpus) as session:
+            stream = RowStream(_dataset(plan, todo, options, spec))
+            session.join_at_shutdown(stream.thread)
             try:
-                with RowStream(_dataset(plan, todo, options, spec)) as stream:
-                    session.join_at_shutdown(stream.thread)
+                with stream:
                     _collect(stream, collector, finish)
             finally:  # stopped or failed: what came back is saved for the restart
+                for rows in stream.drain():
+                    for row in rows:
+                        collector.add(row)  # a shard whole now is written by the restart
                 collector.checkpoint()
                 report.checkpoints = collector.parts_written
     if collector.rows:  # a row of every image comes back, or Ray raised: never reached

@@ -55,6 +55,17 @@ class RowStream:
             raise item
         return None if item is _END else item  # type: ignore[return-value]
 
+    def drain(self) -> list[list[Row]]:
+        """The batches that came back and are still queued (on a stop: to be saved too)."""
+        batches = []
+        while True:
+            try:
+                item = self._batches.get_nowait()
+            except queue.Empty:
+                return batches
+            if isinstance(item, list):
+                batches.append(item)
+
     def _read(self, dataset: Any) -> None:
         try:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
