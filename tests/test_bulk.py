@@ -148,7 +148,7 @@ def test_restart_recomputes_only_the_missing_shard(bulk_job, tmp_path):
     options, first = bulk_job
     out = tmp_path / "out"
     shutil.copytree(options.out, out)
-    shards = sorted(out.glob("shard-*.parquet"))
+    shards = sorted((out / "shards").glob("shard-*.parquet"))
     assert len(shards) == first.shards == -(-(IMAGES + 2) // SHARD)
     removed = shards[1]
     before = pq.read_table(removed).to_pylist()
@@ -168,7 +168,53 @@ def test_restart_recomputes_only_the_missing_shard(bulk_job, tmp_path):
             torch.testing.assert_close(
                 decode_heatmap(new), decode_heatmap(old), atol=HEATMAP_TOLERANCE, rtol=0
             )
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.rglob(".*.tmp")) and not (out / "checkpoints").exists()
+
+
+def test_the_shards_folder_reads_with_pandas_pyarrow_ray_and_duckdb(
+    bulk_job, ray_session, tmp_path
+):
+    import duckdb
+    import numpy as np
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    options, report = bulk_job
+    out = tmp_path / "out"
+    shutil.copytree(options.out, out)
+    folder = out / "shards"
+    # what a job killed while writing leaves: a hidden temporary, part files elsewhere
+    (folder / ".shard-00001-of-00004.parquet.4194304.tmp").write_bytes(b"PAR1 half written")
+    expected = sorted((r["id"], r["model"]) for r in read_rows(out, columns=["id", "model"]))
+    assert len(expected) == report.rows == IMAGES + 2
+    frame = pd.read_parquet(folder)
+    assert sorted(zip(frame["id"], frame["model"], strict=True)) == expected
+    table = ds.dataset(folder, format="parquet").to_table(columns=["id", "model"])
+    assert sorted(zip(*table.to_pydict().values(), strict=True)) == expected
+    taken = ray_session.data.read_parquet(str(folder)).select_columns(["id", "model"]).take_all()
+    assert sorted((r["id"], r["model"]) for r in taken) == expected
+    query = f"SELECT id, model FROM read_parquet('{folder}/*.parquet') ORDER BY id, model"
+    assert duckdb.sql(query).fetchall() == expected
+    row = frame[frame["error"] == ""].iloc[0]
+    heatmap = np.frombuffer(row["heatmap"], "<f2").reshape(row["heatmap_shape"])
+    expected_map = decode_heatmap({"heatmap": row["heatmap"], "heatmap_shape": [84, 84]})
+    np.testing.assert_array_equal(heatmap.astype(np.float32), expected_map.numpy())
+
+
+def test_an_output_of_the_earlier_layout_is_moved_not_recomputed(bulk_job, tmp_path):
+    options, first = bulk_job
+    out = tmp_path / "out"
+    shutil.copytree(options.out, out)
+    names = sorted(p.name for p in (out / "shards").iterdir())
+    for shard in (out / "shards").iterdir():  # shards beside job.json, as jobs wrote them before
+        shard.rename(out / shard.name)
+    (out / "shards").rmdir()
+    assert sum(count for _, count in mean_heatmaps(out).values()) == IMAGES
+    again = run_bulk(dataclasses.replace(options, out=str(out)), progress=lambda message: None)
+    assert again.written == [] and again.skipped == list(range(first.shards))
+    assert again.images_skipped == again.images == IMAGES + 2
+    assert sorted(p.name for p in (out / "shards").iterdir()) == names
+    assert not list(out.glob("shard-*.parquet"))
 
 
 def test_restart_with_other_settings_is_refused(bulk_job, tmp_path, capsys):
@@ -341,6 +387,7 @@ def test_list_images_of_a_folder_and_a_glob(image_dir):
         (["--images", "{images}", "--method", "no-such-method"], "no-such-method"),
         (["--images", "{images}", "--montage"], "--montage needs --overlay"),
         (["--images", "{images}", "--eval", "--resolution", "feature"], "--eval needs"),
+        (["--images", "{images}", "--checkpoint-seconds", "0"], "--checkpoint-seconds must be"),
     ],
 )
 def test_bad_command_lines_exit_2_with_one_line(arguments, message, image_dir, tmp_path, capsys):

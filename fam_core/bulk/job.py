@@ -2,37 +2,42 @@
 
 Ray does the parallelism (an actor pool of ``map_batches``, one model load per actor, GPUs
 per actor when CUDA is present), retries of failed tasks and actors, back-pressure and
-spilling. The driver only collects the rows of each shard as they stream back and writes the
-shard once it is whole (:mod:`fam_core.bulk.shards`), so a killed job keeps every shard it
-finished and a restart with the same ``--out`` reads only the images of the missing shards.
+spilling. The driver collects the rows of each shard as they stream back, saves the rows of
+unfinished shards every ``checkpoint_seconds`` (:mod:`fam_core.bulk.checkpoints`) and writes
+each shard once it is whole (:mod:`fam_core.bulk.shards`). A killed job keeps every shard it
+finished and every checkpoint; a restart with the same ``--out`` reads only the images that
+neither holds. Ray is started for the job and shut down when it ends (:mod:`.session`).
 
 Example:
     >>> options = BulkOptions(models=("default-classifier",), images="pics/", actors=2)
-    >>> options.batch_size, options.actors
-    (16, 2)
+    >>> options.batch_size, options.actors, options.checkpoint_seconds
+    (16, 2, 60.0)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
+import queue
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fam_core.bulk.plan import Plan, list_images
-from fam_core.bulk.rows import Row
-from fam_core.bulk.shards import check_job, done_shards, write_shard
+from fam_core.bulk.checkpoints import (
+    DEFAULT_CHECKPOINT_SECONDS,
+    ShardCollector,
+    remove_checkpoints,
+    saved_rows,
+)
+from fam_core.bulk.plan import Item, Plan, list_images
+from fam_core.bulk.session import ray_session
+from fam_core.bulk.shards import check_job, done_shards, prepare_output, write_shard
+from fam_core.bulk.stream import RowStream
 from fam_core.bulk.worker import BulkWorker, ExplainSettings, WorkerSpec
 
 DEFAULT_SHARD_SIZE = 256
-READ_BLOCK = 64
-"""Images per block Ray Data reads (each a task)."""
-OBJECT_STORE_BYTES = 256 * 1024 * 1024
-"""Object store of a local Ray session (Ray spills to disk beyond it)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,8 @@ class BulkOptions:
         models: model names, config paths or ``.onnx`` paths; several (checkpoints of one
             model) are run on every image and written side by side.
         images: a folder, a glob or Parquet files with ``id`` and ``image`` columns.
-        out: the output folder (one Parquet file per shard, ``job.json``, ``summary.json``).
+        out: the output folder (``shards/`` with one Parquet file per shard, ``job.json``,
+            ``summary.json``).
         settings: what every image gets (method, resolution, embedding, overlay, metrics).
         references: reference image files (embedding models).
         batch_size: images per ``map_batches`` call (and per pipeline pass).
@@ -53,6 +59,7 @@ class BulkOptions:
         shard_size: images per output shard.
         address: an existing Ray cluster (``None``: start Ray on this machine).
         num_cpus: CPUs of the local Ray session (``None``: every core).
+        checkpoint_seconds: the longest a row that came back stays unsaved.
     """
 
     models: tuple[str, ...]
@@ -67,6 +74,7 @@ class BulkOptions:
     shard_size: int = DEFAULT_SHARD_SIZE
     address: str | None = None
     num_cpus: int | None = None
+    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -81,26 +89,50 @@ class BulkOptions:
             raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        seconds = self.checkpoint_seconds
+        if isinstance(seconds, bool) or not (isinstance(seconds, (int, float)) and seconds > 0):
+            raise ValueError(f"--checkpoint-seconds must be a number > 0, got {seconds!r}")
+        if not math.isfinite(seconds):
+            raise ValueError(f"--checkpoint-seconds must be finite, got {seconds!r}")
 
 
 @dataclass
 class BulkReport:
-    """What a job did: shards written now and skipped (written before), rows and error rows."""
+    """What a job did.
+
+    Attributes:
+        out: the output folder.
+        shards: the shards of the plan.
+        models: the served names, in ``--model`` order.
+        written: the shards written now.
+        skipped: the shards written before (by a killed or finished job).
+        images: the images of the plan.
+        images_skipped: the images not explained now: in skipped shards or in checkpoints.
+        rows: the rows of the shards written now (with those read back from checkpoints).
+        errors: the error rows among them.
+        checkpoints: the part files written now.
+        seconds: the job's time.
+    """
 
     out: Path
     shards: int
-    models: list[str] = field(default_factory=list)  # served names, in --model order
+    models: list[str] = field(default_factory=list)
     written: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    images: int = 0
+    images_skipped: int = 0
     rows: int = 0
     errors: int = 0
+    checkpoints: int = 0
     seconds: float = 0.0
 
 
 def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None) -> BulkReport:
     """Explain every image of ``options.images`` into ``options.out`` on Ray.
 
-    Starts a local Ray session unless one is running (or ``address`` names a cluster).
+    Starts a local Ray session unless one is running (or ``address`` names a cluster), and
+    shuts it down at the end, on an error, on Ctrl-C and on SIGTERM
+    (:class:`fam_core.bulk.session.Stopped`); the rows that came back are saved first.
     """
     from fam_core.extras import require
 
@@ -116,35 +148,76 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
     check = dataclasses.replace(_spec(options, plan, [], references), device="cpu")
     served = [m.name for m in BulkWorker(check).served]
     check_job(out, _settings(options, plan))
+    prepare_output(out)
     done = done_shards(out, names)
+    for shard in done:  # a job killed between writing a shard and removing its checkpoints
+        remove_checkpoints(out, shard)
     pending = [k for k in range(len(plan.shards)) if k not in done]
-    report = BulkReport(out, len(plan.shards), served, skipped=sorted(done))
-    if done:
-        say(f"{len(done)} of {len(plan.shards)} shards already written in {out}: skipped")
-    if not pending:
-        report.seconds = time.perf_counter() - start
-        return report
-    spec = _spec(options, plan, pending, references)
-    _start_ray(options)
-    dataset = _dataset(plan, pending, options, spec)
-    expected = {k: len(plan.shards[k]) * len(options.models) for k in pending}
-    collected: dict[int, dict[tuple[str, str], Row]] = {k: {} for k in pending}
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            shard = row["shard"]
-            if shard not in collected:  # a retried task's row of a shard already written
-                continue
-            collected[shard][row["id"], row["model"]] = row  # or of one still collecting
-            if len(collected[shard]) == expected[shard]:
-                rows = list(collected.pop(shard).values())
-                write_shard(out, names[shard], rows)
-                report.written.append(shard)
-                report.rows += len(rows)
-                report.errors += sum(1 for r in rows if r["error"])
-    if collected:  # a row of every image comes back, or Ray raised: never reached
-        raise RuntimeError(f"shards {sorted(collected)} came back incomplete")
+    models = len(options.models)
+    collector = ShardCollector(
+        out, {k: len(plan.shards[k]) * models for k in pending}, options.checkpoint_seconds
+    )
+    for shard in pending:
+        collector.restore(shard, saved_rows(out, shard, models))
+    report = BulkReport(out, len(plan.shards), served, skipped=sorted(done), images=len(plan))
+    restored = {key[0] for shard in pending for key in collector.rows[shard]}
+    report.images_skipped = sum(len(plan.shards[k]) for k in done) + len(restored)
+    if report.images_skipped:
+        say(
+            f"{report.images_skipped} of {len(plan)} images already written in {out} "
+            f"({len(done)} whole shards, {len(restored)} images in checkpoints): skipped"
+        )
+
+    def finish(shard: int) -> None:
+        rows = collector.take(shard)
+        write_shard(out, names[shard], rows)
+        remove_checkpoints(out, shard)
+        report.written.append(shard)
+        report.rows += len(rows)
+        report.errors += sum(1 for r in rows if r["error"])
+
+    for shard in pending:  # complete in its checkpoints: killed before the shard was written
+        if len(collector.rows[shard]) == collector.expected[shard]:
+            finish(shard)
+    todo = [item for k in pending if k in collector.rows for item in plan.shards[k]]
+    todo = [item for item in todo if item.id not in restored]
+    if todo:
+        spec = _spec(options, plan, pending, references, todo)
+        with ray_session(options.address, options.num_cpus) as session:
+            stream = RowStream(_dataset(plan, todo, options, spec))
+            session.join_at_shutdown(stream.thread)
+            try:
+                with stream:
+                    _collect(stream, collector, finish)
+            finally:  # stopped or failed: what came back is saved for the restart
+                for rows in stream.drain():
+                    for row in rows:
+                        collector.add(row)  # a shard whole now is written by the restart
+                collector.checkpoint()
+                report.checkpoints = collector.parts_written
+    if collector.rows:  # a row of every image comes back, or Ray raised: never reached
+        raise RuntimeError(f"shards {sorted(collector.rows)} came back incomplete")
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _collect(stream: RowStream, collector: ShardCollector, finish: Callable[[int], None]) -> None:
+    """Feed the rows of ``stream`` to ``collector``, ``finish`` each whole shard, checkpoint
+    on time (also while no row comes back)."""
+    while True:
+        try:
+            rows = stream.get(timeout=collector.seconds_to_checkpoint())
+        except queue.Empty:
+            collector.checkpoint()
+            continue
+        if rows is None:
+            return
+        for row in rows:
+            shard = collector.add(row)
+            if shard is not None:
+                finish(shard)
+        if collector.seconds_to_checkpoint() == 0.0:
+            collector.checkpoint()
 
 
 def _settings(options: BulkOptions, plan: Plan) -> dict[str, object]:
@@ -159,16 +232,24 @@ def _settings(options: BulkOptions, plan: Plan) -> dict[str, object]:
 
 
 def _spec(
-    options: BulkOptions, plan: Plan, pending: list[int], references: tuple[bytes, ...]
+    options: BulkOptions,
+    plan: Plan,
+    pending: list[int],
+    references: tuple[bytes, ...],
+    todo: list[Item] | None = None,
 ) -> WorkerSpec:
-    keys = {(item.path or item.id): k for k in pending for item in plan.shards[k]}
-    ids = {item.path: item.id for k in pending for item in plan.shards[k] if item.path}
+    """What the actors need; they explain the ``todo`` items of the ``pending`` shards (all
+    of their items by default) and skip every other image they are given."""
+    wanted = None if todo is None else {item.id for item in todo}
+    chosen = [
+        (item, k) for k in pending for item in plan.shards[k] if wanted is None or item.id in wanted
+    ]
     return WorkerSpec(
         models=tuple(options.models),
         settings=options.settings,
         references=references,
-        shards=keys,
-        ids=ids,
+        shards={(item.path or item.id): k for item, k in chosen},
+        ids={item.path: item.id for item, _ in chosen if item.path},
         device="cuda" if _gpus(options) > 0 else "cpu",
         batch_size=options.batch_size,
     )
@@ -182,42 +263,28 @@ def _gpus(options: BulkOptions) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
-def _start_ray(options: BulkOptions) -> None:
-    import ray
+def _dataset(plan: Plan, todo: list[Item], options: BulkOptions, spec: WorkerSpec):  # type: ignore[no-untyped-def]
+    """The ``todo`` images read by Ray Data, explained by the actor pool.
 
-    if ray.is_initialized():
-        return
-    if options.address:
-        ray.init(address=options.address, log_to_driver=False)
-        return
-    ray.init(
-        num_cpus=options.num_cpus or os.cpu_count() or 1,
-        include_dashboard=False,
-        object_store_memory=OBJECT_STORE_BYTES,
-        log_to_driver=False,
-    )
-
-
-def _dataset(plan: Plan, pending: list[int], options: BulkOptions, spec: WorkerSpec):  # type: ignore[no-untyped-def]
-    """Images of the pending shards read by Ray Data, explained by the actor pool.
-
-    Reading is I/O and asks for no CPU: with actors holding every CPU a read task that asks
-    for one would wait for ever.
+    Files are read in blocks of about one batch, so each actor task is one pipeline pass and
+    its rows come back (to be checkpointed) as soon as the pass is done. Reading is I/O and
+    asks for no CPU: with actors holding every CPU a read task that asks for one would wait
+    for ever.
     """
     import ray.data
 
-    count = sum(len(plan.shards[k]) for k in pending)
-    # blocks of about READ_BLOCK images, at least two per actor; at most two reads per actor
-    # at once (a read asking for no CPU could otherwise start a Python worker per block)
-    blocks = min(count, max(2 * options.actors, math.ceil(count / READ_BLOCK)))
+    count = len(todo)
+    blocks = min(count, max(2 * options.actors, math.ceil(count / options.batch_size)))
+    # at most two reads per actor at once (a read asking for no CPU could otherwise start a
+    # Python worker per block)
     reads = 2 * options.actors
     if plan.parquet:
-        dataset = ray.data.read_parquet(  # the actors drop the rows of written shards
+        dataset = ray.data.read_parquet(  # the actors drop the rows of other images
             list(plan.parquet), columns=["id", "image"], num_cpus=0, concurrency=reads
         )
         columns = ("id", "image")
     else:
-        paths = [item.path for k in pending for item in plan.shards[k]]
+        paths = [item.path for item in todo]
         dataset = ray.data.read_binary_files(
             paths, include_paths=True, override_num_blocks=blocks, num_cpus=0, concurrency=reads
         )

@@ -112,7 +112,9 @@ def read_rows(out: str | Path, columns: list[str] | None = None) -> list[Row]:
     """Every row of a bulk job's output folder, ordered by shard, id and model."""
     import pyarrow.parquet as pq
 
-    files = sorted(Path(out).glob("shard-*.parquet"))
+    from fam_core.bulk.shards import shard_files
+
+    files = shard_files(Path(out))
     rows = [row for file in files for row in pq.read_table(file, columns=columns).to_pylist()]
     if columns is None or {"shard", "id", "model"} <= set(columns):
         rows.sort(key=lambda r: (r["shard"], r["id"], r["model"]))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fam_core.bulk.atomic import write_bytes_atomically
 from fam_core.data.flowers import NUM_CLASSES, make_flowers_for
-from fam_core.render import save_png
+from fam_core.render import to_png_bytes
 
 
 def write_flower_pngs(folder: str | Path, count: int, *, seed: int = 0) -> list[Path]:
@@ -29,5 +30,6 @@ def write_flower_pngs(folder: str | Path, count: int, *, seed: int = 0) -> list[
         images = make_flowers_for(labels[rows], indices[rows], seed=seed).images
         for offset, image in enumerate(images):
             pixels = (image * 255).round().byte().permute(1, 2, 0)
-            files.append(save_png(pixels, folder / f"flower-{start + offset:05d}.png"))
+            path = folder / f"flower-{start + offset:05d}.png"
+            files.append(write_bytes_atomically(path, to_png_bytes(pixels)))
     return files

@@ -1,9 +1,12 @@
 """Shard files: written atomically, found again on restart, checked against the job's plan.
 
-A shard is written to a temporary name in the output folder and renamed over its final name
-(``os.replace`` is atomic on one file system), so a killed job leaves whole shards or none;
-``job.json`` records the plan's fingerprint and the settings, and a restart with another plan
-or other settings into the same folder is refused instead of mixing results.
+Whole shards live in ``OUT/shards/`` and nothing else does, so the folder reads as one Parquet
+data set (``pandas.read_parquet("OUT/shards")``, DuckDB on ``OUT/shards/*.parquet``). A
+shard is written to a temporary name and renamed (:mod:`fam_core.bulk.atomic`), so a killed
+job leaves whole shards or none; ``OUT/job.json`` records the plan's fingerprint and the
+settings, and a restart with another plan or other settings into the same folder is refused
+instead of mixing results. An output folder of the earlier layout (shards beside
+``job.json``) has its shards moved into ``shards/`` when its job runs again.
 
 Example:
     >>> import tempfile
@@ -24,9 +27,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from fam_core.bulk.atomic import remove_temporaries, write_atomically, write_bytes_atomically
 from fam_core.bulk.rows import Row, to_table
 
 JOB_FILE = "job.json"
+SHARDS_FOLDER = "shards"
+"""The folder of an output that holds the whole shards, and only them."""
+SHARD_GLOB = "shard-*.parquet"
 
 
 def check_job(out: Path, settings: dict[str, Any]) -> None:
@@ -43,25 +50,36 @@ def check_job(out: Path, settings: dict[str, Any]) -> None:
                 f"--out {out} holds another job (its {', '.join(differ)} differs); use a new --out folder"
             )
         return
-    _write_atomically(path, json.dumps(settings, indent=1, sort_keys=True).encode())
+    write_bytes_atomically(path, json.dumps(settings, indent=1, sort_keys=True).encode())
+
+
+def prepare_output(out: Path) -> None:
+    """Remove what a killed job left half written and move shards of the earlier layout."""
+    folder = out / SHARDS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in sorted(out.glob(SHARD_GLOB)):
+        os.replace(old, folder / old.name)
+    for place in (out, folder, out / "montage"):
+        if place.is_dir():
+            remove_temporaries(place)
+
+
+def shard_files(out: Path) -> list[Path]:
+    """The shard files of an output folder, in shard order (either layout)."""
+    files = sorted((Path(out) / SHARDS_FOLDER).glob(SHARD_GLOB))
+    return files or sorted(Path(out).glob(SHARD_GLOB))
 
 
 def done_shards(out: Path, names: list[str]) -> set[int]:
     """Indices of the shards in ``names`` whose files are written."""
-    return {index for index, name in enumerate(names) if (out / name).is_file()}
+    folder = out / SHARDS_FOLDER
+    return {index for index, name in enumerate(names) if (folder / name).is_file()}
 
 
 def write_shard(out: Path, name: str, rows: list[Row]) -> Path:
-    """Write ``rows`` to ``out / name`` atomically; rows sorted by id and model."""
+    """Write ``rows`` to ``out/shards/name`` atomically; rows sorted by id and model."""
     rows = sorted(rows, key=lambda r: (r["id"], r["model"]))
-    path = out / name
-    temporary = out / f".{name}.{os.getpid()}.tmp"
-    pq.write_table(to_table(rows), temporary)
-    os.replace(temporary, path)
-    return path
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    folder = out / SHARDS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    table = to_table(rows)
+    return write_atomically(folder / name, lambda temporary: pq.write_table(table, temporary))

@@ -28,8 +28,10 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from fam_core.bulk.atomic import remove_temporaries, write_bytes_atomically
 from fam_core.bulk.rows import METRIC_COLUMNS, decode_heatmap
-from fam_core.render import colorize, save_png
+from fam_core.bulk.shards import shard_files
+from fam_core.render import colorize, to_png_bytes
 
 SUMMARY_FILE = "summary.json"
 MeanMaps = dict[str, tuple[torch.Tensor, int]]
@@ -37,10 +39,14 @@ MeanMaps = dict[str, tuple[torch.Tensor, int]]
 
 
 def _shards(out: Path) -> list[Path]:
-    files = sorted(Path(out).glob("shard-*.parquet"))
+    files = shard_files(Path(out))
     if not files:
-        raise ValueError(f"{out} holds no fam bulk shards (shard-*.parquet)")
+        raise ValueError(f"{out} holds no fam bulk shards (shards/shard-*.parquet)")
     return files
+
+
+def _write_png(rgb: np.ndarray | torch.Tensor, path: Path) -> Path:
+    return write_bytes_atomically(path, to_png_bytes(rgb))
 
 
 def mean_heatmaps(out: Path) -> MeanMaps:
@@ -93,11 +99,10 @@ def write_summary(out: Path) -> Path:
     """``summary.json`` and a ``mean-<model>.png`` per model in ``out``; the summary's path."""
     summary = summarise(out)
     for model, (mean, count) in mean_heatmaps(out).items():
-        image = save_png(colorize(mean.clamp(0, 1)), out / f"mean-{_safe(model)}.png")
+        image = _write_png(colorize(mean.clamp(0, 1)), out / f"mean-{_safe(model)}.png")
         summary[model].update(mean_heatmap=image.name, mean_heatmap_images=count)
-    path = out / SUMMARY_FILE
-    path.write_text(json.dumps(summary, indent=1, sort_keys=True))
-    return path
+    text = json.dumps(summary, indent=1, sort_keys=True)
+    return write_bytes_atomically(out / SUMMARY_FILE, text.encode())
 
 
 def write_montages(out: Path, models: list[str]) -> Path:
@@ -105,6 +110,7 @@ def write_montages(out: Path, models: list[str]) -> Path:
     in that order, side by side; an image a model could not explain is a black panel."""
     folder = out / "montage"
     folder.mkdir(exist_ok=True)
+    remove_temporaries(folder)
     for file in _shards(out):
         by_id: dict[str, dict[str, bytes | None]] = {}
         for row in pq.read_table(file, columns=["id", "model", "overlay_png"]).to_pylist():
@@ -117,7 +123,7 @@ def write_montages(out: Path, models: list[str]) -> Path:
             filled = [np.zeros(shape, np.uint8) if p is None else p for p in panels]
             height = max(p.shape[0] for p in filled)
             filled = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0))) for p in filled]
-            save_png(np.concatenate(filled, axis=1), folder / f"{_safe(image_id)}.png")
+            _write_png(np.concatenate(filled, axis=1), folder / f"{_safe(image_id)}.png")
     return folder
 
 
@@ -151,16 +157,18 @@ def write_domain_gap(first: Path, second: Path, out: Path) -> dict[str, Any]:
     means = mean_heatmaps(first), mean_heatmaps(second)
     gaps = domain_gap(*means)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out)
     for model, gap in gaps.items():
         for which, maps in zip(("first", "second"), means, strict=True):
-            save_png(colorize(maps[model][0].clamp(0, 1)), out / f"mean-{which}-{_safe(model)}.png")
-        save_png(colorize((gap["difference"] + 1) / 2, "bwr"), out / f"gap-{_safe(model)}.png")
+            _write_png(
+                colorize(maps[model][0].clamp(0, 1)), out / f"mean-{which}-{_safe(model)}.png"
+            )
+        _write_png(colorize((gap["difference"] + 1) / 2, "bwr"), out / f"gap-{_safe(model)}.png")
     numbers = {
         model: {k: v for k, v in gap.items() if k != "difference"} for model, gap in gaps.items()
     }
-    (out / "gap.json").write_text(
-        json.dumps({"first": str(first), "second": str(second), "models": numbers}, indent=1)
-    )
+    text = json.dumps({"first": str(first), "second": str(second), "models": numbers}, indent=1)
+    write_bytes_atomically(out / "gap.json", text.encode())
     return numbers[sorted(numbers)[0]]
 
 

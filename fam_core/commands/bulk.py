@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard-size", type=int, default=256, help="images per output shard")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--address", help="an existing Ray cluster (default: start one here)")
+    parser.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=60.0,
+        help="save the rows of unfinished shards this often (default 60): a killed job "
+        "loses at most this much of the work that came back",
+    )
     parser.add_argument("--out", default="out/bulk", help="output folder (default out/bulk)")
     parser.set_defaults(run=run)
 
@@ -60,6 +68,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the job, then write the summary (and montages); print where."""
     from fam_core.bulk import BulkOptions, ExplainSettings, run_bulk
+    from fam_core.bulk.session import Stopped, signal_name
     from fam_core.bulk.summary import write_montages, write_summary
 
     if args.montage and not args.overlay:
@@ -85,13 +94,24 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         address=args.address,
         num_cpus=args.num_cpus,
+        checkpoint_seconds=args.checkpoint_seconds,
     )
-    report = run_bulk(options)
+    try:
+        report = run_bulk(options)
+    except (Stopped, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        print(
+            f"fam: bulk job stopped by {signal_name(signum)}; what came back is saved in "
+            f"{args.out}: run the same command to go on",
+            file=sys.stderr,
+        )
+        return 128 + signum
     summary = write_summary(Path(args.out))
     print(
         f"{len(report.written)} shards written, {len(report.skipped)} skipped "
-        f"({report.shards} in all); {report.rows} rows, {report.errors} errors; "
-        f"{report.seconds:.1f} s; summary {summary}"
+        f"({report.shards} in all); {report.images_skipped} of {report.images} images "
+        f"skipped (written before); {report.rows} rows, {report.errors} errors; "
+        f"{report.seconds:.1f} s; summary {summary}; shards in {Path(args.out) / 'shards'}"
     )
     if args.montage:
         print(f"montages in {write_montages(Path(args.out), report.models)}")
