@@ -22,6 +22,7 @@ import onnxruntime
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx_zoo import initializers_to_constants, set_batch
 from torch import nn
 
 from fam_core.exporters.graft import graft_onnx, inspect_onnx
@@ -87,31 +88,6 @@ def images(batch: int = 3) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
 
 
-def batch_dim(proto: onnx.ModelProto, value: int | str) -> onnx.ModelProto:
-    for entry in (*proto.graph.input, *proto.graph.output):
-        first = entry.type.tensor_type.shape.dim[0]
-        if isinstance(value, int):
-            first.dim_value = value
-        else:
-            first.dim_param = value
-    return proto
-
-
-def constant_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Every initializer as a ``Constant`` node, as PaddlePaddle and old exporters write them."""
-    nodes = [
-        helper.make_node("Constant", [], [tensor.name], value=tensor)
-        for tensor in proto.graph.initializer
-    ]
-    names = {tensor.name for tensor in proto.graph.initializer}
-    inputs = [value for value in proto.graph.input if value.name not in names]
-    rest = list(proto.graph.node)
-    del proto.graph.node[:], proto.graph.initializer[:], proto.graph.input[:]
-    proto.graph.node.extend([*nodes, *rest])
-    proto.graph.input.extend(inputs)
-    return proto
-
-
 def cam_map(proto: onnx.ModelProto, method: str = "cam") -> np.ndarray:
     """The grafted ``method``'s maps of :func:`images`, run by :class:`OnnxExplainer`."""
     grafted = graft_onnx(proto, method=method, task="classifier")
@@ -158,7 +134,7 @@ def test_every_opset_is_converted_to_a_grafting_opset(model, reference, opset) -
 
 @pytest.mark.parametrize("batch", [-1, 0, "N", "batch_size", "unk__123"])
 def test_every_batch_form_gives_a_dynamic_batch(model, reference, batch) -> None:
-    proto = batch_dim(export(model), batch)
+    proto = set_batch(export(model), batch)
     normalised = normalise_graph(proto)
     first = normalised.proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert first.dim_param == ("batch" if isinstance(batch, int) else batch)
@@ -167,7 +143,7 @@ def test_every_batch_form_gives_a_dynamic_batch(model, reference, batch) -> None
 
 
 def test_constant_node_weights_become_initializers(model, reference) -> None:
-    proto = constant_nodes(export(model, 11))
+    proto = initializers_to_constants(export(model, 11))
     assert not proto.graph.initializer
     normalised = normalise_graph(proto)
     assert not [node for node in normalised.proto.graph.node if node.op_type == "Constant"]
@@ -327,7 +303,7 @@ def test_a_uint8_input_with_preprocessing_in_the_graph_is_fed_pixels(model) -> N
 
 
 def test_the_steps_are_kept_in_the_grafted_metadata_and_printed_by_inspect(model) -> None:
-    proto = batch_dim(export(model, 11), -1)
+    proto = set_batch(export(model, 11), -1)
     grafted = graft_onnx(proto, method="cam", task="classifier")
     meta = {prop.key: prop.value for prop in grafted.metadata_props}  # type: ignore[union-attr]
     assert "opset: 11 -> 14" in meta["normalisation"]
