@@ -26,7 +26,6 @@ if ! command -v java >/dev/null 2>&1; then
   echo "note: java not found; TorchServe needs Java 17 (the rest works without it)" >&2
 fi
 .venv/bin/python -m fam_core.protos  # gRPC stubs from proto/, regenerated when stale
-bash scripts/build_onnx_zoo.sh  # tests/onnx_zoo.py's tf2onnx-converted file (own venv, cached)
 # (each classifier starts from its embedding model, so the embedding models come first)
 for name in default-embedding default-classifier default-embedding-fine default-classifier-fine; do
   if [ ! -f "model-store/$name/weights.pt" ]; then
@@ -36,7 +35,9 @@ done
 
 case "$job" in
   demo) .venv/bin/fam demo "$@" && exec .venv/bin/fam serve-demo ;;
-  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  test)
+    bash scripts/build_onnx_zoo.sh  # the tests' tf2onnx-converted files (own venv, cached)
+    exec .venv/bin/python -m pytest -q "$@" ;;
   env) ;;
   *) echo "usage: bash scripts/bootstrap.sh {demo|test|env} [ARGS...]" >&2; exit 2 ;;
 esac
