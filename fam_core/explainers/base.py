@@ -103,11 +103,10 @@ def min_max(values: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
     span = high - low
     magnitude = torch.maximum(low.abs(), high.abs())
     # the scale is computed on the small reduced tensor: one subtraction and one
-    # multiplication over the full maps (this runs on every explanation)
-    flat = span <= 1e-5 * magnitude
-    scale = torch.where(
-        (span > 0) & ~flat, span.clamp_min(1e-12).reciprocal(), torch.zeros_like(span)
-    )
+    # multiplication over the full maps (this runs on every explanation, and in every
+    # exported graph: one comparison, no zeros tensor, keeps the ONNX head small). A zero
+    # span fails the comparison too (then the magnitude is zero or the span is below it).
+    scale = torch.where(span > 1e-5 * magnitude, span.clamp_min(1e-12).reciprocal(), 0.0)
     return (values - low).mul_(scale)
 
 
@@ -709,4 +708,4 @@ def upsample(raw: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Ten
     maps = F.interpolate(
         raw.float().unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False
     )
-    return min_max(maps.squeeze(1), dim=(1, 2))
+    return min_max(maps[:, 0], dim=(1, 2))  # [:, 0], not squeeze(1): no If in exported graphs
