@@ -46,6 +46,27 @@ def make_model_dir(root: Path) -> Path:
     return root
 
 
+TINY_CLASSIFIER = "tiny-classifier"
+
+
+def make_tiny_classifier_dir(root: Path) -> Path:
+    """A random-init 3-class Conv4 classifier at 32x32 in ``root/tiny-classifier``: small
+    enough that a Score-FAM step is short, for the scheduling and drain tests."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        name=TINY_CLASSIFIER,
+        task="classifier",
+        backbone="conv4",
+        backbone_kwargs={"num_classes": 3},
+        weights="weights.pt",
+        target_layer="block4",
+        input_size=32,
+        class_names=("a", "b", "c"),
+    )
+    save_model(config.build().eval(), config, root / TINY_CLASSIFIER)
+    return root
+
+
 def png_bytes(seed: int, size: tuple[int, int] = (96, 120)) -> bytes:
     generator = torch.Generator().manual_seed(seed)
     pixels = (torch.rand(size[0], size[1], 3, generator=generator) * 255).to(torch.uint8)

@@ -22,42 +22,26 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import png_bytes
+from serving_helpers import TINY_CLASSIFIER, make_tiny_classifier_dir, png_bytes
 
 from fam_core.explainers.registry import EXPLAINERS, METHOD_COSTS, cost_class
-from fam_core.models.store import ModelConfig
 from fam_core.pipeline import BatchingConfig, Limits, ModelRegistry
 from fam_core.server import FamServer, ServerConfig
 from fam_core.server.calls import RETRY_AFTER_KEY
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
 from fam_core.server.stubs import grpc_service_pb2 as oip_pb2
 from fam_core.server.stubs import grpc_service_pb2_grpc as oip_grpc
-from fam_core.training import save_model
 
 TIMEOUT = 120
 WAIT_S = 60  # bound of every wait for an observable state
-MODEL = "tiny-classifier"
+MODEL = TINY_CLASSIFIER
 EXPENSIVE_IMAGES = 32  # a Score-FAM request of this many images runs for seconds (64 steps)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lanes")
-    torch.manual_seed(0)
-    config = ModelConfig(
-        name=MODEL,
-        task="classifier",
-        backbone="conv4",
-        backbone_kwargs={"num_classes": 3},
-        weights="weights.pt",
-        target_layer="block4",
-        input_size=32,
-        class_names=("a", "b", "c"),
-    )
-    save_model(config.build().eval(), config, root / MODEL)
-    return root
+    return make_tiny_classifier_dir(tmp_path_factory.mktemp("lanes"))
 
 
 def explain_request(method: str, images: int = 1) -> fam_pb2.ExplainRequest:

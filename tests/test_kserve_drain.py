@@ -22,20 +22,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
-from serving_helpers import png_bytes
+from serving_helpers import TINY_CLASSIFIER, make_tiny_classifier_dir, png_bytes
 
-from fam_core.models.store import ModelConfig
 from fam_core.server.stubs import grpc_service_pb2 as oip_pb2
 from fam_core.server.stubs import grpc_service_pb2_grpc as oip_grpc
-from fam_core.training import save_model
 
 if importlib.util.find_spec("kserve") is None or importlib.util.find_spec("httpx") is None:
     pytest.skip("needs the kserve extra", allow_module_level=True)
 
 import httpx  # noqa: E402
 
-MODEL = "tiny-classifier"
+MODEL = TINY_CLASSIFIER
 GRACE_S = 1.0
 TIMEOUT = 120
 START_TIMEOUT_S = 120
@@ -50,20 +47,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lanes")
-    torch.manual_seed(0)
-    config = ModelConfig(
-        name=MODEL,
-        task="classifier",
-        backbone="conv4",
-        backbone_kwargs={"num_classes": 3},
-        weights="weights.pt",
-        target_layer="block4",
-        input_size=32,
-        class_names=("a", "b", "c"),
-    )
-    save_model(config.build().eval(), config, root / MODEL)
-    return root
+    return make_tiny_classifier_dir(tmp_path_factory.mktemp("lanes"))
 
 
 def predict_body(method: str, images: int) -> dict:
