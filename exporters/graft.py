@@ -485,7 +485,7 @@ def _graft_affine(
     axes[fmt.INPUT_IMAGE] = {0: "batch"}
     merged = _merge(graph, target, head_proto, output_names, batch=None)
     batch = None
-    if not runs_batched(merged, graph.size, dimension):
+    if not runs_batched(merged, dimension):
         batch = _warn_fixed_batch(graph)
         merged = _merge(graph, target, head_proto, output_names, batch=batch)
         for name in list(axes):
@@ -551,7 +551,7 @@ def _graft_interpreted(
     rename_value(head_proto.graph, head_inputs[0], _HEAD_INPUTS[0])
     input_names = [fmt.INPUT_IMAGE, *head_inputs[1:]]
     merged = _merge(graph, target, head_proto, output_names, batch=batch, interpreted=True)
-    if batch is None and not runs_batched(merged, graph.size, int(graph.output_shape[1])):
+    if batch is None and not runs_batched(merged, int(graph.output_shape[1])):
         batch = fixed
         merged = _merge(graph, target, head_proto, output_names, batch=batch, interpreted=True)
     if batch is not None:

@@ -144,7 +144,8 @@ def rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def prune_graph(graph: onnx.GraphProto) -> None:
-    """Drop the nodes and initializers that no graph output needs."""
+    """Drop the nodes and initializers that no graph output needs (and the graph inputs
+    that old IR versions list for the initializers dropped)."""
     producers = {name: node for node in graph.node for name in node.output if name}
     needed: set[str] = set()
     stack = [value.name for value in graph.output]
@@ -164,6 +165,10 @@ def prune_graph(graph: onnx.GraphProto) -> None:
     nodes = [node for node in graph.node if id(node) in kept_nodes]
     del graph.node[:]
     graph.node.extend(nodes)
-    initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    dropped = {tensor.name for tensor in graph.initializer if tensor.name not in needed}
+    initializers = [tensor for tensor in graph.initializer if tensor.name not in dropped]
     del graph.initializer[:]
     graph.initializer.extend(initializers)
+    inputs = [value for value in graph.input if value.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(inputs)

@@ -52,6 +52,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fam_core.exporters.onnx_graph import default_opset, prune_graph
+
 __all__ = ["GRAFT_OPSETS", "InputLayout", "Normalised", "normalise_graph"]
 
 GRAFT_OPSETS = (14, 20)
@@ -180,15 +182,8 @@ def _image_rank(proto: onnx.ModelProto) -> list[str]:
 # -- opset
 
 
-def _default_opset(proto: onnx.ModelProto) -> int:
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    raise ValueError("the graph imports no default-domain ('ai.onnx') opset")
-
-
 def _convert_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    version = _default_opset(proto)
+    version = default_opset(proto)
     low, high = GRAFT_OPSETS
     if low <= version <= high:
         return proto, []
@@ -285,7 +280,7 @@ def _fold_constants(proto: onnx.ModelProto, keep: tuple[str, ...] = ()) -> list[
         return []
     del graph.node[:]
     graph.node.extend(kept)
-    _drop_unused_initializers(graph)
+    prune_graph(graph)
     return [f"constants folded: {folded} nodes computed once (onnx.reference)"]
 
 
@@ -328,22 +323,6 @@ def _dequantize(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) ->
         shape[axis] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return ((x.astype(np.float32) - zero.astype(np.float32)) * scale).astype(np.float32)
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    used |= {value.name for value in graph.output}
-    for node in graph.node:  # values a subgraph (If, Loop) reads
-        for attribute in node.attribute:
-            for sub in (attribute.g, *attribute.graphs):
-                used |= {name for inner in sub.node for name in inner.input}
-    dropped = {tensor.name for tensor in graph.initializer if tensor.name not in used}
-    kept = [tensor for tensor in graph.initializer if tensor.name not in dropped]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    inputs = [value for value in graph.input if value.name not in dropped]  # old IR lists them
-    del graph.input[:]
-    graph.input.extend(inputs)
 
 
 # -- precision
@@ -417,7 +396,7 @@ def _dequantize_activations(graph: onnx.GraphProto) -> None:
             continue
         identity = helper.make_node("Identity", [source.input[0]], [node.output[0]], name=node.name)
         graph.node[position].CopyFrom(identity)
-    _drop_dead_nodes(graph)
+    prune_graph(graph)
 
 
 def _dequantize_dynamic(graph: onnx.GraphProto) -> None:
@@ -449,18 +428,7 @@ def _dequantize_dynamic(graph: onnx.GraphProto) -> None:
         nodes.append(helper.make_node("MatMul", [a, weight], [stem], name=node.name))
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_dead_nodes(graph)
-
-
-def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
-    needed = {value.name for value in graph.output}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if needed.intersection(node.output):
-            kept.append(node)
-            needed.update(name for name in node.input if name)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
+    prune_graph(graph)
 
 
 # -- the input

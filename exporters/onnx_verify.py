@@ -6,7 +6,7 @@ with onnxslim, and keeps the result only where it computes the same outputs as t
 came from on sample inputs.
 
 Example:
-    >>> runs_batched(grafted, (32, 32), 10)  # doctest: +SKIP
+    >>> runs_batched(grafted, 10)  # doctest: +SKIP
     True
 """
 
@@ -39,9 +39,8 @@ def sample_feeds(merged: onnx.ModelProto, batch: int, dimension: int) -> dict[st
     return feeds
 
 
-def runs_batched(merged: onnx.ModelProto, size: tuple[int, int], dimension: int) -> bool:
+def runs_batched(merged: onnx.ModelProto, dimension: int) -> bool:
     """Whether the grafted graph runs a batch of 2 (a foreign graph may fix batch 1)."""
-    del size  # the input's own extents are used
     try:
         make_session(merged).run(None, sample_feeds(merged, 2, dimension))  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - any failure means: keep the graph's own batch
