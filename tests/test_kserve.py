@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -58,6 +59,10 @@ def models(tmp_path_factory) -> Path:
     broken.mkdir()
     config = (folder / CLASSIFIER / "config.yaml").read_text().replace(CLASSIFIER, "broken")
     (broken / "config.yaml").write_text(config)
+    miscounted = folder / "miscounted"  # three class names for a five-class classifier
+    shutil.copytree(folder / CLASSIFIER, miscounted)
+    keys = yaml.safe_load(config) | {"name": "miscounted", "class_names": ["a", "b", "c"]}
+    (miscounted / "config.yaml").write_text(json.dumps(keys))
     return folder
 
 
@@ -143,17 +148,28 @@ def test_health_routes(client) -> None:
     assert outputs["embedding"] == ("FP32", [-1, 64])  # the random-init Conv4's embedding size
 
 
-def test_a_model_that_failed_to_load_is_not_ready_and_answers_503(client) -> None:
-    not_ready = client.get("/v2/models/broken/ready")  # KServe: 503 for a model not ready
-    assert not_ready.status_code == 503 and "not ready" in not_ready.json()["error"]
-    for route, body in (
-        ("/v2/models/broken/infer", {"inputs": [{"name": "image", "shape": [1],
-                                                 "datatype": "BYTES", "data": ["AAAA"]}]}),
-        ("/v1/models/broken:predict", {"instances": ["AAAA"]}),
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("broken", "weights: file "),
+        ("miscounted", "class_names: 3 names for a classifier with 5 outputs: expected 5 names"),
+    ],
+)
+def test_a_model_that_failed_to_load_is_not_ready_and_answers_503_with_the_reason(
+    client, name, reason
+) -> None:
+    for method, route, body in (
+        ("GET", f"/v2/models/{name}/ready", None),
+        ("GET", f"/v1/models/{name}", None),
+        ("POST", f"/v2/models/{name}/infer", {"inputs": [{"name": "image", "shape": [1],
+                                                          "datatype": "BYTES", "data": ["AAAA"]}]}),
+        ("POST", f"/v1/models/{name}:predict", {"instances": ["AAAA"]}),
     ):  # fmt: skip
-        answer = client.post(route, json=body)
+        answer = client.request(method, route, json=body)
         assert answer.status_code == 503, answer.text
-        assert "broken is not ready" in answer.json()["error"]
+        error = answer.json()["error"]
+        assert error.startswith(f"Model with name {name} is not ready: ") and reason in error
+        assert answer.json()["code"] == "UNAVAILABLE"
     assert client.get(f"/v2/models/{CLASSIFIER}/ready").json()["ready"] is True  # the others
 
 

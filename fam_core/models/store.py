@@ -20,17 +20,31 @@ from torch import nn
 
 from fam_core.configfile import dump_config, parse_config
 from fam_core.imageio import CHANNEL_COUNTS, to_channels
-from fam_core.package_data import MODEL_STORE
-from fam_core.resizing import (
-    DEFAULT_POLICY,
-    RESIZE_POLICIES,
-    ResizePolicy,
-    as_size,
-    fit_image,
+from fam_core.models.config_schema import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    KEYS,
+    SOURCES,
+    TORCH_SOURCES,
+    value_problem,
 )
+from fam_core.package_data import MODEL_STORE
+from fam_core.resizing import DEFAULT_POLICY, ResizePolicy, as_size, fit_image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SOURCES",
+    "TORCH_SOURCES",
+    "LoadedModel",
+    "ModelConfig",
+    "available_models",
+    "channel_mismatch",
+    "find_config",
+    "load_model",
+    "model_store_paths",
+    "normalize_images",
+]
 
 
 def normalize_images(
@@ -43,21 +57,6 @@ def normalize_images(
     mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(shape)
     std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(shape)
     return (images - mean_t) / std_t
-
-
-SOURCES: tuple[str, ...] = ("backbone", "factory", "exported_program", "onnx")
-"""The model sources a config may name: exactly one of them."""
-TORCH_SOURCES: tuple[str, ...] = ("backbone", "factory", "exported_program")
-_FILE_KEYS = ("weights", "exported_program", "onnx", "prototypes")
-# keys only some sources take: key -> the sources that take it
-_SOURCE_KEYS: dict[str, tuple[str, ...]] = {
-    "backbone_kwargs": ("backbone",),
-    "factory_kwargs": ("factory",),
-    "weights": ("backbone", "factory"),
-    "target_tensor": ("onnx",),
-    "layout": ("onnx",),
-    "output": (*TORCH_SOURCES, "onnx"),
-}
 
 
 @dataclass(frozen=True)
@@ -142,48 +141,38 @@ class ModelConfig:
             object.__setattr__(self, "input_size", as_size(self.input_size))
 
     def _problems(self) -> list[tuple[str, str]]:
-        """``(key, what was expected)`` for each thing wrong with this config (first one wins)."""
+        """``(key, what was expected)`` for each thing wrong with this config (first one wins):
+        each value against its :data:`~fam_core.models.config_schema.KEYS` entry, then the
+        rules between keys."""
         named = [s for s in SOURCES if getattr(self, s) not in (None, "")]
         if len(named) != 1:
             what = f"got {named}" if named else "got none"
             return [("source", f"expected exactly one of {list(SOURCES)}, {what}")]
         source = named[0]
         problems: list[tuple[str, str]] = []
-        for key in ("name", "task"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                problems.append((key, f"expected a non-empty string, got {getattr(self, key)!r}"))
-        if self.task not in ("embedding", "classifier"):
-            problems.append(
-                ("task", f"task must be 'embedding' or 'classifier', got {self.task!r}")
-            )
-        if not isinstance(getattr(self, source), str):
-            problems.append((source, f"expected a string, got {getattr(self, source)!r}"))
-        for key, takers in _SOURCE_KEYS.items():
-            value = getattr(self, key)
-            if value not in (None, "", {}) and source not in takers:
-                problems.append((key, f"is not used with {source}: (it goes with {list(takers)})"))
+        for spec in KEYS:
+            value = getattr(self, spec.name)
+            if spec.name == "task" and value not in spec.choices:
+                problems.append(
+                    ("task", f"task must be 'embedding' or 'classifier', got {value!r}")
+                )
+                continue
+            problem = value_problem(spec, value)
+            if problem is not None:
+                problems.append((spec.name, problem))
+            elif spec.sources and value not in (None, "", {}) and source not in spec.sources:
+                problems.append(
+                    (spec.name, f"is not used with {source}: (it goes with {list(spec.sources)})")
+                )
         if source == "backbone" and not self.weights:
             problems.append(("weights", "expected a state-dict file for the backbone"))
         if source == "factory" and (
-            not isinstance(self.factory, str) or not re.fullmatch(_FACTORY, self.factory)
+            isinstance(self.factory, str) and not re.fullmatch(_FACTORY, self.factory)
         ):
             problems.append(
                 ("factory", f"expected 'package.module:callable', got {self.factory!r}")
             )
-        for key in ("backbone_kwargs", "factory_kwargs", "metrics"):
-            if not isinstance(getattr(self, key), dict):
-                problems.append((key, f"expected a mapping, got {getattr(self, key)!r}"))
-        for key in (*_FILE_KEYS, "target_layer", "target_tensor"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, str):
-                problems.append((key, f"expected a string, got {value!r}"))
-        if self.output is not None and (
-            isinstance(self.output, bool) or not isinstance(self.output, str | int)
-        ):
-            problems.append(
-                ("output", f"expected a key (string) or an index (int), got {self.output!r}")
-            )
-        elif source == "onnx" and self.output is not None and not isinstance(self.output, str):
+        if source == "onnx" and self.output is not None and not isinstance(self.output, str):
             problems.append(
                 ("output", f"expected the name of a graph output (a string), got {self.output!r}")
             )
@@ -191,29 +180,15 @@ class ModelConfig:
             as_size(self.input_size)
         except (TypeError, ValueError):
             problems.append(("input_size", f"expected an int or [H, W], got {self.input_size!r}"))
-        if self.resize not in RESIZE_POLICIES:
-            problems.append(
-                ("resize", f"expected one of {list(RESIZE_POLICIES)}, got {self.resize!r}")
-            )
-        if isinstance(self.channels, bool) or self.channels not in CHANNEL_COUNTS:
-            problems.append(
-                ("channels", f"expected 1 (greyscale) or 3 (RGB), got {self.channels!r}")
-            )
-        if self.layout not in (None, "NCHW", "NHWC"):
-            problems.append(("layout", f"expected NCHW or NHWC, got {self.layout!r}"))
-        if self.method is not None and (not isinstance(self.method, str) or not self.method):
+        if self.method is not None and not self.method:
             problems.append(("method", f"expected a method name, got {self.method!r}"))
         for key in ("mean", "std"):
             value = getattr(self, key)
-            if not (
+            if (
                 isinstance(value, tuple)
-                and value
-                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+                and self.channels in CHANNEL_COUNTS
+                and len(value) not in (1, self.channels)
             ):
-                problems.append(
-                    (key, f"expected a list of numbers (one per channel), got {value!r}")
-                )
-            elif self.channels in CHANNEL_COUNTS and len(value) not in (1, self.channels):
                 problems.append((key, channel_mismatch(len(value), self.channels)))
         if any(v == 0 for v in self.std if isinstance(v, int | float)):
             problems.append(("std", f"expected non-zero values, got {self.std!r}"))
@@ -252,29 +227,32 @@ class ModelConfig:
             raise ValueError(f"cannot read model config {path}: {first}") from error
         if not isinstance(raw, dict):
             raise ValueError(f"model config {path} must be a mapping")
-        known = {f for f in cls.__dataclass_fields__ if f != "directory"}
+        known = {spec.name for spec in KEYS}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(
                 f"model config {path} has unknown keys {sorted(unknown)}; expected keys among "
-                f"{sorted(known)}"
+                f"{sorted(known)} (docs/config.md)"
             )
-        for key in ("name", "task"):
-            if key not in raw:
-                raise ValueError(f"model config {path} lacks the key {key!r}")
+        for spec in KEYS:
+            if spec.required and spec.name not in raw:
+                raise ValueError(f"model config {path} lacks the key {spec.name!r}")
         if raw.get("onnx") is not None and raw.get("target_layer") is not None:
             raise ValueError(
                 f"model config {path}: target_layer: an ONNX graph's layer is fixed in the graph; "
                 "expected target_tensor: (the feature-map value) for a graph fam export did not write"
             )
-        for key in ("mean", "std", "class_names"):
-            if isinstance(raw.get(key), list):
-                raw[key] = tuple(raw[key])
-        if isinstance(raw.get("input_size"), list):
-            raw["input_size"] = tuple(raw["input_size"])
-        for key in ("backbone_kwargs", "factory_kwargs", "metrics"):
-            if key in raw and raw[key] is None:
-                raw[key] = {}
+        for spec in KEYS:
+            value = raw.get(spec.name)
+            if isinstance(value, list) and spec.kind in ("numbers", "strings", "size"):
+                raw[spec.name] = tuple(value)
+            if spec.kind == "strings" and isinstance(value, list):  # YAML reads `[1, 2]` as ints
+                raw[spec.name] = tuple(
+                    str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                    for v in value
+                )
+            if spec.kind == "mapping" and spec.name in raw and value is None:
+                raw[spec.name] = {}
         try:
             return cls(**raw, directory=path.parent)
         except ValueError as error:
@@ -410,7 +388,8 @@ def find_config(name_or_path: str | Path) -> Path:
 def load_model(
     name_or_path: str | Path = "default-embedding", device: torch.device | str = "cpu"
 ) -> LoadedModel:
-    """Load a torch model (``backbone``, ``factory`` or ``exported_program``) in eval mode.
+    """Load a torch model (``backbone``, ``factory`` or ``exported_program``) in eval mode,
+    checked against its config (:mod:`fam_core.models.model_check`).
 
     Errors in the config or its files raise a one-line ``ValueError`` naming the key.
 
@@ -419,6 +398,7 @@ def load_model(
         >>> config.target_layer
         'block4'
     """
+    from fam_core.models.model_check import check_torch_model
     from fam_core.models.sources import load_module
 
     config = ModelConfig.from_file(find_config(name_or_path))
@@ -431,4 +411,6 @@ def load_model(
         model = load_module(config)
     except ValueError as error:
         raise ValueError(f"model {config.name!r}: {error}") from None
-    return LoadedModel(model.to(device).eval(), config)
+    model = model.to(device).eval()
+    check_torch_model(model, config)
+    return LoadedModel(model, config)

@@ -24,19 +24,16 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
+from fam_core.discovery import ModelDoesNotRun
 from fam_core.explainers import Explainer, available_methods
 from fam_core.explainers.base import ChannelExplainer
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import check_runnable
 from fam_core.extras import MissingExtraError
+from fam_core.models.model_check import check_torch_model
 from fam_core.models.sources import load_module
 from fam_core.models.store import ModelConfig
-from fam_core.pipeline.backends import (
-    LoadedBackend,
-    ServedView,
-    check_prototypes,
-    configured_method,
-)
+from fam_core.pipeline.backends import LoadedBackend, ServedView, configured_method
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
 
@@ -173,11 +170,17 @@ def load_torch_backend(
         module = load_module(config).to(device).eval()
     except ValueError as error:
         raise ValueError(f"model {config.name!r}: {error}") from None
+    check_torch_model(module, config)
     if target_layer is not None:
         config = replace(config, target_layer=target_layer)
     options = explainer_options(config, FAM)
     try:
         probe = FAM(module, config.target_layer, **options)
+    except ModelDoesNotRun as error:  # the layer search's input (the probe above ran)
+        raise ValueError(
+            f"model {config.name!r}: input_size: {error.reason}; set input_size: (or "
+            "target_layer:) in the config"
+        ) from None
     except (ValueError, TypeError) as error:
         raise ValueError(f"model {config.name!r}: target_layer: {_first_line(error)}") from None
     height, width = config.image_size
@@ -191,16 +194,10 @@ def load_torch_backend(
             f"failed: {type(error).__name__}: {_first_line(error)}"
         ) from None
     outputs, activations = forward.outputs, forward.activations
-    if outputs.dim() != 2:
-        raise ValueError(
-            f"model {config.name!r}: output: expected [B, D] embeddings or logits, got shape "
-            f"{list(outputs.shape)}"
-        )
     config = replace(config, target_layer=probe.target_layer)
     prototypes = config.load_prototypes() if config.task == "embedding" else None
     if prototypes is not None:
         prototypes = prototypes.to(device=outputs.device, dtype=torch.float32)
-        check_prototypes(config, prototypes, int(outputs.shape[1]))
     feature_height, feature_width = activations.shape[-2:]
     backend = TorchBackend(module, config)
     backend._explainers["fam"] = probe

@@ -18,7 +18,9 @@ served by ``kserve.ModelServer`` on KServe's routes:
 * gRPC v2: ``inference.GRPCInferenceService/ModelInfer``, as ``fam serve``'s OIP service
   (heatmap FP16).
 * health: ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}/ready``,
-  ``/v1/models/{name}``; Prometheus ``/metrics`` on the HTTP port.
+  ``/v1/models/{name}``; Prometheus ``/metrics`` on the HTTP port. A model that failed to
+  load (a config value the model contradicts, a missing file...) is not ready: its routes
+  answer 503 with the reason, ``Model with name NAME is not ready: REASON``.
 
 A request the pipeline refuses answers the status its error names
 (:mod:`~fam_core.pipeline.errors`): HTTP 400/404/413/415/429/503/504 with
@@ -51,6 +53,7 @@ import asyncio
 import base64
 import binascii
 import math
+import re
 import signal
 import sys
 import threading
@@ -285,6 +288,30 @@ def _limit_body(max_bytes: int) -> Any:
     return limit
 
 
+_MODEL_ROUTE = re.compile(r"^/v[12]/models/([^/:]+)")
+
+
+def _answer_not_ready(reasons: dict[str, str]) -> Any:
+    """HTTP middleware: every route of a model that failed to load answers 503 with the
+    reason it did not load (KServe's own answer, ``Model with name ... is not ready.``,
+    names none); ``reasons`` maps each such model's name to its reason."""
+
+    async def answer(request: Any, call_next: Any) -> Any:
+        route = _MODEL_ROUTE.match(request.url.path)
+        name = route.group(1) if route else None
+        if name in reasons:
+            return JSONResponse(
+                status_code=503,
+                content={
+                    "error": f"Model with name {name} is not ready: {reasons[name]}",
+                    "code": "UNAVAILABLE",
+                },
+            )
+        return await call_next(request)
+
+    return answer
+
+
 class Drain:
     """The drain of a KServe server: readiness false at once, cancel at the end of the grace.
 
@@ -368,6 +395,7 @@ def serve(
     app.router.on_startup.append(drain.watch_signals)
     app.add_exception_handler(RequestError, request_error_response)
     app.middleware("http")(_limit_body(4 * limits.max_request_bytes // 3 + BODY_OVERHEAD))
+    app.middleware("http")(_answer_not_ready({f.name: f.reason for f in registry.failed()}))
     server = kserve.ModelServer(
         http_port=http_port,
         grpc_port=grpc_port,
