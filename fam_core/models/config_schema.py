@@ -136,7 +136,7 @@ KEYS: tuple[KeySpec, ...] = (
             "from the dataflow (`fam inspect` shows the candidates). Not with `onnx` (use "
             "`target_tensor`)."),
     KeySpec("target_tensor", "string", None, "/layer4/relu_2/Relu_output_0",
-            "`onnx` only: the feature-map value the explanation head is grafted at; default: "
+            "The feature-map value the explanation head is grafted at; default: "
             "found as in torch.", sources=("onnx",)),
     KeySpec("output", "key or index", None, "pooler_output",
             "Which model output is the embedding or the logits: a key or an index (`onnx`: a "
@@ -144,19 +144,21 @@ KEYS: tuple[KeySpec, ...] = (
             "first of `logits`, `image_embeds`, `embeddings`, `embedding`, `pooler_output` "
             "(`onnx`: the first `[B, D]` output)."),
     KeySpec("layout", "choice", None, "NHWC",
-            "`onnx` only: the graph input's layout; default: detected.", sources=("onnx",),
+            "The ONNX graph input's layout; default: detected.", sources=("onnx",),
             choices=("NCHW", "NHWC")),
     KeySpec("method", "string", None, "gradcam",
-            "The explanation method of a request that names none; default: the server's rule "
-            "for the task."),
+            "The explanation method of a request that names none (a name from `fam explain "
+            "--help`); default: `fam_core.pipeline.backends.default_method`'s choice for the "
+            "model."),
     KeySpec("class_names", "strings", (), "[cat, dog]",
             "A classifier's classes (one per output), or the labels of `prototypes` (one per "
             "prototype). Default: the class index."),
     KeySpec("prototypes", "file", None, "gallery.pt",
             "Embedding models: a `[K, D]` tensor file queries are matched against."),
     KeySpec("similarity", "choice", "cosine", "dot",
-            "The similarity the embedding model was trained for; what FAM decomposes and "
-            "predictions are scored with.", choices=SIMILARITIES),
+            "The similarity the embedding model was trained for: what FAM and Grad-FAM "
+            "decompose (the scores against prototypes are cosine similarities).",
+            choices=SIMILARITIES),
     KeySpec("metrics", "mapping", {}, "{accuracy: 0.91}",
             "What the training script measured (shown, never checked)."),
 )  # fmt: skip
@@ -200,3 +202,85 @@ def value_problem(spec: KeySpec, value: Any) -> str | None:
         fits = isinstance(value, str | int) and not isinstance(value, bool)
         return None if fits else f"expected a key (string) or an index (int), got {value!r}"
     return None  # "size": as_size checks it (ModelConfig._problems)
+
+
+def _markdown_value(value: Any) -> str:
+    """A default as a config would write it."""
+    if value is REQUIRED:
+        return "required"
+    if value is None:
+        return "not set"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{}" if not value else str(value)
+    return str(value)
+
+
+def reference_markdown() -> str:
+    """The docs' config reference page (``docs/config.md``), written from :data:`KEYS`.
+
+    Example:
+        >>> print(reference_markdown().splitlines()[0])
+        # Model config reference
+    """
+    lines = [
+        "# Model config reference",
+        "",
+        "<!-- Generated from fam_core/models/config_schema.py by "
+        "`python scripts/config_reference.py`: edit the table there, not this page. -->",
+        "",
+        "A model served or explained from a `config.yaml` ([Your own model](own-model.md#serving-"
+        "your-model-from-a-config)) names exactly one source: "
+        + ", ".join(f"`{s}`" for s in SOURCES)
+        + ". File names are relative to the config's folder. A key the table does not list is "
+        "refused, and so is a key of another source. Configs in YAML's block style need PyYAML "
+        "(the `serve` and `torchserve` extras install it); YAML's JSON form needs nothing.",
+        "",
+        "| key | type | default | example | what it does |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in KEYS:
+        doc = spec.doc
+        if spec.sources and spec.sources != (spec.name,):
+            doc += " With " + ", ".join(f"`{s}`" for s in spec.sources) + " only."
+        row = (
+            f"`{spec.name}`",
+            spec.type_text,
+            f"`{_markdown_value(spec.default)}`" if not spec.required else "required",
+            f"`{spec.name}: {spec.example}`",
+            doc,
+        )
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    lines += [
+        "",
+        "## Checked at load",
+        "",
+        "Every value is checked when the config is read (its type, its source), then against "
+        "the model when the model is loaded, the same way for `fam explain`, `fam inspect`, "
+        "`fam serve` (fam.v1, the Open Inference Protocol), TorchServe and KServe "
+        "(`fam_core/models/model_check.py`): the model runs once on a `[1, channels, H, W]` "
+        "input of `input_size`; `mean` and `std` have one value or one per input channel; "
+        "`output` names an output the model has (the message lists them) and selects "
+        "`[B, D]`; `class_names` has one name per classifier output, or one label per "
+        "prototype; `prototypes` are `[K, D]`. A config that fails is one line naming the "
+        "key: `fam explain` and `fam inspect` exit with 2, a server serves its other models "
+        "and reports this one as not ready with the reason (requests for it: `UNAVAILABLE` / "
+        "503 with the reason, KServe's readiness routes included).",
+        "",
+        "```text",
+        "fam: error: model 'reid': output: the model has no output 'image_embed'; its outputs "
+        "are ['last_hidden_state', 'pooler_output']",
+        "```",
+        "",
+        "## Defaults",
+        "",
+        "A config that leaves a key out gets the default above. `input_size` is 84 (the size of "
+        "the bundled demo models) and is not read from the model: a model built for another "
+        "size fails at load with the size to set (for a `transformers` model, its "
+        "`config.image_size`). `resize` is `crop`; `mean` and `std` are ImageNet's, "
+        f"`{list(IMAGENET_MEAN)}` and `{list(IMAGENET_STD)}`. `target_layer` is found from "
+        "the model's dataflow (`fam inspect` shows the candidates and the choice).",
+        "",
+    ]
+    return "\n".join(lines)
