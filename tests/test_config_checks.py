@@ -56,7 +56,8 @@ CASES = {
     ),
     "an output that is not [B, D]": (
         {"task": "embedding", "factory": "hf_factories:vit", "output": "last_hidden_state"},
-        "output: expected [B, D] embeddings or logits, got shape [1, 17, 32]",
+        "output: expected [B, D] embeddings or logits (or [B, C, h, w] maps, pooled), got "
+        "shape [1, 17, 32]",
     ),
     "no input_size for a ViT built for 64": (
         {"task": "embedding", "factory": "hf_factories:vit", "input_size": None},

@@ -101,7 +101,11 @@ def config_problems(config: ModelConfig, facts: ModelFacts) -> list[tuple[str, s
     shape = facts.output_shape
     if shape is not None and len(shape) != 2:
         problems.append(
-            ("output", f"expected [B, D] embeddings or logits, got shape {list(shape)}")
+            (
+                "output",
+                f"expected [B, D] embeddings or logits (or [B, C, h, w] maps, pooled), got shape "
+                f"{list(shape)}",
+            )
         )
     elif (
         shape is not None
@@ -189,9 +193,10 @@ def torch_facts(module: nn.Module, config: ModelConfig) -> ModelFacts:
             outputs=output_names(raw),
             output_error=str(error).strip().splitlines()[0],
         )
+    shape = tuple(selected.shape)
     return ModelFacts(
         input_channels=config.channels,
-        output_shape=tuple(selected.shape),
+        output_shape=shape[:2] if len(shape) == 4 else shape,  # maps: pooled by the explainers
         prototypes_shape=_prototypes_shape(config),
     )
 
