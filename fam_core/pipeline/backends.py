@@ -108,12 +108,3 @@ def configured_method(config: ModelConfig) -> str:
         ('cam', 'gradcam')
     """
     return config.method or default_method(config.task)
-
-
-def check_prototypes(config: ModelConfig, prototypes: torch.Tensor, output_dim: int) -> None:
-    """``ValueError`` unless ``prototypes`` is ``[K, output_dim]``."""
-    if prototypes.dim() != 2 or prototypes.shape[1] != output_dim:
-        raise ValueError(
-            f"model {config.name!r}: prototypes have shape {tuple(prototypes.shape)}, "
-            f"expected [K, {output_dim}]"
-        )
