@@ -84,3 +84,38 @@ def test_every_key_refuses_a_value_of_the_wrong_type_naming_it(key, tmp_path) ->
 def test_an_unknown_key_points_at_the_reference(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"unknown keys \['colour'\].*docs/config.md"):
         ModelConfig.from_file(write(tmp_path, {**BASE, "colour": 1}))
+
+
+KIND_VALUES = {  # kind: (values it takes, values it refuses)
+    "name": (["m"], ["", 1, None]),
+    "string": (["x", None], [1, ["x"]]),
+    "file": (["w.pt", None], [1, {}]),
+    "mapping": ([{}, {"a": 1}, None], [[], "a"]),
+    "int": ([0, 3, None], [2.5, True, "3"]),
+    "number": ([0.5, 2, None], [False, "0.5"]),
+    "bool": ([True, False, None], [1, "yes"]),
+    "numbers": ([(0.5,), (1, 2.5), None], [(), ("a",), (True,), [0.5]]),
+    "strings": ([(), ("a", "b"), None], [(1,), ["a"]]),
+    "key or index": (["logits", 0, None], [True, 0.5, ["a"]]),
+    "size": ([84, (256, 128), None], [0, (32, 0), (1, 2, 3), "84"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_VALUES))
+def test_each_kind_takes_its_values_and_refuses_others(kind) -> None:
+    from fam_core.models.config_schema import KIND_TYPES, KeySpec, value_problem
+
+    assert kind in KIND_TYPES
+    spec = KeySpec("key", kind, REQUIRED if kind == "name" else None, "x", "doc.")
+    takes, refuses = KIND_VALUES[kind]
+    assert [value_problem(spec, v) for v in takes] == [None] * len(takes)
+    assert all(value_problem(spec, v) is not None for v in refuses), kind
+
+
+@pytest.mark.parametrize(
+    "key",  # a mapping's null reads as {} (`factory_kwargs:` with nothing after it)
+    [spec.name for spec in KEYS if spec.default is not None and spec.kind != "mapping"],
+)
+def test_null_is_refused_where_the_default_is_a_value(key, tmp_path) -> None:
+    with pytest.raises(ValueError, match=f"{key}"):
+        ModelConfig.from_file(write(tmp_path, {**BASE, key: None}))

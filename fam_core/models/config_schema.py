@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fam_core.resizing import DEFAULT_POLICY, RESIZE_POLICIES
+from fam_core.resizing import DEFAULT_POLICY, RESIZE_POLICIES, as_size
 from fam_core.similarity import SIMILARITIES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,6 +42,9 @@ KIND_TYPES: dict[str, str] = {
     "string": "string",
     "file": "file name (relative to the config)",
     "mapping": "mapping",
+    "int": "int",
+    "number": "number",
+    "bool": "true or false",
     "numbers": "list of numbers",
     "strings": "list of strings",
     "size": "int or [H, W]",
@@ -170,7 +173,7 @@ SPECS: dict[str, KeySpec] = {spec.name: spec for spec in KEYS}
 def value_problem(spec: KeySpec, value: Any) -> str | None:
     """What is wrong with ``value`` for ``spec``'s kind (``None``: nothing, or ``None`` where
     the key is optional)."""
-    if value is None and not spec.required:
+    if value is None and spec.default is None:
         return None
     if spec.kind == "choice":
         if value in spec.choices and not isinstance(value, bool):
@@ -188,6 +191,16 @@ def value_problem(spec: KeySpec, value: Any) -> str | None:
         return None if isinstance(value, str) else f"expected a string, got {value!r}"
     if spec.kind == "mapping":
         return None if isinstance(value, dict) else f"expected a mapping, got {value!r}"
+    if spec.kind == "bool":
+        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    if spec.kind in ("int", "number"):
+        kinds = int if spec.kind == "int" else int | float
+        fits = isinstance(value, kinds) and not isinstance(value, bool)
+        return (
+            None
+            if fits
+            else f"expected a{'n int' if spec.kind == 'int' else ' number'}, got {value!r}"
+        )
     if spec.kind == "numbers":
         numbers = (
             isinstance(value, tuple)
@@ -201,7 +214,11 @@ def value_problem(spec: KeySpec, value: Any) -> str | None:
     if spec.kind == "key or index":
         fits = isinstance(value, str | int) and not isinstance(value, bool)
         return None if fits else f"expected a key (string) or an index (int), got {value!r}"
-    return None  # "size": as_size checks it (ModelConfig._problems)
+    try:  # "size"
+        as_size(value)
+    except (TypeError, ValueError):
+        return f"expected an int or [H, W], got {value!r}"
+    return None
 
 
 def _markdown_value(value: Any) -> str:

@@ -176,10 +176,6 @@ class ModelConfig:
             problems.append(
                 ("output", f"expected the name of a graph output (a string), got {self.output!r}")
             )
-        try:
-            as_size(self.input_size)
-        except (TypeError, ValueError):
-            problems.append(("input_size", f"expected an int or [H, W], got {self.input_size!r}"))
         if self.method is not None and not self.method:
             problems.append(("method", f"expected a method name, got {self.method!r}"))
         for key in ("mean", "std"):
@@ -190,7 +186,7 @@ class ModelConfig:
                 and len(value) not in (1, self.channels)
             ):
                 problems.append((key, channel_mismatch(len(value), self.channels)))
-        if any(v == 0 for v in self.std if isinstance(v, int | float)):
+        if isinstance(self.std, tuple) and any(v == 0 for v in self.std):
             problems.append(("std", f"expected non-zero values, got {self.std!r}"))
         return problems
 
