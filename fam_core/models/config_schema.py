@@ -96,8 +96,10 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("name", "name", REQUIRED, "my-model",
             "The name requests use (`fam explain --model NAME`, the request's `model`)."),
     KeySpec("task", "choice", REQUIRED, "classifier",
-            "What the model outputs: class logits, or an embedding.",
-            choices=("embedding", "classifier")),
+            "What the model outputs: class logits, or an embedding; `knn`: an embedding "
+            "model that classifies by the weighted vote of its `k` nearest labelled images in "
+            "`index` (NPID).",
+            choices=("embedding", "classifier", "knn")),
     KeySpec("backbone", "string", None, "conv4",
             "Source: a built-in architecture (`fam_core.models.backbones.BACKBONES`), with "
             "`backbone_kwargs` and `weights`.", sources=("backbone",)),
@@ -162,6 +164,20 @@ KEYS: tuple[KeySpec, ...] = (
             "The similarity the embedding model was trained for: what FAM and Grad-FAM "
             "decompose (the scores against prototypes are cosine similarities).",
             choices=SIMILARITIES),
+    KeySpec("index", "string", None, "gallery.db",
+            "Embedding and `knn` models: the gallery index searched (a Milvus Lite `.db` path "
+            "relative to the config, or `http(s)://HOST:PORT[#COLLECTION]` for a Milvus "
+            "server), built by `fam index build`."),
+    KeySpec("top_k", "int", 10, "20",
+            "Neighbours a search returns when a request names none (with `index`)."),
+    KeySpec("explain", "choice", "query", "both",
+            "The maps a search draws when a request names none (with `index`): `none`, "
+            "`query` (the query's map per neighbour) or `both` (each neighbour's too).",
+            choices=("none", "query", "both")),
+    KeySpec("k", "int", 200, "50",
+            "`knn` models: the neighbours that vote (NPID: 200)."),
+    KeySpec("temperature", "number", 0.07, "0.1",
+            "`knn` models: the vote's temperature, `exp(s / temperature)` (NPID: 0.07)."),
     KeySpec("metrics", "mapping", {}, "{accuracy: 0.91}",
             "What the training script measured (shown, never checked)."),
 )  # fmt: skip

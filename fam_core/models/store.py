@@ -79,7 +79,9 @@ class ModelConfig:
 
     Attributes:
         name: registry name, e.g. ``"default-embedding"``.
-        task: ``"embedding"`` or ``"classifier"``.
+        task: ``"embedding"``, ``"classifier"``, or ``"knn"`` (an embedding model that
+            classifies by NPID's weighted vote of its ``k`` nearest labelled images in
+            ``index``: :mod:`fam_core.search.knn`).
         target_layer: the layer explainers use (``None``: the explainer's default).
         output: which part of the model's output is the embedding or the logits (a key or an
             index; ``None``: the explainers' default); for ``onnx``, the name of the graph
@@ -100,6 +102,14 @@ class ModelConfig:
         class_names: the classifier's classes, or the labels of ``prototypes``.
         prototypes: optional ``[K, D]`` tensor file of class prototypes (embedding models).
         similarity: the similarity the embedding model was trained for.
+        index: the gallery index of an embedding or ``knn`` model: a Milvus Lite ``.db``
+            path (relative to the config's folder) or ``http(s)://HOST:PORT[#NAME]``
+            (:mod:`fam_core.search`); :attr:`index_uri` resolves it.
+        top_k: neighbours a search returns when a request names none.
+        explain: the maps a search draws when a request names none: ``"none"``,
+            ``"query"`` or ``"both"``.
+        k, temperature: ``knn`` models: the neighbours that vote and the vote's temperature
+            (NPID: 200 and 0.07).
         metrics: what the training script measured (accuracy, interval, ...).
         directory: the folder the config was read from.
 
@@ -110,7 +120,7 @@ class ModelConfig:
     """
 
     name: str
-    task: Literal["embedding", "classifier"]
+    task: Literal["embedding", "classifier", "knn"]
     backbone: str | None = None
     weights: str | None = None
     target_layer: str | None = None
@@ -132,6 +142,11 @@ class ModelConfig:
     channels: int = 3
     method: str | None = None
     layout: str | None = None
+    index: str | None = None
+    top_k: int = 10
+    explain: str = "query"
+    k: int = 200
+    temperature: float = 0.07
     directory: Path = Path(".")
 
     def __post_init__(self) -> None:
@@ -153,9 +168,7 @@ class ModelConfig:
         for spec in KEYS:
             value = getattr(self, spec.name)
             if spec.name == "task" and value not in spec.choices:
-                problems.append(
-                    ("task", f"task must be 'embedding' or 'classifier', got {value!r}")
-                )
+                problems.append(("task", f"task must be one of {list(TASKS)}, got {value!r}"))
                 continue
             problem = value_problem(spec, value)
             if problem is not None:
@@ -164,6 +177,7 @@ class ModelConfig:
                 problems.append(
                     (spec.name, f"is not used with {source}: (it goes with {list(spec.sources)})")
                 )
+        problems.extend(_search_problems(self, source))
         if source == "backbone" and not self.weights:
             problems.append(("weights", "expected a state-dict file for the backbone"))
         if source == "factory" and (
@@ -201,6 +215,19 @@ class ModelConfig:
         if self.source == "backbone":
             return str(self.backbone)
         return f"{self.source} {getattr(self, self.source)}"
+
+    @property
+    def index_uri(self) -> str | None:
+        """``index`` with a relative file path taken from the config's folder.
+
+        Example:
+            >>> ModelConfig(name="m", task="knn", backbone="conv4", weights="w.pt",
+            ...             index="g.db", directory=Path("/models/m")).index_uri
+            '/models/m/g.db'
+        """
+        if self.index is None or "://" in self.index or Path(self.index).is_absolute():
+            return self.index
+        return (self.directory / self.index).as_posix()
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -274,8 +301,12 @@ class ModelConfig:
             "output",
             "weights",
             "method",
+            "index",
         ):
             if data[key] in (None, {}) and key != self.source:
+                data.pop(key)
+        if self.index is None:
+            for key in SEARCH_KEYS:
                 data.pop(key)
         if data["channels"] == 3:
             data.pop("channels")
@@ -319,6 +350,35 @@ class ModelConfig:
         if not isinstance(values, torch.Tensor):
             raise ValueError(f"prototypes: {path} holds {type(values).__name__}, expected a tensor")
         return values
+
+
+TASKS: tuple[str, ...] = ("embedding", "classifier", "knn")
+SEARCH_KEYS: tuple[str, ...] = ("top_k", "explain", "k", "temperature")
+"""The keys that go with ``index`` (left out of a written config that has none)."""
+
+
+def _search_problems(config: ModelConfig, source: str) -> list[tuple[str, str]]:
+    """What is wrong with the search keys: ``index``, ``top_k``, ``explain``, ``k``,
+    ``temperature`` (an index serves embedding and ``knn`` models of torch sources)."""
+    problems: list[tuple[str, str]] = []
+    if config.index is not None and (not isinstance(config.index, str) or not config.index):
+        problems.append(
+            ("index", f"expected a .db path or http(s)://HOST:PORT, got {config.index!r}")
+        )
+    if config.task == "knn" and not config.index:
+        problems.append(("index", "task knn needs an index: the labelled gallery it votes over"))
+    if config.index and config.task == "classifier":
+        problems.append(("index", "a gallery index needs an embedding model, not a classifier"))
+    if config.task == "knn" and source not in TORCH_SOURCES:
+        problems.append(("task", f"task knn needs a torch model (one of {list(TORCH_SOURCES)})"))
+    for key in ("top_k", "k"):  # their kinds are checked with the other keys'
+        value = getattr(config, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            problems.append((key, f"expected an int >= 1, got {value!r}"))
+    value = config.temperature
+    if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
+        problems.append(("temperature", f"expected a number > 0, got {value!r}"))
+    return problems
 
 
 def channel_mismatch(values: int, channels: int) -> str:
