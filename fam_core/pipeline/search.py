@@ -34,6 +34,18 @@ Explained = list[Any]
 """One query's :class:`fam_core.search.ExplainedNeighbour` s, most similar first."""
 
 
+def no_index(model: str) -> FailedPrecondition:
+    """The error of a search of a model without an index.
+
+    Example:
+        >>> str(no_index("m"))
+        "model 'm' has no index to search: name one with 'index:' in its config"
+    """
+    return FailedPrecondition(
+        f"model {model!r} has no index to search: name one with 'index:' in its config"
+    )
+
+
 def search_job(
     served: ServedModel, request: SearchRequest, inputs: torch.Tensor | None, limits: Limits
 ) -> SearchJob:
@@ -47,9 +59,7 @@ def search_job(
     hold.
     """
     if served.index is None:
-        raise FailedPrecondition(
-            f"model {served.name!r} has no index to search: name one with 'index:' in its config"
-        )
+        raise no_index(served.name)
     if not request.images:
         raise InvalidArgument("the request has no images: expected at least one")
     check_sizes(tuple(request.images), limits)
@@ -88,7 +98,7 @@ def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Exp
     from fam_core.search import explained_search
 
     if served.index is None:
-        raise FailedPrecondition(f"model {served.name!r} has no index to search")
+        raise no_index(served.name)
     job = jobs[0]
     inputs = torch.cat([j.inputs for j in jobs])
     try:
