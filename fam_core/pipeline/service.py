@@ -253,6 +253,9 @@ class Pipeline:
             output_dim=served.output_dim,
             class_names=served.labels,
             num_prototypes=served.num_prototypes,
+            index="" if config.index is None else str(config.index),
+            top_k=config.top_k,
+            explain=config.explain,
         )
 
     def pixels(self, model: str, images: tuple[ImageInput, ...]) -> torch.Tensor:

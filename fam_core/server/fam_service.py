@@ -262,6 +262,10 @@ class FamServicer(fam_pb2_grpc.FamServiceServicer):
                 max_request_bytes=limits.max_request_bytes,
                 input_shape=info.input_shape,
                 resize=info.resize,
+                index=info.index,
+                top_k=info.top_k,
+                explain=info.explain,
+                max_top_k=limits.max_top_k,
             )
 
         return self.calls.run("ModelInfo", request.model, context, body)
