@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fam_core.configfile import parse_config
-from fam_core.models.store import ModelConfig, find_config
+from fam_core.models.store import TASKS, ModelConfig, find_config
 from fam_core.package_data import DEFAULT_MODEL_NAMES
 from fam_core.pipeline.backends import Backend, LoadedBackend, default_method
 from fam_core.pipeline.errors import NotFound, Unavailable
@@ -133,8 +133,8 @@ class ServedModel:
             output_dim=loaded.output_dim,
             feature_shape=loaded.feature_shape,
         )
-        if served.config.index is not None:
-            served.index = open_model_index(served)
+        if served.config.index is not None:  # a knn backend opened its gallery already
+            served.index = getattr(loaded.backend, "gallery", None) or open_model_index(served)
         return served
 
 
@@ -145,9 +145,7 @@ def open_model_index(served: ServedModel) -> GalleryIndex:
     from fam_core.search import model_card, open_index
 
     config = served.config
-    if config.task == "classifier":
-        raise ValueError(f"model {config.name!r}: index: a classifier has no gallery to search")
-    index = open_index(str(config.index), base=config.directory)
+    index = open_index(str(config.index_uri))
     try:
         index.check_model(model_card(served))
     except (ValueError, TypeError) as error:
@@ -211,7 +209,7 @@ def _name_and_task(source: str | Path) -> tuple[str, str]:
     if not isinstance(raw, dict):
         return config_path.parent.name, ""
     name = raw.get("name") if isinstance(raw.get("name"), str) and raw["name"] else None
-    task = raw.get("task") if raw.get("task") in ("embedding", "classifier") else ""
+    task = raw.get("task") if raw.get("task") in TASKS else ""
     return name or config_path.parent.name, task
 
 
