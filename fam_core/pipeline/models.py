@@ -133,8 +133,9 @@ class ServedModel:
             output_dim=loaded.output_dim,
             feature_shape=loaded.feature_shape,
         )
-        if served.config.index is not None:  # a knn backend opened its gallery already
-            served.index = getattr(loaded.backend, "gallery", None) or open_model_index(served)
+        if served.config.index is not None:
+            gallery = getattr(loaded.backend, "gallery", None)  # a knn backend opened it
+            served.index = gallery if gallery is not None else open_model_index(served)
         return served
 
 

@@ -13,7 +13,7 @@ or ``UINT8``/``FP16``/``FP32`` ``[B, 3, H, W]`` pixels. Request parameters: ``me
 ``raw_output_contents``: ``scores`` FP32 ``[B, C]``, ``label`` BYTES ``[B]``, ``embedding``
 FP32 ``[B, D]``, ``heatmap`` FP16 ``[B, H, W]``; all four unless the request names some.
 
-A model with a gallery index answers a search (:meth:`~fam_core.pipeline.Pipeline.search`)
+An embedding model with a gallery index answers a search (:meth:`~fam_core.pipeline.Pipeline.search`)
 when the request names no outputs or only :data:`SEARCH_OUTPUTS`; per query image ``[k]``
 neighbours, stacked over the batch like every output: ``neighbour_ids`` BYTES ``[B, k]``,
 ``neighbour_scores`` FP32 ``[B, k]``, ``neighbour_labels`` BYTES ``[B, k]`` (empty when
@@ -48,7 +48,7 @@ from fam_core.pipeline.request import (
     SearchRequest,
     SearchResponse,
 )
-from fam_core.pipeline.search import no_index
+from fam_core.pipeline.search import no_index, searchable
 
 if TYPE_CHECKING:
     from fam_core.pipeline.service import Pipeline
@@ -324,10 +324,10 @@ def answer_infer(
     """The ``ModelInferResponse`` (of ``message_type``) to a ``ModelInferRequest``: a search
     (:func:`is_search`) or an explanation, every option checked before the work."""
     served = pipeline.registry.get(request.model_name)
-    if is_search(request, served.index is not None):
+    if is_search(request, searchable(served)):
         search = search_request_from_infer(request, pipeline.limits)
-        if served.index is None:
-            raise no_index(served.name)
+        if not searchable(served):
+            raise no_index(served)
         requested = search_outputs(request, search.explain or served.config.explain)
         found = pipeline.search(search, deadline=deadline)
         return search_infer_response(found, requested, version, message_type)
