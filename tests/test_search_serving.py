@@ -219,7 +219,6 @@ BAD_SEARCHES = {
         grpc.StatusCode.FAILED_PRECONDITION,
         "has no index",
     ),
-    "a knn model": ({"model": KNN_MODEL}, grpc.StatusCode.FAILED_PRECONDITION, "knn model"),
     "unknown model": ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model"),
     "index unreachable at start-up": (
         {"model": UNREACHABLE_MODEL},
@@ -265,7 +264,7 @@ def test_an_unreachable_index_fails_only_its_model(server) -> None:
 
 
 # -- a kNN classifier over the index
-def test_explain_on_a_knn_model_is_the_knn_vote_and_its_map(stub, server, gallery) -> None:
+def test_a_knn_model_explains_its_vote_and_searches(stub, server, direct, gallery) -> None:
     pipeline: Pipeline = server.pipeline
     served = pipeline.registry.get(KNN_MODEL)
     classes = served.labels
@@ -296,6 +295,9 @@ def test_explain_on_a_knn_model_is_the_knn_vote_and_its_map(stub, server, galler
     assert listed[KNN_MODEL].task == "knn" and listed[KNN_MODEL].status == "ready"
     info = stub.ModelInfo(fam_pb2.ModelInfoRequest(model=KNN_MODEL), timeout=TIMEOUT)
     assert tuple(info.class_names) == classes and info.task == "knn"
+    # a knn model searches the index it votes over: what the same weights find there
+    found = stub.Search(search_request(paths[:1], model=KNN_MODEL, top_k=3), timeout=TIMEOUT)
+    assert_same_results(found.results, direct(paths[:1], top_k=3, explain="query"))
     # the OIP answers a knn model's request naming no outputs with its classification
     message = oip_pb.ModelInferRequest(model_name=KNN_MODEL)
     message.inputs.add(name="image", datatype="BYTES", shape=[1])

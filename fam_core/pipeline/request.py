@@ -206,5 +206,5 @@ class ModelDescription:
 
     @property
     def searchable(self) -> bool:
-        """Whether the model answers searches: an embedding model with an index."""
-        return bool(self.index) and self.task == "embedding"
+        """Whether the model answers searches: it has an index."""
+        return bool(self.index)

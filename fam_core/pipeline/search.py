@@ -39,21 +39,15 @@ Explained = list[Any]
 """One query's :class:`fam_core.search.ExplainedNeighbour` s, most similar first."""
 
 
-def searchable(served: ServedModel) -> bool:
-    """Whether ``served`` answers searches: an embedding model with an index (a ``knn``
-    model classifies with its index)."""
-    return served.index is not None and served.task == "embedding"
+def no_index(model: str) -> FailedPrecondition:
+    """The error of a search of a model without an index.
 
-
-def no_index(served: ServedModel) -> FailedPrecondition:
-    """The error of a search of a model that is not :func:`searchable`."""
-    if served.index is not None:
-        return FailedPrecondition(
-            f"model {served.name!r} is a {served.task} model: search its index with an "
-            "embedding model whose config names it"
-        )
+    Example:
+        >>> str(no_index("m"))
+        "model 'm' has no index to search: name one with 'index:' in its config"
+    """
     return FailedPrecondition(
-        f"model {served.name!r} has no index to search: name one with 'index:' in its config"
+        f"model {model!r} has no index to search: name one with 'index:' in its config"
     )
 
 
@@ -67,8 +61,8 @@ def search_job(served: ServedModel, request: SearchRequest, limits: Limits) -> S
     :class:`ResourceExhausted` for too many images, or maps of more bytes than a request may
     hold.
     """
-    if not searchable(served):
-        raise no_index(served)
+    if served.index is None:
+        raise no_index(served.name)
     if not request.images:
         raise InvalidArgument("the request has no images: expected at least one")
     check_sizes(tuple(request.images), limits)
@@ -107,8 +101,8 @@ def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Exp
     query, its explained neighbours."""
     from fam_core.search import explained_search
 
-    if not searchable(served):
-        raise no_index(served)
+    if served.index is None:
+        raise no_index(served.name)
     job = jobs[0]
     inputs = torch.cat([j.inputs for j in jobs])
     try:
