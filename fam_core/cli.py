@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fam_core.commands.export",
     "fam_core.commands.inspect",
     "fam_core.commands.serve",
+    "fam_core.commands.ui",
 )
 
 
