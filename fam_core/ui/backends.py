@@ -6,6 +6,7 @@ viewer computes nothing itself, it shows what the pipeline answers.
 
 Example:
     >>> from fam_core.data.flowers import make_flowers
+    >>> from fam_core.pipeline import EncodedImage
     >>> from fam_core.render import to_png_bytes
     >>> flower = make_flowers([9], per_class=1).images[0]
     >>> image = EncodedImage(to_png_bytes((flower * 255).round().byte().permute(1, 2, 0)))
