@@ -19,10 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from search_helpers import SEARCH_MODEL, build_index, make_gallery, write_model
 
 from fam_core.data.flowers import CLASS_NAMES, make_flowers
 from fam_core.models.store import load_model
-from fam_core.pipeline import Limits, ModelRegistry
+from fam_core.pipeline import Limits, ModelRegistry, ServedModel
 from fam_core.render import to_png_bytes
 from fam_core.server.app import FamServer, ServerConfig
 from fam_core.ui.app import ViewerServer
@@ -95,6 +96,7 @@ def drop_image(page, viewer: ViewerServer, path: Path, cards: int) -> list[dict]
             label: card.querySelector('.label').textContent,
             score: parseFloat(card.querySelector('.score').textContent),
             neighbours: card.querySelectorAll('img.neighbour').length,
+            note: card.querySelector('.note')?.textContent ?? null,
             heat: card.querySelectorAll('img.heat').length,
             sizes: [...card.querySelectorAll('img')].map(i => [i.naturalWidth, i.naturalHeight]),
         }))""",
@@ -211,4 +213,68 @@ def test_a_running_server_gives_the_same_view_as_the_model_in_process() -> None:
         server.stop(grace=1.0)
     seen_locally = explain_view(local, png, method="gradfam")
     local.close()
+    assert seen_remotely == seen_locally
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """A model folder whose config names an index of a small benchmark gallery (one more row,
+    ``gone-0.png``, has gallery image 0's embedding and no image file)."""
+    folder = tmp_path_factory.mktemp("ui-search")
+    gallery = make_gallery(folder)
+    build_index(
+        gallery, write_model(folder / "build", SEARCH_MODEL), str(folder / "g.db"), extra_rows=1
+    )
+    return gallery, write_model(folder / "models", SEARCH_MODEL, index="../../g.db", top_k=TOP_K)
+
+
+def test_index_page_shows_k_neighbours_with_scores_and_both_maps(page, indexed) -> None:
+    gallery, model_folder = indexed
+    query = gallery.queries[1]
+    viewer = ViewerServer(LocalBackend(ServedModel.load(model_folder)), port=0)
+    viewer.start()
+    try:
+        cards = drop_image(page, viewer, query, TOP_K)
+    finally:
+        viewer.stop()
+    pngs = [gallery.path(i).read_bytes() for i in gallery.ids]
+    outputs = model_outputs("default-embedding", [query.read_bytes(), *pngs])
+    cosine = F.cosine_similarity(outputs[:1], outputs[1:])
+    values, indices = cosine.topk(TOP_K)
+    assert [c["label"] for c in cards] == [gallery.labels[i] for i in indices.tolist()]
+    for card, value in zip(cards, values.tolist(), strict=True):
+        assert card["score"] == pytest.approx(value, abs=10**-SCORE_DIGITS)
+        assert (card["neighbours"], card["heat"], card["note"]) == (1, 2, None)
+
+
+def test_an_indexed_image_that_is_gone_keeps_its_score_and_says_why(page, indexed) -> None:
+    gallery, model_folder = indexed
+    viewer = ViewerServer(LocalBackend(ServedModel.load(model_folder)), port=0, top_k=2)
+    viewer.start()
+    try:
+        cards = drop_image(page, viewer, gallery.path(gallery.ids[0]), 2)
+    finally:
+        viewer.stop()
+    # the image itself and the row with its embedding whose file is gone: both score 1
+    assert [c["score"] for c in cards] == pytest.approx([1.0, 1.0], abs=10**-SCORE_DIGITS)
+    gone = [c for c in cards if c["note"] is not None]
+    assert len(gone) == 1 and "gone-0.png" in gone[0]["note"]
+    assert (gone[0]["neighbours"], gone[0]["heat"]) == (0, 1)  # the query's map only
+
+
+def test_a_running_server_searches_as_the_model_in_process(indexed) -> None:
+    gallery, model_folder = indexed
+    png = gallery.queries[2].read_bytes()
+    local = LocalBackend(ServedModel.load(model_folder))
+    server = FamServer(ModelRegistry.from_directory(model_folder.parent), ServerConfig(port=0))
+    port = server.start()
+    try:
+        remote = RemoteBackend(f"127.0.0.1:{port}", SEARCH_MODEL)
+        seen_remotely = explain_view(remote, png, method="gradfam")
+        remote.close()
+    finally:
+        server.stop(grace=1.0)
+    seen_locally = explain_view(local, png, method="gradfam")
+    local.close()
+    assert seen_locally["kind"] == "search" and len(seen_locally["items"]) == TOP_K
     assert seen_remotely == seen_locally

@@ -26,10 +26,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--references",
         metavar="DIR",
-        help="embedding models: a small gallery (images, sub-folders as labels) to search; "
-        "without it the model's prototypes are shown",
+        help="embedding models: a small gallery (images, sub-folders as labels) to search "
+        "instead of the model's index; without either the model's prototypes are shown",
     )
-    parser.add_argument("--top-k", type=int, default=10, help="neighbours shown (default 10)")
+    parser.add_argument(
+        "--top-k", type=int, help="neighbours shown (default: the model's top_k, else 10)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000, 0: any)")
     parser.set_defaults(run=_ui)

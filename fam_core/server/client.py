@@ -24,6 +24,7 @@ import grpc
 
 from fam_core.pipeline.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PipelineError,
@@ -39,13 +40,18 @@ from fam_core.pipeline.request import (
     ImageInput,
     Match,
     ModelDescription,
+    NeighbourResult,
     RawTensor,
+    SearchRequest,
+    SearchResponse,
+    SearchResult,
 )
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
 
 ERRORS: dict[grpc.StatusCode, type[PipelineError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
@@ -61,7 +67,7 @@ _RESOLUTION_NAMES = {
 
 
 class FamClient:
-    """``Explain`` and ``ModelInfo`` of the ``fam.v1`` server at ``address`` (``HOST:PORT``).
+    """``Explain``, ``Search`` and ``ModelInfo`` of the ``fam.v1`` server at ``address`` (``HOST:PORT``).
 
     Args:
         address: the server's ``HOST:PORT``.
@@ -88,6 +94,20 @@ class FamClient:
             request_id=answer.request_id,
         )
 
+    def search(self, request: SearchRequest) -> SearchResponse:
+        """One ``Search`` call; a refusal raises its :data:`ERRORS` class."""
+        answer = self._call(self._stub.Search, search_request_to_proto(request))
+        return SearchResponse(
+            model=answer.model,
+            results=tuple(
+                SearchResult(tuple(_neighbour(n) for n in result.neighbours))
+                for result in answer.results
+            ),
+            explain=answer.explain,
+            method=answer.method,
+            request_id=answer.request_id,
+        )
+
     def describe(self, model: str) -> ModelDescription:
         """``ModelInfo`` of ``model``."""
         info = self._model_info(model)
@@ -108,6 +128,9 @@ class FamClient:
             input_formats=tuple(info.input_formats),
             input_shape=(int(info.input_shape[0]), int(info.input_shape[1])),
             resize=info.resize,
+            index=info.index,
+            top_k=info.top_k,
+            explain=info.explain,
         )
 
     def max_request_bytes(self, model: str) -> int:
@@ -159,18 +182,22 @@ def request_to_proto(request: ExplainRequest) -> fam_pb2.ExplainRequest:
     return message
 
 
+def search_request_to_proto(request: SearchRequest) -> fam_pb2.SearchRequest:
+    """The ``fam.v1.SearchRequest`` of a pipeline search (``None``: the model's default)."""
+    return fam_pb2.SearchRequest(
+        model=request.model,
+        images=[_image(i) for i in request.images],
+        top_k=request.top_k or 0,
+        method=request.method or "",
+        explain=request.explain or "",
+        filter=request.filter or "",
+        request_id=request.request_id,
+    )
+
+
 def result_from_proto(message: fam_pb2.Result) -> ExplainResult:
     """The pipeline result of a ``fam.v1.Result``."""
-    heatmap = None
-    if message.HasField("heatmap"):
-        heatmap = Heatmap(
-            data=message.heatmap.data,
-            shape=(int(message.heatmap.shape[0]), int(message.heatmap.shape[1])),
-            method=message.heatmap.method,
-            target_layer=message.heatmap.target_layer,
-            resolution=_RESOLUTION_NAMES[message.heatmap.resolution],  # type: ignore[arg-type]
-            dtype=message.heatmap.dtype or "float16",
-        )
+    heatmap = _heatmap(message.heatmap) if message.HasField("heatmap") else None
     embedding = message.embedding.data if message.HasField("embedding") else None
     return ExplainResult(
         prediction=_match(message.prediction),
@@ -181,6 +208,31 @@ def result_from_proto(message: fam_pb2.Result) -> ExplainResult:
         embedding=embedding,
         embedding_dim=int(message.embedding.shape[0]) if embedding is not None else 0,
         overlay_png=message.overlay_png or None,
+    )
+
+
+def _heatmap(message: fam_pb2.Heatmap) -> Heatmap:
+    return Heatmap(
+        data=message.data,
+        shape=(int(message.shape[0]), int(message.shape[1])),
+        method=message.method,
+        target_layer=message.target_layer,
+        resolution=_RESOLUTION_NAMES[message.resolution],  # type: ignore[arg-type]
+        dtype=message.dtype or "float16",
+    )
+
+
+def _neighbour(message: fam_pb2.Neighbour) -> NeighbourResult:
+    return NeighbourResult(
+        id=message.id,
+        uri=message.uri,
+        label=message.label if message.HasField("label") else None,
+        score=float(message.score),
+        query_map=_heatmap(message.query_map) if message.HasField("query_map") else None,
+        reference_map=(
+            _heatmap(message.reference_map) if message.HasField("reference_map") else None
+        ),
+        reference_error=message.reference_error or None,
     )
 
 

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from fam_core.pipeline import PipelineError
 from fam_core.ui.backends import ViewerBackend
-from fam_core.ui.views import DEFAULT_TOP_K, GalleryImage, explain_view
+from fam_core.ui.views import DEFAULT_TOP_K, GalleryImage, explain_view, view_kind
 
 PAGE = "page.html"
 
@@ -41,9 +41,10 @@ class ViewerServer:
         backend: the model, in-process or on a server.
         host: the interface (default: loopback only).
         port: the port.
-        top_k: embedding models: neighbours shown.
-        gallery: embedding models: the images neighbours are searched among (none: the
-            model's prototypes).
+        top_k: embedding models: neighbours shown (``None``: the model config's ``top_k``
+            with an index, else :data:`~fam_core.ui.views.DEFAULT_TOP_K`).
+        gallery: embedding models: a small gallery to search instead of the model's index
+            (neither: the model's prototypes are shown).
     """
 
     def __init__(
@@ -52,10 +53,10 @@ class ViewerServer:
         *,
         host: str = "127.0.0.1",
         port: int = 8000,
-        top_k: int = DEFAULT_TOP_K,
+        top_k: int | None = None,
         gallery: Sequence[GalleryImage] = (),
     ) -> None:
-        if top_k < 1:
+        if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.backend = backend
         self.top_k = top_k
@@ -77,17 +78,14 @@ class ViewerServer:
     def model_json(self) -> dict[str, Any]:
         """``GET /api/model``."""
         described = self.backend.describe()
-        if described.task == "classifier":
-            kind = "classes"
-        else:
-            kind = "gallery" if self.gallery else "prototypes"
         return {
             "name": described.name,
             "task": described.task,
-            "kind": kind,
+            "kind": view_kind(described, bool(self.gallery)),
             "methods": list(described.methods),
             "default_method": described.default_method,
-            "top_k": self.top_k,
+            "top_k": self.top_k or described.top_k or DEFAULT_TOP_K,
+            "index": described.index,
             "gallery_size": len(self.gallery),
             "max_request_bytes": self.backend.max_request_bytes,
         }

@@ -32,7 +32,7 @@ from fam_core.pipeline import (
     ServedModel,
 )
 from fam_core.pipeline.decode import check_sizes, decode_input
-from fam_core.pipeline.request import ImageInput
+from fam_core.pipeline.request import ImageInput, SearchRequest, SearchResponse
 from fam_core.resizing import fit_image
 
 
@@ -48,6 +48,10 @@ class ViewerBackend(Protocol):
     def describe(self) -> ModelDescription: ...
 
     def explain(self, request: ExplainRequest) -> ExplainResponse: ...
+
+    def search(self, request: SearchRequest) -> SearchResponse:
+        """Embedding models with an ``index``: the explained search of the pipeline."""
+        ...
 
     def pixels(self, images: tuple[ImageInput, ...]) -> torch.Tensor:
         """``[B, 3, H, W]`` in ``[0, 1]``: the images as the model sees them (what its
@@ -76,6 +80,9 @@ class LocalBackend:
     def explain(self, request: ExplainRequest) -> ExplainResponse:
         return self.pipeline.explain(request)
 
+    def search(self, request: SearchRequest) -> SearchResponse:
+        return self.pipeline.search(request)
+
     def pixels(self, images: tuple[ImageInput, ...]) -> torch.Tensor:
         return self.pipeline.pixels(self.model, images)
 
@@ -100,6 +107,9 @@ class RemoteBackend:
 
     def explain(self, request: ExplainRequest) -> ExplainResponse:
         return self.client.explain(request)
+
+    def search(self, request: SearchRequest) -> SearchResponse:
+        return self.client.search(request)
 
     def pixels(self, images: tuple[ImageInput, ...]) -> torch.Tensor:
         """Decoded here within the limits and fitted as the server's ``ModelInfo`` says

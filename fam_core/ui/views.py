@@ -30,7 +30,14 @@ from typing import Any
 
 import torch
 
-from fam_core.pipeline import EncodedImage, ExplainRequest, Heatmap, heatmap_from_bytes
+from fam_core.pipeline import (
+    EncodedImage,
+    ExplainRequest,
+    Heatmap,
+    PipelineError,
+    heatmap_from_bytes,
+)
+from fam_core.pipeline.request import ModelDescription, SearchRequest
 from fam_core.render import colorize, to_png_bytes
 from fam_core.ui.backends import ViewerBackend
 
@@ -83,30 +90,36 @@ def explain_view(
     image: bytes,
     *,
     method: str | None = None,
-    top_k: int = DEFAULT_TOP_K,
+    top_k: int | None = None,
     gallery: Sequence[GalleryImage] = (),
 ) -> dict[str, Any]:
-    """The page's answer for one query image.
+    """The page's answer for one query image (:func:`view_kind` says which).
 
-    Classifiers: the :data:`CLASS_COUNT` best classes, each with the query's map for it.
-    Embedding models with a ``gallery``: its ``top_k`` nearest images, each with the query's
-    map (the neighbour's embedding as the target) and the neighbour's map (the query's
-    embedding as the target). Embedding models without one: the ``top_k`` nearest prototypes,
-    the nearest with the query's map.
+    ``"classes"``: the :data:`CLASS_COUNT` best classes, each with the query's map for it.
+    ``"search"``: the ``top_k`` nearest images of the model's index (``None``: the model's
+    ``top_k``), searched and explained on both sides by the pipeline's search: each with the
+    query's map (the neighbour's embedding as the target) and the neighbour's map (the
+    query's embedding as the target). ``"gallery"``: the same for a small ``gallery`` given
+    here, each map by one explain request. ``"prototypes"``: the ``top_k`` nearest
+    prototypes, the nearest with the query's map.
 
     Returns:
-        ``{"model", "task", "kind": "classes"|"gallery"|"prototypes", "method", "query",
-        "items": [{"label", "score", "id", "image", "query_map", "reference_map"}]}``;
-        images and map layers are PNG data URLs (``None`` where absent).
+        ``{"model", "task", "kind", "method", "query", "items": [{"label", "score", "id",
+        "image", "query_map", "reference_map", "note"}]}``; images and map layers are PNG
+        data URLs (``None`` where absent); ``note`` says why a neighbour has no image or map.
     """
     described = backend.describe()
     query = EncodedImage(image)
-    if described.task == "classifier":
-        kind, items, method_used = "classes", *_classes(backend, query, method)
-    elif gallery:
-        kind, items, method_used = "gallery", *_gallery(backend, query, method, top_k, gallery)
+    kind = view_kind(described, bool(gallery))
+    count = top_k or described.top_k or DEFAULT_TOP_K
+    if kind == "classes":
+        items, method_used = _classes(backend, query, method)
+    elif kind == "search":
+        items, method_used = _search(backend, query, method, top_k)
+    elif kind == "gallery":
+        items, method_used = _gallery(backend, query, method, count, gallery)
     else:
-        kind, items, method_used = "prototypes", *_prototypes(backend, query, method, top_k)
+        items, method_used = _prototypes(backend, query, method, count)
     return {
         "model": described.name,
         "task": described.task,
@@ -115,6 +128,24 @@ def explain_view(
         "query": image_url(backend.pixels((query,))[0]),
         "items": items,
     }
+
+
+def view_kind(described: ModelDescription, gallery: bool = False) -> str:
+    """What the page shows for a model: ``"classes"`` (a classifier), ``"gallery"`` (a small
+    gallery given to the viewer), ``"search"`` (an embedding model with an index) or
+    ``"prototypes"``.
+
+    Example:
+        >>> from fam_core.pipeline import ModelRegistry, Pipeline
+        >>> pipeline = Pipeline(ModelRegistry.from_names(["default-embedding"]), batching=None)
+        >>> view_kind(pipeline.describe("default-embedding"))
+        'prototypes'
+    """
+    if described.task == "classifier":
+        return "classes"
+    if gallery:
+        return "gallery"
+    return "search" if described.index else "prototypes"
 
 
 def _classes(
@@ -172,6 +203,40 @@ def _gallery(
     return items, _method(backward[0].heatmap if backward else None)
 
 
+def _search(
+    backend: ViewerBackend, query: EncodedImage, method: str | None, top_k: int | None
+) -> tuple[list[dict[str, Any]], str]:
+    request = SearchRequest(backend.model, (query,), top_k=top_k, method=method, explain="both")
+    response = backend.search(request)
+    (result,) = response.results
+    items = []
+    for neighbour in result.neighbours:
+        picture, unshown = _indexed_image(backend, neighbour.uri)
+        items.append(
+            _item(
+                neighbour.label or neighbour.id,
+                neighbour.score,
+                id=neighbour.id,
+                image=picture,
+                query_map=neighbour.query_map,
+                reference_map=neighbour.reference_map,
+                note=neighbour.reference_error or unshown,
+            )
+        )
+    return items, response.method
+
+
+def _indexed_image(backend: ViewerBackend, uri: str) -> tuple[torch.Tensor | None, str | None]:
+    """An indexed image as the model sees it, read from its URI here (a file this process can
+    read), or ``None`` and why not."""
+    from fam_core.search.sources import read_uri
+
+    try:
+        return backend.pixels((EncodedImage(read_uri(uri)),))[0], None
+    except (ValueError, PipelineError) as error:
+        return None, f"image not shown: {error}"
+
+
 def _prototypes(
     backend: ViewerBackend, query: EncodedImage, method: str | None, top_k: int
 ) -> tuple[list[dict[str, Any]], str]:
@@ -192,6 +257,7 @@ def _item(
     image: torch.Tensor | None = None,
     query_map: Heatmap | None = None,
     reference_map: Heatmap | None = None,
+    note: str | None = None,
 ) -> dict[str, Any]:
     return {
         "label": label,
@@ -200,6 +266,7 @@ def _item(
         "image": None if image is None else image_url(image),
         "query_map": None if query_map is None else heatmap_url(query_map),
         "reference_map": None if reference_map is None else heatmap_url(reference_map),
+        "note": note,
     }
 
 
