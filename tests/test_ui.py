@@ -10,6 +10,10 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -278,3 +282,52 @@ def test_a_running_server_searches_as_the_model_in_process(indexed) -> None:
     local.close()
     assert seen_locally["kind"] == "search" and len(seen_locally["items"]) == TOP_K
     assert seen_remotely == seen_locally
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
+        (["--references", "no/such/folder"], "references: no/such/folder is not a folder"),
+        (["--token-file", "token"], "--token-file needs --server"),
+        (["--model", "no-such-model"], "no-such-model"),
+    ],
+)
+def test_fam_ui_refuses_bad_arguments_in_one_line(capsys, arguments, message) -> None:
+    from fam_core.cli import main
+
+    assert main(["ui", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("fam: error: ") and message in error
+
+
+def test_fam_ui_without_a_reachable_server_says_so_in_one_line(capsys) -> None:
+    from fam_core.cli import main
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["ui", "--server", f"127.0.0.1:{port}", "--model", "default-classifier"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"server 127.0.0.1:{port}" in error
+
+
+def test_fam_ui_serves_the_page_until_stopped() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fam_core", "ui", "--model", "default-classifier", "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = process.stderr.readline()
+        url = line.split()[2]
+        with urllib.request.urlopen(url + "api/model", timeout=30) as answer:
+            described = json.load(answer)
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            page = answer.read().decode()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+    assert line.startswith("fam ui: http://127.0.0.1:")
+    assert (described["name"], described["kind"]) == ("default-classifier", "classes")
+    assert 'id="file"' in page and 'id="opacity"' in page and 'id="method"' in page
