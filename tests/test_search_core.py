@@ -234,5 +234,8 @@ def test_an_unreachable_server_is_one_line(tmp_path):
 def test_an_empty_file_is_no_gallery(tmp_path):
     with pytest.raises(ValueError, match="holds no gallery: build it with `fam index build`"):
         open_index(str(tmp_path / "none.db")).card  # noqa: B018
+    missing = open_index(str(tmp_path / "none.db"))
+    assert (missing.count(), missing.labels(), missing.get(["a"])) == (0, {}, [])
+    assert not (tmp_path / "none.db").exists()  # reading never creates a file
     with pytest.raises(ValueError, match="no such folder"):
-        open_index(str(tmp_path / "no" / "g.db")).count()
+        open_index(str(tmp_path / "no" / "g.db")).create(IndexCard("m", 2, "cosine", "0" * 64))
