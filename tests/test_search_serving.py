@@ -121,7 +121,9 @@ def assert_same_results(results, expected) -> None:
                 if values is None:
                     assert not neighbour.HasField(field)
                 else:
-                    assert torch.allclose(proto_map(getattr(neighbour, field)), values, atol=MAP_ATOL)
+                    assert torch.allclose(
+                        proto_map(getattr(neighbour, field)), values, atol=MAP_ATOL
+                    )
             assert (neighbour.reference_error or None) == item.reference_error
 
 

@@ -16,7 +16,12 @@ import torch
 
 from fam_core.pipeline.decode import check_sizes
 from fam_core.pipeline.encode import heatmap_bytes
-from fam_core.pipeline.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from fam_core.pipeline.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from fam_core.pipeline.jobs import SearchJob
 from fam_core.pipeline.limits import Limits
 from fam_core.pipeline.request import (
@@ -103,7 +108,7 @@ def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Exp
     inputs = torch.cat([j.inputs for j in jobs])
     try:
         found = explained_search(
-            served.search_model,
+            served,
             served.index,
             inputs,
             top_k=job.top_k,
@@ -112,7 +117,10 @@ def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Exp
             filter=job.filter,
         )
     except (ValueError, TypeError) as error:  # a filter the engine cannot parse, a bad method
-        raise InvalidArgument(f"search on model {served.name!r}: {_first_line(error)}") from None
+        reason = _first_line(error)
+        if reason.startswith("cannot "):  # the engine did not answer
+            raise Unavailable(f"search on model {served.name!r}: {reason}") from None
+        raise InvalidArgument(f"search on model {served.name!r}: {reason}") from None
     parts: list[list[Explained]] = []
     start = 0
     for j in jobs:
