@@ -7,6 +7,7 @@ them): ``scripts/bootstrap.sh test`` installs chromium.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -331,3 +332,30 @@ def test_fam_ui_serves_the_page_until_stopped() -> None:
     assert line.startswith("fam ui: http://127.0.0.1:")
     assert (described["name"], described["kind"]) == ("default-classifier", "classes")
     assert 'id="file"' in page and 'id="opacity"' in page and 'id="method"' in page
+
+
+def test_a_small_gallery_shows_what_the_index_search_shows(indexed) -> None:
+    """The same neighbours, scores and maps from two paths of the pipeline: ``Search`` on the
+    index, and ``Explain`` requests with the gallery's images as references."""
+    gallery, model_folder = indexed
+    png = gallery.queries[2].read_bytes()
+    backend = LocalBackend(ServedModel.load(model_folder))
+    try:
+        searched = explain_view(backend, png, top_k=3)
+        referenced = explain_view(backend, png, top_k=3, gallery=load_gallery(gallery.root))
+    finally:
+        backend.close()
+    assert (searched["kind"], referenced["kind"]) == ("search", "gallery")
+    assert searched["query"] == referenced["query"]
+    for found, given in zip(searched["items"], referenced["items"], strict=True):
+        assert (found["id"], found["label"]) == (given["id"], given["label"])
+        assert found["score"] == pytest.approx(given["score"], abs=1e-5)
+        assert found["image"] == given["image"]
+        for layer in ("query_map", "reference_map"):  # jet colours of float16 maps
+            difference = _colours(found[layer]).astype(int) - _colours(given[layer])
+            assert np.abs(difference).max() <= 8
+
+
+def _colours(data_url: str) -> np.ndarray:
+    png = base64.b64decode(data_url.removeprefix("data:image/png;base64,"))
+    return np.array(Image.open(io.BytesIO(png)))
