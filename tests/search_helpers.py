@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -99,3 +101,24 @@ def build_index(gallery: Gallery, model_folder: Path, uri: str, *, extra_rows: i
         index.upsert(rows)
     finally:
         index.close()
+
+
+def build_index_elsewhere(gallery: Gallery, model_folder: Path, uri: str) -> None:
+    """:func:`build_index` in a subprocess: a Milvus Lite file stays locked by the process
+    that opened it, and a server in another process is to open this one."""
+    fields = {k: [str(v) for v in value] if isinstance(value, tuple) else str(value)
+              for k, value in asdict(gallery).items()}  # fmt: skip
+    code = (
+        "import json, sys; from pathlib import Path; "
+        "from search_helpers import Gallery, build_index; "
+        "g = json.loads(sys.argv[1]); "
+        "gallery = Gallery(Path(g['root']), tuple(g['ids']), tuple(g['labels']), "
+        "tuple(Path(q) for q in g['queries'])); "
+        "build_index(gallery, Path(sys.argv[2]), sys.argv[3])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(fields), str(model_folder), uri],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"building the index {uri} failed:\n{done.stderr}")

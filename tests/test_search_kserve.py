@@ -2,8 +2,8 @@
 by tritonclient) return the neighbours and maps ``explained_search`` finds in the same
 gallery; a model whose index cannot be reached is not ready while the others serve.
 
-The server runs in a subprocess (see ``test_kserve.py``) with its own copy of the index: one
-process opens a Milvus Lite file at a time.
+The server runs in a subprocess (see ``test_kserve.py``) with its own copy of the index,
+built in a subprocess: one process opens a Milvus Lite file at a time, and keeps it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from search_helpers import PLAIN_MODEL, SEARCH_MODEL, build_index, make_gallery, write_model
+from search_helpers import (
+    PLAIN_MODEL,
+    SEARCH_MODEL,
+    build_index,
+    build_index_elsewhere,
+    make_gallery,
+    write_model,
+)
 from serving_helpers import free_port, kserve_server
 
 from fam_core.pipeline import ServedModel
@@ -41,7 +48,7 @@ def setup(tmp_path_factory):
     gallery = make_gallery(root)
     built = write_model(root / "build", SEARCH_MODEL)
     models = root / "models"
-    build_index(gallery, built, str(root / "served.db"))
+    build_index_elsewhere(gallery, built, str(root / "served.db"))
     build_index(gallery, built, str(root / "expected.db"))
     write_model(models, SEARCH_MODEL, index="../../served.db", top_k=3, explain="query")
     write_model(models, PLAIN_MODEL)

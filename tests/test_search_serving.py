@@ -28,7 +28,14 @@ from search_helpers import (
     write_model,
 )
 
-from fam_core.pipeline import EncodedImage, ModelRegistry, Pipeline
+from fam_core.pipeline import (
+    EncodedImage,
+    Limits,
+    ModelRegistry,
+    Pipeline,
+    ResourceExhausted,
+    SearchRequest,
+)
 from fam_core.pipeline.encode import heatmap_from_bytes
 from fam_core.search import explained_search
 from fam_core.server import FamServer, ServerConfig
@@ -223,6 +230,18 @@ def test_bad_searches_get_their_status(stub, gallery, case) -> None:
     assert caught.value.code() == code
     assert text in caught.value.details() and "\n" not in caught.value.details()
     assert len(stub.Search(search_request([gallery.queries[0]]), timeout=TIMEOUT).results) == 1
+
+
+def test_maps_over_the_answer_limit_are_refused_before_the_work(server, gallery) -> None:
+    image = (EncodedImage(gallery.queries[0].read_bytes()),)
+    pipeline = Pipeline(server.pipeline.registry, Limits(max_request_bytes=100_000), batching=None)
+    try:
+        with pytest.raises(ResourceExhausted, match="smaller top_k"):  # 5 x 84 x 84 x 2 bytes
+            pipeline.search(SearchRequest(SEARCH_MODEL, image, top_k=5, explain="both"))
+        found = pipeline.search(SearchRequest(SEARCH_MODEL, image, top_k=5, explain="query"))
+        assert len(found.results[0].neighbours) == 5
+    finally:
+        pipeline.close()
 
 
 def test_an_unreachable_index_fails_only_its_model(server) -> None:

@@ -214,7 +214,7 @@ class Pipeline:
         self._check_open()
         _check_deadline(deadline)
         served = self.registry.get(request.model)
-        checked = search_job(served, request, None, self.limits)
+        checked = search_job(served, request, self.limits)
         headers = self._headers(request.images, "image")
         check_decoded_bytes(
             sum(decoded_bytes(i, h) for i, h in zip(request.images, headers, strict=True)),
