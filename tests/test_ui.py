@@ -24,13 +24,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from search_helpers import SEARCH_MODEL, build_index, make_gallery, write_model
+from search_helpers import KNN_MODEL, SEARCH_MODEL, build_index, make_gallery, write_model
 
 from fam_core.data.flowers import CLASS_NAMES, make_flowers
 from fam_core.models.store import load_model
 from fam_core.pipeline import Limits, ModelRegistry, ServedModel
 from fam_core.render import to_png_bytes
 from fam_core.server.app import FamServer, ServerConfig
+from fam_core.tasks.knn import knn_predict
 from fam_core.ui.app import ViewerServer
 from fam_core.ui.backends import LocalBackend, RemoteBackend
 from fam_core.ui.views import explain_view, load_gallery
@@ -38,6 +39,7 @@ from fam_core.ui.views import explain_view, load_gallery
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 GALLERY_CLASSES = (3, 9, 12)  # three benchmark classes, two images each
 TOP_K = 4
+KNN_K = 4
 SCORE_DIGITS = 4  # the page shows scores with 4 decimals
 
 
@@ -359,3 +361,28 @@ def test_a_small_gallery_shows_what_the_index_search_shows(indexed) -> None:
 def _colours(data_url: str) -> np.ndarray:
     png = base64.b64decode(data_url.removeprefix("data:image/png;base64,"))
     return np.array(Image.open(io.BytesIO(png)))
+
+
+def test_knn_page_shows_the_classes_of_the_neighbours_vote_each_with_a_map(page, indexed) -> None:
+    gallery, model_folder = indexed
+    knn_folder = write_model(
+        model_folder.parent, KNN_MODEL, task="knn", index="../../g.db", k=KNN_K, prototypes=None
+    )
+    served = ServedModel.load(knn_folder)
+    classes = served.labels
+    query = gallery.queries[0]
+    viewer = ViewerServer(LocalBackend(served), port=0)
+    viewer.start()
+    try:
+        cards = drop_image(page, viewer, query, len(classes))  # 3 classes: fewer than 5
+    finally:
+        viewer.stop()
+    pngs = [gallery.path(i).read_bytes() for i in gallery.ids]
+    outputs = model_outputs("default-embedding", [query.read_bytes(), *pngs])
+    labels = torch.tensor([classes.index(label) for label in gallery.labels])
+    votes = knn_predict(outputs[:1], outputs[1:], labels, k=KNN_K, temperature=0.07).votes[0]
+    values, indices = (votes / votes.sum()).topk(len(classes))
+    assert [c["label"] for c in cards] == [classes[i] for i in indices.tolist()]
+    for card, value in zip(cards, values.tolist(), strict=True):
+        assert card["score"] == pytest.approx(value, abs=10**-SCORE_DIGITS)
+        assert card["heat"] == 1

@@ -60,9 +60,10 @@ def _ui(args: argparse.Namespace) -> int:
             raise ValueError(str(error)) from None
     else:
         backend = LocalBackend.load(args.model)
-    if gallery and backend.describe().task != "embedding":
+    task = backend.describe().task
+    if gallery and task != "embedding":
         backend.close()
-        raise ValueError(f"--references needs an embedding model; {args.model} is a classifier")
+        raise ValueError(f"--references needs an embedding model; {args.model} is a {task} model")
     viewer = ViewerServer(
         backend, host=args.host, port=args.port, top_k=args.top_k, gallery=gallery
     )

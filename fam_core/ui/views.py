@@ -43,6 +43,8 @@ from fam_core.ui.backends import ViewerBackend
 
 CLASS_COUNT = 5
 """Classifiers: the classes shown, best first, each with its own map."""
+CLASS_TASKS = ("classifier", "knn")
+"""Tasks whose ``Explain`` scores classes (a ``knn`` model: by its neighbours' vote)."""
 DEFAULT_TOP_K = 10
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -95,7 +97,8 @@ def explain_view(
 ) -> dict[str, Any]:
     """The page's answer for one query image (:func:`view_kind` says which).
 
-    ``"classes"``: the :data:`CLASS_COUNT` best classes, each with the query's map for it.
+    ``"classes"``: the :data:`CLASS_COUNT` best classes, each with the query's map for it
+    (a ``knn`` model's map: the paper's kNN target, the class's nearest neighbours).
     ``"search"``: the ``top_k`` nearest images of the model's index (``None``: the model's
     ``top_k``), searched and explained on both sides by the pipeline's search: each with the
     query's map (the neighbour's embedding as the target) and the neighbour's map (the
@@ -131,9 +134,9 @@ def explain_view(
 
 
 def view_kind(described: ModelDescription, gallery: bool = False) -> str:
-    """What the page shows for a model: ``"classes"`` (a classifier), ``"gallery"`` (a small
-    gallery given to the viewer), ``"search"`` (an embedding model with an index) or
-    ``"prototypes"``.
+    """What the page shows for a model: ``"classes"`` (a classifier, or a ``knn`` model: its
+    classes by the neighbours' vote), ``"gallery"`` (a small gallery given to the viewer),
+    ``"search"`` (an embedding model with an index) or ``"prototypes"``.
 
     Example:
         >>> from fam_core.pipeline import ModelRegistry, Pipeline
@@ -141,7 +144,7 @@ def view_kind(described: ModelDescription, gallery: bool = False) -> str:
         >>> view_kind(pipeline.describe("default-embedding"))
         'prototypes'
     """
-    if described.task == "classifier":
+    if described.task in CLASS_TASKS:
         return "classes"
     if gallery:
         return "gallery"
