@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fam_core.commands.inspect",
     "fam_core.commands.search",
     "fam_core.commands.serve",
+    "fam_core.commands.ui",
 )
 
 
