@@ -61,7 +61,8 @@ def write(folder: Path, keys: dict) -> Path:
 def test_every_example_is_a_valid_value(key, tmp_path) -> None:
     spec = SPECS[key]
     source = spec.sources[0] if spec.sources else "factory"
-    keys = {"name": "m", "task": "classifier", source: SPECS[source].example}
+    task = "embedding" if key == "index" else "classifier"  # an index serves embeddings
+    keys = {"name": "m", "task": task, source: SPECS[source].example}
     if source == "backbone":
         keys["weights"] = SPECS["weights"].example
     keys |= {"mean": [0.5], "std": [0.5]}  # one value fits every channel count
