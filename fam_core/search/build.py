@@ -104,7 +104,7 @@ def build_index(
         address=address,
         num_cpus=num_cpus,
     )
-    served = ServedModel.load(model)  # one-line errors before Ray starts
+    served = ServedModel.load(model, open_index=False)  # one-line errors before Ray starts
     if served.task != "embedding":
         raise ValueError(f"an index needs an embedding model; {served.name!r} is a {served.task}")
     report = BuildReport(index_uri, images=len(items))
