@@ -47,6 +47,7 @@ from fam_core.explainers.cam.gradcam import GradCAM
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.fam.gradfam import GradFAM
 from fam_core.exporters.analytic import ANALYTIC_POOLING
+from fam_core.exporters.dynamo_program import UnsupportedOperatorError, export_program
 from fam_core.exporters.heads import (
     CAMGraph,
     ExplainMode,
@@ -602,20 +603,23 @@ class TracedExplanation:
                 f"needs {', '.join(missing)}, which has no ONNX translation; choose a target "
                 "layer after the model's last convolution (or one with a linear head)"
             )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
+        try:
+            proto = export_program(
                 (_WrappedPair if len(args) == 2 else _Wrapped)(graph_module),
                 args,
-                dynamo=True,
                 dynamic_shapes=tuple(shapes),
                 input_names=input_names,
                 output_names=output_names,
-                opset_version=DYNAMO_OPSET,
-                optimize=True,
-                verbose=False,
+                opset=DYNAMO_OPSET,
             )
-        proto = program.model_proto
+        except UnsupportedOperatorError as error:
+            raise UnsupportedOperatorError(
+                error.operator,
+                f"cannot export {self.method}: {error} (in the model or in the backward of "
+                f"its head after {self.explainer.target_layer!r}); serve the torch model "
+                "instead: fam serve and fam explain take its factory: or exported_program: "
+                "config without ONNX",
+            ) from None
         axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
         if self.takes_references:
             axes[fmt.INPUT_REFERENCES] = {0: "num_references"}
