@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -367,7 +368,13 @@ def export_model(
             input_size=size,
             explainer=explainer,
         ).eval()
-        proto, input_names, output_names = _export_analytic(graph, sample_image)
+        try:
+            proto, input_names, output_names = _export_analytic(graph, sample_image)
+        except torch.onnx.errors.UnsupportedOperatorError as error:
+            operator = _OPERATOR.search(str(error))
+            raise _refusal(
+                method, explainer.target_layer, operator[1] if operator else ""
+            ) from None
         opset, baked = OPSET, _baked(graph)
     else:
         traced = TracedExplanation(
@@ -406,6 +413,20 @@ def export_model(
         raise OSError(f"output folder {path.parent} does not exist")
     onnx.save_model(proto, str(path), save_as_external_data=False)
     return path
+
+
+_OPERATOR = re.compile(r"operator '([^']+)'")  # the TorchScript exporter's refusal
+
+
+def _refusal(method: str, target_layer: str, operator: str) -> UnsupportedOperatorError:
+    """The one-line refusal of an export that meets an operator ONNX cannot express."""
+    return UnsupportedOperatorError(
+        operator,
+        f"cannot export {method}: the ONNX exporter has no translation for {operator} (in the "
+        f"model or in the backward of its head after {target_layer!r}); serve the torch model "
+        "instead: fam serve and fam explain take its factory: or exported_program: config "
+        "without ONNX",
+    )
 
 
 def _check_references(references: torch.Tensor) -> torch.Tensor:
@@ -613,13 +634,7 @@ class TracedExplanation:
                 opset=DYNAMO_OPSET,
             )
         except UnsupportedOperatorError as error:
-            raise UnsupportedOperatorError(
-                error.operator,
-                f"cannot export {self.method}: {error} (in the model or in the backward of "
-                f"its head after {self.explainer.target_layer!r}); serve the torch model "
-                "instead: fam serve and fam explain take its factory: or exported_program: "
-                "config without ONNX",
-            ) from None
+            raise _refusal(self.method, self.explainer.target_layer, error.operator) from None
         axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
         if self.takes_references:
             axes[fmt.INPUT_REFERENCES] = {0: "num_references"}

@@ -202,3 +202,31 @@ def test_export_program_names_the_missing_operator() -> None:
             opset=18,
         )
     assert caught.value.operator == "aten.median"
+
+
+class _MedianCentred(nn.Module):
+    """Convolutions with a median over channels between them, then average pooling and a
+    linear layer: a linear head (the TorchScript path) after an operator ONNX lacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=4)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.conv1(images)
+        maps = self.conv2(maps - maps.median(dim=1, keepdim=True).values)
+        return self.fc(maps.mean(dim=(2, 3)))
+
+
+def test_a_linear_head_after_an_operator_without_onnx_form_is_refused(tmp_path) -> None:
+    from fam_core.exporters import export_model
+
+    with pytest.raises(UnsupportedOperatorError) as caught:
+        export_model(_MedianCentred().eval(), method="fam", path=tmp_path / "m.onnx", input_size=32)
+    message = str(caught.value)
+    assert message.startswith("cannot export fam: the ONNX exporter has no translation for ")
+    assert "aten::median" in message and "exported_program:" in message and "\n" not in message
+    assert not (tmp_path / "m.onnx").exists()
