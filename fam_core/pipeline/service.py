@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fam_core.explainers.registry import method_name
 from fam_core.pipeline.batching import (
     CANCELLED_MESSAGE,
     BatchingConfig,
@@ -262,12 +261,7 @@ class Pipeline:
         if not request.images:
             raise InvalidArgument("the request has no images: expected at least one")
         check_sizes(tuple(request.images) + tuple(request.references), self.limits)
-        method = served.default_method
-        if request.method:  # a name that is no method at all is a bad argument
-            try:
-                method = method_name(request.method, expected=served.methods)
-            except (TypeError, ValueError) as error:
-                raise InvalidArgument(f"model {served.name!r}: {error}") from None
+        method = served.method_name(request.method)
         if request.heatmap:
             served.check_method(method)
         if request.resolution not in RESOLUTIONS:
