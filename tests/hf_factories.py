@@ -27,6 +27,14 @@ _SMALL_VIT = {
     "image_size": SIZE,
     "patch_size": 16,
 }
+SMALL_SWIN = {  # Swin and Swin V2: two stages of one block, 4x4 windows
+    "image_size": SIZE,
+    "patch_size": 4,
+    "embed_dim": 16,
+    "depths": [1, 1],
+    "num_heads": [2, 2],
+    "window_size": 4,
+}
 
 
 def reinit(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -94,13 +102,5 @@ def swinv2_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
     """``Swinv2ForImageClassification``: its pooler averages a permuted (channels-last)
     token tensor."""
     torch.manual_seed(seed)
-    config = t.Swinv2Config(
-        image_size=SIZE,
-        patch_size=4,
-        embed_dim=16,
-        depths=[1, 1],
-        num_heads=[2, 2],
-        window_size=4,
-        num_labels=num_labels,
-    )
+    config = t.Swinv2Config(**SMALL_SWIN, num_labels=num_labels)
     return reinit(t.Swinv2ForImageClassification(config), seed)
