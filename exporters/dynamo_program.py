@@ -31,6 +31,7 @@ aten = torch.ops.aten
 
 __all__ = ["UnsupportedOperatorError", "as_strided_scatter", "export_program", "name_values"]
 
+_RESTRIDES = (aten.as_strided.default, aten.as_strided_.default)
 _MISSING_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
 
 
@@ -108,9 +109,13 @@ def export_program(
     Raises :class:`UnsupportedOperatorError` for an operator with no ONNX translation.
     """
     program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
-    table = torch.export.default_decompositions()
-    table[aten.as_strided_scatter.default] = as_strided_scatter
-    program = program.run_decompositions(table)
+    if any(node.target in _RESTRIDES for node in program.graph.nodes):
+        # functionalised, a restride becomes as_strided_scatter: decomposed here, since the
+        # exporter's own decomposition of it has no translation (a second pass over the
+        # graph, so only where it is needed)
+        table = torch.export.default_decompositions()
+        table[aten.as_strided_scatter.default] = as_strided_scatter
+        program = program.run_decompositions(table)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
