@@ -132,7 +132,8 @@ def test_a_model_that_failed_to_load_is_not_ready_and_answers_503_with_the_reaso
 
 # -- REST v1
 @pytest.mark.parametrize(
-    ("model", "method"), [(CLASSIFIER, None), (CLASSIFIER, "gradcam"), (EMBEDDING, None)]
+    ("model", "method"),
+    [(CLASSIFIER, None), (CLASSIFIER, "gradcam"), (CLASSIFIER, "GradCAM"), (EMBEDDING, None)],
 )
 def test_v1_explain_heatmap_equals_the_pipeline(client, pipeline, model, method) -> None:
     image = png_bytes(1)
@@ -148,8 +149,8 @@ def test_v1_explain_heatmap_equals_the_pipeline(client, pipeline, model, method)
     second = reference(pipeline, model, png_bytes(2), method=method)
     torch.testing.assert_close(json_heatmap(explanations[1]), second, atol=ATOL, rtol=0)
     assert not torch.allclose(expected, second, atol=1e-2)  # the two images differ
-    if method:
-        assert explanations[0]["heatmap"]["method"] == method
+    if method:  # names match ignoring case
+        assert explanations[0]["heatmap"]["method"] == method.lower()
 
 
 def test_v1_predict_matches_the_pipeline_and_can_skip_the_heatmap(client, pipeline) -> None:
@@ -292,7 +293,7 @@ def test_grpc_v2_with_tritonclient(server, pipeline, tmp_path) -> None:
         assert got["method"] == (method or pipeline.registry.get(model).default_method)
     errors = report["errors"]
     assert errors["corrupt"].startswith("StatusCode.INVALID_ARGUMENT"), errors
-    assert errors["unknown_method"].startswith("StatusCode.NOT_FOUND"), errors
+    assert errors["unknown_method"].startswith("StatusCode.INVALID_ARGUMENT"), errors
     assert errors["too_many"].startswith("StatusCode.RESOURCE_EXHAUSTED"), errors
     # over KServe's default 8 MiB message limit, under the request limit: reaches the pipeline
     assert errors["large_corrupt"].startswith("StatusCode.INVALID_ARGUMENT"), errors
@@ -317,7 +318,7 @@ BAD_REQUESTS = [
         "v1 unknown method",
         f"/v1/models/{CLASSIFIER}:explain",
         {"instances": [b64(png_bytes(0))], "parameters": {"method": "nope"}},
-        404,
+        400,
     ),  # noqa: E501
     (
         "v1 target class",
@@ -361,6 +362,12 @@ BAD_REQUESTS = [
         v2_body(png_bytes(0), resolution="huge"),
         400,
     ),  # noqa: E501
+    (
+        "v2 unknown method",
+        f"/v2/models/{CLASSIFIER}/infer",
+        v2_body(png_bytes(0), method="gradcamm"),
+        400,
+    ),
     ("v2 too many images", f"/v2/models/{CLASSIFIER}/infer", v2_body(*[b"x"] * 65), 413),
     ("v2 not json", f"/v2/models/{CLASSIFIER}/infer", b"{nope", 422),
 ]

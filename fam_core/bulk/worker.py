@@ -105,7 +105,7 @@ class WorkerSpec:
         pipeline = Pipeline(ModelRegistry(served), limits=limits, batching=None)
         for model in served:
             if self.settings.method is not None:
-                model.check_method(self.settings.method)
+                model.check_method(model.method_name(self.settings.method))
             if self.references and model.task != "embedding":
                 raise ValueError(
                     f"--references need embedding models; {model.name!r} is a classifier"

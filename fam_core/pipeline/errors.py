@@ -14,6 +14,11 @@ Unavailable          UNAVAILABLE             503
 Cancelled            UNAVAILABLE             503
 ===================  ======================  =========
 
+A method name that names no method at all (a typo: names match ignoring case, and the message
+names the closest) is ``InvalidArgument``, like any bad option; a method that exists but that
+the model does not serve (not in its ONNX graph, needs fitting, its extra not installed) is
+``NotFound``, like an unknown model.
+
 ``InvalidArgument``, ``NotFound`` and ``FailedPrecondition`` are ``ValueError`` subclasses, so library callers that
 catch ``ValueError`` keep working.
 """
@@ -31,7 +36,8 @@ class PipelineError(Exception):
 
 
 class InvalidArgument(PipelineError, ValueError):
-    """The request is malformed: undecodable image, wrong shape or dtype, empty batch."""
+    """The request is malformed: undecodable image, wrong shape or dtype, empty batch, an
+    option out of range, a method name that names no method."""
 
     code = "INVALID_ARGUMENT"
     http_status = 400
@@ -44,7 +50,8 @@ class UnsupportedFormat(InvalidArgument):
 
 
 class NotFound(PipelineError, ValueError):
-    """The request names a model or method the server does not have."""
+    """The request names a model the server does not have, or a method its model does not
+    serve."""
 
     code = "NOT_FOUND"
     http_status = 404

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from fam_core.configfile import parse_config
+from fam_core.explainers.registry import method_name
 from fam_core.models.store import TASKS, ModelConfig, find_config
 from fam_core.package_data import DEFAULT_MODEL_NAMES
 from fam_core.pipeline.backends import Backend, LoadedBackend, default_method
-from fam_core.pipeline.errors import NotFound, Unavailable
+from fam_core.pipeline.errors import InvalidArgument, NotFound, Unavailable
 from fam_core.pipeline.onnx_backend import OnnxBackend, load_onnx_backend
 from fam_core.pipeline.torch_backend import TorchBackend, load_torch_backend
 
@@ -89,6 +90,17 @@ class ServedModel:
         if self.backend.baked:
             return self.backend.baked
         return 0 if self.prototypes is None else int(self.prototypes.shape[0])
+
+    def method_name(self, method: str | None) -> str:
+        """The registered name of ``method`` (matched ignoring case, spaces, ``-`` and ``_``;
+        ``None``: :attr:`default_method`); :class:`InvalidArgument` naming the closest of
+        this model's methods for a name that is no method."""
+        if not method:
+            return self.default_method
+        try:
+            return method_name(method, expected=self.methods)
+        except (TypeError, ValueError) as error:
+            raise InvalidArgument(f"model {self.name!r}: {error}") from None
 
     def check_method(self, method: str) -> None:
         """:class:`NotFound` unless this model explains with ``method``."""

@@ -117,7 +117,7 @@ class OnnxBackend:
             if method == self.runner.method:
                 return self.runner
             raise NotFound(
-                f"unknown method {method!r}: fam export wrote this graph with "
+                f"method {method!r} is not in this graph: fam export wrote it with "
                 f"{self.runner.method!r} only"
             )
         except NotFound as error:

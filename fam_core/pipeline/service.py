@@ -295,7 +295,7 @@ class Pipeline:
         if not request.images:
             raise InvalidArgument("the request has no images: expected at least one")
         check_sizes(tuple(request.images) + tuple(request.references), self.limits)
-        method = request.method or served.default_method
+        method = served.method_name(request.method)
         if request.heatmap:
             served.check_method(method)
         if request.resolution not in RESOLUTIONS:
