@@ -164,7 +164,7 @@ def test_fam_explain_runs_a_knn_model(bank, tmp_path, capsys):
         ({"k": 0}, "k: expected an int >= 1, got 0"),
         ({"temperature": -1.0}, "temperature: expected a number > 0"),
         ({"explain": "all"}, "explain: expected one of ['none', 'query', 'both']"),
-        ({"top_k": True}, "top_k: expected an int >= 1"),
+        ({"top_k": True}, "top_k: expected an int, got True"),
     ],
 )
 def test_search_keys_are_checked(changes, message):
