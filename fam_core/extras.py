@@ -43,6 +43,7 @@ PURPOSES: dict[str, str] = {
     "captum": "the Captum interop",
     "eval": "the evaluation",
     "bulk": "bulk explanation on Ray",
+    "search": "the vector index of explained search",
 }
 """What each extra is for: the start of the error message."""
 
