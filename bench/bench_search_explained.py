@@ -1,0 +1,150 @@
+"""Explained search over plain search, and index build over `fam bulk --embedding`.
+
+Run: OMP_NUM_THREADS=2 .venv/bin/python bench/bench_search_explained.py [--images 1024]
+     [--batches 1 8] [--repeats 15] [--build-rounds 2] [--model default-embedding]
+
+Benchmark flowers are written as PNG files (the gallery). Two measurements:
+
+- Index build: ``build_index`` (what ``fam index build`` runs) over ``run_bulk`` with
+  ``--embedding`` (what ``fam bulk --embedding`` runs) on the same images, same batch size, one
+  Ray actor, one Ray session; rounds alternate the two, each into a fresh index / output folder.
+  Reported: images/s of both and their ratio (target >= 0.9).
+- Search: ``explained_search`` of a batch of preprocessed query images (novel-class flowers,
+  never in the gallery), top 10, FAM: ``explain="query"`` (the query's map for each neighbour)
+  and ``explain="both"`` (also each neighbour's map, its image read back from its file), each
+  over ``explain="none"`` (the query's embedding and the index search): medians of per-round
+  ratios, rounds alternating (``bench/common.py``). Target for ``query``: <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ratio, time_once  # noqa: E402
+
+from fam_core.bulk import BulkOptions, run_bulk  # noqa: E402
+from fam_core.bulk.sample import write_flower_pngs  # noqa: E402
+from fam_core.bulk.worker import ExplainSettings  # noqa: E402
+from fam_core.data.flowers import SPLITS, make_flowers  # noqa: E402
+from fam_core.pipeline import ServedModel  # noqa: E402
+from fam_core.search import explained_search, open_index  # noqa: E402
+from fam_core.search.build import build_index  # noqa: E402
+
+TOP_K = 10
+
+
+def quiet(message: str) -> None:
+    del message
+
+
+def build_seconds(model: str, folder: Path, index_uri: Path, batch_size: int) -> float:
+    shutil.rmtree(index_uri, ignore_errors=True)
+    return time_once(
+        lambda: build_index(
+            model, str(folder), str(index_uri), batch_size=batch_size, progress=quiet
+        )
+    )
+
+
+def bulk_seconds(model: str, folder: Path, out: Path, batch_size: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    options = BulkOptions(
+        models=(model,),
+        images=str(folder),
+        out=str(out),
+        settings=ExplainSettings(embedding=True),
+        batch_size=batch_size,
+    )
+    return time_once(lambda: run_bulk(options, progress=quiet))
+
+
+def measure_build(args: argparse.Namespace, work: Path) -> None:
+    build, bulk, ratios = [], [], []
+    for round_number in range(args.build_rounds):
+        pair = [
+            ("build", lambda: build_seconds(args.model, work / "gallery", work / "b.db", 16)),
+            ("bulk", lambda: bulk_seconds(args.model, work / "gallery", work / "bulk", 16)),
+        ]
+        if round_number % 2:
+            pair.reverse()
+        seconds = dict((name, run()) for name, run in pair)
+        build.append(args.images / seconds["build"])
+        bulk.append(args.images / seconds["bulk"])
+        ratios.append(build[-1] / bulk[-1])
+    print(
+        f"index build: {statistics.median(build):.1f} images/s; fam bulk --embedding: "
+        f"{statistics.median(bulk):.1f} images/s; build / bulk: {statistics.median(ratios):.2f} "
+        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
+        flush=True,
+    )
+
+
+def measure_search(args: argparse.Namespace, index_uri: Path) -> None:
+    model = ServedModel.load(args.model)
+    classes = list(SPLITS["novel"])
+    flowers = make_flowers(classes, per_class=max(args.batches), seed=1)
+    queries = model.config.normalize(flowers.images)
+    print("| queries per call | plain search (ms) | query maps (ms) | query / plain "
+          "| both maps (ms) | both / plain |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    with open_index(str(index_uri)) as index:
+        for batch in args.batches:
+            images = queries[:batch]
+
+            def run(explain: str, images: torch.Tensor = images) -> None:
+                explained_search(
+                    model, index, images, top_k=TOP_K, method="fam", explain=explain
+                )
+
+            query, query_ms, plain_ms = ratio(
+                lambda: run("query"), lambda: run("none"), repeats=args.repeats
+            )
+            both, both_ms, _ = ratio(
+                lambda: run("both"), lambda: run("none"), repeats=args.repeats
+            )
+            print(
+                f"| {batch} | {1000 * plain_ms:.1f} | {1000 * query_ms:.1f} | {query:.2f} "
+                f"| {1000 * both_ms:.1f} | {both:.2f} |",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--build-rounds", type=int, default=2)
+    parser.add_argument("--model", default="default-embedding")
+    parser.add_argument("--skip-build", action="store_true", help="only the search ratios")
+    args = parser.parse_args()
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="bench-search-explained-"))
+    try:
+        write_flower_pngs(work / "gallery", args.images)
+        print(
+            f"{args.images} gallery images, model {args.model}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), top {TOP_K}, FAM",
+            flush=True,
+        )
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        if not args.skip_build:
+            measure_build(args, work)
+        build_seconds(args.model, work / "gallery", work / "search.db", 16)
+        ray.shutdown()
+        measure_search(args, work / "search.db")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
