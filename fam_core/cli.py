@@ -22,7 +22,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fam_core.commands.bulk",
     "fam_core.commands.eval",
     "fam_core.commands.export",
+    "fam_core.commands.index",
     "fam_core.commands.inspect",
+    "fam_core.commands.search",
     "fam_core.commands.serve",
 )
 

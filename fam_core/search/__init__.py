@@ -22,6 +22,7 @@ from fam_core.search.explained import (
     explain_each_target,
     explained_search,
     load_uri_image,
+    load_uri_pixels,
 )
 from fam_core.search.index import GalleryIndex, model_card, open_index, weights_hash
 from fam_core.search.milvus import MilvusEngine, parse_index_uri
@@ -41,6 +42,7 @@ __all__ = [
     "explain_each_target",
     "explained_search",
     "load_uri_image",
+    "load_uri_pixels",
     "model_card",
     "open_index",
     "parse_index_uri",

@@ -48,6 +48,10 @@ class VectorEngine(Protocol):
         """The rows of ``ids`` that exist, in the order of ``ids``."""
         ...
 
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored."""
+        ...
+
     def count(self) -> int:
         """The rows stored."""
         ...

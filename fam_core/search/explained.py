@@ -53,6 +53,7 @@ __all__ = [
     "explain_each_target",
     "explained_search",
     "load_uri_image",
+    "load_uri_pixels",
 ]
 
 ExplainMode = Literal["none", "query", "both"]
@@ -200,9 +201,15 @@ def explain_each_target(
 
 
 def load_uri_image(model: Any, uri: str) -> torch.Tensor:
-    """The model inputs ``[C, H, W]`` of the image at ``uri`` (a file path or ``file://``
-    URI), decoded and preprocessed as the request pipeline does; ``ValueError`` naming the
-    reason when it cannot be read."""
+    """The model inputs ``[C, H, W]`` of the image at ``uri`` (a file path, ``file://`` or
+    ``parquet://`` URI), decoded and preprocessed as the request pipeline does; ``ValueError``
+    naming the reason when it cannot be read."""
+    return model.config.normalize(load_uri_pixels(model, uri)[None])[0]
+
+
+def load_uri_pixels(model: Any, uri: str) -> torch.Tensor:
+    """The image at ``uri`` as the model sees it before normalisation: decoded as the request
+    pipeline decodes and fitted to the model's input, ``[3, H, W]`` in ``[0, 1]``."""
     from fam_core.pipeline import EncodedImage, Limits, PipelineError
     from fam_core.pipeline.decode import decode_input
     from fam_core.pipeline.preprocess import preprocess
@@ -213,7 +220,7 @@ def load_uri_image(model: Any, uri: str) -> torch.Tensor:
         decoded = decode_input(EncodedImage(data), Limits(), size=model.config.image_size)
     except PipelineError as error:
         raise ValueError(f"{uri}: {str(error).removeprefix('image 0: ')}") from None
-    return preprocess([decoded], model.config)[1][0]
+    return preprocess([decoded], model.config)[0][0]
 
 
 # -- helpers

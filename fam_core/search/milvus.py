@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,9 @@ MAX_ID = 4096
 MAX_URI = 8192
 MAX_LABEL = 1024
 SERVER_TIMEOUT_S = 10.0
+# pymilvus logs each failed call with a traceback (we raise one line instead) and warns that a
+# query iterator of Milvus Lite takes its timestamp on the client side
+_QUIET_LOGGERS = ("pymilvus.decorators", "pymilvus.client.iterator.query_iterator")
 _CARD_KEY = "card"
 _CHUNK = 1000
 
@@ -107,6 +111,7 @@ class MilvusEngine:
         self.timeout = timeout
         self._client: Any = None
         self._card: IndexCard | None = None
+        self._loaded: set[str] = set()
 
     # -- the connection
     @property
@@ -117,6 +122,9 @@ class MilvusEngine:
             if not self.location.server:
                 require("search", "milvus_lite")
             from pymilvus import MilvusClient
+
+            for name in _QUIET_LOGGERS:
+                logging.getLogger(name).setLevel(logging.CRITICAL)
 
             where = self.location.client_uri
             if not self.location.server:
@@ -136,10 +144,29 @@ class MilvusEngine:
         if self._client is not None:
             self._client.close()
             self._client = None
+            self._loaded.clear()
 
     def exists(self) -> bool:
-        """Whether the collection exists."""
+        """Whether the collection exists (a missing Milvus Lite file is not created)."""
+        if self._missing_file():
+            return False
         return bool(self._call("look up", self.client.has_collection, self._name))
+
+    def _missing_file(self) -> bool:
+        return (
+            not self.location.server
+            and self._client is None
+            and not Path(self.location.client_uri).exists()
+        )
+
+    def _ready(self, name: str) -> Any:
+        """The client, with collection ``name`` loaded for reading (Milvus keeps a collection
+        released until it is loaded: a reopened Milvus Lite file, a server's restart)."""
+        client = self.client
+        if name not in self._loaded:
+            self._call("load", client.load_collection, name)
+            self._loaded.add(name)
+        return client
 
     # -- VectorEngine
     def create(self, dimension: int, metric: str, card: IndexCard) -> None:
@@ -202,8 +229,9 @@ class MilvusEngine:
             raise ValueError("vectors must be a tensor [Q, D] of embeddings")
         metric = self._metric()
         data = vectors.detach().to("cpu", torch.float32).tolist()
+        client = self._ready(self._name)
         try:
-            found = self.client.search(
+            found = client.search(
                 self._name,
                 data=data,
                 limit=top_k,
@@ -217,13 +245,15 @@ class MilvusEngine:
         return [[_hit(hit, metric) for hit in hits] for hits in found]
 
     def get(self, ids: Sequence[str]) -> list[IndexRow]:
+        if not self.exists():
+            return []
         ids = list(ids)
         found: dict[str, IndexRow] = {}
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
             records = self._call(
                 "read",
-                self.client.get,
+                self._ready(self._name).get,
                 self._name,
                 ids=chunk,
                 output_fields=["uri", "label", "vector"],
@@ -232,19 +262,41 @@ class MilvusEngine:
                 found[record["id"]] = _row(record)
         return [found[i] for i in ids if i in found]
 
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        if not self.exists():
+            return set()
+        ids = list(ids)
+        found: set[str] = set()
+        for start in range(0, len(ids), _CHUNK):
+            records = self._call(
+                "read",
+                self._ready(self._name).get,
+                self._name,
+                ids=ids[start : start + _CHUNK],
+                output_fields=["id"],
+            )
+            found.update(record["id"] for record in records)
+        return found
+
     def count(self) -> int:
         if not self.exists():
             return 0
         result = self._call(
-            "count", self.client.query, self._name, filter="", output_fields=["count(*)"]
+            "count",
+            self._ready(self._name).query,
+            self._name,
+            filter="",
+            output_fields=["count(*)"],
         )
         return int(result[0]["count(*)"])
 
     def labels(self) -> dict[str, int]:
         counts: dict[str, int] = {}
+        if not self.exists():
+            return counts
         iterator = self._call(
             "read",
-            self.client.query_iterator,
+            self._ready(self._name).query_iterator,
             self._name,
             batch_size=_CHUNK,
             filter='label != ""',
@@ -259,10 +311,13 @@ class MilvusEngine:
         return dict(sorted(counts.items()))
 
     def drop(self) -> None:
+        if self._missing_file():
+            return
         for name in (self._name, self._card_name):
             if self._call("look up", self.client.has_collection, name):
                 self._call("drop", self.client.drop_collection, name)
         self._card = None
+        self._loaded.clear()
 
     def card(self) -> IndexCard | None:
         if self._card is None:
@@ -270,7 +325,7 @@ class MilvusEngine:
                 return None
             records = self._call(
                 "read the card of",
-                self.client.get,
+                self._ready(self._card_name).get,
                 self._card_name,
                 ids=[_CARD_KEY],
                 output_fields=["card"],
@@ -340,5 +395,6 @@ def _hit(hit: dict[str, Any], similarity: str) -> Hit:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
+    message = getattr(error, "message", None)  # a MilvusException's text without its code
+    text = (message if isinstance(message, str) and message else str(error)).strip()
     return text.splitlines()[0] if text else type(error).__name__
