@@ -1,14 +1,19 @@
 """Explained search over plain search, and index build over `fam bulk --embedding`.
 
-Run: OMP_NUM_THREADS=2 .venv/bin/python bench/bench_search_explained.py [--images 1024]
-     [--batches 1 8] [--repeats 15] [--build-rounds 2] [--model default-embedding]
+Run: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_search_explained.py [--images 1024]
+     [--batches 1 8] [--repeats 15] [--build-rounds 2] [--threads 1] [--model default-embedding]
+
+(``OMP_WAIT_POLICY=PASSIVE``: on a machine shared with other work, OpenMP threads that spin
+while they wait turn a 7 ms forward pass into hundreds of ms.)
 
 Benchmark flowers are written as PNG files (the gallery). Two measurements:
 
 - Index build: ``build_index`` (what ``fam index build`` runs) over ``run_bulk`` with
   ``--embedding`` (what ``fam bulk --embedding`` runs) on the same images, same batch size, one
   Ray actor, one Ray session; rounds alternate the two, each into a fresh index / output folder.
-  Reported: images/s of both and their ratio (target >= 0.9).
+  Reported: images/s of whole jobs, and the steady rate ``(N - 1) / (t_N - t_1)`` that the
+  fixed cost of a job (starting the actor, loading the model) does not blur (the job of one
+  image measures it), both ways, and their ratio (target >= 0.9).
 - Search: ``explained_search`` of a batch of preprocessed query images (novel-class flowers,
   never in the gallery), top 10, FAM: ``explain="query"`` (the query's map for each neighbour)
   and ``explain="both"`` (also each neighbour's map, its image read back from its file), each
@@ -67,24 +72,30 @@ def bulk_seconds(model: str, folder: Path, out: Path, batch_size: int) -> float:
 
 
 def measure_build(args: argparse.Namespace, work: Path) -> None:
-    build, bulk, ratios = [], [], []
+    """Whole jobs of all the images and of one image, both ways, rounds alternating."""
+    jobs = {
+        "build": lambda folder: build_seconds(args.model, folder, work / "b.db", args.batch_size),
+        "bulk": lambda folder: bulk_seconds(args.model, folder, work / "bulk", args.batch_size),
+    }
+    rates: dict[str, dict[str, list[float]]] = {
+        name: {"whole job": [], "steady": []} for name in jobs
+    }
     for round_number in range(args.build_rounds):
-        pair = [
-            ("build", lambda: build_seconds(args.model, work / "gallery", work / "b.db", 16)),
-            ("bulk", lambda: bulk_seconds(args.model, work / "gallery", work / "bulk", 16)),
-        ]
-        if round_number % 2:
-            pair.reverse()
-        seconds = dict((name, run()) for name, run in pair)
-        build.append(args.images / seconds["build"])
-        bulk.append(args.images / seconds["bulk"])
-        ratios.append(build[-1] / bulk[-1])
-    print(
-        f"index build: {statistics.median(build):.1f} images/s; fam bulk --embedding: "
-        f"{statistics.median(bulk):.1f} images/s; build / bulk: {statistics.median(ratios):.2f} "
-        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
-        flush=True,
-    )
+        order = list(jobs) if round_number % 2 == 0 else list(reversed(jobs))
+        for name in order:
+            whole = jobs[name](work / "gallery")
+            one = jobs[name](work / "one")
+            rates[name]["whole job"].append(args.images / whole)
+            rates[name]["steady"].append((args.images - 1) / max(whole - one, 1e-9))
+    for kind in ("whole job", "steady"):
+        build, bulk = rates["build"][kind], rates["bulk"][kind]
+        ratios = [b / u for b, u in zip(build, bulk, strict=True)]
+        print(
+            f"{kind}: index build {statistics.median(build):.1f} images/s, fam bulk --embedding "
+            f"{statistics.median(bulk):.1f} images/s, build / bulk "
+            f"{statistics.median(ratios):.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
+            flush=True,
+        )
 
 
 def measure_search(args: argparse.Namespace, index_uri: Path) -> None:
@@ -92,24 +103,22 @@ def measure_search(args: argparse.Namespace, index_uri: Path) -> None:
     classes = list(SPLITS["novel"])
     flowers = make_flowers(classes, per_class=max(args.batches), seed=1)
     queries = model.config.normalize(flowers.images)
-    print("| queries per call | plain search (ms) | query maps (ms) | query / plain "
-          "| both maps (ms) | both / plain |")
+    print(
+        "| queries per call | plain search (ms) | query maps (ms) | query / plain "
+        "| both maps (ms) | both / plain |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     with open_index(str(index_uri)) as index:
         for batch in args.batches:
             images = queries[:batch]
 
             def run(explain: str, images: torch.Tensor = images) -> None:
-                explained_search(
-                    model, index, images, top_k=TOP_K, method="fam", explain=explain
-                )
+                explained_search(model, index, images, top_k=TOP_K, method="fam", explain=explain)
 
             query, query_ms, plain_ms = ratio(
                 lambda: run("query"), lambda: run("none"), repeats=args.repeats
             )
-            both, both_ms, _ = ratio(
-                lambda: run("both"), lambda: run("none"), repeats=args.repeats
-            )
+            both, both_ms, _ = ratio(lambda: run("both"), lambda: run("none"), repeats=args.repeats)
             print(
                 f"| {batch} | {1000 * plain_ms:.1f} | {1000 * query_ms:.1f} | {query:.2f} "
                 f"| {1000 * both_ms:.1f} | {both:.2f} |",
@@ -123,14 +132,18 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--build-rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the search")
     parser.add_argument("--model", default="default-embedding")
     parser.add_argument("--skip-build", action="store_true", help="only the search ratios")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="bench-search-explained-"))
     try:
         write_flower_pngs(work / "gallery", args.images)
+        write_flower_pngs(work / "one", 1)
         print(
             f"{args.images} gallery images, model {args.model}, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), top {TOP_K}, FAM",
@@ -139,7 +152,7 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         if not args.skip_build:
             measure_build(args, work)
-        build_seconds(args.model, work / "gallery", work / "search.db", 16)
+        build_seconds(args.model, work / "gallery", work / "search.db", args.batch_size)
         ray.shutdown()
         measure_search(args, work / "search.db")
     finally:
