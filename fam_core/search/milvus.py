@@ -321,6 +321,8 @@ class MilvusEngine:
 
     def card(self) -> IndexCard | None:
         if self._card is None:
+            if self._missing_file():
+                return None
             if not self._call("look up", self.client.has_collection, self._card_name):
                 return None
             records = self._call(
