@@ -17,7 +17,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from serving_helpers import make_model_dir, png_bytes
+from serving_helpers import kserve_server, make_model_dir, png_bytes
 
 from fam_core.cli import build_parser
 from fam_core.pipeline import EncodedImage, ExplainRequest, ModelRegistry, Pipeline, RawTensor
@@ -37,14 +36,7 @@ if importlib.util.find_spec("kserve") is None:  # found, never imported: see the
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kserve"
 CLASSIFIER, EMBEDDING = "default-classifier", "default-embedding"
-START_TIMEOUT_S = 180.0
 ATOL = 2e-3  # float16 heatmaps in [0, 1]: one unit in the last place is 2**-11 near 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def b64(data: bytes) -> str:
@@ -71,43 +63,8 @@ def pipeline(models):
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
     """``(http base URL, gRPC address)`` of a running ``fam serve --engine kserve``."""
-    http_port, grpc_port = free_port(), free_port()
-    log = (tmp_path_factory.mktemp("kserve-log") / "server.log").open("w+")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fam_core", "serve", "--engine", "kserve", "--models", str(models)]
-        + ["--port", str(http_port), "--grpc-port", str(grpc_port), "--workers", "4"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"the KServe server exited with {process.returncode}:\n{log.read()}")
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(
-                    f"the KServe server was not ready in {START_TIMEOUT_S} s:\n{log.read()}"
-                )
-            time.sleep(0.5)
-        yield base, f"127.0.0.1:{grpc_port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
+    with kserve_server(models, tmp_path_factory.mktemp("kserve-log") / "server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

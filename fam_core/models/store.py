@@ -101,6 +101,12 @@ class ModelConfig:
         class_names: the classifier's classes, or the labels of ``prototypes``.
         prototypes: optional ``[K, D]`` tensor file of class prototypes (embedding models).
         similarity: the similarity the embedding model was trained for.
+        index: embedding models: the gallery index searched with this model
+            (:func:`fam_core.search.open_index`: a Milvus Lite ``.db`` file, relative to the
+            config's folder, or ``http(s)://HOST:PORT``); ``None``: none.
+        top_k: searches of the index: neighbours per query when a request names none.
+        explain: searches of the index: ``"none"``, ``"query"`` or ``"both"`` when a request
+            names none.
         metrics: what the training script measured (accuracy, interval, ...).
         directory: the folder the config was read from.
 
@@ -122,6 +128,9 @@ class ModelConfig:
     class_names: tuple[str, ...] = ()
     prototypes: str | None = None
     similarity: str = "cosine"
+    index: str | None = None
+    top_k: int = 10
+    explain: str = "query"
     metrics: dict[str, Any] = field(default_factory=dict)
     onnx: str | None = None
     factory: str | None = None
@@ -201,6 +210,12 @@ class ModelConfig:
             )
         if self.layout not in (None, "NCHW", "NHWC"):
             problems.append(("layout", f"expected NCHW or NHWC, got {self.layout!r}"))
+        if self.index is not None and (not isinstance(self.index, str) or not self.index):
+            problems.append(("index", f"expected an index URI, got {self.index!r}"))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            problems.append(("top_k", f"expected an int >= 1, got {self.top_k!r}"))
+        if self.explain not in ("none", "query", "both"):
+            problems.append(("explain", f"expected none, query or both, got {self.explain!r}"))
         if self.method is not None and (not isinstance(self.method, str) or not self.method):
             problems.append(("method", f"expected a method name, got {self.method!r}"))
         for key in ("mean", "std"):
@@ -300,9 +315,13 @@ class ModelConfig:
             "output",
             "weights",
             "method",
+            "index",
         ):
             if data[key] in (None, {}) and key != self.source:
                 data.pop(key)
+        if self.index is None:
+            data.pop("top_k")
+            data.pop("explain")
         if data["channels"] == 3:
             data.pop("channels")
         if self.source != "backbone":

@@ -36,7 +36,11 @@ from fam_core.pipeline.request import (
     Heatmap,
     Match,
     ModelDescription,
+    NeighbourResult,
     RawTensor,
+    SearchRequest,
+    SearchResponse,
+    SearchResult,
 )
 from fam_core.pipeline.service import Pipeline
 
@@ -56,11 +60,15 @@ __all__ = [
     "MicroBatcher",
     "ModelDescription",
     "ModelRegistry",
+    "NeighbourResult",
     "NotFound",
     "Pipeline",
     "PipelineError",
     "RawTensor",
     "ResourceExhausted",
+    "SearchRequest",
+    "SearchResponse",
+    "SearchResult",
     "ServedModel",
     "Unavailable",
     "default_method",

@@ -6,6 +6,7 @@ error                gRPC code               HTTP
 InvalidArgument      INVALID_ARGUMENT        400
 UnsupportedFormat    INVALID_ARGUMENT        415
 NotFound             NOT_FOUND               404
+FailedPrecondition   FAILED_PRECONDITION     400
 ResourceExhausted    RESOURCE_EXHAUSTED      413 / 429 / 503
 LaneFull             RESOURCE_EXHAUSTED      429 (with a retry hint)
 DeadlineExceeded     DEADLINE_EXCEEDED       504
@@ -13,7 +14,7 @@ Unavailable          UNAVAILABLE             503
 Cancelled            UNAVAILABLE             503
 ===================  ======================  =========
 
-``InvalidArgument`` and ``NotFound`` are ``ValueError`` subclasses, so library callers that
+``InvalidArgument``, ``NotFound`` and ``FailedPrecondition`` are ``ValueError`` subclasses, so library callers that
 catch ``ValueError`` keep working.
 """
 
@@ -47,6 +48,14 @@ class NotFound(PipelineError, ValueError):
 
     code = "NOT_FOUND"
     http_status = 404
+
+
+class FailedPrecondition(PipelineError, ValueError):
+    """The model cannot do what the request asks as it is configured: a search of a model
+    without an ``index``."""
+
+    code = "FAILED_PRECONDITION"
+    http_status = 400
 
 
 class ResourceExhausted(PipelineError):

@@ -1,15 +1,18 @@
 """Served models: described by config files, listed in a registry, loaded once.
 
 A :class:`ServedModel` is a config, a :class:`~fam_core.pipeline.backends.Backend` (torch or
-ONNX) and the shapes probed at load. A model whose config fails to load is kept in the
-registry as a :class:`FailedModel`: the server starts the others and answers requests for it
-with :class:`~fam_core.pipeline.errors.Unavailable` and the one-line reason.
+ONNX) and the shapes probed at load, and the gallery index its config names (opened and
+checked against the model at load). A model whose config fails to load, or whose index
+cannot be reached or was built by another model, is kept in the registry as a
+:class:`FailedModel`: the server starts the others and answers requests for it with
+:class:`~fam_core.pipeline.errors.Unavailable` and the one-line reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +24,9 @@ from fam_core.pipeline.backends import Backend, LoadedBackend, default_method
 from fam_core.pipeline.errors import NotFound, Unavailable
 from fam_core.pipeline.onnx_backend import OnnxBackend, load_onnx_backend
 from fam_core.pipeline.torch_backend import TorchBackend, load_torch_backend
+
+if TYPE_CHECKING:
+    from fam_core.search import GalleryIndex
 
 DEFAULT_MODELS: tuple[str, ...] = DEFAULT_MODEL_NAMES  # what a server serves when told nothing
 
@@ -48,6 +54,7 @@ class ServedModel:
     prototypes: torch.Tensor | None  # [K, D] (embedding models)
     output_dim: int
     feature_shape: tuple[int, int]
+    index: GalleryIndex | None = None  # the config's gallery index, opened
 
     @property
     def name(self) -> str:
@@ -119,13 +126,34 @@ class ServedModel:
             (5, 5)
         """
         loaded = load_backend(name_or_path, device, target_layer=target_layer)
-        return cls(
+        served = cls(
             config=loaded.config,
             backend=loaded.backend,
             prototypes=loaded.prototypes,
             output_dim=loaded.output_dim,
             feature_shape=loaded.feature_shape,
         )
+        if served.config.index is not None:
+            served.index = open_model_index(served)
+        return served
+
+
+def open_model_index(served: ServedModel) -> GalleryIndex:
+    """The gallery index ``served``'s config names, reached and checked to hold ``served``'s
+    embeddings; a one-line ``ValueError`` naming the model and the ``index`` key otherwise
+    (a server that does not answer, a file holding no gallery, another model's gallery)."""
+    from fam_core.search import model_card, open_index
+
+    config = served.config
+    if config.task == "classifier":
+        raise ValueError(f"model {config.name!r}: index: a classifier has no gallery to search")
+    index = open_index(str(config.index), base=config.directory)
+    try:
+        index.check_model(model_card(served))
+    except (ValueError, TypeError) as error:
+        index.close()
+        raise ValueError(f"model {config.name!r}: index: {_one_line(error)}") from None
+    return index
 
 
 def load_backend(
