@@ -245,3 +245,27 @@ def test_an_empty_file_is_no_gallery(tmp_path):
     assert not (tmp_path / "none.db").exists()  # reading never creates a file
     with pytest.raises(ValueError, match="no such folder"):
         open_index(str(tmp_path / "no" / "g.db")).create(IndexCard("m", 2, "cosine", "0" * 64))
+
+
+def test_an_onnx_graph_searches_and_explains_as_the_torch_model(model, gallery, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fam_core.exporters import export_model
+    from fam_core.models.store import load_model
+
+    torch_model, config = load_model(MODEL)
+    graph = ServedModel.load(export_model(torch_model, config, path=tmp_path / "fam.onnx"))
+    index = open_index(str(tmp_path / "onnx.db"))
+    index.create(model_card(graph))
+    index.upsert(gallery["rows"])  # the torch embeddings: the graph computes the same
+    queries = model.config.normalize(make_flowers(CLASSES[:2], 1, start_index=PER_CLASS).images)
+    found = explained_search(graph, index, queries, top_k=3, explain="both")
+    expected = explained_search(model, gallery["index"], queries, top_k=3, explain="both")
+    index.close()
+    for got, want in zip(found, expected, strict=True):
+        assert [h.neighbour.id for h in got] == [h.neighbour.id for h in want]
+        for hit, reference in zip(got, want, strict=True):
+            assert hit.neighbour.score == pytest.approx(reference.neighbour.score, abs=1e-4)
+            torch.testing.assert_close(hit.query_map, reference.query_map, atol=1e-3, rtol=0)
+            torch.testing.assert_close(
+                hit.reference_map, reference.reference_map, atol=1e-3, rtol=0
+            )

@@ -2,8 +2,9 @@
 server, against ``explained_search`` called directly on the same index.
 
 A tiny index of the embedded benchmark's flowers is built in a temporary folder with the
-default embedding model; the server serves it as ``gallery-embedding``, the same model
-without an index as ``plain-embedding``, and a model whose index cannot be reached.
+default embedding model; the server serves it as ``gallery-embedding``, a kNN classifier
+over it as ``gallery-knn``, the same model without an index as ``plain-embedding``, and a
+model whose index cannot be reached.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 from search_helpers import (
+    KNN_MODEL,
+    PER_CLASS,
     PLAIN_MODEL,
     SEARCH_MODEL,
     build_index,
@@ -37,14 +40,19 @@ from fam_core.pipeline import (
     SearchRequest,
 )
 from fam_core.pipeline.encode import heatmap_from_bytes
-from fam_core.search import explained_search
+from fam_core.pipeline.oip_codec import OUTPUTS, answer_infer, pack_bytes, unpack_bytes
+from fam_core.search import embed, explained_search
+from fam_core.search.knn import KNN_TARGET_COUNT
 from fam_core.server import FamServer, ServerConfig
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
+from fam_core.server.stubs import grpc_service_pb2 as oip_pb
+from fam_core.tasks.knn import knn_predict, neighbour_targets
 
 TIMEOUT = 60
 SCORE_ATOL = 1e-5
 MAP_ATOL = 2e-3  # float16 maps in [0, 1]
 UNREACHABLE_MODEL = "unreachable-embedding"
+KNN_K = 4
 CLIENT = Path(__file__).with_name("search_oip_client.py")
 
 
@@ -67,6 +75,10 @@ def models(tmp_path_factory, gallery) -> Path:
     build_index(gallery, write_model(folder / "build", SEARCH_MODEL), str(index), extra_rows=1)
     write_model(folder, SEARCH_MODEL, index="../gallery.db", top_k=4, explain="query")
     write_model(folder, PLAIN_MODEL)
+    write_model(
+        folder, KNN_MODEL, task="knn", index="../gallery.db", k=KNN_K, prototypes=None,
+        class_names=[],
+    )  # fmt: skip
     write_model(folder, UNREACHABLE_MODEL, index=f"http://127.0.0.1:{closed_port()}")
     return folder
 
@@ -248,7 +260,52 @@ def test_an_unreachable_index_fails_only_its_model(server) -> None:
     registry = server.pipeline.registry
     (failed,) = registry.failed()
     assert failed.name == UNREACHABLE_MODEL and "\n" not in failed.reason
-    assert set(registry.names()) == {SEARCH_MODEL, PLAIN_MODEL}
+    assert set(registry.names()) == {SEARCH_MODEL, PLAIN_MODEL, KNN_MODEL}
+
+
+# -- a kNN classifier over the index
+def test_a_knn_model_explains_its_vote_and_searches(stub, server, direct, gallery) -> None:
+    pipeline: Pipeline = server.pipeline
+    served = pipeline.registry.get(KNN_MODEL)
+    classes = served.labels
+    assert classes == tuple(sorted(set(gallery.labels)))
+    rows = served.index.get(list(gallery.ids))  # the labelled bank, as stored
+    bank = torch.stack([row.embedding for row in rows])
+    labels = torch.tensor([classes.index(row.label) for row in rows])
+    paths = list(gallery.queries)
+    request = fam_pb2.ExplainRequest(
+        model=KNN_MODEL, images=[fam_pb2.Image(encoded=p.read_bytes()) for p in paths]
+    )
+    response = stub.Explain(request, timeout=TIMEOUT)
+    images = tuple(EncodedImage(p.read_bytes()) for p in paths)
+    inputs = served.config.normalize(pipeline.pixels(KNN_MODEL, images))
+    queries = embed(served, inputs)
+    expected = knn_predict(queries, bank, labels, k=KNN_K, temperature=served.config.temperature)
+    targets = neighbour_targets(
+        queries, bank, labels, expected.labels, count=min(KNN_TARGET_COUNT, PER_CLASS)
+    )
+    explainer = served.explainer("fam")
+    for number, result in enumerate(response.results):
+        votes = expected.votes[number]
+        assert result.prediction.label == classes[int(expected.labels[number])]
+        assert result.prediction.score == pytest.approx(float(votes.max() / votes.sum()), abs=1e-5)
+        alone = explainer(inputs[number : number + 1], target=targets[number][None]).maps[0]
+        assert torch.allclose(proto_map(result.heatmap), alone, atol=MAP_ATOL)
+    listed = {m.name: m for m in stub.ListModels(fam_pb2.ListModelsRequest()).models}
+    assert listed[KNN_MODEL].task == "knn" and listed[KNN_MODEL].status == "ready"
+    info = stub.ModelInfo(fam_pb2.ModelInfoRequest(model=KNN_MODEL), timeout=TIMEOUT)
+    assert tuple(info.class_names) == classes and info.task == "knn"
+    # a knn model searches the index it votes over: what the same weights find there
+    found = stub.Search(search_request(paths[:1], model=KNN_MODEL, top_k=3), timeout=TIMEOUT)
+    assert_same_results(found.results, direct(paths[:1], top_k=3, explain="query"))
+    # the OIP answers a knn model's request naming no outputs with its classification
+    message = oip_pb.ModelInferRequest(model_name=KNN_MODEL)
+    message.inputs.add(name="image", datatype="BYTES", shape=[1])
+    message.raw_input_contents.append(pack_bytes([paths[0].read_bytes()]))
+    answer = answer_infer(pipeline, message, "1", oip_pb.ModelInferResponse)
+    assert [output.name for output in answer.outputs] == list(OUTPUTS)
+    label = unpack_bytes(answer.raw_output_contents[list(OUTPUTS).index("label")])
+    assert label == [response.results[0].prediction.label.encode()]
 
 
 # -- the Open Inference Protocol, read by tritonclient

@@ -80,7 +80,9 @@ class ModelConfig:
 
     Attributes:
         name: registry name, e.g. ``"default-embedding"``.
-        task: ``"embedding"`` or ``"classifier"``.
+        task: ``"embedding"``, ``"classifier"``, or ``"knn"`` (an embedding model that
+            classifies by NPID's weighted vote of its ``k`` nearest labelled images in
+            ``index``: :mod:`fam_core.search.knn`).
         target_layer: the layer explainers use (``None``: the explainer's default).
         output: which part of the model's output is the embedding or the logits (a key or an
             index; ``None``: the explainers' default); for ``onnx``, the name of the graph
@@ -101,12 +103,14 @@ class ModelConfig:
         class_names: the classifier's classes, or the labels of ``prototypes``.
         prototypes: optional ``[K, D]`` tensor file of class prototypes (embedding models).
         similarity: the similarity the embedding model was trained for.
-        index: embedding models: the gallery index searched with this model
-            (:func:`fam_core.search.open_index`: a Milvus Lite ``.db`` file, relative to the
-            config's folder, or ``http(s)://HOST:PORT``); ``None``: none.
-        top_k: searches of the index: neighbours per query when a request names none.
-        explain: searches of the index: ``"none"``, ``"query"`` or ``"both"`` when a request
-            names none.
+        index: the gallery index of an embedding or ``knn`` model: a Milvus Lite ``.db``
+            path (relative to the config's folder) or ``http(s)://HOST:PORT[#NAME]``
+            (:mod:`fam_core.search`); :attr:`index_uri` resolves it.
+        top_k: neighbours a search returns when a request names none.
+        explain: the maps a search draws when a request names none: ``"none"``,
+            ``"query"`` or ``"both"``.
+        k, temperature: ``knn`` models: the neighbours that vote and the vote's temperature
+            (NPID: 200 and 0.07).
         metrics: what the training script measured (accuracy, interval, ...).
         directory: the folder the config was read from.
 
@@ -117,7 +121,7 @@ class ModelConfig:
     """
 
     name: str
-    task: Literal["embedding", "classifier"]
+    task: Literal["embedding", "classifier", "knn"]
     backbone: str | None = None
     weights: str | None = None
     target_layer: str | None = None
@@ -128,9 +132,6 @@ class ModelConfig:
     class_names: tuple[str, ...] = ()
     prototypes: str | None = None
     similarity: str = "cosine"
-    index: str | None = None
-    top_k: int = 10
-    explain: str = "query"
     metrics: dict[str, Any] = field(default_factory=dict)
     onnx: str | None = None
     factory: str | None = None
@@ -142,6 +143,11 @@ class ModelConfig:
     channels: int = 3
     method: str | None = None
     layout: str | None = None
+    index: str | None = None
+    top_k: int = 10
+    explain: str = "query"
+    k: int = 200
+    temperature: float = 0.07
     directory: Path = Path(".")
 
     def __post_init__(self) -> None:
@@ -161,10 +167,9 @@ class ModelConfig:
         for key in ("name", "task"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 problems.append((key, f"expected a non-empty string, got {getattr(self, key)!r}"))
-        if self.task not in ("embedding", "classifier"):
-            problems.append(
-                ("task", f"task must be 'embedding' or 'classifier', got {self.task!r}")
-            )
+        if self.task not in TASKS:
+            problems.append(("task", f"task must be one of {list(TASKS)}, got {self.task!r}"))
+        problems.extend(_search_problems(self, source))
         if not isinstance(getattr(self, source), str):
             problems.append((source, f"expected a string, got {getattr(self, source)!r}"))
         for key, takers in _SOURCE_KEYS.items():
@@ -210,12 +215,6 @@ class ModelConfig:
             )
         if self.layout not in (None, "NCHW", "NHWC"):
             problems.append(("layout", f"expected NCHW or NHWC, got {self.layout!r}"))
-        if self.index is not None and (not isinstance(self.index, str) or not self.index):
-            problems.append(("index", f"expected an index URI, got {self.index!r}"))
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            problems.append(("top_k", f"expected an int >= 1, got {self.top_k!r}"))
-        if self.explain not in ("none", "query", "both"):
-            problems.append(("explain", f"expected none, query or both, got {self.explain!r}"))
         if self.method is not None and (not isinstance(self.method, str) or not self.method):
             problems.append(("method", f"expected a method name, got {self.method!r}"))
         for key in ("mean", "std"):
@@ -245,6 +244,19 @@ class ModelConfig:
         if self.source == "backbone":
             return str(self.backbone)
         return f"{self.source} {getattr(self, self.source)}"
+
+    @property
+    def index_uri(self) -> str | None:
+        """``index`` with a relative file path taken from the config's folder.
+
+        Example:
+            >>> ModelConfig(name="m", task="knn", backbone="conv4", weights="w.pt",
+            ...             index="g.db", directory=Path("/models/m")).index_uri
+            '/models/m/g.db'
+        """
+        if self.index is None or "://" in self.index or Path(self.index).is_absolute():
+            return self.index
+        return (self.directory / self.index).as_posix()
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -320,8 +332,8 @@ class ModelConfig:
             if data[key] in (None, {}) and key != self.source:
                 data.pop(key)
         if self.index is None:
-            data.pop("top_k")
-            data.pop("explain")
+            for key in SEARCH_DEFAULTS:
+                data.pop(key)
         if data["channels"] == 3:
             data.pop("channels")
         if self.source != "backbone":
@@ -364,6 +376,44 @@ class ModelConfig:
         if not isinstance(values, torch.Tensor):
             raise ValueError(f"prototypes: {path} holds {type(values).__name__}, expected a tensor")
         return values
+
+
+TASKS: tuple[str, ...] = ("embedding", "classifier", "knn")
+SEARCH_DEFAULTS: dict[str, object] = {
+    "top_k": 10,
+    "explain": "query",
+    "k": 200,
+    "temperature": 0.07,
+}
+"""The search keys of a config with an ``index`` and their defaults."""
+
+
+def _search_problems(config: ModelConfig, source: str) -> list[tuple[str, str]]:
+    """What is wrong with the search keys: ``index``, ``top_k``, ``explain``, ``k``,
+    ``temperature`` (an index serves embedding and ``knn`` models of torch sources)."""
+    problems: list[tuple[str, str]] = []
+    if config.index is not None and (not isinstance(config.index, str) or not config.index):
+        problems.append(
+            ("index", f"expected a .db path or http(s)://HOST:PORT, got {config.index!r}")
+        )
+    if config.task == "knn" and not config.index:
+        problems.append(("index", "task knn needs an index: the labelled gallery it votes over"))
+    if config.index and config.task == "classifier":
+        problems.append(("index", "a gallery index needs an embedding model, not a classifier"))
+    if config.task == "knn" and source not in TORCH_SOURCES:
+        problems.append(("task", f"task knn needs a torch model (one of {list(TORCH_SOURCES)})"))
+    for key in ("top_k", "k"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append((key, f"expected an int >= 1, got {value!r}"))
+    if config.explain not in ("none", "query", "both"):
+        problems.append(
+            ("explain", f"expected one of ['none', 'query', 'both'], got {config.explain!r}")
+        )
+    value = config.temperature
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        problems.append(("temperature", f"expected a number > 0, got {value!r}"))
+    return problems
 
 
 def channel_mismatch(values: int, channels: int) -> str:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fam_core.configfile import parse_config
-from fam_core.models.store import ModelConfig, find_config
+from fam_core.models.store import TASKS, ModelConfig, find_config
 from fam_core.package_data import DEFAULT_MODEL_NAMES
 from fam_core.pipeline.backends import Backend, LoadedBackend, default_method
 from fam_core.pipeline.errors import NotFound, Unavailable
@@ -134,7 +134,8 @@ class ServedModel:
             feature_shape=loaded.feature_shape,
         )
         if served.config.index is not None:
-            served.index = open_model_index(served)
+            gallery = getattr(loaded.backend, "gallery", None)  # a knn backend opened it
+            served.index = gallery if gallery is not None else open_model_index(served)
         return served
 
 
@@ -145,9 +146,7 @@ def open_model_index(served: ServedModel) -> GalleryIndex:
     from fam_core.search import model_card, open_index
 
     config = served.config
-    if config.task == "classifier":
-        raise ValueError(f"model {config.name!r}: index: a classifier has no gallery to search")
-    index = open_index(str(config.index), base=config.directory)
+    index = open_index(str(config.index_uri))
     try:
         index.check_model(model_card(served))
     except (ValueError, TypeError) as error:
@@ -211,7 +210,7 @@ def _name_and_task(source: str | Path) -> tuple[str, str]:
     if not isinstance(raw, dict):
         return config_path.parent.name, ""
     name = raw.get("name") if isinstance(raw.get("name"), str) and raw["name"] else None
-    task = raw.get("task") if raw.get("task") in ("embedding", "classifier") else ""
+    task = raw.get("task") if raw.get("task") in TASKS else ""
     return name or config_path.parent.name, task
 
 

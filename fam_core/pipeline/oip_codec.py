@@ -14,7 +14,8 @@ or ``UINT8``/``FP16``/``FP32`` ``[B, 3, H, W]`` pixels. Request parameters: ``me
 FP32 ``[B, D]``, ``heatmap`` FP16 ``[B, H, W]``; all four unless the request names some.
 
 A model with a gallery index answers a search (:meth:`~fam_core.pipeline.Pipeline.search`)
-when the request names no outputs or only :data:`SEARCH_OUTPUTS`; per query image ``[k]``
+when the request names only :data:`SEARCH_OUTPUTS`, or none and it is an embedding model
+(a ``knn`` model classifies then); per query image ``[k]``
 neighbours, stacked over the batch like every output: ``neighbour_ids`` BYTES ``[B, k]``,
 ``neighbour_scores`` FP32 ``[B, k]``, ``neighbour_labels`` BYTES ``[B, k]`` (empty when
 unlabelled), ``heatmaps`` FP16 ``[B, k, H, W]`` (each query's map for each neighbour;
@@ -66,8 +67,7 @@ _PIXEL_TYPES = {"UINT8": ("uint8", 1), "FP16": ("float16", 2), "FP32": ("float32
 
 def tensor_metadata(output_dim: int, *, search: bool = False) -> dict[str, list[dict[str, Any]]]:
     """The ``inputs`` and ``outputs`` of a model's OIP metadata (``-1``: any size); with
-    ``search`` (a model with an index) the search outputs come first: a request naming no
-    outputs gets them.
+    ``search`` (a model with an index) the search outputs come first.
 
     Example:
         >>> [(t["name"], t["shape"]) for t in tensor_metadata(8)["outputs"]][2]
@@ -230,9 +230,9 @@ def _images(request: Any, limits: Limits) -> tuple:
     )
 
 
-def is_search(request: Any, has_index: bool) -> bool:
+def is_search(request: Any, by_default: bool) -> bool:
     """Whether a ``ModelInferRequest`` asks for a search: it names only
-    :data:`SEARCH_OUTPUTS`, or none and the model has an index.
+    :data:`SEARCH_OUTPUTS`, or none and the model searches ``by_default``.
 
     Example:
         >>> from types import SimpleNamespace as Message
@@ -241,7 +241,7 @@ def is_search(request: Any, has_index: bool) -> bool:
     """
     named = {output.name for output in request.outputs}
     if not named:
-        return has_index
+        return by_default
     unknown = sorted(named - set(OUTPUTS) - set(SEARCH_OUTPUTS))
     if unknown:
         raise InvalidArgument(
@@ -324,7 +324,7 @@ def answer_infer(
     """The ``ModelInferResponse`` (of ``message_type``) to a ``ModelInferRequest``: a search
     (:func:`is_search`) or an explanation, every option checked before the work."""
     served = pipeline.registry.get(request.model_name)
-    if is_search(request, served.index is not None):
+    if is_search(request, served.index is not None and served.task == "embedding"):
         search = search_request_from_infer(request, pipeline.limits)
         if served.index is None:
             raise no_index(served.name)

@@ -200,6 +200,11 @@ class ModelDescription:
     )
     input_shape: tuple[int, int] = (0, 0)  # (H, W); input_size is H when they differ
     resize: str = "crop"
-    index: str = ""  # the gallery index searched ("": none)
+    index: str = ""  # the gallery index searched, or voted over by a knn model ("": none)
     top_k: int = 0  # search: neighbours per query when a request names none
     explain: str = ""  # search: the explain mode when a request names none
+
+    @property
+    def searchable(self) -> bool:
+        """Whether the model answers searches: it has an index."""
+        return bool(self.index)

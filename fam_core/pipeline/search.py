@@ -51,11 +51,9 @@ def no_index(model: str) -> FailedPrecondition:
     )
 
 
-def search_job(
-    served: ServedModel, request: SearchRequest, inputs: torch.Tensor | None, limits: Limits
-) -> SearchJob:
+def search_job(served: ServedModel, request: SearchRequest, limits: Limits) -> SearchJob:
     """The :class:`SearchJob` of ``request`` with the model's defaults filled in, every option
-    and limit checked (``inputs`` ``None``: checks only, before anything is decoded).
+    and limit checked before anything is decoded (its ``inputs`` are ``[B, 0]`` until then).
 
     :class:`FailedPrecondition` for a model without an index; :class:`InvalidArgument` for a
     ``top_k`` outside ``[1, limits.max_top_k]``, an unknown explain mode or a filter that is
@@ -73,7 +71,8 @@ def search_job(
         raise InvalidArgument(f"top_k must be an integer in [1, {limits.max_top_k}], got {top_k!r}")
     explain = request.explain or served.config.explain
     if explain not in EXPLAIN_MODES:
-        raise InvalidArgument(f"explain must be one of {list(EXPLAIN_MODES)}, got {explain!r}")
+        shown = explain[:40] if isinstance(explain, str) else explain
+        raise InvalidArgument(f"explain must be one of {list(EXPLAIN_MODES)}, got {shown!r}")
     method = request.method or served.default_method
     if explain != "none":
         served.check_method(method)
@@ -94,7 +93,7 @@ def search_job(
             "smaller top_k"
         )
     empty = torch.zeros(len(request.images), 0)
-    return SearchJob(empty if inputs is None else inputs, method, explain, top_k, search_filter)
+    return SearchJob(empty, method, explain, top_k, search_filter)
 
 
 def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Explained]]:

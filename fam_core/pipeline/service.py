@@ -214,7 +214,7 @@ class Pipeline:
         self._check_open()
         _check_deadline(deadline)
         served = self.registry.get(request.model)
-        checked = search_job(served, request, None, self.limits)
+        checked = search_job(served, request, self.limits)
         headers = self._headers(request.images, "image")
         check_decoded_bytes(
             sum(decoded_bytes(i, h) for i, h in zip(request.images, headers, strict=True)),
@@ -305,14 +305,15 @@ class Pipeline:
         if request.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0, got {request.top_k}")
         if request.target_class is not None:
-            if served.task != "classifier":
+            if served.task not in ("classifier", "knn"):
                 raise InvalidArgument(
                     f"target_class needs a classifier; model {served.name!r} is an embedding "
                     "model: send references instead"
                 )
-            if not 0 <= request.target_class < served.output_dim:
+            classes = len(served.labels) if served.task == "knn" else served.output_dim
+            if not 0 <= request.target_class < classes:
                 raise InvalidArgument(
-                    f"target_class must be in [0, {served.output_dim}), got {request.target_class}"
+                    f"target_class must be in [0, {classes}), got {request.target_class}"
                 )
         if request.references and served.task != "embedding":
             raise InvalidArgument(

@@ -60,7 +60,7 @@ def explainer_options(config: ModelConfig, cls: type[Explainer]) -> dict[str, An
             )
         options["output"] = config.output
     if "task" in accepted:
-        options["task"] = config.task
+        options["task"] = "embedding" if config.task == "knn" else config.task
     elif "classifier" in accepted:
         options["classifier"] = config.task == "classifier"
     if "input_size" in accepted:
@@ -91,6 +91,7 @@ class TorchBackend:
 
     module: nn.Module
     config: ModelConfig
+    gallery: Any = None  # task knn: the GalleryIndex it votes over (fam_core.search)
     _explainers: dict[str, Explainer] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -140,6 +141,8 @@ class TorchBackend:
         classes: list[int | None],
         references: torch.Tensor | None,
     ) -> Computed:
+        if self.gallery is not None:
+            return self._run_knn(inputs, job, classes)
         if not job.heatmap:
             with torch.no_grad():
                 outputs = self.explainer("fam").embed(inputs)
@@ -157,6 +160,41 @@ class TorchBackend:
             raise InvalidArgument(
                 f"method {job.method!r} on model {served.name!r}: {error}"
             ) from None
+        return Computed.explained_by(outputs, scores, predicted, explanation)
+
+    def _run_knn(self, inputs: torch.Tensor, job: Job, classes: list[int | None]) -> Computed:
+        """Task knn: NPID's vote over the gallery; the map explains the predicted class (or
+        the requested one) with the paper's kNN target, from the same forward pass."""
+        from fam_core.search.knn import knn_classify, knn_targets
+
+        config = self.config
+        names = config.class_names
+        explainer = self.explainer(job.method if job.heatmap else "fam")
+        forward = explainer.forward(inputs) if _explains_in_one_pass(explainer) else None
+        if forward is not None:
+            outputs = forward.outputs.detach()
+        else:
+            with torch.no_grad():
+                outputs = explainer.embed(inputs)
+        try:
+            voted = knn_classify(
+                self.gallery, outputs, k=config.k, temperature=config.temperature, classes=names
+            )
+            scores = voted.probabilities.to(outputs.device)
+            predicted = voted.predicted.to(outputs.device)
+            if not job.heatmap:
+                return Computed(outputs=outputs, scores=scores, predicted=predicted)
+            chosen = [
+                p if c is None else c
+                for c, p in zip(classes, voted.predicted.tolist(), strict=True)
+            ]
+            targets = knn_targets(self.gallery, outputs, [names[c] for c in chosen])
+            if forward is not None:
+                explanation = explainer.explain_forward(forward, targets, inputs)  # type: ignore[attr-defined]
+            else:
+                explanation = explainer(inputs, targets)
+        except (ValueError, TypeError) as error:
+            raise InvalidArgument(f"model {config.name!r}: {error}") from None
         return Computed.explained_by(outputs, scores, predicted, explanation)
 
 
@@ -204,6 +242,9 @@ def load_torch_backend(
     feature_height, feature_width = activations.shape[-2:]
     backend = TorchBackend(module, config)
     backend._explainers["fam"] = probe
+    if config.task == "knn":
+        backend.gallery, config = _open_gallery(backend, int(outputs.shape[1]))
+        backend.config = config
     if config.method is not None:
         try:
             backend.check_method(config.method)
@@ -217,6 +258,25 @@ def load_torch_backend(
         output_dim=int(outputs.shape[1]),
         feature_shape=(int(feature_height), int(feature_width)),
     )
+
+
+def _open_gallery(backend: TorchBackend, output_dim: int) -> tuple[Any, ModelConfig]:
+    """The gallery of a knn model, checked against the model; its labels become the
+    config's class names. One-line ``ValueError`` when it cannot be reached or is another
+    model's."""
+    from fam_core.search import model_card, open_index
+
+    config = backend.config
+    gallery = open_index(str(config.index_uri))
+    view = LoadedBackend(config, backend, None, output_dim, (0, 0))
+    try:
+        gallery.check_model(model_card(view))
+        labels = tuple(gallery.labels())
+    except ValueError as error:
+        raise ValueError(f"model {config.name!r}: index: {_first_line(error)}") from None
+    if not labels:
+        raise ValueError(f"model {config.name!r}: index: {config.index} has no labelled image")
+    return gallery, replace(config, class_names=labels)
 
 
 def _target(

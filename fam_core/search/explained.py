@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -110,35 +111,41 @@ def explained_search(
     """
     if explain not in EXPLAIN_MODES:
         raise ValueError(f"explain must be one of {list(EXPLAIN_MODES)}, got {explain!r}")
-    if model.task != "embedding":
+    if model.task not in ("embedding", "knn"):
         raise ValueError(
             f"explained search needs an embedding model; {model.name!r} is a {model.task}"
         )
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
         raise ValueError("images must be a non-empty tensor [B, C, H, W] of model inputs")
     index.check_model(model_card(model))
-    explainer: Explainer | None = None
-    forward: ForwardPass | None = None
     if explain == "none":
+        found = index.search(embed(model, images), top_k, filter)
+        return [[ExplainedNeighbour(n) for n in hits] for hits in found]
+    forward: ForwardPass | None = None
+    maps_of: Callable[..., torch.Tensor]
+    if model.model is None:  # an ONNX graph: the pairs through the graph of the method
+        _check_method(model, method)
         embeddings = embed(model, images)
+        maps_of = partial(_backend_maps, model, method)
     else:
         explainer = _explainer(model, method)
         images = images.to(_device(explainer))
-        if _one_pass(explainer):
-            forward = explainer.forward(images)
-            embeddings = forward.outputs.detach().float()
-        else:
-            embeddings = embed(model, images)
+        forward = explainer.forward(images) if _one_pass(explainer) else None
+        embeddings = embed(model, images) if forward is None else forward.outputs.detach().float()
+        maps_of = partial(explain_each_target, explainer)
+
     found = index.search(embeddings, top_k, filter)
-    if explainer is None:
-        return [[ExplainedNeighbour(n) for n in hits] for hits in found]
     pairs = [(q, n) for q, hits in enumerate(found) for n in hits]
-    query_maps = _query_maps(explainer, forward, images, pairs)
+    query_maps: list[torch.Tensor] = []
+    if pairs:
+        rows = torch.tensor([query for query, _ in pairs])
+        targets = torch.stack([neighbour.embedding for _, neighbour in pairs])
+        query_maps = list(maps_of(images, targets, rows=rows, forward=forward).detach().float())
     reference_maps: dict[int, torch.Tensor] = {}
     errors: dict[int, str] = {}
     if explain == "both" and pairs:
         loader = load_image or (lambda uri: load_uri_image(model, uri))
-        reference_maps, errors = _reference_maps(explainer, embeddings, pairs, loader)
+        reference_maps, errors = _reference_maps(maps_of, embeddings, pairs, loader)
     answers: list[list[ExplainedNeighbour]] = [[] for _ in found]
     for number, (query, neighbour) in enumerate(pairs):
         answers[query].append(
@@ -225,11 +232,15 @@ def load_uri_pixels(model: Any, uri: str) -> torch.Tensor:
 
 # -- helpers
 def _explainer(model: Any, method: str) -> Explainer:
+    _check_method(model, method)
+    return model.explainer(method)
+
+
+def _check_method(model: Any, method: str) -> None:
     from fam_core.pipeline import PipelineError
 
     try:
         model.check_method(method)
-        return model.explainer(method)
     except PipelineError as error:
         raise ValueError(f"method {method!r} on model {model.name!r}: {error}") from None
 
@@ -251,22 +262,8 @@ def _one_pass(explainer: Explainer) -> bool:
     )
 
 
-def _query_maps(
-    explainer: Explainer,
-    forward: ForwardPass | None,
-    images: torch.Tensor,
-    pairs: list[tuple[int, Neighbour]],
-) -> list[torch.Tensor]:
-    if not pairs:
-        return []
-    rows = torch.tensor([query for query, _ in pairs])
-    targets = torch.stack([neighbour.embedding for _, neighbour in pairs])
-    maps = explain_each_target(explainer, images, targets, forward=forward, rows=rows)
-    return list(maps.detach().float())
-
-
 def _reference_maps(
-    explainer: Explainer,
+    maps_of: Callable[..., torch.Tensor],
     embeddings: torch.Tensor,
     pairs: list[tuple[int, Neighbour]],
     loader: Callable[[str], torch.Tensor],
@@ -286,12 +283,38 @@ def _reference_maps(
     if not numbers:
         return {}, errors
     images = torch.stack([loaded[pairs[n][1].id] for n in numbers])  # type: ignore[misc]
-    images = images.to(_device(explainer))
+    images = images.to(embeddings.device)
     targets = embeddings.index_select(
         0, torch.tensor([pairs[n][0] for n in numbers], device=embeddings.device)
     )
-    maps = explain_each_target(explainer, images, targets)
+    maps = maps_of(images, targets)
     return dict(zip(numbers, maps.detach().float(), strict=True)), errors
+
+
+def _backend_maps(
+    model: Any,
+    method: str,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+    forward: None = None,
+) -> torch.Tensor:
+    """Maps ``[P, H, W]`` from the model's backend (an ONNX graph of ``method``): one run of
+    the (image, single reference) pairs, the references as the request pipeline sends them."""
+    from fam_core.pipeline import PipelineError
+    from fam_core.pipeline.encode import heatmap_at
+    from fam_core.pipeline.jobs import Job
+
+    if rows is not None:
+        images = images.index_select(0, rows.to(images.device))
+    job = Job(inputs=images, method=method, heatmap=True)
+    try:
+        computed = model.backend.run(model, images, job, [None] * len(images), targets[:, None])
+    except PipelineError as error:
+        raise ValueError(f"method {method!r} on model {model.name!r}: {error}") from None
+    size = model.config.image_size
+    return torch.stack([heatmap_at(computed, i, "input", size) for i in range(len(images))])
 
 
 def _first_line(error: BaseException) -> str:

@@ -68,9 +68,15 @@ class GalleryIndex:
         self.engine.create(card.dimension, card.similarity, card)
 
     def check_model(self, card: IndexCard) -> None:
-        """``ValueError`` naming both models unless ``card`` is the index's model."""
+        """``ValueError`` naming both models unless ``card`` is the index's model: the same
+        embedding size, similarity and weights (a config of another name over the same
+        weights searches the same embeddings)."""
         built = self.card
-        if built != card:
+        if (built.dimension, built.similarity, built.model_hash) != (
+            card.dimension,
+            card.similarity,
+            card.model_hash,
+        ):
             raise ValueError(
                 f"index {self.uri} was built by model {built.describe()}; it cannot be "
                 f"searched with model {card.describe()}"

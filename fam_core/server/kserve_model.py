@@ -160,7 +160,7 @@ class FamKServeModel(kserve.Model):  # type: ignore[misc,name-defined]
 
     def _tensors(self) -> dict[str, list[dict[str, Any]]]:
         info = self.pipeline.describe(self.name)
-        return tensor_metadata(info.output_dim, search=bool(info.index))
+        return tensor_metadata(info.output_dim, search=info.searchable)
 
     async def predict(
         self,

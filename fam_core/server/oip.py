@@ -62,7 +62,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def body() -> pb.ModelMetadataResponse:
             info = self.pipeline.describe(request.name)
             tensor = pb.ModelMetadataResponse.TensorMetadata
-            tensors = tensor_metadata(info.output_dim, search=bool(info.index))
+            tensors = tensor_metadata(info.output_dim, search=info.searchable)
             return pb.ModelMetadataResponse(
                 name=info.name,
                 versions=[self.VERSION],
