@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -150,6 +151,10 @@ def test_fam_explain_runs_a_knn_model(bank, tmp_path, capsys):
     assert main(["explain", "--model", str(config), str(image), "--out", str(tmp_path / "o")]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.split("\t")[1] in bank["names"]
+    # fam search finds the config's index and takes its top_k
+    assert main(["search", "--model", str(_knn_config(bank, top_k=3)), str(image)]) == 0
+    (record,) = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
+    assert len(record["results"]) == 3
 
 
 @pytest.mark.parametrize(

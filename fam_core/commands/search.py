@@ -22,15 +22,19 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("queries", nargs="+", metavar="QUERY", help="query image files")
     parser.add_argument("--model", default="default-embedding", help="model name or config path")
-    parser.add_argument("--index", required=True, help="PATH.db or http(s)://HOST:PORT[#NAME]")
-    parser.add_argument("--top-k", type=int, default=10, help="neighbours per query (default 10)")
+    parser.add_argument(
+        "--index", help="PATH.db or http(s)://HOST:PORT[#NAME] (default: the model config's index)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, help="neighbours per query (default: the config's top_k, 10)"
+    )
     parser.add_argument("--method", default="fam", help="explainer (default fam)")
     parser.add_argument(
         "--explain",
         choices=["none", "query", "both"],
-        default="query",
-        help="query: the query's map for each neighbour (default); both: also each "
-        "neighbour's map for the query (its image read from its URI)",
+        help="query: the query's map for each neighbour (the default unless the config's "
+        "explain says otherwise); both: also each neighbour's map for the query (its image "
+        "read from its URI)",
     )
     parser.add_argument(
         "--filter", help="a condition on the rows, e.g. 'label == \"rose\"' (Milvus syntax)"
@@ -52,24 +56,30 @@ def run(args: argparse.Namespace) -> int:
     from fam_core.search import explained_search, load_uri_pixels, open_index
     from fam_core.search.output import search_montage, search_record, write_maps
 
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     served = ServedModel.load(args.model)
+    config = served.config
+    uri = args.index or config.index_uri
+    if uri is None:
+        raise ValueError(f"--index: give an index URI (model {served.name!r} names none)")
+    top_k = config.top_k if args.top_k is None else args.top_k
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    explain = args.explain or config.explain
     pixels = [load_uri_pixels(served, path) for path in args.queries]  # one-line errors
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     lines = []
-    with open_index(args.index) as index:
+    with open_index(uri) as index:
         for start in range(0, len(pixels), QUERY_BATCH):
             chunk = torch.stack(pixels[start : start + QUERY_BATCH])
             found = explained_search(
                 served,
                 index,
                 served.config.normalize(chunk),
-                top_k=args.top_k,
+                top_k=top_k,
                 method=args.method,
-                explain=args.explain,
+                explain=explain,
                 filter=args.filter,
             )
             for offset, results in enumerate(found):

@@ -332,7 +332,7 @@ class ModelConfig:
             if data[key] in (None, {}) and key != self.source:
                 data.pop(key)
         if self.index is None:
-            for key in SEARCH_DEFAULTS:
+            for key in SEARCH_KEYS:
                 data.pop(key)
         if data["channels"] == 3:
             data.pop("channels")
@@ -379,13 +379,8 @@ class ModelConfig:
 
 
 TASKS: tuple[str, ...] = ("embedding", "classifier", "knn")
-SEARCH_DEFAULTS: dict[str, object] = {
-    "top_k": 10,
-    "explain": "query",
-    "k": 200,
-    "temperature": 0.07,
-}
-"""The search keys of a config with an ``index`` and their defaults."""
+SEARCH_KEYS: tuple[str, ...] = ("top_k", "explain", "k", "temperature")
+"""The keys that go with ``index`` (left out of a written config that has none)."""
 
 
 def _search_problems(config: ModelConfig, source: str) -> list[tuple[str, str]]:
