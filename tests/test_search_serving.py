@@ -38,6 +38,7 @@ from fam_core.pipeline import (
     Pipeline,
     ResourceExhausted,
     SearchRequest,
+    ServedModel,
 )
 from fam_core.pipeline.encode import heatmap_from_bytes
 from fam_core.pipeline.oip_codec import OUTPUTS, answer_infer, pack_bytes, unpack_bytes
@@ -254,6 +255,14 @@ def test_maps_over_the_answer_limit_are_refused_before_the_work(server, gallery)
         assert len(found.results[0].neighbours) == 5
     finally:
         pipeline.close()
+
+
+def test_a_served_model_opens_its_index_at_load(models, tmp_path) -> None:
+    assert ServedModel.load(models / SEARCH_MODEL, open_index=False).index is None
+    missing = write_model(tmp_path, "missing-index", index="nothing-here.db")
+    with pytest.raises(ValueError, match=r"^model 'missing-index': index: .*holds no gallery"):
+        ServedModel.load(missing)
+    assert ServedModel.load(missing, open_index=False).config.index == "nothing-here.db"
 
 
 def test_an_unreachable_index_fails_only_its_model(server) -> None:

@@ -115,11 +115,15 @@ class ServedModel:
         device: torch.device | str = "cpu",
         *,
         target_layer: str | None = None,
+        open_index: bool = True,
     ) -> ServedModel:
         """Load a model by name, config path or ``.onnx`` path; probe its output and feature shapes.
 
         ``target_layer`` overrides the config's layer for every explainer of this model.
-        Errors are one-line ``ValueError`` naming the config key at fault.
+        ``open_index``: open the gallery index the config names and check that it holds this
+        model's embeddings (``False``: leave :attr:`index` ``None``, e.g. to build that index;
+        a ``knn`` model always opens it). Errors are one-line ``ValueError`` naming the config
+        key at fault.
 
         Example:
             >>> ServedModel.load("default-classifier").feature_shape
@@ -133,9 +137,11 @@ class ServedModel:
             output_dim=loaded.output_dim,
             feature_shape=loaded.feature_shape,
         )
-        if served.config.index is not None:
-            gallery = getattr(loaded.backend, "gallery", None)  # a knn backend opened it
-            served.index = gallery if gallery is not None else open_model_index(served)
+        gallery = getattr(loaded.backend, "gallery", None)  # a knn backend opened it
+        if gallery is not None:
+            served.index = gallery
+        elif open_index and served.config.index is not None:
+            served.index = open_model_index(served)
         return served
 
 
