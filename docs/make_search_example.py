@@ -33,7 +33,8 @@ SEED = 0
 
 def write_example(folder: Path) -> list[Path]:
     """Write the gallery and the queries; return the query files."""
-    shutil.rmtree(folder, ignore_errors=True)
+    for part in ("gallery", "queries"):  # what an earlier run wrote; nothing else of FOLDER
+        shutil.rmtree(folder / part, ignore_errors=True)
     flowers = make_flowers(list(CLASSES), per_class=PER_CLASS + 1, seed=SEED)
     queries = []
     for number, (image, label) in enumerate(zip(flowers.images, flowers.labels, strict=True)):
