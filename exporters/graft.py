@@ -78,7 +78,7 @@ from fam_core.exporters.onnx_head import AffineHead, NotAffine, analyse_graph_he
 from fam_core.exporters.onnx_inspect import Inspection, inspect_onnx
 from fam_core.exporters.onnx_load import fixed_batch, input_channels
 from fam_core.exporters.onnx_normalise import InputLayout
-from fam_core.exporters.onnx_verify import runs_batched, slimmed
+from fam_core.exporters.onnx_verify import leaned, runs_batched, slimmed
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, channel_mismatch
 from fam_core.similarity import SimilarityKind
 
@@ -426,7 +426,7 @@ def graft_onnx(
             fmt.KEY_NORMALISATION: json.dumps(list(graph.normalised.steps)),
         },
     )
-    merged = slimmed(merged, dimension)
+    merged = leaned(slimmed(merged, dimension), dimension)
     onnx.checker.check_model(merged, full_check=True)
     if out_path is None:
         return merged
