@@ -68,6 +68,8 @@ def lean_rewrites(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -
         _unsigned_activations(model.graph)
         + _matmul_upsampling(model.graph, shapes)
         + _squeezed_picks(model.graph, shapes)
+        + _direct_reshapes(model.graph)
+        + _scaled_gathers(model.graph)
     )
 
 
@@ -80,26 +82,62 @@ def _decoded(value: object) -> object:
 
 
 def _matmul_upsampling(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]]) -> int:
-    """Each linear ``Resize`` of the last two axes of a 4-D value -> ``MatMul`` x 2."""
-    rewritten = 0
+    """Each linear ``Resize`` of the last two axes of a 4-D value -> ``MatMul`` x 2; on the
+    3-D value itself where the ``Resize`` sits between ``Unsqueeze`` and a pick of axis 1."""
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    rewritten, dropped = 0, set()
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         steps = _upsampling_steps(node, shapes)
-        if not steps:
-            nodes.append(node)
+        if id(node) in dropped or not steps:
+            if id(node) not in dropped:
+                nodes.append(node)
             continue
-        value, prefix = node.input[0], f"{node.name or node.output[0]}/"
+        value, output, prefix = node.input[0], node.output[0], f"{node.name or node.output[0]}/"
+        unsqueeze, users = producers.get(value), consumers.get(output, [])
+        if (
+            unsqueeze is not None
+            and _axes(unsqueeze, "Unsqueeze", constants) == [1]
+            and len(users) == 1
+            and _picks_first_channel(users[0], constants)
+        ):
+            value, output = unsqueeze.input[0], users[0].output[0]
+            dropped.add(id(users[0]))
         for number, (side, matrix) in enumerate(steps):
             name = prefix + side
             graph.initializer.append(numpy_helper.from_array(matrix, name))
-            output = node.output[0] if number == len(steps) - 1 else prefix + "columns_applied"
+            result = output if number == len(steps) - 1 else prefix + "columns_applied"
             inputs = [name, value] if side == "rows" else [value, name]
-            nodes.append(helper.make_node("MatMul", inputs, [output], name=prefix + side))
-            value = output
+            nodes.append(helper.make_node("MatMul", inputs, [result], name=prefix + side))
+            value = result
         rewritten += 1
     del graph.node[:]
     graph.node.extend(nodes)
     return rewritten
+
+
+def _axes(node: onnx.NodeProto, op_type: str, constants: Mapping[str, np.ndarray]) -> list[int]:
+    """The ``axes`` of an ``Unsqueeze`` / ``Squeeze`` (attribute or constant input)."""
+    if node.op_type != op_type:
+        return []
+    if len(node.input) > 1 and node.input[1] in constants:
+        return [int(axis) for axis in constants[node.input[1]].reshape(-1)]
+    return [int(axis) for axis in _attributes(node).get("axes", [])]  # type: ignore[union-attr]
+
+
+def _picks_first_channel(node: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> bool:
+    """``Gather(x, 0, axis=1)`` or ``Squeeze(x, [1])``."""
+    if node.op_type == "Squeeze":
+        return _axes(node, "Squeeze", constants) == [1]
+    if node.op_type != "Gather" or node.input[1] not in constants:
+        return False
+    index = constants[node.input[1]]
+    return index.shape == () and int(index) == 0 and _attributes(node).get("axis", 0) == 1
 
 
 def _upsampling_steps(
@@ -149,6 +187,70 @@ def _squeezed_picks(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]])
         node.op_type = "Squeeze"
         node.input[1] = axes
         del node.attribute[:]
+        rewritten += 1
+    return rewritten
+
+
+def _direct_reshapes(graph: onnx.GraphProto) -> int:
+    """``Reshape(Squeeze(x), shape)`` -> ``Reshape(x, shape)`` for a constant ``shape``
+    without zeros (a zero copies an axis of the input, which the ``Squeeze`` moved)."""
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    outputs = {value.name for value in graph.output}
+    rewritten = 0
+    for node in graph.node:
+        squeeze = producers.get(node.input[0]) if node.op_type == "Reshape" else None
+        shape = constants.get(node.input[1]) if squeeze is not None else None
+        if (
+            squeeze is None
+            or squeeze.op_type != "Squeeze"
+            or shape is None
+            or (shape == 0).any()
+            or uses[squeeze.output[0]] != 1
+            or squeeze.output[0] in outputs
+        ):
+            continue
+        node.input[0] = squeeze.input[0]
+        rewritten += 1
+    return rewritten
+
+
+def _scaled_gathers(graph: onnx.GraphProto) -> int:
+    """``Div`` / ``Mul`` of the rows ``Gather`` picks from a constant by a constant scalar
+    -> ``Gather`` from the constant divided / multiplied once (the same values)."""
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    outputs = {value.name for value in graph.output}
+    rewritten = 0
+    for node in list(graph.node):
+        gather = producers.get(node.input[0]) if node.op_type in ("Div", "Mul") else None
+        if (
+            gather is None
+            or gather.op_type != "Gather"
+            or gather.input[0] not in constants
+            or node.input[1] not in constants
+            or uses[gather.output[0]] != 1
+            or gather.output[0] in outputs
+        ):
+            continue
+        table = numpy_helper.to_array(constants[gather.input[0]])
+        factor = numpy_helper.to_array(constants[node.input[1]])
+        if factor.size != 1 or factor.dtype != table.dtype:
+            continue
+        scaled = np.divide(table, factor) if node.op_type == "Div" else np.multiply(table, factor)
+        name = f"{gather.input[0]}/{node.op_type.lower()}"
+        graph.initializer.append(numpy_helper.from_array(scaled.astype(table.dtype), name))
+        node.op_type, node.input[:] = "Gather", [name, gather.input[1]]
+        node.attribute.extend(gather.attribute)
+        graph.node.remove(gather)
         rewritten += 1
     return rewritten
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from fam_core.exporters.graft import graft_onnx
-from fam_core.exporters.onnx_graph import make_session
+from fam_core.exporters.onnx_graph import make_session, prune_graph
 from fam_core.exporters.onnx_lean import interpolation_matrix, lean_rewrites
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -74,6 +74,62 @@ def test_matmul_upsampling_matches_onnxruntime_resize(source, target, coordinate
     assert "Resize" not in ops and "Gather" not in ops and "Squeeze" in ops
     got = make_session(model).run(None, {"x": x})[0]  # type: ignore[attr-defined]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_upsampling_of_a_3d_map_needs_no_channel_axis():
+    # [B, h, w] -> Unsqueeze(1) -> Resize -> Gather(0, axis 1): two MatMuls on [B, h, w]
+    model = _resize_model((4, 6), (16, 9), "pytorch_half_pixel")
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axis"))
+    graph.node.insert(0, helper.make_node("Unsqueeze", ["map", "axis"], ["x"]))
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info("map", TensorProto.FLOAT, [2, 4, 6]))
+    maps = np.random.default_rng(1).standard_normal((2, 4, 6)).astype(np.float32)
+    expected = make_session(model).run(None, {"map": maps})[0]  # type: ignore[attr-defined]
+    assert lean_rewrites(model, {"x": (2, 1, 4, 6), "up": (2, 1, 16, 9)}) == 1
+    prune_graph(graph)
+    assert [(node.op_type, node.input[0]) for node in graph.node] == [
+        ("MatMul", "map"),
+        ("MatMul", "up/rows"),
+    ]
+    got = make_session(model).run(None, {"map": maps})[0]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scaled_gathers_and_direct_reshapes_keep_the_values():
+    table = np.random.default_rng(2).standard_normal((5, 6)).astype(np.float32)
+    constants = [
+        numpy_helper.from_array(table, "table"),
+        numpy_helper.from_array(np.array(9.0, np.float32), "area"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        numpy_helper.from_array(np.array([-1, 2, 3], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "index"], ["rows"]),
+        helper.make_node("Div", ["rows", "area"], ["weights"]),  # Grad-CAM's W[c] / hw
+        helper.make_node("Unsqueeze", ["weights", "axis"], ["column"]),
+        helper.make_node("Squeeze", ["column", "axis"], ["flat"]),
+        helper.make_node("Reshape", ["flat", "shape"], ["grid"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "scaled",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, [4])],
+        [
+            helper.make_tensor_value_info("weights", TensorProto.FLOAT, [4, 6]),
+            helper.make_tensor_value_info("grid", TensorProto.FLOAT, [4, 2, 3]),
+        ],
+        constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"index": np.array([4, 0, 2, 4], np.int64)}
+    expected = make_session(model).run(None, feeds)  # type: ignore[attr-defined]
+    assert lean_rewrites(model, {}) == 2
+    prune_graph(model.graph)
+    assert [node.op_type for node in model.graph.node] == ["Gather", "Unsqueeze", "Reshape"]
+    got = make_session(model).run(None, feeds)  # type: ignore[attr-defined]
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_interpolation_matrix_is_torch_bilinear_upsampling():
