@@ -77,6 +77,15 @@ def _attributes(node: onnx.NodeProto) -> dict[str, object]:
     return {item.name: helper.get_attribute_value(item) for item in node.attribute}
 
 
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes that read each value (a node twice where it reads the value twice)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def _decoded(value: object) -> object:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -86,10 +95,7 @@ def _matmul_upsampling(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int
     3-D value itself where the ``Resize`` sits between ``Unsqueeze`` and a pick of axis 1."""
     constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
     producers = {name: node for node in graph.node for name in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     rewritten, dropped = 0, set()
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -196,10 +202,7 @@ def _direct_reshapes(graph: onnx.GraphProto) -> int:
     without zeros (a zero copies an axis of the input, which the ``Squeeze`` moved)."""
     constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
     producers = {name: node for node in graph.node for name in node.output}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    consumers = _consumers(graph)
     outputs = {value.name for value in graph.output}
     rewritten = 0
     for node in graph.node:
@@ -210,7 +213,7 @@ def _direct_reshapes(graph: onnx.GraphProto) -> int:
             or squeeze.op_type != "Squeeze"
             or shape is None
             or (shape == 0).any()
-            or uses[squeeze.output[0]] != 1
+            or len(consumers[squeeze.output[0]]) != 1
             or squeeze.output[0] in outputs
         ):
             continue
@@ -224,10 +227,7 @@ def _scaled_gathers(graph: onnx.GraphProto) -> int:
     -> ``Gather`` from the constant divided / multiplied once (the same values)."""
     constants = {tensor.name: tensor for tensor in graph.initializer}
     producers = {name: node for node in graph.node for name in node.output}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    consumers = _consumers(graph)
     outputs = {value.name for value in graph.output}
     rewritten = 0
     for node in list(graph.node):
@@ -237,7 +237,7 @@ def _scaled_gathers(graph: onnx.GraphProto) -> int:
             or gather.op_type != "Gather"
             or gather.input[0] not in constants
             or node.input[1] not in constants
-            or uses[gather.output[0]] != 1
+            or len(consumers[gather.output[0]]) != 1
             or gather.output[0] in outputs
         ):
             continue
@@ -260,10 +260,7 @@ def _unsigned_activations(graph: onnx.GraphProto) -> int:
     (zero point + 128: the same dequantized values), where every consumer of the
     ``QuantizeLinear`` is a ``DequantizeLinear`` with its scale and zero point."""
     constants = {tensor.name: tensor for tensor in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     outputs = {value.name for value in graph.output}
     converted: dict[str, str] = {}
     rewritten = 0
