@@ -77,8 +77,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["cam", "gradcam"])
     args = parser.parse_args()
     print(f"onnx {onnx.__version__}, {torch.get_num_threads()} threads")
-    print("| model | method | batch | original (ms) | grafted / original |")
-    print("|---|---|---:|---:|---:|")
+    print(
+        "| model | method | batch | original (ms) | grafted / original | quartiles of the rounds |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as folder:
         zoo = Zoo(Path(folder))
         for name in args.models:
@@ -89,9 +91,14 @@ def main() -> None:
                     if fixed is not None and fixed != batch:
                         continue
                     explained, original = pair(model, method, batch)
-                    value, _, seconds = ratio(explained, original, repeats=args.repeats)
+                    rounds: list[float] = []
+                    value, _, seconds = ratio(
+                        explained, original, repeats=args.repeats, rounds=rounds
+                    )
+                    low, high = np.percentile(rounds, [25, 75])
                     print(
-                        f"| {name} | {method} | {batch} | {1000 * seconds:.2f} | {value:.3f} |",
+                        f"| {name} | {method} | {batch} | {1000 * seconds:.2f} | {value:.3f} "
+                        f"| {low:.3f}-{high:.3f} |",
                         flush=True,
                     )
 
