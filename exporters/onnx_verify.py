@@ -78,23 +78,25 @@ def leaned(merged: onnx.ModelProto, dimension: int) -> onnx.ModelProto:
     candidate = onnx.ModelProto()
     candidate.CopyFrom(merged)
     graph = candidate.graph
-    watched = [
+    names = [value.name for value in graph.output]
+    read = {  # the values whose shapes the rewrites look at, besides the outputs
         name
         for node in graph.node
         if node.op_type in ("Resize", "Gather")
         for name in (node.input[0], node.output[0])
-    ]
+    }
+    watched = sorted(read - set(names))
     try:
         feeds = sample_feeds(merged, _sample_batch(merged), dimension)
-        values = make_session(merged, watched).run(watched, feeds)  # type: ignore[attr-defined]
+        values = make_session(merged, watched).run(names + watched, feeds)  # type: ignore[attr-defined]
     except Exception as error:  # noqa: BLE001 - the graph as grafted is kept
         _LOG.debug("the grafted graph's shapes could not be read: %s", error)
         return merged
-    shapes = {name: value.shape for name, value in zip(watched, values, strict=True)}
+    shapes = {name: value.shape for name, value in zip(names + watched, values, strict=True)}
     if not lean_rewrites(candidate, shapes):
         return merged
     prune_graph(graph)
-    return _kept_if_same(merged, candidate, dimension)
+    return _kept_if_same(merged, candidate, dimension, before=values[: len(names)])
 
 
 def _sample_batch(merged: onnx.ModelProto) -> int:
@@ -103,13 +105,18 @@ def _sample_batch(merged: onnx.ModelProto) -> int:
 
 
 def _kept_if_same(
-    merged: onnx.ModelProto, candidate: onnx.ModelProto, dimension: int
+    merged: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    dimension: int,
+    before: list[np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """``candidate`` with ``merged``'s metadata and declared inputs and outputs, where it
-    computes the same outputs as ``merged`` on a sample batch; ``merged`` otherwise."""
+    computes the same outputs as ``merged`` (``before``, where already computed) on a sample
+    batch; ``merged`` otherwise."""
     try:
         feeds = sample_feeds(merged, _sample_batch(merged), dimension)
-        before = make_session(merged).run(None, feeds)  # type: ignore[attr-defined]
+        if before is None:
+            before = make_session(merged).run(None, feeds)  # type: ignore[attr-defined]
         after = make_session(candidate).run(None, feeds)  # type: ignore[attr-defined]
     except Exception as error:  # noqa: BLE001 - the graph as grafted is kept
         _LOG.debug("a rewrite of the grafted graph does not run: %s", error)
