@@ -21,7 +21,9 @@ path, one module each:
    target (the foreign head is dropped). The metadata key ``head`` says which:
    ``identity``, ``linear`` or ``jacobian``.
 5. **Verify** (:mod:`~fam_core.exporters.onnx_verify`): the grafted graph runs a batch, or
-   keeps the batch its graph fixes.
+   keeps the batch its graph fixes; onnxslim and the rewrites of
+   :mod:`~fam_core.exporters.onnx_lean` make it cheap under onnxruntime, each kept only
+   where the outputs stay the same.
 
 The result follows :mod:`fam_core.onnx_format` (input ``image``, outputs ``embedding`` /
 ``logits``, ``scores``, ``heatmap``...; the same metadata as
