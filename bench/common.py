@@ -19,10 +19,12 @@ def ratio(
     *,
     repeats: int = 15,
     warmup: int = 3,
+    rounds: list[float] | None = None,
 ) -> tuple[float, float, float]:
     """Median of per-round ``candidate / baseline`` time ratios, with both medians in seconds.
 
-    Rounds alternate the two functions so that machine noise hits both alike.
+    Rounds alternate the two functions so that machine noise hits both alike; ``rounds``,
+    where given, receives every round's ratio (for the spread).
     """
     for _ in range(warmup):
         candidate()
@@ -36,6 +38,8 @@ def ratio(
         ratios.append(c / b)
         candidate_times.append(c)
         baseline_times.append(b)
+    if rounds is not None:
+        rounds.extend(ratios)
     return (
         statistics.median(ratios),
         statistics.median(candidate_times),

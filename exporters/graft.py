@@ -21,7 +21,9 @@ path, one module each:
    target (the foreign head is dropped). The metadata key ``head`` says which:
    ``identity``, ``linear`` or ``jacobian``.
 5. **Verify** (:mod:`~fam_core.exporters.onnx_verify`): the grafted graph runs a batch, or
-   keeps the batch its graph fixes.
+   keeps the batch its graph fixes; onnxslim and the rewrites of
+   :mod:`~fam_core.exporters.onnx_lean` make it cheap under onnxruntime, each kept only
+   where the outputs stay the same.
 
 The result follows :mod:`fam_core.onnx_format` (input ``image``, outputs ``embedding`` /
 ``logits``, ``scores``, ``heatmap``...; the same metadata as
@@ -78,7 +80,7 @@ from fam_core.exporters.onnx_head import AffineHead, NotAffine, analyse_graph_he
 from fam_core.exporters.onnx_inspect import Inspection, inspect_onnx
 from fam_core.exporters.onnx_load import fixed_batch, input_channels
 from fam_core.exporters.onnx_normalise import InputLayout
-from fam_core.exporters.onnx_verify import runs_batched, slimmed
+from fam_core.exporters.onnx_verify import leaned, runs_batched, slimmed
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, channel_mismatch
 from fam_core.similarity import SimilarityKind
 
@@ -426,7 +428,7 @@ def graft_onnx(
             fmt.KEY_NORMALISATION: json.dumps(list(graph.normalised.steps)),
         },
     )
-    merged = slimmed(merged, dimension)
+    merged = leaned(slimmed(merged, dimension), dimension)
     onnx.checker.check_model(merged, full_check=True)
     if out_path is None:
         return merged

@@ -1,9 +1,10 @@
-"""Checks of a grafted graph before it is served, and the one optimisation it gets.
+"""Checks of a grafted graph before it is served, and the optimisations it gets.
 
 :func:`runs_batched` tells whether the grafted graph takes a batch (a foreign graph may fix
 batch 1); :func:`slimmed` folds the head's shape arithmetic and drops what no output needs
-with onnxslim, and keeps the result only where it computes the same outputs as the graph it
-came from on sample inputs.
+with onnxslim, and :func:`leaned` applies the rewrites of
+:mod:`~fam_core.exporters.onnx_lean`; each keeps its result only where it computes the same
+outputs as the graph it came from on sample inputs.
 
 Example:
     >>> runs_batched(grafted, 10)  # doctest: +SKIP
@@ -18,9 +19,10 @@ import numpy as np
 import onnx
 
 from fam_core import onnx_format as fmt
-from fam_core.exporters.onnx_graph import make_session
+from fam_core.exporters.onnx_graph import make_session, prune_graph
+from fam_core.exporters.onnx_lean import lean_rewrites
 
-__all__ = ["runs_batched", "slimmed"]
+__all__ = ["leaned", "runs_batched", "slimmed"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -62,17 +64,67 @@ def slimmed(merged: onnx.ModelProto, dimension: int) -> onnx.ModelProto:
         return merged
     try:
         candidate = onnxslim.slim(merged)
-        image = next(value for value in merged.graph.input if value.name == fmt.INPUT_IMAGE)
-        batch = image.type.tensor_type.shape.dim[0].dim_value or 2
-        feeds = sample_feeds(merged, batch, dimension)
-        before = make_session(merged).run(None, feeds)  # type: ignore[attr-defined]
-        after = make_session(candidate).run(None, feeds)  # type: ignore[attr-defined]
     except Exception as error:  # noqa: BLE001 - the graph as grafted is kept
         _LOG.debug("onnxslim did not run on the grafted graph: %s", error)
         return merged
+    return _kept_if_same(merged, candidate, dimension)
+
+
+def leaned(merged: onnx.ModelProto, dimension: int) -> onnx.ModelProto:
+    """``merged`` with the rewrites of :mod:`~fam_core.exporters.onnx_lean` (bilinear
+    upsampling as matrix products, no copy to pick a channel, uint8 activation pairs),
+    where it gives the same outputs (``rtol`` 1e-5) on a sample batch; ``merged``
+    otherwise."""
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(merged)
+    graph = candidate.graph
+    names = [value.name for value in graph.output]
+    read = {  # the values whose shapes the rewrites look at, besides the outputs
+        name
+        for node in graph.node
+        if node.op_type in ("Resize", "Gather")
+        for name in (node.input[0], node.output[0])
+    }
+    watched = sorted(read - set(names))
+    try:
+        feeds = sample_feeds(merged, _sample_batch(merged), dimension)
+        values = make_session(merged, watched).run(names + watched, feeds)  # type: ignore[attr-defined]
+    except Exception as error:  # noqa: BLE001 - the graph as grafted is kept
+        _LOG.debug("the grafted graph's shapes could not be read: %s", error)
+        return merged
+    shapes = {name: value.shape for name, value in zip(names + watched, values, strict=True)}
+    if not lean_rewrites(candidate, shapes):
+        return merged
+    prune_graph(graph)
+    return _kept_if_same(merged, candidate, dimension, before=values[: len(names)])
+
+
+def _sample_batch(merged: onnx.ModelProto) -> int:
+    image = next(value for value in merged.graph.input if value.name == fmt.INPUT_IMAGE)
+    return image.type.tensor_type.shape.dim[0].dim_value or 2
+
+
+def _kept_if_same(
+    merged: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    dimension: int,
+    before: list[np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """``candidate`` with ``merged``'s metadata and declared inputs and outputs, where it
+    computes the same outputs as ``merged`` (``before``, where already computed) on a sample
+    batch; ``merged`` otherwise."""
+    try:
+        feeds = sample_feeds(merged, _sample_batch(merged), dimension)
+        if before is None:
+            before = make_session(merged).run(None, feeds)  # type: ignore[attr-defined]
+        after = make_session(candidate).run(None, feeds)  # type: ignore[attr-defined]
+    except Exception as error:  # noqa: BLE001 - the graph as grafted is kept
+        _LOG.debug("a rewrite of the grafted graph does not run: %s", error)
+        return merged
     names = [value.name for value in merged.graph.output]
     if names != [value.name for value in candidate.graph.output] or not all(
-        np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(before, after, strict=True)
+        a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(before, after, strict=True)
     ):
         return merged
     del candidate.metadata_props[:]

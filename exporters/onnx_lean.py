@@ -1,0 +1,293 @@
+"""Rewrites that make a grafted graph cheap under onnxruntime, with the same outputs.
+
+The head exported from torch is written for every runtime; on onnxruntime's CPU provider
+three of its forms cost more than the backbone of a small model:
+
+- **Bilinear upsampling** (``Resize``, linear, no antialiasing) of a map with a static
+  size: onnxruntime's generic ``Resize`` kernel costs a few nanoseconds per output pixel.
+  Bilinear interpolation is separable and linear, so it is two matrix products with
+  constant interpolation matrices, ``Y = R_rows X R_cols^T``
+  (:func:`interpolation_matrix`), which onnxruntime's GEMM runs several times faster.
+- **Picking the one channel** of ``[B, 1, H, W]`` with ``Gather`` copies the full map;
+  ``Squeeze`` is the same values without the copy.
+- **int8 activations** (``QuantizeLinear`` -> ``DequantizeLinear`` pairs with an int8 zero
+  point): on x86, onnxruntime converts each pair to uint8 before it fuses the backbone into
+  ``QLinearConv`` / ``QLinearGlobalAveragePool``, but only pairs whose ``QuantizeLinear``
+  feeds a single node. Tapping the feature map gives its pair a second consumer: that pair
+  stays int8, its neighbours become uint8, and the last convolution and the pooling fall
+  back to float. The same conversion done here for every pair (the uint8 zero point is the
+  int8 one + 128, which dequantizes to the same values) keeps the whole backbone fused.
+
+:func:`lean_rewrites` applies them in place; :func:`fam_core.exporters.onnx_verify.leaned`
+keeps the result only where it computes the same outputs.
+
+Example:
+    >>> interpolation_matrix(2, 4, "half_pixel").round(3).tolist()
+    [[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["interpolation_matrix", "lean_rewrites"]
+
+_COORDINATES = ("half_pixel", "pytorch_half_pixel")
+
+
+def interpolation_matrix(size_in: int, size_out: int, coordinates: str) -> np.ndarray:
+    """``[size_out, size_in]`` weights of 1-D linear interpolation as ONNX ``Resize`` does
+    it (``mode="linear"``, no antialiasing, ``coordinates`` ``"half_pixel"`` or
+    ``"pytorch_half_pixel"``): sample ``x = (i + 0.5) size_in / size_out - 0.5``, clamped
+    to the input, between its two neighbours."""
+    if coordinates not in _COORDINATES:
+        raise ValueError(f"coordinates must be one of {_COORDINATES}, got {coordinates!r}")
+    matrix = np.zeros((size_out, size_in), dtype=np.float64)
+    for index in range(size_out):
+        if coordinates == "pytorch_half_pixel" and size_out == 1:
+            position = 0.0
+        else:
+            position = (index + 0.5) * size_in / size_out - 0.5
+        position = min(max(position, 0.0), size_in - 1.0)
+        low = int(np.floor(position))
+        high = min(low + 1, size_in - 1)
+        fraction = position - low
+        matrix[index, low] += 1.0 - fraction
+        matrix[index, high] += fraction
+    return matrix.astype(np.float32)
+
+
+def lean_rewrites(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> int:
+    """Rewrite ``model`` in place (see the module); ``shapes`` are the concrete shapes of
+    its values on a sample batch. Returns how many nodes were rewritten."""
+    return (
+        _unsigned_activations(model.graph)
+        + _matmul_upsampling(model.graph, shapes)
+        + _squeezed_picks(model.graph, shapes)
+        + _direct_reshapes(model.graph)
+        + _scaled_gathers(model.graph)
+    )
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, object]:
+    return {item.name: helper.get_attribute_value(item) for item in node.attribute}
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes that read each value (a node twice where it reads the value twice)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _decoded(value: object) -> object:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _matmul_upsampling(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]]) -> int:
+    """Each linear ``Resize`` of the last two axes of a 4-D value -> ``MatMul`` x 2; on the
+    3-D value itself where the ``Resize`` sits between ``Unsqueeze`` and a pick of axis 1."""
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
+    consumers = _consumers(graph)
+    rewritten, dropped = 0, set()
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        steps = _upsampling_steps(node, shapes)
+        if id(node) in dropped or not steps:
+            if id(node) not in dropped:
+                nodes.append(node)
+            continue
+        value, output, prefix = node.input[0], node.output[0], f"{node.name or node.output[0]}/"
+        unsqueeze, users = producers.get(value), consumers.get(output, [])
+        if (
+            unsqueeze is not None
+            and _axes(unsqueeze, "Unsqueeze", constants) == [1]
+            and len(users) == 1
+            and _picks_first_channel(users[0], constants)
+        ):
+            value, output = unsqueeze.input[0], users[0].output[0]
+            dropped.add(id(users[0]))
+        for number, (side, matrix) in enumerate(steps):
+            name = prefix + side
+            graph.initializer.append(numpy_helper.from_array(matrix, name))
+            result = output if number == len(steps) - 1 else prefix + "columns_applied"
+            inputs = [name, value] if side == "rows" else [value, name]
+            nodes.append(helper.make_node("MatMul", inputs, [result], name=prefix + side))
+            value = result
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return rewritten
+
+
+def _axes(node: onnx.NodeProto, op_type: str, constants: Mapping[str, np.ndarray]) -> list[int]:
+    """The ``axes`` of an ``Unsqueeze`` / ``Squeeze`` (attribute or constant input)."""
+    if node.op_type != op_type:
+        return []
+    if len(node.input) > 1 and node.input[1] in constants:
+        return [int(axis) for axis in constants[node.input[1]].reshape(-1)]
+    return [int(axis) for axis in _attributes(node).get("axes", [])]  # type: ignore[union-attr]
+
+
+def _picks_first_channel(node: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> bool:
+    """``Gather(x, 0, axis=1)`` or ``Squeeze(x, [1])``."""
+    if node.op_type == "Squeeze":
+        return _axes(node, "Squeeze", constants) == [1]
+    if node.op_type != "Gather" or node.input[1] not in constants:
+        return False
+    index = constants[node.input[1]]
+    return index.shape == () and int(index) == 0 and _attributes(node).get("axis", 0) == 1
+
+
+def _upsampling_steps(
+    node: onnx.NodeProto, shapes: Mapping[str, Sequence[int]]
+) -> list[tuple[str, np.ndarray]]:
+    """``[("columns", R_cols^T), ("rows", R_rows)]`` (the axes that change) for a ``Resize``
+    that is bilinear interpolation of the last two axes of a 4-D value; ``[]`` otherwise."""
+    if node.op_type != "Resize":
+        return []
+    source, target = shapes.get(node.input[0]), shapes.get(node.output[0])
+    attributes = {key: _decoded(value) for key, value in _attributes(node).items()}
+    coordinates = attributes.get("coordinate_transformation_mode", "half_pixel")
+    if (
+        source is None
+        or target is None
+        or len(source) != 4
+        or len(target) != 4
+        or tuple(source[:2]) != tuple(target[:2])
+        or attributes.get("mode", "nearest") != "linear"
+        or attributes.get("antialias", 0)
+        or attributes.get("keep_aspect_ratio_policy", "stretch") != "stretch"
+        or coordinates not in _COORDINATES
+    ):
+        return []
+    steps = []
+    if source[3] != target[3]:
+        steps.append(("columns", interpolation_matrix(source[3], target[3], coordinates).T.copy()))
+    if source[2] != target[2]:
+        steps.append(("rows", interpolation_matrix(source[2], target[2], coordinates)))
+    return steps
+
+
+def _squeezed_picks(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]]) -> int:
+    """``Gather(x, 0, axis)`` of an axis of extent 1 -> ``Squeeze(x, [axis])`` (no copy)."""
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "Gather" or node.input[1] not in constants:
+            continue
+        index = numpy_helper.to_array(constants[node.input[1]])
+        source = shapes.get(node.input[0])
+        axis = int(_attributes(node).get("axis", 0))  # type: ignore[call-overload]
+        if index.shape != () or int(index) != 0 or source is None or source[axis] != 1:
+            continue
+        axes = f"{node.name or node.output[0]}/axes"
+        graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), axes))
+        node.op_type = "Squeeze"
+        node.input[1] = axes
+        del node.attribute[:]
+        rewritten += 1
+    return rewritten
+
+
+def _direct_reshapes(graph: onnx.GraphProto) -> int:
+    """``Reshape(Squeeze(x), shape)`` -> ``Reshape(x, shape)`` for a constant ``shape``
+    without zeros (a zero copies an axis of the input, which the ``Squeeze`` moved)."""
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
+    consumers = _consumers(graph)
+    outputs = {value.name for value in graph.output}
+    rewritten = 0
+    for node in graph.node:
+        squeeze = producers.get(node.input[0]) if node.op_type == "Reshape" else None
+        shape = constants.get(node.input[1]) if squeeze is not None else None
+        if (
+            squeeze is None
+            or squeeze.op_type != "Squeeze"
+            or shape is None
+            or (shape == 0).any()
+            or len(consumers[squeeze.output[0]]) != 1
+            or squeeze.output[0] in outputs
+        ):
+            continue
+        node.input[0] = squeeze.input[0]
+        rewritten += 1
+    return rewritten
+
+
+def _scaled_gathers(graph: onnx.GraphProto) -> int:
+    """``Div`` / ``Mul`` of the rows ``Gather`` picks from a constant by a constant scalar
+    -> ``Gather`` from the constant divided / multiplied once (the same values)."""
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
+    consumers = _consumers(graph)
+    outputs = {value.name for value in graph.output}
+    rewritten = 0
+    for node in list(graph.node):
+        gather = producers.get(node.input[0]) if node.op_type in ("Div", "Mul") else None
+        if (
+            gather is None
+            or gather.op_type != "Gather"
+            or gather.input[0] not in constants
+            or node.input[1] not in constants
+            or len(consumers[gather.output[0]]) != 1
+            or gather.output[0] in outputs
+        ):
+            continue
+        table = numpy_helper.to_array(constants[gather.input[0]])
+        factor = numpy_helper.to_array(constants[node.input[1]])
+        if factor.size != 1 or factor.dtype != table.dtype:
+            continue
+        scaled = np.divide(table, factor) if node.op_type == "Div" else np.multiply(table, factor)
+        name = f"{gather.input[0]}/{node.op_type.lower()}"
+        graph.initializer.append(numpy_helper.from_array(scaled.astype(table.dtype), name))
+        node.op_type, node.input[:] = "Gather", [name, gather.input[1]]
+        node.attribute.extend(gather.attribute)
+        graph.node.remove(gather)
+        rewritten += 1
+    return rewritten
+
+
+def _unsigned_activations(graph: onnx.GraphProto) -> int:
+    """``QuantizeLinear`` -> ``DequantizeLinear`` pairs with an int8 zero point -> uint8
+    (zero point + 128: the same dequantized values), where every consumer of the
+    ``QuantizeLinear`` is a ``DequantizeLinear`` with its scale and zero point."""
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    consumers = _consumers(graph)
+    outputs = {value.name for value in graph.output}
+    converted: dict[str, str] = {}
+    rewritten = 0
+    for node in graph.node:
+        if (
+            node.op_type != "QuantizeLinear"
+            or len(node.input) < 3
+            or node.input[2] not in constants
+            or "output_dtype" in _attributes(node)
+            or node.output[0] in outputs
+        ):
+            continue
+        zero_point = numpy_helper.to_array(constants[node.input[2]])
+        users = consumers.get(node.output[0], [])
+        if zero_point.dtype != np.int8 or not users:
+            continue
+        if any(u.op_type != "DequantizeLinear" or u.input[1:3] != node.input[1:3] for u in users):
+            continue
+        name = converted.get(node.input[2])
+        if name is None:
+            name = converted[node.input[2]] = f"{node.input[2]}/uint8"
+            unsigned = (zero_point.astype(np.int16) + 128).astype(np.uint8)
+            graph.initializer.append(numpy_helper.from_array(unsigned, name))
+        for user in (node, *users):
+            user.input[2] = name
+        for value in graph.value_info:
+            if value.name == node.output[0]:
+                value.type.tensor_type.elem_type = TensorProto.UINT8
+        rewritten += 1
+    return rewritten
