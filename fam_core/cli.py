@@ -101,6 +101,8 @@ def _explain(args: argparse.Namespace) -> int:
             out / f"{Path(path).stem}_{method}.png",
         )
         print(f"{path}\t{label}\t{score:.4f}\t{explained:.3f}\t{written}")
+        if result.heatmap.warning:
+            print(f"fam: warning: {path}: {result.heatmap.warning}", file=sys.stderr)
     return 0
 
 
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--method",
         metavar="METHOD",
-        help="explainer (default: fam; cam for classifiers), one of: "
+        help="explainer (default: the model's, which `fam inspect` prints), one of: "
         + ", ".join(available_methods(runnable_only=True)),
     )
     explain.add_argument(

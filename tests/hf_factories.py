@@ -80,3 +80,79 @@ def dinov2(seed: int = 0) -> nn.Module:
     """``Dinov2Model``: the embedding is the class token after the final LayerNorm."""
     torch.manual_seed(seed)
     return reinit(t.Dinov2Model(t.Dinov2Config(**_SMALL_VIT, mlp_ratio=2)), seed)
+
+
+_TINY_VIT = {**_SMALL_VIT, "num_hidden_layers": 2, "intermediate_size": 64}
+
+
+def convnext_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``ConvNextForImageClassification``: mean, LayerNorm, then the classifier."""
+    torch.manual_seed(seed)
+    config = t.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
+    config.num_labels = num_labels
+    return reinit(t.ConvNextForImageClassification(config), seed)
+
+
+def vit_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``ViTForImageClassification``: the class token's logits."""
+    torch.manual_seed(seed)
+    config = t.ViTConfig(**_TINY_VIT, num_labels=num_labels)
+    return reinit(t.ViTForImageClassification(config), seed)
+
+
+def deit_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``DeiTForImageClassification``: the class token's logits."""
+    torch.manual_seed(seed)
+    config = t.DeiTConfig(**_TINY_VIT, num_labels=num_labels)
+    return reinit(t.DeiTForImageClassification(config), seed)
+
+
+def beit_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``BeitForImageClassification``: mean of the patch tokens, LayerNorm, classifier."""
+    torch.manual_seed(seed)
+    config = t.BeitConfig(**_TINY_VIT, num_labels=num_labels)
+    return reinit(t.BeitForImageClassification(config), seed)
+
+
+def swinv2_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``Swinv2ForImageClassification``: LayerNorm, mean of the tokens, classifier."""
+    torch.manual_seed(seed)
+    config = t.Swinv2Config(
+        image_size=SIZE,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=4,
+        num_labels=num_labels,
+    )
+    return reinit(t.Swinv2ForImageClassification(config), seed)
+
+
+def mobilevit_classifier(num_labels: int = 5, seed: int = 0, he_init: bool = True) -> nn.Module:
+    """``MobileViTForImageClassification``: a 1x1 conv, BatchNorm and SiLU after the last
+    block, then mean and the classifier. ``he_init=False`` keeps transformers' own init,
+    under which the last block's maps are all zeros."""
+    torch.manual_seed(seed)
+    config = t.MobileViTConfig(
+        image_size=SIZE,
+        hidden_sizes=[16, 24, 32],
+        neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 40],
+        num_labels=num_labels,
+    )
+    model = t.MobileViTForImageClassification(config)
+    return reinit(model, seed) if he_init else model.eval()
+
+
+def efficientnet_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``EfficientNetForImageClassification`` at a quarter width and depth: a 1x1 conv,
+    BatchNorm and SiLU after the last block, then mean and the classifier."""
+    torch.manual_seed(seed)
+    config = t.EfficientNetConfig(
+        image_size=SIZE,
+        width_coefficient=0.25,
+        depth_coefficient=0.25,
+        hidden_dim=320,  # the top conv's width at this width coefficient
+        num_labels=num_labels,
+    )
+    return reinit(t.EfficientNetForImageClassification(config), seed)

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from fam_core.configfile import parse_config
+from fam_core.default_method import MethodChoice, choose_method
 from fam_core.models.store import ModelConfig, find_config
 from fam_core.package_data import DEFAULT_MODEL_NAMES
-from fam_core.default_method import MethodChoice, choose_method
 from fam_core.pipeline.backends import Backend, LoadedBackend
 from fam_core.pipeline.errors import NotFound, Unavailable
 from fam_core.pipeline.onnx_backend import OnnxBackend, load_onnx_backend

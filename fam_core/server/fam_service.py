@@ -85,6 +85,7 @@ def result_to_proto(result: ExplainResult) -> fam_pb2.Result:
                 method=heatmap.method,
                 target_layer=heatmap.target_layer,
                 resolution=_RESOLUTION_ENUMS[heatmap.resolution],
+                warning=heatmap.warning,
             )
         )
     if result.embedding is not None:
