@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Explanation:
         extras = dict(self.extras)  # a copy: the caller's dict is never changed
         if "flat" not in extras:  # no spatial information: say so
             extras["flat"] = self.maps.flatten(1).amax(dim=1) == 0
-        if "flat_reason" not in extras:
+        if "flat_reason" not in extras and get_proxy_mode() is None:  # not while traced
             flat = extras["flat"]
             first = (
                 int(flat.nonzero()[0, 0]) if isinstance(flat, torch.Tensor) and flat.any() else -1

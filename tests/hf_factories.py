@@ -156,3 +156,8 @@ def efficientnet_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
         num_labels=num_labels,
     )
     return reinit(t.EfficientNetForImageClassification(config), seed)
+
+
+def mobilevit_collapsed(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """:func:`mobilevit_classifier` with transformers' own init: its maps are all zeros."""
+    return mobilevit_classifier(num_labels, seed, he_init=False)
