@@ -124,7 +124,12 @@ def test_a_plain_onnx_classifier_defaults_to_gradcam_where_cam_cannot_read_it(tm
         )
     (folder / "config.yaml").write_text(
         yaml.safe_dump(
-            {"name": "convnext-onnx", "task": "classifier", "onnx": "model.onnx", "input_size": SIZE}
+            {
+                "name": "convnext-onnx",
+                "task": "classifier",
+                "onnx": "model.onnx",
+                "input_size": SIZE,
+            }
         )
     )
     registry = ModelRegistry.load([folder / "config.yaml"], keep_going=False)
@@ -218,8 +223,12 @@ def test_a_collapsed_model_is_flagged_not_served_silently(pipeline, caplog) -> N
     with caplog.at_level(logging.WARNING, logger="fam_core.pipeline"):
         result = explain(pipeline, "mobilevit_collapsed")
     heatmap = result.heatmap
-    assert heatmap is not None and float(heatmap_from_bytes(heatmap.data, heatmap.shape).amax()) == 0
-    assert heatmap.warning.startswith("the heatmap is flat, not an explanation: the map is all zeros")
+    assert (
+        heatmap is not None and float(heatmap_from_bytes(heatmap.data, heatmap.shape).amax()) == 0
+    )
+    assert heatmap.warning.startswith(
+        "the heatmap is flat, not an explanation: the map is all zeros"
+    )
     assert heatmap.warning in caplog.text
     assert result_to_json(result)["heatmap"]["warning"] == heatmap.warning
     assert result_to_proto(result).heatmap.warning == heatmap.warning
@@ -255,3 +264,29 @@ def test_explanation_says_why_a_map_is_flat() -> None:
     assert zeros.extras["flat"].tolist() == [True, False]
     assert zeros.extras["flat_reason"].startswith("every channel weight is zero")
     assert zeros[1].extras["flat_reason"] == ""  # the slice has no flat map
+
+
+def test_the_onnx_graft_probes_random_maps_too(tmp_path) -> None:
+    """A SiLU after maps that are all zeros: affine on them, not on any other map."""
+    from fam_core.exporters.onnx_head import NotAffine, analyse_head
+
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    model = nn.Sequential(conv, nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    path = tmp_path / "silu.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(),
+            (torch.rand(1, 3, 8, 8),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+        )
+    import onnx
+
+    (conv_output,) = [n.output[0] for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    with pytest.raises(NotAffine, match="Sigmoid|Mul"):
+        analyse_head(path, conv_output, input_size=8)
