@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--method",
         metavar="METHOD",
-        help="explainer (default: the model's, which `fam inspect` prints), one of: "
+        help="explainer (default: per model, see fam inspect), one of: "
         + ", ".join(available_methods(runnable_only=True)),
     )
     explain.add_argument(
