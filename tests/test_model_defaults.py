@@ -113,7 +113,9 @@ def test_the_config_method_still_wins(tmp_path) -> None:
     assert served.default_choice.reason == "the config's method"
 
 
-def test_a_plain_onnx_classifier_defaults_to_gradcam_where_cam_cannot_read_it(tmp_path) -> None:
+def test_a_plain_onnx_classifier_defaults_to_gradcam_where_cam_cannot_read_it(
+    tmp_path, capsys
+) -> None:
     model = hf_factories.convnext_classifier()
     folder = tmp_path / "convnext-onnx"
     folder.mkdir()
@@ -139,6 +141,8 @@ def test_a_plain_onnx_classifier_defaults_to_gradcam_where_cam_cannot_read_it(tm
     result = explain(Pipeline(registry, batching=None), "convnext-onnx")
     assert result.heatmap is not None and result.heatmap.method == "gradcam"
     assert main(["inspect", str(folder / "config.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "default method (classifier): gradcam (a classifier whose head CAM cannot read" in out
 
 
 def test_cli_inspect_prints_the_default_and_explain_uses_it(configs, tmp_path, capsys) -> None:
