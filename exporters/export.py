@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +48,7 @@ from fam_core.explainers.cam.gradcam import GradCAM
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.fam.gradfam import GradFAM
 from fam_core.exporters.analytic import ANALYTIC_POOLING
+from fam_core.exporters.dynamo_program import UnsupportedOperatorError, export_program
 from fam_core.exporters.heads import (
     CAMGraph,
     ExplainMode,
@@ -366,7 +368,13 @@ def export_model(
             input_size=size,
             explainer=explainer,
         ).eval()
-        proto, input_names, output_names = _export_analytic(graph, sample_image)
+        try:
+            proto, input_names, output_names = _export_analytic(graph, sample_image)
+        except torch.onnx.errors.UnsupportedOperatorError as error:
+            operator = _OPERATOR.search(str(error))
+            raise _refusal(
+                method, explainer.target_layer, operator[1] if operator else ""
+            ) from None
         opset, baked = OPSET, _baked(graph)
     else:
         traced = TracedExplanation(
@@ -405,6 +413,20 @@ def export_model(
         raise OSError(f"output folder {path.parent} does not exist")
     onnx.save_model(proto, str(path), save_as_external_data=False)
     return path
+
+
+_OPERATOR = re.compile(r"operator '([^']+)'")  # the TorchScript exporter's refusal
+
+
+def _refusal(method: str, target_layer: str, operator: str) -> UnsupportedOperatorError:
+    """The one-line refusal of an export that meets an operator ONNX cannot express."""
+    return UnsupportedOperatorError(
+        operator,
+        f"cannot export {method}: the ONNX exporter has no translation for {operator} (in the "
+        f"model or in the backward of its head after {target_layer!r}); serve the torch model "
+        "instead: fam serve and fam explain take its factory: or exported_program: config "
+        "without ONNX",
+    )
 
 
 def _check_references(references: torch.Tensor) -> torch.Tensor:
@@ -602,20 +624,17 @@ class TracedExplanation:
                 f"needs {', '.join(missing)}, which has no ONNX translation; choose a target "
                 "layer after the model's last convolution (or one with a linear head)"
             )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
+        try:
+            proto = export_program(
                 (_WrappedPair if len(args) == 2 else _Wrapped)(graph_module),
                 args,
-                dynamo=True,
                 dynamic_shapes=tuple(shapes),
                 input_names=input_names,
                 output_names=output_names,
-                opset_version=DYNAMO_OPSET,
-                optimize=True,
-                verbose=False,
+                opset=DYNAMO_OPSET,
             )
-        proto = program.model_proto
+        except UnsupportedOperatorError as error:
+            raise _refusal(self.method, self.explainer.target_layer, error.operator) from None
         axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
         if self.takes_references:
             axes[fmt.INPUT_REFERENCES] = {0: "num_references"}

@@ -22,8 +22,11 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fam_core.commands.bulk",
     "fam_core.commands.eval",
     "fam_core.commands.export",
+    "fam_core.commands.index",
     "fam_core.commands.inspect",
+    "fam_core.commands.search",
     "fam_core.commands.serve",
+    "fam_core.commands.ui",
 )
 
 
@@ -58,11 +61,14 @@ def _explain(args: argparse.Namespace) -> int:
 
     if args.method is not None:
         check_runnable(args.method)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: expected a folder for the overlays")
     served = ServedModel.load(args.model, target_layer=args.layer)
     config = served.config
+    target_class = _target_class(args.target_class, config.class_names)
     pipeline = Pipeline(ModelRegistry([served]), batching=None)
     references = tuple(EncodedImage(_read_bytes(p)) for p in args.reference or ())
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = _progress(
         args.images, desc="explaining", unit="image", disable=len(args.images) < 8, file=sys.stderr
@@ -70,17 +76,18 @@ def _explain(args: argparse.Namespace) -> int:
     first, second = score_names(config.task, config.similarity)
     for index, path in enumerate(progress):
         original = read_image(path)  # one-line errors that name the file
-        if index == 0:  # after the first image read: an error stays the only line
-            if served.name in DEFAULT_MODELS:
-                print(f"fam: note: {DEMO_MODEL_NOTE.format(model=served.name)}", file=sys.stderr)
-            print(f"# image\tlabel\t{first}\t{second}\toverlay")
         request = ExplainRequest(
             model=served.name,
             images=(EncodedImage(_read_bytes(path)),),
             method=args.method,
             references=references,
+            target_class=target_class,
         )
         (result,) = pipeline.explain(request).results
+        if index == 0:  # after the first image explained: an error stays the only line
+            if served.name in DEFAULT_MODELS:
+                print(f"fam: note: {DEMO_MODEL_NOTE.format(model=served.name)}", file=sys.stderr)
+            print(f"# image\tlabel\t{first}\t{second}\toverlay")
         heatmap = heatmap_from_bytes(result.heatmap.data, result.heatmap.shape).float()
         mapped, seen = map_to_original(
             heatmap, tuple(original.shape[-2:]), config.image_size, config.resize
@@ -104,6 +111,23 @@ def _explain(args: argparse.Namespace) -> int:
         if result.heatmap.warning:
             print(f"fam: warning: {path}: {result.heatmap.warning}", file=sys.stderr)
     return 0
+
+
+def _target_class(value: str | None, class_names: Sequence[str]) -> int | None:
+    """``--target-class``: a class index, or a name of the model's ``class_names``.
+
+    Example:
+        >>> _target_class("2", ()), _target_class("tulip", ("rose", "tulip")), _target_class(None, ())
+        (2, 1, None)
+    """
+    if value is None:
+        return None
+    if value.lstrip("-").isdigit():
+        return int(value)
+    if value in class_names:
+        return list(class_names).index(value)
+    names = f"one of {list(class_names)}" if class_names else "none: the model has no class_names"
+    raise ValueError(f"--target-class {value!r}: expected a class index or a class name ({names})")
 
 
 def _read_bytes(path: str) -> bytes:
@@ -161,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help="explainer (default: per model, see fam inspect), one of: "
         + ", ".join(available_methods(runnable_only=True)),
+    )
+    explain.add_argument(
+        "--target-class",
+        metavar="CLASS",
+        help="classifiers: explain this class (an index, or a name of the model's class_names) "
+        "instead of the predicted one",
     )
     explain.add_argument(
         "--out", default="out/explain", help="output folder (default: out/explain)"

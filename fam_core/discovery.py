@@ -33,6 +33,16 @@ from fam_core.outputs import OutputSpec, select_output
 from fam_core.pooling import global_pool
 
 
+class ModelDoesNotRun(ValueError):
+    """The layer search's input failed in the model: ``reason`` says how; the message adds
+    the Python API's way out (``input_size=`` or ``target_layer=``), which config front doors
+    phrase as config keys."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; pass input_size= or target_layer=")
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class LayerCandidate:
     """A layer whose output holds feature maps."""
@@ -119,9 +129,8 @@ def find_layers(
             try:
                 outputs = select_output(model(image), output)
             except (RuntimeError, ValueError, TypeError) as error:
-                raise ValueError(
-                    f"the model does not run on a {input_size[0]}x{input_size[1]} input "
-                    f"({error}); pass input_size= or target_layer="
+                raise ModelDoesNotRun(
+                    f"the model does not run on a {input_size[0]}x{input_size[1]} input ({error})"
                 ) from error
             if outputs.dim() == 4:
                 outputs = global_pool(outputs, pooling)  # type: ignore[arg-type]

@@ -16,7 +16,8 @@ extra           for
 ``captum``      :mod:`fam_core.captum`, the Captum interop, and LIFT-CAM (Captum's DeepLift)
 ``eval``        ``fam eval`` (its charts and progress bar), matplotlib colour maps
 ``bulk``        ``fam bulk``: bulk explanation on Ray Data, Parquet output
-``all``         every extra above but ``onnx-gpu`` and ``kserve``
+``hf``          models built with Hugging Face ``transformers`` (factory modules import it)
+``all``         every extra above but ``onnx-gpu``, ``kserve`` and ``hf``
 ==============  ==========================================================================
 
 Example:
@@ -43,8 +44,12 @@ PURPOSES: dict[str, str] = {
     "captum": "the Captum interop",
     "eval": "the evaluation",
     "bulk": "bulk explanation on Ray",
+    "search": "the vector index of explained search",
+    "hf": "a Hugging Face transformers model",
 }
 """What each extra is for: the start of the error message."""
+PACKAGE_EXTRAS: dict[str, str] = {"transformers": "hf"}
+"""Packages that user code (a ``factory:`` module) imports, by the extra that installs them."""
 
 
 class MissingExtraError(ImportError):

@@ -61,6 +61,22 @@ def select_output(outputs: Any, spec: OutputSpec = None) -> torch.Tensor:
     return chosen
 
 
+def output_names(outputs: Any) -> tuple[str | int, ...]:
+    """The keys of a mapping or ``ModelOutput``, the indices of a tuple or list, ``()`` for a
+    tensor: what ``output=`` may name.
+
+    Example:
+        >>> output_names({"last_hidden_state": 0, "pooler_output": 1}), output_names((1, 2))
+        (('last_hidden_state', 'pooler_output'), (0, 1))
+    """
+    fields = _fields(outputs)
+    if fields is not None:
+        return tuple(fields)
+    if isinstance(outputs, list | tuple):
+        return tuple(range(len(outputs)))
+    return ()
+
+
 def _fields(outputs: Any) -> dict[str, Any] | None:
     if isinstance(outputs, Mapping):
         return dict(outputs)

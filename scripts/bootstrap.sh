@@ -36,6 +36,12 @@ done
 case "$job" in
   demo) .venv/bin/fam demo "$@" && exec .venv/bin/fam serve-demo ;;
   test)
+    # tests/test_ui.py drives Debian's chromium (Playwright cannot download its own browsers)
+    if ! command -v chromium >/dev/null 2>&1; then
+      sudo=""
+      if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+      $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+    fi
     bash scripts/build_onnx_zoo.sh  # the tests' tf2onnx-converted files (own venv, cached)
     exec .venv/bin/python -m pytest -q "$@" ;;
   env) ;;

@@ -27,6 +27,14 @@ _SMALL_VIT = {
     "image_size": SIZE,
     "patch_size": 16,
 }
+SMALL_SWIN = {  # Swin and Swin V2: two stages of one block, 4x4 windows
+    "image_size": SIZE,
+    "patch_size": 4,
+    "embed_dim": 16,
+    "depths": [1, 1],
+    "num_heads": [2, 2],
+    "window_size": 4,
+}
 
 
 def reinit(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -82,6 +90,22 @@ def dinov2(seed: int = 0) -> nn.Module:
     return reinit(t.Dinov2Model(t.Dinov2Config(**_SMALL_VIT, mlp_ratio=2)), seed)
 
 
+def clip_with_projection(seed: int = 0) -> nn.Module:
+    """``CLIPVisionModelWithProjection``: the embedding is ``image_embeds``, the projected
+    class token (its position embedding is an ``nn.Embedding`` lookup)."""
+    torch.manual_seed(seed)
+    config = t.CLIPVisionConfig(**_SMALL_VIT, intermediate_size=64, projection_dim=16)
+    return reinit(t.CLIPVisionModelWithProjection(config), seed)
+
+
+def swinv2_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``Swinv2ForImageClassification``: its pooler averages a permuted (channels-last)
+    token tensor."""
+    torch.manual_seed(seed)
+    config = t.Swinv2Config(**SMALL_SWIN, num_labels=num_labels)
+    return reinit(t.Swinv2ForImageClassification(config), seed)
+
+
 _TINY_VIT = {**_SMALL_VIT, "num_hidden_layers": 2, "intermediate_size": 64}
 
 
@@ -112,21 +136,6 @@ def beit_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = t.BeitConfig(**_TINY_VIT, num_labels=num_labels)
     return reinit(t.BeitForImageClassification(config), seed)
-
-
-def swinv2_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
-    """``Swinv2ForImageClassification``: LayerNorm, mean of the tokens, classifier."""
-    torch.manual_seed(seed)
-    config = t.Swinv2Config(
-        image_size=SIZE,
-        patch_size=4,
-        embed_dim=16,
-        depths=[1, 1],
-        num_heads=[2, 2],
-        window_size=4,
-        num_labels=num_labels,
-    )
-    return reinit(t.Swinv2ForImageClassification(config), seed)
 
 
 def mobilevit_classifier(num_labels: int = 5, seed: int = 0, he_init: bool = True) -> nn.Module:

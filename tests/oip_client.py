@@ -53,15 +53,21 @@ def main(url: str, image_path: str) -> None:
     )
     report["feature_heatmap_shape"] = list(result.as_numpy("heatmap").shape)
     report["feature_outputs"] = [o.name for o in result.get_response().outputs]
+    one = triton.InferInput("image", [1], "BYTES")
+    one.set_data_from_numpy(np.array([image], dtype=np.object_))
+    result = client.infer("default-classifier", [one], parameters={"method": "GradCAM"})
+    heatmap = next(o for o in result.get_response().outputs if o.name == "heatmap")
+    report["method_any_case"] = {k: v.string_param for k, v in heatmap.parameters.items()}
     errors = {}
-    for name, model, data in (
-        ("unknown_model", "nope", image),
-        ("corrupt", "default-classifier", b"xx"),
+    for name, model, data, parameters in (
+        ("unknown_model", "nope", image, None),
+        ("corrupt", "default-classifier", b"xx", None),
+        ("unknown_method", "default-classifier", image, {"method": "gradcm"}),
     ):
         bad = triton.InferInput("image", [1], "BYTES")
         bad.set_data_from_numpy(np.array([data], dtype=np.object_))
         try:
-            client.infer(model, [bad], client_timeout=30)
+            client.infer(model, [bad], parameters=parameters, client_timeout=30)
             errors[name] = "no error"
         except InferenceServerException as error:
             errors[name] = f"{error.status()} {error.message()}"

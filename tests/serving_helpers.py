@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+import pytest
 import torch
 from PIL import Image
 
@@ -14,6 +23,8 @@ from fam_core.models.store import ModelConfig
 from fam_core.training import save_model
 
 CLASSES = ("tulip", "rose", "daisy", "iris", "lily")
+ROOT = Path(__file__).resolve().parents[1]
+KSERVE_START_TIMEOUT_S = 180.0
 
 
 def make_model_dir(root: Path) -> Path:
@@ -98,3 +109,52 @@ def rss_bytes(pid: int | str = "self") -> int:
     import os
 
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def kserve_server(models: Path, log_path: Path) -> Iterator[tuple[str, str]]:
+    """``(http base URL, gRPC address)`` of ``fam serve --engine kserve --models models`` in
+    a subprocess on free ports, its output in ``log_path``; stopped on exit."""
+    http_port, grpc_port = free_port(), free_port()
+    log = log_path.open("w+")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fam_core", "serve", "--engine", "kserve", "--models", str(models)]
+        + ["--port", str(http_port), "--grpc-port", str(grpc_port), "--workers", "4"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + KSERVE_START_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"the KServe server exited with {process.returncode}:\n{log.read()}")
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(
+                    f"the KServe server was not ready in {KSERVE_START_TIMEOUT_S} s:\n{log.read()}"
+                )
+            time.sleep(0.5)
+        yield base, f"127.0.0.1:{grpc_port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        log.close()

@@ -32,6 +32,16 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
         (["explain", "{good}", "--layer", "block9"], "unknown target layer 'block9'"),
         (["explain", "{good}", "--method", "relevant-features"], "needs fitting"),
         (["explain", "{good}", "--method", "nope"], "unknown method 'nope'"),
+        (["explain", "{good}", "--method", "gradcm"], "unknown method 'gradcm' (did you mean"),
+        (
+            ["explain", "{good}", "--model", "default-classifier", "--target-class", "lily"],
+            "--target-class 'lily': expected a class index or a class name (one of [",
+        ),
+        (
+            ["explain", "{good}", "--model", "default-classifier", "--target-class", "48"],
+            "target_class must be in [0, 48), got 48",
+        ),
+        (["explain", "{good}", "--target-class", "0"], "target_class needs a classifier"),
         (["demo", "--count", "0"], "count must be between 1 and 16"),
     ],
 )
@@ -281,3 +291,64 @@ def test_one_score_convention_on_the_original_image(tmp_path, capsys, monkeypatc
     assert label in title.splitlines()[0]
     assert err.startswith("fam: note: default-classifier is a demo model trained on")
     assert "synthetic flowers" in err and err.count("\n") == 1
+
+
+def test_out_naming_a_file_is_refused_in_one_line(tmp_path, capsys) -> None:
+    image = write_image(tmp_path / "x.png", 3)
+    taken = tmp_path / "overlays"
+    taken.write_text("not a folder")
+    code, _, err = run(["explain", str(image), "--out", str(taken)], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--out {taken} is a file: expected a folder" in err
+    assert taken.read_text() == "not a folder"
+
+
+def test_method_names_match_ignoring_case(tmp_path, capsys) -> None:
+    image = write_image(tmp_path / "x.png", 3)
+    argv = ["explain", str(image), "--model", "default-classifier", "--out", str(tmp_path)]
+    code, stdout, err = run([*argv, "--method", "GradCAM"], capsys)
+    assert code == 0, err
+    assert stdout.splitlines()[1].endswith("x_gradcam.png")
+
+
+def test_target_class_by_index_or_name_explains_that_logit(tmp_path, capsys) -> None:
+    """A ``transformers`` ResNet classifier (random weights) from a factory config: the
+    explained score is the logit of the class asked for, by index or by name, computed here
+    from the model on the pipeline's pixels."""
+    pytest.importorskip("transformers")
+    import shutil
+
+    import hf_factories
+
+    from fam_core.pipeline import EncodedImage, ModelRegistry, Pipeline, ServedModel
+
+    folder = tmp_path / "resnet"
+    folder.mkdir()
+    shutil.copy(hf_factories.__file__, folder / "hf_factories.py")
+    names = ["ant", "bee", "cat", "dog", "eel"]
+    (folder / "config.yaml").write_text(
+        "name: resnet\ntask: classifier\nfactory: hf_factories:resnet_classifier\n"
+        f"input_size: {hf_factories.SIZE}\nclass_names: [{', '.join(names)}]\n"
+    )
+    image = write_image(tmp_path / "x.png", 3)
+    served = ServedModel.load(str(folder / "config.yaml"))
+    pixels = Pipeline(ModelRegistry([served]), batching=None).pixels(
+        "resnet", (EncodedImage(image.read_bytes()),)
+    )
+    mean = torch.tensor(served.config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(served.config.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        (logits,) = hf_factories.resnet_classifier()((pixels - mean) / std).logits
+    predicted = int(logits.argmax())
+    other = (predicted + 2) % len(names)
+    base = ["explain", str(image), "--model", str(folder / "config.yaml"), "--out", str(tmp_path)]
+    rows = {}
+    for target in (None, str(other), names[other]):
+        code, stdout, err = run([*base, *(["--target-class", target] if target else [])], capsys)
+        assert code == 0, err
+        rows[target] = stdout.splitlines()[1].split("\t")
+    assert rows[None][1] == names[predicted]
+    assert float(rows[None][3]) == pytest.approx(float(logits[predicted]), abs=2e-3)
+    for target in (str(other), names[other]):
+        assert rows[target][1] == names[predicted]  # the label stays the prediction
+        assert float(rows[target][3]) == pytest.approx(float(logits[other]), abs=2e-3)

@@ -103,7 +103,10 @@ BAD_INPUTS = {
         "10000x5000 pixels, more than the limit of 16000000",
     ),
     "unknown model": ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
-    "unknown method": ({"method": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown method 'nope'"),
+    "unknown method": (
+        {"method": "gradcm"}, grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown method 'gradcm' (did you mean 'gradcam'?)",
+    ),
     "too many images": (
         {"images": [image(png_bytes(0))] * 9}, grpc.StatusCode.RESOURCE_EXHAUSTED, "limit of 8",
     ),

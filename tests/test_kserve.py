@@ -14,10 +14,10 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from serving_helpers import make_model_dir, png_bytes
+from serving_helpers import kserve_server, make_model_dir, png_bytes
 
 from fam_core.cli import build_parser
 from fam_core.pipeline import EncodedImage, ExplainRequest, ModelRegistry, Pipeline, RawTensor
@@ -37,14 +37,7 @@ if importlib.util.find_spec("kserve") is None:  # found, never imported: see the
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kserve"
 CLASSIFIER, EMBEDDING = "default-classifier", "default-embedding"
-START_TIMEOUT_S = 180.0
 ATOL = 2e-3  # float16 heatmaps in [0, 1]: one unit in the last place is 2**-11 near 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def b64(data: bytes) -> str:
@@ -58,6 +51,10 @@ def models(tmp_path_factory) -> Path:
     broken.mkdir()
     config = (folder / CLASSIFIER / "config.yaml").read_text().replace(CLASSIFIER, "broken")
     (broken / "config.yaml").write_text(config)
+    miscounted = folder / "miscounted"  # three class names for a five-class classifier
+    shutil.copytree(folder / CLASSIFIER, miscounted)
+    keys = yaml.safe_load(config) | {"name": "miscounted", "class_names": ["a", "b", "c"]}
+    (miscounted / "config.yaml").write_text(json.dumps(keys))
     return folder
 
 
@@ -71,43 +68,8 @@ def pipeline(models):
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
     """``(http base URL, gRPC address)`` of a running ``fam serve --engine kserve``."""
-    http_port, grpc_port = free_port(), free_port()
-    log = (tmp_path_factory.mktemp("kserve-log") / "server.log").open("w+")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fam_core", "serve", "--engine", "kserve", "--models", str(models)]
-        + ["--port", str(http_port), "--grpc-port", str(grpc_port), "--workers", "4"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"the KServe server exited with {process.returncode}:\n{log.read()}")
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(
-                    f"the KServe server was not ready in {START_TIMEOUT_S} s:\n{log.read()}"
-                )
-            time.sleep(0.5)
-        yield base, f"127.0.0.1:{grpc_port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
+    with kserve_server(models, tmp_path_factory.mktemp("kserve-log") / "server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -143,23 +105,35 @@ def test_health_routes(client) -> None:
     assert outputs["embedding"] == ("FP32", [-1, 64])  # the random-init Conv4's embedding size
 
 
-def test_a_model_that_failed_to_load_is_not_ready_and_answers_503(client) -> None:
-    not_ready = client.get("/v2/models/broken/ready")  # KServe: 503 for a model not ready
-    assert not_ready.status_code == 503 and "not ready" in not_ready.json()["error"]
-    for route, body in (
-        ("/v2/models/broken/infer", {"inputs": [{"name": "image", "shape": [1],
-                                                 "datatype": "BYTES", "data": ["AAAA"]}]}),
-        ("/v1/models/broken:predict", {"instances": ["AAAA"]}),
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("broken", "weights: file "),
+        ("miscounted", "class_names: 3 names for a classifier with 5 outputs: expected 5 names"),
+    ],
+)
+def test_a_model_that_failed_to_load_is_not_ready_and_answers_503_with_the_reason(
+    client, name, reason
+) -> None:
+    for method, route, body in (
+        ("GET", f"/v2/models/{name}/ready", None),
+        ("GET", f"/v1/models/{name}", None),
+        ("POST", f"/v2/models/{name}/infer", {"inputs": [{"name": "image", "shape": [1],
+                                                          "datatype": "BYTES", "data": ["AAAA"]}]}),
+        ("POST", f"/v1/models/{name}:predict", {"instances": ["AAAA"]}),
     ):  # fmt: skip
-        answer = client.post(route, json=body)
+        answer = client.request(method, route, json=body)
         assert answer.status_code == 503, answer.text
-        assert "broken is not ready" in answer.json()["error"]
+        error = answer.json()["error"]
+        assert error.startswith(f"Model with name {name} is not ready: ") and reason in error
+        assert answer.json()["code"] == "UNAVAILABLE"
     assert client.get(f"/v2/models/{CLASSIFIER}/ready").json()["ready"] is True  # the others
 
 
 # -- REST v1
 @pytest.mark.parametrize(
-    ("model", "method"), [(CLASSIFIER, None), (CLASSIFIER, "gradcam"), (EMBEDDING, None)]
+    ("model", "method"),
+    [(CLASSIFIER, None), (CLASSIFIER, "gradcam"), (CLASSIFIER, "GradCAM"), (EMBEDDING, None)],
 )
 def test_v1_explain_heatmap_equals_the_pipeline(client, pipeline, model, method) -> None:
     image = png_bytes(1)
@@ -175,8 +149,8 @@ def test_v1_explain_heatmap_equals_the_pipeline(client, pipeline, model, method)
     second = reference(pipeline, model, png_bytes(2), method=method)
     torch.testing.assert_close(json_heatmap(explanations[1]), second, atol=ATOL, rtol=0)
     assert not torch.allclose(expected, second, atol=1e-2)  # the two images differ
-    if method:
-        assert explanations[0]["heatmap"]["method"] == method
+    if method:  # names match ignoring case
+        assert explanations[0]["heatmap"]["method"] == method.lower()
 
 
 def test_v1_predict_matches_the_pipeline_and_can_skip_the_heatmap(client, pipeline) -> None:
@@ -319,7 +293,7 @@ def test_grpc_v2_with_tritonclient(server, pipeline, tmp_path) -> None:
         assert got["method"] == (method or pipeline.registry.get(model).default_method)
     errors = report["errors"]
     assert errors["corrupt"].startswith("StatusCode.INVALID_ARGUMENT"), errors
-    assert errors["unknown_method"].startswith("StatusCode.NOT_FOUND"), errors
+    assert errors["unknown_method"].startswith("StatusCode.INVALID_ARGUMENT"), errors
     assert errors["too_many"].startswith("StatusCode.RESOURCE_EXHAUSTED"), errors
     # over KServe's default 8 MiB message limit, under the request limit: reaches the pipeline
     assert errors["large_corrupt"].startswith("StatusCode.INVALID_ARGUMENT"), errors
@@ -344,7 +318,7 @@ BAD_REQUESTS = [
         "v1 unknown method",
         f"/v1/models/{CLASSIFIER}:explain",
         {"instances": [b64(png_bytes(0))], "parameters": {"method": "nope"}},
-        404,
+        400,
     ),  # noqa: E501
     (
         "v1 target class",
@@ -388,6 +362,12 @@ BAD_REQUESTS = [
         v2_body(png_bytes(0), resolution="huge"),
         400,
     ),  # noqa: E501
+    (
+        "v2 unknown method",
+        f"/v2/models/{CLASSIFIER}/infer",
+        v2_body(png_bytes(0), method="gradcamm"),
+        400,
+    ),
     ("v2 too many images", f"/v2/models/{CLASSIFIER}/infer", v2_body(*[b"x"] * 65), 413),
     ("v2 not json", f"/v2/models/{CLASSIFIER}/infer", b"{nope", 422),
 ]

@@ -3,6 +3,7 @@ explained as in-process torch; bad configs; a server with one model that failed 
 
 from __future__ import annotations
 
+import sys
 import textwrap
 import time
 import zipfile
@@ -546,3 +547,19 @@ def test_fam_export_of_an_exported_program_matches_the_eager_model(exported_dir,
     want = FAM(eager_embedder(exported_dir), "features")(images, target=references)
     torch.testing.assert_close(got.maps, want.maps, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.weights, want.weights, atol=1e-4, rtol=1e-4)
+
+
+def test_a_factory_that_imports_missing_transformers_names_the_hf_extra(
+    tmp_path, monkeypatch
+) -> None:
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "hub_model.py").write_text("import transformers\n\n\ndef build():\n    pass\n")
+    path = write_config(folder, name="hub", task="embedding", factory="hub_model:build")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed
+    with pytest.raises(ValueError) as error:
+        load_model(path)
+    assert str(error.value) == (
+        "model 'hub': factory: module 'hub_model' imports transformers, which is not "
+        "installed: pip install 'fam-core[hf]'"
+    )

@@ -83,3 +83,9 @@ def test_errors_carry_status_codes(report) -> None:
     assert "unknown model 'nope'" in errors["unknown_model"]
     assert errors["corrupt"].startswith("StatusCode.INVALID_ARGUMENT")
     assert "cannot decode" in errors["corrupt"]
+    assert errors["unknown_method"].startswith("StatusCode.INVALID_ARGUMENT")
+    assert "unknown method 'gradcm' (did you mean 'gradcam'?)" in errors["unknown_method"]
+
+
+def test_method_names_match_ignoring_case(report) -> None:
+    assert report[0]["method_any_case"]["method"] == "gradcam"

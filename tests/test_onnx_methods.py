@@ -253,21 +253,23 @@ def test_plain_embedding_model_serves_fam_and_gradfam(models, registry) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "reason"),
+    ("method", "reason", "code"),
     [
-        ("scorefam", "method 'scorefam': not exportable to ONNX"),
-        ("fam", "method 'fam': grafted onto embedding models only"),
-        ("nope", "unknown method 'nope'"),
+        ("scorefam", "method 'scorefam': not exportable to ONNX", grpc.StatusCode.NOT_FOUND),
+        ("fam", "method 'fam': grafted onto embedding models only", grpc.StatusCode.NOT_FOUND),
+        ("nope", "unknown method 'nope'", grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
-def test_methods_the_file_cannot_take_are_not_found(channel, method, reason) -> None:
+def test_methods_the_file_cannot_take_are_refused(channel, method, reason, code) -> None:
+    """A method the file does not serve is NOT_FOUND; a name that is no method at all is
+    INVALID_ARGUMENT: both as for a torch model."""
     expected = f"model 'classifier': {reason}"
     with pytest.raises(grpc.RpcError) as fam_error:
         fam_explain(channel, "classifier", png(4), method)
     with pytest.raises(grpc.RpcError) as oip_error:
         oip_infer(channel, "classifier", png(4), method)
     for error in (fam_error.value, oip_error.value):
-        assert error.code() == grpc.StatusCode.NOT_FOUND  # as an unknown method of a torch model
+        assert error.code() == code
         assert error.details().startswith(expected), error.details()
         assert "expected one of ['cam', 'gradcam']" in error.details()
 

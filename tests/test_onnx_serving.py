@@ -199,7 +199,11 @@ def test_predict_only_matches_torch(onnx_pipeline, torch_pipeline) -> None:
 @pytest.mark.parametrize(
     ("request_kwargs", "error", "message"),
     [
-        ({"method": "gradcam"}, NotFound, "unknown method 'gradcam'.*expected one of \\['cam'\\]"),
+        (
+            {"method": "gradcam"},
+            NotFound,
+            "'gradcam' is not in this graph.*expected one of \\['cam'\\]",
+        ),
         ({"target_class": 2}, InvalidArgument, "class_input=True"),
         (
             {"model": "fam-baked", "references": IMAGES[:1]},

@@ -148,7 +148,7 @@ def test_raw_tensors_decode_like_encoded_images(pipeline) -> None:
         ({"resolution": "pixel"}, InvalidArgument, "resolution"),
         ({"target_class": 5}, InvalidArgument, "target_class must be in [0, 5)"),
         ({"model": "nope"}, NotFound, "unknown model 'nope'"),
-        ({"method": "nope"}, NotFound, "unknown method 'nope'"),
+        ({"method": "nope"}, InvalidArgument, "unknown method 'nope'"),
         ({"images": (EncodedImage(png_bytes(0)),) * 9}, ResourceExhausted, "limit of 8"),
         ({"images": (EncodedImage(bytes(200_001)),)}, ResourceExhausted, "200000 bytes"),
     ],

@@ -19,19 +19,12 @@ from fam_core.discovery import find_layers
 transformers = pytest.importorskip("transformers")
 
 import hf_factories  # noqa: E402 - needs transformers
-from hf_factories import SIZE, reinit  # noqa: E402
+from hf_factories import SIZE, SMALL_SWIN, reinit  # noqa: E402
 
 
 def build(name: str) -> nn.Module:
     if name == "swin":
-        config = transformers.SwinConfig(
-            image_size=SIZE,
-            patch_size=4,
-            embed_dim=16,
-            depths=[1, 1],
-            num_heads=[2, 2],
-            window_size=4,
-        )
+        config = transformers.SwinConfig(**SMALL_SWIN)
         torch.manual_seed(0)
         return reinit(transformers.SwinModel(config))
     return getattr(hf_factories, name.replace("-", "_"))()

@@ -489,7 +489,7 @@ def test_an_archive_whose_handler_cannot_import_is_torchserves_restart_loop(
     ("body", "method", "status", "message"),
     [
         (b"\x89PNG\r\n\x1a\n not really", "", 400, "image 0"),
-        (None, "nonsense", 404, "unknown method 'nonsense'"),
+        (None, "nonsense", 400, "unknown method 'nonsense'"),
     ],
 )
 def test_bad_input_is_4xx_with_message_and_worker_survives(

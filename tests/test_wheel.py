@@ -111,6 +111,7 @@ def test_wheel_contents(wheel: Path) -> None:
         "fam_core/model_store/config.properties",
         "fam_core/model_store/metrics.yaml",
         "fam_core/proto/fam/v1/fam.proto",
+        "fam_core/ui/page.html",  # the browser viewer's page
         "fam_core/proto/inference/grpc_service.proto",
         "fam_core/_generated/fam/v1/fam_pb2.py",
         "fam_core/_generated/fam/v1/fam_pb2_grpc.py",

@@ -145,7 +145,7 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
     out = Path(options.out)
     references = tuple(_read_reference(path) for path in options.references)
     # the models loaded here once: one-line errors before anything is written or Ray starts
-    check = dataclasses.replace(_spec(options, plan, [], references), device="cpu")
+    check = dataclasses.replace(worker_spec(options, plan, [], references), device="cpu")
     served = [m.name for m in BulkWorker(check).served]
     check_job(out, _settings(options, plan))
     prepare_output(out)
@@ -182,9 +182,9 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
     todo = [item for k in pending if k in collector.rows for item in plan.shards[k]]
     todo = [item for item in todo if item.id not in restored]
     if todo:
-        spec = _spec(options, plan, pending, references, todo)
+        spec = worker_spec(options, plan, pending, references, todo)
         with ray_session(options.address, options.num_cpus) as session:
-            stream = RowStream(_dataset(plan, todo, options, spec))
+            stream = RowStream(explain_dataset(plan, todo, options, spec))
             session.join_at_shutdown(stream.thread)
             try:
                 with stream:
@@ -231,7 +231,7 @@ def _settings(options: BulkOptions, plan: Plan) -> dict[str, object]:
     }
 
 
-def _spec(
+def worker_spec(
     options: BulkOptions,
     plan: Plan,
     pending: list[int],
@@ -263,7 +263,7 @@ def _gpus(options: BulkOptions) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
-def _dataset(plan: Plan, todo: list[Item], options: BulkOptions, spec: WorkerSpec):  # type: ignore[no-untyped-def]
+def explain_dataset(plan: Plan, todo: list[Item], options: BulkOptions, spec: WorkerSpec):  # type: ignore[no-untyped-def]
     """The ``todo`` images read by Ray Data, explained by the actor pool.
 
     Files are read in blocks of about one batch, so each actor task is one pipeline pass and

@@ -83,6 +83,7 @@ class WorkerSpec:
         ids: the id of each file path (Parquet sets: empty, the key is the id).
         device: ``"cpu"`` or ``"cuda"``.
         batch_size: images per batch (the request limit allows it).
+        heatmap: explain each image (``False``: predict and embed only, as ``fam index build``).
     """
 
     models: tuple[str, ...]
@@ -92,6 +93,7 @@ class WorkerSpec:
     ids: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
     batch_size: int = 16
+    heatmap: bool = True
 
     def load(self) -> tuple[Pipeline, list[ServedModel]]:
         """The models loaded and a pipeline over them; ``ValueError`` for what cannot run."""
@@ -103,7 +105,7 @@ class WorkerSpec:
         pipeline = Pipeline(ModelRegistry(served), limits=limits, batching=None)
         for model in served:
             if self.settings.method is not None:
-                model.check_method(self.settings.method)
+                model.check_method(model.method_name(self.settings.method))
             if self.references and model.task != "embedding":
                 raise ValueError(
                     f"--references need embedding models; {model.name!r} is a classifier"
@@ -163,6 +165,7 @@ class BulkWorker:
             model=model.name,
             images=images,
             method=settings.method,
+            heatmap=self.spec.heatmap,
             resolution=settings.resolution,
             embedding=settings.embedding,
             overlay=settings.overlay,

@@ -9,10 +9,17 @@ What a method costs is declared here too, next to its name (:data:`METHOD_COSTS`
 passes it makes per image, and its cost class, ``"cheap"`` (a few passes) or ``"expensive"``
 (a pass per channel, per ablation or per optimisation step). Servers schedule by the class
 (:func:`cost_class`): cheap requests never wait behind expensive ones.
+
+Names are matched ignoring case, spaces, ``-`` and ``_`` (:func:`method_name`): ``GradCAM``,
+``Grad-CAM`` and ``grad_cam`` all name ``gradcam``; an unknown name is refused with the
+closest registered one.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -82,17 +89,49 @@ def register(cls: ExplainerType) -> ExplainerType:
     return cls
 
 
-def get_explainer(name: str) -> type[Explainer]:
-    """The explainer class registered as ``name``.
+def _folded(name: str) -> str:
+    return re.sub(r"[\s_-]+", "", name).lower()
+
+
+def method_name(
+    name: str, *, runnable_only: bool = False, expected: Sequence[str] | None = None
+) -> str:
+    """The registered name of method ``name``, matched ignoring case, spaces, ``-`` and
+    ``_``; else a one-line ``ValueError`` with the closest of the ``expected`` names and the
+    list of them (default: every registered method, or with ``runnable_only`` those that
+    explain without fitting; a server passes the methods its model serves).
 
     Example:
-        >>> get_explainer("fam").__name__
-        'FAM'
+        >>> method_name("GradCAM"), method_name("Guided_GradCAM")
+        ('gradcam', 'guided-gradcam')
+        >>> method_name("gradcm", expected=["cam", "gradcam"])
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown method 'gradcm' (did you mean 'gradcam'?); expected one of ['cam', 'gradcam']
     """
-    try:
-        return EXPLAINERS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; expected one of {sorted(EXPLAINERS)}") from None
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a str, got {type(name).__name__}")
+    if name in EXPLAINERS:
+        return name
+    by_folded = {_folded(registered): registered for registered in EXPLAINERS}
+    if _folded(name) in by_folded:
+        return by_folded[_folded(name)]
+    if expected is None:
+        expected = available_methods(runnable_only=runnable_only)
+    folded_expected = {_folded(method): method for method in expected}
+    close = difflib.get_close_matches(_folded(name), list(folded_expected), n=1)
+    hint = f" (did you mean {folded_expected[close[0]]!r}?)" if close else ""
+    raise ValueError(f"unknown method {name!r}{hint}; expected one of {list(expected)}")
+
+
+def get_explainer(name: str) -> type[Explainer]:
+    """The explainer class registered as ``name`` (matched as :func:`method_name` does).
+
+    Example:
+        >>> get_explainer("fam").__name__, get_explainer("GradFAM").__name__
+        ('FAM', 'GradFAM')
+    """
+    return EXPLAINERS[method_name(name)]
 
 
 def needs_fitting(name: str) -> bool:
@@ -142,8 +181,9 @@ def available_methods(*, runnable_only: bool = False) -> list[str]:
 
 
 def check_runnable(name: str) -> type[Explainer]:
-    """The explainer class of ``name`` when it can explain without fitting; else a one-line
-    ``ValueError``: unknown methods list the runnable ones, methods that need fitting say so.
+    """The explainer class of ``name`` (matched as :func:`method_name` does) when it can
+    explain without fitting; else a one-line ``ValueError``: unknown methods name the closest
+    runnable one and list them all, methods that need fitting say so.
 
     Example:
         >>> check_runnable("relevant-features")
@@ -151,10 +191,7 @@ def check_runnable(name: str) -> type[Explainer]:
         ...
         ValueError: method 'relevant-features' needs fitting on labelled images before it explains: `fam eval --methods relevant-features` fits it on the benchmark; in Python call its fit(...)
     """
-    if name not in EXPLAINERS:
-        raise ValueError(
-            f"unknown method {name!r}; expected one of {available_methods(runnable_only=True)}"
-        )
+    name = method_name(name, runnable_only=True)
     cls = EXPLAINERS[name]
     if cls.needs_fitting:
         raise ValueError(

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fam_core.extras import PACKAGE_EXTRAS
 from fam_core.models.backbones import build_backbone
 from fam_core.models.safe_load import load_weights_only
 
@@ -135,6 +136,12 @@ def _import(module_name: str, local: Path | None) -> ModuleType:
         return module
     except ModuleNotFoundError as error:
         package = module_name.split(".", 1)[0]
+        missing = (error.name or "").split(".", 1)[0]
+        if missing in PACKAGE_EXTRAS:
+            raise ValueError(
+                f"factory: module {module_name!r} imports {missing}, which is not installed: "
+                f"pip install 'fam-core[{PACKAGE_EXTRAS[missing]}]'"
+            ) from None
         raise ValueError(
             f"factory: cannot import module {module_name!r} ({_first_line(error)}): install "
             f"the package {package!r} or put {package}.py next to the config"

@@ -20,17 +20,31 @@ from torch import nn
 
 from fam_core.configfile import dump_config, parse_config
 from fam_core.imageio import CHANNEL_COUNTS, to_channels
-from fam_core.package_data import MODEL_STORE
-from fam_core.resizing import (
-    DEFAULT_POLICY,
-    RESIZE_POLICIES,
-    ResizePolicy,
-    as_size,
-    fit_image,
+from fam_core.models.config_schema import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    KEYS,
+    SOURCES,
+    TORCH_SOURCES,
+    value_problem,
 )
+from fam_core.package_data import MODEL_STORE
+from fam_core.resizing import DEFAULT_POLICY, ResizePolicy, as_size, fit_image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SOURCES",
+    "TORCH_SOURCES",
+    "LoadedModel",
+    "ModelConfig",
+    "available_models",
+    "channel_mismatch",
+    "find_config",
+    "load_model",
+    "model_store_paths",
+    "normalize_images",
+]
 
 
 def normalize_images(
@@ -43,21 +57,6 @@ def normalize_images(
     mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(shape)
     std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(shape)
     return (images - mean_t) / std_t
-
-
-SOURCES: tuple[str, ...] = ("backbone", "factory", "exported_program", "onnx")
-"""The model sources a config may name: exactly one of them."""
-TORCH_SOURCES: tuple[str, ...] = ("backbone", "factory", "exported_program")
-_FILE_KEYS = ("weights", "exported_program", "onnx", "prototypes")
-# keys only some sources take: key -> the sources that take it
-_SOURCE_KEYS: dict[str, tuple[str, ...]] = {
-    "backbone_kwargs": ("backbone",),
-    "factory_kwargs": ("factory",),
-    "weights": ("backbone", "factory"),
-    "target_tensor": ("onnx",),
-    "layout": ("onnx",),
-    "output": (*TORCH_SOURCES, "onnx"),
-}
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,9 @@ class ModelConfig:
 
     Attributes:
         name: registry name, e.g. ``"default-embedding"``.
-        task: ``"embedding"`` or ``"classifier"``.
+        task: ``"embedding"``, ``"classifier"``, or ``"knn"`` (an embedding model that
+            classifies by NPID's weighted vote of its ``k`` nearest labelled images in
+            ``index``: :mod:`fam_core.search.knn`).
         target_layer: the layer explainers use (``None``: the explainer's default).
         output: which part of the model's output is the embedding or the logits (a key or an
             index; ``None``: the explainers' default); for ``onnx``, the name of the graph
@@ -101,6 +102,14 @@ class ModelConfig:
         class_names: the classifier's classes, or the labels of ``prototypes``.
         prototypes: optional ``[K, D]`` tensor file of class prototypes (embedding models).
         similarity: the similarity the embedding model was trained for.
+        index: the gallery index of an embedding or ``knn`` model: a Milvus Lite ``.db``
+            path (relative to the config's folder) or ``http(s)://HOST:PORT[#NAME]``
+            (:mod:`fam_core.search`); :attr:`index_uri` resolves it.
+        top_k: neighbours a search returns when a request names none.
+        explain: the maps a search draws when a request names none: ``"none"``,
+            ``"query"`` or ``"both"``.
+        k, temperature: ``knn`` models: the neighbours that vote and the vote's temperature
+            (NPID: 200 and 0.07).
         metrics: what the training script measured (accuracy, interval, ...).
         directory: the folder the config was read from.
 
@@ -111,7 +120,7 @@ class ModelConfig:
     """
 
     name: str
-    task: Literal["embedding", "classifier"]
+    task: Literal["embedding", "classifier", "knn"]
     backbone: str | None = None
     weights: str | None = None
     target_layer: str | None = None
@@ -133,6 +142,11 @@ class ModelConfig:
     channels: int = 3
     method: str | None = None
     layout: str | None = None
+    index: str | None = None
+    top_k: int = 10
+    explain: str = "query"
+    k: int = 200
+    temperature: float = 0.07
     directory: Path = Path(".")
 
     def __post_init__(self) -> None:
@@ -142,80 +156,51 @@ class ModelConfig:
             object.__setattr__(self, "input_size", as_size(self.input_size))
 
     def _problems(self) -> list[tuple[str, str]]:
-        """``(key, what was expected)`` for each thing wrong with this config (first one wins)."""
+        """``(key, what was expected)`` for each thing wrong with this config (first one wins):
+        each value against its :data:`~fam_core.models.config_schema.KEYS` entry, then the
+        rules between keys."""
         named = [s for s in SOURCES if getattr(self, s) not in (None, "")]
         if len(named) != 1:
             what = f"got {named}" if named else "got none"
             return [("source", f"expected exactly one of {list(SOURCES)}, {what}")]
         source = named[0]
         problems: list[tuple[str, str]] = []
-        for key in ("name", "task"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                problems.append((key, f"expected a non-empty string, got {getattr(self, key)!r}"))
-        if self.task not in ("embedding", "classifier"):
-            problems.append(
-                ("task", f"task must be 'embedding' or 'classifier', got {self.task!r}")
-            )
-        if not isinstance(getattr(self, source), str):
-            problems.append((source, f"expected a string, got {getattr(self, source)!r}"))
-        for key, takers in _SOURCE_KEYS.items():
-            value = getattr(self, key)
-            if value not in (None, "", {}) and source not in takers:
-                problems.append((key, f"is not used with {source}: (it goes with {list(takers)})"))
+        for spec in KEYS:
+            value = getattr(self, spec.name)
+            if spec.name == "task" and value not in spec.choices:
+                problems.append(("task", f"task must be one of {list(TASKS)}, got {value!r}"))
+                continue
+            problem = value_problem(spec, value)
+            if problem is not None:
+                problems.append((spec.name, problem))
+            elif spec.sources and value not in (None, "", {}) and source not in spec.sources:
+                problems.append(
+                    (spec.name, f"is not used with {source}: (it goes with {list(spec.sources)})")
+                )
+        problems.extend(_search_problems(self, source))
         if source == "backbone" and not self.weights:
             problems.append(("weights", "expected a state-dict file for the backbone"))
         if source == "factory" and (
-            not isinstance(self.factory, str) or not re.fullmatch(_FACTORY, self.factory)
+            isinstance(self.factory, str) and not re.fullmatch(_FACTORY, self.factory)
         ):
             problems.append(
                 ("factory", f"expected 'package.module:callable', got {self.factory!r}")
             )
-        for key in ("backbone_kwargs", "factory_kwargs", "metrics"):
-            if not isinstance(getattr(self, key), dict):
-                problems.append((key, f"expected a mapping, got {getattr(self, key)!r}"))
-        for key in (*_FILE_KEYS, "target_layer", "target_tensor"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, str):
-                problems.append((key, f"expected a string, got {value!r}"))
-        if self.output is not None and (
-            isinstance(self.output, bool) or not isinstance(self.output, str | int)
-        ):
-            problems.append(
-                ("output", f"expected a key (string) or an index (int), got {self.output!r}")
-            )
-        elif source == "onnx" and self.output is not None and not isinstance(self.output, str):
+        if source == "onnx" and self.output is not None and not isinstance(self.output, str):
             problems.append(
                 ("output", f"expected the name of a graph output (a string), got {self.output!r}")
             )
-        try:
-            as_size(self.input_size)
-        except (TypeError, ValueError):
-            problems.append(("input_size", f"expected an int or [H, W], got {self.input_size!r}"))
-        if self.resize not in RESIZE_POLICIES:
-            problems.append(
-                ("resize", f"expected one of {list(RESIZE_POLICIES)}, got {self.resize!r}")
-            )
-        if isinstance(self.channels, bool) or self.channels not in CHANNEL_COUNTS:
-            problems.append(
-                ("channels", f"expected 1 (greyscale) or 3 (RGB), got {self.channels!r}")
-            )
-        if self.layout not in (None, "NCHW", "NHWC"):
-            problems.append(("layout", f"expected NCHW or NHWC, got {self.layout!r}"))
-        if self.method is not None and (not isinstance(self.method, str) or not self.method):
+        if self.method is not None and not self.method:
             problems.append(("method", f"expected a method name, got {self.method!r}"))
         for key in ("mean", "std"):
             value = getattr(self, key)
-            if not (
+            if (
                 isinstance(value, tuple)
-                and value
-                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+                and self.channels in CHANNEL_COUNTS
+                and len(value) not in (1, self.channels)
             ):
-                problems.append(
-                    (key, f"expected a list of numbers (one per channel), got {value!r}")
-                )
-            elif self.channels in CHANNEL_COUNTS and len(value) not in (1, self.channels):
                 problems.append((key, channel_mismatch(len(value), self.channels)))
-        if any(v == 0 for v in self.std if isinstance(v, int | float)):
+        if isinstance(self.std, tuple) and any(v == 0 for v in self.std):
             problems.append(("std", f"expected non-zero values, got {self.std!r}"))
         return problems
 
@@ -230,6 +215,19 @@ class ModelConfig:
         if self.source == "backbone":
             return str(self.backbone)
         return f"{self.source} {getattr(self, self.source)}"
+
+    @property
+    def index_uri(self) -> str | None:
+        """``index`` with a relative file path taken from the config's folder.
+
+        Example:
+            >>> ModelConfig(name="m", task="knn", backbone="conv4", weights="w.pt",
+            ...             index="g.db", directory=Path("/models/m")).index_uri
+            '/models/m/g.db'
+        """
+        if self.index is None or "://" in self.index or Path(self.index).is_absolute():
+            return self.index
+        return (self.directory / self.index).as_posix()
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -252,29 +250,32 @@ class ModelConfig:
             raise ValueError(f"cannot read model config {path}: {first}") from error
         if not isinstance(raw, dict):
             raise ValueError(f"model config {path} must be a mapping")
-        known = {f for f in cls.__dataclass_fields__ if f != "directory"}
+        known = {spec.name for spec in KEYS}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(
                 f"model config {path} has unknown keys {sorted(unknown)}; expected keys among "
-                f"{sorted(known)}"
+                f"{sorted(known)} (docs/config.md)"
             )
-        for key in ("name", "task"):
-            if key not in raw:
-                raise ValueError(f"model config {path} lacks the key {key!r}")
+        for spec in KEYS:
+            if spec.required and spec.name not in raw:
+                raise ValueError(f"model config {path} lacks the key {spec.name!r}")
         if raw.get("onnx") is not None and raw.get("target_layer") is not None:
             raise ValueError(
                 f"model config {path}: target_layer: an ONNX graph's layer is fixed in the graph; "
                 "expected target_tensor: (the feature-map value) for a graph fam export did not write"
             )
-        for key in ("mean", "std", "class_names"):
-            if isinstance(raw.get(key), list):
-                raw[key] = tuple(raw[key])
-        if isinstance(raw.get("input_size"), list):
-            raw["input_size"] = tuple(raw["input_size"])
-        for key in ("backbone_kwargs", "factory_kwargs", "metrics"):
-            if key in raw and raw[key] is None:
-                raw[key] = {}
+        for spec in KEYS:
+            value = raw.get(spec.name)
+            if isinstance(value, list) and spec.kind in ("numbers", "strings", "size"):
+                raw[spec.name] = tuple(value)
+            if spec.kind == "strings" and isinstance(value, list):  # YAML reads `[1, 2]` as ints
+                raw[spec.name] = tuple(
+                    str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                    for v in value
+                )
+            if spec.kind == "mapping" and spec.name in raw and value is None:
+                raw[spec.name] = {}
         try:
             return cls(**raw, directory=path.parent)
         except ValueError as error:
@@ -300,8 +301,12 @@ class ModelConfig:
             "output",
             "weights",
             "method",
+            "index",
         ):
             if data[key] in (None, {}) and key != self.source:
+                data.pop(key)
+        if self.index is None:
+            for key in SEARCH_KEYS:
                 data.pop(key)
         if data["channels"] == 3:
             data.pop("channels")
@@ -345,6 +350,35 @@ class ModelConfig:
         if not isinstance(values, torch.Tensor):
             raise ValueError(f"prototypes: {path} holds {type(values).__name__}, expected a tensor")
         return values
+
+
+TASKS: tuple[str, ...] = ("embedding", "classifier", "knn")
+SEARCH_KEYS: tuple[str, ...] = ("top_k", "explain", "k", "temperature")
+"""The keys that go with ``index`` (left out of a written config that has none)."""
+
+
+def _search_problems(config: ModelConfig, source: str) -> list[tuple[str, str]]:
+    """What is wrong with the search keys: ``index``, ``top_k``, ``explain``, ``k``,
+    ``temperature`` (an index serves embedding and ``knn`` models of torch sources)."""
+    problems: list[tuple[str, str]] = []
+    if config.index is not None and (not isinstance(config.index, str) or not config.index):
+        problems.append(
+            ("index", f"expected a .db path or http(s)://HOST:PORT, got {config.index!r}")
+        )
+    if config.task == "knn" and not config.index:
+        problems.append(("index", "task knn needs an index: the labelled gallery it votes over"))
+    if config.index and config.task == "classifier":
+        problems.append(("index", "a gallery index needs an embedding model, not a classifier"))
+    if config.task == "knn" and source not in TORCH_SOURCES:
+        problems.append(("task", f"task knn needs a torch model (one of {list(TORCH_SOURCES)})"))
+    for key in ("top_k", "k"):  # their kinds are checked with the other keys'
+        value = getattr(config, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            problems.append((key, f"expected an int >= 1, got {value!r}"))
+    value = config.temperature
+    if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
+        problems.append(("temperature", f"expected a number > 0, got {value!r}"))
+    return problems
 
 
 def channel_mismatch(values: int, channels: int) -> str:
@@ -410,7 +444,8 @@ def find_config(name_or_path: str | Path) -> Path:
 def load_model(
     name_or_path: str | Path = "default-embedding", device: torch.device | str = "cpu"
 ) -> LoadedModel:
-    """Load a torch model (``backbone``, ``factory`` or ``exported_program``) in eval mode.
+    """Load a torch model (``backbone``, ``factory`` or ``exported_program``) in eval mode,
+    checked against its config (:mod:`fam_core.models.model_check`).
 
     Errors in the config or its files raise a one-line ``ValueError`` naming the key.
 
@@ -419,6 +454,7 @@ def load_model(
         >>> config.target_layer
         'block4'
     """
+    from fam_core.models.model_check import check_torch_model
     from fam_core.models.sources import load_module
 
     config = ModelConfig.from_file(find_config(name_or_path))
@@ -431,4 +467,6 @@ def load_model(
         model = load_module(config)
     except ValueError as error:
         raise ValueError(f"model {config.name!r}: {error}") from None
-    return LoadedModel(model.to(device).eval(), config)
+    model = model.to(device).eval()
+    check_torch_model(model, config)
+    return LoadedModel(model, config)

@@ -37,7 +37,11 @@ from fam_core.pipeline.request import (
     Heatmap,
     Match,
     ModelDescription,
+    NeighbourResult,
     RawTensor,
+    SearchRequest,
+    SearchResponse,
+    SearchResult,
 )
 from fam_core.pipeline.service import Pipeline
 
@@ -58,11 +62,15 @@ __all__ = [
     "MicroBatcher",
     "ModelDescription",
     "ModelRegistry",
+    "NeighbourResult",
     "NotFound",
     "Pipeline",
     "PipelineError",
     "RawTensor",
     "ResourceExhausted",
+    "SearchRequest",
+    "SearchResponse",
+    "SearchResult",
     "ServedModel",
     "Unavailable",
     "choose_method",

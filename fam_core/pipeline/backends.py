@@ -88,12 +88,3 @@ class LoadedBackend:
     prototypes: torch.Tensor | None
     output_dim: int
     feature_shape: tuple[int, int]
-
-
-def check_prototypes(config: ModelConfig, prototypes: torch.Tensor, output_dim: int) -> None:
-    """``ValueError`` unless ``prototypes`` is ``[K, output_dim]``."""
-    if prototypes.dim() != 2 or prototypes.shape[1] != output_dim:
-        raise ValueError(
-            f"model {config.name!r}: prototypes have shape {tuple(prototypes.shape)}, "
-            f"expected [K, {output_dim}]"
-        )

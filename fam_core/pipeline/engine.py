@@ -7,11 +7,12 @@ predicts and explains in as few passes as it can, and splits the result back per
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fam_core.pipeline.jobs import Computed, Job, predict
+from fam_core.pipeline.jobs import Computed, Job, SearchJob, predict
+from fam_core.pipeline.search import run_search_jobs
 
 if TYPE_CHECKING:
     from fam_core.pipeline.models import ServedModel
@@ -19,13 +20,17 @@ if TYPE_CHECKING:
 __all__ = ["Computed", "Job", "predict", "run_jobs"]
 
 
-def run_jobs(served: ServedModel, jobs: list[Job]) -> list[Computed]:
-    """Run jobs sharing one :meth:`Job.batch_key` as one batch; one :class:`Computed` each."""
+def run_jobs(served: ServedModel, jobs: list[Job] | list[SearchJob]) -> list[Any]:
+    """Run jobs sharing one :meth:`Job.batch_key` as one batch; one :class:`Computed` each
+    (:class:`SearchJob` s: each its queries' explained neighbours,
+    :func:`~fam_core.pipeline.search.run_search_jobs`)."""
     if not jobs:
         return []
     keys = {job.batch_key() for job in jobs}
     if len(keys) != 1:
         raise ValueError(f"run_jobs needs jobs with one batch key, got {sorted(keys)}")
+    if isinstance(jobs[0], SearchJob):
+        return run_search_jobs(served, jobs)  # type: ignore[arg-type]
     inputs = torch.cat([job.inputs for job in jobs])
     references = None
     if jobs[0].references is not None:
@@ -33,7 +38,7 @@ def run_jobs(served: ServedModel, jobs: list[Job]) -> list[Computed]:
             [job.references.unsqueeze(0).expand(len(job), -1, -1) for job in jobs]  # type: ignore[union-attr]
         )
     classes = [c for job in jobs for c in [job.target_class] * len(job)]
-    computed = served.backend.run(served, inputs, jobs[0], classes, references)
+    computed = served.backend.run(served, inputs, jobs[0], classes, references)  # type: ignore[arg-type]
     return _split(computed, [len(job) for job in jobs])
 
 

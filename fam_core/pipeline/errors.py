@@ -6,6 +6,7 @@ error                gRPC code               HTTP
 InvalidArgument      INVALID_ARGUMENT        400
 UnsupportedFormat    INVALID_ARGUMENT        415
 NotFound             NOT_FOUND               404
+FailedPrecondition   FAILED_PRECONDITION     400
 ResourceExhausted    RESOURCE_EXHAUSTED      413 / 429 / 503
 LaneFull             RESOURCE_EXHAUSTED      429 (with a retry hint)
 DeadlineExceeded     DEADLINE_EXCEEDED       504
@@ -13,7 +14,12 @@ Unavailable          UNAVAILABLE             503
 Cancelled            UNAVAILABLE             503
 ===================  ======================  =========
 
-``InvalidArgument`` and ``NotFound`` are ``ValueError`` subclasses, so library callers that
+A method name that names no method at all (a typo: names match ignoring case, and the message
+names the closest) is ``InvalidArgument``, like any bad option; a method that exists but that
+the model does not serve (not in its ONNX graph, needs fitting, its extra not installed) is
+``NotFound``, like an unknown model.
+
+``InvalidArgument``, ``NotFound`` and ``FailedPrecondition`` are ``ValueError`` subclasses, so library callers that
 catch ``ValueError`` keep working.
 """
 
@@ -30,7 +36,8 @@ class PipelineError(Exception):
 
 
 class InvalidArgument(PipelineError, ValueError):
-    """The request is malformed: undecodable image, wrong shape or dtype, empty batch."""
+    """The request is malformed: undecodable image, wrong shape or dtype, empty batch, an
+    option out of range, a method name that names no method."""
 
     code = "INVALID_ARGUMENT"
     http_status = 400
@@ -43,10 +50,19 @@ class UnsupportedFormat(InvalidArgument):
 
 
 class NotFound(PipelineError, ValueError):
-    """The request names a model or method the server does not have."""
+    """The request names a model the server does not have, or a method its model does not
+    serve."""
 
     code = "NOT_FOUND"
     http_status = 404
+
+
+class FailedPrecondition(PipelineError, ValueError):
+    """The model cannot do what the request asks as it is configured: a search of a model
+    without an ``index``."""
+
+    code = "FAILED_PRECONDITION"
+    http_status = 400
 
 
 class ResourceExhausted(PipelineError):

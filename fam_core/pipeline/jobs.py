@@ -59,6 +59,44 @@ class Job:
 
 
 @dataclass(frozen=True)
+class SearchJob:
+    """The model-facing part of a search: queries for the served model's gallery index.
+
+    Attributes:
+        inputs: ``[b, 3, H, W]`` normalised model inputs.
+        method: the explainer of the maps.
+        explain: ``"none"``, ``"query"`` or ``"both"``.
+        top_k: neighbours per query.
+        filter: a boolean expression over the index's fields, or ``None``.
+
+    Example:
+        >>> job = SearchJob(torch.zeros(2, 3, 8, 8), "fam", "both", 10, None)
+        >>> len(job), job.cost_class(), job.batch_key()[0]
+        (2, 'expensive', 'search')
+    """
+
+    inputs: torch.Tensor
+    method: str
+    explain: str
+    top_k: int
+    filter: str | None = None
+
+    def batch_key(self) -> tuple[str, ...]:
+        """Searches with equal keys run as one batch of queries."""
+        return ("search", self.method, self.explain, str(self.top_k), self.filter or "")
+
+    def cost_class(self) -> CostClass:
+        """Cheap without maps; ``"both"`` (a forward pass per neighbour) is expensive; the
+        query's maps cost what the method costs."""
+        if self.explain == "none":
+            return "cheap"
+        return "expensive" if self.explain == "both" else cost_class(self.method)
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+@dataclass(frozen=True)
 class Computed:
     """Model outputs and explanation of one job (tensors on the model's device).
 

@@ -29,6 +29,8 @@ class Limits:
         queue_timeout_s: how long an image may wait for room in the in-flight budget.
         formats: encoded image formats accepted (PIL names, see :data:`IMAGE_FORMATS`);
             others are refused (INVALID_ARGUMENT, HTTP 415) without running their parser.
+        max_top_k: neighbours per query a search may ask for.
+        max_filter_chars: characters of a search's filter expression.
 
     Example:
         >>> Limits().max_batch, Limits().formats
@@ -44,6 +46,8 @@ class Limits:
     max_inflight_decoded_bytes: int = 1024 * 1024 * 1024
     queue_timeout_s: float = 5.0
     formats: tuple[str, ...] = DEFAULT_FORMATS
+    max_top_k: int = 100
+    max_filter_chars: int = 4096
 
     def __post_init__(self) -> None:
         for name in (
@@ -53,6 +57,8 @@ class Limits:
             "max_request_bytes",
             "max_decoded_bytes",
             "max_inflight_decoded_bytes",
+            "max_top_k",
+            "max_filter_chars",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -1,27 +1,34 @@
 """Served models: described by config files, listed in a registry, loaded once.
 
 A :class:`ServedModel` is a config, a :class:`~fam_core.pipeline.backends.Backend` (torch or
-ONNX) and the shapes probed at load. A model whose config fails to load is kept in the
-registry as a :class:`FailedModel`: the server starts the others and answers requests for it
-with :class:`~fam_core.pipeline.errors.Unavailable` and the one-line reason.
+ONNX) and the shapes probed at load, and the gallery index its config names (opened and
+checked against the model at load). A model whose config fails to load, or whose index
+cannot be reached or was built by another model, is kept in the registry as a
+:class:`FailedModel`: the server starts the others and answers requests for it with
+:class:`~fam_core.pipeline.errors.Unavailable` and the one-line reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fam_core.configfile import parse_config
 from fam_core.default_method import MethodChoice, choose_method
-from fam_core.models.store import ModelConfig, find_config
+from fam_core.explainers.registry import method_name
+from fam_core.models.store import TASKS, ModelConfig, find_config
 from fam_core.package_data import DEFAULT_MODEL_NAMES
 from fam_core.pipeline.backends import Backend, LoadedBackend
-from fam_core.pipeline.errors import NotFound, Unavailable
+from fam_core.pipeline.errors import InvalidArgument, NotFound, Unavailable
 from fam_core.pipeline.onnx_backend import OnnxBackend, load_onnx_backend
 from fam_core.pipeline.torch_backend import TorchBackend, load_torch_backend
+
+if TYPE_CHECKING:
+    from fam_core.search import GalleryIndex
 
 DEFAULT_MODELS: tuple[str, ...] = DEFAULT_MODEL_NAMES  # what a server serves when told nothing
 
@@ -50,6 +57,7 @@ class ServedModel:
     prototypes: torch.Tensor | None  # [K, D] (embedding models)
     output_dim: int
     feature_shape: tuple[int, int]
+    index: GalleryIndex | None = None  # the config's gallery index, opened
 
     @property
     def name(self) -> str:
@@ -92,6 +100,17 @@ class ServedModel:
             return self.backend.baked
         return 0 if self.prototypes is None else int(self.prototypes.shape[0])
 
+    def method_name(self, method: str | None) -> str:
+        """The registered name of ``method`` (matched ignoring case, spaces, ``-`` and ``_``;
+        ``None``: :attr:`default_method`); :class:`InvalidArgument` naming the closest of
+        this model's methods for a name that is no method."""
+        if not method:
+            return self.default_method
+        try:
+            return method_name(method, expected=self.methods)
+        except (TypeError, ValueError) as error:
+            raise InvalidArgument(f"model {self.name!r}: {error}") from None
+
     def check_method(self, method: str) -> None:
         """:class:`NotFound` unless this model explains with ``method``."""
         self.backend.check_method(method)
@@ -117,24 +136,50 @@ class ServedModel:
         device: torch.device | str = "cpu",
         *,
         target_layer: str | None = None,
+        open_index: bool = True,
     ) -> ServedModel:
         """Load a model by name, config path or ``.onnx`` path; probe its output and feature shapes.
 
         ``target_layer`` overrides the config's layer for every explainer of this model.
-        Errors are one-line ``ValueError`` naming the config key at fault.
+        ``open_index``: open the gallery index the config names and check that it holds this
+        model's embeddings (``False``: leave :attr:`index` ``None``, e.g. to build that index;
+        a ``knn`` model always opens it). Errors are one-line ``ValueError`` naming the config
+        key at fault.
 
         Example:
             >>> ServedModel.load("default-classifier").feature_shape
             (5, 5)
         """
         loaded = load_backend(name_or_path, device, target_layer=target_layer)
-        return cls(
+        served = cls(
             config=loaded.config,
             backend=loaded.backend,
             prototypes=loaded.prototypes,
             output_dim=loaded.output_dim,
             feature_shape=loaded.feature_shape,
         )
+        gallery = getattr(loaded.backend, "gallery", None)  # a knn backend opened it
+        if gallery is not None:
+            served.index = gallery
+        elif open_index and served.config.index is not None:
+            served.index = open_model_index(served)
+        return served
+
+
+def open_model_index(served: ServedModel) -> GalleryIndex:
+    """The gallery index ``served``'s config names, reached and checked to hold ``served``'s
+    embeddings; a one-line ``ValueError`` naming the model and the ``index`` key otherwise
+    (a server that does not answer, a file holding no gallery, another model's gallery)."""
+    from fam_core.search import model_card, open_index
+
+    config = served.config
+    index = open_index(str(config.index_uri))
+    try:
+        index.check_model(model_card(served))
+    except (ValueError, TypeError) as error:
+        index.close()
+        raise ValueError(f"model {config.name!r}: index: {_one_line(error)}") from None
+    return index
 
 
 def load_backend(
@@ -192,7 +237,7 @@ def _name_and_task(source: str | Path) -> tuple[str, str]:
     if not isinstance(raw, dict):
         return config_path.parent.name, ""
     name = raw.get("name") if isinstance(raw.get("name"), str) and raw["name"] else None
-    task = raw.get("task") if raw.get("task") in ("embedding", "classifier") else ""
+    task = raw.get("task") if raw.get("task") in TASKS else ""
     return name or config_path.parent.name, task
 
 

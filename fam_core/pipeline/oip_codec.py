@@ -15,6 +15,17 @@ FP32 ``[B, D]``, ``heatmap`` FP16 ``[B, H, W]``; all four unless the request nam
 The heatmap's parameters: ``method``, ``target_layer``, and ``warning`` when a map is all
 zeros or constant (``"image i: why"`` for each such map).
 
+A model with a gallery index answers a search (:meth:`~fam_core.pipeline.Pipeline.search`)
+when the request names only :data:`SEARCH_OUTPUTS`, or none and it is an embedding model
+(a ``knn`` model classifies then); per query image ``[k]``
+neighbours, stacked over the batch like every output: ``neighbour_ids`` BYTES ``[B, k]``,
+``neighbour_scores`` FP32 ``[B, k]``, ``neighbour_labels`` BYTES ``[B, k]`` (empty when
+unlabelled), ``heatmaps`` FP16 ``[B, k, H, W]`` (each query's map for each neighbour;
+not with ``explain`` ``"none"``) and ``reference_heatmaps`` FP16 ``[B, k, H, W]`` (each
+neighbour's map for the query; ``explain`` ``"both"`` only, NaN where a neighbour's image
+could not be loaded). Search parameters: ``top_k``, ``method``, ``explain``, ``filter``.
+Naming outputs of both kinds in one request is refused.
+
 Example:
     >>> unpack_bytes(pack_bytes([b"ab", b""]))
     [b'ab', b'']
@@ -24,29 +35,59 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fam_core.pipeline.decode import check_count, check_decoded_bytes, check_tensor_shape
 from fam_core.pipeline.errors import InvalidArgument, ResourceExhausted
 from fam_core.pipeline.limits import Limits
-from fam_core.pipeline.request import EncodedImage, ExplainRequest, ExplainResponse, RawTensor
+from fam_core.pipeline.request import (
+    EncodedImage,
+    ExplainRequest,
+    ExplainResponse,
+    Heatmap,
+    RawTensor,
+    SearchRequest,
+    SearchResponse,
+)
+from fam_core.pipeline.search import no_index
+
+if TYPE_CHECKING:
+    from fam_core.pipeline.service import Pipeline
 
 OUTPUTS: tuple[str, ...] = ("scores", "label", "embedding", "heatmap")
+SEARCH_OUTPUTS: tuple[str, ...] = (
+    "neighbour_ids",
+    "neighbour_scores",
+    "neighbour_labels",
+    "heatmaps",
+    "reference_heatmaps",
+)
 _PIXEL_TYPES = {"UINT8": ("uint8", 1), "FP16": ("float16", 2), "FP32": ("float32", 4)}
 
 
-def tensor_metadata(output_dim: int) -> dict[str, list[dict[str, Any]]]:
-    """The ``inputs`` and ``outputs`` of a model's OIP metadata (``-1``: any size).
+def tensor_metadata(output_dim: int, *, search: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """The ``inputs`` and ``outputs`` of a model's OIP metadata (``-1``: any size); with
+    ``search`` (a model with an index) the search outputs come first.
 
     Example:
         >>> [(t["name"], t["shape"]) for t in tensor_metadata(8)["outputs"]][2]
         ('embedding', [-1, 8])
+        >>> [(t["name"], t["shape"]) for t in tensor_metadata(8, search=True)["outputs"]][3]
+        ('heatmaps', [-1, -1, -1, -1])
     """
+    search_outputs = [
+        {"name": "neighbour_ids", "datatype": "BYTES", "shape": [-1, -1]},
+        {"name": "neighbour_scores", "datatype": "FP32", "shape": [-1, -1]},
+        {"name": "neighbour_labels", "datatype": "BYTES", "shape": [-1, -1]},
+        {"name": "heatmaps", "datatype": "FP16", "shape": [-1, -1, -1, -1]},
+        {"name": "reference_heatmaps", "datatype": "FP16", "shape": [-1, -1, -1, -1]},
+    ]
     return {
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [
+        "outputs": (search_outputs if search else [])
+        + [
             {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
             {"name": "embedding", "datatype": "FP32", "shape": [-1, output_dim]},
@@ -96,23 +137,23 @@ def _text_parameter(parameters, name: str) -> str | None:  # type: ignore[no-unt
     return value
 
 
-def _target_class(parameters) -> int | None:  # type: ignore[no-untyped-def]
-    """The ``target_class`` parameter: an int64 or uint64, an integral double or decimal text."""
-    value = _parameter(parameters, "target_class")
+def _integer(parameters, name: str) -> int | None:  # type: ignore[no-untyped-def]
+    """Integer parameter ``name``: an int64 or uint64, an integral double or decimal text."""
+    value = _parameter(parameters, name)
     if value is None or value == "":
         return None
     if isinstance(value, bool):
-        raise InvalidArgument(f"parameter 'target_class' must be an integer, got {value!r}")
+        raise InvalidArgument(f"parameter {name!r} must be an integer, got {value!r}")
     if isinstance(value, int):
         return value
     if isinstance(value, float):
         if math.isfinite(value) and value.is_integer():
             return int(value)
-        raise InvalidArgument(f"parameter 'target_class' must be an integer, got {value!r}")
+        raise InvalidArgument(f"parameter {name!r} must be an integer, got {value!r}")
     text = str(value).strip()
     if text.lstrip("+-").isdigit() and len(text) <= 20:
         return int(text)
-    raise InvalidArgument(f"parameter 'target_class' must be an integer, got {text[:40]!r}")
+    raise InvalidArgument(f"parameter {name!r} must be an integer, got {text[:40]!r}")
 
 
 def _images(request: Any, limits: Limits) -> tuple:
@@ -191,6 +232,34 @@ def _images(request: Any, limits: Limits) -> tuple:
     )
 
 
+def is_search(request: Any, by_default: bool) -> bool:
+    """Whether a ``ModelInferRequest`` asks for a search: it names only
+    :data:`SEARCH_OUTPUTS`, or none and the model searches ``by_default``.
+
+    Example:
+        >>> from types import SimpleNamespace as Message
+        >>> is_search(Message(outputs=[]), True), is_search(Message(outputs=[]), False)
+        (True, False)
+    """
+    named = {output.name for output in request.outputs}
+    if not named:
+        return by_default
+    unknown = sorted(named - set(OUTPUTS) - set(SEARCH_OUTPUTS))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown outputs {[name[:40] for name in unknown[:8]]}; expected some of "
+            f"{list(OUTPUTS)} or, for a model with an index, of {list(SEARCH_OUTPUTS)}"
+        )
+    if named <= set(SEARCH_OUTPUTS):
+        return True
+    if named <= set(OUTPUTS):
+        return False
+    raise InvalidArgument(
+        f"outputs {sorted(named)} mix a search's {list(SEARCH_OUTPUTS)} with an explanation's "
+        f"{list(OUTPUTS)}: ask for one kind per request"
+    )
+
+
 def request_from_infer(request: Any, limits: Limits | None = None) -> ExplainRequest:
     """The pipeline request of a ``ModelInferRequest`` (of any OIP stubs)."""
     limits = limits or Limits()
@@ -207,9 +276,109 @@ def request_from_infer(request: Any, limits: Limits | None = None) -> ExplainReq
         resolution=_text_parameter(request.parameters, "resolution") or "input",  # type: ignore[arg-type]
         heatmap="heatmap" in requested,
         embedding="embedding" in requested,
-        target_class=_target_class(request.parameters),
+        target_class=_integer(request.parameters, "target_class"),
         request_id=request.id,
     )
+
+
+def search_request_from_infer(request: Any, limits: Limits | None = None) -> SearchRequest:
+    """The pipeline search of a ``ModelInferRequest`` (of any OIP stubs)."""
+    limits = limits or Limits()
+    return SearchRequest(
+        model=request.model_name,
+        images=_images(request, limits),
+        top_k=_integer(request.parameters, "top_k"),
+        method=_text_parameter(request.parameters, "method"),
+        explain=_text_parameter(request.parameters, "explain"),
+        filter=_text_parameter(request.parameters, "filter"),
+        request_id=request.id,
+    )
+
+
+def search_outputs(request: Any, explain: str) -> list[str]:
+    """The outputs a search with ``explain`` answers: those the request names, else those
+    it makes; a named map output that ``explain`` does not make is refused.
+
+    Example:
+        >>> from types import SimpleNamespace as Message
+        >>> search_outputs(Message(outputs=[]), "query")[-1]
+        'heatmaps'
+    """
+    maps = {"none": 0, "query": 1, "both": 2}.get(explain, 0)
+    made = list(SEARCH_OUTPUTS[: 3 + maps])
+    named = [output.name for output in request.outputs]
+    missing = [name for name in named if name not in made]
+    if missing:
+        raise InvalidArgument(
+            f"outputs {missing} are not made with explain {explain!r}: heatmaps need "
+            '"query" or "both", reference_heatmaps "both"'
+        )
+    return named or made
+
+
+def answer_infer(
+    pipeline: Pipeline,
+    request: Any,
+    version: str,
+    message_type: Any,
+    deadline: float | None = None,
+) -> Any:
+    """The ``ModelInferResponse`` (of ``message_type``) to a ``ModelInferRequest``: a search
+    (:func:`is_search`) or an explanation, every option checked before the work."""
+    served = pipeline.registry.get(request.model_name)
+    if is_search(request, served.index is not None and served.task == "embedding"):
+        search = search_request_from_infer(request, pipeline.limits)
+        if served.index is None:
+            raise no_index(served.name)
+        requested = search_outputs(request, search.explain or served.config.explain)
+        found = pipeline.search(search, deadline=deadline)
+        return search_infer_response(found, requested, version, message_type)
+    explain = request_from_infer(request, pipeline.limits)
+    response = pipeline.explain(explain, deadline=deadline)
+    requested = [output.name for output in request.outputs] or list(OUTPUTS)
+    return infer_response(response, requested, version, message_type)
+
+
+def search_infer_response(
+    response: SearchResponse, requested: list[str], version: str, message_type: Any
+) -> Any:
+    """The ``ModelInferResponse`` of a search: ``[B, k]`` neighbours (``k``: the most any
+    query got; a query with fewer is padded with empty ids and labels, NaN scores and maps)."""
+    results = response.results
+    batch = len(results)
+    k = max((len(r.neighbours) for r in results), default=0)
+    message = message_type(model_name=response.model, model_version=version, id=response.request_id)
+    rows = [list(r.neighbours) + [None] * (k - len(r.neighbours)) for r in results]
+    for name in requested:
+        output = message.outputs.add(name=name)
+        if name in ("neighbour_ids", "neighbour_labels"):
+            output.datatype, output.shape[:] = "BYTES", [batch, k]
+            field = "id" if name == "neighbour_ids" else "label"
+            data = pack_bytes(
+                [((getattr(n, field) or "") if n else "").encode() for row in rows for n in row]
+            )
+        elif name == "neighbour_scores":
+            output.datatype, output.shape[:] = "FP32", [batch, k]
+            scores = [n.score if n else math.nan for row in rows for n in row]
+            data = np.asarray(scores, dtype="<f4").tobytes()
+        else:
+            field = "query_map" if name == "heatmaps" else "reference_map"
+            maps = [getattr(n, field) if n else None for row in rows for n in row]
+            shape = next((m.shape for m in maps if m is not None), (0, 0))
+            output.datatype, output.shape[:] = "FP16", [batch, k, *shape]
+            output.parameters["method"].string_param = response.method
+            output.parameters["target_layer"].string_param = next(
+                (m.target_layer for m in maps if m is not None), ""
+            )
+            data = b"".join(_map_bytes(m, shape) for m in maps)
+        message.raw_output_contents.append(data)
+    return message
+
+
+def _map_bytes(heatmap: Heatmap | None, shape: tuple[int, int]) -> bytes:
+    if heatmap is not None:
+        return heatmap.data
+    return np.full(shape, np.nan, dtype="<f2").tobytes()
 
 
 def infer_response(

@@ -47,13 +47,10 @@ import torch
 from fam_core import onnx_format as fmt
 from fam_core.default_method import MethodChoice, choose_method
 from fam_core.explanation import Explanation
-from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, channel_mismatch
+from fam_core.models.model_check import ModelFacts, check_against_model
+from fam_core.models.store import ModelConfig
 from fam_core.onnx_runtime import OnnxExplainer
-from fam_core.pipeline.backends import (
-    LoadedBackend,
-    ServedView,
-    check_prototypes,
-)
+from fam_core.pipeline.backends import LoadedBackend, ServedView
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
 from fam_core.pipeline.onnx_methods import GraftedMethods, graftable_methods
@@ -131,7 +128,7 @@ class OnnxBackend:
             if method == self.runner.method:
                 return self.runner
             raise NotFound(
-                f"unknown method {method!r}: fam export wrote this graph with "
+                f"method {method!r} is not in this graph: fam export wrote it with "
                 f"{self.runner.method!r} only"
             )
         except NotFound as error:
@@ -413,7 +410,13 @@ def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> Lo
         prototypes = config.load_prototypes()
         if prototypes is not None:
             prototypes = prototypes.float()
-            check_prototypes(config, prototypes, int(output_dim))
+    facts = ModelFacts(
+        what=path.name,
+        output_shape=(1, int(output_dim)),
+        prototypes_shape=None if prototypes is None else tuple(prototypes.shape),
+        prototypes=backend.baked or None,
+    )
+    check_against_model(config, facts)
     return LoadedBackend(
         config=config,
         backend=backend,
@@ -463,22 +466,27 @@ def _read_graph(path: Path) -> Any:
         ) from None
 
 
-def input_channels(path: Path) -> int:
-    """The channels of a plain graph's image input ``[B, C, H, W]`` (3 where it is not fixed:
-    the graft says what is wrong with the input)."""
+def graph_facts(path: Path) -> ModelFacts:
+    """What a plain graph's file says before it is grafted: the channels of its image input
+    ``[B, C, H, W]`` (3 where it is not fixed: the graft says what is wrong with the input)
+    and its outputs' names."""
     proto = _read_graph(path)
     initializers = {tensor.name for tensor in proto.graph.initializer}
     inputs = [value for value in proto.graph.input if value.name not in initializers]
     dims = inputs[0].type.tensor_type.shape.dim if inputs else ()
-    if len(dims) != 4 or not dims[1].HasField("dim_value"):
-        return 3
-    return int(dims[1].dim_value)
+    fixed = len(dims) == 4 and dims[1].HasField("dim_value")
+    return ModelFacts(
+        what=path.name,
+        input_channels=int(dims[1].dim_value) if fixed else 3,
+        outputs=tuple(output.name for output in proto.graph.output),
+    )
 
 
 def _check_plain_config(path: Path, config: ModelConfig) -> None:
     """One-line ``ValueError`` naming the key, for a config the graft would fail on: a
-    default ``method`` the file cannot take, ``channels``, ``mean`` or ``std`` that do not
-    fit the graph's input."""
+    default ``method`` the file cannot take, or values the graph contradicts
+    (:func:`~fam_core.models.model_check.check_against_model`: ``channels``, ``mean``,
+    ``std``, ``output``)."""
     where = f"model {config.name!r}: "
     if config.method is not None:
         reasons = graftable_methods(config.task)
@@ -489,18 +497,4 @@ def _check_plain_config(path: Path, config: ModelConfig) -> None:
             )
         if reasons[config.method] is not None:
             raise ValueError(f"{where}method: {config.method!r} {reasons[config.method]}")
-    channels = input_channels(path)
-    if config.channels != 3 and config.channels != channels:
-        raise ValueError(
-            f"{where}channels: the config says {config.channels}, the input of {path.name} "
-            f"takes {channels}"
-        )
-    defaults = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    for key in ("mean", "std"):
-        values = tuple(getattr(config, key))
-        if channels in (1, 3) and len(values) not in (1, channels):
-            unset = f" (ImageNet's {key}: the default)" if values == defaults[key] else ""
-            raise ValueError(
-                f"{where}{key}: {path.name} takes {channels} channel(s): "
-                f"{channel_mismatch(len(values), channels)}{unset}"
-            )
+    check_against_model(config, graph_facts(path))

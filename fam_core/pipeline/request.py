@@ -4,6 +4,8 @@ Example:
     >>> request = ExplainRequest(model="default-classifier", images=(EncodedImage(b"..."),))
     >>> request.resolution, request.top_k
     ('input', 5)
+    >>> SearchRequest(model="gallery-model", images=(EncodedImage(b"..."),)).explain is None
+    True
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Literal
 
 Resolution = Literal["input", "feature"]
 RESOLUTIONS: tuple[str, ...] = ("input", "feature")
+EXPLAIN_MODES: tuple[str, ...] = ("none", "query", "both")
+"""What a search explains: nothing, each query's map per neighbour, or also each neighbour's."""
 TENSOR_DTYPES: dict[str, int] = {"uint8": 1, "float16": 2, "float32": 4}
 """Accepted raw tensor dtypes and their item sizes (little-endian)."""
 
@@ -119,6 +123,67 @@ class ExplainResponse:
 
 
 @dataclass(frozen=True)
+class SearchRequest:
+    """A search of a model's gallery index: the nearest gallery images of each image.
+
+    Attributes:
+        model: a served model with an ``index``.
+        images: the queries, at least one.
+        top_k: neighbours per query; ``None``: the model config's ``top_k``.
+        method: the explainer of the maps; ``None``: the model's default.
+        explain: one of :data:`EXPLAIN_MODES`; ``None``: the model config's ``explain``.
+        filter: a boolean expression over the index's fields (``label == "rose"``); ``None``:
+            the whole gallery.
+        request_id: echoed back.
+    """
+
+    model: str
+    images: tuple[ImageInput, ...]
+    top_k: int | None = None
+    method: str | None = None
+    explain: str | None = None
+    filter: str | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class NeighbourResult:
+    """One gallery image found for a query, with the heatmaps of the match.
+
+    ``query_map``: the query's heatmap with this neighbour as the target (``None`` with
+    explain ``"none"``); ``reference_map``: the neighbour's heatmap with the query as the
+    target (explain ``"both"`` only; ``None`` with ``reference_error`` saying why when its
+    image could not be loaded).
+    """
+
+    id: str
+    uri: str
+    label: str | None
+    score: float
+    query_map: Heatmap | None = None
+    reference_map: Heatmap | None = None
+    reference_error: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The neighbours of one query, most similar first."""
+
+    neighbours: tuple[NeighbourResult, ...]
+
+
+@dataclass(frozen=True)
+class SearchResponse:
+    """One result per query image, in order; ``explain`` and ``method`` as applied."""
+
+    model: str
+    results: tuple[SearchResult, ...]
+    explain: str
+    method: str
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     """What ``ModelInfo`` reports about a served model."""
 
@@ -140,3 +205,11 @@ class ModelDescription:
     )
     input_shape: tuple[int, int] = (0, 0)  # (H, W); input_size is H when they differ
     resize: str = "crop"
+    index: str = ""  # the gallery index searched, or voted over by a knn model ("": none)
+    top_k: int = 0  # search: neighbours per query when a request names none
+    explain: str = ""  # search: the explain mode when a request names none
+
+    @property
+    def searchable(self) -> bool:
+        """Whether the model answers searches: it has an index."""
+        return bool(self.index)

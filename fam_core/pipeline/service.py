@@ -11,7 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ from fam_core.pipeline.errors import (
     PipelineError,
     Unavailable,
 )
-from fam_core.pipeline.jobs import Computed, Job
+from fam_core.pipeline.jobs import Computed, Job, SearchJob
 from fam_core.pipeline.limits import Limits
 from fam_core.pipeline.models import ModelRegistry, ServedModel
 from fam_core.pipeline.preprocess import preprocess
@@ -51,7 +52,10 @@ from fam_core.pipeline.request import (
     ExplainResponse,
     ImageInput,
     ModelDescription,
+    SearchRequest,
+    SearchResponse,
 )
+from fam_core.pipeline.search import encode_search_result, search_job
 from fam_core.pipeline.steps import StepControl, stepping, watch_steps
 
 DEFAULT_LIMITS = Limits()
@@ -202,6 +206,33 @@ class Pipeline:
                 answers[i] = self._finish(item, result)  # type: ignore[arg-type]
         return answers
 
+    def search(self, request: SearchRequest, *, deadline: float | None = None) -> SearchResponse:
+        """The nearest gallery images of each image in the model's index, each match explained
+        (:func:`fam_core.search.explained_search`). Images are decoded and preprocessed as
+        :meth:`explain` does; options and limits are checked before anything is decoded
+        (:func:`~fam_core.pipeline.search.search_job`). ``deadline`` as in :meth:`explain`."""
+        self._check_open()
+        _check_deadline(deadline)
+        served = self.registry.get(request.model)
+        checked = search_job(served, request, self.limits)
+        headers = self._headers(request.images, "image")
+        check_decoded_bytes(
+            sum(decoded_bytes(i, h) for i, h in zip(request.images, headers, strict=True)),
+            self.limits,
+        )
+        _, inputs = self._decode(request.images, served, headers=headers, deadline=deadline)
+        job = replace(checked, inputs=inputs)
+        found = self._run(served, job, deadline)
+        method = "" if job.explain == "none" else job.method
+        layer = served.config.target_layer or ""
+        return SearchResponse(
+            model=served.name,
+            results=tuple(encode_search_result(query, method, layer) for query in found),
+            explain=job.explain,
+            method=method,
+            request_id=request.request_id,
+        )
+
     def describe(self, name: str) -> ModelDescription:
         """What ``ModelInfo`` reports about model ``name``."""
         served = self.registry.get(name)
@@ -222,6 +253,9 @@ class Pipeline:
             output_dim=served.output_dim,
             class_names=served.labels,
             num_prototypes=served.num_prototypes,
+            index="" if config.index is None else str(config.index),
+            top_k=config.top_k,
+            explain=config.explain,
         )
 
     def pixels(self, model: str, images: tuple[ImageInput, ...]) -> torch.Tensor:
@@ -261,7 +295,7 @@ class Pipeline:
         if not request.images:
             raise InvalidArgument("the request has no images: expected at least one")
         check_sizes(tuple(request.images) + tuple(request.references), self.limits)
-        method = request.method or served.default_method
+        method = served.method_name(request.method)
         if request.heatmap:
             served.check_method(method)
         if request.resolution not in RESOLUTIONS:
@@ -271,14 +305,15 @@ class Pipeline:
         if request.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0, got {request.top_k}")
         if request.target_class is not None:
-            if served.task != "classifier":
+            if served.task not in ("classifier", "knn"):
                 raise InvalidArgument(
                     f"target_class needs a classifier; model {served.name!r} is an embedding "
                     "model: send references instead"
                 )
-            if not 0 <= request.target_class < served.output_dim:
+            classes = len(served.labels) if served.task == "knn" else served.output_dim
+            if not 0 <= request.target_class < classes:
                 raise InvalidArgument(
-                    f"target_class must be in [0, {served.output_dim}), got {request.target_class}"
+                    f"target_class must be in [0, {classes}), got {request.target_class}"
                 )
         if request.references and served.task != "embedding":
             raise InvalidArgument(
@@ -351,7 +386,7 @@ class Pipeline:
         _check_deadline(deadline)
         return preprocess(fitted, served.config)
 
-    def _run(self, served: ServedModel, job: Job, deadline: float | None) -> Computed:
+    def _run(self, served: ServedModel, job: Job | SearchJob, deadline: float | None) -> Any:
         _check_deadline(deadline)
         if not self._batchers:
             with self._direct_lock, stepping(self._direct_control(deadline)):

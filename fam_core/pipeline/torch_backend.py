@@ -25,19 +25,17 @@ import torch
 from torch import nn
 
 from fam_core.default_method import MethodChoice, choose_method
+from fam_core.discovery import ModelDoesNotRun
 from fam_core.explainers import Explainer, available_methods
 from fam_core.explainers.base import ChannelExplainer
 from fam_core.explainers.cam.cam import CAM
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import check_runnable
 from fam_core.extras import MissingExtraError
+from fam_core.models.model_check import check_torch_model
 from fam_core.models.sources import load_module
 from fam_core.models.store import ModelConfig
-from fam_core.pipeline.backends import (
-    LoadedBackend,
-    ServedView,
-    check_prototypes,
-)
+from fam_core.pipeline.backends import LoadedBackend, ServedView
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
 
@@ -61,7 +59,7 @@ def explainer_options(config: ModelConfig, cls: type[Explainer]) -> dict[str, An
             )
         options["output"] = config.output
     if "task" in accepted:
-        options["task"] = config.task
+        options["task"] = "embedding" if config.task == "knn" else config.task
     elif "classifier" in accepted:
         options["classifier"] = config.task == "classifier"
     if "input_size" in accepted:
@@ -92,6 +90,7 @@ class TorchBackend:
 
     module: nn.Module
     config: ModelConfig
+    gallery: Any = None  # task knn: the GalleryIndex it votes over (fam_core.search)
     _explainers: dict[str, Explainer] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _default: MethodChoice | None = field(default=None, repr=False)
@@ -166,6 +165,8 @@ class TorchBackend:
         classes: list[int | None],
         references: torch.Tensor | None,
     ) -> Computed:
+        if self.gallery is not None:
+            return self._run_knn(inputs, job, classes)
         if not job.heatmap:
             with torch.no_grad():
                 outputs = self.explainer("fam").embed(inputs)
@@ -185,6 +186,41 @@ class TorchBackend:
             ) from None
         return Computed.explained_by(outputs, scores, predicted, explanation)
 
+    def _run_knn(self, inputs: torch.Tensor, job: Job, classes: list[int | None]) -> Computed:
+        """Task knn: NPID's vote over the gallery; the map explains the predicted class (or
+        the requested one) with the paper's kNN target, from the same forward pass."""
+        from fam_core.search.knn import knn_classify, knn_targets
+
+        config = self.config
+        names = config.class_names
+        explainer = self.explainer(job.method if job.heatmap else "fam")
+        forward = explainer.forward(inputs) if _explains_in_one_pass(explainer) else None
+        if forward is not None:
+            outputs = forward.outputs.detach()
+        else:
+            with torch.no_grad():
+                outputs = explainer.embed(inputs)
+        try:
+            voted = knn_classify(
+                self.gallery, outputs, k=config.k, temperature=config.temperature, classes=names
+            )
+            scores = voted.probabilities.to(outputs.device)
+            predicted = voted.predicted.to(outputs.device)
+            if not job.heatmap:
+                return Computed(outputs=outputs, scores=scores, predicted=predicted)
+            chosen = [
+                p if c is None else c
+                for c, p in zip(classes, voted.predicted.tolist(), strict=True)
+            ]
+            targets = knn_targets(self.gallery, outputs, [names[c] for c in chosen])
+            if forward is not None:
+                explanation = explainer.explain_forward(forward, targets, inputs)  # type: ignore[attr-defined]
+            else:
+                explanation = explainer(inputs, targets)
+        except (ValueError, TypeError) as error:
+            raise InvalidArgument(f"model {config.name!r}: {error}") from None
+        return Computed.explained_by(outputs, scores, predicted, explanation)
+
 
 def load_torch_backend(
     config: ModelConfig,
@@ -199,11 +235,17 @@ def load_torch_backend(
         module = load_module(config).to(device).eval()
     except ValueError as error:
         raise ValueError(f"model {config.name!r}: {error}") from None
+    check_torch_model(module, config)
     if target_layer is not None:
         config = replace(config, target_layer=target_layer)
     options = explainer_options(config, FAM)
     try:
         probe = FAM(module, config.target_layer, **options)
+    except ModelDoesNotRun as error:  # the layer search's input (the probe above ran)
+        raise ValueError(
+            f"model {config.name!r}: input_size: {error.reason}; set input_size: (or "
+            "target_layer:) in the config"
+        ) from None
     except (ValueError, TypeError) as error:
         raise ValueError(f"model {config.name!r}: target_layer: {_first_line(error)}") from None
     height, width = config.image_size
@@ -217,19 +259,16 @@ def load_torch_backend(
             f"failed: {type(error).__name__}: {_first_line(error)}"
         ) from None
     outputs, activations = forward.outputs, forward.activations
-    if outputs.dim() != 2:
-        raise ValueError(
-            f"model {config.name!r}: output: expected [B, D] embeddings or logits, got shape "
-            f"{list(outputs.shape)}"
-        )
     config = replace(config, target_layer=probe.target_layer)
     prototypes = config.load_prototypes() if config.task == "embedding" else None
     if prototypes is not None:
         prototypes = prototypes.to(device=outputs.device, dtype=torch.float32)
-        check_prototypes(config, prototypes, int(outputs.shape[1]))
     feature_height, feature_width = activations.shape[-2:]
     backend = TorchBackend(module, config)
     backend._explainers["fam"] = probe
+    if config.task == "knn":
+        backend.gallery, config = _open_gallery(backend, int(outputs.shape[1]))
+        backend.config = config
     if config.method is not None:
         try:
             backend.check_method(config.method)
@@ -244,6 +283,25 @@ def load_torch_backend(
         output_dim=int(outputs.shape[1]),
         feature_shape=(int(feature_height), int(feature_width)),
     )
+
+
+def _open_gallery(backend: TorchBackend, output_dim: int) -> tuple[Any, ModelConfig]:
+    """The gallery of a knn model, checked against the model; its labels become the
+    config's class names. One-line ``ValueError`` when it cannot be reached or is another
+    model's."""
+    from fam_core.search import model_card, open_index
+
+    config = backend.config
+    gallery = open_index(str(config.index_uri))
+    view = LoadedBackend(config, backend, None, output_dim, (0, 0))
+    try:
+        gallery.check_model(model_card(view))
+        labels = tuple(gallery.labels())
+    except ValueError as error:
+        raise ValueError(f"model {config.name!r}: index: {_first_line(error)}") from None
+    if not labels:
+        raise ValueError(f"model {config.name!r}: index: {config.index} has no labelled image")
+    return gallery, replace(config, class_names=labels)
 
 
 def _target(

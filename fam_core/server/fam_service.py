@@ -1,4 +1,11 @@
-"""``fam.v1.FamService`` over the pipeline: wire messages to pipeline requests and back."""
+"""``fam.v1.FamService`` over the pipeline: wire messages to pipeline requests and back.
+
+Example:
+    >>> message = fam_pb2.SearchRequest(model="m", images=[fam_pb2.Image(encoded=b"...")])
+    >>> request = search_request_from_proto(message)
+    >>> request.top_k, request.explain, request.filter
+    (None, None, None)
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,14 @@ from fam_core.pipeline import (
 )
 from fam_core.pipeline.decode import check_count
 from fam_core.pipeline.limits import Limits
-from fam_core.pipeline.request import ExplainResult, ImageInput
+from fam_core.pipeline.request import (
+    ExplainResult,
+    Heatmap,
+    ImageInput,
+    NeighbourResult,
+    SearchRequest,
+    SearchResponse,
+)
 from fam_core.server.calls import Calls
 from fam_core.server.status import deadline_of
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
@@ -76,18 +90,7 @@ def result_to_proto(result: ExplainResult) -> fam_pb2.Result:
         explained_score=result.explained_score,
     )
     if result.heatmap is not None:
-        heatmap = result.heatmap
-        message.heatmap.CopyFrom(
-            fam_pb2.Heatmap(
-                data=heatmap.data,
-                shape=heatmap.shape,
-                dtype=heatmap.dtype,
-                method=heatmap.method,
-                target_layer=heatmap.target_layer,
-                resolution=_RESOLUTION_ENUMS[heatmap.resolution],
-                warning=heatmap.warning,
-            )
-        )
+        message.heatmap.CopyFrom(heatmap_to_proto(result.heatmap))
     if result.embedding is not None:
         message.embedding.CopyFrom(
             fam_pb2.Tensor(dtype="float32", shape=[result.embedding_dim], data=result.embedding)
@@ -102,6 +105,65 @@ def response_to_proto(response: ExplainResponse) -> fam_pb2.ExplainResponse:
         model=response.model,
         results=[result_to_proto(r) for r in response.results],
         request_id=response.request_id,
+    )
+
+
+def heatmap_to_proto(heatmap: Heatmap) -> fam_pb2.Heatmap:
+    """A pipeline heatmap as a ``fam.v1.Heatmap``."""
+    return fam_pb2.Heatmap(
+        data=heatmap.data,
+        shape=heatmap.shape,
+        dtype=heatmap.dtype,
+        method=heatmap.method,
+        target_layer=heatmap.target_layer,
+        resolution=_RESOLUTION_ENUMS[heatmap.resolution],
+        warning=heatmap.warning,
+    )
+
+
+def search_request_from_proto(
+    message: fam_pb2.SearchRequest, limits: Limits | None = None
+) -> SearchRequest:
+    """The pipeline request of a ``fam.v1.SearchRequest``; zero or empty fields are the
+    model's defaults. The image count is checked against ``limits`` before anything is built
+    per image."""
+    if limits is not None:
+        check_count(len(message.images), limits)
+    return SearchRequest(
+        model=message.model,
+        images=tuple(image_from_proto(image, i) for i, image in enumerate(message.images)),
+        top_k=message.top_k or None,
+        method=message.method or None,
+        explain=message.explain or None,
+        filter=message.filter or None,
+        request_id=message.request_id,
+    )
+
+
+def _neighbour_to_proto(neighbour: NeighbourResult) -> fam_pb2.Neighbour:
+    message = fam_pb2.Neighbour(id=neighbour.id, uri=neighbour.uri, score=neighbour.score)
+    if neighbour.label is not None:
+        message.label = neighbour.label
+    if neighbour.query_map is not None:
+        message.query_map.CopyFrom(heatmap_to_proto(neighbour.query_map))
+    if neighbour.reference_map is not None:
+        message.reference_map.CopyFrom(heatmap_to_proto(neighbour.reference_map))
+    if neighbour.reference_error:
+        message.reference_error = neighbour.reference_error
+    return message
+
+
+def search_response_to_proto(response: SearchResponse) -> fam_pb2.SearchResponse:
+    """A pipeline search response as a ``fam.v1.SearchResponse``."""
+    return fam_pb2.SearchResponse(
+        model=response.model,
+        results=[
+            fam_pb2.SearchResult(neighbours=[_neighbour_to_proto(n) for n in result.neighbours])
+            for result in response.results
+        ],
+        request_id=response.request_id,
+        explain=response.explain,
+        method=response.method,
     )
 
 
@@ -144,6 +206,19 @@ class FamServicer(fam_pb2_grpc.FamServiceServicer):
                     request_id=request.request_id,
                     error=fam_pb2.ErrorStatus(code=error.code, message=error.message),
                 )
+
+    def Search(self, request, context):  # noqa: N802
+        return self.calls.run(
+            "Search",
+            request.model,
+            context,
+            lambda: search_response_to_proto(
+                self.pipeline.search(
+                    search_request_from_proto(request, self.pipeline.limits),
+                    deadline=deadline_of(context),
+                )
+            ),
+        )
 
     def ListModels(self, request, context):  # noqa: N802
         return self.calls.run(
@@ -188,6 +263,10 @@ class FamServicer(fam_pb2_grpc.FamServiceServicer):
                 max_request_bytes=limits.max_request_bytes,
                 input_shape=info.input_shape,
                 resize=info.resize,
+                index=info.index,
+                top_k=info.top_k,
+                explain=info.explain,
+                max_top_k=limits.max_top_k,
             )
 
         return self.calls.run("ModelInfo", request.model, context, body)
@@ -212,4 +291,11 @@ class _StreamContext:
         return getattr(self._context, name)
 
 
-__all__ = ["FamServicer", "PipelineError", "request_from_proto", "response_to_proto"]
+__all__ = [
+    "FamServicer",
+    "PipelineError",
+    "request_from_proto",
+    "response_to_proto",
+    "search_request_from_proto",
+    "search_response_to_proto",
+]

@@ -13,12 +13,16 @@ served by ``kserve.ModelServer`` on KServe's routes:
   ``[B]`` input whose elements are base64 text (JSON has no bytes), or ``UINT8``/``FP32``
   pixels ``[B, 3, H, W]``; parameters ``method``, ``resolution``, ``target_class``. Outputs are
   named tensors ``scores``, ``label``, ``embedding`` and ``heatmap``
-  (:mod:`~fam_core.pipeline.oip_codec`); the heatmap is FP32 in JSON, FP16 with
+  (:mod:`~fam_core.pipeline.oip_codec`); a model with an index searches it: outputs
+  ``neighbour_ids``, ``neighbour_scores``, ``neighbour_labels``, ``heatmaps`` (parameters
+  ``top_k``, ``method``, ``explain``, ``filter``). Maps are FP32 in JSON, FP16 with
   ``"binary_data_output": true`` (the binary extension).
 * gRPC v2: ``inference.GRPCInferenceService/ModelInfer``, as ``fam serve``'s OIP service
   (heatmap FP16).
 * health: ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}/ready``,
-  ``/v1/models/{name}``; Prometheus ``/metrics`` on the HTTP port.
+  ``/v1/models/{name}``; Prometheus ``/metrics`` on the HTTP port. A model that failed to
+  load (a config value the model contradicts, a missing file...) is not ready: its routes
+  answer 503 with the reason, ``Model with name NAME is not ready: REASON``.
 
 A request the pipeline refuses answers the status its error names
 (:mod:`~fam_core.pipeline.errors`): HTTP 400/404/413/415/429/503/504 with
@@ -51,6 +55,7 @@ import asyncio
 import base64
 import binascii
 import math
+import re
 import signal
 import sys
 import threading
@@ -71,12 +76,7 @@ from fam_core.pipeline import (
 from fam_core.pipeline.decode import check_count
 from fam_core.pipeline.errors import InvalidArgument, LaneFull, Unavailable
 from fam_core.pipeline.json_codec import kserve_fields, request_from_fields, response_to_json
-from fam_core.pipeline.oip_codec import (
-    OUTPUTS,
-    infer_response,
-    request_from_infer,
-    tensor_metadata,
-)
+from fam_core.pipeline.oip_codec import answer_infer, tensor_metadata
 from fam_core.server.calls import MAX_MESSAGE, shorten
 from fam_core.server.status import status_code
 
@@ -154,11 +154,16 @@ class FamKServeModel(kserve.Model):  # type: ignore[misc,name-defined]
 
     def get_input_types(self) -> list[dict[str, Any]]:
         """The v2 metadata's inputs: one ``BYTES`` ``[B]`` tensor of images."""
-        return tensor_metadata(self.pipeline.describe(self.name).output_dim)["inputs"]
+        return self._tensors()["inputs"]
 
     def get_output_types(self) -> list[dict[str, Any]]:
-        """The v2 metadata's outputs: ``scores``, ``label``, ``embedding``, ``heatmap``."""
-        return tensor_metadata(self.pipeline.describe(self.name).output_dim)["outputs"]
+        """The v2 metadata's outputs: ``scores``, ``label``, ``embedding``, ``heatmap``; for a
+        model with an index the search outputs first (:mod:`~fam_core.pipeline.oip_codec`)."""
+        return self._tensors()["outputs"]
+
+    def _tensors(self) -> dict[str, list[dict[str, Any]]]:
+        info = self.pipeline.describe(self.name)
+        return tensor_metadata(info.output_dim, search=info.searchable)
 
     async def predict(
         self,
@@ -206,16 +211,15 @@ class FamKServeModel(kserve.Model):  # type: ignore[misc,name-defined]
         if not payload.from_grpc:
             _decode_base64_inputs(payload, self.pipeline.limits)
         message = payload.to_grpc()
-        request = request_from_infer(message, self.pipeline.limits)
-        response = await asyncio.to_thread(self.pipeline.explain, request)
-        requested = [output.name for output in message.outputs] or list(OUTPUTS)
         version = payload.model_version or VERSION
-        answer = infer_response(response, requested, version, kserve_pb.ModelInferResponse)
+        answer = await asyncio.to_thread(
+            answer_infer, self.pipeline, message, version, kserve_pb.ModelInferResponse
+        )
         if payload.from_grpc:
             return answer
         binary = bool(payload.use_binary_outputs)
         if not binary:
-            _heatmap_as_fp32(answer)
+            _maps_as_fp32(answer)
         return InferResponse(
             response_id=answer.id,
             model_name=answer.model_name,
@@ -256,10 +260,10 @@ def _decode_base64_inputs(payload: InferRequest, limits: Limits) -> None:
         tensor.data = decoded
 
 
-def _heatmap_as_fp32(message: Any) -> None:
-    """JSON has no FP16: the ``heatmap`` output of a JSON answer as FP32 (same values)."""
+def _maps_as_fp32(message: Any) -> None:
+    """JSON has no FP16: the map outputs of a JSON answer as FP32 (same values)."""
     for index, output in enumerate(message.outputs):
-        if output.name == "heatmap" and output.datatype == "FP16":
+        if output.datatype == "FP16":
             raw = message.raw_output_contents[index]
             message.raw_output_contents[index] = (
                 np.frombuffer(raw, dtype="<f2").astype("<f4").tobytes()
@@ -283,6 +287,30 @@ def _limit_body(max_bytes: int) -> Any:
         return await call_next(request)
 
     return limit
+
+
+_MODEL_ROUTE = re.compile(r"^/v[12]/models/([^/:]+)")
+
+
+def _answer_not_ready(reasons: dict[str, str]) -> Any:
+    """HTTP middleware: every route of a model that failed to load answers 503 with the
+    reason it did not load (KServe's own answer, ``Model with name ... is not ready.``,
+    names none); ``reasons`` maps each such model's name to its reason."""
+
+    async def answer(request: Any, call_next: Any) -> Any:
+        route = _MODEL_ROUTE.match(request.url.path)
+        name = route.group(1) if route else None
+        if name in reasons:
+            return JSONResponse(
+                status_code=503,
+                content={
+                    "error": f"Model with name {name} is not ready: {reasons[name]}",
+                    "code": "UNAVAILABLE",
+                },
+            )
+        return await call_next(request)
+
+    return answer
 
 
 class Drain:
@@ -368,6 +396,7 @@ def serve(
     app.router.on_startup.append(drain.watch_signals)
     app.add_exception_handler(RequestError, request_error_response)
     app.middleware("http")(_limit_body(4 * limits.max_request_bytes // 3 + BODY_OVERHEAD))
+    app.middleware("http")(_answer_not_ready({f.name: f.reason for f in registry.failed()}))
     server = kserve.ModelServer(
         http_port=http_port,
         grpc_port=grpc_port,

@@ -14,6 +14,7 @@ from fam_core import __version__
 from fam_core.pipeline import Pipeline
 from fam_core.pipeline.oip_codec import (
     OUTPUTS,
+    answer_infer,
     infer_response,
     pack_bytes,
     request_from_infer,
@@ -61,7 +62,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def body() -> pb.ModelMetadataResponse:
             info = self.pipeline.describe(request.name)
             tensor = pb.ModelMetadataResponse.TensorMetadata
-            tensors = tensor_metadata(info.output_dim)
+            tensors = tensor_metadata(info.output_dim, search=info.searchable)
             return pb.ModelMetadataResponse(
                 name=info.name,
                 versions=[self.VERSION],
@@ -74,11 +75,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request, context):  # noqa: N802
         def body() -> pb.ModelInferResponse:
-            explain = request_from_infer(request, self.pipeline.limits)
-            response = self.pipeline.explain(explain, deadline=deadline_of(context))
-            requested = [o.name for o in request.outputs] or list(OUTPUTS)
-            return infer_response(
-                response, requested, request.model_version or self.VERSION, pb.ModelInferResponse
+            version = request.model_version or self.VERSION
+            return answer_infer(
+                self.pipeline, request, version, pb.ModelInferResponse, deadline_of(context)
             )
 
         return self.calls.run("ModelInfer", request.model_name, context, body)

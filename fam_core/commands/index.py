@@ -1,0 +1,89 @@
+"""``fam index build``: embed an image set into a vector index on Ray; ``fam index info``:
+what an index holds (:mod:`fam_core.search`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Add the ``index`` subcommand and its ``build`` and ``info`` actions."""
+    parser = commands.add_parser(
+        "index", help="build or describe the vector index of an embedding model's gallery"
+    )
+    actions = parser.add_subparsers(dest="action", metavar="{build,info}", required=True)
+    build = actions.add_parser(
+        "build",
+        help="embed every image of a folder, glob or Parquet set into an index (resumable)",
+    )
+    build.add_argument("--model", default="default-embedding", help="model name or config path")
+    build.add_argument(
+        "--images", required=True, help="a folder, a glob, or Parquet files (id, image columns)"
+    )
+    build.add_argument(
+        "--index",
+        required=True,
+        help="PATH.db (Milvus Lite, embedded) or http(s)://HOST:PORT (a Milvus server); "
+        "#NAME picks the collection",
+    )
+    build.add_argument(
+        "--labels",
+        help="'folder' (each image's parent folder) or a CSV file with columns id,label",
+    )
+    build.add_argument("--batch-size", type=int, default=16)
+    build.add_argument("--actors", type=int, default=1, help="actors (model copies)")
+    build.add_argument("--cpus-per-actor", type=float, default=1.0)
+    build.add_argument("--gpus-per-actor", type=float, help="default: 1 with CUDA, else 0")
+    build.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    build.add_argument("--address", help="an existing Ray cluster (default: start one here)")
+    build.set_defaults(run=run_build)
+    info = actions.add_parser("info", help="print an index's model, image count and labels")
+    info.add_argument("index", help="PATH.db or http(s)://HOST:PORT[#NAME]")
+    info.set_defaults(run=run_info)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """Build (or resume) the index; list the images that were skipped, with their reason."""
+    from fam_core.search.build import build_index
+
+    report = build_index(
+        args.model,
+        args.images,
+        args.index,
+        labels=args.labels,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        address=args.address,
+        num_cpus=args.num_cpus,
+    )
+    for image_id, reason in report.failed:
+        print(f"skipped {image_id}: {reason}", file=sys.stderr)
+    print(
+        f"{report.written} images indexed, {report.indexed_before} indexed before, "
+        f"{len(report.failed)} skipped (not decodable); {report.count} in {args.index}; "
+        f"{report.seconds:.1f} s"
+    )
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Print the card, the count and the label counts."""
+    from fam_core.search import open_index
+
+    with open_index(args.index) as index:
+        card = index.card
+        count = index.count()
+        labels = index.labels()
+    print(f"index: {args.index}")
+    print(f"model: {card.model}")
+    print(f"dimension: {card.dimension}")
+    print(f"similarity: {card.similarity}")
+    print(f"weights sha256: {card.model_hash}")
+    print(f"images: {count}")
+    unlabelled = count - sum(labels.values())
+    shown = ", ".join(f"{label} ({n})" for label, n in labels.items()) or "none"
+    print(f"labels: {len(labels)}: {shown}" + (f"; {unlabelled} unlabelled" if unlabelled else ""))
+    return 0

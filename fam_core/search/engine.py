@@ -1,0 +1,69 @@
+"""The vector engine behind a gallery index: the small interface another database implements.
+
+:class:`VectorEngine` is what :class:`~fam_core.search.index.GalleryIndex` needs of a vector
+database: create a collection for a model's embeddings, upsert rows by id, search top-k,
+get rows, count, drop, and read back the :class:`~fam_core.search.records.IndexCard` it was
+created with. :class:`~fam_core.search.milvus.MilvusEngine` implements it. Scores are the
+model's similarity (:mod:`fam_core.similarity`): larger is always more similar.
+
+Example:
+    >>> from fam_core.search.milvus import MilvusEngine
+    >>> isinstance(MilvusEngine, type) and issubclass(MilvusEngine, object)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from fam_core.search.records import IndexCard, IndexRow, Neighbour
+
+Hit = Neighbour
+"""What an engine's search returns for each neighbour (a :class:`Neighbour`)."""
+
+
+@runtime_checkable
+class VectorEngine(Protocol):
+    """A collection of :class:`IndexRow` in a vector database."""
+
+    def create(self, dimension: int, metric: str, card: IndexCard) -> None:
+        """Create the collection (``metric``: a :data:`fam_core.similarity.SIMILARITIES`
+        name) and store ``card``; an existing collection is kept."""
+        ...
+
+    def upsert(self, rows: Sequence[IndexRow]) -> int:
+        """Insert or replace ``rows`` by id; return how many were written."""
+        ...
+
+    def search(
+        self, vectors: torch.Tensor, top_k: int, filter: str | None = None
+    ) -> list[list[Hit]]:
+        """The ``top_k`` most similar rows of each query ``[Q, D]``, most similar first."""
+        ...
+
+    def get(self, ids: Sequence[str]) -> list[IndexRow]:
+        """The rows of ``ids`` that exist, in the order of ``ids``."""
+        ...
+
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored."""
+        ...
+
+    def count(self) -> int:
+        """The rows stored."""
+        ...
+
+    def labels(self) -> dict[str, int]:
+        """Each label and its row count (unlabelled rows are not counted)."""
+        ...
+
+    def drop(self) -> None:
+        """Remove the collection and its card."""
+        ...
+
+    def card(self) -> IndexCard | None:
+        """The card the collection was created with (``None``: no collection)."""
+        ...

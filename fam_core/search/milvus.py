@@ -1,0 +1,402 @@
+"""Milvus behind :class:`~fam_core.search.engine.VectorEngine`: embedded or a server, one code.
+
+An index URI is either a file path ending in ``.db`` (Milvus Lite, embedded in this process:
+nothing to start; one process opens a file at a time) or ``http(s)://HOST:PORT`` (a Milvus
+standalone server or cluster). ``#NAME`` at the end picks the collection (default
+``fam_index``). The same :class:`pymilvus.MilvusClient` calls serve both.
+
+Rows live in the collection ``NAME`` (``id`` primary key, ``uri``, ``label``, ``vector``);
+the :class:`~fam_core.search.records.IndexCard` in ``NAME_card``. The metric follows the
+model's similarity: ``cosine`` -> ``COSINE``, ``dot`` -> ``IP``, ``euclidean`` -> ``L2``
+(Milvus returns the squared distance; the score is ``-sqrt``, the library's similarity).
+
+Example:
+    >>> parse_index_uri("gallery.db#flowers")
+    IndexLocation(client_uri='gallery.db', collection='flowers', server=False)
+    >>> parse_index_uri("http://milvus:19530").collection
+    'fam_index'
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from fam_core.extras import require
+from fam_core.search.engine import Hit
+from fam_core.search.records import IndexCard, IndexRow
+
+DEFAULT_COLLECTION = "fam_index"
+METRICS: dict[str, str] = {"cosine": "COSINE", "dot": "IP", "euclidean": "L2"}
+"""The Milvus metric of each similarity."""
+MAX_ID = 4096
+MAX_URI = 8192
+MAX_LABEL = 1024
+SERVER_TIMEOUT_S = 10.0
+# pymilvus logs each failed call with a traceback (we raise one line instead) and warns that a
+# query iterator of Milvus Lite takes its timestamp on the client side
+_QUIET_LOGGERS = ("pymilvus.decorators", "pymilvus.client.iterator.query_iterator")
+_CARD_KEY = "card"
+_CHUNK = 1000
+
+
+class IndexLocation(NamedTuple):
+    """Where an index lives: the client's URI, the collection, and whether it is a server."""
+
+    client_uri: str
+    collection: str
+    server: bool
+
+
+def parse_index_uri(uri: str) -> IndexLocation:
+    """Split ``PATH.db[#NAME]`` or ``http(s)://HOST:PORT[#NAME]``; ``ValueError`` otherwise.
+
+    Example:
+        >>> parse_index_uri("gallery.txt")
+        Traceback (most recent call last):
+        ...
+        ValueError: index 'gallery.txt': expected a Milvus Lite file ending in .db or http(s)://HOST:PORT (optionally #COLLECTION)
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError(f"index URI must be a non-empty string, got {uri!r}")
+    base, _, name = uri.partition("#")
+    collection = name or DEFAULT_COLLECTION
+    if not collection.replace("_", "a").isalnum() or collection[0].isdigit():
+        raise ValueError(
+            f"index {uri!r}: collection name {collection!r} must be letters, digits and _ "
+            "(not starting with a digit)"
+        )
+    if base.startswith(("http://", "https://")):
+        host = base.split("://", 1)[1].rstrip("/")
+        if not host or "/" in host:
+            raise ValueError(f"index {uri!r}: expected http(s)://HOST:PORT")
+        return IndexLocation(base.rstrip("/"), collection, True)
+    if "://" in base or not base.endswith(".db"):
+        raise ValueError(
+            f"index {uri!r}: expected a Milvus Lite file ending in .db or http(s)://HOST:PORT "
+            "(optionally #COLLECTION)"
+        )
+    return IndexLocation(base, collection, False)
+
+
+class MilvusEngine:
+    """A gallery collection in Milvus Lite (a ``.db`` file) or a Milvus server.
+
+    Errors are one-line ``ValueError``: an unreachable server, a file another process holds,
+    a bad filter expression.
+
+    Example:
+        >>> import tempfile
+        >>> from fam_core.search.records import IndexCard, IndexRow
+        >>> engine = MilvusEngine(tempfile.mkdtemp() + "/g.db")
+        >>> engine.create(2, "cosine", IndexCard("m", 2, "cosine", "0" * 64))
+        >>> engine.upsert([IndexRow("a", "a.png", "x", torch.tensor([1.0, 0.0])),
+        ...                IndexRow("b", "b.png", None, torch.tensor([0.0, 1.0]))])
+        2
+        >>> [(hit.id, round(hit.score, 4)) for hit in engine.search(torch.tensor([[1.0, 0.1]]), 1)[0]]
+        [('a', 0.995)]
+        >>> engine.count(), engine.labels()
+        (2, {'x': 1})
+        >>> engine.close()
+    """
+
+    def __init__(self, uri: str, *, timeout: float = SERVER_TIMEOUT_S) -> None:
+        self.uri = uri
+        self.location = parse_index_uri(uri)
+        self.timeout = timeout
+        self._client: Any = None
+        self._card: IndexCard | None = None
+        self._loaded: set[str] = set()
+
+    # -- the connection
+    @property
+    def client(self) -> Any:
+        """The :class:`pymilvus.MilvusClient` (connected on first use)."""
+        if self._client is None:
+            require("search", "pymilvus")
+            if not self.location.server:
+                require("search", "milvus_lite")
+            from pymilvus import MilvusClient
+
+            for name in _QUIET_LOGGERS:
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+
+            where = self.location.client_uri
+            if not self.location.server:
+                folder = Path(where).resolve().parent
+                if not folder.is_dir():
+                    raise ValueError(f"index {self.uri}: no such folder {folder}")
+            try:
+                options = {"timeout": self.timeout} if self.location.server else {}
+                self._client = MilvusClient(where, **options)
+            except Exception as error:  # noqa: BLE001 - pymilvus raises many kinds
+                what = "reach Milvus at" if self.location.server else "open Milvus Lite file"
+                raise ValueError(f"cannot {what} {where}: {_first_line(error)}") from None
+        return self._client
+
+    def close(self) -> None:
+        """Close the connection (a Milvus Lite file is free for another process after)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+            self._loaded.clear()
+
+    def exists(self) -> bool:
+        """Whether the collection exists (a missing Milvus Lite file is not created)."""
+        if self._missing_file():
+            return False
+        return bool(self._call("look up", self.client.has_collection, self._name))
+
+    def _missing_file(self) -> bool:
+        return (
+            not self.location.server
+            and self._client is None
+            and not Path(self.location.client_uri).exists()
+        )
+
+    def _ready(self, name: str) -> Any:
+        """The client, with collection ``name`` loaded for reading (Milvus keeps a collection
+        released until it is loaded: a reopened Milvus Lite file, a server's restart)."""
+        client = self.client
+        if name not in self._loaded:
+            self._call("load", client.load_collection, name)
+            self._loaded.add(name)
+        return client
+
+    # -- VectorEngine
+    def create(self, dimension: int, metric: str, card: IndexCard) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+        if self.exists():
+            return
+        from pymilvus import DataType
+
+        client = self.client
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID)
+        schema.add_field("uri", DataType.VARCHAR, max_length=MAX_URI)
+        schema.add_field("label", DataType.VARCHAR, max_length=MAX_LABEL)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
+        index = client.prepare_index_params()
+        index.add_index(field_name="vector", index_type="FLAT", metric_type=METRICS[metric])
+        card_schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        card_schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+        card_schema.add_field("card", DataType.VARCHAR, max_length=4096)
+        card_schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+        card_index = client.prepare_index_params()
+        card_index.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+        self._call(
+            "create the collection of",
+            client.create_collection,
+            self._card_name,
+            schema=card_schema,
+            index_params=card_index,
+            consistency_level="Strong",
+        )
+        self._call(
+            "store the card of",
+            client.upsert,
+            self._card_name,
+            [{"key": _CARD_KEY, "card": card.to_json(), "vector": [0.0, 0.0]}],
+        )
+        self._call(
+            "create the collection of",
+            client.create_collection,
+            self._name,
+            schema=schema,
+            index_params=index,
+            consistency_level="Strong",
+        )
+        self._card = card
+
+    def upsert(self, rows: Sequence[IndexRow]) -> int:
+        records = [_record(row) for row in rows]
+        for start in range(0, len(records), _CHUNK):
+            self._call("write to", self.client.upsert, self._name, records[start : start + _CHUNK])
+        return len(records)
+
+    def search(
+        self, vectors: torch.Tensor, top_k: int, filter: str | None = None
+    ) -> list[list[Hit]]:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2:
+            raise ValueError("vectors must be a tensor [Q, D] of embeddings")
+        metric = self._metric()
+        data = vectors.detach().to("cpu", torch.float32).tolist()
+        client = self._ready(self._name)
+        try:
+            found = client.search(
+                self._name,
+                data=data,
+                limit=top_k,
+                filter=filter or "",
+                output_fields=["uri", "label", "vector"],
+            )
+        except Exception as error:  # noqa: BLE001
+            if filter:
+                raise ValueError(f"filter {filter!r}: {_first_line(error)}") from None
+            raise ValueError(f"cannot search index {self.uri}: {_first_line(error)}") from None
+        return [[_hit(hit, metric) for hit in hits] for hits in found]
+
+    def get(self, ids: Sequence[str]) -> list[IndexRow]:
+        if not self.exists():
+            return []
+        ids = list(ids)
+        found: dict[str, IndexRow] = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            records = self._call(
+                "read",
+                self._ready(self._name).get,
+                self._name,
+                ids=chunk,
+                output_fields=["uri", "label", "vector"],
+            )
+            for record in records:
+                found[record["id"]] = _row(record)
+        return [found[i] for i in ids if i in found]
+
+    def existing(self, ids: Sequence[str]) -> set[str]:
+        if not self.exists():
+            return set()
+        ids = list(ids)
+        found: set[str] = set()
+        for start in range(0, len(ids), _CHUNK):
+            records = self._call(
+                "read",
+                self._ready(self._name).get,
+                self._name,
+                ids=ids[start : start + _CHUNK],
+                output_fields=["id"],
+            )
+            found.update(record["id"] for record in records)
+        return found
+
+    def count(self) -> int:
+        if not self.exists():
+            return 0
+        result = self._call(
+            "count",
+            self._ready(self._name).query,
+            self._name,
+            filter="",
+            output_fields=["count(*)"],
+        )
+        return int(result[0]["count(*)"])
+
+    def labels(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        if not self.exists():
+            return counts
+        iterator = self._call(
+            "read",
+            self._ready(self._name).query_iterator,
+            self._name,
+            batch_size=_CHUNK,
+            filter='label != ""',
+            output_fields=["label"],
+        )
+        try:
+            while batch := iterator.next():
+                for record in batch:
+                    counts[record["label"]] = counts.get(record["label"], 0) + 1
+        finally:
+            iterator.close()
+        return dict(sorted(counts.items()))
+
+    def drop(self) -> None:
+        if self._missing_file():
+            return
+        for name in (self._name, self._card_name):
+            if self._call("look up", self.client.has_collection, name):
+                self._call("drop", self.client.drop_collection, name)
+        self._card = None
+        self._loaded.clear()
+
+    def card(self) -> IndexCard | None:
+        if self._card is None:
+            if self._missing_file():
+                return None
+            if not self._call("look up", self.client.has_collection, self._card_name):
+                return None
+            records = self._call(
+                "read the card of",
+                self._ready(self._card_name).get,
+                self._card_name,
+                ids=[_CARD_KEY],
+                output_fields=["card"],
+            )
+            if not records:
+                return None
+            self._card = IndexCard.from_json(records[0]["card"])
+        return self._card
+
+    # -- helpers
+    @property
+    def _name(self) -> str:
+        return self.location.collection
+
+    @property
+    def _card_name(self) -> str:
+        return f"{self.location.collection}_card"
+
+    def _metric(self) -> str:
+        card = self.card()
+        if card is None:
+            raise ValueError(f"index {self.uri} holds no gallery: build it with `fam index build`")
+        return card.similarity
+
+    def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - pymilvus raises many kinds
+            raise ValueError(f"cannot {what} index {self.uri}: {_first_line(error)}") from None
+
+
+def _record(row: IndexRow) -> dict[str, Any]:
+    for name, value, limit in (("id", row.id, MAX_ID), ("uri", row.uri, MAX_URI)):
+        if not isinstance(value, str) or len(value.encode()) > limit:
+            raise ValueError(f"row {row.id!r}: {name} must be a string of at most {limit} bytes")
+    if not row.id:
+        raise ValueError("a row id must be a non-empty string")
+    label = "" if row.label is None else row.label
+    if not isinstance(label, str) or len(label.encode()) > MAX_LABEL:
+        raise ValueError(f"row {row.id!r}: label must be a string of at most {MAX_LABEL} bytes")
+    vector = row.embedding.detach().to("cpu", torch.float32).reshape(-1)
+    if not torch.isfinite(vector).all():
+        raise ValueError(f"row {row.id!r}: the embedding holds NaN or infinity")
+    return {"id": row.id, "uri": row.uri, "label": label, "vector": vector.tolist()}
+
+
+def _row(record: dict[str, Any]) -> IndexRow:
+    return IndexRow(
+        id=record["id"],
+        uri=record["uri"],
+        label=record["label"] or None,
+        embedding=torch.tensor(record["vector"], dtype=torch.float32),
+    )
+
+
+def _hit(hit: dict[str, Any], similarity: str) -> Hit:
+    entity = hit["entity"]
+    distance = float(hit["distance"])
+    score = -math.sqrt(max(distance, 0.0)) if similarity == "euclidean" else distance
+    return Hit(
+        id=hit["id"],
+        uri=entity["uri"],
+        label=entity["label"] or None,
+        score=score,
+        embedding=torch.tensor(entity["vector"], dtype=torch.float32),
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    message = getattr(error, "message", None)  # a MilvusException's text without its code
+    text = (message if isinstance(message, str) and message else str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
