@@ -2,7 +2,9 @@
 
 For a channel-first target the head is probed with onnxruntime: invariant to a
 permutation of the spatial positions and affine (``h(A + B) - h(B) = h(A) - h(0)`` and
-``h(-A) - h(0) = h(0) - h(A)`` to 1e-4 relative), i.e. global average pooling then an
+``h(-A) - h(0) = h(0) - h(A)`` to 1e-4 relative), on the real activations and on random
+maps at unit scale (real maps that are all zeros, or small enough for an activation after
+them to act linearly, test nothing), i.e. global average pooling then an
 affine map ``z = W mean(A) + b`` (:class:`AffineHead`); ``W`` ``[J, N]`` and ``b`` come
 from running it on constant-per-channel maps. Any other head is interpreted in torch
 (:mod:`fam_core.exporters.onnx_torch`, :mod:`fam_core.exporters.interpreted`);
@@ -150,9 +152,14 @@ def analyse_graph_head(graph: Graph, target: Candidate) -> AffineHead:
     head = head_graph(graph, target.name)
     session = make_session(head)
     probes = _probes(sample)
-    zero, a, b, ab, minus_a = run_batch(session, target.name, probes)[0]
+    unit = np.random.default_rng(3).standard_normal(sample[:1].shape).astype(np.float32)
+    both = np.concatenate([probes, _probes(unit)[1:]])  # one zero map for both groups
+    outputs = run_batch(session, target.name, both)[0]
+    zero, a, b, ab, minus_a = outputs[:5]
     if _affine_error(zero, a, b, ab, minus_a) > RTOL:
         raise NotAffine(*_nonlinear_message(graph, head, target, probes))
+    if _affine_error(zero, *outputs[5:9]) > RTOL:
+        raise NotAffine(*_nonlinear_message(graph, head, target, _probes(unit)))
     flat = sample[:1].reshape(1, target.shape[0], -1)
     permuted = flat[:, :, np.random.default_rng(2).permutation(flat.shape[2])].reshape(
         sample[:1].shape

@@ -108,6 +108,8 @@ def _explain(args: argparse.Namespace) -> int:
             out / f"{Path(path).stem}_{method}.png",
         )
         print(f"{path}\t{label}\t{score:.4f}\t{explained:.3f}\t{written}")
+        if result.heatmap.warning:
+            print(f"fam: warning: {path}: {result.heatmap.warning}", file=sys.stderr)
     return 0
 
 
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--method",
         metavar="METHOD",
-        help="explainer (default: fam; cam for classifiers), one of: "
+        help="explainer (default: per model, see fam inspect), one of: "
         + ", ".join(available_methods(runnable_only=True)),
     )
     explain.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,9 @@ class Explanation:
             strings that say how the map was made: ``"head"`` is the decomposition used
             after the target layer (``"identity"``, ``"linear"``: eq. 16-18 with the head's
             matrix, ``"jacobian"``: the head's Jacobian at each sample). A map with no
-            spatial information (a 1x1 target map, a constant map) is all zeros and
-            ``extras["flat"]`` ``[B]`` is ``True`` for it.
+            spatial information (a 1x1 target map, a constant map) is all zeros,
+            ``extras["flat"]`` ``[B]`` is ``True`` for it and ``extras["flat_reason"]``
+            says why (:func:`flat_reason` of the first such map; ``""`` when none is).
 
     Example:
         >>> e = Explanation(torch.zeros(1, 4, 4), torch.zeros(1, 2, 2), torch.zeros(1, 3),
@@ -48,6 +50,13 @@ class Explanation:
         extras = dict(self.extras)  # a copy: the caller's dict is never changed
         if "flat" not in extras:  # no spatial information: say so
             extras["flat"] = self.maps.flatten(1).amax(dim=1) == 0
+        if "flat_reason" not in extras and get_proxy_mode() is None:  # not while traced
+            flat = extras["flat"]
+            first = (
+                int(flat.nonzero()[0, 0]) if isinstance(flat, torch.Tensor) and flat.any() else -1
+            )
+            reason = flat_reason(self.raw[first], self.weights[first]) if first >= 0 else ""
+            extras["flat_reason"] = reason
         object.__setattr__(self, "extras", extras)
 
     def __len__(self) -> int:
@@ -65,7 +74,11 @@ class Explanation:
             scores=self.scores[index],
             method=self.method,
             target_layer=self.target_layer,
-            extras={name: _item(value, index) for name, value in self.extras.items()},
+            extras={
+                name: _item(value, index)
+                for name, value in self.extras.items()
+                if name != "flat_reason"  # the slice's own first flat map says why
+            },
         )
 
     @property
@@ -100,8 +113,35 @@ class Explanation:
             scores=torch.cat([p.scores for p in parts]),
             method=first.method,
             target_layer=first.target_layer,
-            extras={k: _cat([p.extras[k] for p in parts]) for k in first.extras},
+            extras={
+                k: _cat([p.extras[k] for p in parts]) for k in first.extras if k != "flat_reason"
+            },
         )
+
+
+def flat_reason(raw: torch.Tensor, weights: torch.Tensor) -> str:
+    """Why a map with no spatial information is flat: ``raw`` ``[h, w]`` is the map at the
+    target layer, ``weights`` ``[N]`` the channel weights that made it.
+
+    Example:
+        >>> flat_reason(torch.ones(1, 1), torch.ones(3))
+        "the target layer's map is 1x1: it has no spatial information (choose an earlier target layer)"
+        >>> flat_reason(torch.zeros(4, 4), torch.zeros(3))
+        'every channel weight is zero: the explained score does not change with the target layer'
+    """
+    if raw.numel() == 1:
+        return (
+            "the target layer's map is 1x1: it has no spatial information (choose an earlier "
+            "target layer)"
+        )
+    if weights.numel() and not bool(weights.detach().ne(0).any()):
+        return "every channel weight is zero: the explained score does not change with the target layer"
+    if not bool(raw.detach().ne(0).any()):
+        return (
+            "the map is all zeros: the target layer's activations are zero where the weights "
+            "are not, or the method's ReLU removed every negative value"
+        )
+    return "the map is constant over the image: the target layer's maps do not vary in space"
 
 
 def _item(value: torch.Tensor | str, index: slice | torch.Tensor) -> torch.Tensor | str:

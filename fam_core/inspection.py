@@ -1,10 +1,11 @@
-"""What fam_core sees in a model: its candidate target layers, the chosen one, the head after it.
+"""What fam_core sees in a model: its candidate target layers, the chosen one, the head after
+it, and the method a request that names none is explained with.
 
 Example:
     >>> from fam_core.models.backbones import conv4
     >>> report = inspect_model(conv4(width=0.25).eval(), input_size=84)
-    >>> report.target_layer, report.head
-    ('block4', 'identity')
+    >>> report.target_layer, report.head, report.default.method
+    ('block4', 'identity', 'fam')
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fam_core.default_method import MethodChoice, choose_method
 from fam_core.discovery import LayerSearch, find_layers, probe_size
 from fam_core.outputs import OutputSpec
 
 
 @dataclass(frozen=True)
 class ModelReport:
-    """The layer search, the target layer explainers use, and the head found after it."""
+    """The layer search, the target layer explainers use, the head found after it, and the
+    default method (:func:`fam_core.default_method.choose_method`)."""
 
     search: LayerSearch
     target_layer: str
@@ -28,6 +31,7 @@ class ModelReport:
     head_detail: str
     output_shape: tuple[int, ...]
     task: str
+    default: MethodChoice
 
     def __str__(self) -> str:
         return "\n".join(
@@ -36,6 +40,7 @@ class ModelReport:
                 f"target layer: {self.target_layer}",
                 f"output: {list(self.output_shape)} ({self.task})",
                 f"head after the target layer: {self.head}{self.head_detail}",
+                f"default method: {self.default}",
             ]
         )
 
@@ -47,8 +52,11 @@ def inspect_model(
     target_layer: str | None = None,
     output: OutputSpec = None,
     task: str | None = None,
+    method: str | None = None,
 ) -> ModelReport:
-    """Inspect ``model`` on a random input of ``input_size`` (see :func:`probe_size`)."""
+    """Inspect ``model`` on a random input of ``input_size`` (see :func:`probe_size`);
+    ``method``: the config's, the default when given."""
+    from fam_core.explainers.cam.cam import cam_refusal
     from fam_core.explainers.fam.fam import FAM
 
     size = probe_size(model, input_size)
@@ -70,4 +78,9 @@ def inspect_model(
         head_detail=detail,
         output_shape=tuple(forward.outputs.shape[1:]),
         task=str(explainer.task),
+        default=choose_method(
+            str(explainer.task),
+            configured=method,
+            cam_refusal=cam_refusal(head) if explainer.task == "classifier" else None,
+        ),
     )

@@ -104,3 +104,69 @@ def swinv2_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = t.Swinv2Config(**SMALL_SWIN, num_labels=num_labels)
     return reinit(t.Swinv2ForImageClassification(config), seed)
+
+
+_TINY_VIT = {**_SMALL_VIT, "num_hidden_layers": 2, "intermediate_size": 64}
+
+
+def convnext_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``ConvNextForImageClassification``: mean, LayerNorm, then the classifier."""
+    torch.manual_seed(seed)
+    config = t.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
+    config.num_labels = num_labels
+    return reinit(t.ConvNextForImageClassification(config), seed)
+
+
+def vit_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``ViTForImageClassification``: the class token's logits."""
+    torch.manual_seed(seed)
+    config = t.ViTConfig(**_TINY_VIT, num_labels=num_labels)
+    return reinit(t.ViTForImageClassification(config), seed)
+
+
+def deit_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``DeiTForImageClassification``: the class token's logits."""
+    torch.manual_seed(seed)
+    config = t.DeiTConfig(**_TINY_VIT, num_labels=num_labels)
+    return reinit(t.DeiTForImageClassification(config), seed)
+
+
+def beit_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``BeitForImageClassification``: mean of the patch tokens, LayerNorm, classifier."""
+    torch.manual_seed(seed)
+    config = t.BeitConfig(**_TINY_VIT, num_labels=num_labels)
+    return reinit(t.BeitForImageClassification(config), seed)
+
+
+def mobilevit_classifier(num_labels: int = 5, seed: int = 0, he_init: bool = True) -> nn.Module:
+    """``MobileViTForImageClassification``: a 1x1 conv, BatchNorm and SiLU after the last
+    block, then mean and the classifier. ``he_init=False`` keeps transformers' own init,
+    under which the last block's maps are all zeros."""
+    torch.manual_seed(seed)
+    config = t.MobileViTConfig(
+        image_size=SIZE,
+        hidden_sizes=[16, 24, 32],
+        neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 40],
+        num_labels=num_labels,
+    )
+    model = t.MobileViTForImageClassification(config)
+    return reinit(model, seed) if he_init else model.eval()
+
+
+def efficientnet_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """``EfficientNetForImageClassification`` at a quarter width and depth: a 1x1 conv,
+    BatchNorm and SiLU after the last block, then mean and the classifier."""
+    torch.manual_seed(seed)
+    config = t.EfficientNetConfig(
+        image_size=SIZE,
+        width_coefficient=0.25,
+        depth_coefficient=0.25,
+        hidden_dim=320,  # the top conv's width at this width coefficient
+        num_labels=num_labels,
+    )
+    return reinit(t.EfficientNetForImageClassification(config), seed)
+
+
+def mobilevit_collapsed(num_labels: int = 5, seed: int = 0) -> nn.Module:
+    """:func:`mobilevit_classifier` with transformers' own init: its maps are all zeros."""
+    return mobilevit_classifier(num_labels, seed, he_init=False)

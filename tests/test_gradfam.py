@@ -1,4 +1,4 @@
-"""Grad-FAM: the analytic gradient equals autograd; the self-explanation scalar is |Z|."""
+"""Grad-FAM: the analytic gradient equals autograd; the explained score is FAM's similarity."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_analytic_and_autograd_paths_agree_on_class_target():
     assert torch.allclose(fast.scores, model(images)[[0, 1], [1, 4]].detach(), atol=1e-6)
 
 
-def test_no_target_explains_the_norm_of_the_embedding():
+def test_no_target_weights_are_the_gradient_of_the_norm():
     torch.manual_seed(2)
     model = conv4(embedding_dim=16).eval()
     images = torch.rand(2, 3, 84, 84)
@@ -85,8 +85,6 @@ def test_no_target_explains_the_norm_of_the_embedding():
     )
     assert cos_self.abs().max() < 1e-6
     explanation = GradFAM(model, "block4")(images)
-    with torch.no_grad():
-        assert torch.allclose(explanation.scores, model(images).norm(dim=1), atol=1e-5)
     expected, _ = _autograd_weights(model, "block4", images.clone(), lambda o: o.norm(dim=1))
     assert expected.abs().max() > 1e-4
     _close(explanation.weights, expected)
@@ -125,3 +123,24 @@ def test_nonlinear_head_falls_back_to_autograd_and_rejects_analytic():
     _close(explanation.weights, expected)
     with pytest.raises(TypeError, match="analytic"):
         GradFAM(model, "0", analytic="yes")
+
+
+@pytest.mark.parametrize("analytic", [True, False])
+def test_explained_score_is_the_similarity_fam_explains(analytic):
+    """No target: the cosine of Z with itself (1), not |Z|; a reference: the cosine to it,
+    computed by hand; both equal FAM's score for the same target."""
+    from fam_core.explainers.fam.fam import FAM
+
+    torch.manual_seed(3)
+    model = conv4(embedding_dim=16).eval()
+    images, reference = torch.rand(2, 3, 84, 84), torch.randn(1, 1, 16)
+    gradfam = GradFAM(model, "block4", analytic=analytic)
+    fam = FAM(model, "block4")
+    with torch.no_grad():
+        z = model(images)
+    assert (z.norm(dim=1) - 1).abs().min() > 0.1  # |Z| would not pass for the cosine
+    by_hand = (z * reference[0]).sum(dim=1) / (z.norm(dim=1) * reference[0].norm(dim=1))
+    for target, expected in ((None, torch.ones(2)), (reference.expand(2, 1, 16), by_hand)):
+        scores = gradfam(images, target=target).scores
+        assert torch.allclose(scores, expected, atol=1e-5)
+        assert torch.allclose(scores, fam(images, target=target).scores, atol=1e-5)

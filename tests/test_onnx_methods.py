@@ -315,9 +315,9 @@ def test_a_head_cam_cannot_read_serves_gradcam_only(tmp_path) -> None:
     (tmp_path / "mlp" / "config.yaml").write_text(
         f"name: mlp\nonnx: model.onnx\ninput_size: {SIZE}\ntask: classifier\n{NORMALISATION}"
     )
-    registry = ModelRegistry.load([folder / "config.yaml"])  # CAM by default: not ready
-    (failed,) = registry.failed()
-    assert failed.name == "mlp" and "CAM needs global average pooling" in failed.reason
+    plain = ModelRegistry.load([folder / "config.yaml"], keep_going=False).get("mlp")
+    assert plain.default_method == "gradcam" and plain.methods == ("gradcam",)  # not CAM
+    assert "CAM needs global average pooling" in plain.default_choice.reason
 
 
 def test_config_method_is_the_default_and_is_checked_at_load(tmp_path) -> None:

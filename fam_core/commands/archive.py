@@ -12,7 +12,8 @@ otherwise the factory's package must be installed in TorchServe's Python, which
 ``--variant onnx`` archives the exported ONNX graph instead (``<name>-onnx.mar``), exported
 while archiving with :func:`fam_core.exporters.export_model`: embedding models with their prototypes
 baked in and ``explain="best"`` (the nearest prototype is explained in the same pass),
-classifiers with ``method="cam"``. The same handler serves it: the archive's ``config.yaml``
+classifiers with their default method (:func:`fam_core.default_method.choose_method`: CAM
+where CAM reads the head, else Grad-CAM). The same handler serves it: the archive's ``config.yaml``
 names the graph (``onnx: model.onnx``) and the pipeline's onnxruntime backend runs it.
 """
 
@@ -231,7 +232,8 @@ def export_onnx_variant(config_path: Path, folder: Path, name: str) -> tuple[Pat
     """Export the model to ``folder/model.onnx`` with a ``config.yaml`` naming it.
 
     Embedding models get their prototypes baked in with ``explain="best"`` (one pass explains
-    the nearest prototype); classifiers get ``method="cam"`` (the top-1 class). Returns
+    the nearest prototype); classifiers get their default method, CAM or Grad-CAM (the top-1
+    class). Returns
     ``(graph path, [config path])``.
     """
     from fam_core.commands.export import task_option
@@ -249,7 +251,10 @@ def export_onnx_variant(config_path: Path, folder: Path, name: str) -> tuple[Pat
             )
         export_model(model, config, path=graph, references="prototypes", explain="best", **options)
     else:
-        export_model(model, config, method="cam", path=graph, **options)
+        from fam_core.pipeline.torch_backend import TorchBackend
+
+        method = TorchBackend(model, config).default_method
+        export_model(model, config, method=method, path=graph, **options)  # type: ignore[arg-type]
     served_config = folder / "config.yaml"
     served_config.write_text(
         dump_config(

@@ -54,6 +54,7 @@ def inspect_source(name_or_path: str, *, layer: str | None = None) -> str:
         target_layer=layer or config.target_layer or None,
         output=config.output,
         task=config.task,
+        method=config.method,
     )
     return f"model {config.name}\n{report}"
 
@@ -97,20 +98,24 @@ def inspect_onnx_source(path: Path, config: object | None, layer: str | None) ->
         raise ValueError(f"model {name!r}: {key}: {str(error).splitlines()[0]}") from None
     text = str(report)
     task = config.task if isinstance(config, ModelConfig) else None
-    return f"model {name}\n{text}\n{methods_report(report, task)}"
+    method = config.method if isinstance(config, ModelConfig) else None
+    return f"model {name}\n{text}\n{methods_report(report, task, method)}"
 
 
-def methods_report(report: Inspection, task: str | None) -> str:
-    """The methods the inspected file serves as a ``task`` model (both tasks for ``None``),
-    then each other method with the reason it is not served.
+def methods_report(report: Inspection, task: str | None, method: str | None = None) -> str:
+    """The methods the inspected file serves as a ``task`` model (both tasks for ``None``)
+    and the default one (``method``: the config's), then each other method with the reason
+    it is not served.
 
     Example:
         >>> print(methods_report(inspect_onnx("resnet18.onnx"), "classifier"))  # doctest: +SKIP
         methods (classifier): cam, gradcam
+        default method (classifier): cam (a classifier whose head is global average ...)
         not served:
           fam: grafted onto embedding models only (a classifier takes cam, gradcam)
         ...
     """
+    from fam_core.default_method import choose_method
     from fam_core.pipeline.onnx_methods import graftable_methods, served_methods
 
     if report.head is not None:
@@ -123,6 +128,9 @@ def methods_report(report: Inspection, task: str | None) -> str:
         reasons = graftable_methods(kind, head, report.head_error)
         served = served_methods(reasons)
         lines.append(f"methods ({kind}): {', '.join(served) if served else 'none'}")
+        if served:
+            choice = choose_method(kind, configured=method, cam_refusal=reasons.get("cam"))
+            lines.append(f"default method ({kind}): {choice}")
         for method, reason in reasons.items():
             if reason is not None:
                 refused.setdefault(method, []).append(reason)

@@ -153,8 +153,8 @@ KEYS: tuple[KeySpec, ...] = (
             choices=("NCHW", "NHWC")),
     KeySpec("method", "string", None, "gradcam",
             "The explanation method of a request that names none (a name from `fam explain "
-            "--help`); default: `fam_core.pipeline.backends.default_method`'s choice for the "
-            "model."),
+            "--help`); default: FAM for embedding models, CAM for classifiers whose head is "
+            "global average pooling + linear, else Grad-CAM (`fam inspect` prints it)."),
     KeySpec("class_names", "strings", (), "[cat, dog]",
             "A classifier's classes (one per output), or the labels of `prototypes` (one per "
             "prototype). Default: the class index."),

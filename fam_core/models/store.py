@@ -94,8 +94,8 @@ class ModelConfig:
             ITU-R BT.601 luminance, :func:`fam_core.imageio.to_channels`). An ``onnx`` graph's
             input says it; a config value other than 3 must match it.
         method: the explanation method when a request names none; ``None``: the one rule
-            of :func:`fam_core.pipeline.backends.default_method` (FAM for embedding models,
-            CAM for classifiers).
+            of :func:`fam_core.default_method.choose_method` (FAM for embedding models, CAM
+            for classifiers whose head CAM reads, Grad-CAM for other classifiers).
         layout: ``onnx`` only: the graph input's layout, ``NCHW`` or ``NHWC``; ``None``:
             detected from the input's shape and its first ``Transpose``
             (:mod:`fam_core.exporters.onnx_normalise`).

@@ -24,9 +24,10 @@ from fam_core.pipeline.limits import Limits
 from fam_core.pipeline.models import (
     DEFAULT_MODELS,
     FailedModel,
+    MethodChoice,
     ModelRegistry,
     ServedModel,
-    default_method,
+    choose_method,
 )
 from fam_core.pipeline.request import (
     EncodedImage,
@@ -57,6 +58,7 @@ __all__ = [
     "InvalidArgument",
     "Limits",
     "Match",
+    "MethodChoice",
     "MicroBatcher",
     "ModelDescription",
     "ModelRegistry",
@@ -71,7 +73,7 @@ __all__ = [
     "SearchResult",
     "ServedModel",
     "Unavailable",
-    "default_method",
+    "choose_method",
     "heatmap_bytes",
     "heatmap_from_bytes",
 ]

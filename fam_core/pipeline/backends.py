@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from fam_core.explainers import available_methods
+from fam_core.default_method import MethodChoice
 from fam_core.models.store import ModelConfig
 from fam_core.pipeline.jobs import Computed, Job, Scoring
 
@@ -47,6 +47,11 @@ class Backend(Protocol):
     @property
     def default_method(self) -> str:
         """The method used when a request names none."""
+        ...
+
+    @property
+    def default_choice(self) -> MethodChoice:
+        """:attr:`default_method` and why (:func:`fam_core.default_method.choose_method`)."""
         ...
 
     @property
@@ -83,28 +88,3 @@ class LoadedBackend:
     prototypes: torch.Tensor | None
     output_dim: int
     feature_shape: tuple[int, int]
-
-
-def default_method(task: str) -> str:
-    """FAM for embedding models; for classifiers CAM when registered, else FAM (class target).
-
-    Example:
-        >>> default_method("embedding"), default_method("classifier")
-        ('fam', 'cam')
-    """
-    if task == "classifier" and "cam" in available_methods():
-        return "cam"
-    return "fam"
-
-
-def configured_method(config: ModelConfig) -> str:
-    """The method a model explains with when a request names none: the config's ``method``,
-    else :func:`default_method` of its task. The one rule of torch models and ONNX graphs.
-
-    Example:
-        >>> plain = ModelConfig(name="m", task="classifier", onnx="m.onnx")
-        >>> chosen = ModelConfig(name="m", task="classifier", onnx="m.onnx", method="gradcam")
-        >>> configured_method(plain), configured_method(chosen)
-        ('cam', 'gradcam')
-    """
-    return config.method or default_method(config.task)

@@ -1,16 +1,27 @@
-"""Encode computed tensors into results: predictions, float16 heatmaps, embeddings, overlays."""
+"""Encode computed tensors into results: predictions, float16 heatmaps, embeddings, overlays.
+
+A heatmap with no spatial information (all zeros or constant) is never served as an
+explanation without a word: its :attr:`~fam_core.pipeline.request.Heatmap.warning` says why,
+and the ``fam_core.pipeline`` logger writes a warning line.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 
 from fam_core.explainers.base import min_max, upsample
+from fam_core.explanation import flat_reason
 from fam_core.pipeline.jobs import Computed
 from fam_core.pipeline.models import ServedModel
 from fam_core.pipeline.request import ExplainRequest, ExplainResult, Heatmap, Match
 from fam_core.render import overlay, to_png_bytes
 from fam_core.resizing import as_size
+
+LOGGER = logging.getLogger("fam_core.pipeline")
+FLAT_WARNING = "the heatmap is flat, not an explanation: {reason}"
 
 
 def heatmap_bytes(heatmap: torch.Tensor) -> bytes:
@@ -74,12 +85,16 @@ def encode_result(
     if computed.raw is not None:
         values = heatmap_at(computed, index, request.resolution, served.config.image_size)
         height, width = values.shape
+        warning = flat_warning(computed, index, values)
+        if warning:
+            LOGGER.warning("model %r, method %r: %s", served.name, computed.method, warning)
         heatmap = Heatmap(
             data=heatmap_bytes(values),
             shape=(int(height), int(width)),
             method=computed.method,
             target_layer=computed.target_layer,
             resolution=request.resolution,
+            warning=warning,
         )
         if request.overlay:
             overlay_png = to_png_bytes(overlay(pixels, values.float()))
@@ -94,6 +109,20 @@ def encode_result(
         embedding_dim=0 if embedding is None else int(embedding.numel()),
         overlay_png=overlay_png,
     )
+
+
+def flat_warning(computed: Computed, index: int, values: torch.Tensor) -> str:
+    """The warning of item ``index``'s heatmap ``values`` ``[H, W]``: ``""`` unless the map
+    is all zeros or constant (flagged by the explainer, or found here: a feature-resolution
+    map of a 1x1 layer, a graph that does not flag its maps)."""
+    flagged = computed.flat is not None and bool(computed.flat[index])
+    if not flagged and bool(values.amax() > values.amin()):
+        return ""
+    reason = computed.flat_reason
+    if not reason and computed.raw is not None:
+        raw = computed.raw[index]
+        reason = flat_reason(raw, raw.new_ones(1))
+    return FLAT_WARNING.format(reason=reason)
 
 
 def _match_label(served: ServedModel, index: int, references: bool) -> str:

@@ -57,6 +57,8 @@ def _split(computed: Computed, sizes: list[int]) -> list[Computed]:
                 maps=None if computed.maps is None else computed.maps[window],
                 method=computed.method,
                 target_layer=computed.target_layer,
+                flat=None if computed.flat is None else computed.flat[window],
+                flat_reason=computed.flat_reason,
             )
         )
         start += size

@@ -103,7 +103,9 @@ class Computed:
     ``scores``: ``[b, C]`` softmax probabilities (classifiers) or ``[b, K]`` cosine similarity
     to the prototypes or references (embedding models; ``[b, 0]`` when there are none);
     ``predicted``: ``[b]`` argmax of ``scores`` (``-1`` with no scores); ``raw``: ``[b, h, w]``
-    map at the target layer; ``maps``: ``[b, H, W]`` when the method made them itself.
+    map at the target layer; ``maps``: ``[b, H, W]`` when the method made them itself;
+    ``flat``: ``[b]`` maps with no spatial information (all zeros), ``flat_reason`` why
+    (:func:`fam_core.explanation.flat_reason`).
     """
 
     outputs: torch.Tensor
@@ -114,6 +116,8 @@ class Computed:
     maps: torch.Tensor | None = None
     method: str = ""
     target_layer: str = ""
+    flat: torch.Tensor | None = None
+    flat_reason: str = ""
 
     @classmethod
     def explained_by(
@@ -133,7 +137,13 @@ class Computed:
             maps=explanation.maps,
             method=explanation.method,
             target_layer=explanation.target_layer,
+            flat=_tensor_or_none(explanation.extras.get("flat")),
+            flat_reason=str(explanation.extras.get("flat_reason", "")),
         )
+
+
+def _tensor_or_none(value: object) -> torch.Tensor | None:
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def predict(

@@ -127,6 +127,8 @@ def result_to_json(result: ExplainResult) -> dict[str, Any]:
             "target_layer": heatmap.target_layer,
             "resolution": heatmap.resolution,
         }
+        if heatmap.warning:  # all zeros or constant: not an explanation, and why
+            out["heatmap"]["warning"] = heatmap.warning
     if result.embedding is not None:
         out["embedding"] = {
             "data": _b64(result.embedding),

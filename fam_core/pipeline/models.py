@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from fam_core.configfile import parse_config
+from fam_core.default_method import MethodChoice, choose_method
 from fam_core.explainers.registry import method_name
 from fam_core.models.store import TASKS, ModelConfig, find_config
 from fam_core.package_data import DEFAULT_MODEL_NAMES
-from fam_core.pipeline.backends import Backend, LoadedBackend, default_method
+from fam_core.pipeline.backends import Backend, LoadedBackend
 from fam_core.pipeline.errors import InvalidArgument, NotFound, Unavailable
 from fam_core.pipeline.onnx_backend import OnnxBackend, load_onnx_backend
 from fam_core.pipeline.torch_backend import TorchBackend, load_torch_backend
@@ -35,8 +36,9 @@ __all__ = [
     "DEFAULT_MODELS",
     "FailedModel",
     "ModelRegistry",
+    "MethodChoice",
     "ServedModel",
-    "default_method",
+    "choose_method",
     "load_backend",
 ]
 
@@ -77,7 +79,14 @@ class ServedModel:
 
     @property
     def default_method(self) -> str:
+        """The method a request that names none is explained with (:attr:`default_choice`)."""
         return self.backend.default_method
+
+    @property
+    def default_choice(self) -> MethodChoice:
+        """The default method and why: the config's ``method``, else FAM for embedding
+        models, CAM for classifiers whose head CAM reads, Grad-CAM for the others."""
+        return self.backend.default_choice
 
     @property
     def methods(self) -> tuple[str, ...]:

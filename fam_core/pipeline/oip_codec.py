@@ -12,6 +12,8 @@ or ``UINT8``/``FP16``/``FP32`` ``[B, 3, H, W]`` pixels. Request parameters: ``me
 ``resolution`` (``"input"``/``"feature"``), ``target_class``. Outputs, as named tensors in
 ``raw_output_contents``: ``scores`` FP32 ``[B, C]``, ``label`` BYTES ``[B]``, ``embedding``
 FP32 ``[B, D]``, ``heatmap`` FP16 ``[B, H, W]``; all four unless the request names some.
+The heatmap's parameters: ``method``, ``target_layer``, and ``warning`` when a map is all
+zeros or constant (``"image i: why"`` for each such map).
 
 A model with a gallery index answers a search (:meth:`~fam_core.pipeline.Pipeline.search`)
 when the request names only :data:`SEARCH_OUTPUTS`, or none and it is an embedding model
@@ -403,6 +405,13 @@ def infer_response(
             output.datatype, output.shape[:] = "FP16", [batch, *heatmap.shape]
             output.parameters["method"].string_param = heatmap.method
             output.parameters["target_layer"].string_param = heatmap.target_layer
+            warnings = [
+                f"image {i}: {r.heatmap.warning}"
+                for i, r in enumerate(results)
+                if r.heatmap is not None and r.heatmap.warning
+            ]
+            if warnings:  # maps that are all zeros or constant, and why
+                output.parameters["warning"].string_param = "; ".join(warnings)
             data = b"".join(r.heatmap.data for r in results if r.heatmap is not None)
         message.raw_output_contents.append(data)
     return message

@@ -20,7 +20,9 @@ option it needs.
 
 A graph ``fam export`` did not write is grafted with an explanation head first, by
 ``fam_core.exporters.graft.graft_onnx`` (at the config's ``target_tensor``): with the
-config's default method at load (a file that cannot be grafted does not load), and with
+model's default method at load (:func:`fam_core.default_method.choose_method`: the config's
+``method``, else FAM for embedding models, CAM for classifiers, Grad-CAM where the graft
+finds a head CAM cannot read; a file that cannot be grafted does not load), and with
 every other method it takes on that method's first request
 (:class:`~fam_core.pipeline.onnx_methods.GraftedMethods`); methods it does not take are
 :class:`NotFound`, naming why.
@@ -43,11 +45,12 @@ from typing import Any, NamedTuple
 import torch
 
 from fam_core import onnx_format as fmt
+from fam_core.default_method import MethodChoice, choose_method
 from fam_core.explanation import Explanation
 from fam_core.models.model_check import ModelFacts, check_against_model
 from fam_core.models.store import ModelConfig
 from fam_core.onnx_runtime import OnnxExplainer
-from fam_core.pipeline.backends import LoadedBackend, ServedView, configured_method
+from fam_core.pipeline.backends import LoadedBackend, ServedView
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
 from fam_core.pipeline.onnx_methods import GraftedMethods, graftable_methods
@@ -68,11 +71,13 @@ class OnnxBackend:
 
     ``runner`` is the graph of the default method; ``grafts`` (plain files) the graphs of
     the other methods, grafted on first use; ``None``: a ``fam export`` graph, one method.
+    ``choice``: why ``runner``'s method is the default (plain files).
     """
 
     runner: OnnxExplainer
     grafts: GraftedMethods | None = None
     name: str = ""
+    choice: MethodChoice | None = None
 
     def __post_init__(self) -> None:
         meta = self.runner.metadata
@@ -103,6 +108,12 @@ class OnnxBackend:
     @property
     def default_method(self) -> str:
         return self.runner.method
+
+    @property
+    def default_choice(self) -> MethodChoice:
+        if self.choice is not None:
+            return self.choice
+        return MethodChoice(self.runner.method, "the one method fam export wrote into the graph")
 
     def check_method(self, method: str) -> None:
         """:class:`NotFound` unless this graph explains with ``method`` (grafting a plain
@@ -292,9 +303,10 @@ def graft_options(
     """Options of :func:`fam_core.exporters.graft.graft_onnx` for a plain ONNX file served with
     ``config``: task, input size, mean, std, class names, similarity, name, and the config's
     ``target_tensor`` / ``output`` where it has them; ``overrides`` win. The method is the
-    config's default (:func:`~fam_core.pipeline.backends.configured_method`: its ``method``,
-    else FAM for embedding models and CAM for classifiers). ``None`` (no config, no
-    overrides): a plain file is refused rather than grafted with guessed options.
+    first default tried (:func:`~fam_core.default_method.choose_method` before the head is
+    known: the config's ``method``, else FAM for embedding models and CAM for classifiers).
+    ``None`` (no config, no overrides): a plain file is refused rather than grafted with
+    guessed options.
 
     Example:
         >>> graft_options(None, {"method": "gradcam"})
@@ -305,7 +317,7 @@ def graft_options(
     options: dict[str, Any] = {}
     if config is not None:
         options = {
-            "method": configured_method(config),
+            "method": choose_method(config.task, configured=config.method).method,
             "task": config.task,
             "input_size": config.input_size,
             "mean": tuple(config.mean),
@@ -351,7 +363,7 @@ def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> Lo
         _check_plain_config(path, config)
         options = graft_options(config)
     try:
-        runner = OnnxExplainer(path, graft=options)
+        runner, choice = _graft_default(path, config, options)
     except (OSError, ValueError) as error:
         raise ValueError(f"{where}onnx: {str(error).splitlines()[0]}") from None
     task = runner.metadata.get(fmt.KEY_TASK)
@@ -387,7 +399,7 @@ def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> Lo
     )
     grafts = None if options is None else GraftedMethods(path, options, task, runner)
     try:
-        backend = OnnxBackend(runner, grafts, name=config.name)
+        backend = OnnxBackend(runner, grafts, name=config.name, choice=choice)
     except ValueError as error:
         raise ValueError(f"model {config.name!r}: onnx: {error}") from None
     output_dim, feature_shape = runner.output_dim, runner.feature_shape
@@ -412,6 +424,26 @@ def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> Lo
         output_dim=int(output_dim),
         feature_shape=feature_shape,
     )
+
+
+def _graft_default(
+    path: Path, config: ModelConfig | None, options: dict[str, Any] | None
+) -> tuple[OnnxExplainer, MethodChoice | None]:
+    """The graph of the default method and why: a ``fam export`` graph as written
+    (``options`` ``None``); a plain file grafted with ``options``' method (the config's, FAM
+    or CAM), and with Grad-CAM where CAM cannot read the classifier's head."""
+    if options is None or config is None:
+        return OnnxExplainer(path, graft=options), None
+    choice = choose_method(config.task, configured=config.method)
+    try:
+        return OnnxExplainer(path, graft=options), choice
+    except ValueError as error:
+        if choice.method != "cam" or config.method is not None:
+            raise
+        text = str(error).strip()
+        refusal = text.splitlines()[0] if text else type(error).__name__
+    choice = choose_method(config.task, cam_refusal=refusal)
+    return OnnxExplainer(path, graft={**options, "method": choice.method}), choice
 
 
 def is_explanation_graph(path: Path) -> bool:

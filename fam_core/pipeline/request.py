@@ -82,7 +82,11 @@ class Match:
 
 @dataclass(frozen=True)
 class Heatmap:
-    """A heatmap in ``[0, 1]`` as float16 little-endian bytes of ``shape`` ``[H, W]``."""
+    """A heatmap in ``[0, 1]`` as float16 little-endian bytes of ``shape`` ``[H, W]``.
+
+    ``warning``: why the map is not an explanation (``""``: it is); set when the map is all
+    zeros or constant, so it carries no spatial information.
+    """
 
     data: bytes
     shape: tuple[int, int]
@@ -90,6 +94,7 @@ class Heatmap:
     target_layer: str
     resolution: Resolution
     dtype: str = "float16"
+    warning: str = ""
 
 
 @dataclass(frozen=True)

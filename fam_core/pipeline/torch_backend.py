@@ -24,16 +24,18 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
+from fam_core.default_method import MethodChoice, choose_method
 from fam_core.discovery import ModelDoesNotRun
 from fam_core.explainers import Explainer, available_methods
 from fam_core.explainers.base import ChannelExplainer
+from fam_core.explainers.cam.cam import CAM
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import check_runnable
 from fam_core.extras import MissingExtraError
 from fam_core.models.model_check import check_torch_model
 from fam_core.models.sources import load_module
 from fam_core.models.store import ModelConfig
-from fam_core.pipeline.backends import LoadedBackend, ServedView, configured_method
+from fam_core.pipeline.backends import LoadedBackend, ServedView
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
 
@@ -91,6 +93,7 @@ class TorchBackend:
     gallery: Any = None  # task knn: the GalleryIndex it votes over (fam_core.search)
     _explainers: dict[str, Explainer] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _default: MethodChoice | None = field(default=None, repr=False)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -99,7 +102,31 @@ class TorchBackend:
 
     @property
     def default_method(self) -> str:
-        return configured_method(self.config)
+        return self.default_choice.method
+
+    @property
+    def default_choice(self) -> MethodChoice:
+        """The config's ``method``, else FAM (embedding models), CAM where CAM reads the
+        classifier's head on a probe input, Grad-CAM otherwise; decided once."""
+        if self._default is None:
+            self._default = self._choose_default()
+        return self._default
+
+    def _choose_default(self) -> MethodChoice:
+        config = self.config
+        if config.method is not None or config.task != "classifier":
+            return choose_method(config.task, configured=config.method)
+        cam = self.explainer("cam")
+        assert isinstance(cam, CAM)
+        parameter = next(self.module.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(1, config.channels, *config.image_size, generator=generator)
+        try:
+            refusal = cam.refusal(images.to(device))
+        except (ValueError, TypeError) as error:
+            refusal = _first_line(error)
+        return choose_method("classifier", cam_refusal=refusal)
 
     @property
     def baked(self) -> int:
@@ -248,6 +275,7 @@ def load_torch_backend(
         except ValueError as error:
             text = _first_line(error).removeprefix(f"model {config.name!r}: ")
             raise ValueError(f"model {config.name!r}: method: {text}") from None
+    backend.default_choice  # noqa: B018 - decided at load, not on the first request
     return LoadedBackend(
         config=config,
         backend=backend,

@@ -117,6 +117,7 @@ def heatmap_to_proto(heatmap: Heatmap) -> fam_pb2.Heatmap:
         method=heatmap.method,
         target_layer=heatmap.target_layer,
         resolution=_RESOLUTION_ENUMS[heatmap.resolution],
+        warning=heatmap.warning,
     )
 
 

@@ -22,6 +22,23 @@ from fam_core.fam_maths import to_channels
 from fam_core.pooling import GlobalPool
 
 
+def cam_refusal(head: Head) -> str | None:
+    """Why CAM cannot read class weights from ``head`` (``None``: it can): it needs global
+    average pooling then a linear classifier.
+
+    Example:
+        >>> from fam_core.pooling import GlobalPool
+        >>> cam_refusal(Head(GlobalPool("avg"), nn.Sequential(), None, "norm", "jacobian"))
+        "found 'norm' after the target layer, not a linear classifier"
+    """
+    if head.kind == "jacobian" or head.matrix is None:
+        found = head.nonlinear_layer or "no linear layer"
+        return f"found {found!r} after the target layer, not a linear classifier"
+    if not is_average_pooling(head.pooling):
+        return f"the pooling after the target layer is {head.pooling!r}, not global average"
+    return None
+
+
 def is_average_pooling(pooling: nn.Module) -> bool:
     if isinstance(pooling, GlobalPool):
         return pooling.kind == "avg"
@@ -56,15 +73,23 @@ class CAM(ChannelExplainer):
 
     def classifier_matrix(self, head: Head) -> torch.Tensor:
         """The linear map ``[J, N]`` from the pooled target layer to the output."""
-        if head.kind == "jacobian" or head.matrix is None:
-            found = head.nonlinear_layer or "no linear layer"
+        refusal = cam_refusal(head)
+        if refusal is not None or head.matrix is None:
             raise ValueError(
                 f"CAM needs global average pooling and a linear classifier after "
-                f"{self.target_layer!r}; found {found!r} (use GradCAM or FAM for this model)"
-            )
-        if not is_average_pooling(head.pooling):
-            raise ValueError(
-                f"CAM needs global average pooling after {self.target_layer!r}, found "
-                f"{head.pooling!r}"
+                f"{self.target_layer!r}; {refusal} (use GradCAM or FAM for this model)"
             )
         return head.matrix
+
+    def refusal(self, images: torch.Tensor) -> str | None:
+        """Why CAM cannot explain this model on inputs like ``images`` (``None``: it can);
+        the head found is kept for later calls.
+
+        Example:
+            >>> from fam_core.models.backbones import conv4
+            >>> print(CAM(conv4(num_classes=5, width=0.25).eval(), "block4").refusal(
+            ...     torch.rand(1, 3, 84, 84)))
+            None
+        """
+        images = self._check_images(images)
+        return cam_refusal(self.head_for(self.forward(images), images))

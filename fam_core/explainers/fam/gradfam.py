@@ -15,8 +15,10 @@ for each similarity (see :func:`similarity_gradient`). No backward pass runs; th
 equals autograd's (tested to 1e-5). Other heads fall back to autograd.
 
 No target on an embedding model: the cosine of ``Z`` with itself is constant (zero
-gradient), so Grad-FAM explains the projection of ``Z`` on its own (detached) direction,
-``S = <Z, sg(Z)/|sg(Z)|>``, whose value is ``|Z|`` and whose gradient is ``Z / |Z|``.
+gradient), so Grad-FAM's weights are the gradient of the projection of ``Z`` on its own
+(detached) direction, ``<Z, sg(Z)/|sg(Z)|>``, which is ``Z / |Z|``. The explained score it
+reports is still the similarity of ``Z`` to itself, ``s(Z, Z)`` (1 for the cosine), as FAM
+reports for the same target.
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ class GradFAM(ChannelExplainer):
             runs autograd.
         Other arguments: see :class:`~fam_core.explainers.base.Explainer`.
 
-    ``Explanation.weights`` holds ``a_n``; ``scores`` the explained ``S`` (``|Z|`` when an
-    embedding explains itself, the logit for class targets).
+    ``Explanation.weights`` holds ``a_n``; ``scores`` the explained ``S``: the similarity to
+    the target in its own range, as FAM reports it (``s(Z, Z)`` when an embedding explains
+    itself, the logit for class targets).
 
     Example:
         >>> from fam_core.models.backbones import conv4
@@ -126,10 +129,10 @@ class GradFAM(ChannelExplainer):
         self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         outputs, activations = forward.outputs, forward.activations
-        if target.explains_self:
+        explained = self.score(outputs, target)  # FAM's S (eq. 11) for this target
+        scores = explained
+        if target.explains_self:  # s(Z, Z) is constant: its gradient is the projection's
             scores, target = self_projection_score(outputs)
-        else:
-            scores = self.score(outputs, target)
         hw = activations.shape[2] * activations.shape[3]
         head = self.head_for(forward, images) if self.analytic else None
         if head is None or not self._head_allows_closed_form(head, forward):
@@ -137,7 +140,7 @@ class GradFAM(ChannelExplainer):
                 forward = self.forward(images, graph=True)
                 scores = self.score(forward.outputs, target)  # a self target is resolved above
             weights = self.gradients(forward, scores).sum(dim=(2, 3)) / hw  # eq. 3
-            return weights, scores, {}
+            return weights, explained, {}
         d_embedding = similarity_gradient(outputs, target.references, target.similarity)
         matrix = head.matrix
         d_pooled = to_channels(d_embedding, matrix)  # W^T dS/dz'
@@ -149,7 +152,7 @@ class GradFAM(ChannelExplainer):
             )
         sums = pooling_gradient_sums(head.pooling, activations)
         assert sums is not None  # guaranteed by _head_allows_closed_form
-        return d_pooled * sums / hw, scores, {}  # eq. 3 by the chain rule
+        return d_pooled * sums / hw, explained, {}  # eq. 3 by the chain rule
 
     def combine(self, weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         """``ReLU(sum_n a_n A^n)`` (Grad-CAM eq. 2)."""
