@@ -193,7 +193,7 @@ def test_bad_uploads_get_a_4xx_line_and_the_server_serves_on(page, tmp_path) -> 
         viewer.stop()
     assert not_an_image[0] in (400, 415) and "\n" not in not_an_image[1]["error"]
     assert too_large == (413, {"error": "the image has 20001 bytes, over the limit of 20000 bytes"})
-    assert unknown_method[0] == 404 and "no-such-method" in unknown_method[1]["error"]
+    assert unknown_method[0] == 400 and "no-such-method" in unknown_method[1]["error"]
     assert ok[0] == 200 and len(ok[1]["items"]) == 5
     assert shown.startswith(("400: ", "415: "))
 
