@@ -159,6 +159,15 @@ def test_cli_inspect_prints_the_default_and_explain_uses_it(configs, tmp_path, c
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["resnet_classifier", "convnext_classifier", "resnet"])
+def test_fam_export_defaults_to_the_method_the_model_is_served_with(configs, name) -> None:
+    from fam_core.commands.export import model_default_method
+    from fam_core.models.store import load_model
+
+    model, config = load_model(configs[name])
+    assert model_default_method(model, config, None, None) == DEFAULTS[name][1]
+
+
 # -- heads: linear only when they are
 
 

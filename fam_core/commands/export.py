@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import inspect
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from fam_core.onnx_format import METHODS
+
+if TYPE_CHECKING:
+    from fam_core.models.store import ModelConfig
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -22,7 +26,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "export", help="write a model and its explanation head as one ONNX graph"
     )
     parser.add_argument("model", metavar="NAME_OR_CONFIG", help="model name or config path")
-    parser.add_argument("--method", choices=METHODS, default="fam")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        help="default: the model's (the config's method, else FAM for embedding models, CAM "
+        "where the head is global average pooling + linear, Grad-CAM otherwise)",
+    )
     parser.add_argument("--out", required=True, metavar="FILE.onnx")
     parser.add_argument("--layer", help="target layer (default: the config's, else found)")
     parser.add_argument(
@@ -56,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out.endswith(".onnx"):
         raise ValueError(f"--out must name a .onnx file, got {args.out!r}")
     model, config = load_model(args.model)
+    if args.method is None:
+        args.method = model_default_method(model, config, args.task, args.layer)
     try:
         path = export_model(
             model,
@@ -82,6 +93,23 @@ def run(args: argparse.Namespace) -> int:
     written = OnnxExplainer(path)
     print(f"wrote {path} ({args.method}, layer {written.target_layer})")
     return 0
+
+
+def model_default_method(
+    model: nn.Module, config: ModelConfig, task: str | None, layer: str | None
+) -> str:
+    """The method the model explains with by default (:mod:`fam_core.default_method`'s rule,
+    as served), refused in one line when it has no ONNX head."""
+    from fam_core.pipeline.torch_backend import TorchBackend
+
+    config = replace(config, task=task or config.task, target_layer=layer or config.target_layer)
+    method = TorchBackend(model, config).default_method
+    if method not in METHODS:
+        raise ValueError(
+            f"the model's default method {method!r} has no ONNX head; pass --method, one of "
+            f"{list(METHODS)}"
+        )
+    return method
 
 
 def task_option(export: Callable[..., Any], model: nn.Module, task: str) -> dict[str, str]:
