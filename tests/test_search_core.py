@@ -121,6 +121,23 @@ def test_the_query_maps_come_from_one_forward_pass(model, gallery):
     assert len(calls) == 1  # one batched pass of both queries, none for their 10 neighbours
 
 
+def test_both_runs_each_distinct_neighbour_image_once(model, gallery):
+    explainer = model.explainer("fam")
+    batches: list[int] = []
+    handle = explainer.model.register_forward_hook(
+        lambda _module, inputs, _output: batches.append(inputs[0].shape[0])
+    )
+    queries = gallery["inputs"][[0, 0]]  # the same image twice: the same 4 neighbours
+    try:
+        found = explained_search(model, gallery["index"], queries, top_k=4, explain="both")
+    finally:
+        handle.remove()
+    assert [n.neighbour.id for n in found[0]] == [n.neighbour.id for n in found[1]]
+    assert batches == [2, 4]  # the queries' pass, then the 4 distinct neighbours' (not 8)
+    for first, second in zip(found[0], found[1], strict=True):
+        torch.testing.assert_close(first.reference_map, second.reference_map)
+
+
 def test_explain_each_target_equals_fam_eq_11_to_18_per_reference(model, gallery):
     explainer = model.explainer("fam")
     image, targets = gallery["inputs"][:1], gallery["embeddings"][[0, 5, 9]]

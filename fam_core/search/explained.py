@@ -268,7 +268,8 @@ def _reference_maps(
     pairs: list[tuple[int, Neighbour]],
     loader: Callable[[str], torch.Tensor],
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
-    """Each neighbour's map with its query's embedding as the target."""
+    """Each neighbour's map with its query's embedding as the target: each distinct
+    neighbour image is loaded and run once, whatever the number of queries it answers."""
     loaded: dict[str, torch.Tensor | str] = {}
     for _, neighbour in pairs:
         if neighbour.id not in loaded:
@@ -282,12 +283,15 @@ def _reference_maps(
     }
     if not numbers:
         return {}, errors
-    images = torch.stack([loaded[pairs[n][1].id] for n in numbers])  # type: ignore[misc]
+    distinct = list(dict.fromkeys(pairs[n][1].id for n in numbers))
+    position = {image_id: row for row, image_id in enumerate(distinct)}
+    images = torch.stack([loaded[image_id] for image_id in distinct])  # type: ignore[misc]
     images = images.to(embeddings.device)
+    rows = torch.tensor([position[pairs[n][1].id] for n in numbers])
     targets = embeddings.index_select(
         0, torch.tensor([pairs[n][0] for n in numbers], device=embeddings.device)
     )
-    maps = maps_of(images, targets)
+    maps = maps_of(images, targets, rows=rows)
     return dict(zip(numbers, maps.detach().float(), strict=True)), errors
 
 
