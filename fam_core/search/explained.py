@@ -9,9 +9,10 @@ pass (FAM, Grad-FAM with its closed-form gradient, Score-FAM, CAM, Eigen-CAM, ..
 methods that need the autograd graph or a pass of their own (Grad-CAM through autograd,
 L2-CAF, guided backpropagation, ...) run one batched call over the (query, neighbour) pairs.
 
-``explain="both"`` adds each neighbour's map with the query's embedding as the target (one
-forward pass per neighbour, its image read from its URI); a neighbour whose image cannot be
-read keeps its score and gets ``reference_error`` instead of a map.
+``explain="both"`` adds each neighbour's map with the query's embedding as the target (its
+image read from its URI; one forward pass per distinct neighbour image, shared by the queries
+it answers); a neighbour whose image cannot be read keeps its score and gets
+``reference_error`` instead of a map.
 
 Example:
     >>> import tempfile
