@@ -77,7 +77,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["cam", "gradcam"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
-    print(f"onnx {onnx.__version__}, {args.threads} threads")
+    import onnxruntime
+
+    print(f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads")
     print(
         "| model | method | batch | original (ms) | grafted / original | quartiles of the rounds |"
     )
