@@ -286,3 +286,16 @@ def test_an_onnx_graph_searches_and_explains_as_the_torch_model(model, gallery, 
             torch.testing.assert_close(
                 hit.reference_map, reference.reference_map, atol=1e-3, rtol=0
             )
+
+
+def test_a_milvus_lite_client_pings_no_more_than_its_server_takes(tmp_path):
+    # gRPC servers answer pings more often than every 5 minutes without data with GOAWAY
+    from fam_core.search import MilvusEngine
+
+    engine = MilvusEngine(str(tmp_path / "pings.db"))
+    try:
+        options = engine.client._get_connection()._grpc_options
+    finally:
+        engine.close()
+    assert options["grpc.keepalive_time_ms"] >= 300_000
+    assert options["grpc.keepalive_permit_without_calls"] is False
