@@ -169,6 +169,8 @@ def main() -> None:
     import pymilvus
     from pymilvus import MilvusClient
 
+    from fam_core.search.milvus import LITE_CLIENT_OPTIONS
+
     dimension = embedding_size(args.model)
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(1000, dimension, generator=generator)
@@ -188,7 +190,7 @@ def main() -> None:
         for size in args.sizes:
             gallery = clustered_unit_vectors(size, dimension, centres, generator)
             queries = clustered_unit_vectors(args.queries, dimension, centres, generator)
-            client = MilvusClient(str(work / f"gallery-{size}.db"))
+            client = MilvusClient(str(work / f"gallery-{size}.db"), **LITE_CLIENT_OPTIONS)
             for index_type in args.indexes:
                 print(measure(client, index_type, gallery, queries, args.repeats), flush=True)
             client.close()

@@ -84,7 +84,7 @@ def parse_index_uri(uri: str) -> IndexLocation:
     return IndexLocation(base, collection, False)
 
 
-_LITE_OPTIONS: dict[str, Any] = {
+LITE_CLIENT_OPTIONS: dict[str, Any] = {
     # pymilvus pings every 10 s even without calls; Milvus Lite's in-process gRPC server takes
     # a ping at most every 5 minutes and answers more with GOAWAY too_many_pings (a stderr
     # line each time, and a long create_index retried). Ping only during calls, at that pace.
@@ -143,7 +143,7 @@ class MilvusEngine:
                 if not folder.is_dir():
                     raise ValueError(f"index {self.uri}: no such folder {folder}")
             try:
-                options = {"timeout": self.timeout} if self.location.server else _LITE_OPTIONS
+                options = {"timeout": self.timeout} if self.location.server else LITE_CLIENT_OPTIONS
                 self._client = MilvusClient(where, **options)
             except Exception as error:  # noqa: BLE001 - pymilvus raises many kinds
                 what = "reach Milvus at" if self.location.server else "open Milvus Lite file"
