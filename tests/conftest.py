@@ -45,3 +45,20 @@ def images() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def references() -> torch.Tensor:
     return torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.fixture(scope="module")
+def ray_session(request):  # type: ignore[no-untyped-def]
+    """A local Ray session for a test module (``RAY_CPUS`` in the module: its CPUs, default 2:
+    the actor of a job stopped by an exception may hold one a while)."""
+    import ray
+
+    ray.init(
+        num_cpus=getattr(request.module, "RAY_CPUS", 2),
+        include_dashboard=False,
+        object_store_memory=96 * 1024 * 1024,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()

@@ -52,21 +52,6 @@ HEATMAP_TOLERANCE = 2e-3  # float16 heatmaps; batched and single passes differ i
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=96 * 1024 * 1024,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def image_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bulk") / "images"
     write_flower_pngs(folder, IMAGES)

@@ -48,19 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(
-        num_cpus=1,
-        include_dashboard=False,
-        object_store_memory=96 * 1024 * 1024,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    yield ray
-    ray.shutdown()
+RAY_CPUS = 1  # the local Ray session of the conftest fixture `ray_session`
 
 
 @pytest.fixture(scope="module")

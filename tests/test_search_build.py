@@ -47,21 +47,6 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(  # two CPUs: the actor of a build stopped by an exception may hold one a while
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=96 * 1024 * 1024,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model() -> ServedModel:
     return ServedModel.load(MODEL)
 
