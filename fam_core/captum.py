@@ -38,7 +38,7 @@ from torch import nn
 
 import fam_core.explainers  # noqa: F401  (registers the methods the wrappers are made for)
 from fam_core.explainers.base import Explainer, Target, check_model_options
-from fam_core.explainers.registry import get_explainer
+from fam_core.explainers.registry import captum_methods, get_explainer
 from fam_core.extras import require
 from fam_core.outputs import OutputSpec, check_output_spec, select_output
 from fam_core.pooling import PoolingKind, global_pool
@@ -260,7 +260,8 @@ def layer_attribution(method: str) -> type[ExplainerAttribution]:
     One class per method (the same class on every call): ``<Explainer>Attribution``, a
     subclass of :class:`ExplainerAttribution` bound to the explainer, with a docstring made
     from the explainer's. The per-method names of this module (``FAMAttribution``,
-    ``GradCAMAttribution``, ...) are classes made here.
+    ``GradCAMAttribution``, ...: :data:`WRAPPERS`) are classes made here, one for each
+    method whose capabilities declare ``captum``.
 
     Example:
         >>> layer_attribution("fam").explainer_class.__name__
@@ -290,35 +291,18 @@ def layer_attribution(method: str) -> type[ExplainerAttribution]:
     )
 
 
-FAMAttribution = layer_attribution("fam")
-CAMAttribution = layer_attribution("cam")
-GradCAMAttribution = layer_attribution("gradcam")
-GradCAMPlusPlusAttribution = layer_attribution("gradcam++")
-XGradCAMAttribution = layer_attribution("xgradcam")
-LayerCAMAttribution = layer_attribution("layercam")
-ScoreCAMAttribution = layer_attribution("scorecam")
-AblationCAMAttribution = layer_attribution("ablationcam")
-EigenCAMAttribution = layer_attribution("eigencam")
-UpsampledActivationAttribution = layer_attribution("activation")
-GuidedGradCAMAttribution = layer_attribution("guided-gradcam")
-RelevanceCAMAttribution = layer_attribution("relevancecam")
-LiftCAMAttribution = layer_attribution("liftcam")
+def _wrapper_names() -> dict[str, type[ExplainerAttribution]]:
+    """The module's per-method names: one wrapper for each method that declares ``captum``
+    (:func:`fam_core.explainers.registry.captum_methods`)."""
+    wrappers = (layer_attribution(method) for method in captum_methods())
+    return {wrapper.__name__: wrapper for wrapper in wrappers}
 
-__all__ = [
-    "AblationCAMAttribution",
-    "CAMAttribution",
-    "EigenCAMAttribution",
-    "ExplainerAttribution",
-    "FAMAttribution",
-    "GradCAMAttribution",
-    "GradCAMPlusPlusAttribution",
-    "GuidedGradCAMAttribution",
-    "LayerCAMAttribution",
-    "LiftCAMAttribution",
-    "RelevanceCAMAttribution",
-    "ScoreCAMAttribution",
-    "SimilarityForward",
-    "UpsampledActivationAttribution",
-    "XGradCAMAttribution",
-    "layer_attribution",
-]
+
+WRAPPERS = _wrapper_names()
+"""``FAMAttribution``, ``CAMAttribution``, ``GradCAMAttribution``, ...: the wrapper classes
+this module names, by class name."""
+globals().update(WRAPPERS)
+
+__all__ = sorted(  # the wrappers are made from the capabilities
+    ["ExplainerAttribution", "SimilarityForward", "layer_attribution", *WRAPPERS]
+)

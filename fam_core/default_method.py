@@ -25,6 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+RULE = (
+    "the config's method, else FAM for embedding models, CAM where the head is global "
+    "average pooling + linear, Grad-CAM otherwise"
+)
+"""The rule in one line, for help texts (``fam export --help``) and the docs."""
+
 
 @dataclass(frozen=True)
 class MethodChoice:

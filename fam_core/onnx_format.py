@@ -23,6 +23,10 @@ Metadata props (strings; JSON where noted): see the ``KEY_*`` constants.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from fam_core.explainers.registry import CAPABILITIES, onnx_methods
+
 FORMAT_VERSION = "1"
 
 INPUT_IMAGE = "image"
@@ -67,15 +71,29 @@ output holds the logits, and the scores a server reports apply the activation ba
 (softmax for ``softmax`` and ``log_softmax``, whose softmax is the probabilities; the
 element-wise ``sigmoid`` for ``sigmoid``)."""
 
-METHODS: tuple[str, ...] = ("fam", "gradfam", "cam", "gradcam")
-EMBEDDING_METHODS: tuple[str, ...] = ("fam", "gradfam")
-CLASSIFIER_METHODS: tuple[str, ...] = ("cam", "gradcam")
+METHODS: tuple[str, ...] = onnx_methods()
+"""The methods ``fam export`` writes: those that declare an ``onnx_task``
+(:data:`fam_core.explainers.registry.CAPABILITIES`)."""
+EMBEDDING_METHODS: tuple[str, ...] = onnx_methods("embedding")
+CLASSIFIER_METHODS: tuple[str, ...] = onnx_methods("classifier")
 NOT_EXPORTED: dict[str, str] = {
-    "relevancecam": "Relevance-CAM's z+ relevance propagation has no ONNX graph",
-    "liftcam": "LIFT-CAM runs Captum's DeepLift (hooks and a second pass from the "
-    "reference), which has no ONNX graph",
+    name: caps.onnx_refusal for name, caps in CAPABILITIES.items() if caps.onnx_refusal
 }
 """Registered methods the export refuses by name, with the reason."""
+
+
+def is_explanation_graph(metadata: Mapping[str, str]) -> bool:
+    """Whether a graph's metadata props mark it as one ``fam export`` wrote (or the graft
+    made): it names its :data:`KEY_METHOD` and :data:`KEY_PREPROCESSING`. Any other ONNX
+    file is a plain one, grafted before it explains.
+
+    Example:
+        >>> is_explanation_graph({"method": "fam", "preprocessing": "{}"})
+        True
+        >>> is_explanation_graph({"producer": "pytorch"})
+        False
+    """
+    return KEY_METHOD in metadata and KEY_PREPROCESSING in metadata
 
 
 def check_exportable(method: str) -> None:

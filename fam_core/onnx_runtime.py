@@ -84,7 +84,7 @@ class OnnxExplainer:
         self.session = onnxruntime.InferenceSession(str(path), providers=providers)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.grafted = False
-        if not _is_explanation_graph(self.metadata):
+        if not fmt.is_explanation_graph(self.metadata):
             if graft is None:
                 raise ValueError(
                     f"{path} is not a fam-core explanation graph (its metadata lacks "
@@ -319,10 +319,6 @@ class OnnxExplainer:
                 f"got {array.tolist()}"
             )
         return np.ascontiguousarray(array, dtype=np.int64)
-
-
-def _is_explanation_graph(metadata: Mapping[str, str]) -> bool:
-    return fmt.KEY_METHOD in metadata and fmt.KEY_PREPROCESSING in metadata
 
 
 def _as_float32(values: object, name: str, shape: str) -> np.ndarray:

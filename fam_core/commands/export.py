@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from fam_core.default_method import RULE
 from fam_core.onnx_format import METHODS
 
 if TYPE_CHECKING:
@@ -29,8 +30,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--method",
         choices=METHODS,
-        help="default: the model's (the config's method, else FAM for embedding models, CAM "
-        "where the head is global average pooling + linear, Grad-CAM otherwise)",
+        help=f"default: the model's ({RULE})",
     )
     parser.add_argument("--out", required=True, metavar="FILE.onnx")
     parser.add_argument("--layer", help="target layer (default: the config's, else found)")

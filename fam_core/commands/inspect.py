@@ -63,17 +63,13 @@ def inspect_onnx_source(path: Path, config: object | None, layer: str | None) ->
     """The graft report of a plain ONNX file, or the metadata of one ``fam export`` wrote."""
     from fam_core import onnx_format as fmt
     from fam_core.models.store import ModelConfig
-    from fam_core.pipeline.onnx_backend import is_explanation_graph
+    from fam_core.pipeline.onnx_backend import graph_metadata
 
     name = config.name if isinstance(config, ModelConfig) else path.stem
     if not path.is_file():
         raise ValueError(f"onnx: file {path} is missing")
-    if is_explanation_graph(path):
-        import onnx
-
-        meta = {
-            p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
-        }
+    meta = graph_metadata(path)
+    if fmt.is_explanation_graph(meta):
         return (
             f"model {name}\nONNX graph written by fam export: method {meta.get(fmt.KEY_METHOD)}, "
             f"target layer {meta.get(fmt.KEY_TARGET_LAYER, '?')} (fixed in the graph)\n"

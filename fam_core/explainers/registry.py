@@ -5,10 +5,17 @@ An explainer that must be fitted on labelled images before it explains declares
 reads that declaration here: :func:`available_methods` with ``runnable_only=True`` leaves
 such methods out and :func:`check_runnable` refuses them with a one-line reason.
 
-What a method costs is declared here too, next to its name (:data:`METHOD_COSTS`): the model
-passes it makes per image, and its cost class, ``"cheap"`` (a few passes) or ``"expensive"``
-(a pass per channel, per ablation or per optimisation step). Servers schedule by the class
-(:func:`cost_class`): cheap requests never wait behind expensive ones.
+What a method can do is declared here too, next to its name (:data:`CAPABILITIES`,
+:class:`MethodCapabilities`): what it costs, whether it takes gradients, what it explains
+(a class, the similarity to references, an embedding model's own output), whether
+``fam export`` writes it to ONNX and whether :mod:`fam_core.captum` wraps it. The ONNX
+method lists (:mod:`fam_core.onnx_format`), the Captum wrappers, the command line's help
+and the docs' methods table (``scripts/methods_table.py``) are made from it.
+
+The cost is the model passes a method makes per image and its cost class, ``"cheap"`` (a
+few passes) or ``"expensive"`` (a pass per channel, per ablation or per optimisation step).
+Servers schedule by the class (:func:`cost_class`): cheap requests never wait behind
+expensive ones.
 
 Names are matched ignoring case, spaces, ``-`` and ``_`` (:func:`method_name`): ``GradCAM``,
 ``Grad-CAM`` and ``grad_cam`` all name ``gradcam``; an unknown name is refused with the
@@ -20,7 +27,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
 from fam_core.explainers.base import Explainer
@@ -31,6 +38,11 @@ FIT_HINT = "`fam eval --methods {name}` fits it on the benchmark; in Python call
 
 CostClass = Literal["cheap", "expensive"]
 COST_CLASSES: tuple[CostClass, ...] = ("cheap", "expensive")
+TargetKind = Literal["class", "similarity", "self"]
+TARGET_KINDS: tuple[TargetKind, ...] = ("class", "similarity", "self")
+"""What a method explains: a ``class`` of a classifier, the ``similarity`` to reference
+embeddings, or an embedding model's ``self`` (its own output, when no target is given)."""
+OnnxTask = Literal["embedding", "classifier"]
 
 
 @dataclass(frozen=True)
@@ -50,34 +62,97 @@ class MethodCost:
     passes: str
 
 
+@dataclass(frozen=True)
+class MethodCapabilities:
+    """What a method can do, declared once next to its name (:data:`CAPABILITIES`); the
+    ONNX method lists, the Captum wrappers, the command line's help and the docs' methods
+    table are made from it.
+
+    Attributes:
+        cost: passes per image and cost class (:class:`MethodCost`).
+        needs_gradients: whether it takes backward passes (the model must be differentiable).
+        targets: what it explains (:data:`TARGET_KINDS`); empty: the map ignores the target
+            (class-agnostic).
+        onnx_task: the task of the graph ``fam export`` writes for it (``None``: not
+            exportable); ``onnx_refusal``: why not, where the export names a reason.
+        captum: whether :mod:`fam_core.captum` names a wrapper class for it.
+        needs_fitting: whether it must be fitted before it explains (the explainer class
+            declares it; :func:`capabilities` reads it).
+
+    Example:
+        >>> caps = capabilities("gradcam")
+        >>> caps.exportable_to_onnx, caps.needs_gradients, caps.targets, caps.cost.cost_class
+        (True, True, ('class', 'similarity', 'self'), 'cheap')
+    """
+
+    cost: MethodCost
+    needs_gradients: bool = False
+    targets: tuple[TargetKind, ...] = TARGET_KINDS
+    onnx_task: OnnxTask | None = None
+    onnx_refusal: str | None = None
+    captum: bool = False
+    needs_fitting: bool = False
+
+    @property
+    def exportable_to_onnx(self) -> bool:
+        """Whether ``fam export`` writes a graph of this method."""
+        return self.onnx_task is not None
+
+
 _ONE_FORWARD = MethodCost("cheap", "1 forward")
 _FORWARD_BACKWARD = MethodCost("cheap", "1 forward + 1 backward")
-METHOD_COSTS: dict[str, MethodCost] = {
-    "activation": _ONE_FORWARD,
-    "cam": _ONE_FORWARD,
-    "eigencam": _ONE_FORWARD,
-    "fam": _ONE_FORWARD,
-    "fam-signed": _ONE_FORWARD,
-    "fam-centred": _ONE_FORWARD,
-    "fam-orthogonal": _ONE_FORWARD,
-    "gradfam": _FORWARD_BACKWARD,
-    "gradcam": _FORWARD_BACKWARD,
-    "gradcam++": _FORWARD_BACKWARD,
-    "xgradcam": _FORWARD_BACKWARD,
-    "layercam": _FORWARD_BACKWARD,
-    "guided-gradcam": MethodCost("cheap", "1 forward + 2 backward"),
-    "guided-backprop": _FORWARD_BACKWARD,
-    "deconvnet": _FORWARD_BACKWARD,
-    "relevancecam": _FORWARD_BACKWARD,
-    "liftcam": MethodCost("cheap", "1 forward + 1 DeepLIFT pass of the head"),
-    "scorefam": MethodCost("expensive", "1 forward + N masked forwards"),
-    "scorecam": MethodCost("expensive", "1 forward + N masked forwards"),
-    "ablationcam": MethodCost("expensive", "1 forward + N ablated forwards of the head"),
-    "l2caf": MethodCost("expensive", "1 forward + up to 'iterations' forward-backward steps"),
-    "relevant-features": MethodCost("expensive", "1 forward + 1 backward per relevant feature"),
+_MASKED = MethodCost("expensive", "1 forward + N masked forwards")
+_GRADIENT = MethodCapabilities(_FORWARD_BACKWARD, needs_gradients=True, captum=True)
+CAPABILITIES: dict[str, MethodCapabilities] = {
+    "fam": MethodCapabilities(_ONE_FORWARD, onnx_task="embedding", captum=True),
+    "gradfam": MethodCapabilities(_FORWARD_BACKWARD, needs_gradients=True, onnx_task="embedding"),
+    "scorefam": MethodCapabilities(_MASKED),
+    "fam-signed": MethodCapabilities(_ONE_FORWARD),
+    "fam-centred": MethodCapabilities(_ONE_FORWARD),
+    "fam-orthogonal": MethodCapabilities(_ONE_FORWARD),
+    "cam": MethodCapabilities(_ONE_FORWARD, onnx_task="classifier", captum=True),
+    "gradcam": replace(_GRADIENT, onnx_task="classifier"),
+    "gradcam++": _GRADIENT,
+    "xgradcam": _GRADIENT,
+    "layercam": _GRADIENT,
+    "scorecam": MethodCapabilities(_MASKED, captum=True),
+    "ablationcam": MethodCapabilities(
+        MethodCost("expensive", "1 forward + N ablated forwards of the head"), captum=True
+    ),
+    "eigencam": MethodCapabilities(_ONE_FORWARD, targets=(), captum=True),
+    "activation": MethodCapabilities(_ONE_FORWARD, targets=(), captum=True),
+    "guided-gradcam": replace(_GRADIENT, cost=MethodCost("cheap", "1 forward + 2 backward")),
+    "relevancecam": MethodCapabilities(
+        _FORWARD_BACKWARD,
+        needs_gradients=True,
+        onnx_refusal="Relevance-CAM's z+ relevance propagation has no ONNX graph",
+        captum=True,
+    ),
+    "liftcam": MethodCapabilities(
+        MethodCost("cheap", "1 forward + 1 DeepLIFT pass of the head"),
+        needs_gradients=True,
+        onnx_refusal="LIFT-CAM runs Captum's DeepLift (hooks and a second pass from the "
+        "reference), which has no ONNX graph",
+        captum=True,
+    ),
+    "l2caf": MethodCapabilities(
+        MethodCost("expensive", "1 forward + up to 'iterations' forward-backward steps"),
+        needs_gradients=True,
+    ),
+    "guided-backprop": MethodCapabilities(_FORWARD_BACKWARD, needs_gradients=True),
+    "deconvnet": MethodCapabilities(_FORWARD_BACKWARD, needs_gradients=True),
+    "relevant-features": MethodCapabilities(
+        MethodCost("expensive", "1 forward + 1 backward per relevant feature"),
+        needs_gradients=True,
+        targets=("class",),
+    ),
 }
-"""The cost of every registered method, by name; a method missing here is expensive."""
+"""What every registered method can do, by name; a method missing here is expensive, takes
+no ONNX export and no Captum wrapper (:data:`UNLISTED`)."""
 UNLISTED_COST = MethodCost("expensive", "unknown")
+UNLISTED = MethodCapabilities(UNLISTED_COST)
+METHOD_COSTS: dict[str, MethodCost] = {name: caps.cost for name, caps in CAPABILITIES.items()}
+"""The cost of every declared method, by name (from :data:`CAPABILITIES`)."""
 
 
 def register(cls: ExplainerType) -> ExplainerType:
@@ -87,6 +162,44 @@ def register(cls: ExplainerType) -> ExplainerType:
         raise ValueError(f"an explainer named {name!r} is already registered")
     EXPLAINERS[name] = cls
     return cls
+
+
+def capabilities(name: str) -> MethodCapabilities:
+    """What method ``name`` (matched as :func:`method_name` does) can do: its declaration in
+    :data:`CAPABILITIES` (:data:`UNLISTED` where it declares none), with ``needs_fitting``
+    from its explainer class.
+
+    Example:
+        >>> capabilities("relevant-features").needs_fitting, capabilities("fam").onnx_task
+        (True, 'embedding')
+    """
+    name = method_name(name)
+    declared = CAPABILITIES.get(name, UNLISTED)
+    return replace(declared, needs_fitting=bool(EXPLAINERS[name].needs_fitting))
+
+
+def onnx_methods(task: OnnxTask | None = None) -> tuple[str, ...]:
+    """The methods ``fam export`` writes (for ``task`` graphs only, when given): the
+    embedding ones first, each task in declaration order.
+
+    Example:
+        >>> onnx_methods(), onnx_methods("classifier")
+        (('fam', 'gradfam', 'cam', 'gradcam'), ('cam', 'gradcam'))
+    """
+    tasks: tuple[OnnxTask, ...] = ("embedding", "classifier") if task is None else (task,)
+    return tuple(
+        name for kind in tasks for name, caps in CAPABILITIES.items() if caps.onnx_task == kind
+    )
+
+
+def captum_methods() -> tuple[str, ...]:
+    """The methods :mod:`fam_core.captum` names a wrapper class for, in declaration order.
+
+    Example:
+        >>> captum_methods()[:3]
+        ('fam', 'cam', 'gradcam')
+    """
+    return tuple(name for name, caps in CAPABILITIES.items() if caps.captum)
 
 
 def _folded(name: str) -> str:
@@ -152,7 +265,7 @@ def method_cost(name: str) -> MethodCost:
         >>> method_cost("gradcam").passes
         '1 forward + 1 backward'
     """
-    return METHOD_COSTS.get(name, UNLISTED_COST)
+    return CAPABILITIES.get(name, UNLISTED).cost
 
 
 def cost_class(name: str) -> CostClass:

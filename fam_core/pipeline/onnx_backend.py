@@ -347,7 +347,7 @@ def load_onnx_backend(path: str | Path, config: ModelConfig | None = None) -> Lo
     if not path.is_file():
         raise ValueError(f"onnx: file {path} is missing")
     where = f"model {config.name!r}: " if config is not None else ""
-    if is_explanation_graph(path):
+    if fmt.is_explanation_graph(graph_metadata(path)):
         if config is not None and config.target_tensor is not None:
             raise ValueError(
                 f"{where}target_tensor: not used with {path.name}: fam export wrote it, its "
@@ -446,10 +446,9 @@ def _graft_default(
     return OnnxExplainer(path, graft={**options, "method": choice.method}), choice
 
 
-def is_explanation_graph(path: Path) -> bool:
-    """Whether ``path``'s metadata marks it as a graph ``fam export`` wrote."""
-    keys = {prop.key for prop in _read_graph(path).metadata_props}
-    return fmt.KEY_METHOD in keys and fmt.KEY_PREPROCESSING in keys
+def graph_metadata(path: Path) -> dict[str, str]:
+    """The metadata props of the ONNX file ``path`` (its weights are not read)."""
+    return {prop.key: prop.value for prop in _read_graph(path).metadata_props}
 
 
 def _read_graph(path: Path) -> Any:
