@@ -391,7 +391,7 @@ def export_model(
         proto,
         method=method,
         target_layer=explainer.target_layer,
-        task="classifier" if method in ("cam", "gradcam") else "embedding",
+        task="classifier" if method in fmt.CLASSIFIER_METHODS else "embedding",
         model_name=config.name if config is not None else type(model).__name__,
         input_size=size,
         mean=config.mean if config is not None else IMAGENET_MEAN,
@@ -403,7 +403,7 @@ def export_model(
         similarity=kind,
         explain=explain,
         baked_references=baked,
-        class_input=class_input and method in ("cam", "gradcam"),
+        class_input=class_input and method in fmt.CLASSIFIER_METHODS,
         resize=config.resize if config is not None else None,
         head=head.kind or "linear",
     )
@@ -516,7 +516,7 @@ class TracedExplanation:
         self.heatmap_size = heatmap_size
         self.dynamic_batch = dynamic_batch
         self.method = method
-        self.classifier = method in ("cam", "gradcam")
+        self.classifier = method in fmt.CLASSIFIER_METHODS
         self.references = references
         self.explain = explain
         self.class_input = class_input and self.classifier

@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fam_core import onnx_format as fmt
 from fam_core.adapters import Head
 from fam_core.discovery import probe_size
 from fam_core.explainers.base import ChannelExplainer, _unwrap, min_max, upsample
@@ -530,13 +531,14 @@ class ExplanationHead(nn.Module):
         class_input: bool = False,
     ) -> None:
         super().__init__()
-        if method not in ("fam", "gradfam", "cam", "gradcam"):
-            raise ValueError(f"unknown method {method!r}; expected fam, gradfam, cam or gradcam")
+        if method not in fmt.METHODS:
+            expected = ", ".join(fmt.METHODS[:-1]) + f" or {fmt.METHODS[-1]}"
+            raise ValueError(f"unknown method {method!r}; expected {expected}")
         if similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
         if explain not in EXPLAIN_MODES or (explain == "best" and method != "fam"):
             raise ValueError(f"explain must be 'mean' (or 'best' for fam), got {explain!r}")
-        classifier = method in ("cam", "gradcam")
+        classifier = method in fmt.CLASSIFIER_METHODS
         if classifier and matrix is None:
             raise ValueError(f"{method} needs the linear classifier's matrix [C, N]")
         if classifier and references is not None:
@@ -559,7 +561,7 @@ class ExplanationHead(nn.Module):
 
     @property
     def is_classifier(self) -> bool:
-        return self.method in ("cam", "gradcam")
+        return self.method in fmt.CLASSIFIER_METHODS
 
     def forward(
         self, activations: torch.Tensor, outputs: torch.Tensor, extra: torch.Tensor | None = None

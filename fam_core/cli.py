@@ -156,7 +156,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fam_core import __version__
-    from fam_core.explainers.registry import available_methods
+    from fam_core.explainers.registry import method_help
     from fam_core.package_data import DEFAULT_MODEL_NAMES
 
     parser = _Parser(
@@ -183,8 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--method",
         metavar="METHOD",
-        help="explainer (default: per model, see fam inspect), one of: "
-        + ", ".join(available_methods(runnable_only=True)),
+        help=method_help("per model, see fam inspect"),
     )
     explain.add_argument(
         "--target-class",

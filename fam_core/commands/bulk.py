@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
+    from fam_core.explainers.registry import method_help
+
     """Add the ``bulk`` and ``bulk-gap`` subcommands."""
     parser = commands.add_parser(
         "bulk", help="explain a whole image set on Ray (local by default) into Parquet shards"
@@ -25,7 +27,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--images", required=True, help="a folder, a glob, or Parquet files (id, image columns)"
     )
     parser.add_argument("--references", nargs="+", metavar="IMAGE", default=[])
-    parser.add_argument("--method", help="explainer (default: each model's)")
+    parser.add_argument("--method", help=method_help("each model's"))
     parser.add_argument("--layer", help="target layer (default: the model's)")
     parser.add_argument("--resolution", choices=["input", "feature"], default="input")
     parser.add_argument("--embedding", action="store_true", help="write the output vectors")

@@ -11,6 +11,8 @@ QUERY_BATCH = 16
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
+    from fam_core.explainers.registry import method_help
+
     """Add the ``search`` subcommand."""
     parser = commands.add_parser(
         "search",
@@ -28,7 +30,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--top-k", type=int, help="neighbours per query (default: the config's top_k, 10)"
     )
-    parser.add_argument("--method", default="fam", help="explainer (default fam)")
+    parser.add_argument("--method", help=method_help("the model's, see fam inspect"))
     parser.add_argument(
         "--explain",
         choices=["none", "query", "both"],

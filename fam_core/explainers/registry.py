@@ -293,6 +293,19 @@ def available_methods(*, runnable_only: bool = False) -> list[str]:
     )
 
 
+def method_help(default: str) -> str:
+    """The help text of a command's ``--method`` option: the ``default`` in words, then every
+    method that explains without fitting.
+
+    Example:
+        >>> method_help("fam")[:48]
+        'explainer (default: fam), one of: ablationcam, '
+    """
+    return f"explainer (default: {default}), one of: " + ", ".join(
+        available_methods(runnable_only=True)
+    )
+
+
 def check_runnable(name: str) -> type[Explainer]:
     """The explainer class of ``name`` (matched as :func:`method_name` does) when it can
     explain without fitting; else a one-line ``ValueError``: unknown methods name the closest

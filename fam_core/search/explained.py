@@ -90,7 +90,7 @@ def explained_search(
     images: torch.Tensor,
     *,
     top_k: int = 10,
-    method: str = "fam",
+    method: str | None = None,
     explain: ExplainMode = "query",
     filter: str | None = None,
     load_image: Callable[[str], torch.Tensor] | None = None,
@@ -100,7 +100,8 @@ def explained_search(
 
     Args:
         top_k: neighbours per query.
-        method: the explainer (any registered method that needs no fitting).
+        method: the explainer (any registered method that needs no fitting; default: the
+            model's default method, :func:`fam_core.default_method.choose_method`).
         explain: ``"none"``, ``"query"`` (the query's map for each neighbour) or ``"both"``
             (also each neighbour's map for the query).
         filter: a condition on the rows (:meth:`GalleryIndex.search`).
@@ -119,6 +120,7 @@ def explained_search(
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
         raise ValueError("images must be a non-empty tensor [B, C, H, W] of model inputs")
     index.check_model(model_card(model))
+    method = method or model.default_method
     if explain == "none":
         found = index.search(embed(model, images), top_k, filter)
         return [[ExplainedNeighbour(n) for n in hits] for hits in found]
