@@ -298,8 +298,8 @@ def method_help(default: str) -> str:
     method that explains without fitting.
 
     Example:
-        >>> method_help("fam")[:48]
-        'explainer (default: fam), one of: ablationcam, '
+        >>> method_help("fam")[:46]
+        'explainer (default: fam), one of: ablationcam,'
     """
     return f"explainer (default: {default}), one of: " + ", ".join(
         available_methods(runnable_only=True)
