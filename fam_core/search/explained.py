@@ -42,7 +42,8 @@ from typing import Any, Literal
 
 import torch
 
-from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass
+from fam_core.explainers.targets import ResolvedTarget
 from fam_core.search.index import GalleryIndex, model_card
 from fam_core.search.records import Neighbour
 

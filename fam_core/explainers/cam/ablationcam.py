@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ForwardPass
 from fam_core.explainers.cam.cam_common import (
     BatchedExplainer,
     all_pairs,
@@ -25,6 +25,7 @@ from fam_core.explainers.cam.cam_common import (
     select_references,
 )
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 
 _EPS = 1e-12
 

@@ -24,13 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fam_core.explainers.base import (
-    ChannelExplainer,
-    Explainer,
-    ForwardPass,
-    ResolvedTarget,
-    min_max,
-)
+from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass
+from fam_core.explainers.postprocess import min_max
+from fam_core.explainers.targets import ResolvedTarget
 from fam_core.fam_maths import rectified_sum
 
 _EPS = 1e-12

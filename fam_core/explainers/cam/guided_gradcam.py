@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from fam_core.explainers.backprop.guided import guided_backprop
-from fam_core.explainers.base import ForwardPass, ResolvedTarget, Target, min_max
+from fam_core.explainers.base import ForwardPass
 from fam_core.explainers.cam.cam_common import GradientCAM, explained_score
+from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget, Target
 from fam_core.explanation import Explanation
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget, Target, build_explanation
+from fam_core.explainers.base import ForwardPass
 from fam_core.explainers.cam.cam_common import GradientCAM
+from fam_core.explainers.postprocess import build_explanation
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget, Target
 from fam_core.explanation import Explanation
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ForwardPass
 from fam_core.explainers.cam.cam_common import GradientCAM
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 
 _EPS = 1e-8  # added to sum_ab A_ab as torchcam does, so an all-zero channel gets weight 0
 
