@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.base import ForwardPass
 from fam_core.explainers.cam.cam_common import GradientCAM
 from fam_core.explainers.registry import register
-from fam_core.explainers.targets import ResolvedTarget
 
 _EPS = 1e-8  # added to sum_ab A_ab as torchcam does, so an all-zero channel gets weight 0
 
@@ -29,10 +27,9 @@ class XGradCAM(GradientCAM):
 
     method = "xgradcam"
 
-    def channel_weights(
-        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        grads, scores = self.score_gradients(forward, target)
-        activations = forward.activations.detach()
+    def gradient_weights(
+        self, grads: torch.Tensor, activations: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        activations = activations.detach()
         weighted = (grads * activations).sum(dim=(2, 3))
-        return weighted / (activations.sum(dim=(2, 3)) + _EPS), scores, {}
+        return weighted / (activations.sum(dim=(2, 3)) + _EPS), {}
