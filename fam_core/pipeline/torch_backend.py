@@ -34,7 +34,7 @@ from fam_core.extras import MissingExtraError
 from fam_core.models.model_check import check_torch_model
 from fam_core.models.sources import load_module
 from fam_core.models.store import ModelConfig
-from fam_core.pipeline.backends import LoadedBackend, ServedView
+from fam_core.pipeline.backends import Batch, LoadedBackend, ServedView
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
 
@@ -138,14 +138,8 @@ class TorchBackend:
                     raise NotFound(f"method {method!r}: {error}") from None
             return self._explainers[method]
 
-    def run(
-        self,
-        served: ServedView,
-        inputs: torch.Tensor,
-        job: Job,
-        classes: list[int | None],
-        references: torch.Tensor | None,
-    ) -> Computed:
+    def run(self, served: ServedView, batch: Batch) -> Computed:
+        inputs, job, classes, references = batch.inputs, batch.job, batch.classes, batch.references
         if self.gallery is not None:
             return self._run_knn(inputs, job, classes)
         if not job.heatmap:

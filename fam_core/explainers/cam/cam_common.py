@@ -95,14 +95,14 @@ class GradientCAM(ChannelExplainer):
         self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         grads, scores = self.score_gradients(forward, target)
-        weights, extras = self.gradient_weights(grads, forward.activations)
+        weights, extras = self.gradient_weights(grads, forward.activations.detach())
         return weights, scores, extras
 
     @abstractmethod
     def gradient_weights(
         self, grads: torch.Tensor, activations: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(weights [B, N], extras)`` from ``dy/dA`` and ``A`` ``[B, N, h, w]``."""
+        """``(weights [B, N], extras)`` from ``dy/dA`` and ``A`` ``[B, N, h, w]`` (detached)."""
 
     def target_gradients(
         self, forward: ForwardPass, target: Target

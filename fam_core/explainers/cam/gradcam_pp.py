@@ -34,10 +34,10 @@ class GradCAMPlusPlus(GradientCAM):
 
     method = "gradcam++"
 
+    # same step as every gradient method, a different paper's weight equation (parallel by design)
     def gradient_weights(
         self, grads: torch.Tensor, activations: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        activations = activations.detach()
         grads_2 = grads.square()
         grads_3 = grads_2 * grads
         totals = activations.sum(dim=(2, 3), keepdim=True)

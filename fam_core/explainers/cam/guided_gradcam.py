@@ -42,7 +42,7 @@ class GuidedGradCAM(GradientCAM):
     ) -> Explanation:
         """Grad-CAM from ``forward`` times guided backprop to ``images`` (module docstring)."""
         resolved, grads, scores = self.target_gradients(forward, target)
-        weights, _ = self.gradient_weights(grads, forward.activations)
+        weights, _ = self.gradient_weights(grads, forward.activations.detach())
         gradcam = self.combine(weights, forward.activations.detach())  # eq. 2
         guided = guided_backprop(
             self.model, images, lambda out: explained_score(self, self._as_vectors(out), resolved)

@@ -27,9 +27,9 @@ class XGradCAM(GradientCAM):
 
     method = "xgradcam"
 
+    # same step as every gradient method, a different paper's weight equation (parallel by design)
     def gradient_weights(
         self, grads: torch.Tensor, activations: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        activations = activations.detach()
         weighted = (grads * activations).sum(dim=(2, 3))
         return weighted / (activations.sum(dim=(2, 3)) + _EPS), {}
