@@ -87,6 +87,7 @@ class L2CAF(Explainer):
 
     method = "l2caf"
 
+    # the one construction every method has (Explainer): only the method's options differ
     def __init__(
         self,
         model: nn.Module,

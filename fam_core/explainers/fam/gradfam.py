@@ -92,6 +92,7 @@ class GradFAM(ChannelExplainer):
 
     method = "gradfam"
 
+    # the one construction every method has (Explainer): only the method's options differ
     def __init__(
         self,
         model: nn.Module,
