@@ -37,7 +37,7 @@ import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -46,18 +46,22 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from fam_core.adapters import (
     Head,
     NonlinearHead,
-    find_head,
-    head_from_module,
     input_channels,
     resolve_layer,
 )
 from fam_core.discovery import find_layers, probe_size
+from fam_core.explainers.heads import (
+    HeadSpec,
+    fit_layer_head,
+    head_from_spec,
+    is_auto,
+    jacobian_product,
+)
 from fam_core.explainers.hooks import layer_hook
 from fam_core.explainers.postprocess import build_explanation
 from fam_core.explainers.targets import TASKS, ResolvedTarget, Target, Task, resolve_target, score
 from fam_core.explanation import Explanation
 from fam_core.fam_maths import weighted_sum
-from fam_core.head_fit import fit_head
 from fam_core.head_rows import RowPlan, find_row_plan, pruned_rows
 from fam_core.layouts import FeatureLayout, as_layout, check_layout_spec
 from fam_core.outputs import OutputSpec, check_output_spec, is_logits, select_output
@@ -139,7 +143,7 @@ class Explainer(ABC):
         *,
         similarity: SimilarityKind = "cosine",
         pooling: PoolingKind = "avg",
-        head: nn.Module | torch.Tensor | Literal["auto"] | None = "auto",
+        head: HeadSpec = "auto",
         nonlinear_head: NonlinearHead = "jacobian",
         task: Task | None = None,
         output: OutputSpec = None,
@@ -334,30 +338,21 @@ class Explainer(ABC):
     def head_for(self, forward: ForwardPass, images: torch.Tensor) -> Head:
         """The head after the target layer for maps like ``forward``'s (found once per
         map shape, from the dataflow: :func:`fam_core.head_fit.fit_head`)."""
-        if not (isinstance(self._head_spec, str) and self._head_spec == "auto"):
+        if not is_auto(self._head_spec):
             return self.head
         key = tuple(forward.activations.shape[1:])
         if key not in self._fitted_heads:
-            try:  # a head registered after the layer: kept only if it reproduces the output
-                module_head = find_head(self.model, self.target_layer, self.pooling)
-            except (ValueError, TypeError, RuntimeError):
-                module_head = None
 
             def run(maps: torch.Tensor) -> torch.Tensor:
                 return self.run_with(images[:1], maps)
 
-            def run_graph(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                leaf = maps.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    return leaf, self.run_with(images[:1], leaf)
-
-            self._fitted_heads[key] = fit_head(
+            self._fitted_heads[key] = fit_layer_head(
+                self.model,
+                self.target_layer,
+                self.pooling,
                 forward.activations,
                 forward.outputs,
-                module_head=module_head,
-                pooling=self.pooling,
-                run=run,
-                run_graph=run_graph,
+                run,
             )
         return self._fitted_heads[key]
 
@@ -366,7 +361,7 @@ class Explainer(ABC):
         yet analysed for this input size)."""
         if not self.uses_head or self.nonlinear_head == "error":
             return False
-        if not (isinstance(self._head_spec, str) and self._head_spec == "auto"):
+        if not is_auto(self._head_spec):
             return False
         fitted = list(self._fitted_heads.values())
         return not fitted or any(head.kind == "jacobian" for head in fitted)
@@ -379,14 +374,7 @@ class Explainer(ABC):
         equal to ``weights @ W`` for a linear head after average pooling)."""
         if not forward.activations.requires_grad:  # recorded without the head: once more
             forward = self.forward(images, graph=True)
-        with torch.enable_grad():
-            (grads,) = torch.autograd.grad(
-                forward.outputs,
-                forward.activations,
-                weights.detach().to(forward.outputs),
-                retain_graph=True,
-            )
-        return grads.sum(dim=(2, 3)).to(weights.dtype)
+        return jacobian_product(forward.outputs, forward.activations, weights)
 
     def resolve_target(self, target: Target, outputs: torch.Tensor) -> ResolvedTarget:
         """Turn any accepted target into references ``[B, K, D]``
@@ -413,15 +401,7 @@ class Explainer(ABC):
     @cached_property
     def head(self) -> Head:
         """The layers between the target layer and the outputs (resolved on first use)."""
-        if isinstance(self._head_spec, str):
-            if self._head_spec != "auto":
-                raise ValueError(
-                    f"head must be 'auto', None, a module or a matrix, got {self._head_spec!r}"
-                )
-            return find_head(self.model, self.target_layer, self.pooling)
-        if self._head_spec is None:
-            return head_from_module(nn.Identity(), self.pooling)
-        return head_from_module(self._head_spec, self.pooling)
+        return head_from_spec(self._head_spec, self.model, self.target_layer, self.pooling)
 
     # -- helpers
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
