@@ -37,7 +37,7 @@ from fam_core.explainers.cam.cam import CAM
 from fam_core.explainers.cam.gradcam import GradCAM
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.fam.gradfam import GradFAM
-from fam_core.explainers.hooks import unwrap
+from fam_core.explainers.hooks import captured_outputs
 from fam_core.explainers.postprocess import min_max, upsample
 from fam_core.exporters.analytic import pooling_kind, similarity_gradient
 from fam_core.fam_maths import (
@@ -136,19 +136,10 @@ class ExplanationGraph(nn.Module):
 
     def run(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs [B, D], activations [B, N, h, w])`` from one forward pass."""
-        captured: list[object] = []
-
-        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            captured.append(output)
-
-        handle = self._layer.register_forward_hook(hook)
-        try:
-            raw_outputs = self.model(image)
-        finally:
-            handle.remove()
+        raw_outputs, captured = captured_outputs(self._layer, lambda: self.model(image))
         if not captured:
             raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
-        tensor, _ = unwrap(captured[-1])
+        tensor = captured[-1]
         return self.explainer._as_vectors(raw_outputs), self.layout.to_map(tensor)
 
     def upsample(self, raw: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
