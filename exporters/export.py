@@ -42,11 +42,13 @@ from torch import nn
 
 from fam_core import onnx_format as fmt
 from fam_core.adapters import Head, NonlinearHead
-from fam_core.explainers.base import ChannelExplainer, ResolvedTarget, Task, upsample
+from fam_core.explainers.base import ChannelExplainer
 from fam_core.explainers.cam.cam import CAM, is_average_pooling
 from fam_core.explainers.cam.gradcam import GradCAM
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.fam.gradfam import GradFAM
+from fam_core.explainers.postprocess import upsample
+from fam_core.explainers.targets import ResolvedTarget, Task
 from fam_core.exporters.analytic import ANALYTIC_POOLING
 from fam_core.exporters.dynamo_program import UnsupportedOperatorError, export_program
 from fam_core.exporters.heads import (

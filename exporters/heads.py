@@ -20,7 +20,7 @@ references or classes, matrix)``: the graphs above call them after their forward
 
 The pieces are fam_core's: :func:`fam_core.similarity.channel_contributions`,
 :func:`fam_core.adapters.find_head` (``Head.matrix``) and
-:func:`fam_core.explainers.base.min_max` / :func:`~fam_core.explainers.base.upsample`.
+:func:`fam_core.explainers.postprocess.min_max` / :func:`~fam_core.explainers.postprocess.upsample`.
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from torch import nn
 from fam_core import onnx_format as fmt
 from fam_core.adapters import Head
 from fam_core.discovery import probe_size
-from fam_core.explainers.base import ChannelExplainer, _unwrap, min_max, upsample
+from fam_core.explainers.base import ChannelExplainer
 from fam_core.explainers.cam.cam import CAM
 from fam_core.explainers.cam.gradcam import GradCAM
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.fam.gradfam import GradFAM
+from fam_core.explainers.hooks import captured_outputs
+from fam_core.explainers.postprocess import min_max, upsample
 from fam_core.exporters.analytic import pooling_kind, similarity_gradient
 from fam_core.fam_maths import (
     EXPLAIN_MODES,
@@ -135,19 +137,10 @@ class ExplanationGraph(nn.Module):
 
     def run(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs [B, D], activations [B, N, h, w])`` from one forward pass."""
-        captured: list[object] = []
-
-        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            captured.append(output)
-
-        handle = self._layer.register_forward_hook(hook)
-        try:
-            raw_outputs = self.model(image)
-        finally:
-            handle.remove()
+        raw_outputs, captured = captured_outputs(self._layer, lambda: self.model(image))
         if not captured:
             raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
-        tensor, _ = _unwrap(captured[-1])
+        tensor = captured[-1]
         return self.explainer._as_vectors(raw_outputs), self.layout.to_map(tensor)
 
     def upsample(self, raw: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

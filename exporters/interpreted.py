@@ -40,7 +40,8 @@ import onnx
 import torch
 from torch import nn
 
-from fam_core.explainers.base import ChannelExplainer, Task
+from fam_core.explainers.base import ChannelExplainer
+from fam_core.explainers.targets import Task
 from fam_core.exporters.export import EXPLAINERS, TracedExplanation
 from fam_core.exporters.heads import ExplainMode
 from fam_core.exporters.onnx_torch import OnnxModule

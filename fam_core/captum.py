@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 import fam_core.explainers  # noqa: F401  (registers the methods the wrappers are made for)
-from fam_core.explainers.base import Explainer, Target, check_model_options
+from fam_core.explainers.base import Explainer, check_model_options
 from fam_core.explainers.registry import captum_methods, get_explainer
+from fam_core.explainers.targets import Target
 from fam_core.extras import require
 from fam_core.outputs import OutputSpec, check_output_spec, select_output
 from fam_core.pooling import PoolingKind, global_pool

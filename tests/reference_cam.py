@@ -10,7 +10,7 @@ a DequantizeLinear / Cast, tapped too), ``MatMulInteger``'s int8 matrix dequanti
 scale and zero point, or the identity when the pooled values are the output (a Softmax of
 the pooled maps, as Keras' mini-Xception ends).
 
-The post-processing re-derives the library's (``fam_core.explainers.base.upsample`` and
+The post-processing re-derives the library's (``fam_core.explainers.postprocess.upsample`` and
 ``min_max``), independently: bilinear upsampling to the input size with
 ``align_corners=False``, then min-max normalisation of each map to ``[0, 1]`` (a map whose
 span is within ``1e-5`` of its magnitude is all zeros).

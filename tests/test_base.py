@@ -121,6 +121,14 @@ def test_no_method_of_a_registered_class_is_a_not_implemented_stub(name) -> None
                 assert not _raises_not_implemented(value), f"{owner.__name__}.{attribute}"
 
 
+@pytest.mark.parametrize("name", sorted(EXPLAINERS))
+def test_every_method_is_built_the_same_way(name, classifier) -> None:
+    options = {"similarity": "dot", "task": "classifier", "input_size": 84}
+    explainer = EXPLAINERS[name](classifier, target_layer="block4", **options)
+    assert explainer.task == "classifier" and explainer.similarity == "dot"
+    assert explainer.target_layer == "block4"
+
+
 @pytest.mark.parametrize("cls", [Explainer, ChannelExplainer, GradientCAM, BatchedExplainer])
 def test_abstract_bases_cannot_be_instantiated(cls, classifier) -> None:
     with pytest.raises(TypeError, match="abstract"):

@@ -12,7 +12,6 @@ from captum.attr import GuidedGradCam, LayerFeatureAblation, LayerGradCam
 from torch import nn
 from torchcam import methods as torchcam
 
-from fam_core.explainers.base import min_max
 from fam_core.explainers.cam.ablationcam import AblationCAM
 from fam_core.explainers.cam.activation import UpsampledActivation
 from fam_core.explainers.cam.cam import CAM
@@ -25,6 +24,7 @@ from fam_core.explainers.cam.liftcam import LiftCAM
 from fam_core.explainers.cam.relevancecam import RelevanceCAM
 from fam_core.explainers.cam.scorecam import ScoreCAM
 from fam_core.explainers.cam.xgradcam import XGradCAM
+from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.registry import get_explainer
 from fam_core.models.backbones import conv4
 

@@ -15,9 +15,9 @@ from captum.attr import (
 from captum.metrics import infidelity, sensitivity_max
 
 from fam_core import captum as fam_captum
-from fam_core.explainers.base import min_max
 from fam_core.explainers.cam.gradcam import GradCAM
 from fam_core.explainers.fam.fam import FAM
+from fam_core.explainers.postprocess import min_max
 
 CLASSES = [3, 1]
 WRAPPERS = [

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fam_core
-from fam_core.explainers.base import min_max
+from fam_core.explainers.postprocess import min_max
 from fam_core.models.backbones import conv4
 from fam_core.pooling import GlobalPool
 from fam_core.similarity import channel_contributions, similarity

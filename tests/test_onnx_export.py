@@ -22,9 +22,9 @@ from torch import nn
 from fam_core import onnx_format as fmt
 from fam_core.cli import main
 from fam_core.data.flowers import SPLITS, make_flowers
-from fam_core.explainers.base import min_max, upsample
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.fam.gradfam import GradFAM
+from fam_core.explainers.postprocess import min_max, upsample
 from fam_core.exporters import export_model
 from fam_core.exporters.analytic import similarity_gradient
 from fam_core.models.backbones import build_backbone

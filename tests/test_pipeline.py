@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from serving_helpers import CLASSES, make_model_dir, png_bytes
 
-from fam_core.explainers.base import min_max
 from fam_core.explainers.cam.cam import CAM
 from fam_core.explainers.fam.fam import FAM
+from fam_core.explainers.postprocess import min_max
 from fam_core.imageio import decode_image, resize
 from fam_core.pipeline import (
     BatchingConfig,

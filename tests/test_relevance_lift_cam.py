@@ -11,10 +11,10 @@ from captum.attr import DeepLift, LayerLRP
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule
 from torch import nn
 
-from fam_core.explainers.base import min_max
 from fam_core.explainers.cam.cam import CAM
 from fam_core.explainers.cam.liftcam import LiftCAM
 from fam_core.explainers.cam.relevancecam import RelevanceCAM
+from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.registry import get_explainer
 from fam_core.models.backbones import conv4
 

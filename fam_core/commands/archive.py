@@ -236,12 +236,10 @@ def export_onnx_variant(config_path: Path, folder: Path, name: str) -> tuple[Pat
     class). Returns
     ``(graph path, [config path])``.
     """
-    from fam_core.commands.export import task_option
     from fam_core.exporters import export_model
     from fam_core.models.store import load_model
 
     model, config = load_model(config_path)
-    options = task_option(export_model, model, config.task)
     graph = folder / "model.onnx"
     if config.task == "embedding":
         if config.prototypes is None:
@@ -249,12 +247,14 @@ def export_onnx_variant(config_path: Path, folder: Path, name: str) -> tuple[Pat
                 f"model {config.name!r}: the ONNX variant of an embedding model bakes its "
                 "prototypes in; its config has no 'prototypes'"
             )
-        export_model(model, config, path=graph, references="prototypes", explain="best", **options)
+        export_model(
+            model, config, path=graph, references="prototypes", explain="best", task=config.task
+        )
     else:
         from fam_core.pipeline.torch_backend import TorchBackend
 
         method = TorchBackend(model, config).default_method
-        export_model(model, config, method=method, path=graph, **options)  # type: ignore[arg-type]
+        export_model(model, config, method=method, path=graph, task=config.task)  # type: ignore[arg-type]
     served_config = folder / "config.yaml"
     served_config.write_text(
         dump_config(

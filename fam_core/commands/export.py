@@ -8,10 +8,8 @@ loaded and handed to the exporter with the config's task.
 from __future__ import annotations
 
 import argparse
-import inspect
-from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -71,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         path = export_model(
             model,
             config,
-            **task_option(export_model, model, args.task or config.task),
+            task=args.task or config.task,
             method=args.method,
             path=args.out,
             target_layer=args.layer,
@@ -110,13 +108,3 @@ def model_default_method(
             f"{list(METHODS)}"
         )
     return method
-
-
-def task_option(export: Callable[..., Any], model: nn.Module, task: str) -> dict[str, str]:
-    """``{"task": task}`` for an exporter that takes it; for one that reads the module's
-    ``is_classifier`` attribute instead, that attribute is set on modules that lack it."""
-    if "task" in inspect.signature(export).parameters:
-        return {"task": task}
-    if not hasattr(model, "is_classifier"):
-        model.is_classifier = task == "classifier"  # type: ignore[assignment]
-    return {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 import pkgutil
 import sys
 import time
@@ -168,28 +167,14 @@ def resolve_methods(requested: tuple[str, ...] | None) -> list[str]:
 
 
 def build_explainer(method: str, setting: Setting) -> Explainer:
-    """The method with default arguments for the setting's model.
-
-    Raises ``TypeError`` when the method needs arguments that have no default.
-    """
+    """The method with default arguments for the setting's model, built as every explainer
+    is (``cls(model, target_layer=..., **options)``); a method that needs arguments
+    without defaults raises ``TypeError``."""
     cls = get_explainer(method)
     config = setting.loaded.config
     if cls.needs_fitting:  # the explainer's own declaration (fam_core.explainers.registry)
         return fit_explainer(cls, setting)
-    parameters = inspect.signature(cls.__init__).parameters
-    missing = [
-        name
-        for name, p in list(parameters.items())[2:]
-        if p.default is inspect.Parameter.empty
-        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        and name != "target_layer"
-    ]
-    if missing:
-        raise TypeError(f"needs arguments without defaults: {missing}")
-    kwargs: dict[str, Any] = {"target_layer": config.target_layer}
-    if "similarity" in parameters:
-        kwargs["similarity"] = config.similarity
-    return cls(setting.loaded.model, **kwargs)
+    return cls(setting.loaded.model, target_layer=config.target_layer, similarity=config.similarity)
 
 
 def fit_options(method: str) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """The shared base of every explainer, and the channel-weight template most methods follow.
 
 :class:`Explainer` is what every method subclasses: it validates the model and options,
-checks images, runs the hooked forward pass, resolves targets into reference embeddings,
-scores them and takes gradients. A method implements ``__call__(images, target)`` and
+checks images, runs the hooked forward pass (:mod:`~fam_core.explainers.hooks`), resolves
+targets into reference embeddings and scores them (:mod:`~fam_core.explainers.targets`) and
+takes gradients. Every method is built the same way, ``Method(model, target_layer=...,
+task=..., **options)``, its own options as keywords. A method implements
+``__call__(images, target)`` and
 returns an :class:`~fam_core.explanation.Explanation`; methods whose map is not a weighted
 sum of the target layer's channels (L2-CAF's optimised filter, input-space backprop,
 relevant features) subclass it directly.
@@ -10,7 +13,8 @@ relevant features) subclass it directly.
 :class:`ChannelExplainer` is the template of FAM eq. 13, ``L = sum_n w_n A^n``: one hooked
 forward pass, the target resolved, the method's :meth:`~ChannelExplainer.channel_weights`
 ``w``, :meth:`~ChannelExplainer.combine` (eq. 13; methods override it for ``ReLU``), then
-bilinear upsampling and min-max. FAM, Grad-FAM, Score-FAM and the CAM family subclass it.
+bilinear upsampling and min-max (:mod:`~fam_core.explainers.postprocess`). FAM, Grad-FAM,
+Score-FAM and the CAM family subclass it.
 
 Hooks live only for the duration of one call and are removed in ``finally``; nothing is kept
 between calls.
@@ -33,36 +37,36 @@ import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from fam_core.adapters import (
     Head,
     NonlinearHead,
-    find_head,
-    head_from_module,
     input_channels,
     resolve_layer,
 )
 from fam_core.discovery import find_layers, probe_size
+from fam_core.explainers.heads import (
+    HeadSpec,
+    fit_layer_head,
+    head_from_spec,
+    is_auto,
+    jacobian_product,
+)
+from fam_core.explainers.hooks import layer_hook
+from fam_core.explainers.postprocess import build_explanation
+from fam_core.explainers.targets import TASKS, ResolvedTarget, Target, Task, resolve_target, score
 from fam_core.explanation import Explanation
-from fam_core.fam_maths import one_hot_references, weighted_sum
-from fam_core.head_fit import fit_head
+from fam_core.fam_maths import weighted_sum
 from fam_core.head_rows import RowPlan, find_row_plan, pruned_rows
 from fam_core.layouts import FeatureLayout, as_layout, check_layout_spec
 from fam_core.outputs import OutputSpec, check_output_spec, is_logits, select_output
 from fam_core.pooling import POOLING_KINDS, PoolingKind, global_pool
-from fam_core.similarity import SIMILARITIES, SimilarityKind, similarity
-
-Task = Literal["embedding", "classifier"]
-TASKS: tuple[str, ...] = ("embedding", "classifier")
-
-Target = torch.Tensor | int | list[int] | tuple[int, ...] | None
-"""Reference embeddings ``[D]``, ``[K, D]`` or ``[B, K, D]``; class indices; or ``None``."""
+from fam_core.similarity import SIMILARITIES, SimilarityKind
 
 
 @dataclass(frozen=True)
@@ -72,42 +76,6 @@ class ForwardPass:
     outputs: torch.Tensor  # [B, D] embeddings or logits
     activations: torch.Tensor  # [B, N, h, w] at the target layer (as maps, any layout)
     layout: FeatureLayout = FeatureLayout("channels_first")  # how the layer holds them
-
-
-@dataclass(frozen=True)
-class ResolvedTarget:
-    """A target as references in output space and the similarity that scores them.
-
-    Class index ``c`` of a classifier becomes the one-hot reference ``e_c`` scored by the
-    dot product, so the explained score is the logit ``y_c``.
-    """
-
-    references: torch.Tensor  # [B, K, D]
-    similarity: SimilarityKind
-    explains_self: bool = False  # target None on an embedding model: references = own outputs
-
-
-def min_max(values: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
-    """Min-max normalise along ``dim`` (eq. 12); a constant slice becomes zeros.
-
-    A slice whose span is within float rounding of its magnitude (``1e-5`` relative) is
-    constant: stretching rounding noise to ``[0, 1]`` would draw a map that means nothing.
-
-    Example:
-        >>> min_max(torch.tensor([[2.0, 4.0], [1.0, 1.0 + 1e-7]]), dim=1)
-        tensor([[0., 1.],
-                [0., 0.]])
-    """
-    low = values.amin(dim=dim, keepdim=True)
-    high = values.amax(dim=dim, keepdim=True)
-    span = high - low
-    magnitude = torch.maximum(low.abs(), high.abs())
-    # the scale is computed on the small reduced tensor: one subtraction and one
-    # multiplication over the full maps (this runs on every explanation, and in every
-    # exported graph: one comparison, no zeros tensor, keeps the ONNX head small). A zero
-    # span fails the comparison too (then the magnitude is zero or the span is below it).
-    scale = torch.where(span > 1e-5 * magnitude, span.clamp_min(1e-12).reciprocal(), 0.0)
-    return (values - low).mul_(scale)
 
 
 class Explainer(ABC):
@@ -147,6 +115,7 @@ class Explainer(ABC):
         classifier: the older spelling of ``task="classifier"``.
 
     Example:
+        >>> from fam_core.explainers.postprocess import upsample
         >>> from fam_core.models.backbones import conv4
         >>> class StrongestChannel(Explainer):  # the map: the layer's maximum over channels
         ...     method = "strongest-channel"
@@ -174,7 +143,7 @@ class Explainer(ABC):
         *,
         similarity: SimilarityKind = "cosine",
         pooling: PoolingKind = "avg",
-        head: nn.Module | torch.Tensor | Literal["auto"] | None = "auto",
+        head: HeadSpec = "auto",
         nonlinear_head: NonlinearHead = "jacobian",
         task: Task | None = None,
         output: OutputSpec = None,
@@ -225,7 +194,8 @@ class Explainer(ABC):
         """Whether the explained output is class logits (``task == "classifier"``)."""
         return self.task == "classifier"
 
-    # -- context manager: hooks never outlive a call, so leaving only has to stay harmless
+    # -- context manager: hooks never outlive a call (fam_core.explainers.hooks), so leaving
+    # has nothing to undo; kept because callers write ``with FAM(...) as explainer``
     def __enter__(self) -> Explainer:
         return self
 
@@ -278,8 +248,7 @@ class Explainer(ABC):
         captured: list[tuple[torch.Tensor, FeatureLayout]] = []
         size = (int(images.shape[-2]), int(images.shape[-1]))
 
-        def hook(_module: nn.Module, _inputs: object, output: object) -> object:
-            tensor, rewrap = _unwrap(output)
+        def capture(tensor: torch.Tensor) -> torch.Tensor | None:
             layout = self._layout(tensor, size)
             maps = layout.to_map(tensor)
             if not graph:
@@ -289,14 +258,14 @@ class Explainer(ABC):
             leaf = maps.detach().requires_grad_(True)
             captured.append((leaf, layout))
             # a copy: later in-place ops (ReLU(inplace=True)) must not touch the leaf
-            return rewrap(layout.from_map(leaf, tensor).clone())
+            return layout.from_map(leaf, tensor).clone()
 
-        handle = self.layer.register_forward_hook(hook)
-        try:
-            with torch.no_grad(), pruned_rows(self.model, self._row_plans.get(size, {})):
-                raw_outputs = self.model(images)
-        finally:
-            handle.remove()
+        with (
+            layer_hook(self.layer, capture),
+            torch.no_grad(),
+            pruned_rows(self.model, self._row_plans.get(size, {})),
+        ):
+            raw_outputs = self.model(images)
         if not captured:
             raise ValueError(f"target layer {self.target_layer!r} did not run in the forward pass")
         activations, layout = captured[-1]
@@ -331,17 +300,15 @@ class Explainer(ABC):
             images = images[:1].expand(maps.shape[0], *images.shape[1:])
         size = (int(images.shape[-2]), int(images.shape[-1]))
 
-        def hook(_module: nn.Module, _inputs: object, output: object) -> object:
-            tensor, rewrap = _unwrap(output)
+        def replace(tensor: torch.Tensor) -> torch.Tensor:
             layout = self._layout(tensor, size)
-            return rewrap(layout.from_map(maps.to(tensor.dtype), tensor).clone())
+            return layout.from_map(maps.to(tensor.dtype), tensor).clone()
 
-        handle = self.layer.register_forward_hook(hook)
-        try:
-            with pruned_rows(self.model, self._row_plans.get(size, {})):
-                return self._as_vectors(self.model(images))
-        finally:
-            handle.remove()
+        with (
+            layer_hook(self.layer, replace),
+            pruned_rows(self.model, self._row_plans.get(size, {})),
+        ):
+            return self._as_vectors(self.model(images))
 
     def _layout(self, tensor: torch.Tensor, size: tuple[int, int]) -> FeatureLayout:
         """The layout of the target layer's output, detected once per shape and input size
@@ -371,30 +338,21 @@ class Explainer(ABC):
     def head_for(self, forward: ForwardPass, images: torch.Tensor) -> Head:
         """The head after the target layer for maps like ``forward``'s (found once per
         map shape, from the dataflow: :func:`fam_core.head_fit.fit_head`)."""
-        if not (isinstance(self._head_spec, str) and self._head_spec == "auto"):
+        if not is_auto(self._head_spec):
             return self.head
         key = tuple(forward.activations.shape[1:])
         if key not in self._fitted_heads:
-            try:  # a head registered after the layer: kept only if it reproduces the output
-                module_head = find_head(self.model, self.target_layer, self.pooling)
-            except (ValueError, TypeError, RuntimeError):
-                module_head = None
 
             def run(maps: torch.Tensor) -> torch.Tensor:
                 return self.run_with(images[:1], maps)
 
-            def run_graph(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                leaf = maps.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    return leaf, self.run_with(images[:1], leaf)
-
-            self._fitted_heads[key] = fit_head(
+            self._fitted_heads[key] = fit_layer_head(
+                self.model,
+                self.target_layer,
+                self.pooling,
                 forward.activations,
                 forward.outputs,
-                module_head=module_head,
-                pooling=self.pooling,
-                run=run,
-                run_graph=run_graph,
+                run,
             )
         return self._fitted_heads[key]
 
@@ -403,7 +361,7 @@ class Explainer(ABC):
         yet analysed for this input size)."""
         if not self.uses_head or self.nonlinear_head == "error":
             return False
-        if not (isinstance(self._head_spec, str) and self._head_spec == "auto"):
+        if not is_auto(self._head_spec):
             return False
         fitted = list(self._fitted_heads.values())
         return not fitted or any(head.kind == "jacobian" for head in fitted)
@@ -416,36 +374,22 @@ class Explainer(ABC):
         equal to ``weights @ W`` for a linear head after average pooling)."""
         if not forward.activations.requires_grad:  # recorded without the head: once more
             forward = self.forward(images, graph=True)
-        with torch.enable_grad():
-            (grads,) = torch.autograd.grad(
-                forward.outputs,
-                forward.activations,
-                weights.detach().to(forward.outputs),
-                retain_graph=True,
-            )
-        return grads.sum(dim=(2, 3)).to(weights.dtype)
+        return jacobian_product(forward.outputs, forward.activations, weights)
 
     def resolve_target(self, target: Target, outputs: torch.Tensor) -> ResolvedTarget:
-        """Turn any accepted target into references ``[B, K, D]``."""
-        batch, dim = outputs.shape
-        if target is None:
-            if self.task == "classifier":
-                return self._class_target(outputs.argmax(dim=1), outputs)
-            return ResolvedTarget(
-                outputs.detach().unsqueeze(1), self.similarity, explains_self=True
-            )
-        if isinstance(target, torch.Tensor) and target.is_floating_point():
-            return ResolvedTarget(
-                self._reference_tensor(target, batch, dim, outputs), self.similarity
-            )
-        return self._class_target(self._class_indices(target, batch), outputs)
+        """Turn any accepted target into references ``[B, K, D]``
+        (:func:`fam_core.explainers.targets.resolve_target` with this explainer's task and
+        similarity)."""
+        return resolve_target(
+            target, outputs, similarity=self.similarity, task=self.task, task_given=self._task_given
+        )
 
     def score(self, outputs: torch.Tensor, target: ResolvedTarget) -> torch.Tensor:
         """The explained score ``[B]``: the mean similarity to the references (eq. 11).
 
         For class targets this is the logit ``y_c`` (one-hot reference, dot product).
         """
-        return similarity(outputs, target.references, target.similarity).mean(dim=1)
+        return score(outputs, target)
 
     def gradients(self, forward: ForwardPass, scores: torch.Tensor) -> torch.Tensor:
         """``d scores / d activations`` ``[B, N, h, w]`` (needs ``needs_gradients = True``)."""
@@ -457,15 +401,7 @@ class Explainer(ABC):
     @cached_property
     def head(self) -> Head:
         """The layers between the target layer and the outputs (resolved on first use)."""
-        if isinstance(self._head_spec, str):
-            if self._head_spec != "auto":
-                raise ValueError(
-                    f"head must be 'auto', None, a module or a matrix, got {self._head_spec!r}"
-                )
-            return find_head(self.model, self.target_layer, self.pooling)
-        if self._head_spec is None:
-            return head_from_module(nn.Identity(), self.pooling)
-        return head_from_module(self._head_spec, self.pooling)
+        return head_from_spec(self._head_spec, self.model, self.target_layer, self.pooling)
 
     # -- helpers
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -501,64 +437,6 @@ class Explainer(ABC):
                 f"the model output must be [B, D] or [B, C, h, w], got {tuple(outputs.shape)}"
             )
         return outputs
-
-    def _reference_tensor(
-        self, target: torch.Tensor, batch: int, dim: int, outputs: torch.Tensor
-    ) -> torch.Tensor:
-        if target.shape[-1] != dim:
-            raise ValueError(
-                f"target embeddings have dimension {target.shape[-1]}, the model's embeddings have {dim}"
-            )
-        if target.dim() == 1:
-            target = target.expand(batch, 1, dim)
-        elif target.dim() == 2:
-            if target.shape[0] == 0:
-                raise ValueError("target has no reference embeddings: expected [K, D] with K >= 1")
-            target = target.unsqueeze(0).expand(batch, -1, -1)
-        elif target.dim() == 3:
-            if target.shape[0] != batch or target.shape[1] == 0:
-                raise ValueError(
-                    f"target [B, K, D] must have B = {batch} and K >= 1, got {tuple(target.shape)}"
-                )
-        else:
-            raise ValueError(
-                f"target must be [D], [K, D] or [B, K, D], got shape {tuple(target.shape)}"
-            )
-        return target.to(device=outputs.device, dtype=outputs.dtype)
-
-    def _class_indices(self, target: Target, batch: int) -> torch.Tensor:
-        if self._task_given == "embedding":
-            raise TypeError(
-                "class-index targets need a classifier (task='classifier'); for an embedding "
-                "model pass reference embeddings [D], [K, D] or [B, K, D] (e.g. from "
-                "explainer.embed)"
-            )
-        if isinstance(target, bool):
-            raise TypeError("target must be a class index, not a bool")
-        if isinstance(target, int):
-            return torch.full((batch,), target, dtype=torch.long)
-        if isinstance(target, torch.Tensor):
-            indices = target.reshape(-1).long().cpu()
-        elif isinstance(target, list | tuple) and all(isinstance(t, int) for t in target):
-            indices = torch.tensor(list(target), dtype=torch.long)
-        else:
-            raise TypeError(
-                f"target must be a tensor, an int, a list of ints or None, got {target!r}"
-            )
-        if indices.numel() == 1:
-            return indices.expand(batch)
-        if indices.numel() != batch:
-            raise ValueError(f"got {indices.numel()} class targets for a batch of {batch}")
-        return indices
-
-    def _class_target(self, classes: torch.Tensor, outputs: torch.Tensor) -> ResolvedTarget:
-        num_classes = outputs.shape[1]
-        if (classes < 0).any() or (classes >= num_classes).any():
-            raise ValueError(
-                f"class index out of range: expected 0 <= target < {num_classes}, got {classes.tolist()}"
-            )
-        references = one_hot_references(classes.to(outputs.device), num_classes, outputs.dtype)
-        return ResolvedTarget(references, "dot")
 
 
 class ChannelExplainer(Explainer):
@@ -639,32 +517,6 @@ def check_model_options(model: object, similarity: object, pooling: object) -> N
         raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLING_KINDS}")
 
 
-def build_explanation(
-    explainer: Explainer,
-    images: torch.Tensor,
-    raw: torch.Tensor,
-    weights: torch.Tensor,
-    scores: torch.Tensor,
-    extras: dict[str, torch.Tensor | str],
-) -> Explanation:
-    """The :class:`Explanation` of ``raw`` ``[B, h, w]`` maps: upsampled to the input's size
-    and min-max normalised (:func:`upsample`), every tensor detached. Maps without spatial
-    information are flagged in ``extras["flat"]``."""
-    extras = {
-        name: value.detach() if isinstance(value, torch.Tensor) else value
-        for name, value in extras.items()
-    }
-    return Explanation(
-        maps=upsample(raw, images.shape[-2:]),
-        raw=raw.detach(),
-        weights=weights.detach(),
-        scores=scores.detach(),
-        method=explainer.method,
-        target_layer=explainer.target_layer,
-        extras=extras,
-    )
-
-
 _FOUND_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
 
 
@@ -684,28 +536,3 @@ def _found_layer(
             )
         found[key] = search.chosen
     return found[key]
-
-
-def _unwrap(output: object):  # noqa: ANN202
-    """``(tensor, rewrap)``: a layer output's feature tensor (a tensor, or the first item of a
-    tuple or list) and a function putting a replacement back in its place (a list stays a
-    list; any tuple, named ones included, becomes a plain tuple)."""
-    if not (isinstance(output, list | tuple) and output and isinstance(output[0], torch.Tensor)):
-        return output, lambda new: new
-    rest = tuple(output[1:])
-
-    def rewrap(new: torch.Tensor) -> object:
-        return [new, *rest] if isinstance(output, list) else (new, *rest)
-
-    return output[0], rewrap
-
-
-def upsample(raw: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling to the input size, then min-max normalisation per map."""
-    raw = raw.detach()
-    if raw.shape[-2:] == (1, 1):  # no spatial information: a constant map, not rounding noise
-        return raw.new_zeros(raw.shape[0], *tuple(size), dtype=torch.float32)
-    maps = F.interpolate(
-        raw.float().unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False
-    )
-    return min_max(maps[:, 0], dim=(1, 2))  # [:, 0], not squeeze(1): no If in exported graphs

@@ -54,8 +54,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fam_core.explainers.base import Explainer, ForwardPass, Target, upsample
+from fam_core.explainers.base import Explainer, ForwardPass
+from fam_core.explainers.postprocess import upsample
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import Target
 from fam_core.explanation import Explanation
 from fam_core.head_fit import reproduces
 
@@ -85,6 +87,7 @@ class L2CAF(Explainer):
 
     method = "l2caf"
 
+    # the one construction every method has (Explainer): only the method's options differ
     def __init__(
         self,
         model: nn.Module,

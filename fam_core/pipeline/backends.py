@@ -26,6 +26,23 @@ from fam_core.models.store import ModelConfig
 from fam_core.pipeline.jobs import Computed, Job, Scoring
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One batch a backend runs (:meth:`Backend.run`): the inputs and what to explain.
+
+    Example:
+        >>> inputs = torch.rand(2, 3, 8, 8)
+        >>> batch = Batch(inputs, Job(inputs=inputs, method="fam"), [None, 3])
+        >>> len(batch.classes), batch.references is None
+        (2, True)
+    """
+
+    inputs: torch.Tensor  # [B, C, H, W]
+    job: Job  # the method and what to return, shared by the batch's jobs
+    classes: list[int | None]  # per item, the class to explain (None: the predicted one)
+    references: torch.Tensor | None = None  # [B, K, D] per-item references (embedding models)
+
+
 class ServedView(Scoring, Protocol):
     """What a backend reads from the served model it runs for."""
 
@@ -63,19 +80,8 @@ class Backend(Protocol):
         """Raise :class:`~fam_core.pipeline.errors.NotFound` unless it explains with ``method``."""
         ...
 
-    def run(
-        self,
-        served: ServedView,
-        inputs: torch.Tensor,
-        job: Job,
-        classes: list[int | None],
-        references: torch.Tensor | None,
-    ) -> Computed:
-        """Predict (and, when ``job.heatmap``, explain) ``inputs`` ``[B, 3, H, W]``.
-
-        ``classes``: per item, the class to explain (classifiers; ``None``: the predicted one);
-        ``references``: ``[B, K, D]`` per-item references (embedding models).
-        """
+    def run(self, served: ServedView, batch: Batch) -> Computed:
+        """Predict (and, when ``batch.job.heatmap``, explain) ``batch.inputs``."""
         ...
 
 

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import torch
 
-from fam_core.explainers.base import min_max, upsample
+from fam_core.explainers.postprocess import min_max, upsample
 from fam_core.explanation import flat_reason
 from fam_core.pipeline.jobs import Computed
 from fam_core.pipeline.models import ServedModel
@@ -45,7 +45,7 @@ def heatmap_at(
     """Item ``index``'s heatmap in ``[0, 1]`` at ``"input"`` (``size``: a side or ``(H, W)``)
     or ``"feature"`` size.
 
-    Input resolution is :func:`~fam_core.explainers.base.upsample` of the raw map (bilinear,
+    Input resolution is :func:`~fam_core.explainers.postprocess.upsample` of the raw map (bilinear,
     then min-max), as in ``ChannelExplainer.__call__``; feature resolution is the min-max of the raw map.
     """
     if computed.raw is None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fam_core.pipeline.backends import Batch
 from fam_core.pipeline.jobs import Computed, Job, SearchJob, predict
 from fam_core.pipeline.search import run_search_jobs
 
@@ -38,7 +39,8 @@ def run_jobs(served: ServedModel, jobs: list[Job] | list[SearchJob]) -> list[Any
             [job.references.unsqueeze(0).expand(len(job), -1, -1) for job in jobs]  # type: ignore[union-attr]
         )
     classes = [c for job in jobs for c in [job.target_class] * len(job)]
-    computed = served.backend.run(served, inputs, jobs[0], classes, references)  # type: ignore[arg-type]
+    batch = Batch(inputs, jobs[0], classes, references)  # type: ignore[arg-type]
+    computed = served.backend.run(served, batch)  # type: ignore[arg-type]
     return _split(computed, [len(job) for job in jobs])
 
 

@@ -50,7 +50,7 @@ from fam_core.explanation import Explanation
 from fam_core.models.model_check import ModelFacts, check_against_model
 from fam_core.models.store import ModelConfig
 from fam_core.onnx_runtime import OnnxExplainer
-from fam_core.pipeline.backends import LoadedBackend, ServedView
+from fam_core.pipeline.backends import Batch, LoadedBackend, ServedView
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
 from fam_core.pipeline.onnx_methods import GraftedMethods, graftable_methods
@@ -150,21 +150,13 @@ class OnnxBackend:
             return 0
         return int(self.runner.metadata[fmt.KEY_NUM_REFERENCES])
 
-    def run(
-        self,
-        served: ServedView,
-        inputs: torch.Tensor,
-        job: Job,
-        classes: list[int | None],
-        references: torch.Tensor | None,
-    ) -> Computed:
-        """Predict (and explain) ``inputs`` ``[B, C, S, S]`` as the torch engine does, with
-        the graph of ``job.method`` (the default one's when it predicts only)."""
+    def run(self, served: ServedView, batch: Batch) -> Computed:
+        """Predict (and explain) ``batch.inputs`` ``[B, C, S, S]`` as the torch engine does,
+        with the graph of ``job.method`` (the default one's when it predicts only)."""
+        inputs, job, classes, references = batch.inputs, batch.job, batch.classes, batch.references
         runner = self.runner_for(job.method) if job.heatmap else self.runner
         if runner is not self.runner:  # the same steps on that method's graph
-            return replace(self, runner=runner, grafts=None).run(
-                served, inputs, job, classes, references
-            )
+            return replace(self, runner=runner, grafts=None).run(served, batch)
         if served.task == "classifier":
             return self._classify(served, inputs, job, classes)
         return self._embed(served, inputs, job, references)

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeGuard
@@ -35,50 +34,30 @@ from fam_core.extras import MissingExtraError
 from fam_core.models.model_check import check_torch_model
 from fam_core.models.sources import load_module
 from fam_core.models.store import ModelConfig
-from fam_core.pipeline.backends import LoadedBackend, ServedView
+from fam_core.pipeline.backends import Batch, LoadedBackend, ServedView
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
 
 
-def explainer_options(config: ModelConfig, cls: type[Explainer]) -> dict[str, Any]:
-    """The keyword arguments a config gives explainer class ``cls``: ``similarity``, and
-    ``output``, ``task`` (or ``classifier``) and ``input_size`` where ``cls`` takes them.
+def explainer_options(config: ModelConfig) -> dict[str, Any]:
+    """The keyword arguments a config gives every explainer (they all take the same
+    construction options, :class:`~fam_core.explainers.base.Explainer`): ``similarity``,
+    ``task``, ``input_size``, and ``output`` where the config selects one.
 
     Example:
         >>> from fam_core.models.store import find_config
         >>> config = ModelConfig.from_file(find_config("default-classifier"))
-        >>> sorted(explainer_options(config, FAM))
+        >>> sorted(explainer_options(config))
         ['input_size', 'similarity', 'task']
     """
-    accepted = _keyword_parameters(cls)
-    options: dict[str, Any] = {"similarity": config.similarity}
+    options: dict[str, Any] = {
+        "similarity": config.similarity,
+        "task": "embedding" if config.task == "knn" else config.task,
+        "input_size": config.input_size,
+    }
     if config.output is not None:
-        if "output" not in accepted:
-            raise ValueError(
-                f"output: {cls.__name__} does not select outputs; drop 'output' from the config"
-            )
         options["output"] = config.output
-    if "task" in accepted:
-        options["task"] = "embedding" if config.task == "knn" else config.task
-    elif "classifier" in accepted:
-        options["classifier"] = config.task == "classifier"
-    if "input_size" in accepted:
-        options["input_size"] = config.input_size
     return options
-
-
-def _keyword_parameters(cls: type) -> set[str]:
-    """Named ``__init__`` parameters of ``cls``, following ``**kwargs`` up the MRO."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        parameters = inspect.signature(init).parameters.values()
-        names |= {p.name for p in parameters if p.kind is not p.VAR_KEYWORD}
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            break
-    return names
 
 
 @dataclass
@@ -151,20 +130,16 @@ class TorchBackend:
                     raise NotFound(str(error)) from None
                 try:
                     self._explainers[method] = cls(
-                        self.module, self.config.target_layer, **explainer_options(self.config, cls)
+                        self.module,
+                        target_layer=self.config.target_layer,
+                        **explainer_options(self.config),
                     )
                 except MissingExtraError as error:  # e.g. LIFT-CAM without captum
                     raise NotFound(f"method {method!r}: {error}") from None
             return self._explainers[method]
 
-    def run(
-        self,
-        served: ServedView,
-        inputs: torch.Tensor,
-        job: Job,
-        classes: list[int | None],
-        references: torch.Tensor | None,
-    ) -> Computed:
+    def run(self, served: ServedView, batch: Batch) -> Computed:
+        inputs, job, classes, references = batch.inputs, batch.job, batch.classes, batch.references
         if self.gallery is not None:
             return self._run_knn(inputs, job, classes)
         if not job.heatmap:
@@ -238,9 +213,9 @@ def load_torch_backend(
     check_torch_model(module, config)
     if target_layer is not None:
         config = replace(config, target_layer=target_layer)
-    options = explainer_options(config, FAM)
+    options = explainer_options(config)
     try:
-        probe = FAM(module, config.target_layer, **options)
+        probe = FAM(module, target_layer=config.target_layer, **options)
     except ModelDoesNotRun as error:  # the layer search's input (the probe above ran)
         raise ValueError(
             f"model {config.name!r}: input_size: {error.reason}; set input_size: (or "

@@ -42,7 +42,8 @@ from typing import Any, Literal
 
 import torch
 
-from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass
+from fam_core.explainers.targets import ResolvedTarget
 from fam_core.search.index import GalleryIndex, model_card
 from fam_core.search.records import Neighbour
 
@@ -77,10 +78,11 @@ class ExplainedNeighbour:
 def embed(model: Any, inputs: torch.Tensor) -> torch.Tensor:
     """The embeddings ``[B, D]`` of preprocessed ``inputs`` as the model computes them for
     explaining (the output its explainers explain; what a gallery index stores)."""
+    from fam_core.pipeline.backends import Batch
     from fam_core.pipeline.jobs import Job
 
     job = Job(inputs=inputs, method=model.default_method, heatmap=False)
-    computed = model.backend.run(model, inputs, job, [None] * len(inputs), None)
+    computed = model.backend.run(model, Batch(inputs, job, [None] * len(inputs)))
     return computed.outputs.detach().float()
 
 
@@ -310,6 +312,7 @@ def _backend_maps(
     """Maps ``[P, H, W]`` from the model's backend (an ONNX graph of ``method``): one run of
     the (image, single reference) pairs, the references as the request pipeline sends them."""
     from fam_core.pipeline import PipelineError
+    from fam_core.pipeline.backends import Batch
     from fam_core.pipeline.encode import heatmap_at
     from fam_core.pipeline.jobs import Job
 
@@ -317,7 +320,8 @@ def _backend_maps(
         images = images.index_select(0, rows.to(images.device))
     job = Job(inputs=images, method=method, heatmap=True)
     try:
-        computed = model.backend.run(model, images, job, [None] * len(images), targets[:, None])
+        batch = Batch(images, job, [None] * len(images), targets[:, None])
+        computed = model.backend.run(model, batch)
     except PipelineError as error:
         raise ValueError(f"method {method!r} on model {model.name!r}: {error}") from None
     size = model.config.image_size

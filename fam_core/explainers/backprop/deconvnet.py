@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fam_core.explainers.backprop.guided import GUIDED_MODULES, guided_relus
-from fam_core.explainers.base import Explainer, Target, min_max
+from fam_core.explainers.base import Explainer
 from fam_core.explainers.fam.gradfam import self_projection_score
+from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import Target
 from fam_core.explanation import Explanation
 
 BackpropRule = Literal["guided", "deconvnet", "gradient"]

@@ -16,15 +16,15 @@ from collections.abc import Callable
 
 import torch
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ForwardPass
 from fam_core.explainers.cam.cam_common import (
     BatchedExplainer,
-    all_pairs,
     chunks,
     rectified_sum,
     select_references,
 )
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 
 _EPS = 1e-12
 
@@ -51,18 +51,23 @@ class AblationCAM(BatchedExplainer):
     def channel_weights(
         self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        activations = forward.activations.detach()
-        batch, channels = activations.shape[:2]
-        scores = self.score(forward.outputs.detach(), target)  # y
-        rows, dropped = all_pairs(activations)
         run_head = self._head_if_exact(forward, images)
-        ablated_scores = scores.new_empty(batch * channels)
-        for part in chunks(batch * channels, self.batch_size):
-            ablated = activations[rows[part]].clone()
-            ablated[torch.arange(ablated.shape[0]), dropped[part]] = 0  # A^n := 0
-            outputs = run_head(ablated) if run_head else self.run_with(images[rows[part]], ablated)
-            ablated_scores[part] = self.score(outputs, select_references(target, rows[part]))
-        drop = scores.unsqueeze(1) - ablated_scores.view(batch, channels)  # y - y_n
+
+        def ablated_scores(
+            activations: torch.Tensor, rows: torch.Tensor, dropped: torch.Tensor
+        ) -> torch.Tensor:
+            parts = []
+            for part in chunks(rows.shape[0], self.batch_size):
+                ablated = activations[rows[part]].clone()
+                ablated[torch.arange(ablated.shape[0]), dropped[part]] = 0  # A^n := 0
+                outputs = (
+                    run_head(ablated) if run_head else self.run_with(images[rows[part]], ablated)
+                )
+                parts.append(self.score(outputs, select_references(target, rows[part])))  # y_n
+            return torch.cat(parts)
+
+        scores, ablated = self.channel_scores(forward, target, ablated_scores)  # y, y_n
+        drop = scores.unsqueeze(1) - ablated  # y - y_n
         safe = torch.where(scores >= 0, 1.0, -1.0) * scores.abs().clamp_min(_EPS)
         return drop / safe.unsqueeze(1), scores, {"score_drop": drop}  # eq. 6
 

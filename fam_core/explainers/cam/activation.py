@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ChannelExplainer, ForwardPass
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 
 
 @register

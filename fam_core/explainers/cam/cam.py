@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from fam_core.adapters import Head
-from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ChannelExplainer, ForwardPass
 from fam_core.explainers.cam.cam_common import linear_coefficients
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 from fam_core.fam_maths import to_channels
 from fam_core.pooling import GlobalPool
 

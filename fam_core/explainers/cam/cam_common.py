@@ -18,22 +18,22 @@ with that channel's map (FAM paper eq. 7):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from abc import abstractmethod
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fam_core.explainers.base import (
-    ChannelExplainer,
-    Explainer,
-    ForwardPass,
-    ResolvedTarget,
-    min_max,
-)
+from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass
+from fam_core.explainers.postprocess import min_max
+from fam_core.explainers.targets import ResolvedTarget, Target
 from fam_core.fam_maths import rectified_sum
 
 _EPS = 1e-12
+
+PairScorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(activations [B, N, h, w], image_index [M], channel_index [M]) -> scores [M]``."""
 
 
 def linear_coefficients(outputs: torch.Tensor, target: ResolvedTarget, method: str) -> torch.Tensor:
@@ -84,9 +84,35 @@ def explained_score(
 
 
 class GradientCAM(ChannelExplainer):
-    """Base of the gradient methods: ``dy/dA`` (FAM paper eq. 3, 5) and a rectified map."""
+    """Base of the gradient methods: ``dy/dA`` (FAM paper eq. 3, 5) and a rectified map.
+
+    A method implements :meth:`gradient_weights`, the one step in which they differ.
+    """
 
     needs_gradients = True
+
+    def channel_weights(
+        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        grads, scores = self.score_gradients(forward, target)
+        weights, extras = self.gradient_weights(grads, forward.activations.detach())
+        return weights, scores, extras
+
+    @abstractmethod
+    def gradient_weights(
+        self, grads: torch.Tensor, activations: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(weights [B, N], extras)`` from ``dy/dA`` and ``A`` ``[B, N, h, w]`` (detached)."""
+
+    def target_gradients(
+        self, forward: ForwardPass, target: Target
+    ) -> tuple[ResolvedTarget, torch.Tensor, torch.Tensor]:
+        """``(resolved target, dy/dA, y)`` for methods whose map needs more than the
+        channel weights (they override ``explain_forward``)."""
+        resolved = self.resolve_target(target, forward.outputs)
+        with torch.enable_grad():
+            grads, scores = self.score_gradients(forward, resolved)
+        return resolved, grads, scores
 
     def score_gradients(
         self, forward: ForwardPass, target: ResolvedTarget
@@ -182,3 +208,18 @@ class BatchedExplainer(ChannelExplainer):
             outputs = self._as_vectors(self.model(masked))
             scores.append(self.score(outputs, select_references(target, rows)))  # F(X')
         return torch.cat(scores) if scores else activations.new_zeros(0)
+
+    @torch.no_grad()
+    def channel_scores(
+        self, forward: ForwardPass, target: ResolvedTarget, rescore: PairScorer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y [B], y_n [B, N])``: the explained score, and the score of the input perturbed
+        through each channel ``n`` (``rescore(activations, image_index, channel_index)`` for
+        every (image, channel) pair, :func:`all_pairs`; what the perturbation is, masking or
+        ablation, is the method's)."""
+        activations = forward.activations.detach()
+        batch, channels = activations.shape[:2]
+        scores = self.score(forward.outputs.detach(), target)  # y
+        image_index, channel_index = all_pairs(activations)
+        perturbed = rescore(activations, image_index, channel_index)
+        return scores, perturbed.view(batch, channels)

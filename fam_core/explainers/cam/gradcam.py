@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget
 from fam_core.explainers.cam.cam_common import GradientCAM
 from fam_core.explainers.registry import register
 
@@ -30,8 +29,7 @@ class GradCAM(GradientCAM):
 
     method = "gradcam"
 
-    def channel_weights(
-        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        grads, scores = self.score_gradients(forward, target)
-        return grads.mean(dim=(2, 3)), scores, {}  # eq. 3
+    def gradient_weights(
+        self, grads: torch.Tensor, activations: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return grads.mean(dim=(2, 3)), {}  # eq. 3

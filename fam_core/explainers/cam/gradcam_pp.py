@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget
 from fam_core.explainers.cam.cam_common import GradientCAM
 from fam_core.explainers.registry import register
 
@@ -35,11 +34,10 @@ class GradCAMPlusPlus(GradientCAM):
 
     method = "gradcam++"
 
-    def channel_weights(
-        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        grads, scores = self.score_gradients(forward, target)
-        activations = forward.activations.detach()
+    # same step as every gradient method, a different paper's weight equation (parallel by design)
+    def gradient_weights(
+        self, grads: torch.Tensor, activations: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         grads_2 = grads.square()
         grads_3 = grads_2 * grads
         totals = activations.sum(dim=(2, 3), keepdim=True)
@@ -47,4 +45,4 @@ class GradCAMPlusPlus(GradientCAM):
         safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
         alpha = torch.where(grads != 0, grads_2 / safe, torch.zeros_like(grads))  # eq. 19
         weights = (alpha * grads.clamp_min(0)).sum(dim=(2, 3))  # eq. 7
-        return weights, scores, {"alpha": alpha}
+        return weights, {"alpha": alpha}

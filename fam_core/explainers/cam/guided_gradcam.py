@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from fam_core.explainers.backprop.guided import guided_backprop
-from fam_core.explainers.base import ForwardPass, ResolvedTarget, Target, min_max
+from fam_core.explainers.base import ForwardPass
 from fam_core.explainers.cam.cam_common import GradientCAM, explained_score
+from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import Target
 from fam_core.explanation import Explanation
 
 
@@ -39,9 +41,8 @@ class GuidedGradCAM(GradientCAM):
         self, forward: ForwardPass, target: Target, images: torch.Tensor
     ) -> Explanation:
         """Grad-CAM from ``forward`` times guided backprop to ``images`` (module docstring)."""
-        resolved = self.resolve_target(target, forward.outputs)
-        with torch.enable_grad():
-            weights, scores, _ = self.channel_weights(forward, resolved, images)
+        resolved, grads, scores = self.target_gradients(forward, target)
+        weights, _ = self.gradient_weights(grads, forward.activations.detach())
         gradcam = self.combine(weights, forward.activations.detach())  # eq. 2
         guided = guided_backprop(
             self.model, images, lambda out: explained_score(self, self._as_vectors(out), resolved)
@@ -65,9 +66,8 @@ class GuidedGradCAM(GradientCAM):
             },
         )
 
-    def channel_weights(
-        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def gradient_weights(
+        self, grads: torch.Tensor, activations: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Grad-CAM's weights (eq. 3)."""
-        grads, scores = self.score_gradients(forward, target)
-        return grads.mean(dim=(2, 3)), scores, {}
+        return grads.mean(dim=(2, 3)), {}

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget, Target, build_explanation
+from fam_core.explainers.base import ForwardPass
 from fam_core.explainers.cam.cam_common import GradientCAM
+from fam_core.explainers.postprocess import build_explanation
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import Target
 from fam_core.explanation import Explanation
 
 
@@ -35,9 +37,7 @@ class LayerCAM(GradientCAM):
         self, forward: ForwardPass, target: Target, images: torch.Tensor
     ) -> Explanation:
         """The map from pixel-wise weights (eq. 6-7), which the channel weights cannot give."""
-        resolved = self.resolve_target(target, forward.outputs)
-        with torch.enable_grad():
-            grads, scores = self.score_gradients(forward, resolved)
+        _, grads, scores = self.target_gradients(forward, target)
         pixel_weights = grads.clamp_min(0)  # eq. 6
         raw = F.relu((pixel_weights * forward.activations.detach()).sum(dim=1))  # eq. 7
         weights = pixel_weights.mean(dim=(2, 3))
@@ -45,9 +45,8 @@ class LayerCAM(GradientCAM):
             self, images, raw, weights, scores, {"pixel_weights": pixel_weights}
         )
 
-    def channel_weights(
-        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def gradient_weights(
+        self, grads: torch.Tensor, activations: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The spatial mean of the pixel weights (the map itself needs all of them)."""
-        grads, scores = self.score_gradients(forward, target)
-        return grads.clamp_min(0).mean(dim=(2, 3)), scores, {}
+        return grads.clamp_min(0).mean(dim=(2, 3)), {}

@@ -29,9 +29,10 @@ import warnings
 import torch
 from torch import nn
 
-from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass
 from fam_core.explainers.cam.cam_common import linear_coefficients
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 from fam_core.extras import require
 from fam_core.fam_maths import rectified_sum
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget
-from fam_core.explainers.cam.cam_common import BatchedExplainer, all_pairs, rectified_sum
+from fam_core.explainers.base import ForwardPass
+from fam_core.explainers.cam.cam_common import BatchedExplainer, rectified_sum
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 
 
 @register
@@ -43,12 +44,13 @@ class ScoreCAM(BatchedExplainer):
     def channel_weights(
         self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        activations = forward.activations.detach()
-        batch, channels = activations.shape[:2]
-        base_scores = self.score(forward.outputs.detach(), target)  # F(X)
-        rows, maps = all_pairs(activations)
-        masked_scores = self.masked_scores(images, activations, target, rows, maps)  # F(X')
-        increase = masked_scores.view(batch, channels) - base_scores.unsqueeze(1)
+        def masked(
+            activations: torch.Tensor, rows: torch.Tensor, maps: torch.Tensor
+        ) -> torch.Tensor:
+            return self.masked_scores(images, activations, target, rows, maps)  # F(X')
+
+        base_scores, masked_scores = self.channel_scores(forward, target, masked)  # F(X), F(X')
+        increase = masked_scores - base_scores.unsqueeze(1)
         weights = torch.softmax(increase, dim=1)  # eq. 7
         return weights, base_scores, {"score_increase": increase}
 

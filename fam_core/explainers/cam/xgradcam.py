@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget
 from fam_core.explainers.cam.cam_common import GradientCAM
 from fam_core.explainers.registry import register
 
@@ -28,10 +27,9 @@ class XGradCAM(GradientCAM):
 
     method = "xgradcam"
 
-    def channel_weights(
-        self, forward: ForwardPass, target: ResolvedTarget, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        grads, scores = self.score_gradients(forward, target)
-        activations = forward.activations.detach()
+    # same step as every gradient method, a different paper's weight equation (parallel by design)
+    def gradient_weights(
+        self, grads: torch.Tensor, activations: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         weighted = (grads * activations).sum(dim=(2, 3))
-        return weighted / (activations.sum(dim=(2, 3)) + _EPS), scores, {}
+        return weighted / (activations.sum(dim=(2, 3)) + _EPS), {}

@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 
 from fam_core.adapters import Head
-from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget, min_max
+from fam_core.explainers.base import ChannelExplainer, ForwardPass
+from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 from fam_core.fam_maths import fam_embedding_weights, to_channels
 from fam_core.head_fit import reproduces
 from fam_core.similarity import channel_contributions

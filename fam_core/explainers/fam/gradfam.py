@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from fam_core.adapters import Head
-from fam_core.explainers.base import ChannelExplainer, ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ChannelExplainer, ForwardPass
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 from fam_core.fam_maths import rectified_sum, to_channels
 from fam_core.head_fit import reproduces
 from fam_core.pooling import global_pooling_kind
@@ -91,6 +92,7 @@ class GradFAM(ChannelExplainer):
 
     method = "gradfam"
 
+    # the one construction every method has (Explainer): only the method's options differ
     def __init__(
         self,
         model: nn.Module,

@@ -24,10 +24,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fam_core.explainers.base import ForwardPass, ResolvedTarget
+from fam_core.explainers.base import ForwardPass
 from fam_core.explainers.cam.cam_common import BatchedExplainer, rectified_sum
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 
 TopKRest = Literal["baseline", "zero"]
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.explainers.base import ResolvedTarget
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import register
+from fam_core.explainers.targets import ResolvedTarget
 from fam_core.fam_maths import gradient_contributions, rectified_sum
 from fam_core.similarity import similarity
 

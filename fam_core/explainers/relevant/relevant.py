@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fam_core.explainers.backprop.deconvnet import BackpropRule, heatmap, input_signal
-from fam_core.explainers.base import Explainer, Target, min_max
+from fam_core.explainers.base import Explainer
+from fam_core.explainers.hooks import layer_responses
+from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.registry import register
 from fam_core.explainers.relevant.mu_lasso import solve_mu_lasso
 from fam_core.explainers.relevant.relevant_interpretation import (
@@ -45,6 +47,7 @@ from fam_core.explainers.relevant.relevant_interpretation import (
 from fam_core.explainers.relevant.relevant_interpretation import (
     render_interpretation as render_interpretation,  # re-exported
 )
+from fam_core.explainers.targets import Target, class_indices
 from fam_core.explanation import Explanation
 
 FEATURE_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
@@ -98,30 +101,6 @@ def descriptor_from_responses(responses: Sequence[torch.Tensor]) -> torch.Tensor
     return descriptor / descriptor.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def layer_responses(
-    model: nn.Module, images: torch.Tensor, layers: Sequence[str]
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Run ``model`` once with temporary hooks: ``(responses per layer, outputs)``."""
-    modules = dict(model.named_modules())
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for name in layers:
-
-            def hook(_m: nn.Module, _i: object, output: torch.Tensor, name: str = name) -> None:
-                captured[name] = output
-
-            handles.append(modules[name].register_forward_hook(hook))
-        outputs = model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [name for name in layers if name not in captured]
-    if missing:
-        raise ValueError(f"feature layers {missing} did not run in the forward pass")
-    return [captured[name] for name in layers], outputs
-
-
 @register
 class RelevantFeatures(Explainer):
     """Explanation by the relevant features of the predicted class (Oramas et al. 2019).
@@ -129,13 +108,15 @@ class RelevantFeatures(Explainer):
     Args:
         model: a classifier returning logits ``[B, C]`` (or, with ``classifier=False``, any
             model; the class is then the argmax of ``x W``).
-        layers: names of the feature layers; default every ``Conv2d`` / ``Linear`` but the
-            last (:func:`default_feature_layers`).
+        target_layer: the feature layers: a layer's name or a list of names; default every
+            ``Conv2d`` / ``Linear`` but the last (:func:`default_feature_layers`).
+        layers: the same, as a keyword (give one of the two).
         top_k: number of features per explanation (default 3).
         stride_fix: resample-then-stride-1 backward pass of sec. 3.3 (default on).
         rule: ``"guided"`` (default: deconvnet with guided backprop), ``"deconvnet"`` or
             ``"gradient"``.
-        classifier: as in :class:`~fam_core.explainers.base.Explainer`.
+        task, classifier and the other options: as in
+            :class:`~fam_core.explainers.base.Explainer`.
 
     Call :meth:`fit` (or :meth:`load`) before explaining. ``Explanation`` fields:
     ``maps`` ``[B, H, W]`` the pixel-wise max of the features' min-max normalised heatmaps;
@@ -153,15 +134,20 @@ class RelevantFeatures(Explainer):
     def __init__(
         self,
         model: nn.Module,
-        layers: Sequence[str] | None = None,
+        target_layer: str | Sequence[str] | None = None,
         *,
+        layers: Sequence[str] | None = None,
         top_k: int = 3,
         stride_fix: bool = True,
         rule: BackpropRule = "guided",
-        classifier: bool | None = None,
+        **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if target_layer is not None and layers is not None:
+            raise ValueError("pass the feature layers once: target_layer or layers, not both")
+        if layers is None:
+            layers = [target_layer] if isinstance(target_layer, str) else target_layer
         names = default_feature_layers(model) if layers is None else list(layers)
         if not names or not all(isinstance(name, str) for name in names):
             raise ValueError(f"layers must be a non-empty list of layer names, got {layers!r}")
@@ -171,7 +157,7 @@ class RelevantFeatures(Explainer):
             raise ValueError(f"unknown feature layers {unknown}; expected names of model modules")
         if len(set(names)) != len(names):
             raise ValueError(f"feature layers must be unique, got {names}")
-        super().__init__(model, names[-1], classifier=classifier)
+        super().__init__(model, names[-1], **options)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         if not isinstance(stride_fix, bool):
@@ -434,11 +420,7 @@ class RelevantFeatures(Explainer):
         return layer_of, channel_of
 
     def _class_indices_for(self, target: Target, batch: int, num_classes: int) -> torch.Tensor:
-        given, self._task_given = self._task_given, "classifier"  # reuse the base's validation
-        try:
-            classes = self._class_indices(target, batch)
-        finally:
-            self._task_given = given
+        classes = class_indices(target, batch)  # indices into the fitted classes, any task
         if (classes < 0).any() or (classes >= num_classes).any():
             raise ValueError(
                 f"class index out of range: expected 0 <= target < {num_classes}, "

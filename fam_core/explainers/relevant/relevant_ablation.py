@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fam_core.explainers.relevant.relevant import RelevantFeatures, layer_responses
+from fam_core.explainers.hooks import layer_responses
+from fam_core.explainers.relevant.relevant import RelevantFeatures
 from fam_core.explainers.relevant.removal import removal_points
 
 

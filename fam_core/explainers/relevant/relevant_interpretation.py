@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fam_core.explainers.hooks import layer_responses
 from fam_core.explainers.relevant.receptive_field import ReceptiveField, crop, receptive_field
 from fam_core.render import image_grid
 
@@ -119,10 +120,6 @@ def interpret_features(
         else receptive_field(model, layer)
         for layer in layers
     }
-
-    from fam_core.explainers.relevant.relevant import (
-        layer_responses,  # no import cycle at load time
-    )
 
     values: list[list[torch.Tensor]] = [[] for _ in pairs]
     positions: list[list[torch.Tensor]] = [[] for _ in pairs]
