@@ -743,11 +743,6 @@ def _flat_output(
     return select
 
 
-def _device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return torch.device("cpu") if parameter is None else parameter.device
-
-
 def _inputs(
     graph: ExplanationGraph, image: torch.Tensor, dimension: int
 ) -> tuple[tuple[torch.Tensor, ...], list[str], dict[str, dict[int, str]]]:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -30,11 +30,24 @@ from fam_core.extras import PACKAGE_EXTRAS
 from fam_core.models.backbones import build_backbone
 from fam_core.models.safe_load import load_weights_only
 
-if TYPE_CHECKING:
-    from fam_core.models.store import ModelConfig
+
+class ModuleSource(Protocol):
+    """The keys of a model config that name its torch module
+    (:class:`fam_core.models.store.ModelConfig` has them)."""
+
+    @property
+    def source(self) -> str: ...
+
+    directory: Path
+    backbone: str | None
+    backbone_kwargs: dict[str, Any]
+    factory: str | None
+    factory_kwargs: dict[str, Any]
+    exported_program: str | None
+    weights: str | None
 
 
-def load_module(config: ModelConfig) -> nn.Module:
+def load_module(config: ModuleSource) -> nn.Module:
     """The config's module with its weights, in eval mode on the CPU."""
     if config.source == "exported_program":
         return load_exported_program(config.directory / str(config.exported_program))
@@ -44,7 +57,7 @@ def load_module(config: ModelConfig) -> nn.Module:
     return model.eval()
 
 
-def build_module(config: ModelConfig) -> nn.Module:
+def build_module(config: ModuleSource) -> nn.Module:
     """The architecture of a ``backbone`` or ``factory`` config, freshly initialised."""
     if config.source == "backbone":
         try:

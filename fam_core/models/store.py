@@ -28,6 +28,7 @@ from fam_core.models.config_schema import (
     TORCH_SOURCES,
     value_problem,
 )
+from fam_core.models.sources import build_module, load_module
 from fam_core.package_data import MODEL_STORE
 from fam_core.resizing import DEFAULT_POLICY, ResizePolicy, as_size, fit_image
 
@@ -316,8 +317,6 @@ class ModelConfig:
 
     def build(self) -> nn.Module:
         """The architecture with freshly initialised weights (``backbone`` and ``factory``)."""
-        from fam_core.models.sources import build_module
-
         return build_module(self)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -455,7 +454,6 @@ def load_model(
         'block4'
     """
     from fam_core.models.model_check import check_torch_model
-    from fam_core.models.sources import load_module
 
     config = ModelConfig.from_file(find_config(name_or_path))
     if config.onnx is not None:

@@ -40,6 +40,7 @@ __all__ = [
     "ServedModel",
     "choose_method",
     "load_backend",
+    "load_registry",
 ]
 
 
@@ -339,6 +340,27 @@ def directory_sources(directory: str | Path) -> list[Path]:
     if not sources:
         raise ValueError(f"models folder {directory} has no */config.yaml or *.onnx")
     return sources
+
+
+def load_registry(models_dir: str | Path | None, models: list[str]) -> ModelRegistry:
+    """The models of ``--models DIR`` and each ``--model CONFIG`` (default: the default models).
+
+    A model that fails to load is reported not ready while the others serve; when none
+    loads, the first reason is raised as a one-line ``ValueError``.
+
+    Example:
+        >>> load_registry(None, ["default-classifier", "no-such-model"]).names()
+        ['default-classifier']
+    """
+    sources: list[str | Path] = []
+    if models_dir:
+        sources += directory_sources(models_dir)
+    sources += models
+    registry = ModelRegistry.load(sources or list(DEFAULT_MODELS), keep_going=True)
+    if len(registry) == 0:
+        failed = registry.failed()
+        raise ValueError(f"no model loaded: {failed[0].name}: {failed[0].reason}")
+    return registry
 
 
 def _source(name: str | Path) -> str | Path:

@@ -76,6 +76,7 @@ from fam_core.pipeline import (
 from fam_core.pipeline.decode import check_count
 from fam_core.pipeline.errors import InvalidArgument, LaneFull, Unavailable
 from fam_core.pipeline.json_codec import kserve_fields, request_from_fields, response_to_json
+from fam_core.pipeline.models import load_registry
 from fam_core.pipeline.oip_codec import answer_infer, tensor_metadata
 from fam_core.server.calls import MAX_MESSAGE, shorten
 from fam_core.server.status import status_code
@@ -418,8 +419,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fam_core.server.kserve_model [--http-port 8080] [--grpc-port 8081]
     [--model NAME_OR_CONFIG ...] [--models DIR]``; ``fam serve --engine kserve`` has every
     option."""
-    from fam_core.commands.serve import load_registry
-
     parser = argparse.ArgumentParser(prog="python -m fam_core.server.kserve_model")
     parser.add_argument("--http-port", type=int, default=8080)
     parser.add_argument("--grpc-port", type=int, default=8081)
