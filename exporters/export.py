@@ -332,6 +332,7 @@ def export_model(
     kind = similarity or (config.similarity if config is not None else "cosine")
     if _unflattened(model) and isinstance(output, str):
         output = _flat_output(model, output, size)
+    # the explainer build_graph would make, made here first: its head decides the export path
     explainer = make_explainer(
         model,
         method,

@@ -99,7 +99,7 @@ def search_job(served: ServedModel, request: SearchRequest, limits: Limits) -> S
 def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Explained]]:
     """Search the queries of ``jobs`` (one batch key) in ``served``'s index: per job, per
     query, its explained neighbours."""
-    from fam_core.search import explained_search
+    from fam_core.search import IndexUnavailable, explained_search
 
     if served.index is None:
         raise no_index(served.name)
@@ -115,11 +115,10 @@ def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Exp
             explain=job.explain,
             filter=job.filter,
         )
+    except IndexUnavailable as error:  # the engine did not answer
+        raise Unavailable(f"search on model {served.name!r}: {_first_line(error)}") from None
     except (ValueError, TypeError) as error:  # a filter the engine cannot parse, a bad method
-        reason = _first_line(error)
-        if reason.startswith("cannot "):  # the engine did not answer
-            raise Unavailable(f"search on model {served.name!r}: {reason}") from None
-        raise InvalidArgument(f"search on model {served.name!r}: {reason}") from None
+        raise InvalidArgument(f"search on model {served.name!r}: {_first_line(error)}") from None
     parts: list[list[Explained]] = []
     start = 0
     for j in jobs:
