@@ -8,7 +8,7 @@ requests; rounds alternate Explain, predict-only (`skip_heatmap`) and the unbatc
 machine noise hits all alike. Reported: medians of per-round throughput ratios, and p50/p99
 latency of Explain on the batching server. Uses the default models when they are in the
 model store, else random-init models of the same architecture (same cost).
-Targets (issue 8): Explain / predict-only >= 0.9.
+Targets: Explain / predict-only >= 0.9.
 """
 
 from __future__ import annotations
