@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fam_core.extras import PACKAGE_EXTRAS
+from fam_core.messages import first_line
 from fam_core.models.backbones import build_backbone
 from fam_core.models.safe_load import load_weights_only
 
@@ -63,7 +64,7 @@ def build_module(config: ModuleSource) -> nn.Module:
         try:
             return build_backbone(str(config.backbone), **config.backbone_kwargs)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"backbone: {_first_line(error)}") from None
+            raise ValueError(f"backbone: {first_line(error)}") from None
     if config.source == "factory":
         factory = resolve_factory(str(config.factory), config.directory)
         try:
@@ -71,7 +72,7 @@ def build_module(config: ModuleSource) -> nn.Module:
         except Exception as error:  # noqa: BLE001 - the user's code may raise anything
             raise ValueError(
                 f"factory: {config.factory}(**factory_kwargs) raised "
-                f"{type(error).__name__}: {_first_line(error)}"
+                f"{type(error).__name__}: {first_line(error)}"
             ) from None
         if not isinstance(model, nn.Module):
             raise ValueError(
@@ -156,13 +157,12 @@ def _import(module_name: str, local: Path | None) -> ModuleType:
                 f"pip install 'fam-core[{PACKAGE_EXTRAS[missing]}]'"
             ) from None
         raise ValueError(
-            f"factory: cannot import module {module_name!r} ({_first_line(error)}): install "
+            f"factory: cannot import module {module_name!r} ({first_line(error)}): install "
             f"the package {package!r} or put {package}.py next to the config"
         ) from None
     except Exception as error:  # noqa: BLE001 - importing user code may raise anything
         raise ValueError(
-            f"factory: importing {module_name!r} raised {type(error).__name__}: "
-            f"{_first_line(error)}"
+            f"factory: importing {module_name!r} raised {type(error).__name__}: {first_line(error)}"
         ) from None
 
 
@@ -241,7 +241,7 @@ def load_exported_program(path: Path) -> nn.Module:
         program = torch.export.load(path)
     except Exception as error:  # noqa: BLE001 - any unreadable file is one config error
         raise ValueError(
-            f"exported_program: cannot load {path} with torch.export.load: {_first_line(error)}"
+            f"exported_program: cannot load {path} with torch.export.load: {first_line(error)}"
         ) from None
     try:
         module = torch.export.unflatten(program)
@@ -345,11 +345,6 @@ def _unflatten_fields(cls: type, values: Any, context: Any) -> ExportedOutput:
     if len(keys) != len(values) or not all(isinstance(k, str | int) for k in keys):
         keys = list(range(len(values)))  # a context that is not field names: by position
     return cls(zip(keys, values, strict=True))  # type: ignore[no-any-return]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -382,11 +382,6 @@ def _search_problems(config: ModelConfig, source: str) -> list[tuple[str, str]]:
     return problems
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 _FACTORY = r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*"
 
 

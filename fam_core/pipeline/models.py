@@ -20,6 +20,7 @@ from torch import nn
 from fam_core.configfile import parse_config
 from fam_core.default_method import MethodChoice, choose_method
 from fam_core.explainers.registry import method_name
+from fam_core.messages import first_line
 from fam_core.models.store import TASKS, ModelConfig, find_config
 from fam_core.package_data import DEFAULT_MODEL_NAMES
 from fam_core.pipeline.backends import Backend, LoadedBackend
@@ -243,8 +244,7 @@ def _name_and_task(source: str | Path) -> tuple[str, str]:
 
 
 def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
+    first = first_line(error)
     return first if isinstance(error, ValueError) else f"{type(error).__name__}: {first}"
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fam_core.messages import first_line
 from fam_core.pipeline.decode import check_sizes
 from fam_core.pipeline.encode import heatmap_bytes
 from fam_core.pipeline.errors import (
@@ -116,9 +117,9 @@ def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Exp
             filter=job.filter,
         )
     except IndexUnavailable as error:  # the engine did not answer
-        raise Unavailable(f"search on model {served.name!r}: {_first_line(error)}") from None
+        raise Unavailable(f"search on model {served.name!r}: {first_line(error)}") from None
     except (ValueError, TypeError) as error:  # a filter the engine cannot parse, a bad method
-        raise InvalidArgument(f"search on model {served.name!r}: {_first_line(error)}") from None
+        raise InvalidArgument(f"search on model {served.name!r}: {first_line(error)}") from None
     parts: list[list[Explained]] = []
     start = 0
     for j in jobs:
@@ -166,8 +167,3 @@ def _heatmap(values: torch.Tensor | None, method: str, target_layer: str) -> Hea
         target_layer=target_layer,
         resolution="input",
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
