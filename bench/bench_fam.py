@@ -1,7 +1,7 @@
 """FAM explanation time over a plain forward pass: ResNet18 at 224x224, batch 1 and 32.
 
 Run: .venv/bin/python bench/bench_fam.py [--repeats N]
-Target (issue 3): <= 1.05. The map is one weighted sum; the forward pass is the floor.
+Target: <= 1.05. The map is one weighted sum; the forward pass is the floor.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ratio  # noqa: E402
+from common import explain_over_forward  # noqa: E402
 
 from fam_core import FAM  # noqa: E402
 from fam_core.models.backbones import resnet18  # noqa: E402
@@ -31,18 +31,9 @@ def main() -> None:
     print("| batch | forward (ms) | FAM (ms) | FAM / forward |")
     print("|---:|---:|---:|---:|")
     for batch in args.batches:
-        images = torch.rand(batch, 3, 224, 224)
-        references = explainer.embed(torch.rand(5, 3, 224, 224))
-
-        def forward(images: torch.Tensor = images) -> None:
-            with torch.no_grad():
-                model(images)
-
-        def explain(images: torch.Tensor = images, references: torch.Tensor = references) -> None:
-            explainer(images, target=references)
-
-        repeats = args.repeats if batch < 8 else max(5, args.repeats // 3)
-        value, fam_seconds, forward_seconds = ratio(explain, forward, repeats=repeats)
+        value, fam_seconds, forward_seconds = explain_over_forward(
+            model, explainer, batch, args.repeats
+        )
         print(
             f"| {batch} | {1000 * forward_seconds:.1f} | {1000 * fam_seconds:.1f} | {value:.3f} |"
         )

@@ -8,7 +8,7 @@ requests; rounds alternate Explain, predict-only (`skip_heatmap`) and the unbatc
 machine noise hits all alike. Reported: medians of per-round throughput ratios, and p50/p99
 latency of Explain on the batching server. Uses the default models when they are in the
 model store, else random-init models of the same architecture (same cost).
-Targets (issue 8): Explain / predict-only >= 0.9.
+Targets: Explain / predict-only >= 0.9.
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ SERVE = (
 
 
 def start_server(models: list[str], batch: int) -> tuple[subprocess.Popen[str], int]:
+    return start_fam_serve("--max-batch-size", str(batch), *models)
+
+
+def start_fam_serve(*options: str) -> tuple[subprocess.Popen[str], int]:
+    """``fam serve --port 0 OPTIONS`` in a subprocess: (the process, the port it listens on)."""
     process = subprocess.Popen(
-        [sys.executable, "-c", SERVE, "serve", "--port", "0", "--max-batch-size", str(batch), *models],
+        [sys.executable, "-c", SERVE, "serve", "--port", "0", *options],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
@@ -48,6 +53,20 @@ def start_server(models: list[str], batch: int) -> tuple[subprocess.Popen[str], 
     if "listening on" not in line:
         raise RuntimeError(f"server did not start: {line!r}")
     return process, int(line.rsplit(":", 1)[1])
+
+
+def shut_down(
+    channels: list[grpc.Channel],
+    processes: tuple[subprocess.Popen[str], ...],
+    scratch: tempfile.TemporaryDirectory[str],
+) -> None:
+    """Close the channels, stop the servers, remove the scratch folder."""
+    for channel in channels:
+        channel.close()
+    for process in processes:
+        process.terminate()
+        process.wait(60)
+    scratch.cleanup()
 
 
 def run_round(
@@ -135,12 +154,7 @@ def main() -> None:
             heatmap_ratio.append(round_rates["explain"] / round_rates["predict"])
             batching_ratio.append(round_rates["explain"] / round_rates["unbatched"])
     finally:
-        for channel in channels:
-            channel.close()
-        for process in (batched, unbatched):
-            process.terminate()
-            process.wait(60)
-        scratch.cleanup()
+        shut_down(channels, (batched, unbatched), scratch)
 
     latencies.sort()
     p50 = latencies[len(latencies) // 2]

@@ -38,7 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_grpc import parse_options, served_models, start_server  # noqa: E402
+from bench_grpc import parse_options, served_models, shut_down, start_server  # noqa: E402
 from serving_helpers import png_bytes  # noqa: E402
 
 from fam_core.pipeline.oip_codec import pack_bytes  # noqa: E402
@@ -157,12 +157,7 @@ def main() -> None:
                 ratios[kind].append(round_rates[kind] / round_rates["fam-oip-grpc"])
     finally:
         http.close()
-        for channel in channels:
-            channel.close()
-        for process in (fam, kserve):
-            process.terminate()
-            process.wait(60)
-        scratch.cleanup()
+        shut_down(channels, (fam, kserve), scratch)
 
     print(
         f"model {args.model} ({source}), {args.clients} clients, "

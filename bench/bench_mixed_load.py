@@ -24,7 +24,6 @@ alone + one step; Score-FAM throughput mixed >= 0.9 x alone.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import socket
 import statistics
@@ -40,16 +39,14 @@ import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_grpc import start_fam_serve  # noqa: E402
 from serving_helpers import make_model_dir, png_bytes  # noqa: E402
 
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc  # noqa: E402
 
 MODEL = "default-classifier"
 SCOREFAM_CLIENTS = 8
-SERVE = (
-    "import sys, fam_core.cli as cli; cli.COMMAND_MODULES = ('fam_core.commands.serve',); "
-    "raise SystemExit(cli.main(sys.argv[1:]))"
-)
 
 
 def request(method: str, seed: int) -> fam_pb2.ExplainRequest:
@@ -88,17 +85,9 @@ def free_port() -> int:
 
 
 def start_server(models: Path, metrics_port: int) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [sys.executable, "-c", SERVE, "serve", "--port", "0", "--health-port", "off",
-         "--metrics-port", str(metrics_port),
-         "--models", str(models)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    line = process.stdout.readline()  # type: ignore[union-attr]
-    if "listening on" not in line:
-        raise RuntimeError(f"server did not start: {line!r}")
-    return process, int(line.rsplit(":", 1)[1])
+    return start_fam_serve(
+        "--health-port", "off", "--metrics-port", str(metrics_port), "--models", str(models)
+    )
 
 
 def scorefam_clients(

@@ -2,7 +2,7 @@
 (random weights, nothing downloaded), 224x224, batch 1 and 16.
 
 Run: .venv/bin/python bench/bench_own_models.py [--repeats N] [--models resnet50 vit-b16]
-Targets (issue 13): FAM / forward <= 1.05, Grad-FAM / forward <= 1.10, ONNX graph with the
+Targets: FAM / forward <= 1.05, Grad-FAM / forward <= 1.10, ONNX graph with the
 FAM head / the ONNX graph without it <= 1.05 (onnxruntime, same process, same inputs): the
 head is grafted onto a plain ``torch.onnx.export`` file of each model (``graft_onnx``; the
 ViT's head, its last block read through the class token, is interpreted in torch and grafted

@@ -18,7 +18,7 @@ rotates) so machine noise hits all alike:
 - ``captum``: ``POST /explanations/default-classifier-captum`` (TorchServe's explain path).
 
 Reported: median per-round requests/s ratio against predict-only, medians of requests/s, and
-response bytes per image (the body's length). Targets (issue 9): heatmap / predict-only
+response bytes per image (the body's length). Targets: heatmap / predict-only
 >= 0.8; captum bytes / heatmap bytes >= 50.
 """
 

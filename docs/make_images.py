@@ -175,47 +175,30 @@ def main() -> None:
     # the same models, layers and targets as the family figures above
     one = slice(0, 1)
     emb_one, clf_one, refs_one = emb_in[one], clf_in[one], refs[one]
+
+    def cam(title: str, method: type) -> tuple[str, torch.Tensor]:
+        return title, method(classifier, clf_layer)(clf_one).maps
+
+    def fam_variant(title: str, method: type) -> tuple[str, torch.Tensor]:
+        return title, method(embedder, layer)(emb_one, target=refs_one).maps
+
     per_method = {
         "fam": ("FAM, embedding (1-shot)", fam(emb_one, target=refs_one).maps),
-        "gradfam": (
-            "Grad-FAM",
-            fam_core.GradFAM(embedder, layer)(emb_one, target=refs_one).maps,
-        ),
-        "scorefam": (
-            "Score-FAM",
-            fam_core.ScoreFAM(embedder, layer)(emb_one, target=refs_one).maps,
-        ),
-        "l2caf": (
-            "L2-CAF, embedding (1-shot)",
-            fam_core.L2CAF(embedder, layer)(emb_one, target=refs_one).maps,
-        ),
-        "cam": ("CAM", fam_core.CAM(classifier, clf_layer)(clf_one).maps),
-        "gradcam": ("Grad-CAM", fam_core.GradCAM(classifier, clf_layer)(clf_one).maps),
-        "gradcam++": (
-            "Grad-CAM++",
-            fam_core.GradCAMPlusPlus(classifier, clf_layer)(clf_one).maps,
-        ),
-        "xgradcam": ("XGrad-CAM", fam_core.XGradCAM(classifier, clf_layer)(clf_one).maps),
-        "layercam": ("LayerCAM", fam_core.LayerCAM(classifier, clf_layer)(clf_one).maps),
-        "scorecam": ("Score-CAM", fam_core.ScoreCAM(classifier, clf_layer)(clf_one).maps),
-        "ablationcam": (
-            "Ablation-CAM",
-            fam_core.AblationCAM(classifier, clf_layer)(clf_one).maps,
-        ),
-        "eigencam": ("Eigen-CAM", fam_core.EigenCAM(classifier, clf_layer)(clf_one).maps),
-        "guided-gradcam": (
-            "Guided Grad-CAM",
-            fam_core.GuidedGradCAM(classifier, clf_layer)(clf_one).maps,
-        ),
-        "relevancecam": (
-            "Relevance-CAM",
-            fam_core.RelevanceCAM(classifier, clf_layer)(clf_one).maps,
-        ),
-        "liftcam": ("LIFT-CAM", fam_core.LiftCAM(classifier, clf_layer)(clf_one).maps),
-        "activation": (
-            "upsampled activation",
-            fam_core.UpsampledActivation(classifier, clf_layer)(clf_one).maps,
-        ),
+        "gradfam": fam_variant("Grad-FAM", fam_core.GradFAM),
+        "scorefam": fam_variant("Score-FAM", fam_core.ScoreFAM),
+        "l2caf": fam_variant("L2-CAF, embedding (1-shot)", fam_core.L2CAF),
+        "cam": cam("CAM", fam_core.CAM),
+        "gradcam": cam("Grad-CAM", fam_core.GradCAM),
+        "gradcam++": cam("Grad-CAM++", fam_core.GradCAMPlusPlus),
+        "xgradcam": cam("XGrad-CAM", fam_core.XGradCAM),
+        "layercam": cam("LayerCAM", fam_core.LayerCAM),
+        "scorecam": cam("Score-CAM", fam_core.ScoreCAM),
+        "ablationcam": cam("Ablation-CAM", fam_core.AblationCAM),
+        "eigencam": cam("Eigen-CAM", fam_core.EigenCAM),
+        "guided-gradcam": cam("Guided Grad-CAM", fam_core.GuidedGradCAM),
+        "relevancecam": cam("Relevance-CAM", fam_core.RelevanceCAM),
+        "liftcam": cam("LIFT-CAM", fam_core.LiftCAM),
+        "activation": cam("upsampled activation", fam_core.UpsampledActivation),
         "guided-backprop": (
             "guided backprop, stride fix",
             fam_core.GuidedBackprop(classifier, stride_fix=True)(clf_one).maps,

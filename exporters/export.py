@@ -334,6 +334,7 @@ def export_model(
     kind = similarity or (config.similarity if config is not None else "cosine")
     if _unflattened(model) and isinstance(output, str):
         output = _flat_output(model, output, size)
+    # the explainer build_graph would make, made here first: its head decides the export path
     explainer = make_explainer(
         model,
         method,
@@ -743,11 +744,6 @@ def _flat_output(
         return outputs[index] if isinstance(outputs, tuple) else select_output(outputs, key)
 
     return select
-
-
-def _device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def _inputs(

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -105,18 +105,29 @@ def producers_of(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 def data_ancestors(proto: onnx.ModelProto, output: str) -> set[str]:
     """Values whose data reaches ``output`` (edges into Shape/Size carry none)."""
-    producers = producers_of(proto)
+
+    def data_inputs(node: onnx.NodeProto) -> list[str]:
+        return [] if node.op_type in NO_DATA_OPS else [given for given in node.input if given]
+
+    return _ancestors(producers_of(proto), [output], data_inputs)
+
+
+def _ancestors(
+    producers: dict[str, onnx.NodeProto],
+    outputs: list[str],
+    inputs_of: Callable[[onnx.NodeProto], list[str]],
+) -> set[str]:
+    """``outputs`` and every value they are computed from, following ``inputs_of`` each node."""
     seen: set[str] = set()
-    stack = [output]
+    stack = list(outputs)
     while stack:
         name = stack.pop()
         if name in seen:
             continue
         seen.add(name)
         node = producers.get(name)
-        if node is None or node.op_type in NO_DATA_OPS:
-            continue
-        stack.extend(given for given in node.input if given)
+        if node is not None:
+            stack.extend(inputs_of(node))
     return seen
 
 
@@ -147,21 +158,16 @@ def prune_graph(graph: onnx.GraphProto) -> None:
     """Drop the nodes and initializers that no graph output needs (and the graph inputs
     that old IR versions list for the initializers dropped)."""
     producers = {name: node for node in graph.node for name in node.output if name}
-    needed: set[str] = set()
-    stack = [value.name for value in graph.output]
-    kept_nodes: set[int] = set()
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        node = producers.get(name)
-        if node is not None and id(node) not in kept_nodes:
-            kept_nodes.add(id(node))
-            stack.extend(given for given in node.input if given)
-            for attribute in node.attribute:  # values a subgraph (If, Loop) reads
-                for sub in (attribute.g, *attribute.graphs):
-                    stack.extend(given for inner in sub.node for given in inner.input)
+
+    def inputs(node: onnx.NodeProto) -> list[str]:
+        given = [name for name in node.input if name]
+        for attribute in node.attribute:  # values a subgraph (If, Loop) reads
+            for sub in (attribute.g, *attribute.graphs):
+                given.extend(name for inner in sub.node for name in inner.input)
+        return given
+
+    needed = _ancestors(producers, [value.name for value in graph.output], inputs)
+    kept_nodes = {id(producers[name]) for name in needed if name in producers}
     nodes = [node for node in graph.node if id(node) in kept_nodes]
     del graph.node[:]
     graph.node.extend(nodes)

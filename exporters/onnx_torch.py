@@ -534,6 +534,8 @@ def _window_sum(x, kernel, strides, dilations):
     return function(x, ones, None, strides or 1, 0, dilations or 1, x.shape[1])
 
 
+# _max_pool and _average_pool list the same keywords on purpose: they are the ONNX operators'
+# attribute names, which the interpreter passes by name.
 def _max_pool(
     x,
     *,

@@ -52,17 +52,23 @@ _MAX_CELL_INCHES = 6.0  # the tallest panel of overlay_figure (at the image's ow
 # --------------------------------------------------------------------------- validation helpers
 
 
+def _check_float_tensor(value: object, name: str, shapes: str, hint: str = "") -> None:
+    """``TypeError`` unless ``value`` is a floating-point tensor (``shapes`` and ``hint`` go
+    into the message)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shapes}, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor with values in [0, 1], got dtype {value.dtype}"
+            + hint
+        )
+
+
 def _check_image(image: Tensor, name: str = "image") -> Tensor:
     """Validate an image ``[3, H, W]`` / ``[B, 3, H, W]`` in [0, 1]; return it as float32, clamped."""
-    if not isinstance(image, Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor [3, H, W] or [B, 3, H, W], got {type(image).__name__}"
-        )
-    if not image.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor with values in [0, 1], got dtype {image.dtype}"
-            " (convert uint8 images with image.float() / 255)"
-        )
+    _check_float_tensor(
+        image, name, "[3, H, W] or [B, 3, H, W]", " (convert uint8 images with image.float() / 255)"
+    )
     shape = tuple(image.shape)
     if image.dim() not in (3, 4):
         raise ValueError(f"{name} must have shape [3, H, W] or [B, 3, H, W], got shape {shape}")
@@ -86,14 +92,7 @@ def _check_image(image: Tensor, name: str = "image") -> Tensor:
 
 def _check_heatmap(heatmap: Tensor, name: str = "heatmap") -> Tensor:
     """Validate a heatmap ``[H, W]`` / ``[B, H, W]``; return it as float32 (not yet clamped)."""
-    if not isinstance(heatmap, Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor [H, W] or [B, H, W], got {type(heatmap).__name__}"
-        )
-    if not heatmap.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor with values in [0, 1], got dtype {heatmap.dtype}"
-        )
+    _check_float_tensor(heatmap, name, "[H, W] or [B, H, W]")
     shape = tuple(heatmap.shape)
     if heatmap.dim() not in (2, 3):
         raise ValueError(f"{name} must have shape [H, W] or [B, H, W], got shape {shape}")

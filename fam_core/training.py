@@ -254,6 +254,8 @@ def _timed(train: Callable[[], EmbeddingNet]) -> tuple[EmbeddingNet, float]:
     return model, time.perf_counter() - started
 
 
+# build_default_embedding and build_default_classifier share their signature on purpose: both
+# are DEFAULT_MODELS builders, called alike by ``fam train NAME``.
 def build_default_embedding(
     directory: str | Path,
     recipe: EmbeddingRecipe = EmbeddingRecipe(),

@@ -397,7 +397,7 @@ def test_grpc_server_serves_the_good_model_and_refuses_the_failed_one(mixed_serv
 
 
 def test_serve_command_loads_models_and_refuses_when_none_loads(tmp_path, factory_dir) -> None:
-    from fam_core.commands.serve import load_registry
+    from fam_core.pipeline.models import load_registry
 
     registry = load_registry(None, [str(factory_dir), str(tmp_path / "missing.yaml")])
     assert registry.names() == ["tiny-classifier"]

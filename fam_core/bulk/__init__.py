@@ -18,7 +18,8 @@ Example:
 """
 
 from fam_core.bulk.job import BulkOptions, BulkReport, run_bulk
-from fam_core.bulk.rows import ROW_SCHEMA, decode_heatmap, read_rows
+from fam_core.bulk.rows import ROW_SCHEMA, decode_heatmap
+from fam_core.bulk.shards import read_rows
 from fam_core.bulk.worker import ExplainSettings
 
 __all__ = [

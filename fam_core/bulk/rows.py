@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -106,16 +105,3 @@ def decode_heatmap(row: Row) -> torch.Tensor:
     if row.get("heatmap") is None:
         raise ValueError(f"row {row.get('id')!r} has no heatmap: {row.get('error') or 'none'}")
     return heatmap_from_bytes(row["heatmap"], tuple(row["heatmap_shape"]))
-
-
-def read_rows(out: str | Path, columns: list[str] | None = None) -> list[Row]:
-    """Every row of a bulk job's output folder, ordered by shard, id and model."""
-    import pyarrow.parquet as pq
-
-    from fam_core.bulk.shards import shard_files
-
-    files = shard_files(Path(out))
-    rows = [row for file in files for row in pq.read_table(file, columns=columns).to_pylist()]
-    if columns is None or {"shard", "id", "model"} <= set(columns):
-        rows.sort(key=lambda r: (r["shard"], r["id"], r["model"]))
-    return rows

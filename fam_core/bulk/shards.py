@@ -83,3 +83,12 @@ def write_shard(out: Path, name: str, rows: list[Row]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     table = to_table(rows)
     return write_atomically(folder / name, lambda temporary: pq.write_table(table, temporary))
+
+
+def read_rows(out: str | Path, columns: list[str] | None = None) -> list[Row]:
+    """Every row of a bulk job's output folder, ordered by shard, id and model."""
+    files = shard_files(Path(out))
+    rows = [row for file in files for row in pq.read_table(file, columns=columns).to_pylist()]
+    if columns is None or {"shard", "id", "model"} <= set(columns):
+        rows.sort(key=lambda r: (r["shard"], r["id"], r["model"]))
+    return rows

@@ -115,6 +115,7 @@ _GRPC_ONLY = ("token_file", "tls_cert", "tls_key", "metrics_port", "metrics_toke
 
 def _serve(args: argparse.Namespace) -> int:
     from fam_core.pipeline import BatchingConfig, Limits
+    from fam_core.pipeline.models import load_registry
 
     if args.port is None:
         args.port = DEFAULT_PORTS[args.engine]
@@ -255,26 +256,6 @@ def _read_token(path: str | None) -> str | None:
     if not token:
         raise ValueError(f"token file {path} is empty")
     return token
-
-
-def load_registry(models_dir: str | None, models: list[str]) -> ModelRegistry:
-    """The models of ``--models DIR`` and each ``--model CONFIG`` (default: the default models).
-
-    A model that fails to load is reported not ready while the others serve; when none
-    loads, the first reason is raised as a one-line ``ValueError``.
-    """
-    from fam_core.pipeline import DEFAULT_MODELS, ModelRegistry
-    from fam_core.pipeline.models import directory_sources
-
-    sources: list[str | Path] = []
-    if models_dir:
-        sources += directory_sources(models_dir)
-    sources += models
-    registry = ModelRegistry.load(sources or list(DEFAULT_MODELS), keep_going=True)
-    if len(registry) == 0:
-        failed = registry.failed()
-        raise ValueError(f"no model loaded: {failed[0].name}: {failed[0].reason}")
-    return registry
 
 
 def _serve_demo(args: argparse.Namespace) -> int:

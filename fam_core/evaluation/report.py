@@ -84,8 +84,8 @@ HEADLINE: tuple[tuple[str, str, str], ...] = (
     ("scene-retrieval", "sensitivity_gap", "scene-retrieval: sensitivity gap"),
     ("classifier", "proportion", "classifier proportion"),
 )
-"""The headline table's columns ``(setting, metric, label)``: what issue 15 reads the methods
-against, one column per setting that ran (the README shows this table)."""
+"""The headline table's columns ``(setting, metric, label)``: what the evaluation's goals read
+the methods against, one column per setting that ran (the README shows this table)."""
 
 
 def headline(result: EvalResult) -> list[str]:

@@ -161,6 +161,33 @@ def _pick(batch: FlowerBatch, index: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def _similarity_setting(
+    name: str,
+    model_name: str,
+    loaded: LoadedModel,
+    pool: FlowerBatch,
+    index: torch.Tensor,
+    target: torch.Tensor,
+    retarget: Callable[[nn.Module], torch.Tensor],
+    kind: str,
+    task: dict,
+    gallery: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Setting:
+    """The images ``pool[index]`` of an embedding setting, scored by their similarity to
+    ``target``."""
+    return Setting(
+        name,
+        model_name,
+        loaded,
+        **_pick(pool, index),
+        target=target,
+        retarget=retarget,
+        score=similarity_scorer(loaded.model, loaded.config.normalize, target, kind),
+        gallery=gallery,
+        task=task,
+    )
+
+
 def embedding_settings(
     loaded: LoadedModel, *, images: int, episodes: int, seed: int, model_name: str
 ) -> list[Setting]:
@@ -216,15 +243,8 @@ def _few_shot(
         return support.view(len(chosen), support_index.shape[1], -1).mean(dim=1, keepdim=True)
 
     target = retarget(loaded.model)
-    return Setting(
-        "few-shot",
-        model_name,
-        loaded,
-        **_pick(pool, index),
-        target=target,
-        retarget=retarget,
-        score=similarity_scorer(loaded.model, loaded.config.normalize, target, kind),
-        task=task,
+    return _similarity_setting(
+        "few-shot", model_name, loaded, pool, index, target, retarget, kind, task
     )
 
 
@@ -276,15 +296,8 @@ def _bank_settings(
             classes,
             count=min(KNN_TARGET_NEIGHBOURS, BANK_PER_CLASS),
         )
-        knn_setting = Setting(
-            "kNN",
-            model_name,
-            loaded,
-            **_pick(pool, knn_queries),
-            target=knn_target,
-            retarget=knn_retarget,
-            score=similarity_scorer(loaded.model, loaded.config.normalize, knn_target, kind),
-            task=knn_task,
+        knn_setting = _similarity_setting(
+            "kNN", model_name, loaded, pool, knn_queries, knn_target, knn_retarget, kind, knn_task
         )
 
     result = retrieval_metrics(queries, query_labels, bank, bank_labels, ks=(1, 5), similarity=kind)
@@ -307,16 +320,17 @@ def _bank_settings(
     if not len(hit):
         return [knn_setting, _empty("retrieval", model_name, loaded, retrieval_task)]
     retrieval_target = top_refs[hit]
-    retrieval_setting = Setting(
+    retrieval_setting = _similarity_setting(
         "retrieval",
         model_name,
         loaded,
-        **_pick(pool, retrieval_queries),
-        target=retrieval_target,
-        retarget=retrieval_retarget,
-        score=similarity_scorer(loaded.model, loaded.config.normalize, retrieval_target, kind),
+        pool,
+        retrieval_queries,
+        retrieval_target,
+        retrieval_retarget,
+        kind,
+        retrieval_task,
         gallery=(bank, bank_labels),
-        task=retrieval_task,
     )
     return [knn_setting, retrieval_setting]
 

@@ -157,6 +157,8 @@ def relevance_order(maps: torch.Tensor) -> torch.Tensor:
     return ranks.scatter_(1, order, positions)
 
 
+# deletion_curve and insertion_curve keep separate, identical signatures on purpose: two public
+# metrics, each documented on its own; both run _pixel_curve.
 @torch.no_grad()
 def deletion_curve(
     score: ScoreFunction,

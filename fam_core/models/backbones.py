@@ -217,6 +217,8 @@ def _four_block_net(
     return _finish(stages, channels, activation, pooling, embedding_dim, num_classes)
 
 
+# conv4, conv4s8 and conv64f spell out the same keyword-only signature on purpose: it is the
+# public signature each builder documents and that a config's ``backbone_kwargs`` are passed to.
 def conv4(
     *,
     pooling: PoolingKind = "avg",

@@ -186,6 +186,20 @@ KEYS: tuple[KeySpec, ...] = (
 SPECS: dict[str, KeySpec] = {spec.name: spec for spec in KEYS}
 
 
+def channel_mismatch(values: int, channels: int) -> str:
+    """What a ``mean`` / ``std`` of ``values`` numbers for a ``channels``-channel model lacks.
+
+    Example:
+        >>> channel_mismatch(3, 1)
+        'got 3 values for a 1-channel (greyscale) model: expected one value, e.g. [0.5]'
+    """
+    if channels == 1:
+        return (
+            f"got {values} values for a 1-channel (greyscale) model: expected one value, e.g. [0.5]"
+        )
+    return f"got {values} values for a {channels}-channel model: expected 1 or {channels}"
+
+
 def value_problem(spec: KeySpec, value: Any) -> str | None:
     """What is wrong with ``value`` for ``spec``'s kind (``None``: nothing, or ``None`` where
     the key is optional)."""

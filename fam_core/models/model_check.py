@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fam_core.adapters import input_channels
-from fam_core.models.config_schema import IMAGENET_MEAN, IMAGENET_STD
+from fam_core.models.config_schema import IMAGENET_MEAN, IMAGENET_STD, channel_mismatch
 
 if TYPE_CHECKING:
     from fam_core.models.store import ModelConfig
@@ -72,8 +72,6 @@ def config_problems(config: ModelConfig, facts: ModelFacts) -> list[tuple[str, s
         >>> config_problems(config, ModelFacts(outputs=("last_hidden_state", "pooler_output")))
         [('output', "the model has no output 'image_embed'; its outputs are ['last_hidden_state', 'pooler_output']")]
     """
-    from fam_core.models.store import channel_mismatch
-
     problems: list[tuple[str, str]] = []
     channels = facts.input_channels
     if channels is not None:

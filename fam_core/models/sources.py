@@ -21,20 +21,34 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from fam_core.extras import PACKAGE_EXTRAS
+from fam_core.messages import first_line
 from fam_core.models.backbones import build_backbone
 from fam_core.models.safe_load import load_weights_only
 
-if TYPE_CHECKING:
-    from fam_core.models.store import ModelConfig
+
+class ModuleSource(Protocol):
+    """The keys of a model config that name its torch module
+    (:class:`fam_core.models.store.ModelConfig` has them)."""
+
+    @property
+    def source(self) -> str: ...
+
+    directory: Path
+    backbone: str | None
+    backbone_kwargs: dict[str, Any]
+    factory: str | None
+    factory_kwargs: dict[str, Any]
+    exported_program: str | None
+    weights: str | None
 
 
-def load_module(config: ModelConfig) -> nn.Module:
+def load_module(config: ModuleSource) -> nn.Module:
     """The config's module with its weights, in eval mode on the CPU."""
     if config.source == "exported_program":
         return load_exported_program(config.directory / str(config.exported_program))
@@ -44,13 +58,13 @@ def load_module(config: ModelConfig) -> nn.Module:
     return model.eval()
 
 
-def build_module(config: ModelConfig) -> nn.Module:
+def build_module(config: ModuleSource) -> nn.Module:
     """The architecture of a ``backbone`` or ``factory`` config, freshly initialised."""
     if config.source == "backbone":
         try:
             return build_backbone(str(config.backbone), **config.backbone_kwargs)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"backbone: {_first_line(error)}") from None
+            raise ValueError(f"backbone: {first_line(error)}") from None
     if config.source == "factory":
         factory = resolve_factory(str(config.factory), config.directory)
         try:
@@ -58,7 +72,7 @@ def build_module(config: ModelConfig) -> nn.Module:
         except Exception as error:  # noqa: BLE001 - the user's code may raise anything
             raise ValueError(
                 f"factory: {config.factory}(**factory_kwargs) raised "
-                f"{type(error).__name__}: {_first_line(error)}"
+                f"{type(error).__name__}: {first_line(error)}"
             ) from None
         if not isinstance(model, nn.Module):
             raise ValueError(
@@ -143,13 +157,12 @@ def _import(module_name: str, local: Path | None) -> ModuleType:
                 f"pip install 'fam-core[{PACKAGE_EXTRAS[missing]}]'"
             ) from None
         raise ValueError(
-            f"factory: cannot import module {module_name!r} ({_first_line(error)}): install "
+            f"factory: cannot import module {module_name!r} ({first_line(error)}): install "
             f"the package {package!r} or put {package}.py next to the config"
         ) from None
     except Exception as error:  # noqa: BLE001 - importing user code may raise anything
         raise ValueError(
-            f"factory: importing {module_name!r} raised {type(error).__name__}: "
-            f"{_first_line(error)}"
+            f"factory: importing {module_name!r} raised {type(error).__name__}: {first_line(error)}"
         ) from None
 
 
@@ -228,7 +241,7 @@ def load_exported_program(path: Path) -> nn.Module:
         program = torch.export.load(path)
     except Exception as error:  # noqa: BLE001 - any unreadable file is one config error
         raise ValueError(
-            f"exported_program: cannot load {path} with torch.export.load: {_first_line(error)}"
+            f"exported_program: cannot load {path} with torch.export.load: {first_line(error)}"
         ) from None
     try:
         module = torch.export.unflatten(program)
@@ -332,11 +345,6 @@ def _unflatten_fields(cls: type, values: Any, context: Any) -> ExportedOutput:
     if len(keys) != len(values) or not all(isinstance(k, str | int) for k in keys):
         keys = list(range(len(values)))  # a context that is not field names: by position
     return cls(zip(keys, values, strict=True))  # type: ignore[no-any-return]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _shorten(text: str, limit: int) -> str:

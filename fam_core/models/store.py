@@ -26,8 +26,11 @@ from fam_core.models.config_schema import (
     KEYS,
     SOURCES,
     TORCH_SOURCES,
+    channel_mismatch,
     value_problem,
 )
+from fam_core.models.model_check import check_torch_model
+from fam_core.models.sources import build_module, load_module
 from fam_core.package_data import MODEL_STORE
 from fam_core.resizing import DEFAULT_POLICY, ResizePolicy, as_size, fit_image
 
@@ -316,8 +319,6 @@ class ModelConfig:
 
     def build(self) -> nn.Module:
         """The architecture with freshly initialised weights (``backbone`` and ``factory``)."""
-        from fam_core.models.sources import build_module
-
         return build_module(self)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -381,25 +382,6 @@ def _search_problems(config: ModelConfig, source: str) -> list[tuple[str, str]]:
     return problems
 
 
-def channel_mismatch(values: int, channels: int) -> str:
-    """What a ``mean`` / ``std`` of ``values`` numbers for a ``channels``-channel model lacks.
-
-    Example:
-        >>> channel_mismatch(3, 1)
-        'got 3 values for a 1-channel (greyscale) model: expected one value, e.g. [0.5]'
-    """
-    if channels == 1:
-        return (
-            f"got {values} values for a 1-channel (greyscale) model: expected one value, e.g. [0.5]"
-        )
-    return f"got {values} values for a {channels}-channel model: expected 1 or {channels}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 _FACTORY = r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*"
 
 
@@ -454,9 +436,6 @@ def load_model(
         >>> config.target_layer
         'block4'
     """
-    from fam_core.models.model_check import check_torch_model
-    from fam_core.models.sources import load_module
-
     config = ModelConfig.from_file(find_config(name_or_path))
     if config.onnx is not None:
         raise ValueError(

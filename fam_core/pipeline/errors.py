@@ -65,6 +65,8 @@ class FailedPrecondition(PipelineError, ValueError):
     http_status = 400
 
 
+# One class per status (and a subclass where the HTTP status differs): callers catch by type,
+# so the classes below repeat the same two-line shape on purpose.
 class ResourceExhausted(PipelineError):
     """The request is over a size limit, or the server's queue is full."""
 
@@ -109,3 +111,22 @@ class Unavailable(PipelineError):
 
 class Cancelled(Unavailable):
     """The request was running when the server's drain grace ended: its work was stopped."""
+
+
+BY_CODE: dict[str, type[PipelineError]] = {
+    error.code: error
+    for error in (
+        InvalidArgument,
+        NotFound,
+        FailedPrecondition,
+        ResourceExhausted,
+        DeadlineExceeded,
+        Unavailable,
+    )
+}
+"""The most general error of each gRPC code: what a client raises for a refusal.
+
+Example:
+    >>> BY_CODE["NOT_FOUND"].__name__
+    'NotFound'
+"""

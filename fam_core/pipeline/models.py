@@ -20,6 +20,7 @@ from torch import nn
 from fam_core.configfile import parse_config
 from fam_core.default_method import MethodChoice, choose_method
 from fam_core.explainers.registry import method_name
+from fam_core.messages import first_line
 from fam_core.models.store import TASKS, ModelConfig, find_config
 from fam_core.package_data import DEFAULT_MODEL_NAMES
 from fam_core.pipeline.backends import Backend, LoadedBackend
@@ -40,6 +41,7 @@ __all__ = [
     "ServedModel",
     "choose_method",
     "load_backend",
+    "load_registry",
 ]
 
 
@@ -242,8 +244,7 @@ def _name_and_task(source: str | Path) -> tuple[str, str]:
 
 
 def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
+    first = first_line(error)
     return first if isinstance(error, ValueError) else f"{type(error).__name__}: {first}"
 
 
@@ -339,6 +340,27 @@ def directory_sources(directory: str | Path) -> list[Path]:
     if not sources:
         raise ValueError(f"models folder {directory} has no */config.yaml or *.onnx")
     return sources
+
+
+def load_registry(models_dir: str | Path | None, models: list[str]) -> ModelRegistry:
+    """The models of ``--models DIR`` and each ``--model CONFIG`` (default: the default models).
+
+    A model that fails to load is reported not ready while the others serve; when none
+    loads, the first reason is raised as a one-line ``ValueError``.
+
+    Example:
+        >>> load_registry(None, ["default-classifier", "no-such-model"]).names()
+        ['default-classifier']
+    """
+    sources: list[str | Path] = []
+    if models_dir:
+        sources += directory_sources(models_dir)
+    sources += models
+    registry = ModelRegistry.load(sources or list(DEFAULT_MODELS), keep_going=True)
+    if len(registry) == 0:
+        failed = registry.failed()
+        raise ValueError(f"no model loaded: {failed[0].name}: {failed[0].reason}")
+    return registry
 
 
 def _source(name: str | Path) -> str | Path:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fam_core.messages import first_line
 from fam_core.pipeline.decode import check_sizes
 from fam_core.pipeline.encode import heatmap_bytes
 from fam_core.pipeline.errors import (
@@ -99,7 +100,7 @@ def search_job(served: ServedModel, request: SearchRequest, limits: Limits) -> S
 def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Explained]]:
     """Search the queries of ``jobs`` (one batch key) in ``served``'s index: per job, per
     query, its explained neighbours."""
-    from fam_core.search import explained_search
+    from fam_core.search import IndexUnavailable, explained_search
 
     if served.index is None:
         raise no_index(served.name)
@@ -115,11 +116,10 @@ def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Exp
             explain=job.explain,
             filter=job.filter,
         )
+    except IndexUnavailable as error:  # the engine did not answer
+        raise Unavailable(f"search on model {served.name!r}: {first_line(error)}") from None
     except (ValueError, TypeError) as error:  # a filter the engine cannot parse, a bad method
-        reason = _first_line(error)
-        if reason.startswith("cannot "):  # the engine did not answer
-            raise Unavailable(f"search on model {served.name!r}: {reason}") from None
-        raise InvalidArgument(f"search on model {served.name!r}: {reason}") from None
+        raise InvalidArgument(f"search on model {served.name!r}: {first_line(error)}") from None
     parts: list[list[Explained]] = []
     start = 0
     for j in jobs:
@@ -167,8 +167,3 @@ def _heatmap(values: torch.Tensor | None, method: str, target_layer: str) -> Hea
         target_layer=target_layer,
         resolution="input",
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

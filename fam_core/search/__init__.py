@@ -14,7 +14,7 @@ Example:
     'gallery.db'
 """
 
-from fam_core.search.engine import Hit, VectorEngine
+from fam_core.search.engine import Hit, IndexUnavailable, VectorEngine
 from fam_core.search.explained import (
     EXPLAIN_MODES,
     ExplainedNeighbour,
@@ -35,6 +35,7 @@ __all__ = [
     "Hit",
     "IndexCard",
     "IndexRow",
+    "IndexUnavailable",
     "MilvusEngine",
     "Neighbour",
     "VectorEngine",

@@ -25,6 +25,16 @@ Hit = Neighbour
 """What an engine's search returns for each neighbour (a :class:`Neighbour`)."""
 
 
+class IndexUnavailable(ValueError):
+    """The vector database did not answer (cannot be reached, opened, read or written): a
+    server answers it as unavailable, where any other ``ValueError`` is the request's fault.
+
+    Example:
+        >>> isinstance(IndexUnavailable("cannot reach Milvus at http://db:19530"), ValueError)
+        True
+    """
+
+
 @runtime_checkable
 class VectorEngine(Protocol):
     """A collection of :class:`IndexRow` in a vector database."""

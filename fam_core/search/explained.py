@@ -44,6 +44,7 @@ import torch
 
 from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass
 from fam_core.explainers.targets import ResolvedTarget
+from fam_core.messages import first_line
 from fam_core.search.index import GalleryIndex, model_card
 from fam_core.search.records import Neighbour
 
@@ -281,7 +282,7 @@ def _reference_maps(
             try:
                 loaded[neighbour.id] = loader(neighbour.uri)
             except (ValueError, OSError) as error:
-                loaded[neighbour.id] = _first_line(error)
+                loaded[neighbour.id] = first_line(error)
     numbers = [n for n, (_, nb) in enumerate(pairs) if isinstance(loaded[nb.id], torch.Tensor)]
     errors = {
         n: str(loaded[nb.id]) for n, (_, nb) in enumerate(pairs) if isinstance(loaded[nb.id], str)
@@ -326,8 +327,3 @@ def _backend_maps(
         raise ValueError(f"method {method!r} on model {model.name!r}: {error}") from None
     size = model.config.image_size
     return torch.stack([heatmap_at(computed, i, "input", size) for i in range(len(images))])
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fam_core.extras import require
-from fam_core.search.engine import Hit
+from fam_core.search.engine import Hit, IndexUnavailable
 from fam_core.search.records import IndexCard, IndexRow
 
 DEFAULT_COLLECTION = "fam_index"
@@ -147,7 +147,7 @@ class MilvusEngine:
                 self._client = MilvusClient(where, **options)
             except Exception as error:  # noqa: BLE001 - pymilvus raises many kinds
                 what = "reach Milvus at" if self.location.server else "open Milvus Lite file"
-                raise ValueError(f"cannot {what} {where}: {_first_line(error)}") from None
+                raise IndexUnavailable(f"cannot {what} {where}: {_first_line(error)}") from None
         return self._client
 
     def close(self) -> None:
@@ -252,7 +252,9 @@ class MilvusEngine:
         except Exception as error:  # noqa: BLE001
             if filter:
                 raise ValueError(f"filter {filter!r}: {_first_line(error)}") from None
-            raise ValueError(f"cannot search index {self.uri}: {_first_line(error)}") from None
+            raise IndexUnavailable(
+                f"cannot search index {self.uri}: {_first_line(error)}"
+            ) from None
         return [[_hit(hit, metric) for hit in hits] for hits in found]
 
     def get(self, ids: Sequence[str]) -> list[IndexRow]:
@@ -367,7 +369,9 @@ class MilvusEngine:
         try:
             return function(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - pymilvus raises many kinds
-            raise ValueError(f"cannot {what} index {self.uri}: {_first_line(error)}") from None
+            raise IndexUnavailable(
+                f"cannot {what} index {self.uri}: {_first_line(error)}"
+            ) from None
 
 
 def _record(row: IndexRow) -> dict[str, Any]:

@@ -22,15 +22,7 @@ from types import TracebackType
 
 import grpc
 
-from fam_core.pipeline.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PipelineError,
-    ResourceExhausted,
-    Unavailable,
-)
+from fam_core.pipeline.errors import BY_CODE, PipelineError, Unavailable
 from fam_core.pipeline.request import (
     EncodedImage,
     ExplainRequest,
@@ -49,12 +41,7 @@ from fam_core.pipeline.request import (
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
 
 ERRORS: dict[grpc.StatusCode, type[PipelineError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    getattr(grpc.StatusCode, code): error for code, error in BY_CODE.items()
 }
 """The pipeline error a gRPC status is raised as (any other status: :class:`Unavailable`)."""
 DEFAULT_TIMEOUT_S = 120.0

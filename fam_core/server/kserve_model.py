@@ -76,6 +76,7 @@ from fam_core.pipeline import (
 from fam_core.pipeline.decode import check_count
 from fam_core.pipeline.errors import InvalidArgument, LaneFull, Unavailable
 from fam_core.pipeline.json_codec import kserve_fields, request_from_fields, response_to_json
+from fam_core.pipeline.models import load_registry
 from fam_core.pipeline.oip_codec import answer_infer, tensor_metadata
 from fam_core.server.calls import MAX_MESSAGE, shorten
 from fam_core.server.status import status_code
@@ -132,10 +133,15 @@ async def request_error_response(_request: Any, error: RequestError) -> JSONResp
     """The REST answer to a refused request: its HTTP status, ``{"error", "code"}``, and
     ``Retry-After`` when retrying later may succeed."""
     headers = None if error.retry_after_s is None else {"Retry-After": str(error.retry_after_s)}
+    return _error_response(error.http_status, error.details, error.code, headers)
+
+
+def _error_response(
+    http_status: int, details: str, code: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """A REST refusal: ``{"error": details, "code": code}`` with its HTTP status."""
     return JSONResponse(
-        status_code=error.http_status,
-        content={"error": error.details, "code": error.code},
-        headers=headers,
+        status_code=http_status, content={"error": details, "code": code}, headers=headers
     )
 
 
@@ -277,12 +283,10 @@ def _limit_body(max_bytes: int) -> Any:
     async def limit(request: Any, call_next: Any) -> Any:
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_bytes:
-            return JSONResponse(
-                status_code=413,
-                content={
-                    "error": f"the body has {length} bytes, more than the limit of {max_bytes}",
-                    "code": "RESOURCE_EXHAUSTED",
-                },
+            return _error_response(
+                413,
+                f"the body has {length} bytes, more than the limit of {max_bytes}",
+                "RESOURCE_EXHAUSTED",
             )
         return await call_next(request)
 
@@ -301,12 +305,8 @@ def _answer_not_ready(reasons: dict[str, str]) -> Any:
         route = _MODEL_ROUTE.match(request.url.path)
         name = route.group(1) if route else None
         if name in reasons:
-            return JSONResponse(
-                status_code=503,
-                content={
-                    "error": f"Model with name {name} is not ready: {reasons[name]}",
-                    "code": "UNAVAILABLE",
-                },
+            return _error_response(
+                503, f"Model with name {name} is not ready: {reasons[name]}", "UNAVAILABLE"
             )
         return await call_next(request)
 
@@ -418,8 +418,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fam_core.server.kserve_model [--http-port 8080] [--grpc-port 8081]
     [--model NAME_OR_CONFIG ...] [--models DIR]``; ``fam serve --engine kserve`` has every
     option."""
-    from fam_core.commands.serve import load_registry
-
     parser = argparse.ArgumentParser(prog="python -m fam_core.server.kserve_model")
     parser.add_argument("--http-port", type=int, default=8080)
     parser.add_argument("--grpc-port", type=int, default=8081)

@@ -37,14 +37,12 @@ __all__ = [
 ]
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The Open Inference Protocol front door (tritonclient.grpc and KServe clients)."""
+class ReadinessServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``ServerLive``, ``ServerReady`` and ``ModelReady`` alone (the rest UNIMPLEMENTED), for
+    the health port's own thread pool."""
 
-    VERSION = "1"
-
-    def __init__(self, pipeline: Pipeline, calls: Calls) -> None:
+    def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        self.calls = calls
 
     def ServerLive(self, request, context):  # noqa: N802
         return pb.ServerLiveResponse(live=True)
@@ -54,6 +52,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request, context):  # noqa: N802
         return pb.ModelReadyResponse(ready=model_ready(self.pipeline, request.name))
+
+
+class InferenceServicer(ReadinessServicer):
+    """The Open Inference Protocol front door (tritonclient.grpc and KServe clients): the
+    readiness calls of :class:`ReadinessServicer` and the rest."""
+
+    VERSION = "1"
+
+    def __init__(self, pipeline: Pipeline, calls: Calls) -> None:
+        super().__init__(pipeline)
+        self.calls = calls
 
     def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(name="fam-core", version=__version__, extensions=[])
@@ -81,23 +90,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
 
         return self.calls.run("ModelInfer", request.model_name, context, body)
-
-
-class ReadinessServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """``ServerLive``, ``ServerReady`` and ``ModelReady`` alone (the rest UNIMPLEMENTED), for
-    the health port's own thread pool."""
-
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-
-    def ServerLive(self, request, context):  # noqa: N802
-        return pb.ServerLiveResponse(live=True)
-
-    def ServerReady(self, request, context):  # noqa: N802
-        return pb.ServerReadyResponse(ready=self.pipeline.ready)
-
-    def ModelReady(self, request, context):  # noqa: N802
-        return pb.ModelReadyResponse(ready=model_ready(self.pipeline, request.name))
 
 
 def model_ready(pipeline: Pipeline, name: str) -> bool:

@@ -27,6 +27,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from fam_core.messages import first_line
 from fam_core.pipeline import PipelineError
 from fam_core.ui.backends import ViewerBackend
 from fam_core.ui.views import DEFAULT_TOP_K, GalleryImage, explain_view, view_kind
@@ -170,10 +171,10 @@ def _handler(viewer: ViewerServer) -> type[BaseHTTPRequestHandler]:
             try:
                 answer = body()
             except PipelineError as error:
-                self._refuse(RequestRefused(error.http_status, _one_line(error)))
+                self._refuse(RequestRefused(error.http_status, first_line(error)))
                 return
             except (ValueError, TypeError) as error:
-                self._refuse(RequestRefused(400, _one_line(error)))
+                self._refuse(RequestRefused(400, first_line(error)))
                 return
             self._send(200, json.dumps(answer).encode(), "application/json")
 
@@ -197,8 +198,3 @@ def _handler(viewer: ViewerServer) -> type[BaseHTTPRequestHandler]:
             pass  # the CLI prints the address; per-request lines would drown it
 
     return Handler
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -1,6 +1,8 @@
-"""Issue 4 benchmarks: Grad-FAM, Score-FAM, L2-CAF. Every figure is a ratio in one process.
+"""Explanation time of Grad-FAM, Score-FAM and L2-CAF over the forward passes they need.
 
-Run: .venv/bin/python bench/bench_issue4.py [gradfam] [scorefam] [l2caf] [--repeats N]
+Every figure is a ratio in one process.
+
+Run: .venv/bin/python bench/bench_method_overhead.py [gradfam] [scorefam] [l2caf] [--repeats N]
 
 - gradfam: Grad-FAM (analytic path) over a plain forward, ResNet18 at 224x224, batch 1 / 32.
   Target <= 1.1.
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ratio  # noqa: E402
+from common import explain_over_forward, ratio  # noqa: E402
 
 from fam_core.explainers.fam.gradfam import GradFAM  # noqa: E402
 from fam_core.models.backbones import resnet18  # noqa: E402
@@ -37,18 +39,7 @@ def bench_gradfam(repeats: int) -> None:
     print("| batch | forward (ms) | Grad-FAM (ms) | Grad-FAM / forward |")
     print("|---:|---:|---:|---:|")
     for batch in (1, 32):
-        images = torch.rand(batch, 3, 224, 224)
-        references = explainer.embed(torch.rand(5, 3, 224, 224))
-
-        def forward(images: torch.Tensor = images) -> None:
-            with torch.no_grad():
-                model(images)
-
-        def explain(images: torch.Tensor = images, refs: torch.Tensor = references) -> None:
-            explainer(images, target=refs)
-
-        reps = repeats if batch < 8 else max(5, repeats // 3)
-        value, candidate, baseline = ratio(explain, forward, repeats=reps)
+        value, candidate, baseline = explain_over_forward(model, explainer, batch, repeats)
         print(f"| {batch} | {1000 * baseline:.1f} | {1000 * candidate:.1f} | {value:.3f} |")
 
 

@@ -1,0 +1,18 @@
+"""One-line error messages, as the front doors and config checks report them."""
+
+from __future__ import annotations
+
+__all__ = ["first_line"]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of the error's message, or its type's name when the message is empty.
+
+    Example:
+        >>> first_line(ValueError("bad value\\nmore detail"))
+        'bad value'
+        >>> first_line(KeyError())
+        'KeyError'
+    """
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
