@@ -148,7 +148,7 @@ def discover_explainers() -> dict[str, str]:
             try:
                 module = importlib.import_module(info.name)
             except Exception as error:  # a broken method must not stop the evaluation of others
-                failures[info.name] = _first_line(error)
+                failures[info.name] = _type_and_first_line(error)
                 continue
             if info.ispkg:
                 packages.append((module.__path__, f"{info.name}."))
@@ -436,7 +436,7 @@ def run_evaluation(
             continue
         except (ValueError, TypeError, NotImplementedError, RuntimeError, ImportError) as error:
             # ImportError: a method whose optional extra is missing (LIFT-CAM needs captum)
-            result.skipped.setdefault(method, {})[setting.name] = _first_line(error)
+            result.skipped.setdefault(method, {})[setting.name] = _type_and_first_line(error)
             continue
         if isinstance(explainer, RelevantFeatures):
             fitted[setting.name] = explainer
@@ -453,7 +453,9 @@ def run_evaluation(
                     method, setting, options.sanity_images, options.seed
                 )
             except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
-                result.skipped.setdefault(method, {})[f"sanity/{setting.name}"] = _first_line(error)
+                result.skipped.setdefault(method, {})[f"sanity/{setting.name}"] = (
+                    _type_and_first_line(error)
+                )
             result.timings[f"sanity/{method}/{setting.name}"] = clock.lap()
     bar.close()
     clock.lap()
@@ -469,7 +471,7 @@ def run_evaluation(
                 except (NotApplicable, ValueError, RuntimeError) as error:
                     result.skipped.setdefault("relevant-features", {})[
                         f"relevance/{setting.name}"
-                    ] = _first_line(error)
+                    ] = _type_and_first_line(error)
     result.timings["relevance"] = clock.lap()
     summarise_result(result, options.seed)
     result.timings["statistics"] = clock.lap()
@@ -490,6 +492,6 @@ class _Clock:
         return spent
 
 
-def _first_line(error: BaseException) -> str:
+def _type_and_first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")

@@ -19,8 +19,8 @@ the constraint ``||f / ||f|| || = 1`` then costs nothing, cells with zero activa
 gradient, and the filter stays at its uniform start. Matching a component, like the
 class-oblivious MSE, is not scale-invariant: with a unit-norm filter the output can only
 keep its size by putting the filter's mass where the activations that make it are. (The
-issue's other option, the authors' constraint as in their code, is what ``f / ||f||``
-already is; it is the loss that lacked scale.)
+other remedy, the authors' constraint as in their code, is what ``f / ||f||`` already is;
+it is the loss that lacked scale.)
 
 Units (a deviation from the authors' code, which minimises the plain MSE of ImageNet logits
 with lr 0.5): every loss is divided by ``S``, the size of what the target layer adds to the

@@ -31,6 +31,7 @@ from fam_core.explainers.cam.cam import CAM
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import check_runnable
 from fam_core.extras import MissingExtraError
+from fam_core.messages import first_line
 from fam_core.models.model_check import check_torch_model
 from fam_core.models.sources import load_module
 from fam_core.models.store import ModelConfig
@@ -104,7 +105,7 @@ class TorchBackend:
         try:
             refusal = cam.refusal(images.to(device))
         except (ValueError, TypeError) as error:
-            refusal = _first_line(error)
+            refusal = first_line(error)
         return choose_method("classifier", cam_refusal=refusal)
 
     @property
@@ -222,7 +223,7 @@ def load_torch_backend(
             "target_layer:) in the config"
         ) from None
     except (ValueError, TypeError) as error:
-        raise ValueError(f"model {config.name!r}: target_layer: {_first_line(error)}") from None
+        raise ValueError(f"model {config.name!r}: target_layer: {first_line(error)}") from None
     height, width = config.image_size
     channels = config.channels
     try:
@@ -231,7 +232,7 @@ def load_torch_backend(
     except Exception as error:  # noqa: BLE001 - the user's model may raise anything
         raise ValueError(
             f"model {config.name!r}: input_size: a [1, {channels}, {height}, {width}] input "
-            f"failed: {type(error).__name__}: {_first_line(error)}"
+            f"failed: {type(error).__name__}: {first_line(error)}"
         ) from None
     outputs, activations = forward.outputs, forward.activations
     config = replace(config, target_layer=probe.target_layer)
@@ -248,7 +249,7 @@ def load_torch_backend(
         try:
             backend.check_method(config.method)
         except ValueError as error:
-            text = _first_line(error).removeprefix(f"model {config.name!r}: ")
+            text = first_line(error).removeprefix(f"model {config.name!r}: ")
             raise ValueError(f"model {config.name!r}: method: {text}") from None
     backend.default_choice  # noqa: B018 - decided at load, not on the first request
     return LoadedBackend(
@@ -273,7 +274,7 @@ def _open_gallery(backend: TorchBackend, output_dim: int) -> tuple[Any, ModelCon
         gallery.check_model(model_card(view))
         labels = tuple(gallery.labels())
     except ValueError as error:
-        raise ValueError(f"model {config.name!r}: index: {_first_line(error)}") from None
+        raise ValueError(f"model {config.name!r}: index: {first_line(error)}") from None
     if not labels:
         raise ValueError(f"model {config.name!r}: index: {config.index} has no labelled image")
     return gallery, replace(config, class_names=labels)
@@ -317,8 +318,3 @@ def _explain_in_one_pass(
     target = _target(served, predicted, classes, references)
     explanation = explainer.explain_forward(forward, target, inputs)
     return Computed.explained_by(forward.outputs.detach(), scores, predicted, explanation)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
