@@ -4,12 +4,15 @@ one process (``common.ratio``).
 
 Run: .venv/bin/python bench/bench_graft_cost.py [--repeats N] [--threads T] [--models ppocr-cls ...]
 Target: grafted / original <= 1.05 for every model and method.
+``--without-heatmap`` drops the input-size ``heatmap`` output and the nodes only it needs
+(upsampling, min-max): what a head that stops at the feature resolution would run
+(onnxruntime runs every node of a session whatever outputs a run asks for).
 
 Models (from the tests' zoo, ``tests/onnx_zoo.py``): PaddleOCR's text-orientation classifier
 shipped in ``rapidocr-onnxruntime`` (opset 11, ``-1`` batch, Constant-node weights, a Softmax
 output; 48 x 192), the Keras emotion classifier of ``fer`` converted by tf2onnx (NHWC,
-greyscale, 64 x 64; needs ``bash scripts/build_onnx_zoo.sh``), the zoo's small classifier at
-opset 17 and its static QDQ int8 form. Each is grafted with CAM and with Grad-CAM as a served
+greyscale, 64 x 64; needs ``bash scripts/build_onnx_zoo.sh``), the zoo's own classifier (a
+small CNN, 48/96/192 channels, 32 x 32) at opset 17 and its static QDQ int8 form. Each is grafted with CAM and with Grad-CAM as a served
 ``onnx:`` config grafts it (``class_input=False``: top-1).
 """
 
@@ -46,7 +49,19 @@ def session(source: bytes | str, threads: int):  # noqa: ANN201
     return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def pair(model, method: str, batch: int, threads: int):  # noqa: ANN001, ANN201
+def without_heatmap(grafted: onnx.ModelProto) -> onnx.ModelProto:
+    """``grafted`` without its ``heatmap`` output and the nodes that only it reads."""
+    from fam_core import onnx_format as fmt
+    from fam_core.exporters.onnx_graph import prune_graph
+
+    kept = [value for value in grafted.graph.output if value.name != fmt.OUTPUT_HEATMAP]
+    del grafted.graph.output[:]
+    grafted.graph.output.extend(kept)
+    prune_graph(grafted.graph)
+    return grafted
+
+
+def pair(model, method: str, batch: int, threads: int, heatmap: bool = True):  # noqa: ANN001, ANN201
     """``(grafted run, original run)`` on the same images."""
     channels = model.channels
     grafted = graft_onnx(
@@ -57,6 +72,8 @@ def pair(model, method: str, batch: int, threads: int):  # noqa: ANN001, ANN201
         mean=(0.0,) * channels,
         std=(1.0,) * channels,
     )
+    if not heatmap:
+        grafted = without_heatmap(grafted)  # type: ignore[arg-type]
     images = np.random.default_rng(0).random((batch, 3, *model.input_size), dtype=np.float32)
     original = session(str(model.path), threads)
     feeds = {original.get_inputs()[0].name: model.model_input(images)}
@@ -76,6 +93,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--methods", nargs="+", default=["cam", "gradcam"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--without-heatmap", action="store_true")
     args = parser.parse_args()
     import onnxruntime
 
@@ -93,7 +111,9 @@ def main() -> None:
                     fixed = model.batch if getattr(model, "batch", None) else None
                     if fixed is not None and fixed != batch:
                         continue
-                    explained, original = pair(model, method, batch, args.threads)
+                    explained, original = pair(
+                        model, method, batch, args.threads, not args.without_heatmap
+                    )
                     rounds: list[float] = []
                     value, _, seconds = ratio(
                         explained, original, repeats=args.repeats, rounds=rounds

@@ -1,7 +1,7 @@
 """Rewrites that make a grafted graph cheap under onnxruntime, with the same outputs.
 
 The head exported from torch is written for every runtime; on onnxruntime's CPU provider
-three of its forms cost more than the backbone of a small model:
+a few of its forms cost more than the backbone of a small model:
 
 - **Bilinear upsampling** (``Resize``, linear, no antialiasing) of a map with a static
   size: onnxruntime's generic ``Resize`` kernel costs a few nanoseconds per output pixel.
@@ -17,6 +17,11 @@ three of its forms cost more than the backbone of a small model:
   stays int8, its neighbours become uint8, and the last convolution and the pooling fall
   back to float. The same conversion done here for every pair (the uint8 zero point is the
   int8 one + 128, which dequantizes to the same values) keeps the whole backbone fused.
+- **Shapes read at run time**: the head's ``Reshape`` of the map to ``[B, N, h * w]`` takes
+  its batch from ``Shape -> Slice -> Concat`` where onnxslim could not fold it (a QDQ
+  graph's tapped map has no inferred shape); a constant shape whose zeros copy those
+  extents does the same with no node. Min-max's magnitude ``max(|low|, |high|)`` is
+  ``max(high, -low)`` (``low <= high``): one node fewer, the same values.
 
 :func:`lean_rewrites` applies them in place; :func:`fam_core.exporters.onnx_verify.leaned`
 keeps the result only where it computes the same outputs.
@@ -70,6 +75,8 @@ def lean_rewrites(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -
         + _squeezed_picks(model.graph, shapes)
         + _direct_reshapes(model.graph)
         + _scaled_gathers(model.graph)
+        + _batch_copying_reshapes(model.graph)
+        + _signed_magnitudes(model.graph)
     )
 
 
@@ -289,5 +296,108 @@ def _unsigned_activations(graph: onnx.GraphProto) -> int:
         for value in graph.value_info:
             if value.name == node.output[0]:
                 value.type.tensor_type.elem_type = TensorProto.UINT8
+        rewritten += 1
+    return rewritten
+
+
+def _batch_copying_reshapes(graph: onnx.GraphProto) -> int:
+    """``Reshape(x, Concat(Slice(Shape(x), 0, k), c))`` -> ``Reshape(x, [0] * k + c)`` for
+    constant ``c``: the first ``k`` extents copied by zeros (``allowzero`` off) instead of
+    read by three nodes (onnxslim folds them only where the map's shape is inferred; a QDQ
+    graph's tapped map has none)."""
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or _attributes(node).get("allowzero", 0):
+            continue
+        found = _batch_and_constants(
+            node.input[0], producers.get(node.input[1]), producers, constants
+        )
+        if found is None:
+            continue
+        copied, names = found
+        tail = [constants.get(name) for name in names]
+        if any(value is None or value.dtype != np.int64 for value in tail):
+            continue
+        shape = np.concatenate([np.zeros(copied, np.int64), *(v.reshape(-1) for v in tail)])  # type: ignore[union-attr]
+        name = f"{node.name or node.output[0]}/shape"
+        graph.initializer.append(numpy_helper.from_array(shape, name))
+        node.input[1] = name
+        rewritten += 1
+    return rewritten
+
+
+def _batch_and_constants(
+    value: str,
+    concat: onnx.NodeProto | None,
+    producers: Mapping[str, onnx.NodeProto],
+    constants: Mapping[str, np.ndarray],
+) -> tuple[int, list[str]] | None:
+    """``(k, the other inputs of concat)`` where it is ``Concat(Slice(Shape(value), [0],
+    [k]), ...)`` on axis 0 (the first ``k`` extents of ``value``, then the rest); ``None``
+    otherwise."""
+    if concat is None or concat.op_type != "Concat" or _attributes(concat).get("axis") != 0:
+        return None
+    piece = producers.get(concat.input[0])
+    if piece is None or piece.op_type != "Slice" or len(piece.input) < 3:
+        return None
+    shape = producers.get(piece.input[0])
+    if shape is None or shape.op_type != "Shape" or shape.input[0] != value or shape.attribute:
+        return None
+    bounds = [_int_constant(name, producers, constants) for name in piece.input[1:]]
+    starts, ends, *rest = bounds
+    if starts != [0] or ends is None or len(ends) != 1 or not 1 <= ends[0] <= 8:
+        return None
+    if rest[:1] not in ([], [[0]]) or rest[1:] not in ([], [[1]]):
+        return None  # axes 0 and steps 1 where given
+    return ends[0], list(concat.input[1:])
+
+
+def _int_constant(
+    name: str, producers: Mapping[str, onnx.NodeProto], constants: Mapping[str, np.ndarray]
+) -> list[int] | None:
+    """The values of the integer initializer or ``Constant`` node ``name`` (``None``: not
+    one)."""
+    array = constants.get(name)
+    node = producers.get(name)
+    if array is None and node is not None and node.op_type == "Constant":
+        value = _attributes(node).get("value")
+        if isinstance(value, onnx.TensorProto):
+            array = numpy_helper.to_array(value)
+    if array is None or array.dtype.kind != "i":
+        return None
+    return [int(v) for v in array.reshape(-1)]
+
+
+def _signed_magnitudes(graph: onnx.GraphProto) -> int:
+    """``Max(Abs(ReduceMin(x)), Abs(ReduceMax(x)))`` -> ``Max(ReduceMax(x), Neg(ReduceMin(x)))``
+    (min-max's magnitude: for ``low <= high`` the larger absolute value is ``high`` or
+    ``-low``, the same values with one node fewer)."""
+    producers = {name: node for node in graph.node for name in node.output}
+    consumers = _consumers(graph)
+    outputs = {value.name for value in graph.output}
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "Max" or len(node.input) != 2:
+            continue
+        absolutes = [producers.get(name) for name in node.input]
+        if any(a is None or a.op_type != "Abs" or a.output[0] in outputs for a in absolutes):
+            continue
+        if any(len(consumers[a.output[0]]) != 1 for a in absolutes):  # type: ignore[union-attr]
+            continue
+        reduced = [producers.get(a.input[0]) for a in absolutes]  # type: ignore[union-attr]
+        low = next((r for r in reduced if r is not None and r.op_type == "ReduceMin"), None)
+        high = next((r for r in reduced if r is not None and r.op_type == "ReduceMax"), None)
+        if (
+            low is None
+            or high is None
+            or list(low.input) != list(high.input)
+            or _attributes(low) != _attributes(high)
+        ):
+            continue
+        negated = next(a for a in absolutes if a.input[0] == low.output[0])  # type: ignore[union-attr]
+        negated.op_type = "Neg"
+        node.input[:] = [high.output[0], negated.output[0]]
         rewritten += 1
     return rewritten

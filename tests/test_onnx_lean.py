@@ -216,3 +216,69 @@ def test_unsigned_activations_dequantize_to_the_same_values():
     assert unsigned.dtype == np.uint8 and int(unsigned) == 125
     got = make_session(model).run(None, {"x": x})[0]  # type: ignore[attr-defined]
     np.testing.assert_array_equal(got, expected)
+
+
+def test_reshape_of_its_own_leading_extents_copies_them():
+    # Reshape(x, Concat(Slice(Shape(x), 0, 2), [-1])) -> Reshape(x, [0, 0, -1])
+    constants = [
+        numpy_helper.from_array(np.array([0], np.int64), "start"),
+        numpy_helper.from_array(np.array([2], np.int64), "end"),
+        numpy_helper.from_array(np.array([-1], np.int64), "rest"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Slice", ["shape", "start", "end", "start"], ["leading"]),
+        helper.make_node("Concat", ["leading", "rest"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 3, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 15])],
+        constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(3).standard_normal((2, 4, 3, 5)).astype(np.float32)
+    expected = make_session(model).run(None, {"x": x})[0]  # type: ignore[attr-defined]
+    assert lean_rewrites(model, {}) == 1
+    prune_graph(model.graph)
+    assert [node.op_type for node in model.graph.node] == ["Reshape"]
+    shape = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert shape[model.graph.node[0].input[1]].tolist() == [0, 0, -1]
+    got = make_session(model).run(None, {"x": x})[0]  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_min_max_magnitude_without_two_absolute_values():
+    # Max(Abs(ReduceMin(x)), Abs(ReduceMax(x))) -> Max(ReduceMax(x), Neg(ReduceMin(x)))
+    nodes = [
+        helper.make_node("ReduceMin", ["x"], ["low"], axes=[1], keepdims=1),
+        helper.make_node("ReduceMax", ["x"], ["high"], axes=[1], keepdims=1),
+        helper.make_node("Abs", ["low"], ["low_abs"]),
+        helper.make_node("Abs", ["high"], ["high_abs"]),
+        helper.make_node("Max", ["low_abs", "high_abs"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "magnitude",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array(  # all positive, all negative, both signs, one zero
+        [[1, 2, 3, 4, 5, 6], [-6, -5, -4, -3, -2, -1], [-7, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 0]],
+        np.float32,
+    )
+    expected = make_session(model).run(None, {"x": x})[0]  # type: ignore[attr-defined]
+    assert lean_rewrites(model, {}) == 1
+    prune_graph(model.graph)
+    assert sorted(node.op_type for node in model.graph.node) == [
+        "Max",
+        "Neg",
+        "ReduceMax",
+        "ReduceMin",
+    ]
+    got = make_session(model).run(None, {"x": x})[0]  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(got, expected)
+    assert got.ravel().tolist() == [6, 6, 7, 0]
