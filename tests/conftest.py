@@ -2,7 +2,7 @@
 
 The client scripts that tests run in subprocesses are not test modules.
 
-``tests/oip_client.py`` (and ``search_oip_client.py``) imports tritonclient, whose protobuf package ``inference`` clashes with
+``tests/oip_client.py`` imports tritonclient, whose protobuf package ``inference`` clashes with
 our generated stubs in one process, so neither it nor the TorchServe gRPC client is imported
 by collection (``--doctest-modules`` would import them).
 """
@@ -15,12 +15,7 @@ from torch import nn
 
 from fam_core.models.backbones import conv4
 
-collect_ignore = [
-    "oip_client.py",
-    "search_oip_client.py",
-    "torchserve_grpc_client.py",
-    "kserve_grpc_client.py",
-]
+collect_ignore = ["oip_client.py", "torchserve_grpc_client.py"]
 if importlib.util.find_spec("transformers") is None:  # its doctest imports transformers
     collect_ignore.append("hf_factories.py")
 

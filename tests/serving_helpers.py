@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import struct
@@ -25,6 +26,7 @@ from fam_core.training import save_model
 CLASSES = ("tulip", "rose", "daisy", "iris", "lily")
 ROOT = Path(__file__).resolve().parents[1]
 KSERVE_START_TIMEOUT_S = 180.0
+OIP_CLIENT = Path(__file__).with_name("oip_client.py")
 
 
 def make_model_dir(root: Path) -> Path:
@@ -158,3 +160,16 @@ def kserve_server(models: Path, log_path: Path) -> Iterator[tuple[str, str]]:
             process.kill()
             process.wait(timeout=10)
         log.close()
+
+
+def oip_client_report(scenario: str, *args: str, timeout: float) -> dict:
+    """The JSON report of ``oip_client.py scenario *args``, run in a process of its own (its
+    tritonclient stubs clash with fam's in one process); fails the test if the client fails."""
+    done = subprocess.run(
+        [sys.executable, str(OIP_CLIENT), scenario, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
