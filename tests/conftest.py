@@ -1,4 +1,8 @@
-"""Test configuration and the tiny models the explainer tests share.
+"""Test configuration, the tiny models the explainer tests share, and the serving fixtures.
+
+A serving test module defines a module-scoped ``server`` fixture (a started ``FamServer``,
+``serving_helpers.running_server``); ``channel`` and ``stub`` here reach it over loopback, and
+``model_dir`` is the default model folder (``serving_helpers.make_model_dir``).
 
 The client scripts that tests run in subprocesses are not test modules.
 
@@ -57,3 +61,28 @@ def ray_session(request):  # type: ignore[no-untyped-def]
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A module's folder of the random-init default models."""
+    from serving_helpers import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def channel(server):  # type: ignore[no-untyped-def]
+    """A plaintext gRPC channel to the module's ``server``."""
+    from serving_helpers import loopback
+
+    with loopback(server.port) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def stub(channel):  # type: ignore[no-untyped-def]
+    """A ``fam.v1`` stub on ``channel``."""
+    from fam_core.server.stubs import fam_pb2_grpc
+
+    return fam_pb2_grpc.FamServiceStub(channel)

@@ -5,22 +5,28 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import torch
 from PIL import Image
 
 from fam_core.models.store import ModelConfig
+from fam_core.pipeline import ModelRegistry
+from fam_core.server import FamServer, ServerConfig
+from fam_core.server.stubs import grpc_service_pb2 as oip_pb2
+from fam_core.server.stubs import grpc_service_pb2_grpc as oip_grpc
 from fam_core.training import save_model
 
 CLASSES = ("tulip", "rose", "daisy", "iris", "lily")
@@ -114,9 +120,56 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on (yet)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def loopback(port: int) -> grpc.Channel:
+    """A plaintext gRPC channel to ``port`` on 127.0.0.1 (a context manager that closes it)."""
+    return grpc.insecure_channel(f"127.0.0.1:{port}")
+
+
+@contextmanager
+def running_server(
+    registry: ModelRegistry, config: ServerConfig, *, grace: float = 2.0
+) -> Iterator[FamServer]:
+    """``FamServer(registry, config)``, started; on exit stopped with ``grace`` seconds for the
+    calls in flight."""
+    server = FamServer(registry, config)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=grace)
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, timeout_s: float = 60.0, poll_s: float = 0.01
+) -> None:
+    """Poll ``condition`` every ``poll_s`` until it holds; fail after ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, f"waited {timeout_s:g} s for {what}"
+        time.sleep(poll_s)
+
+
+def sigterm_until_not_ready(
+    process: subprocess.Popen, channel: grpc.Channel, timeout: float, poll_s: float = 0.01
+) -> float:
+    """Check that the server behind ``channel`` is ready (OIP ``ServerReady``), send ``process``
+    SIGTERM and wait until it is not; returns the ``time.monotonic()`` of the signal."""
+    oip = oip_grpc.GRPCInferenceServiceStub(channel)
+
+    def ready() -> bool:
+        return oip.ServerReady(oip_pb2.ServerReadyRequest(), timeout=timeout).ready
+
+    assert ready()
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    wait_until(lambda: not ready(), "ServerReady false", poll_s=poll_s)
+    return signalled
 
 
 @contextmanager

@@ -31,7 +31,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from serving_helpers import make_model_dir, png_bytes, png_header_only
+from serving_helpers import png_bytes, png_header_only, running_server
 
 from fam_core.imageio import to_rgb8
 from fam_core.pipeline import (
@@ -108,25 +108,10 @@ def grey8() -> np.ndarray:
 
 # -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
 def server(model_dir):
-    server = FamServer(
-        ModelRegistry.from_directory(model_dir),
-        ServerConfig(port=0, limits=LIMITS, metrics_port=0, metrics_token=TOKEN, health_port=0),
-    )
-    server.start()
-    yield server
-    server.stop(grace=2.0)
-
-
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
+    config = ServerConfig(port=0, limits=LIMITS, metrics_port=0, metrics_token=TOKEN, health_port=0)
+    with running_server(ModelRegistry.from_directory(model_dir), config) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

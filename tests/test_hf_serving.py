@@ -35,12 +35,12 @@ import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from serving_helpers import png_bytes
+from serving_helpers import loopback, png_bytes, running_server
 
 from fam_core.explainers import get_explainer
 from fam_core.models.store import ModelConfig
 from fam_core.pipeline import BatchingConfig, ModelRegistry, heatmap_from_bytes
-from fam_core.server import FamServer, ServerConfig
+from fam_core.server import ServerConfig
 from fam_core.server.oip import pack_bytes, unpack_bytes
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 
@@ -206,17 +206,14 @@ def server(folders):
     registry = ModelRegistry.load(
         [folders[name] / "config.yaml" for name in (*ALL_MODELS, REFUSED)], keep_going=True
     )
-    running = FamServer(registry, ServerConfig(port=0, batching=BatchingConfig(8, 1.0)))
-    running.start()
-    try:
+    config = ServerConfig(port=0, batching=BatchingConfig(8, 1.0))
+    with running_server(registry, config) as running:
         yield running
-    finally:
-        running.stop(grace=2.0)
 
 
 @pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+def channel(server):  # waits until the server reports SERVING
+    with loopback(server.port) as channel:
         grpc.channel_ready_future(channel).result(timeout=TIMEOUT)
         health = health_pb2_grpc.HealthStub(channel)
         end = time.monotonic() + TIMEOUT

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import make_model_dir, png_bytes
+from serving_helpers import make_model_dir, png_bytes, running_server
 
 from fam_core import load_model
 from fam_core.cli import main
@@ -33,7 +33,7 @@ from fam_core.pipeline import (
 )
 from fam_core.pipeline.engine import Job, run_jobs
 from fam_core.pipeline.torch_backend import TorchBackend
-from fam_core.server import FamServer, ServerConfig
+from fam_core.server import ServerConfig
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 
 NET_SOURCE = textwrap.dedent(
@@ -345,10 +345,8 @@ def mixed_server(tmp_path_factory, factory_dir):
     bad.update(name="broken", factory="no_such_package_fam.models:build", weights=None)
     bad_config = write_config(root / "broken", **{k: v for k, v in bad.items() if v is not None})
     registry = ModelRegistry.load([root / "default-classifier", bad_config], keep_going=True)
-    server = FamServer(registry, ServerConfig(port=0))
-    server.start()
-    yield server
-    server.stop(grace=2.0)
+    with running_server(registry, ServerConfig(port=0)) as server:
+        yield server
 
 
 def test_registry_keeps_the_failure_and_answers_unavailable(mixed_server) -> None:

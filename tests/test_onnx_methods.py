@@ -143,12 +143,6 @@ def server(registry):
         yield running
 
 
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as opened:
-        yield opened
-
-
 def png(seed: int) -> bytes:
     """A colour ``SIZE`` x ``SIZE`` PNG (smooth, so its channels differ everywhere)."""
     generator = np.random.default_rng(seed)

@@ -26,7 +26,7 @@ from search_helpers import (
     make_gallery,
     write_model,
 )
-from serving_helpers import free_port, oip_client_report
+from serving_helpers import free_port, oip_client_report, running_server
 
 from fam_core.pipeline import (
     EncodedImage,
@@ -41,8 +41,8 @@ from fam_core.pipeline.encode import heatmap_from_bytes
 from fam_core.pipeline.oip_codec import OUTPUTS, answer_infer, pack_bytes, unpack_bytes
 from fam_core.search import embed, explained_search
 from fam_core.search.knn import KNN_TARGET_COUNT
-from fam_core.server import FamServer, ServerConfig
-from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
+from fam_core.server import ServerConfig
+from fam_core.server.stubs import fam_pb2
 from fam_core.server.stubs import grpc_service_pb2 as oip_pb
 from fam_core.tasks.knn import knn_predict, neighbour_targets
 
@@ -77,16 +77,8 @@ def models(tmp_path_factory, gallery) -> Path:
 @pytest.fixture(scope="module")
 def server(models):
     registry = ModelRegistry.from_directory(models, keep_going=True)
-    server = FamServer(registry, ServerConfig(port=0, health_port=None))
-    server.start()
-    yield server
-    server.stop(grace=2.0)
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield fam_pb2_grpc.FamServiceStub(channel)
+    with running_server(registry, ServerConfig(port=0, health_port=None)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serving_helpers import free_port, png_header_only
 
 from fam_core.pipeline.json_codec import kserve_fields, request_from_fields
 
@@ -54,12 +54,6 @@ def _missing() -> str | None:
     except ImportError:
         return "torch-model-archiver is not installed (pip install 'torch-model-archiver==0.12.*')"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:
@@ -91,7 +85,7 @@ class Server:
             ).stem
             for build in (*builds, *extra)
         ]
-        self.ports = {k: _free_port() for k in ("inference", "management", "metrics", "g1", "g2")}
+        self.ports = {k: free_port() for k in ("inference", "management", "metrics", "g1", "g2")}
         self.inference = f"http://127.0.0.1:{self.ports['inference']}"
         self.management = f"http://127.0.0.1:{self.ports['management']}"
         self.metrics = f"http://127.0.0.1:{self.ports['metrics']}"
@@ -748,8 +742,6 @@ def grey8() -> np.ndarray:
 
 def _abuse_rows() -> list[tuple[str, str, bytes, str, int, str]]:
     """``(id, route, body, content type, status, message)`` for one request each."""
-    from serving_helpers import png_header_only
-
     empty_images = json.dumps({"data": [""] * 100_000}).encode()
     instances = json.dumps({"instances": [""] * 100_000}).encode()
     tall = encoded(Image.new("RGB", (1, 10_000), (40, 120, 200)))
