@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 import httpx
@@ -33,6 +35,7 @@ CLASSES = ("tulip", "rose", "daisy", "iris", "lily")
 ROOT = Path(__file__).resolve().parents[1]
 KSERVE_START_TIMEOUT_S = 180.0
 OIP_CLIENT = Path(__file__).with_name("oip_client.py")
+HANDLER_FILE = ROOT / "handlers" / "fam_handler.py"
 
 
 def make_model_dir(root: Path) -> Path:
@@ -226,3 +229,39 @@ def oip_client_report(scenario: str, *args: str, timeout: float) -> dict:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_handler(module_name: str) -> ModuleType:
+    """``handlers/fam_handler.py`` imported afresh as ``module_name``, as TorchServe loads it
+    (from its file, not as part of a package)."""
+    spec = importlib.util.spec_from_file_location(module_name, HANDLER_FILE)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+class HandlerContext:
+    """The parts of TorchServe's context the FAM handler uses, for the handler in process:
+    ``statuses`` holds ``(code, phrase)`` by request index, for the answers that set one."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.system_properties = {"model_dir": str(model_dir)}
+        self.statuses: dict[int, tuple[int, str]] = {}
+        self.metrics = type(
+            "Metrics", (), {"add_time": lambda *a: None, "add_counter": lambda *a: None}
+        )()
+
+    def get_request_header(self, idx: int, name: str) -> None:
+        return None
+
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return {}
+
+    def set_response_header(self, idx: int, name: str, value: str) -> None:
+        pass
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        pass
+
+    def set_response_status(self, code: int, phrase: str, idx: int) -> None:
+        self.statuses[idx] = (code, phrase)

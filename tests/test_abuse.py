@@ -11,7 +11,6 @@ the next good request succeeds. Sizes are bounded: the module takes a few second
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -31,7 +30,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from serving_helpers import png_bytes, png_header_only, running_server
+from serving_helpers import (
+    HandlerContext,
+    load_handler,
+    png_bytes,
+    png_header_only,
+    running_server,
+)
 
 from fam_core.imageio import to_rgb8
 from fam_core.pipeline import (
@@ -601,41 +606,11 @@ def test_metrics_need_the_bearer_token(server) -> None:
 
 
 # -- the TorchServe handler, in process --------------------------------------------------------
-class _Context:
-    """The parts of TorchServe's context the handler uses."""
-
-    def __init__(self, model_dir: Path) -> None:
-        self.system_properties = {"model_dir": str(model_dir)}
-        self.statuses: dict[int, int] = {}
-        self.metrics = type(
-            "Metrics", (), {"add_time": lambda *a: None, "add_counter": lambda *a: None}
-        )()
-
-    def get_request_header(self, idx: int, name: str):
-        return None
-
-    def get_all_request_header(self, idx: int):
-        return {}
-
-    def set_response_header(self, idx: int, name: str, value: str) -> None:
-        pass
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        pass
-
-    def set_response_status(self, code: int, phrase: str, idx: int) -> None:
-        self.statuses[idx] = code
-
-
 @pytest.fixture(scope="module")
 def handler(model_dir):
     pytest.importorskip("ts", reason="TorchServe is not installed")
-    handler_file = Path(__file__).resolve().parents[1] / "handlers" / "fam_handler.py"
-    spec = importlib.util.spec_from_file_location("fam_handler_abuse", handler_file)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    handler = module.FamHandler()
-    context = _Context(model_dir / "default-classifier")
+    handler = load_handler("fam_handler_abuse").FamHandler()
+    context = HandlerContext(model_dir / "default-classifier")
     handler.initialize(context)
     return handler, context
 
@@ -644,7 +619,7 @@ def _handle(handler, rows) -> list[tuple[int, dict]]:
     handler, context = handler
     context.statuses.clear()
     out = handler.handle(rows, context)
-    return [(context.statuses.get(i, 200), json.loads(body)) for i, body in enumerate(out)]
+    return [(context.statuses.get(i, (200, ""))[0], json.loads(body)) for i, body in enumerate(out)]
 
 
 @pytest.mark.parametrize(
