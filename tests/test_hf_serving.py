@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import grpc
@@ -146,9 +145,9 @@ def make_models(root: Path) -> dict[str, Path]:
 
 def export_onnx(model: torch.nn.Module, path: Path) -> None:
     """A plain export, as a user would write it: default names, a fixed batch of one."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.rand(1, 3, SIZE, SIZE),), str(path), dynamo=False)
+    from onnx_helpers import user_export
+
+    user_export(model, torch.rand(1, 3, SIZE, SIZE), path)
 
 
 @pytest.fixture(scope="module")

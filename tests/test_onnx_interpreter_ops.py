@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx_helpers import user_export
 
 from fam_core.exporters.onnx_torch import SUPPORTED_OPS, OnnxModule, unsupported_ops
 
@@ -723,23 +724,14 @@ class ConvolutionalHead(torch.nn.Module):
 def test_a_head_exported_by_torch_matches_torch_and_onnxruntime(opset: int) -> None:
     """Real exporter output: the pads of F.pad as a constant subgraph (folded), Upsample at
     opset 9, Resize after, PRelu's [C, 1, 1] slope, InstanceNormalization."""
-    import io
-    import warnings
-
     head = ConvolutionalHead(opset).eval()
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            head,
-            (torch.rand(1, *NCHW[1:]),),
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            input_names=["x"],
-            dynamic_axes={"x": {0: "batch"}},
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = user_export(
+        head,
+        torch.rand(1, *NCHW[1:]),
+        opset_version=opset,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "batch"}},
+    )
     ops = {node.op_type for node in proto.graph.node}
     assert {"Pad", "PRelu", "MaxPool", "AveragePool", "HardSigmoid"} <= ops
     assert ("Upsample" if opset < 10 else "Resize") in ops

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 import zlib
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
+from onnx_helpers import user_export
 from serving_helpers import loopback, png_bytes, running_server
 from torch import nn
 
@@ -215,19 +215,13 @@ class Logits(nn.Module):
 
 
 def torch_export(model: nn.Module, size: int = SIZE, **options: object) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.rand(1, 3, size, size),),
-            buffer,
-            dynamo=False,
-            input_names=["x"],
-            dynamic_axes={"x": {0: "n"}},
-            **options,
-        )
-    return onnx.load_from_string(buffer.getvalue())
+    return user_export(
+        model,
+        torch.rand(1, 3, size, size),
+        input_names=["x"],
+        dynamic_axes={"x": {0: "n"}},
+        **options,
+    )
 
 
 @pytest.mark.parametrize("activation", ["softmax", "log_softmax", "sigmoid"])
