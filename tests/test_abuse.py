@@ -1,5 +1,5 @@
 """Requests that are small on the wire but would cost a lot inside, and wrong answers on valid
-images (issue 16, items 1-8), against each front door: fam.v1, the Open Inference Protocol
+images, against each front door: fam.v1, the Open Inference Protocol
 (our own stubs, in process) and the TorchServe handler (in process, with a stand-in context).
 The same items over a real TorchServe's REST and KServe v1 routes, with the peak RSS measured in
 its worker process, are in ``tests/test_torchserve.py`` (they share its one TorchServe start).
@@ -67,7 +67,7 @@ LIMITS = Limits(
 TOKEN = "metrics-secret"
 
 
-# -- peak RSS of this process (the server runs here) ------------------------------------------
+# -- peak RSS of this process (the server runs here) -------------------------------------------
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -171,7 +171,7 @@ def assert_next_good_request_succeeds(fam, oip) -> None:
     assert [o.name for o in reply.outputs] == ["scores", "label", "embedding", "heatmap"]
 
 
-# -- 1. shape bombs: the declared shape is checked before anything is built per element ---------
+# -- shape bombs: the declared shape is checked before anything is built per element -----------
 SHAPE_BOMB_N = 400_000  # before the fix: about +70 MiB and a second of CPU
 
 
@@ -229,7 +229,7 @@ def test_fam_many_empty_images_are_refused_by_count(fam, oip) -> None:
     assert_next_good_request_succeeds(fam, oip)
 
 
-# -- 2. decode amplification -------------------------------------------------------------------
+# -- decode amplification ----------------------------------------------------------------------
 @pytest.mark.parametrize("front", ["fam", "oip"])
 @pytest.mark.parametrize(
     "data, message",
@@ -308,7 +308,7 @@ def test_the_in_flight_budget_waits_for_room() -> None:
     assert budget.in_use == 0
 
 
-# -- 3. metric labels and logs are bounded -----------------------------------------------------
+# -- metric labels and logs are bounded --------------------------------------------------------
 def _metrics(server, token: str | None = TOKEN) -> tuple[int, str]:
     request = urllib.request.Request(f"http://127.0.0.1:{server.metrics_port}/metrics")
     if token is not None:
@@ -349,7 +349,7 @@ def test_unknown_model_names_share_one_label_and_are_cut_in_logs(server, fam, oi
     assert_next_good_request_succeeds(fam, oip)
 
 
-# -- 4. the deadline is checked between stages -------------------------------------------------
+# -- the deadline is checked between stages ----------------------------------------------------
 @pytest.mark.parametrize("front", ["fam", "oip"])
 def test_decoding_stops_at_the_deadline(server, fam, oip, front, monkeypatch) -> None:
     import fam_core.pipeline.service as service
@@ -377,7 +377,7 @@ def test_decoding_stops_at_the_deadline(server, fam, oip, front, monkeypatch) ->
     assert_next_good_request_succeeds(fam, oip)
 
 
-# -- 5. health and readiness from threads request load cannot starve ---------------------------
+# -- health and readiness from threads request load cannot starve ------------------------------
 def test_health_port_answers_while_every_request_thread_is_busy(model_dir) -> None:
     server = FamServer(  # the health port is on by default (a free one with port 0)
         ModelRegistry.from_directory(model_dir),
@@ -454,7 +454,7 @@ def test_health_port_defaults_to_the_next_port_and_turns_off() -> None:
             _health_port(bad)
 
 
-# -- 6. every PIL mode as its 8-bit RGB equivalent ---------------------------------------------
+# -- every PIL mode as its 8-bit RGB equivalent ------------------------------------------------
 def _modes() -> dict[str, tuple[Image.Image, np.ndarray]]:
     """Each mode's image and the 8-bit RGB it must decode to."""
     grey = grey8()
@@ -534,7 +534,7 @@ def test_16_bit_png_gets_the_answer_of_its_8_bit_png(fam, oip, front) -> None:
         assert answers[0].raw_output_contents == answers[1].raw_output_contents
 
 
-# -- 7. formats: an allow-list, the rest refused without running their parser -----------------
+# -- formats: an allow-list, the rest refused without running their parser ---------------------
 REFUSED = {
     "BMP": lambda image: encode(image, "BMP"),
     "GIF": lambda image: encode(image, "GIF"),
@@ -569,7 +569,7 @@ def test_the_allow_list_is_configurable(model_dir) -> None:
         Limits(formats=("PSD",))
 
 
-# -- 8. OIP target_class -----------------------------------------------------------------------
+# -- OIP target_class --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "value", ["two", math.nan, math.inf, 1.5, "", True], ids=["text", "nan", "inf", "1.5", "", "b"]
 )
@@ -597,7 +597,7 @@ def test_oip_target_class_as_int_text_or_integral_double(oip, value) -> None:
     assert reply.outputs[-1].name == "heatmap"
 
 
-# -- 12. /metrics behind a bearer token --------------------------------------------------------
+# -- /metrics behind a bearer token ------------------------------------------------------------
 def test_metrics_need_the_bearer_token(server) -> None:
     assert _metrics(server, token=None)[0] == 401
     assert _metrics(server, token="wrong")[0] == 401
@@ -657,7 +657,7 @@ def test_torchserve_handler_16_bit_png_answers_like_8_bit(handler) -> None:
     )
 
 
-# -- 9. corrupt, empty or malicious weights: one line, never advice to load unsafely -----------
+# -- corrupt, empty or malicious weights: one line, never advice to load unsafely --------------
 class _Evil:
     def __reduce__(self):
         return (print, ("unpickled!",))

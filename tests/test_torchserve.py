@@ -674,7 +674,7 @@ def test_torchserve_grpc_predictions_match_the_library(server: Server, tmp_path:
     assert bad["code"] == "INVALID_ARGUMENT" and bad["message"].startswith("image 0"), report
 
 
-# -- issue 16, items 1-8 over TorchServe's REST API, in the worker process --------------------
+# -- the abuse cases over TorchServe's REST API, in the worker process -------------------------
 # The same abuse as tests/test_abuse.py (fam.v1, OIP), sent to the real server. The peak RSS is
 # the worker's: its pid from the management API, ``VmHWM`` reset through
 # ``/proc/PID/clear_refs`` before each request and read after. Each request waits out the
@@ -748,12 +748,12 @@ def _abuse_rows() -> list[tuple[str, str, bytes, str, int, str]]:
     large = base64.b64encode(encoded(Image.new("RGB", (4_000, 4_000), (40, 120, 200)))).decode()
     picture = Image.fromarray(grey8())
     return [
-        # 1. shape bombs: the JSON list's length is checked before any element is decoded
+        # shape bombs: the JSON list's length is checked before any element is decoded
         ("json-100000-images", "predictions", empty_images, "application/json", 413,
          "100000 images, more than the limit of 64"),
         ("kserve-v1-100000-instances", "v1-predict", instances, "application/json", 413,
          "100000 images, more than the limit of 64"),
-        # 2. decode amplification: refused from the PNG header, or from the request's total
+        # decode amplification: refused from the PNG header, or from the request's total
         ("1x10000", "predictions", tall, "image/png", 400, "aspect ratio over the limit of 32"),
         ("17000x1000", "predictions", png_header_only(17_000, 1_000), "image/png", 400,
          "a side over the limit of 16384"),
@@ -761,7 +761,7 @@ def _abuse_rows() -> list[tuple[str, str, bytes, str, int, str]]:
          "more than the limit of 16000000"),
         ("9x16-megapixel", "predictions", json.dumps({"data": [large] * 9}).encode(),
          "application/json", 413, "more than the limit of 536870912 bytes per request"),
-        # 7. formats outside the allow-list: their parsers never run
+        # formats outside the allow-list: their parsers never run
         ("bmp", "predictions", encoded(picture, "BMP"), "application/octet-stream", 415,
          "BMP images are not accepted; this server accepts PNG/JPEG/WEBP"),
         ("gif", "v1-explain", json.dumps({"instances": [{"b64": base64.b64encode(
