@@ -136,13 +136,16 @@ def fam_request(*images: bytes, model: str = "default-classifier", **fields):
 
 
 def oip_bytes_request(*images: bytes, model: str = "default-classifier", **parameters):
+    """An OIP request of encoded ``images``; each parameter in the field its type selects."""
     request = oip_pb2.ModelInferRequest(model_name=model)
     tensor = request.inputs.add(name="image", datatype="BYTES", shape=[len(images)])
     del tensor
     request.raw_input_contents.append(b"".join(struct.pack("<I", len(i)) + i for i in images))
     for name, value in parameters.items():
         parameter = request.parameters[name]
-        if isinstance(value, str):
+        if isinstance(value, bool):
+            parameter.bool_param = value
+        elif isinstance(value, str):
             parameter.string_param = value
         elif isinstance(value, float):
             parameter.double_param = value
@@ -574,19 +577,7 @@ def test_the_allow_list_is_configurable(model_dir) -> None:
     "value", ["two", math.nan, math.inf, 1.5, "", True], ids=["text", "nan", "inf", "1.5", "", "b"]
 )
 def test_oip_bad_target_class_is_invalid_argument(fam, oip, value) -> None:
-    request = oip_bytes_request(png_bytes(0))
-    parameter = request.parameters["target_class"]
-    if isinstance(value, bool):
-        parameter.bool_param = value
-    elif isinstance(value, str):
-        parameter.string_param = value
-    else:
-        parameter.double_param = value
-    try:
-        oip.ModelInfer(request, timeout=TIMEOUT)
-        code = grpc.StatusCode.OK
-    except grpc.RpcError as error:
-        code = error.code()
+    code, _ = send("oip", fam, oip, png_bytes(0), target_class=value)
     assert code == (grpc.StatusCode.OK if value == "" else grpc.StatusCode.INVALID_ARGUMENT)
     assert_next_good_request_succeeds(fam, oip)
 

@@ -142,6 +142,30 @@ ACTIVATIONS = {
     "Clip-relu6": Case("Clip", 13, constants=[np.float32(0.0), np.float32(6.0)]),
 }
 
+
+def pooling_windows(op: str, opset: int) -> dict[str, Case]:
+    """The window geometries both pooling operators are checked on, as cases of ``op``."""
+    return {
+        f"{op}-ceil-pads": Case(
+            op,
+            opset,
+            {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+            shape=(2, 3, 8, 8),
+        ),
+        f"{op}-ceil-no-window-in-end-padding": Case(
+            op,
+            opset,
+            {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+        ),
+        f"{op}-same-upper": Case(
+            op,
+            opset,
+            {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
+            shape=(2, 3, 8, 8),
+        ),
+    }
+
+
 CASES = {
     **ACTIVATIONS,
     "Clip-attributes-default": Case("Clip", 6),
@@ -162,23 +186,7 @@ CASES = {
     "MaxPool-ceil": Case(
         "MaxPool", 12, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}
     ),
-    "MaxPool-ceil-pads": Case(
-        "MaxPool",
-        12,
-        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
-        shape=(2, 3, 8, 8),
-    ),
-    "MaxPool-ceil-no-window-in-end-padding": Case(
-        "MaxPool",
-        12,
-        {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
-    ),
-    "MaxPool-same-upper": Case(
-        "MaxPool",
-        12,
-        {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
-        shape=(2, 3, 8, 8),
-    ),
+    **pooling_windows("MaxPool", 12),
     "MaxPool-same-lower": Case(
         "MaxPool", 12, {"kernel_shape": [2, 2], "strides": [1, 1], "auto_pad": "SAME_LOWER"}
     ),
@@ -206,12 +214,6 @@ CASES = {
     "AveragePool-ceil": Case(
         "AveragePool", 10, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}
     ),
-    "AveragePool-ceil-pads": Case(
-        "AveragePool",
-        11,
-        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
-        shape=(2, 3, 8, 8),
-    ),
     "AveragePool-ceil-pads-include": Case(
         "AveragePool",
         11,
@@ -224,17 +226,7 @@ CASES = {
         },
         shape=(2, 3, 8, 8),
     ),
-    "AveragePool-ceil-no-window-in-end-padding": Case(
-        "AveragePool",
-        11,
-        {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
-    ),
-    "AveragePool-same-upper": Case(
-        "AveragePool",
-        11,
-        {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
-        shape=(2, 3, 8, 8),
-    ),
+    **pooling_windows("AveragePool", 11),
     "AveragePool-same-lower-include": Case(
         "AveragePool",
         11,
