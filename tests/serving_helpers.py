@@ -22,9 +22,9 @@ import grpc
 import httpx
 import pytest
 import torch
+from model_helpers import conv4_config
 from PIL import Image
 
-from fam_core.models.store import ModelConfig
 from fam_core.pipeline import ModelRegistry
 from fam_core.server import FamServer, ServerConfig
 from fam_core.server.stubs import grpc_service_pb2 as oip_pb2
@@ -41,27 +41,18 @@ HANDLER_FILE = ROOT / "handlers" / "fam_handler.py"
 def make_model_dir(root: Path) -> Path:
     """Random-init Conv4 models: an embedding model with 5 prototypes and a 5-class classifier."""
     torch.manual_seed(0)
-    embedding = ModelConfig(
-        name="default-embedding",
-        task="embedding",
-        backbone="conv4",
-        weights="weights.pt",
-        target_layer="block4",
-        class_names=CLASSES,
-        prototypes="prototypes.pt",
+    embedding = conv4_config(
+        "default-embedding", "embedding", class_names=CLASSES, prototypes="prototypes.pt"
     )
     model = embedding.build().eval()
     save_model(model, embedding, root / "default-embedding")
     with torch.no_grad():  # prototypes: embeddings of 5 random images, one per class
         prototypes = model(embedding.normalize(torch.rand(5, 3, 84, 84)))
     torch.save(prototypes, root / "default-embedding" / "prototypes.pt")
-    classifier = ModelConfig(
-        name="default-classifier",
-        task="classifier",
-        backbone="conv4",
+    classifier = conv4_config(
+        "default-classifier",
+        "classifier",
         backbone_kwargs={"num_classes": len(CLASSES)},
-        weights="weights.pt",
-        target_layer="block4",
         class_names=CLASSES,
     )
     save_model(classifier.build().eval(), classifier, root / "default-classifier")
@@ -75,13 +66,10 @@ def make_tiny_classifier_dir(root: Path) -> Path:
     """A random-init 3-class Conv4 classifier at 32x32 in ``root/tiny-classifier``: small
     enough that a Score-FAM step is short, for the scheduling and drain tests."""
     torch.manual_seed(0)
-    config = ModelConfig(
-        name=TINY_CLASSIFIER,
-        task="classifier",
-        backbone="conv4",
+    config = conv4_config(
+        TINY_CLASSIFIER,
+        "classifier",
         backbone_kwargs={"num_classes": 3},
-        weights="weights.pt",
-        target_layer="block4",
         input_size=32,
         class_names=("a", "b", "c"),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import plain_classifier
 from torch import nn
 
 import fam_core
@@ -229,13 +230,7 @@ def test_channel_last_features_and_a_functional_mean_head(images) -> None:
 
 def test_class_index_targets_on_plain_modules() -> None:
     torch.manual_seed(4)
-    classifier = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 4),
-    ).eval()
+    classifier = plain_classifier()
     image = torch.rand(2, 3, 16, 16)
     explanation = GradCAM(classifier)(image, target=3)
     features = classifier[1](classifier[0](image)).detach()
