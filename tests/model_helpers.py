@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 
 from fam_core.models.store import ModelConfig
+from fam_core.pooling import GlobalPool
+
+
+def toy_model(channels: int = 3, head: nn.Module | None = None) -> nn.Sequential:
+    """The image itself is the feature map: A^n = x[:, n], Z = mean over space; ``head``
+    after the pooling, if given (the identity takes any number of ``channels``)."""
+    layers = [("features", nn.Identity()), ("pool", GlobalPool("avg"))]
+    if head is not None:
+        layers.append(("head", head))
+    return nn.Sequential(OrderedDict(layers)).eval()
 
 
 def plain_classifier() -> nn.Sequential:

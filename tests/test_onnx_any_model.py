@@ -21,7 +21,7 @@ from fam_core.onnx_runtime import OnnxExplainer
 
 pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
-from test_third_party import SIZE, build  # noqa: E402
+from hf_factories import SIZE, build  # noqa: E402
 from tolerances import assert_top_classes
 
 ATOL = 1e-4

@@ -19,17 +19,7 @@ from fam_core.discovery import find_layers
 
 transformers = pytest.importorskip("transformers")
 
-import hf_factories  # noqa: E402 - needs transformers
-from hf_factories import SIZE, SMALL_SWIN, reinit  # noqa: E402
-
-
-def build(name: str) -> nn.Module:
-    if name == "swin":
-        config = transformers.SwinConfig(**SMALL_SWIN)
-        torch.manual_seed(0)
-        return reinit(transformers.SwinModel(config))
-    return getattr(hf_factories, name.replace("-", "_"))()
-
+from hf_factories import SIZE, build  # noqa: E402
 
 EXPECTED_LAYER = {
     "resnet": "encoder.stages.3",
