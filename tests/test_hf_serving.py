@@ -397,9 +397,9 @@ TORCHSERVE_MODELS = ("hf-resnet-reid", "hf-dinov2")
 
 @pytest.fixture(scope="module")
 def torchserve(tmp_path_factory, folders):
-    from test_torchserve import Server, _missing
+    from torchserve_helpers import Server, torchserve_missing
 
-    reason = _missing()
+    reason = torchserve_missing()
     if reason is not None:
         pytest.skip(reason)
     builds = tuple({"name_or_config": folders[name] / "config.yaml"} for name in TORCHSERVE_MODELS)
@@ -431,7 +431,7 @@ def test_fam_archive_carries_the_factory_module(folders, tmp_path, capsys) -> No
 @pytest.mark.parametrize("image", sorted(IMAGES))
 @pytest.mark.parametrize("name", TORCHSERVE_MODELS)
 def test_torchserve_predictions_match_the_library(torchserve, folders, name, image) -> None:
-    from test_torchserve import decode_heatmap, http
+    from torchserve_helpers import decode_heatmap, http
 
     png = IMAGES[image]
     status, body, _ = http("POST", f"{torchserve.inference}/predictions/{name}", png)
