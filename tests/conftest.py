@@ -1,8 +1,12 @@
-"""Test configuration and the tiny models the explainer tests share.
+"""Test configuration, the tiny models the explainer tests share, and the serving fixtures.
+
+A serving test module defines a module-scoped ``server`` fixture (a started ``FamServer``,
+``serving_helpers.running_server``); ``channel`` and ``stub`` here reach it over loopback, and
+``model_dir`` is the default model folder (``serving_helpers.make_model_dir``).
 
 The client scripts that tests run in subprocesses are not test modules.
 
-``tests/oip_client.py`` (and ``search_oip_client.py``) imports tritonclient, whose protobuf package ``inference`` clashes with
+``tests/oip_client.py`` imports tritonclient, whose protobuf package ``inference`` clashes with
 our generated stubs in one process, so neither it nor the TorchServe gRPC client is imported
 by collection (``--doctest-modules`` would import them).
 """
@@ -15,12 +19,7 @@ from torch import nn
 
 from fam_core.models.backbones import conv4
 
-collect_ignore = [
-    "oip_client.py",
-    "search_oip_client.py",
-    "torchserve_grpc_client.py",
-    "kserve_grpc_client.py",
-]
+collect_ignore = ["oip_client.py", "torchserve_grpc_client.py"]
 if importlib.util.find_spec("transformers") is None:  # its doctest imports transformers
     collect_ignore.append("hf_factories.py")
 
@@ -62,3 +61,28 @@ def ray_session(request):  # type: ignore[no-untyped-def]
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A module's folder of the random-init default models."""
+    from serving_helpers import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def channel(server):  # type: ignore[no-untyped-def]
+    """A plaintext gRPC channel to the module's ``server``."""
+    from serving_helpers import loopback
+
+    with loopback(server.port) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def stub(channel):  # type: ignore[no-untyped-def]
+    """A ``fam.v1`` stub on ``channel``."""
+    from fam_core.server.stubs import fam_pb2_grpc
+
+    return fam_pb2_grpc.FamServiceStub(channel)

@@ -170,3 +170,13 @@ def efficientnet_classifier(num_labels: int = 5, seed: int = 0) -> nn.Module:
 def mobilevit_collapsed(num_labels: int = 5, seed: int = 0) -> nn.Module:
     """:func:`mobilevit_classifier` with transformers' own init: its maps are all zeros."""
     return mobilevit_classifier(num_labels, seed, he_init=False)
+
+
+def build(name: str) -> nn.Module:
+    """The model of the factory ``name`` (``-`` read as ``_``); ``"swin"``: a Swin backbone
+    of ``SMALL_SWIN``."""
+    if name == "swin":
+        config = t.SwinConfig(**SMALL_SWIN)
+        torch.manual_seed(0)
+        return reinit(t.SwinModel(config))
+    return globals()[name.replace("-", "_")]()

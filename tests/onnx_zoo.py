@@ -453,6 +453,7 @@ def _float(name: str, path: Path, proto: onnx.ModelProto, model: ZooClassifier, 
     return ZooModel(name, path, target=pooling_input(proto), weight=classifier_weight(model), **kw)
 
 
+# One builder per opset on purpose: each is a zoo entry of its own, named and documented.
 @entry
 def opset9(zoo: Zoo, folder: Path) -> ZooModel:
     """Opset 9, batch fixed at 1, BatchNormalization nodes kept (no constant folding)."""

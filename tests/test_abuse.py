@@ -1,5 +1,5 @@
 """Requests that are small on the wire but would cost a lot inside, and wrong answers on valid
-images (issue 16, items 1-8), against each front door: fam.v1, the Open Inference Protocol
+images, against each front door: fam.v1, the Open Inference Protocol
 (our own stubs, in process) and the TorchServe handler (in process, with a stand-in context).
 The same items over a real TorchServe's REST and KServe v1 routes, with the peak RSS measured in
 its worker process, are in ``tests/test_torchserve.py`` (they share its one TorchServe start).
@@ -11,7 +11,6 @@ the next good request succeeds. Sizes are bounded: the module takes a few second
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -31,7 +30,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from serving_helpers import make_model_dir, png_bytes, png_header_only
+from serving_helpers import (
+    HandlerContext,
+    load_handler,
+    png_bytes,
+    png_header_only,
+    running_server,
+)
 
 from fam_core.imageio import to_rgb8
 from fam_core.pipeline import (
@@ -62,7 +67,7 @@ LIMITS = Limits(
 TOKEN = "metrics-secret"
 
 
-# -- peak RSS of this process (the server runs here) ------------------------------------------
+# -- peak RSS of this process (the server runs here) -------------------------------------------
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -108,25 +113,10 @@ def grey8() -> np.ndarray:
 
 # -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
 def server(model_dir):
-    server = FamServer(
-        ModelRegistry.from_directory(model_dir),
-        ServerConfig(port=0, limits=LIMITS, metrics_port=0, metrics_token=TOKEN, health_port=0),
-    )
-    server.start()
-    yield server
-    server.stop(grace=2.0)
-
-
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
+    config = ServerConfig(port=0, limits=LIMITS, metrics_port=0, metrics_token=TOKEN, health_port=0)
+    with running_server(ModelRegistry.from_directory(model_dir), config) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +136,16 @@ def fam_request(*images: bytes, model: str = "default-classifier", **fields):
 
 
 def oip_bytes_request(*images: bytes, model: str = "default-classifier", **parameters):
+    """An OIP request of encoded ``images``; each parameter in the field its type selects."""
     request = oip_pb2.ModelInferRequest(model_name=model)
     tensor = request.inputs.add(name="image", datatype="BYTES", shape=[len(images)])
     del tensor
     request.raw_input_contents.append(b"".join(struct.pack("<I", len(i)) + i for i in images))
     for name, value in parameters.items():
         parameter = request.parameters[name]
-        if isinstance(value, str):
+        if isinstance(value, bool):
+            parameter.bool_param = value
+        elif isinstance(value, str):
             parameter.string_param = value
         elif isinstance(value, float):
             parameter.double_param = value
@@ -181,7 +174,7 @@ def assert_next_good_request_succeeds(fam, oip) -> None:
     assert [o.name for o in reply.outputs] == ["scores", "label", "embedding", "heatmap"]
 
 
-# -- 1. shape bombs: the declared shape is checked before anything is built per element ---------
+# -- shape bombs: the declared shape is checked before anything is built per element -----------
 SHAPE_BOMB_N = 400_000  # before the fix: about +70 MiB and a second of CPU
 
 
@@ -239,7 +232,7 @@ def test_fam_many_empty_images_are_refused_by_count(fam, oip) -> None:
     assert_next_good_request_succeeds(fam, oip)
 
 
-# -- 2. decode amplification -------------------------------------------------------------------
+# -- decode amplification ----------------------------------------------------------------------
 @pytest.mark.parametrize("front", ["fam", "oip"])
 @pytest.mark.parametrize(
     "data, message",
@@ -318,7 +311,7 @@ def test_the_in_flight_budget_waits_for_room() -> None:
     assert budget.in_use == 0
 
 
-# -- 3. metric labels and logs are bounded -----------------------------------------------------
+# -- metric labels and logs are bounded --------------------------------------------------------
 def _metrics(server, token: str | None = TOKEN) -> tuple[int, str]:
     request = urllib.request.Request(f"http://127.0.0.1:{server.metrics_port}/metrics")
     if token is not None:
@@ -359,7 +352,7 @@ def test_unknown_model_names_share_one_label_and_are_cut_in_logs(server, fam, oi
     assert_next_good_request_succeeds(fam, oip)
 
 
-# -- 4. the deadline is checked between stages -------------------------------------------------
+# -- the deadline is checked between stages ----------------------------------------------------
 @pytest.mark.parametrize("front", ["fam", "oip"])
 def test_decoding_stops_at_the_deadline(server, fam, oip, front, monkeypatch) -> None:
     import fam_core.pipeline.service as service
@@ -387,7 +380,7 @@ def test_decoding_stops_at_the_deadline(server, fam, oip, front, monkeypatch) ->
     assert_next_good_request_succeeds(fam, oip)
 
 
-# -- 5. health and readiness from threads request load cannot starve ---------------------------
+# -- health and readiness from threads request load cannot starve ------------------------------
 def test_health_port_answers_while_every_request_thread_is_busy(model_dir) -> None:
     server = FamServer(  # the health port is on by default (a free one with port 0)
         ModelRegistry.from_directory(model_dir),
@@ -464,7 +457,7 @@ def test_health_port_defaults_to_the_next_port_and_turns_off() -> None:
             _health_port(bad)
 
 
-# -- 6. every PIL mode as its 8-bit RGB equivalent ---------------------------------------------
+# -- every PIL mode as its 8-bit RGB equivalent ------------------------------------------------
 def _modes() -> dict[str, tuple[Image.Image, np.ndarray]]:
     """Each mode's image and the 8-bit RGB it must decode to."""
     grey = grey8()
@@ -544,7 +537,7 @@ def test_16_bit_png_gets_the_answer_of_its_8_bit_png(fam, oip, front) -> None:
         assert answers[0].raw_output_contents == answers[1].raw_output_contents
 
 
-# -- 7. formats: an allow-list, the rest refused without running their parser -----------------
+# -- formats: an allow-list, the rest refused without running their parser ---------------------
 REFUSED = {
     "BMP": lambda image: encode(image, "BMP"),
     "GIF": lambda image: encode(image, "GIF"),
@@ -579,24 +572,12 @@ def test_the_allow_list_is_configurable(model_dir) -> None:
         Limits(formats=("PSD",))
 
 
-# -- 8. OIP target_class -----------------------------------------------------------------------
+# -- OIP target_class --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "value", ["two", math.nan, math.inf, 1.5, "", True], ids=["text", "nan", "inf", "1.5", "", "b"]
 )
 def test_oip_bad_target_class_is_invalid_argument(fam, oip, value) -> None:
-    request = oip_bytes_request(png_bytes(0))
-    parameter = request.parameters["target_class"]
-    if isinstance(value, bool):
-        parameter.bool_param = value
-    elif isinstance(value, str):
-        parameter.string_param = value
-    else:
-        parameter.double_param = value
-    try:
-        oip.ModelInfer(request, timeout=TIMEOUT)
-        code = grpc.StatusCode.OK
-    except grpc.RpcError as error:
-        code = error.code()
+    code, _ = send("oip", fam, oip, png_bytes(0), target_class=value)
     assert code == (grpc.StatusCode.OK if value == "" else grpc.StatusCode.INVALID_ARGUMENT)
     assert_next_good_request_succeeds(fam, oip)
 
@@ -607,7 +588,7 @@ def test_oip_target_class_as_int_text_or_integral_double(oip, value) -> None:
     assert reply.outputs[-1].name == "heatmap"
 
 
-# -- 12. /metrics behind a bearer token --------------------------------------------------------
+# -- /metrics behind a bearer token ------------------------------------------------------------
 def test_metrics_need_the_bearer_token(server) -> None:
     assert _metrics(server, token=None)[0] == 401
     assert _metrics(server, token="wrong")[0] == 401
@@ -616,41 +597,11 @@ def test_metrics_need_the_bearer_token(server) -> None:
 
 
 # -- the TorchServe handler, in process --------------------------------------------------------
-class _Context:
-    """The parts of TorchServe's context the handler uses."""
-
-    def __init__(self, model_dir: Path) -> None:
-        self.system_properties = {"model_dir": str(model_dir)}
-        self.statuses: dict[int, int] = {}
-        self.metrics = type(
-            "Metrics", (), {"add_time": lambda *a: None, "add_counter": lambda *a: None}
-        )()
-
-    def get_request_header(self, idx: int, name: str):
-        return None
-
-    def get_all_request_header(self, idx: int):
-        return {}
-
-    def set_response_header(self, idx: int, name: str, value: str) -> None:
-        pass
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        pass
-
-    def set_response_status(self, code: int, phrase: str, idx: int) -> None:
-        self.statuses[idx] = code
-
-
 @pytest.fixture(scope="module")
 def handler(model_dir):
     pytest.importorskip("ts", reason="TorchServe is not installed")
-    handler_file = Path(__file__).resolve().parents[1] / "handlers" / "fam_handler.py"
-    spec = importlib.util.spec_from_file_location("fam_handler_abuse", handler_file)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    handler = module.FamHandler()
-    context = _Context(model_dir / "default-classifier")
+    handler = load_handler("fam_handler_abuse").FamHandler()
+    context = HandlerContext(model_dir / "default-classifier")
     handler.initialize(context)
     return handler, context
 
@@ -659,7 +610,7 @@ def _handle(handler, rows) -> list[tuple[int, dict]]:
     handler, context = handler
     context.statuses.clear()
     out = handler.handle(rows, context)
-    return [(context.statuses.get(i, 200), json.loads(body)) for i, body in enumerate(out)]
+    return [(context.statuses.get(i, (200, ""))[0], json.loads(body)) for i, body in enumerate(out)]
 
 
 @pytest.mark.parametrize(
@@ -697,7 +648,7 @@ def test_torchserve_handler_16_bit_png_answers_like_8_bit(handler) -> None:
     )
 
 
-# -- 9. corrupt, empty or malicious weights: one line, never advice to load unsafely -----------
+# -- corrupt, empty or malicious weights: one line, never advice to load unsafely --------------
 class _Evil:
     def __reduce__(self):
         return (print, ("unpickled!",))

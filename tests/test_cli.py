@@ -103,19 +103,12 @@ def test_inspect_lists_layers_the_choice_and_the_head(capsys) -> None:
 
 
 def test_inspect_an_onnx_file_lists_tensors(tmp_path, capsys) -> None:
-    import io
-    import warnings
+    from onnx_helpers import user_export
 
     from fam_core.models.backbones import conv4
 
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            conv4(width=0.25).eval(), (torch.rand(1, 3, 84, 84),), buffer, dynamo=False
-        )
     path = tmp_path / "plain.onnx"
-    path.write_bytes(buffer.getvalue())
+    user_export(conv4(width=0.25).eval(), torch.rand(1, 3, 84, 84), path)
     code, out, _ = run(["inspect", str(path)], capsys)
     assert code == 0
     assert "chosen target tensor: /block4/pool/MaxPool_output_0" in out

@@ -11,14 +11,13 @@ messages use the config's key names (``input_size:``), never the Python API's
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from serving_helpers import png_bytes
+from serving_helpers import HandlerContext, load_handler, png_bytes
 
 from fam_core.cli import main
 from fam_core.pipeline import EncodedImage, ExplainRequest, ModelRegistry, Pipeline
@@ -146,29 +145,11 @@ def test_the_servers_registry_keeps_the_model_not_ready_with_the_reason(folders,
         pipeline.close()
 
 
-class FakeContext:
-    """The parts of TorchServe's context the handler uses."""
-
-    def __init__(self, model_dir: Path) -> None:
-        self.system_properties = {"model_dir": str(model_dir)}
-        self.statuses: dict[int, tuple[int, str]] = {}
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        pass
-
-    def set_response_status(self, code: int, phrase: str, idx: int) -> None:
-        self.statuses[idx] = (code, phrase)
-
-
 @pytest.mark.parametrize("case", ["class names of another count", "an output name with a typo"])
 def test_the_torchserve_handler_answers_503_with_the_reason(folders, case) -> None:
     pytest.importorskip("ts", reason="TorchServe is not installed")
-    handler_file = TESTS.parent / "handlers" / "fam_handler.py"
-    spec = importlib.util.spec_from_file_location("fam_handler_config_checks", handler_file)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    handler = module.FamHandler()
-    context = FakeContext(folders[case])
+    handler = load_handler("fam_handler_config_checks").FamHandler()
+    context = HandlerContext(folders[case])
     handler.initialize(context)
     (row,) = handler.handle([{"body": png_bytes(0)}], context)
     assert context.statuses[0][0] == 503

@@ -11,19 +11,28 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import TINY_CLASSIFIER, make_tiny_classifier_dir, png_bytes
+from serving_helpers import (
+    TINY_CLASSIFIER,
+    loopback,
+    make_tiny_classifier_dir,
+    png_bytes,
+    running_server,
+    sigterm_until_not_ready,
+    wait_until,
+)
 
 from fam_core.explainers.registry import EXPLAINERS, METHOD_COSTS, cost_class
 from fam_core.pipeline import BatchingConfig, Limits, ModelRegistry
@@ -34,7 +43,6 @@ from fam_core.server.stubs import grpc_service_pb2 as oip_pb2
 from fam_core.server.stubs import grpc_service_pb2_grpc as oip_grpc
 
 TIMEOUT = 120
-WAIT_S = 60  # bound of every wait for an observable state
 MODEL = TINY_CLASSIFIER
 EXPENSIVE_IMAGES = 32  # a Score-FAM request of this many images runs for seconds (64 steps)
 
@@ -52,32 +60,42 @@ def explain_request(method: str, images: int = 1) -> fam_pb2.ExplainRequest:
     )
 
 
-def wait_until(condition, what: str) -> None:
-    end = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < end, f"waited {WAIT_S} s for {what}"
-        time.sleep(0.01)
+def expensive_runs(server: FamServer) -> Callable[[], bool]:
+    """Whether an expensive request runs on ``server`` now (its ``fam_lane_running`` gauge)."""
+
+    def runs() -> bool:
+        value = server.metrics.registry.get_sample_value(
+            "fam_lane_running", {"model": MODEL, "lane": "expensive"}
+        )
+        return (value or 0.0) > 0
+
+    return runs
 
 
-def running_expensive(server: FamServer) -> float:
-    value = server.metrics.registry.get_sample_value(
-        "fam_lane_running", {"model": MODEL, "lane": "expensive"}
+@contextmanager
+def serving(model_dir: Path, **batching: object) -> Iterator[FamServer]:
+    """A server of the tiny classifier, stopped without grace on exit."""
+    config = ServerConfig(
+        port=0,
+        health_port=0,
+        limits=Limits(max_batch=64),
+        batching=BatchingConfig(32, 1.0, **batching),  # type: ignore[arg-type]
     )
-    return value or 0.0
+    with running_server(ModelRegistry.from_directory(model_dir), config, grace=0) as server:
+        yield server
 
 
-def start_server(model_dir: Path, **batching: object) -> FamServer:
-    server = FamServer(
-        ModelRegistry.from_directory(model_dir),
-        ServerConfig(
-            port=0,
-            health_port=0,
-            limits=Limits(max_batch=64),
-            batching=BatchingConfig(32, 1.0, **batching),  # type: ignore[arg-type]
-        ),
-    )
-    server.start()
-    return server
+@contextmanager
+def scorefam_running(
+    port: int, images: int, runs: Callable[[], bool], workers: int = 1
+) -> Iterator[tuple[fam_pb2_grpc.FamServiceStub, ThreadPoolExecutor, Future]]:
+    """A ``fam.v1`` stub on ``port``, a pool of ``workers`` threads, and the future of a
+    Score-FAM request of ``images`` images, once ``runs()`` says it runs."""
+    with loopback(port) as channel, ThreadPoolExecutor(workers) as pool:
+        stub = fam_pb2_grpc.FamServiceStub(channel)
+        slow = pool.submit(stub.Explain, explain_request("scorefam", images), timeout=TIMEOUT)
+        wait_until(runs, "Score-FAM to run")
+        yield stub, pool, slow
 
 
 def test_every_registered_method_declares_its_cost_class() -> None:
@@ -90,17 +108,9 @@ def test_every_registered_method_declares_its_cost_class() -> None:
 
 
 def test_cam_answers_while_scorefam_runs(model_dir) -> None:
-    server = start_server(model_dir)
-    try:
-        with (
-            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-            ThreadPoolExecutor(1) as pool,
-        ):
-            stub = fam_pb2_grpc.FamServiceStub(channel)
-            slow = pool.submit(
-                stub.Explain, explain_request("scorefam", EXPENSIVE_IMAGES), timeout=TIMEOUT
-            )
-            wait_until(lambda: running_expensive(server) > 0, "Score-FAM to run")
+    with serving(model_dir) as server:
+        runs = expensive_runs(server)
+        with scorefam_running(server.port, EXPENSIVE_IMAGES, runs) as (stub, _, slow):
             for _ in range(3):  # one pass each, between two masked-forward steps
                 cam = stub.Explain(explain_request("cam"), timeout=TIMEOUT)
                 assert cam.results[0].heatmap.method == "cam"
@@ -108,24 +118,18 @@ def test_cam_answers_while_scorefam_runs(model_dir) -> None:
             scorefam = slow.result(TIMEOUT)
         assert len(scorefam.results) == EXPENSIVE_IMAGES
         assert scorefam.results[0].heatmap.method == "scorefam"
-    finally:
-        server.stop(grace=0)
 
 
 def test_expensive_work_beyond_the_limit_is_resource_exhausted_with_a_retry_hint(
     model_dir,
 ) -> None:
-    server = start_server(model_dir, max_queued_expensive=2)
-    try:
-        with (
-            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-            ThreadPoolExecutor(2) as pool,
+    with serving(model_dir, max_queued_expensive=2) as server:
+        runs = expensive_runs(server)
+        with scorefam_running(server.port, EXPENSIVE_IMAGES, runs, workers=2) as (
+            stub,
+            pool,
+            running,
         ):
-            stub = fam_pb2_grpc.FamServiceStub(channel)
-            running = pool.submit(
-                stub.Explain, explain_request("scorefam", EXPENSIVE_IMAGES), timeout=TIMEOUT
-            )
-            wait_until(lambda: running_expensive(server) > 0, "Score-FAM to run")
             queued = pool.submit(stub.Explain, explain_request("scorecam", 2), timeout=TIMEOUT)
             wait_until(
                 lambda: server.pipeline.lanes(MODEL)["queued"]["expensive"] == 1,
@@ -145,27 +149,16 @@ def test_expensive_work_beyond_the_limit_is_resource_exhausted_with_a_retry_hint
                 with pytest.raises(grpc.RpcError) as cancelled:
                     future.result(TIMEOUT)
                 assert cancelled.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        server.stop(grace=0)
 
 
 def test_drain_is_not_ready_at_once_and_cancels_what_runs_past_the_grace(model_dir) -> None:
-    server = start_server(model_dir)
     grace = 1.0
-    try:
-        with (
-            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-            grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as side,
-            ThreadPoolExecutor(1) as pool,
-        ):
-            oip = oip_grpc.GRPCInferenceServiceStub(side)
-            health = health_pb2_grpc.HealthStub(side)
-            assert oip.ServerReady(oip_pb2.ServerReadyRequest(), timeout=TIMEOUT).ready
-            stub = fam_pb2_grpc.FamServiceStub(channel)
-            slow = pool.submit(
-                stub.Explain, explain_request("scorefam", 2 * EXPENSIVE_IMAGES), timeout=TIMEOUT
-            )
-            wait_until(lambda: running_expensive(server) > 0, "Score-FAM to run")
+    with serving(model_dir) as server, loopback(server.health_port) as side:
+        oip = oip_grpc.GRPCInferenceServiceStub(side)
+        health = health_pb2_grpc.HealthStub(side)
+        assert oip.ServerReady(oip_pb2.ServerReadyRequest(), timeout=TIMEOUT).ready
+        runs = expensive_runs(server)
+        with scorefam_running(server.port, 2 * EXPENSIVE_IMAGES, runs) as (_, _, slow):
             started = time.monotonic()
             stopping = threading.Thread(target=server.stop, args=(grace,))
             stopping.start()
@@ -192,8 +185,6 @@ def test_drain_is_not_ready_at_once_and_cancels_what_runs_past_the_grace(model_d
         labels = {"rpc": "Explain", "model": MODEL}
         assert sample("fam_requests_total", {**labels, "code": "UNAVAILABLE"}) == 1.0
         assert sample("fam_requests_total", {**labels, "code": "OK"}) is None
-    finally:
-        server.stop(grace=0)
 
 
 def test_sigterm_cancels_the_running_request_and_exits_within_the_grace(model_dir) -> None:
@@ -223,23 +214,10 @@ def test_sigterm_cancels_the_running_request_and_exits_within_the_grace(model_di
             return match is not None and float(match.group(1)) > 0
 
         with (
-            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
-            grpc.insecure_channel(f"127.0.0.1:{started['health_port']}") as side,
-            ThreadPoolExecutor(1) as pool,
+            scorefam_running(port, 2 * EXPENSIVE_IMAGES, scorefam_runs) as (_, _, slow),
+            loopback(started["health_port"]) as side,
         ):
-            stub = fam_pb2_grpc.FamServiceStub(channel)
-            slow: Future = pool.submit(
-                stub.Explain, explain_request("scorefam", 2 * EXPENSIVE_IMAGES), timeout=TIMEOUT
-            )
-            wait_until(scorefam_runs, "Score-FAM to run")
-            oip = oip_grpc.GRPCInferenceServiceStub(side)
-            assert oip.ServerReady(oip_pb2.ServerReadyRequest(), timeout=TIMEOUT).ready
-            signalled = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            wait_until(
-                lambda: not oip.ServerReady(oip_pb2.ServerReadyRequest(), timeout=TIMEOUT).ready,
-                "ServerReady false",
-            )
+            signalled = sigterm_until_not_ready(process, side, TIMEOUT)
             not_ready = time.monotonic() - signalled
             with pytest.raises(grpc.RpcError) as cancelled:
                 slow.result(TIMEOUT)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
+from model_helpers import toy_model
 from torch import nn
 
 import fam_core
@@ -13,14 +12,6 @@ from fam_core.explainers.postprocess import min_max
 from fam_core.models.backbones import conv4
 from fam_core.pooling import GlobalPool
 from fam_core.similarity import channel_contributions, similarity
-
-
-def toy_model(channels: int = 3, head: nn.Module | None = None) -> nn.Sequential:
-    """The image itself is the feature map: A^n = x[:, n], Z = mean over space."""
-    layers = [("features", nn.Identity()), ("pool", GlobalPool("avg"))]
-    if head is not None:
-        layers.append(("head", head))
-    return nn.Sequential(OrderedDict(layers)).eval()
 
 
 def image_with_mean(means: list[float], size: int = 4) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fam import toy_model
+from model_helpers import toy_model
 
 from fam_core.explainers import EXPLAINERS, FAM
 from fam_core.explainers.fam.variants import CentredFAM, OrthogonalFAM, SignedFAM

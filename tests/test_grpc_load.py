@@ -11,7 +11,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from serving_helpers import make_model_dir, png_bytes, rss_bytes
+from serving_helpers import png_bytes, rss_bytes
 
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
 
@@ -25,8 +25,7 @@ SERVE = (
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    model_dir = make_model_dir(tmp_path_factory.mktemp("models"))
+def served(model_dir):
     process = subprocess.Popen(
         [sys.executable, "-c", SERVE, "serve", "--models", str(model_dir), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

@@ -8,14 +8,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from serving_helpers import CLASSES, make_model_dir, png_bytes, png_header_only
+from serving_helpers import CLASSES, png_bytes, png_header_only, running_server
 
 from fam_core.pipeline import (
     BatchingConfig,
@@ -34,25 +33,10 @@ LIMITS = Limits(max_batch=8, max_pixels=16_000_000, max_request_bytes=1_000_000)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
 def server(model_dir):
-    server = FamServer(
-        ModelRegistry.from_directory(model_dir),
-        ServerConfig(port=0, limits=LIMITS, batching=BatchingConfig(8, 1.0)),
-    )
-    server.start()
-    yield server
-    server.stop(grace=2.0)
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield fam_pb2_grpc.FamServiceStub(channel)
+    config = ServerConfig(port=0, limits=LIMITS, batching=BatchingConfig(8, 1.0))
+    with running_server(ModelRegistry.from_directory(model_dir), config) as server:
+        yield server
 
 
 def image(data: bytes) -> fam_pb2.Image:

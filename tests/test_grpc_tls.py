@@ -8,10 +8,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serving_helpers import make_model_dir, png_bytes
+from serving_helpers import loopback, make_model_dir, png_bytes, running_server
 
 from fam_core.pipeline import EncodedImage, ExplainRequest, ModelRegistry, heatmap_from_bytes
-from fam_core.server import FamServer, ServerConfig
+from fam_core.server import ServerConfig
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
 
 OPENSSL = shutil.which("openssl")
@@ -39,10 +39,9 @@ def tls_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("tls")
     cert, key = self_signed_certificate(root)
     registry = ModelRegistry.from_directory(make_model_dir(root / "models"))
-    server = FamServer(registry, ServerConfig(port=0, tls_cert=cert, tls_key=key, batching=None))
-    server.start()
-    yield server, cert
-    server.stop(grace=2.0)
+    config = ServerConfig(port=0, tls_cert=cert, tls_key=key, batching=None)
+    with running_server(registry, config) as server:
+        yield server, cert
 
 
 def explain_request() -> fam_pb2.ExplainRequest:
@@ -70,7 +69,7 @@ def test_secure_call_with_the_certificate_as_root(tls_server) -> None:
 def test_plaintext_and_untrusted_channels_fail(tls_server, tmp_path) -> None:
     server, _cert = tls_server
     with (
-        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        loopback(server.port) as channel,
         pytest.raises(grpc.RpcError) as caught,
     ):
         fam_pb2_grpc.FamServiceStub(channel).Explain(explain_request(), timeout=5)

@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import grpc
@@ -35,12 +34,12 @@ import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from serving_helpers import png_bytes
+from serving_helpers import loopback, png_bytes, running_server
 
 from fam_core.explainers import get_explainer
 from fam_core.models.store import ModelConfig
 from fam_core.pipeline import BatchingConfig, ModelRegistry, heatmap_from_bytes
-from fam_core.server import FamServer, ServerConfig
+from fam_core.server import ServerConfig
 from fam_core.server.oip import pack_bytes, unpack_bytes
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 
@@ -146,9 +145,9 @@ def make_models(root: Path) -> dict[str, Path]:
 
 def export_onnx(model: torch.nn.Module, path: Path) -> None:
     """A plain export, as a user would write it: default names, a fixed batch of one."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.rand(1, 3, SIZE, SIZE),), str(path), dynamo=False)
+    from onnx_helpers import user_export
+
+    user_export(model, torch.rand(1, 3, SIZE, SIZE), path)
 
 
 @pytest.fixture(scope="module")
@@ -206,17 +205,14 @@ def server(folders):
     registry = ModelRegistry.load(
         [folders[name] / "config.yaml" for name in (*ALL_MODELS, REFUSED)], keep_going=True
     )
-    running = FamServer(registry, ServerConfig(port=0, batching=BatchingConfig(8, 1.0)))
-    running.start()
-    try:
+    config = ServerConfig(port=0, batching=BatchingConfig(8, 1.0))
+    with running_server(registry, config) as running:
         yield running
-    finally:
-        running.stop(grace=2.0)
 
 
 @pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+def channel(server):  # waits until the server reports SERVING
+    with loopback(server.port) as channel:
         grpc.channel_ready_future(channel).result(timeout=TIMEOUT)
         health = health_pb2_grpc.HealthStub(channel)
         end = time.monotonic() + TIMEOUT
@@ -401,9 +397,9 @@ TORCHSERVE_MODELS = ("hf-resnet-reid", "hf-dinov2")
 
 @pytest.fixture(scope="module")
 def torchserve(tmp_path_factory, folders):
-    from test_torchserve import Server, _missing
+    from torchserve_helpers import Server, torchserve_missing
 
-    reason = _missing()
+    reason = torchserve_missing()
     if reason is not None:
         pytest.skip(reason)
     builds = tuple({"name_or_config": folders[name] / "config.yaml"} for name in TORCHSERVE_MODELS)
@@ -435,7 +431,7 @@ def test_fam_archive_carries_the_factory_module(folders, tmp_path, capsys) -> No
 @pytest.mark.parametrize("image", sorted(IMAGES))
 @pytest.mark.parametrize("name", TORCHSERVE_MODELS)
 def test_torchserve_predictions_match_the_library(torchserve, folders, name, image) -> None:
-    from test_torchserve import decode_heatmap, http
+    from torchserve_helpers import decode_heatmap, http
 
     png = IMAGES[image]
     status, body, _ = http("POST", f"{torchserve.inference}/predictions/{name}", png)

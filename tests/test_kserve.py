@@ -3,7 +3,7 @@
 One server per module runs in a subprocess on free ports, serving random-init models from a
 temporary folder; the test process never imports kserve (its protobuf package ``inference``
 clashes with fam's stubs), and tritonclient runs in a subprocess of its own
-(``tests/kserve_grpc_client.py``). Every heatmap is compared with the one the in-process
+(``tests/oip_client.py``). Every heatmap is compared with the one the in-process
 pipeline (the one ``fam serve`` runs) returns for the same image.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from serving_helpers import kserve_server, make_model_dir, png_bytes
+from serving_helpers import kserve_server, make_model_dir, oip_client_report, png_bytes
 
 from fam_core.cli import build_parser
 from fam_core.pipeline import EncodedImage, ExplainRequest, ModelRegistry, Pipeline, RawTensor
@@ -274,14 +274,7 @@ def test_grpc_v2_with_tritonclient(server, pipeline, tmp_path) -> None:
     image = png_bytes(8)
     path = tmp_path / "image.png"
     path.write_bytes(image)
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "kserve_grpc_client.py"), server[1], str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = oip_client_report("kserve", server[1], str(path), timeout=300)
     assert report["live"] and report["ready"] and report["model_ready"]
     for model, method in ((CLASSIFIER, "gradcam"), (EMBEDDING, None)):
         got = report[model]

@@ -12,20 +12,22 @@ import base64
 import importlib.util
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
-from serving_helpers import TINY_CLASSIFIER, make_tiny_classifier_dir, png_bytes
-
-from fam_core.server.stubs import grpc_service_pb2 as oip_pb2
-from fam_core.server.stubs import grpc_service_pb2_grpc as oip_grpc
+from serving_helpers import (
+    TINY_CLASSIFIER,
+    free_port,
+    loopback,
+    make_tiny_classifier_dir,
+    png_bytes,
+    sigterm_until_not_ready,
+    wait_until,
+)
 
 if importlib.util.find_spec("kserve") is None or importlib.util.find_spec("httpx") is None:
     pytest.skip("needs the kserve extra", allow_module_level=True)
@@ -36,13 +38,7 @@ MODEL = TINY_CLASSIFIER
 GRACE_S = 1.0
 TIMEOUT = 120
 START_TIMEOUT_S = 120
-WAIT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+POLL_S = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +49,6 @@ def model_dir(tmp_path_factory) -> Path:
 def predict_body(method: str, images: int) -> dict:
     encoded = [base64.b64encode(png_bytes(i, (32, 32))).decode() for i in range(images)]
     return {"instances": encoded, "parameters": {"method": method}}
-
-
-def wait_until(condition, what: str) -> None:
-    end = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < end, f"waited {WAIT_S} s for {what}"
-        time.sleep(0.02)
 
 
 def test_kserve_lane_limit_and_drain(model_dir, tmp_path) -> None:
@@ -93,12 +82,14 @@ def test_kserve_lane_limit_and_drain(model_dir, tmp_path) -> None:
         with (
             httpx.Client(timeout=TIMEOUT) as client,
             ThreadPoolExecutor(2) as pool,
-            grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+            loopback(grpc_port) as channel,
         ):
             running = pool.submit(client.post, url, json=predict_body("scorefam", 64))
-            wait_until(lambda: expensive("running") > 0, "Score-FAM to run")
+            wait_until(lambda: expensive("running") > 0, "Score-FAM to run", poll_s=POLL_S)
             queued = pool.submit(client.post, url, json=predict_body("scorefam", 1))
-            wait_until(lambda: expensive("queued") == 1, "the second request to wait")
+            wait_until(
+                lambda: expensive("queued") == 1, "the second request to wait", poll_s=POLL_S
+            )
             refused = client.post(url, json=predict_body("scorecam", 1))
             assert refused.status_code == 429, refused.text
             assert refused.json()["code"] == "RESOURCE_EXHAUSTED"
@@ -107,14 +98,7 @@ def test_kserve_lane_limit_and_drain(model_dir, tmp_path) -> None:
             assert cheap.status_code == 200 and cheap.json()["predictions"][0]["heatmap"]
             assert not running.done()
 
-            oip = oip_grpc.GRPCInferenceServiceStub(channel)
-            assert oip.ServerReady(oip_pb2.ServerReadyRequest(), timeout=TIMEOUT).ready
-            signalled = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            wait_until(
-                lambda: not oip.ServerReady(oip_pb2.ServerReadyRequest(), timeout=TIMEOUT).ready,
-                "gRPC ServerReady false",
-            )
+            signalled = sigterm_until_not_ready(process, channel, TIMEOUT, poll_s=POLL_S)
             assert time.monotonic() - signalled < GRACE_S
             assert not ready()  # REST: refused, or answered not ready
             answers = [running.result(TIMEOUT), queued.result(TIMEOUT)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -116,14 +115,12 @@ def test_the_config_method_still_wins(tmp_path) -> None:
 def test_a_plain_onnx_classifier_defaults_to_gradcam_where_cam_cannot_read_it(
     tmp_path, capsys
 ) -> None:
+    from onnx_helpers import user_export
+
     model = hf_factories.convnext_classifier()
     folder = tmp_path / "convnext-onnx"
     folder.mkdir()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.rand(1, 3, SIZE, SIZE),), str(folder / "model.onnx"), dynamo=False
-        )
+    user_export(model, torch.rand(1, 3, SIZE, SIZE), folder / "model.onnx")
     (folder / "config.yaml").write_text(
         yaml.safe_dump(
             {
@@ -281,6 +278,8 @@ def test_explanation_says_why_a_map_is_flat() -> None:
 
 def test_the_onnx_graft_probes_random_maps_too(tmp_path) -> None:
     """A SiLU after maps that are all zeros: affine on them, not on any other map."""
+    from onnx_helpers import user_export
+
     from fam_core.exporters.onnx_head import NotAffine, analyse_head
 
     conv = nn.Conv2d(3, 4, 3, padding=1)
@@ -288,18 +287,9 @@ def test_the_onnx_graft_probes_random_maps_too(tmp_path) -> None:
     nn.init.zeros_(conv.bias)
     model = nn.Sequential(conv, nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     path = tmp_path / "silu.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(),
-            (torch.rand(1, 3, 8, 8),),
-            str(path),
-            dynamo=False,
-            input_names=["x"],
-            output_names=["y"],
-        )
-    import onnx
-
-    (conv_output,) = [n.output[0] for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    proto = user_export(
+        model.eval(), torch.rand(1, 3, 8, 8), path, input_names=["x"], output_names=["y"]
+    )
+    (conv_output,) = [n.output[0] for n in proto.graph.node if n.op_type == "Conv"]
     with pytest.raises(NotAffine, match="Sigmoid|Mul"):
         analyse_head(path, conv_output, input_size=8)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import make_model_dir, png_bytes
+from serving_helpers import HandlerContext, load_handler, make_model_dir, png_bytes, running_server
 
 from fam_core import load_model
 from fam_core.cli import main
@@ -33,7 +33,7 @@ from fam_core.pipeline import (
 )
 from fam_core.pipeline.engine import Job, run_jobs
 from fam_core.pipeline.torch_backend import TorchBackend
-from fam_core.server import FamServer, ServerConfig
+from fam_core.server import ServerConfig
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 
 NET_SOURCE = textwrap.dedent(
@@ -345,10 +345,8 @@ def mixed_server(tmp_path_factory, factory_dir):
     bad.update(name="broken", factory="no_such_package_fam.models:build", weights=None)
     bad_config = write_config(root / "broken", **{k: v for k, v in bad.items() if v is not None})
     registry = ModelRegistry.load([root / "default-classifier", bad_config], keep_going=True)
-    server = FamServer(registry, ServerConfig(port=0))
-    server.start()
-    yield server
-    server.stop(grace=2.0)
+    with running_server(registry, ServerConfig(port=0)) as server:
+        yield server
 
 
 def test_registry_keeps_the_failure_and_answers_unavailable(mixed_server) -> None:
@@ -461,33 +459,15 @@ def test_archive_note_names_the_package_to_install(tmp_path, capsys) -> None:
     assert "install the package 'fam_test_archived_models' in TorchServe's Python" in err
 
 
-class _FakeContext:
-    """The parts of TorchServe's context the handler uses."""
-
-    def __init__(self, model_dir: Path) -> None:
-        self.system_properties = {"model_dir": str(model_dir)}
-        self.statuses: dict[int, tuple[int, str]] = {}
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        pass
-
-    def set_response_status(self, code: int, phrase: str, idx: int) -> None:
-        self.statuses[idx] = (code, phrase)
-
-
 def test_torchserve_handler_answers_503_with_the_reason_when_the_model_fails(tmp_path) -> None:
     pytest.importorskip("ts", reason="TorchServe is not installed")
-    import importlib.util
     import json
 
-    handler_file = Path(__file__).resolve().parents[1] / "handlers" / "fam_handler.py"
-    spec = importlib.util.spec_from_file_location("fam_handler_under_test", handler_file)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = load_handler("fam_handler_under_test")
     folder = tmp_path / "model_dir"
     write_config(folder, name="broken", task="classifier", factory="no_such_package_fam:b")
     handler = module.FamHandler()
-    context = _FakeContext(folder)
+    context = HandlerContext(folder)
     handler.initialize(context)
     rows = handler.handle([{"body": b"x"}, {"body": b"y"}], context)
     assert [context.statuses[i][0] for i in range(2)] == [503, 503]
@@ -499,18 +479,14 @@ def test_torchserve_handler_without_fam_core_answers_503_instead_of_dying(
     tmp_path, monkeypatch
 ) -> None:
     pytest.importorskip("ts", reason="TorchServe is not installed")
-    import importlib.util
     import json
     import sys
 
     monkeypatch.setitem(sys.modules, "fam_core.pipeline", None)  # its import now fails
-    handler_file = Path(__file__).resolve().parents[1] / "handlers" / "fam_handler.py"
-    spec = importlib.util.spec_from_file_location("fam_handler_without_fam_core", handler_file)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = load_handler("fam_handler_without_fam_core")
     assert module.FAM_IMPORT_ERROR is not None
     handler = module.FamHandler()
-    context = _FakeContext(tmp_path)
+    context = HandlerContext(tmp_path)
     context.model_name = "served-name"  # type: ignore[attr-defined]
     handler.initialize(context)
     (row,) = handler.handle([{"body": b"x"}], context)

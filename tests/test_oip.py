@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from serving_helpers import CLASSES, make_model_dir, png_bytes
+from serving_helpers import CLASSES, make_model_dir, oip_client_report, png_bytes
 
 from fam_core.pipeline import EncodedImage, ExplainRequest, ModelRegistry, Pipeline
 from fam_core.server import FamServer, ServerConfig
 
 if importlib.util.find_spec("tritonclient") is None:  # found, not imported: see oip_client.py
     pytest.skip("tritonclient[grpc] is not installed", allow_module_level=True)
-CLIENT = Path(__file__).with_name("oip_client.py")
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +24,13 @@ def report(tmp_path_factory):
     image = root / "image.png"
     image.write_bytes(png_bytes(21))
     with FamServer(registry, ServerConfig(port=0)) as server:
-        done = subprocess.run(
-            [sys.executable, str(CLIENT), f"127.0.0.1:{server.port}", str(image)],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+        got = oip_client_report("fam", f"127.0.0.1:{server.port}", str(image), timeout=120)
     expected = Pipeline(registry, batching=None)
     request = {
         name: expected.explain(ExplainRequest(name, (EncodedImage(image.read_bytes()),) * 2))
         for name in ("default-classifier", "default-embedding")
     }
-    return json.loads(done.stdout), request
+    return got, request
 
 
 def test_server_and_model_state(report) -> None:

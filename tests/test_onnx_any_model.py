@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from model_helpers import plain_classifier
 from torch import nn
 
 from fam_core import CAM, FAM, GradCAM, GradFAM
@@ -20,7 +21,7 @@ from fam_core.onnx_runtime import OnnxExplainer
 
 pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
-from test_third_party import SIZE, build  # noqa: E402
+from hf_factories import SIZE, build  # noqa: E402
 from tolerances import assert_top_classes
 
 ATOL = 1e-4
@@ -175,13 +176,7 @@ def test_a_head_with_convolutions_exports_its_input_gradient(models, tmp_path, l
 def test_task_is_explicit_not_an_attribute(tmp_path) -> None:
     """A plain classifier (no ``is_classifier``, an unnamed output): ``task=`` says it is one."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 4),
-    ).eval()
+    model = plain_classifier()
     with pytest.raises(ValueError, match="pass task='classifier'"):
         export_model(model, method="gradcam", path=tmp_path / "x.onnx", input_size=16)
     path = export_model(

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from model_helpers import conv4_config
 from tolerances import assert_top_classes
 from torch import nn
 
@@ -28,7 +29,7 @@ from fam_core.explainers.postprocess import min_max, upsample
 from fam_core.exporters import export_model
 from fam_core.exporters.analytic import similarity_gradient
 from fam_core.models.backbones import build_backbone
-from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD
 from fam_core.onnx_runtime import OnnxExplainer
 from fam_core.pooling import GlobalPool
 from fam_core.similarity import similarity
@@ -286,12 +287,10 @@ def test_fam_best_reference_and_baked_references(tmp_path, inputs) -> None:
 
 def test_file_format_metadata_and_checker(tmp_path) -> None:
     model = make_model("conv4", num_classes=NUM_CLASSES)
-    config = ModelConfig(
-        name="toy",
-        task="classifier",
-        backbone="conv4",
+    config = conv4_config(
+        "toy",
+        "classifier",
         weights="w.pt",
-        target_layer="block4",
         input_size=64,
         mean=(0.5, 0.4, 0.3),
         std=(0.2, 0.25, 0.3),
@@ -494,13 +493,10 @@ def write_model_folder(folder: Path) -> Path:
     folder.mkdir()
     torch.save(model.state_dict(), folder / "weights.pt")
     torch.save(torch.randn(5, 16), folder / "prototypes.pt")
-    config = ModelConfig(
-        name="tiny",
-        task="embedding",
-        backbone="conv4",
+    config = conv4_config(
+        "tiny",
+        "embedding",
         backbone_kwargs={"width": 0.25},
-        weights="weights.pt",
-        target_layer="block4",
         prototypes="prototypes.pt",
         class_names=tuple("vwxyz"),
     )

@@ -9,15 +9,14 @@ torch explainer of the same weights and the matching target layer.
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 import zlib
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from onnx_helpers import user_export
 from tolerances import assert_top_classes
 from torch import nn
 
@@ -37,14 +36,11 @@ ATOL = 1e-4
 
 def plain_export(model: nn.Module, size: int = SIZE, *, dynamic: bool = False) -> onnx.ModelProto:
     """``torch.onnx.export`` as a user would run it, then ONNX shape inference."""
-    buffer = io.BytesIO()
     options = {}
     if dynamic:
         options = {"input_names": ["pixel_values"], "dynamic_axes": {"pixel_values": {0: "n"}}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.rand(1, 3, size, size),), buffer, dynamo=False, **options)
-    return onnx.shape_inference.infer_shapes(onnx.load_from_string(buffer.getvalue()))
+    proto = user_export(model, torch.rand(1, 3, size, size), **options)
+    return onnx.shape_inference.infer_shapes(proto)
 
 
 def ours(name: str, **kwargs: object) -> nn.Module:

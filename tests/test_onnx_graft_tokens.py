@@ -11,15 +11,13 @@ metadata as ``head: jacobian``.
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
 import torch
 from onnx import TensorProto, helper
+from onnx_helpers import user_export
 from torch import nn
 
 from fam_core import onnx_format as fmt
@@ -98,19 +96,14 @@ MODELS = {"vit": vit, "dinov2": dinov2}
 
 def plain_export(model: nn.Module) -> onnx.ModelProto:
     """``torch.onnx.export`` as a user writes it (a dynamic batch), then shape inference."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.rand(1, 3, SIZE, SIZE),),
-            buffer,
-            dynamo=False,
-            opset_version=17,
-            input_names=["pixel_values"],
-            dynamic_axes={"pixel_values": {0: "batch"}},
-        )
-    return onnx.shape_inference.infer_shapes(onnx.load_from_string(buffer.getvalue()))
+    proto = user_export(
+        model,
+        torch.rand(1, 3, SIZE, SIZE),
+        opset_version=17,
+        input_names=["pixel_values"],
+        dynamic_axes={"pixel_values": {0: "batch"}},
+    )
+    return onnx.shape_inference.infer_shapes(proto)
 
 
 def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs=None) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx_helpers import user_export
 
 from fam_core.exporters.onnx_torch import SUPPORTED_OPS, OnnxModule, unsupported_ops
 
@@ -141,6 +142,30 @@ ACTIVATIONS = {
     "Clip-relu6": Case("Clip", 13, constants=[np.float32(0.0), np.float32(6.0)]),
 }
 
+
+def pooling_windows(op: str, opset: int) -> dict[str, Case]:
+    """The window geometries both pooling operators are checked on, as cases of ``op``."""
+    return {
+        f"{op}-ceil-pads": Case(
+            op,
+            opset,
+            {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+            shape=(2, 3, 8, 8),
+        ),
+        f"{op}-ceil-no-window-in-end-padding": Case(
+            op,
+            opset,
+            {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+        ),
+        f"{op}-same-upper": Case(
+            op,
+            opset,
+            {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
+            shape=(2, 3, 8, 8),
+        ),
+    }
+
+
 CASES = {
     **ACTIVATIONS,
     "Clip-attributes-default": Case("Clip", 6),
@@ -161,23 +186,7 @@ CASES = {
     "MaxPool-ceil": Case(
         "MaxPool", 12, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}
     ),
-    "MaxPool-ceil-pads": Case(
-        "MaxPool",
-        12,
-        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
-        shape=(2, 3, 8, 8),
-    ),
-    "MaxPool-ceil-no-window-in-end-padding": Case(
-        "MaxPool",
-        12,
-        {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
-    ),
-    "MaxPool-same-upper": Case(
-        "MaxPool",
-        12,
-        {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
-        shape=(2, 3, 8, 8),
-    ),
+    **pooling_windows("MaxPool", 12),
     "MaxPool-same-lower": Case(
         "MaxPool", 12, {"kernel_shape": [2, 2], "strides": [1, 1], "auto_pad": "SAME_LOWER"}
     ),
@@ -205,12 +214,6 @@ CASES = {
     "AveragePool-ceil": Case(
         "AveragePool", 10, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}
     ),
-    "AveragePool-ceil-pads": Case(
-        "AveragePool",
-        11,
-        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
-        shape=(2, 3, 8, 8),
-    ),
     "AveragePool-ceil-pads-include": Case(
         "AveragePool",
         11,
@@ -223,17 +226,7 @@ CASES = {
         },
         shape=(2, 3, 8, 8),
     ),
-    "AveragePool-ceil-no-window-in-end-padding": Case(
-        "AveragePool",
-        11,
-        {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
-    ),
-    "AveragePool-same-upper": Case(
-        "AveragePool",
-        11,
-        {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
-        shape=(2, 3, 8, 8),
-    ),
+    **pooling_windows("AveragePool", 11),
     "AveragePool-same-lower-include": Case(
         "AveragePool",
         11,
@@ -723,23 +716,14 @@ class ConvolutionalHead(torch.nn.Module):
 def test_a_head_exported_by_torch_matches_torch_and_onnxruntime(opset: int) -> None:
     """Real exporter output: the pads of F.pad as a constant subgraph (folded), Upsample at
     opset 9, Resize after, PRelu's [C, 1, 1] slope, InstanceNormalization."""
-    import io
-    import warnings
-
     head = ConvolutionalHead(opset).eval()
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            head,
-            (torch.rand(1, *NCHW[1:]),),
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            input_names=["x"],
-            dynamic_axes={"x": {0: "batch"}},
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = user_export(
+        head,
+        torch.rand(1, *NCHW[1:]),
+        opset_version=opset,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "batch"}},
+    )
     ops = {node.op_type for node in proto.graph.node}
     assert {"Pad", "PRelu", "MaxPool", "AveragePool", "HardSigmoid"} <= ops
     assert ("Upsample" if opset < 10 else "Resize") in ops

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import threading
-import warnings
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from onnx_helpers import user_export
 from PIL import Image
 from torch import nn
 
@@ -89,16 +89,13 @@ def mlp_classifier() -> nn.Module:
 
 
 def plain_export(model: nn.Module, path: Path, channels: int = 3) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.rand(1, channels, SIZE, SIZE),),
-            str(path),
-            dynamo=False,
-            input_names=["input"],
-            dynamic_axes={"input": {0: "batch"}},
-        )
+    user_export(
+        model,
+        torch.rand(1, channels, SIZE, SIZE),
+        path,
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+    )
     return path
 
 
@@ -141,12 +138,6 @@ def registry(models) -> ModelRegistry:
 def server(registry):
     with FamServer(registry, ServerConfig(port=0)) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as opened:
-        yield opened
 
 
 def png(seed: int) -> bytes:

@@ -11,9 +11,7 @@ own error.
 
 from __future__ import annotations
 
-import io
 import tempfile
-import warnings
 import zlib
 
 import numpy as np
@@ -22,6 +20,7 @@ import onnxruntime
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx_helpers import user_export
 from onnx_zoo import initializers_to_constants, set_batch
 from torch import nn
 
@@ -59,21 +58,15 @@ def tiny(name: str = "tiny") -> nn.Module:
 
 
 def export(model: nn.Module, opset: int = 17, **options: object) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.rand(1, 3, SIZE, SIZE),),
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            input_names=["x"],
-            output_names=["logits"],
-            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-            **options,
-        )
-    return onnx.load_from_string(buffer.getvalue())
+    return user_export(
+        model,
+        torch.rand(1, 3, SIZE, SIZE),
+        opset_version=opset,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+        **options,
+    )
 
 
 def run(proto: onnx.ModelProto, images: np.ndarray) -> np.ndarray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 import zlib
 from pathlib import Path
 
@@ -26,7 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
-from serving_helpers import png_bytes
+from onnx_helpers import user_export
+from serving_helpers import loopback, png_bytes, running_server
 from torch import nn
 
 from fam_core import onnx_format as fmt
@@ -215,19 +215,13 @@ class Logits(nn.Module):
 
 
 def torch_export(model: nn.Module, size: int = SIZE, **options: object) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.rand(1, 3, size, size),),
-            buffer,
-            dynamo=False,
-            input_names=["x"],
-            dynamic_axes={"x": {0: "n"}},
-            **options,
-        )
-    return onnx.load_from_string(buffer.getvalue())
+    return user_export(
+        model,
+        torch.rand(1, 3, size, size),
+        input_names=["x"],
+        dynamic_axes={"x": {0: "n"}},
+        **options,
+    )
 
 
 @pytest.mark.parametrize("activation", ["softmax", "log_softmax", "sigmoid"])
@@ -666,7 +660,7 @@ def test_served_scores_are_the_graphs_probabilities(served, activation) -> None:
 def test_a_server_reports_refused_models_not_ready_and_serves_the_others(served) -> None:
     import grpc
 
-    from fam_core.server import FamServer, ServerConfig
+    from fam_core.server import ServerConfig
     from fam_core.server.stubs import fam_pb2, fam_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 
     registry, _ = served
@@ -676,26 +670,22 @@ def test_a_server_reports_refused_models_not_ready_and_serves_the_others(served)
     for name, (_, _, _, line) in REFUSED.items():
         assert reasons[name] == f"onnx: {line}" if name != "no-map" else line in reasons[name]
         assert "\n" not in reasons[name]
-    server = FamServer(registry, ServerConfig(port=0))
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-            oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            ready = grpc_service_pb2.ModelReadyRequest
-            for name in REFUSED:
-                assert not oip.ModelReady(ready(name=name), timeout=30).ready
-            for name in ("softmax", "sigmoid"):
-                assert oip.ModelReady(ready(name=name), timeout=30).ready
-            stub = fam_pb2_grpc.FamServiceStub(channel)
-            image = fam_pb2.Image(encoded=png_bytes(22, (SIZE, SIZE)))
-            answer = stub.Explain(
-                fam_pb2.ExplainRequest(model="softmax", images=[image]), timeout=30
-            )
-            assert len(answer.results) == 1
-            with pytest.raises(grpc.RpcError) as error:
-                stub.Explain(fam_pb2.ExplainRequest(model="ctc", images=[image]), timeout=10)
-            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "[B, 25, 97]" in error.value.details()
-    finally:
-        server.stop(grace=1.0)
+    with (
+        running_server(registry, ServerConfig(port=0), grace=1.0) as server,
+        loopback(server.port) as channel,
+    ):
+        grpc.channel_ready_future(channel).result(timeout=30)
+        oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        ready = grpc_service_pb2.ModelReadyRequest
+        for name in REFUSED:
+            assert not oip.ModelReady(ready(name=name), timeout=30).ready
+        for name in ("softmax", "sigmoid"):
+            assert oip.ModelReady(ready(name=name), timeout=30).ready
+        stub = fam_pb2_grpc.FamServiceStub(channel)
+        image = fam_pb2.Image(encoded=png_bytes(22, (SIZE, SIZE)))
+        answer = stub.Explain(fam_pb2.ExplainRequest(model="softmax", images=[image]), timeout=30)
+        assert len(answer.results) == 1
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Explain(fam_pb2.ExplainRequest(model="ctc", images=[image]), timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "[B, 25, 97]" in error.value.details()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
-from serving_helpers import CLASSES, make_model_dir, png_bytes
+from serving_helpers import CLASSES, loopback, make_model_dir, png_bytes, running_server
 from tolerances import assert_top_classes
 
 from fam_core.exporters import export_model
@@ -22,7 +21,7 @@ from fam_core.pipeline import (
     Pipeline,
     heatmap_from_bytes,
 )
-from fam_core.server import FamServer, ServerConfig
+from fam_core.server import ServerConfig
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
 
 TOLERANCE = 1e-3  # float16 heatmaps
@@ -243,20 +242,18 @@ def test_onnx_configs_refuse_torch_loading_and_bad_graphs(onnx_dir, torch_dir, t
 
 
 def test_grpc_call_to_an_onnx_model(onnx_registry, torch_pipeline) -> None:
-    server = FamServer(onnx_registry, ServerConfig(port=0))
-    port = server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = fam_pb2_grpc.FamServiceStub(channel)
-            reply = stub.Explain(
-                fam_pb2.ExplainRequest(
-                    model="default-classifier", images=[fam_pb2.Image(encoded=IMAGES[0].data)]
-                ),
-                timeout=30,
-            )
-            info = stub.ModelInfo(fam_pb2.ModelInfoRequest(model="default-classifier"), timeout=30)
-    finally:
-        server.stop(grace=2.0)
+    with (
+        running_server(onnx_registry, ServerConfig(port=0)) as server,
+        loopback(server.port) as channel,
+    ):
+        stub = fam_pb2_grpc.FamServiceStub(channel)
+        reply = stub.Explain(
+            fam_pb2.ExplainRequest(
+                model="default-classifier", images=[fam_pb2.Image(encoded=IMAGES[0].data)]
+            ),
+            timeout=30,
+        )
+        info = stub.ModelInfo(fam_pb2.ModelInfoRequest(model="default-classifier"), timeout=30)
     want = torch_pipeline.explain(ExplainRequest("default-classifier", IMAGES[:1])).results[0]
     (result,) = reply.results
     assert result.prediction.index == want.prediction.index

@@ -271,11 +271,10 @@ def server(zoo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def oip(server):
+def oip(channel):
     from fam_core.server.stubs import grpc_service_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    return grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
 def infer(oip, model: str, values: np.ndarray, method: str):  # noqa: ANN201

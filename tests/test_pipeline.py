@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from serving_helpers import CLASSES, make_model_dir, png_bytes
+from serving_helpers import CLASSES, png_bytes
 
 from fam_core.explainers.cam.cam import CAM
 from fam_core.explainers.fam.fam import FAM
@@ -32,8 +32,8 @@ from fam_core.pipeline import (
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory) -> ModelRegistry:
-    return ModelRegistry.from_directory(make_model_dir(tmp_path_factory.mktemp("models")))
+def registry(model_dir) -> ModelRegistry:
+    return ModelRegistry.from_directory(model_dir)
 
 
 @pytest.fixture(scope="module")

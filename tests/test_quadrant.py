@@ -4,7 +4,7 @@ The model zeroes three quadrants of a 32x32 input, then runs a bias-free conv st
 first convolution has kernel = stride = 4 (no padding): cell ``(i, j)`` of the 8x8 target
 layer sees exactly the input block ``(i, j)``, so the cells outside the top-left 4x4 are
 exactly zero and nothing outside the quadrant reaches the output. A map that shows where the
-model looks puts its energy (eq. 19 of the FAM paper) in the quadrant. Issue 15, part 4.
+model looks puts its energy (eq. 19 of the FAM paper) in the quadrant.
 
 Three settings: a classifier explained for its top class (``target=None``; class-oblivious for
 L2-CAF), the same classifier for the same class given as an index (class-specific for
@@ -28,7 +28,7 @@ QUADRANT[:HALF, :HALF] = True
 # its value blends into the next 2 px): the map there carries only what the outside cells do
 FAR = torch.ones(SIZE, SIZE, dtype=torch.bool)
 FAR[: HALF + 4, : HALF + 4] = False
-SHARE = 0.8  # issue 15: at least 80 % of the map's energy in the quadrant
+SHARE = 0.8  # at least 80 % of the map's energy in the quadrant
 
 
 class KeepQuadrant(nn.Module):

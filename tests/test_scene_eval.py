@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import conv4_config
 
 from fam_core.data.flowers import SPLITS, make_flowers
 from fam_core.evaluation import settings
 from fam_core.evaluation.runner import build_explainer, explain
 from fam_core.evaluation.scenes import _matching_task, scene_metrics, scene_settings
 from fam_core.models.backbones import build_backbone
-from fam_core.models.store import LoadedModel, ModelConfig
+from fam_core.models.store import LoadedModel
 
 SEED = 2
 
@@ -19,14 +20,8 @@ SEED = 2
 def loaded() -> LoadedModel:
     torch.manual_seed(0)
     model = build_backbone("conv4", width=0.25).eval()
-    config = ModelConfig(
-        name="emb",
-        task="embedding",
-        backbone="conv4",
-        backbone_kwargs={"width": 0.25},
-        weights="w.pt",
-        target_layer="block4",
-        input_size=48,
+    config = conv4_config(
+        "emb", "embedding", backbone_kwargs={"width": 0.25}, weights="w.pt", input_size=48
     )
     return LoadedModel(model, config)
 

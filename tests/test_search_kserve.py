@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -27,7 +25,7 @@ from search_helpers import (
     make_gallery,
     write_model,
 )
-from serving_helpers import free_port, kserve_server
+from serving_helpers import free_port, kserve_server, oip_client_report
 
 from fam_core.pipeline import ServedModel
 from fam_core.pipeline.encode import heatmap_from_bytes
@@ -38,7 +36,6 @@ if importlib.util.find_spec("kserve") is None:  # found, never imported: see tes
 
 UNREACHABLE_MODEL = "unreachable-embedding"
 MAP_ATOL = 2e-3
-CLIENT = Path(__file__).with_name("search_oip_client.py")
 
 
 @pytest.fixture(scope="module")
@@ -179,13 +176,9 @@ def test_grpc_v2_with_tritonclient(server, expected) -> None:
     if importlib.util.find_spec("tritonclient") is None:
         pytest.skip("tritonclient[grpc] is not installed")
     paths, search = expected
-    done = subprocess.run(
-        [sys.executable, str(CLIENT), server[1], SEARCH_MODEL, PLAIN_MODEL]
-        + [str(path) for path in paths],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = oip_client_report(
+        "search", server[1], SEARCH_MODEL, PLAIN_MODEL, *map(str, paths), timeout=180
+    )
     want = search("both")
     assert report["neighbour_ids"] == [[e.neighbour.id for e in row] for row in want]
     scores = np.frombuffer(base64.b64decode(report["neighbour_scores"]["data"]), dtype="<f4")

@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -30,6 +26,7 @@ from search_helpers import (
     make_gallery,
     write_model,
 )
+from serving_helpers import free_port, oip_client_report, running_server
 
 from fam_core.pipeline import (
     EncodedImage,
@@ -44,8 +41,8 @@ from fam_core.pipeline.encode import heatmap_from_bytes
 from fam_core.pipeline.oip_codec import OUTPUTS, answer_infer, pack_bytes, unpack_bytes
 from fam_core.search import embed, explained_search
 from fam_core.search.knn import KNN_TARGET_COUNT
-from fam_core.server import FamServer, ServerConfig
-from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
+from fam_core.server import ServerConfig
+from fam_core.server.stubs import fam_pb2
 from fam_core.server.stubs import grpc_service_pb2 as oip_pb
 from fam_core.tasks.knn import knn_predict, neighbour_targets
 
@@ -54,14 +51,6 @@ SCORE_ATOL = 1e-5
 MAP_ATOL = 2e-3  # float16 maps in [0, 1]
 UNREACHABLE_MODEL = "unreachable-embedding"
 KNN_K = 4
-CLIENT = Path(__file__).with_name("search_oip_client.py")
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +69,16 @@ def models(tmp_path_factory, gallery) -> Path:
         folder, KNN_MODEL, task="knn", index="../gallery.db", k=KNN_K, prototypes=None,
         class_names=[],
     )  # fmt: skip
-    write_model(folder, UNREACHABLE_MODEL, index=f"http://127.0.0.1:{closed_port()}")
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens on that port
+    write_model(folder, UNREACHABLE_MODEL, index=nowhere)
     return folder
 
 
 @pytest.fixture(scope="module")
 def server(models):
     registry = ModelRegistry.from_directory(models, keep_going=True)
-    server = FamServer(registry, ServerConfig(port=0, health_port=None))
-    server.start()
-    yield server
-    server.stop(grace=2.0)
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield fam_pb2_grpc.FamServiceStub(channel)
+    with running_server(registry, ServerConfig(port=0, health_port=None)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -323,13 +305,11 @@ def oip_report(server, gallery):
     if importlib.util.find_spec("tritonclient") is None:
         pytest.skip("tritonclient[grpc] is not installed")
     paths = [gallery.path(gallery.ids[0]), gallery.queries[2]]
-    done = subprocess.run(
-        [sys.executable, str(CLIENT), f"127.0.0.1:{server.port}", SEARCH_MODEL, PLAIN_MODEL]
-        + [str(path) for path in paths],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout), paths
+    address = f"127.0.0.1:{server.port}"
+    report = oip_client_report(
+        "search", address, SEARCH_MODEL, PLAIN_MODEL, *map(str, paths), timeout=180
+    )
+    return report, paths
 
 
 def decoded(field: dict) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import plain_classifier
 from torch import nn
 
 import fam_core
@@ -18,17 +19,7 @@ from fam_core.discovery import find_layers
 
 transformers = pytest.importorskip("transformers")
 
-import hf_factories  # noqa: E402 - needs transformers
-from hf_factories import SIZE, SMALL_SWIN, reinit  # noqa: E402
-
-
-def build(name: str) -> nn.Module:
-    if name == "swin":
-        config = transformers.SwinConfig(**SMALL_SWIN)
-        torch.manual_seed(0)
-        return reinit(transformers.SwinModel(config))
-    return getattr(hf_factories, name.replace("-", "_"))()
-
+from hf_factories import SIZE, build  # noqa: E402
 
 EXPECTED_LAYER = {
     "resnet": "encoder.stages.3",
@@ -229,13 +220,7 @@ def test_channel_last_features_and_a_functional_mean_head(images) -> None:
 
 def test_class_index_targets_on_plain_modules() -> None:
     torch.manual_seed(4)
-    classifier = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 4),
-    ).eval()
+    classifier = plain_classifier()
     image = torch.rand(2, 3, 16, 16)
     explanation = GradCAM(classifier)(image, target=3)
     features = classifier[1](classifier[0](image)).detach()

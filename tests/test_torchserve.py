@@ -12,10 +12,7 @@ import base64
 import contextlib
 import io
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,182 +26,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serving_helpers import png_header_only
+from torchserve_helpers import (
+    MODELS,
+    REPO,
+    Server,
+    decode_heatmap,
+    http,
+    torchserve_missing,
+)
 
 from fam_core.pipeline.json_codec import kserve_fields, request_from_fields
-
-VENV_BIN = Path(sys.executable).parent
-TORCHSERVE = VENV_BIN / "torchserve"
-REPO = Path(__file__).resolve().parents[1]
-MODELS = ("default-embedding", "default-classifier")
-ARCHIVES: tuple[tuple[str, str], ...] = tuple(
-    (name, variant) for variant in ("torch", "onnx") for name in MODELS
-)
-"""``(model, variant)`` pairs the module's server loads; ONNX ones are served as ``<name>-onnx``."""
-BATCH_DELAY_MS = 200
-STARTUP_TIMEOUT_S = 90.0
-
-
-def _missing() -> str | None:
-    if shutil.which("java") is None:
-        return "TorchServe needs Java 17+: no `java` on PATH"
-    if not TORCHSERVE.is_file():
-        return f"torchserve is not installed in {VENV_BIN} (pip install 'torchserve==0.12.*')"
-    try:
-        import model_archiver  # noqa: F401
-    except ImportError:
-        return "torch-model-archiver is not installed (pip install 'torch-model-archiver==0.12.*')"
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """A TorchServe process with its addresses."""
-
-    def __init__(
-        self,
-        root: Path,
-        archives: tuple[tuple[str, str], ...] = ARCHIVES,
-        *,
-        extra: tuple[dict, ...] = (),
-        batch_size: int = 4,
-        max_batch_delay_ms: int = BATCH_DELAY_MS,
-        never_ready: tuple[str, ...] = (),
-    ) -> None:
-        """Serve ``archives`` plus ``extra`` ones (``build_archive`` keyword arguments);
-        :meth:`wait_ready` does not wait for the models in ``never_ready``."""
-        from fam_core.commands.archive import build_archive
-
-        self.root = root
-        self.never_ready = never_ready
-        store, tmp, logs = root / "store", root / "tmp", root / "logs"
-        for folder in (store, tmp, logs):
-            folder.mkdir()
-        builds = [{"name_or_config": name, "variant": variant} for name, variant in archives]
-        self.models: list[str] = [
-            build_archive(
-                out=store, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms, **build
-            ).stem
-            for build in (*builds, *extra)
-        ]
-        self.ports = {k: _free_port() for k in ("inference", "management", "metrics", "g1", "g2")}
-        self.inference = f"http://127.0.0.1:{self.ports['inference']}"
-        self.management = f"http://127.0.0.1:{self.ports['management']}"
-        self.metrics = f"http://127.0.0.1:{self.ports['metrics']}"
-        config = root / "config.properties"
-        config.write_text(
-            "\n".join(
-                [
-                    f"inference_address={self.inference}",
-                    f"management_address={self.management}",
-                    f"metrics_address={self.metrics}",
-                    "grpc_inference_address=127.0.0.1",
-                    "grpc_management_address=127.0.0.1",
-                    f"grpc_inference_port={self.ports['g1']}",
-                    f"grpc_management_port={self.ports['g2']}",
-                    f"model_store={store}",
-                    "load_models=" + ",".join(f"{name}.mar" for name in self.models),
-                    "default_workers_per_model=1",
-                    "disable_token_authorization=true",
-                    "metrics_mode=prometheus",
-                    f"metrics_config={REPO / 'model-store' / 'metrics.yaml'}",
-                    "install_py_dep_per_model=false",
-                    "",
-                ]
-            )
-        )
-        env = {
-            **os.environ,
-            "TMPDIR": str(tmp),
-            "TEMP": str(tmp),
-            "LOG_LOCATION": str(logs),
-            "METRICS_LOCATION": str(logs),
-        }
-        command = [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(config)]
-        command += ["--model-store", str(store)]
-        self.console = (root / "console.log").open("wb")
-        self.process = subprocess.Popen(
-            command, cwd=root, env=env, stdout=self.console, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"torchserve exited with {self.process.returncode}: {self.tail()}"
-                )
-            if all(self._ready(name) for name in self.models if name not in self.never_ready):
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"torchserve not READY after {timeout:.0f} s: {self.tail()}")
-
-    def _ready(self, name: str) -> bool:
-        workers = self.workers(name)
-        return bool(workers) and all(status == "READY" for status in workers)
-
-    def workers(self, name: str) -> list[str]:
-        """The status of each worker of ``name`` (empty while TorchServe does not answer)."""
-        try:
-            status, body, _ = http("GET", f"{self.management}/models/{name}")
-        except OSError:
-            return []
-        workers = json.loads(body)[0].get("workers", []) if status == 200 else []
-        return [str(worker.get("status")) for worker in workers]
-
-    def log(self, name: str) -> str:
-        """TorchServe's log file ``name`` (``ts_log.log``, ``model_log.log``)."""
-        path = self.root / "logs" / name
-        return path.read_text(errors="replace") if path.is_file() else ""
-
-    def tail(self) -> str:
-        self.console.flush()
-        return (self.root / "console.log").read_text(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        """SIGTERM the process group (the launcher and its Java server); SIGKILL after 30 s."""
-        group = self.process.pid  # the launcher leads its own session
-        if self.process.poll() is None:
-            os.killpg(group, signal.SIGTERM)
-        end = time.monotonic() + 30.0
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(30)  # reaped, so only the Java server can keep the group alive
-        while _group_alive(group) and time.monotonic() < end:
-            time.sleep(0.2)
-        if _group_alive(group):
-            os.killpg(group, signal.SIGKILL)
-        self.process.wait(10)
-        self.console.close()
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def http(
-    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, bytes, dict[str, str]]:
-    """``(status, body, headers)``; 4xx/5xx are returned, not raised.
-
-    A bare body goes as ``image/png`` (urllib would say it is a form, which TorchServe parses).
-    """
-    if body is not None and headers is None:
-        headers = {"Content-Type": "image/png"}
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read(), dict(response.headers)
-    except urllib.error.HTTPError as error:
-        return error.code, error.read(), dict(error.headers)
 
 
 def post_json(url: str, payload: dict) -> tuple[int, dict, dict[str, str]]:
@@ -234,12 +66,6 @@ def png_bytes(seed: int, size: int = 84) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def decode_heatmap(heatmap: dict) -> torch.Tensor:
-    assert heatmap["dtype"] == "float16"
-    data = np.frombuffer(base64.b64decode(heatmap["data"]), dtype="<f2")
-    return torch.from_numpy(data.astype(np.float32).reshape(heatmap["shape"]))
 
 
 def direct_heatmap(name: str, method: str, png: bytes, target: int | None = None) -> torch.Tensor:
@@ -294,7 +120,7 @@ def broken_archives(folder: Path) -> tuple[dict, ...]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    reason = _missing()
+    reason = torchserve_missing()
     if reason is not None:
         pytest.skip(reason)
     running = Server(
@@ -680,7 +506,7 @@ def test_torchserve_grpc_predictions_match_the_library(server: Server, tmp_path:
     assert bad["code"] == "INVALID_ARGUMENT" and bad["message"].startswith("image 0"), report
 
 
-# -- issue 16, items 1-8 over TorchServe's REST API, in the worker process --------------------
+# -- the abuse cases over TorchServe's REST API, in the worker process -------------------------
 # The same abuse as tests/test_abuse.py (fam.v1, OIP), sent to the real server. The peak RSS is
 # the worker's: its pid from the management API, ``VmHWM`` reset through
 # ``/proc/PID/clear_refs`` before each request and read after. Each request waits out the
@@ -748,20 +574,18 @@ def grey8() -> np.ndarray:
 
 def _abuse_rows() -> list[tuple[str, str, bytes, str, int, str]]:
     """``(id, route, body, content type, status, message)`` for one request each."""
-    from serving_helpers import png_header_only
-
     empty_images = json.dumps({"data": [""] * 100_000}).encode()
     instances = json.dumps({"instances": [""] * 100_000}).encode()
     tall = encoded(Image.new("RGB", (1, 10_000), (40, 120, 200)))
     large = base64.b64encode(encoded(Image.new("RGB", (4_000, 4_000), (40, 120, 200)))).decode()
     picture = Image.fromarray(grey8())
     return [
-        # 1. shape bombs: the JSON list's length is checked before any element is decoded
+        # shape bombs: the JSON list's length is checked before any element is decoded
         ("json-100000-images", "predictions", empty_images, "application/json", 413,
          "100000 images, more than the limit of 64"),
         ("kserve-v1-100000-instances", "v1-predict", instances, "application/json", 413,
          "100000 images, more than the limit of 64"),
-        # 2. decode amplification: refused from the PNG header, or from the request's total
+        # decode amplification: refused from the PNG header, or from the request's total
         ("1x10000", "predictions", tall, "image/png", 400, "aspect ratio over the limit of 32"),
         ("17000x1000", "predictions", png_header_only(17_000, 1_000), "image/png", 400,
          "a side over the limit of 16384"),
@@ -769,7 +593,7 @@ def _abuse_rows() -> list[tuple[str, str, bytes, str, int, str]]:
          "more than the limit of 16000000"),
         ("9x16-megapixel", "predictions", json.dumps({"data": [large] * 9}).encode(),
          "application/json", 413, "more than the limit of 536870912 bytes per request"),
-        # 7. formats outside the allow-list: their parsers never run
+        # formats outside the allow-list: their parsers never run
         ("bmp", "predictions", encoded(picture, "BMP"), "application/octet-stream", 415,
          "BMP images are not accepted; this server accepts PNG/JPEG/WEBP"),
         ("gif", "v1-explain", json.dumps({"instances": [{"b64": base64.b64encode(

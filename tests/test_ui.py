@@ -12,7 +12,6 @@ import io
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -25,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from search_helpers import KNN_MODEL, SEARCH_MODEL, build_index, make_gallery, write_model
+from serving_helpers import free_port, running_server
 
 from fam_core.data.flowers import CLASS_NAMES, make_flowers
 from fam_core.models.store import load_model
 from fam_core.pipeline import Limits, ModelRegistry, ServedModel
 from fam_core.render import to_png_bytes
-from fam_core.server.app import FamServer, ServerConfig
+from fam_core.server.app import ServerConfig
 from fam_core.tasks.knn import knn_predict
 from fam_core.ui.app import ViewerServer
 from fam_core.ui.backends import LocalBackend, RemoteBackend
@@ -207,17 +207,21 @@ def _post(viewer: ViewerServer, body: bytes, query: str = "") -> tuple[int, dict
         return error.code, json.load(error)
 
 
+def view_through_a_server(registry: ModelRegistry, model: str, png: bytes) -> dict:
+    """The Grad-FAM view of ``png`` through a ``RemoteBackend`` on a server of ``registry``."""
+    with running_server(registry, ServerConfig(port=0), grace=1.0) as server:
+        remote = RemoteBackend(f"127.0.0.1:{server.port}", model)
+        seen = explain_view(remote, png, method="gradfam")
+        remote.close()
+    return seen
+
+
 def test_a_running_server_gives_the_same_view_as_the_model_in_process() -> None:
     png = flower_png(12)
     local = LocalBackend.load("default-classifier")
-    server = FamServer(ModelRegistry.from_names(["default-classifier"]), ServerConfig(port=0))
-    port = server.start()
-    try:
-        remote = RemoteBackend(f"127.0.0.1:{port}", "default-classifier")
-        seen_remotely = explain_view(remote, png, method="gradfam")
-        remote.close()
-    finally:
-        server.stop(grace=1.0)
+    seen_remotely = view_through_a_server(
+        ModelRegistry.from_names(["default-classifier"]), "default-classifier", png
+    )
     seen_locally = explain_view(local, png, method="gradfam")
     local.close()
     assert seen_remotely == seen_locally
@@ -273,14 +277,9 @@ def test_a_running_server_searches_as_the_model_in_process(indexed) -> None:
     gallery, model_folder = indexed
     png = gallery.queries[2].read_bytes()
     local = LocalBackend(ServedModel.load(model_folder))
-    server = FamServer(ModelRegistry.from_directory(model_folder.parent), ServerConfig(port=0))
-    port = server.start()
-    try:
-        remote = RemoteBackend(f"127.0.0.1:{port}", SEARCH_MODEL)
-        seen_remotely = explain_view(remote, png, method="gradfam")
-        remote.close()
-    finally:
-        server.stop(grace=1.0)
+    seen_remotely = view_through_a_server(
+        ModelRegistry.from_directory(model_folder.parent), SEARCH_MODEL, png
+    )
     seen_locally = explain_view(local, png, method="gradfam")
     local.close()
     assert seen_locally["kind"] == "search" and len(seen_locally["items"]) == TOP_K
@@ -307,9 +306,7 @@ def test_fam_ui_refuses_bad_arguments_in_one_line(capsys, arguments, message) ->
 def test_fam_ui_without_a_reachable_server_says_so_in_one_line(capsys) -> None:
     from fam_core.cli import main
 
-    with socket.socket() as sock:  # a loopback port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     assert main(["ui", "--server", f"127.0.0.1:{port}", "--model", "default-classifier"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"server 127.0.0.1:{port}" in error

@@ -63,6 +63,13 @@ def _make_venv(folder: Path) -> Path:
     return python
 
 
+def _json_elsewhere(python: Path, code: str, away: Path) -> list:
+    """What ``code`` prints as JSON, run by ``python`` in ``away`` (made here: a folder outside
+    the checkout and the source copy)."""
+    away.mkdir()
+    return json.loads(_run([str(python), "-c", code], away))
+
+
 def _pip(python: Path, *args: str, cwd: Path) -> None:
     # the pip of the running interpreter, installing into the new environment
     _run(
@@ -149,17 +156,16 @@ def test_wheel_runs_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
         "raise ImportError('grpc_tools imported at run time: the wheel must ship the stubs')\n"
     )
     away = tmp_path / "elsewhere"
-    away.mkdir()
-    report = _run(
-        [str(python), "-c",
-         "import json, fam_core, fam_core.exporters, fam_core.server.stubs as s; "
-         "from fam_core import package_data as d; "
-         "print(json.dumps([fam_core.__file__, fam_core.exporters.__file__, s.fam_pb2.__file__, "
-         "str(d.MODEL_STORE), str(d.HANDLER_FILE), d.IN_CHECKOUT, fam_core.available_models(), "
-         "fam_core.__version__]))"],
+    report = _json_elsewhere(
+        python,
+        "import json, fam_core, fam_core.exporters, fam_core.server.stubs as s; "
+        "from fam_core import package_data as d; "
+        "print(json.dumps([fam_core.__file__, fam_core.exporters.__file__, s.fam_pb2.__file__, "
+        "str(d.MODEL_STORE), str(d.HANDLER_FILE), d.IN_CHECKOUT, fam_core.available_models(), "
+        "fam_core.__version__]))",
         away,
     )  # fmt: skip
-    package, exporters, stubs, store, handler, in_checkout, models, version = json.loads(report)
+    package, exporters, stubs, store, handler, in_checkout, models, version = report
     installed = purelib / "fam_core"
     for path in (package, exporters, stubs, store, handler):
         assert Path(path).is_relative_to(installed), f"{path} is not in the installed package"
@@ -191,17 +197,14 @@ def test_editable_install_maps_the_checkout_folders(source: Path, tmp_path: Path
     """``pip install -e`` of a checkout (a copy: the install writes its egg-info there)."""
     python = _make_venv(tmp_path / "venv")
     _pip(python, "--ignore-installed", "--no-build-isolation", "-e", str(source), cwd=tmp_path)
-    away = tmp_path / "elsewhere"
-    away.mkdir()
-    report = _run(
-        [str(python), "-c",
-         "import json, fam_core, fam_core.exporters.graft as g; "
-         "from fam_core import package_data as d; "
-         "print(json.dumps([fam_core.__file__, g.__file__, str(d.MODEL_STORE), "
-         "str(d.HANDLER_FILE)]))"],
-        away,
+    package, graft, store, handler = _json_elsewhere(
+        python,
+        "import json, fam_core, fam_core.exporters.graft as g; "
+        "from fam_core import package_data as d; "
+        "print(json.dumps([fam_core.__file__, g.__file__, str(d.MODEL_STORE), "
+        "str(d.HANDLER_FILE)]))",
+        tmp_path / "elsewhere",
     )  # fmt: skip
-    package, graft, store, handler = json.loads(report)
     assert Path(package) == source / "fam_core" / "__init__.py"
     assert Path(graft) == source / "exporters" / "graft.py"
     assert Path(store) == source / "model-store"
