@@ -8,7 +8,7 @@ Target: grafted / original <= 1.05 for every model and method.
 (upsampling, min-max): what a head that stops at the feature resolution would run
 (onnxruntime runs every node of a session whatever outputs a run asks for).
 
-Models (from the tests' zoo, ``tests/onnx_zoo.py``): PaddleOCR's text-orientation classifier
+Models (from the tests' zoo, ``tests/helpers/onnx_zoo.py``): PaddleOCR's text-orientation classifier
 shipped in ``rapidocr-onnxruntime`` (opset 11, ``-1`` batch, Constant-node weights, a Softmax
 output; 48 x 192), the Keras emotion classifier of ``fer`` converted by tf2onnx (NHWC,
 greyscale, 64 x 64; needs ``bash scripts/build_onnx_zoo.sh``), the zoo's own classifier (a
@@ -29,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT.parent / "tests"))
+sys.path.insert(0, str(ROOT.parent / "tests" / "helpers"))
 from common import ratio  # noqa: E402
 from onnx_zoo import Zoo  # noqa: E402
 
@@ -51,8 +51,8 @@ def session(source: bytes | str, threads: int):  # noqa: ANN201
 
 def without_heatmap(grafted: onnx.ModelProto) -> onnx.ModelProto:
     """``grafted`` without its ``heatmap`` output and the nodes that only it reads."""
-    from fam_core import onnx_format as fmt
     from fam_core.exporters.onnx_graph import prune_graph
+    from fam_core.graphs import onnx_format as fmt
 
     kept = [value for value in grafted.graph.output if value.name != fmt.OUTPUT_HEATMAP]
     del grafted.graph.output[:]

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 from serving_helpers import make_model_dir, png_bytes  # noqa: E402
 
 from fam_core.models.store import available_models  # noqa: E402

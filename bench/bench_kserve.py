@@ -36,7 +36,7 @@ import grpc
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_grpc import parse_options, served_models, shut_down, start_server  # noqa: E402
 from serving_helpers import png_bytes  # noqa: E402

@@ -38,7 +38,7 @@ from pathlib import Path
 import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_grpc import start_fam_serve  # noqa: E402
 from serving_helpers import make_model_dir, png_bytes  # noqa: E402

@@ -4,7 +4,7 @@ ResNet18 (embedding model, global average pooling) at 224x224, K = 5 references,
 
 1. onnxruntime time of the exported FAM graph (embedding + scores + heatmap + weights) over
    torch eager time of ``fam_core.FAM`` on the same model and inputs. Target: <= 0.8 at batch 1.
-   Reported for the bare ``InferenceSession.run`` and for ``fam_core.onnx_runtime.OnnxExplainer``
+   Reported for the bare ``InferenceSession.run`` and for ``fam_core.graphs.onnx_runtime.OnnxExplainer``
    (input validation and conversion to an ``Explanation`` included).
 2. The graph with the heatmap outputs over the same graph exported with ``heatmap=False``
    (embedding and scores only). Target: <= 1.05.
@@ -31,8 +31,8 @@ from common import ratio  # noqa: E402
 
 from fam_core.explainers.fam.fam import FAM  # noqa: E402
 from fam_core.exporters import OPSET, export_model  # noqa: E402
+from fam_core.graphs.onnx_runtime import OnnxExplainer  # noqa: E402
 from fam_core.models.backbones import resnet18  # noqa: E402
-from fam_core.onnx_runtime import OnnxExplainer  # noqa: E402
 
 
 def session(path: Path, threads: int) -> onnxruntime.InferenceSession:

@@ -11,7 +11,7 @@ through its per-sample Jacobian).
 The explainers find the target layer and the head themselves (``target_layer=None``). The
 ViT's embedding is its class token (``pooler_output``): its head is the last block, so FAM
 maps its weights through that block's Jacobian. Only the class token's row of the block's
-query, output projection and MLP reaches the output (:mod:`fam_core.head_rows`), so the
+query, output projection and MLP reaches the output (:mod:`fam_core.anatomy.head_rows`), so the
 explainer computes those rows alone, forward and backward, and the exported graph does too.
 """
 

@@ -38,12 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ratio, time_once  # noqa: E402
 
 from fam_core.bulk import BulkOptions, run_bulk  # noqa: E402
+from fam_core.bulk.index_build import build_index  # noqa: E402
 from fam_core.bulk.sample import write_flower_pngs  # noqa: E402
 from fam_core.bulk.worker import ExplainSettings  # noqa: E402
 from fam_core.data.flowers import SPLITS, make_flowers  # noqa: E402
 from fam_core.pipeline import ServedModel  # noqa: E402
-from fam_core.search import explained_search, open_index  # noqa: E402
-from fam_core.search.build import build_index  # noqa: E402
+from fam_core.pipeline.explained_search import explained_search  # noqa: E402
+from fam_core.search import open_index  # noqa: E402
 
 TOP_K = 10
 

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 from test_torchserve import Server, _missing, http, png_bytes  # noqa: E402
 
 CAPTUM_HANDLER = ROOT / "bench" / "torchserve_captum_handler.py"

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 import fam_core
+from fam_core.commands.demo import run_demo
 from fam_core.data.flowers import CLASS_NAMES, SPLITS, make_flowers
-from fam_core.demo import run_demo
 from fam_core.explainers.relevant import RelevantFeatures, render_interpretation
 from fam_core.render import grid, save_png
 

@@ -8,7 +8,7 @@ Example:
     >>> path = export_model(
     ...     conv4().eval(), method="fam", path=f"{folder.name}/conv4_fam.onnx", input_size=84
     ... )
-    >>> from fam_core.onnx_runtime import OnnxExplainer
+    >>> from fam_core.graphs.onnx_runtime import OnnxExplainer
     >>> OnnxExplainer(path).method
     'fam'
     >>> folder.cleanup()

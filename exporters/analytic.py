@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from fam_core.pooling import global_pooling_kind
-from fam_core.similarity import similarity_gradient
+from fam_core.anatomy.pooling import global_pooling_kind
+from fam_core.maths.similarity import similarity_gradient
 
 __all__ = ["ANALYTIC_POOLING", "pooling_kind", "similarity_gradient"]
 

@@ -7,7 +7,7 @@
   e.g. adaptive average pooling of a channels-last tensor, as in Swin V2's pooler, and of its
   backward) becomes a flat ``index_put`` (ONNX ``ScatterND``): the exporter has no
   translation for it;
-- the graph's inputs and outputs get the names of :mod:`fam_core.onnx_format`, and a value
+- the graph's inputs and outputs get the names of :mod:`fam_core.graphs.onnx_format`, and a value
   inside the graph that already holds one of them (the exporter names a node after its
   operator: ``embedding`` for a position embedding's lookup, as in CLIP) is renamed first;
 - an operator with no ONNX translation is refused in one line that names it.

@@ -23,7 +23,7 @@ Two ways to the file, chosen from the head the explainer finds
   ONNX translation. The traced graph is checked against the eager explainer before writing.
 
 The file holds every weight inline (no external-data side file), has a dynamic batch axis,
-passes ``onnx.checker``, and carries metadata props (:mod:`fam_core.onnx_format`) so a server
+passes ``onnx.checker``, and carries metadata props (:mod:`fam_core.graphs.onnx_format`) so a server
 can configure itself from the file alone.
 """
 
@@ -40,8 +40,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fam_core import onnx_format as fmt
-from fam_core.adapters import Head, NonlinearHead
+from fam_core.anatomy.adapters import Head, NonlinearHead
+from fam_core.anatomy.outputs import OutputSpec
+from fam_core.anatomy.pooling import global_pooling_kind
 from fam_core.explainers.base import ChannelExplainer
 from fam_core.explainers.cam.cam import CAM, is_average_pooling
 from fam_core.explainers.cam.gradcam import GradCAM
@@ -59,12 +60,11 @@ from fam_core.exporters.heads import (
     GradFAMGraph,
     sample_images,
 )
-from fam_core.fam_maths import one_hot_references
+from fam_core.graphs import onnx_format as fmt
+from fam_core.images.resize import as_size
+from fam_core.maths.fam import one_hot_references
+from fam_core.maths.similarity import SimilarityKind, similarity
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
-from fam_core.outputs import OutputSpec
-from fam_core.pooling import global_pooling_kind
-from fam_core.resizing import as_size
-from fam_core.similarity import SimilarityKind, similarity
 
 OPSET = 17
 DYNAMO_OPSET = 18
@@ -176,7 +176,7 @@ def analytic_head(method: str, head: Head) -> bool:
     methods and average pooling plus a matrix for CAM.
 
     Example:
-        >>> from fam_core.adapters import head_from_module
+        >>> from fam_core.anatomy.adapters import head_from_module
         >>> head = head_from_module(nn.Linear(4, 2), "max")
         >>> analytic_head("gradcam", head), analytic_head("cam", head)
         (True, False)
@@ -289,8 +289,8 @@ def export_model(
         task: ``"embedding"`` or ``"classifier"``; default: the config's, else inferred as
             the explainers do (``model.is_classifier``, or an output named ``logits``).
         target_layer: the layer explained; ``None``: the config's, else found from the
-            model's dataflow (:mod:`fam_core.discovery`).
-        output: which model output is explained (:mod:`fam_core.outputs`: a key or index).
+            model's dataflow (:mod:`fam_core.anatomy.discovery`).
+        output: which model output is explained (:mod:`fam_core.anatomy.outputs`: a key or index).
         references: ``[K, D]`` references baked into the graph as constants, or
             ``"prototypes"`` for the config's prototypes; ``None``: a ``references`` input.
         explain: ``"mean"`` over the references or ``"best"``: the top-scoring one (FAM).
@@ -490,7 +490,7 @@ class TracedExplanation:
     exporter: for heads that are not linear, whose vector-Jacobian product needs autograd.
 
     ``function(image[, references | class_index])`` returns the outputs of
-    :mod:`fam_core.onnx_format` in their order, computed by
+    :mod:`fam_core.graphs.onnx_format` in their order, computed by
     :meth:`~fam_core.explainers.base.ChannelExplainer.explain_resolved`. ``heatmap_size``
     ``(H, W)`` sets the heatmap's size where the explainer's input is not the image: a
     grafted head's input is the target tensor (:func:`fam_core.exporters.graft.graft_onnx`);
@@ -731,7 +731,7 @@ def _flat_output(
 ) -> Callable[[Any], torch.Tensor]:
     """``output=key`` for an unflattened program: traced, it returns its outputs as a flat
     tuple, in the order of the keys of the object it returns when run eagerly."""
-    from fam_core.outputs import select_output
+    from fam_core.anatomy.outputs import select_output
 
     with torch.no_grad():
         eager = model(sample_images(model, size))
@@ -828,7 +828,7 @@ def document(
     head: str | None = None,
     channels: int = 3,
 ) -> None:
-    """Write the metadata props and doc strings of :mod:`fam_core.onnx_format` into ``proto``.
+    """Write the metadata props and doc strings of :mod:`fam_core.graphs.onnx_format` into ``proto``.
 
     The one writer of the format's metadata: :func:`export_model` and
     :func:`fam_core.exporters.graft.graft_onnx` both call it. ``baked_references`` is ``K`` when the

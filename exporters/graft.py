@@ -25,16 +25,16 @@ path, one module each:
    :mod:`~fam_core.exporters.onnx_lean` make it cheap under onnxruntime, each kept only
    where the outputs stay the same.
 
-The result follows :mod:`fam_core.onnx_format` (input ``image``, outputs ``embedding`` /
+The result follows :mod:`fam_core.graphs.onnx_format` (input ``image``, outputs ``embedding`` /
 ``logits``, ``scores``, ``heatmap``...; the same metadata as
-:func:`fam_core.exporters.export_model`) so :class:`~fam_core.onnx_runtime.OnnxExplainer`
+:func:`fam_core.exporters.export_model`) so :class:`~fam_core.graphs.onnx_runtime.OnnxExplainer`
 and the servers run it unchanged. :func:`inspect_onnx` (``fam inspect``) reports what the
 stages find.
 
 Example:
     >>> import io, warnings
     >>> from fam_core.models.backbones import conv4
-    >>> from fam_core.onnx_runtime import OnnxExplainer
+    >>> from fam_core.graphs.onnx_runtime import OnnxExplainer
     >>> buffer = io.BytesIO()
     >>> with warnings.catch_warnings():
     ...     warnings.simplefilter("ignore")
@@ -62,7 +62,6 @@ import onnx
 import torch
 from onnx import helper
 
-from fam_core import onnx_format as fmt
 from fam_core.exporters.export import _set_output_shapes, document
 from fam_core.exporters.heads import ExplainMode, ExplanationHead
 from fam_core.exporters.onnx_dataflow import (
@@ -81,8 +80,9 @@ from fam_core.exporters.onnx_inspect import Inspection, inspect_onnx
 from fam_core.exporters.onnx_load import fixed_batch, input_channels
 from fam_core.exporters.onnx_normalise import InputLayout
 from fam_core.exporters.onnx_verify import leaned, runs_batched, slimmed
+from fam_core.graphs import onnx_format as fmt
+from fam_core.maths.similarity import SimilarityKind
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, channel_mismatch
-from fam_core.similarity import SimilarityKind
 
 __all__ = [
     "AffineHead",

@@ -18,8 +18,8 @@ references or classes, matrix)``: the graphs above call them after their forward
 :class:`ExplanationHead` calls them on activations and outputs that another graph computed
 (:mod:`fam_core.exporters.graft` exports it alone and grafts it onto a foreign ONNX graph).
 
-The pieces are fam_core's: :func:`fam_core.similarity.channel_contributions`,
-:func:`fam_core.adapters.find_head` (``Head.matrix``) and
+The pieces are fam_core's: :func:`fam_core.maths.similarity.channel_contributions`,
+:func:`fam_core.anatomy.adapters.find_head` (``Head.matrix``) and
 :func:`fam_core.explainers.postprocess.min_max` / :func:`~fam_core.explainers.postprocess.upsample`.
 """
 
@@ -30,9 +30,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fam_core import onnx_format as fmt
-from fam_core.adapters import Head
-from fam_core.discovery import probe_size
+from fam_core.anatomy.adapters import Head
+from fam_core.anatomy.discovery import probe_size
+from fam_core.anatomy.pooling import PoolingKind
 from fam_core.explainers.base import ChannelExplainer
 from fam_core.explainers.cam.cam import CAM
 from fam_core.explainers.cam.gradcam import GradCAM
@@ -41,7 +41,8 @@ from fam_core.explainers.fam.gradfam import GradFAM
 from fam_core.explainers.hooks import captured_outputs
 from fam_core.explainers.postprocess import min_max, upsample
 from fam_core.exporters.analytic import pooling_kind, similarity_gradient
-from fam_core.fam_maths import (
+from fam_core.graphs import onnx_format as fmt
+from fam_core.maths.fam import (
     EXPLAIN_MODES,
     ExplainMode,
     fam_embedding_weights,
@@ -49,8 +50,7 @@ from fam_core.fam_maths import (
     to_channels,
     weighted_sum,
 )
-from fam_core.pooling import PoolingKind
-from fam_core.similarity import SIMILARITIES, SimilarityKind, channel_contributions
+from fam_core.maths.similarity import SIMILARITIES, SimilarityKind, channel_contributions
 
 __all__ = [
     "EXPLAIN_MODES",
@@ -188,7 +188,7 @@ def sample_images(model: nn.Module, size: tuple[int, int], batch: int = 2) -> to
         >>> sample_images(nn.Conv2d(1, 2, 3), (4, 6)).shape
         torch.Size([2, 1, 4, 6])
     """
-    from fam_core.adapters import input_channels
+    from fam_core.anatomy.adapters import input_channels
 
     parameter = next(model.parameters(), None)
     device = None if parameter is None else parameter.device
@@ -199,7 +199,7 @@ def sample_images(model: nn.Module, size: tuple[int, int], batch: int = 2) -> to
 
 # -- The head maths: the traced full-model graphs above and the grafted head
 # (:class:`ExplanationHead`, :mod:`fam_core.exporters.graft`) call these functions, which are
-# compositions of :mod:`fam_core.fam_maths`, the functions the torch explainers call.
+# compositions of :mod:`fam_core.maths.fam`, the functions the torch explainers call.
 
 
 def reference_scores(
@@ -488,7 +488,7 @@ class ExplanationHead(nn.Module):
     """The explanation head alone, for a model that runs elsewhere (a grafted ONNX graph).
 
     ``forward(activations [B, N, h, w], outputs [B, J][, references [K, D] | class_index
-    [B]])`` returns the outputs of :mod:`fam_core.onnx_format` in its order: ``(embedding,
+    [B]])`` returns the outputs of :mod:`fam_core.graphs.onnx_format` in its order: ``(embedding,
     scores, heatmap, heatmap_lowres, weights)`` for ``fam`` / ``gradfam``; ``(logits,
     [class_index,] heatmap, heatmap_lowres, weights)`` for ``cam`` / ``gradcam``. The maths
     are :func:`fam_explanation`, :func:`gradfam_explanation` and :func:`cam_explanation`,

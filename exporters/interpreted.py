@@ -9,11 +9,11 @@ where the target tensor is a token sequence ``[B, T, C]`` or a channel-last map
 1. the head subgraph becomes a torch module (:class:`~fam_core.exporters.onnx_torch.OnnxModule`);
 2. :class:`HeadModel` runs it after an identity layer ``target_tensor`` whose output is the
    target tensor, so the explainer of the method (FAM, Grad-FAM, CAM, Grad-CAM) runs on
-   it exactly as on any torch model: the layout (:mod:`fam_core.layouts`: class and
+   it exactly as on any torch model: the layout (:mod:`fam_core.anatomy.layouts`: class and
    register tokens dropped, grid from the input size), the head found from the dataflow
-   (:func:`fam_core.head_fit.fit_head`: identity, linear, or ``"jacobian"``: weights
+   (:func:`fam_core.anatomy.head_fit.fit_head`: identity, linear, or ``"jacobian"``: weights
    mapped through the head's vector-Jacobian product), the maths of
-   :mod:`fam_core.fam_maths`;
+   :mod:`fam_core.maths.fam`;
 3. :class:`~fam_core.exporters.export.TracedExplanation` traces that explanation
    (``make_fx``) and exports it with the ``torch.export`` exporter, the path
    :func:`~fam_core.exporters.export.export_model` takes for torch models with such heads.
@@ -40,13 +40,13 @@ import onnx
 import torch
 from torch import nn
 
+from fam_core.anatomy.layouts import FeatureLayout
 from fam_core.explainers.base import ChannelExplainer
 from fam_core.explainers.targets import Task
 from fam_core.exporters.export import EXPLAINERS, TracedExplanation
 from fam_core.exporters.heads import ExplainMode
 from fam_core.exporters.onnx_torch import OnnxModule
-from fam_core.layouts import FeatureLayout
-from fam_core.similarity import SimilarityKind
+from fam_core.maths.similarity import SimilarityKind
 
 __all__ = ["HeadModel", "export_interpreted", "head_explainer", "head_kind", "nonlinear_node"]
 

@@ -6,14 +6,14 @@
    score (CTC, detection, segmentation) is refused in one line (:func:`describe_output`).
 1. **Candidates** (:func:`find_target_tensors`): every float value whose data reaches the
    output and that holds feature maps as the torch explainers read them
-   (:func:`fam_core.layouts.detect_layout`): channel-first maps ``[B, C, h, w]``, token
+   (:func:`fam_core.anatomy.layouts.detect_layout`): channel-first maps ``[B, C, h, w]``, token
    sequences ``[B, T, C]`` (leading class / register tokens dropped, the grid from the input
    size) and channel-last maps ``[B, h, w, C]``, with ``h * w > 1``, in the graph's
    topological order, with shapes from ONNX shape inference, or from one onnxruntime run
    where they are symbolic. A candidate that every path from the input to the output
    crosses is a *block* output.
 2. **The automatic target** (:func:`choose_target`) is the torch side's rule
-   (:mod:`fam_core.discovery`): the last block output whose maps reach the output (for
+   (:mod:`fam_core.anatomy.discovery`): the last block output whose maps reach the output (for
    tokens: whose patch tokens do), i.e. the last map before global pooling of a CNN, and
    the output of the block before the last of a ViT read through its class token.
 3. **The head** (:func:`head_graph`): the subgraph from the target to the output, as a
@@ -35,6 +35,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from fam_core.anatomy.layouts import FeatureLayout, detect_layout
 from fam_core.exporters.onnx_graph import (
     NO_DATA_OPS,
     data_ancestors,
@@ -63,7 +64,6 @@ from fam_core.exporters.onnx_output import (
     format_shape,
     with_l2_norms_written_out,
 )
-from fam_core.layouts import FeatureLayout, detect_layout
 
 __all__ = [
     "Candidate",
@@ -92,7 +92,7 @@ class Candidate:
         op_type: the operator that produces it.
         shape: the value's shape, the batch axis left out: ``(C, h, w)`` for channel-first
             maps, ``(T, C)`` for tokens, ``(h, w, C)`` for channel-last maps.
-        layout: how it holds its maps (:mod:`fam_core.layouts`: prefix tokens, grid).
+        layout: how it holds its maps (:mod:`fam_core.anatomy.layouts`: prefix tokens, grid).
         block: every path from the input to the output passes through it (a block's
             output, not a value inside a residual block): preferred as the target.
 
@@ -262,7 +262,7 @@ def _declared(value: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
 
 def _layout(shape: tuple[int, ...], size: tuple[int, int]) -> FeatureLayout | None:
     """The layout of a value of ``shape`` (batch first) as the torch explainers read it
-    (:func:`fam_core.layouts.detect_layout`), with a spatial grid (``h * w > 1``); a 4-D
+    (:func:`fam_core.anatomy.layouts.detect_layout`), with a spatial grid (``h * w > 1``); a 4-D
     value that fits no grid of the input is read channel-first, as before tokens existed."""
     if len(shape) not in (3, 4):
         return None
@@ -294,7 +294,7 @@ def _dominators(proto: onnx.ModelProto, source: str, sink: str, names: Sequence[
 
     A residual block's output is one; a value inside the block is not (the skip connection
     avoids it): the ONNX counterpart of the building blocks that
-    :func:`fam_core.discovery.find_layers` prefers.
+    :func:`fam_core.anatomy.discovery.find_layers` prefers.
     """
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
@@ -338,7 +338,7 @@ def find_target_tensors(
 def choose_target(
     candidates: Sequence[Candidate], reaches: Callable[[Candidate], bool] | None = None
 ) -> Candidate:
-    """The automatic target, by the rule of :func:`fam_core.discovery.find_layers`: the last
+    """The automatic target, by the rule of :func:`fam_core.anatomy.discovery.find_layers`: the last
     block output (:attr:`Candidate.block`) whose maps reach the output, else the last
     candidate whose maps do. ``reaches`` tells whether a candidate's maps (a token
     sequence's patches, not its class token) reach the output (default: all do).

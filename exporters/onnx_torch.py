@@ -1263,7 +1263,7 @@ class OnnxModule(nn.Module):
         self, graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
     ) -> dict[str, nn.Linear]:
         """``MatMul(x, W)`` with a constant 2-D ``W`` as an ``nn.Linear`` (no bias), keyed by
-        the node's position: a layer :mod:`fam_core.head_rows` can run on the token rows
+        the node's position: a layer :mod:`fam_core.anatomy.head_rows` can run on the token rows
         that reach the output only (a class token's last block), as on a torch model."""
         weights = {tensor.name: tensor for tensor in graph.initializer}
         layers: dict[str, nn.Linear] = {}

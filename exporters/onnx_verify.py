@@ -18,9 +18,9 @@ import logging
 import numpy as np
 import onnx
 
-from fam_core import onnx_format as fmt
 from fam_core.exporters.onnx_graph import make_session, prune_graph
 from fam_core.exporters.onnx_lean import lean_rewrites
+from fam_core.graphs import onnx_format as fmt
 
 __all__ = ["leaned", "runs_batched", "slimmed"]
 

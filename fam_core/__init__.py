@@ -9,6 +9,7 @@ Example:
     torch.Size([1, 84, 84])
 """
 
+from fam_core.moved_modules import install as _keep_old_module_paths
 from fam_core.package_data import CHECKOUT_DIR as _CHECKOUT_DIR
 from fam_core.package_data import IN_CHECKOUT as _IN_CHECKOUT
 
@@ -34,3 +35,4 @@ __all__ = [
     "load_model",
 ]
 __version__ = "0.1.0"
+_keep_old_module_paths()  # fam_core.onnx_runtime and the other moved modules' old names

@@ -37,13 +37,13 @@ import torch
 from torch import nn
 
 import fam_core.explainers  # noqa: F401  (registers the methods the wrappers are made for)
+from fam_core.anatomy.outputs import OutputSpec, check_output_spec, select_output
+from fam_core.anatomy.pooling import PoolingKind, global_pool
 from fam_core.explainers.base import Explainer, check_model_options
 from fam_core.explainers.registry import captum_methods, get_explainer
 from fam_core.explainers.targets import Target
 from fam_core.extras import require
-from fam_core.outputs import OutputSpec, check_output_spec, select_output
-from fam_core.pooling import PoolingKind, global_pool
-from fam_core.similarity import SimilarityKind, similarity
+from fam_core.maths.similarity import SimilarityKind, similarity
 
 LayerAttribution = require("captum", "captum.attr").LayerAttribution
 
@@ -75,7 +75,7 @@ class SimilarityForward(nn.Module):
         similarity: ``"cosine"`` (default), ``"dot"`` or ``"euclidean"``.
         pooling: pooling of a feature-map output.
         output: which model output is the embedding (a key, an index or a callable; see
-            :mod:`fam_core.outputs`), for models returning a tuple, dict or ``ModelOutput``.
+            :mod:`fam_core.anatomy.outputs`), for models returning a tuple, dict or ``ModelOutput``.
 
     ``forward(images, references=None)`` takes per-image references ``[B, D]`` or
     ``[B, K, D]`` (Captum passes them as ``additional_forward_args`` and expands them with

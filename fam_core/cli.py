@@ -46,7 +46,8 @@ def _progress(items: list[str], **options: object) -> Iterable[str]:
 
 def _explain(args: argparse.Namespace) -> int:
     from fam_core.explainers.registry import check_runnable
-    from fam_core.imageio import read_image
+    from fam_core.images.read import read_image
+    from fam_core.images.resize import map_to_original
     from fam_core.pipeline import (
         DEFAULT_MODELS,
         EncodedImage,
@@ -57,7 +58,6 @@ def _explain(args: argparse.Namespace) -> int:
         heatmap_from_bytes,
     )
     from fam_core.render import explanation_title, overlay_figure, save_png, score_names
-    from fam_core.resizing import map_to_original
 
     if args.method is not None:
         check_runnable(args.method)
@@ -137,14 +137,14 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fam_core.demo import run_demo
+    from fam_core.commands.demo import run_demo
 
     run_demo(Path(args.out), count=args.count, seed=args.seed)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fam_core import training
+    from fam_core.models import training
     from fam_core.package_data import OUTPUT_MODEL_STORE
 
     out = Path(args.out) if args.out else OUTPUT_MODEL_STORE / args.name

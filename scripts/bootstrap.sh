@@ -36,7 +36,7 @@ done
 case "$job" in
   demo) .venv/bin/fam demo "$@" && exec .venv/bin/fam serve-demo ;;
   test)
-    # tests/test_ui.py drives Debian's chromium (Playwright cannot download its own browsers)
+    # tests/ui/test_ui.py drives Debian's chromium (Playwright cannot download its own browsers)
     if ! command -v chromium >/dev/null 2>&1; then
       sudo=""
       if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

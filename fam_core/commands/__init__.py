@@ -1,4 +1,6 @@
-"""CLI subcommands: each module defines ``add_command(commands)`` (see :mod:`fam_core.cli`)."""
+"""CLI subcommands: each module named in :data:`fam_core.cli.COMMAND_MODULES` defines
+``add_command(commands)``; :mod:`.demo` runs ``fam demo`` and :mod:`.search_output` writes what
+``fam search`` prints and saves."""
 
 import argparse
 import textwrap

@@ -12,7 +12,7 @@ otherwise the factory's package must be installed in TorchServe's Python, which
 ``--variant onnx`` archives the exported ONNX graph instead (``<name>-onnx.mar``), exported
 while archiving with :func:`fam_core.exporters.export_model`: embedding models with their prototypes
 baked in and ``explain="best"`` (the nearest prototype is explained in the same pass),
-classifiers with their default method (:func:`fam_core.default_method.choose_method`: CAM
+classifiers with their default method (:func:`fam_core.explainers.default_method.choose_method`: CAM
 where CAM reads the head, else Grad-CAM). The same handler serves it: the archive's ``config.yaml``
 names the graph (``onnx: model.onnx``) and the pipeline's onnxruntime backend runs it.
 """
@@ -27,8 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from fam_core.configfile import dump_config
 from fam_core.extras import require
+from fam_core.models.configfile import dump_config
 from fam_core.models.sources import factory_module_file, factory_package
 from fam_core.models.store import ModelConfig, find_config
 from fam_core.package_data import DEFAULT_MODEL_NAMES, HANDLER_FILE, OUTPUT_MODEL_STORE

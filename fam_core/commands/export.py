@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from fam_core.default_method import RULE
-from fam_core.onnx_format import METHODS
+from fam_core.explainers.default_method import RULE
+from fam_core.graphs.onnx_format import METHODS
 
 if TYPE_CHECKING:
     from fam_core.models.store import ModelConfig
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             f"exported_program: the ONNX exporter cannot trace {config.exported_program} "
             f"({first}); export from a factory: config of the same model instead"
         ) from None
-    from fam_core.onnx_runtime import OnnxExplainer
+    from fam_core.graphs.onnx_runtime import OnnxExplainer
 
     written = OnnxExplainer(path)
     print(f"wrote {path} ({args.method}, layer {written.target_layer})")
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 def model_default_method(
     model: nn.Module, config: ModelConfig, task: str | None, layer: str | None
 ) -> str:
-    """The method the model explains with by default (:mod:`fam_core.default_method`'s rule,
+    """The method the model explains with by default (:mod:`fam_core.explainers.default_method`'s rule,
     as served), refused in one line when it has no ONNX head."""
     from fam_core.pipeline.torch_backend import TorchBackend
 

@@ -45,7 +45,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Build (or resume) the index; list the images that were skipped, with their reason."""
-    from fam_core.search.build import build_index
+    from fam_core.bulk.index_build import build_index
 
     report = build_index(
         args.model,

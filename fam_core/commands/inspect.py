@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def inspect_source(name_or_path: str, *, layer: str | None = None) -> str:
-    """The report of :func:`fam_core.inspection.inspect_model` for a stored model or config,
+    """The report of :func:`fam_core.explainers.inspection.inspect_model` for a stored model or config,
     or of :func:`fam_core.exporters.graft.inspect_onnx` for an ONNX graph."""
-    from fam_core.inspection import inspect_model
+    from fam_core.explainers.inspection import inspect_model
     from fam_core.models.store import ModelConfig, find_config, load_model
 
     if str(name_or_path).endswith(".onnx"):
@@ -61,7 +61,7 @@ def inspect_source(name_or_path: str, *, layer: str | None = None) -> str:
 
 def inspect_onnx_source(path: Path, config: object | None, layer: str | None) -> str:
     """The graft report of a plain ONNX file, or the metadata of one ``fam export`` wrote."""
-    from fam_core import onnx_format as fmt
+    from fam_core.graphs import onnx_format as fmt
     from fam_core.models.store import ModelConfig
     from fam_core.pipeline.onnx_backend import graph_metadata
 
@@ -111,7 +111,7 @@ def methods_report(report: Inspection, task: str | None, method: str | None = No
           fam: grafted onto embedding models only (a classifier takes cam, gradcam)
         ...
     """
-    from fam_core.default_method import choose_method
+    from fam_core.explainers.default_method import choose_method
     from fam_core.pipeline.onnx_methods import graftable_methods, served_methods
 
     if report.head is not None:

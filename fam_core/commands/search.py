@@ -1,5 +1,5 @@
 """``fam search``: each query image's top-k neighbours in an index, with their heatmaps
-(:func:`fam_core.search.explained_search`)."""
+(:func:`fam_core.pipeline.explained_search`)."""
 
 from __future__ import annotations
 
@@ -53,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
     """Search each query; print or write the results."""
     import torch
 
+    from fam_core.commands.search_output import search_montage, search_record, write_maps
     from fam_core.pipeline import ServedModel
+    from fam_core.pipeline.explained_search import explained_search, load_uri_pixels
     from fam_core.render import save_png
-    from fam_core.search import explained_search, load_uri_pixels, open_index
-    from fam_core.search.output import search_montage, search_record, write_maps
+    from fam_core.search import open_index
 
     served = ServedModel.load(args.model)
     config = served.config
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _pixels_or_none(served: object, uri: str):  # type: ignore[no-untyped-def]
-    from fam_core.search import load_uri_pixels
+    from fam_core.pipeline.explained_search import load_uri_pixels
 
     try:
         return load_uri_pixels(served, uri)

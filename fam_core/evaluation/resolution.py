@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from fam_core.discovery import find_layers
+from fam_core.anatomy.discovery import find_layers
 from fam_core.models.store import LoadedModel
 
 RESOLUTIONS: tuple[str, ...] = ("coarse", "fine")

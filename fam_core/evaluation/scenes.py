@@ -24,10 +24,10 @@ from fam_core.data.flowers import NUM_CLASSES, SPLITS, FlowerBatch, make_flowers
 from fam_core.data.scenes import GRID, SceneBatch, make_scenes
 from fam_core.evaluation import settings as _settings
 from fam_core.evaluation.settings import SceneGroups, Setting, _embed
+from fam_core.maths.similarity import similarity
 from fam_core.metrics import target
 from fam_core.metrics.scoring import similarity_scorer
 from fam_core.models.store import LoadedModel
-from fam_core.similarity import similarity
 
 SCENE_SEED_OFFSET = 3  # scenes never share a seed with the single-flower pools
 

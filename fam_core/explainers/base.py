@@ -43,13 +43,17 @@ import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-from fam_core.adapters import (
+from fam_core.anatomy.adapters import (
     Head,
     NonlinearHead,
     input_channels,
     resolve_layer,
 )
-from fam_core.discovery import find_layers, probe_size
+from fam_core.anatomy.discovery import find_layers, probe_size
+from fam_core.anatomy.head_rows import RowPlan, find_row_plan, pruned_rows
+from fam_core.anatomy.layouts import FeatureLayout, as_layout, check_layout_spec
+from fam_core.anatomy.outputs import OutputSpec, check_output_spec, is_logits, select_output
+from fam_core.anatomy.pooling import POOLING_KINDS, PoolingKind, global_pool
 from fam_core.explainers.heads import (
     HeadSpec,
     fit_layer_head,
@@ -61,12 +65,8 @@ from fam_core.explainers.hooks import layer_hook
 from fam_core.explainers.postprocess import build_explanation
 from fam_core.explainers.targets import TASKS, ResolvedTarget, Target, Task, resolve_target, score
 from fam_core.explanation import Explanation
-from fam_core.fam_maths import weighted_sum
-from fam_core.head_rows import RowPlan, find_row_plan, pruned_rows
-from fam_core.layouts import FeatureLayout, as_layout, check_layout_spec
-from fam_core.outputs import OutputSpec, check_output_spec, is_logits, select_output
-from fam_core.pooling import POOLING_KINDS, PoolingKind, global_pool
-from fam_core.similarity import SIMILARITIES, SimilarityKind
+from fam_core.maths.fam import weighted_sum
+from fam_core.maths.similarity import SIMILARITIES, SimilarityKind
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,12 @@ class Explainer(ABC):
             mode; the explainer does not change the mode.
         target_layer: name or module of a layer whose output holds feature maps
             (``[B, N, h, w]``, tokens ``[B, T, N]`` or channel-last ``[B, h, w, N]``, see
-            :mod:`fam_core.layouts`); ``None`` takes ``model.default_target_layer``, else
-            the layer found from the model's dataflow (:mod:`fam_core.discovery`).
+            :mod:`fam_core.anatomy.layouts`); ``None`` takes ``model.default_target_layer``, else
+            the layer found from the model's dataflow (:mod:`fam_core.anatomy.discovery`).
         similarity: ``"cosine"`` (default), ``"dot"`` or ``"euclidean"`` (negative distance).
         pooling: pooling ``p`` of eq. 11 used where the model does not pool itself.
         head: ``"auto"`` finds the layers after ``target_layer`` from the dataflow
-            (:mod:`fam_core.head_fit`); an ``nn.Module`` or a ``[J, N]`` matrix gives them;
+            (:mod:`fam_core.anatomy.head_fit`); an ``nn.Module`` or a ``[J, N]`` matrix gives them;
             ``None`` means the embedding is the pooled layer.
         nonlinear_head: ``"jacobian"`` (default: the exact per-sample linearisation of a
             head that is not linear, recorded as ``extras["head"]``) or ``"error"``.
@@ -106,10 +106,10 @@ class Explainer(ABC):
             the model says so (``model.is_classifier``) or its selected output is called
             ``logits``. Class-index targets work on any model whose output is
             ``[B, num_classes]``; ``target=None`` explains the top class of a classifier.
-        output: which model output is explained (:mod:`fam_core.outputs`): a key, an index
+        output: which model output is explained (:mod:`fam_core.anatomy.outputs`): a key, an index
             or a callable; ``None`` takes the documented default.
         layout: how the target layer holds its maps: ``"auto"`` (default), a
-            :class:`~fam_core.layouts.FeatureLayout` or one of its kinds.
+            :class:`~fam_core.anatomy.layouts.FeatureLayout` or one of its kinds.
         input_size: ``(H, W)`` used to find the target layer when ``target_layer`` is
             ``None`` (default: the model's ``config.image_size``, else 224).
         classifier: the older spelling of ``task="classifier"``.
@@ -282,7 +282,7 @@ class Explainer(ABC):
 
     def _plan_rows(self, image: torch.Tensor, outputs: torch.Tensor, size: tuple[int, int]) -> None:
         """Find, once per input size, the token rows of the head that reach the output
-        (:mod:`fam_core.head_rows`): later passes leave the others uncomputed."""
+        (:mod:`fam_core.anatomy.head_rows`): later passes leave the others uncomputed."""
         self._row_plans[size] = {}  # the probe's own graph pass runs without a plan
 
         def run_graph() -> torch.Tensor:
@@ -337,7 +337,7 @@ class Explainer(ABC):
 
     def head_for(self, forward: ForwardPass, images: torch.Tensor) -> Head:
         """The head after the target layer for maps like ``forward``'s (found once per
-        map shape, from the dataflow: :func:`fam_core.head_fit.fit_head`)."""
+        map shape, from the dataflow: :func:`fam_core.anatomy.head_fit.fit_head`)."""
         if not is_auto(self._head_spec):
             return self.head
         key = tuple(forward.activations.shape[1:])
@@ -486,7 +486,7 @@ class ChannelExplainer(Explainer):
         """The template's steps after the target is resolved: weights, eq. 13, upsampling.
 
         Traced as it is into ONNX by :mod:`fam_core.exporters` for heads that are not linear (the
-        caller builds ``resolved`` with :func:`fam_core.fam_maths.one_hot_references` or
+        caller builds ``resolved`` with :func:`fam_core.maths.fam.one_hot_references` or
         from references, since a traced graph cannot branch on index checks).
         """
         with torch.set_grad_enabled(self.needs_gradients):

@@ -1,7 +1,7 @@
 """The head: the layers between an explainer's target layer and the model's outputs.
 
 An explainer's ``head`` option (:data:`HeadSpec`) is ``"auto"`` (found from the dataflow,
-:mod:`fam_core.head_fit`), a module or a ``[J, N]`` matrix that gives it, or ``None`` (the
+:mod:`fam_core.anatomy.head_fit`), a module or a ``[J, N]`` matrix that gives it, or ``None`` (the
 output is the pooled layer). :func:`fit_layer_head` finds an ``"auto"`` head from one
 forward pass; :func:`jacobian_product` maps output weights through a head that is not
 linear (FAM eq. 18 with the local Jacobian).
@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fam_core.adapters import Head, find_head, head_from_module
-from fam_core.head_fit import fit_head
-from fam_core.pooling import PoolingKind
+from fam_core.anatomy.adapters import Head, find_head, head_from_module
+from fam_core.anatomy.head_fit import fit_head
+from fam_core.anatomy.pooling import PoolingKind
 
 HeadSpec = nn.Module | torch.Tensor | Literal["auto"] | None
 """An explainer's ``head`` option (see the module docstring)."""
@@ -56,7 +56,7 @@ def fit_layer_head(
     run_with: Callable[[torch.Tensor], torch.Tensor],
 ) -> Head:
     """The head after ``target_layer`` for maps like ``activations`` ``[B, N, h, w]`` with
-    ``outputs`` ``[B, D]`` (:func:`fam_core.head_fit.fit_head`); ``run_with(maps)`` gives the
+    ``outputs`` ``[B, D]`` (:func:`fam_core.anatomy.head_fit.fit_head`); ``run_with(maps)`` gives the
     outputs with the layer's maps replaced."""
     try:  # a head registered after the layer: kept only if it reproduces the output
         module_head = find_head(model, target_layer, pooling)

@@ -31,7 +31,7 @@ L2-CAF stop after 50 iterations on small outputs (change below ``tolerance``) wi
 near-uniform filter. ``S`` costs one more pass of the tail.
 On these units the default ``lr`` is 2: with 0.5, the cells that carry nothing still keep
 30 % of the filter's energy after 1000 iterations on the quadrant model of
-``tests/test_quadrant.py`` (99 % goes to the quadrant with 2).
+``tests/explainers/test_quadrant.py`` (99 % goes to the quadrant with 2).
 
 Settled details (seeds README, from the authors' code): ``f`` starts at ones; plain SGD with
 lr decayed linearly to 0 over ``iterations`` (1000); every ``check_every`` (50)
@@ -42,7 +42,7 @@ gradient).
 
 Fast mode (default) computes ``A`` once and runs only the part of the network after the
 target layer: the model's top-level children after it, or the head found from the dataflow
-when it is linear (:mod:`fam_core.head_fit`), each checked to reproduce the model's output.
+when it is linear (:mod:`fam_core.anatomy.head_fit`), each checked to reproduce the model's output.
 Where neither does (a nested layer followed by more blocks), it falls back on its own to
 the slow mode, which runs the whole model each iteration with the filtered ``A``
 substituted by a temporary forward hook. ``extras["tail"]`` says which ran: ``"children"``,
@@ -54,12 +54,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fam_core.anatomy.head_fit import reproduces
 from fam_core.explainers.base import Explainer, ForwardPass
 from fam_core.explainers.postprocess import upsample
 from fam_core.explainers.registry import register
 from fam_core.explainers.targets import Target
 from fam_core.explanation import Explanation
-from fam_core.head_fit import reproduces
 
 
 @register

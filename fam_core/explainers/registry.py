@@ -9,7 +9,7 @@ What a method can do is declared here too, next to its name (:data:`CAPABILITIES
 :class:`MethodCapabilities`): what it costs, whether it takes gradients, what it explains
 (a class, the similarity to references, an embedding model's own output), whether
 ``fam export`` writes it to ONNX and whether :mod:`fam_core.captum` wraps it. The ONNX
-method lists (:mod:`fam_core.onnx_format`), the Captum wrappers, the command line's help
+method lists (:mod:`fam_core.graphs.onnx_format`), the Captum wrappers, the command line's help
 and the docs' methods table (``scripts/methods_table.py``) are made from it.
 
 The cost is the model passes a method makes per image and its cost class, ``"cheap"`` (a

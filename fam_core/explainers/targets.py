@@ -22,8 +22,8 @@ from typing import Literal
 
 import torch
 
-from fam_core.fam_maths import one_hot_references
-from fam_core.similarity import SimilarityKind, similarity
+from fam_core.maths.fam import one_hot_references
+from fam_core.maths.similarity import SimilarityKind, similarity
 
 Task = Literal["embedding", "classifier"]
 TASKS: tuple[str, ...] = ("embedding", "classifier")

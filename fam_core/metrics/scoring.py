@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fam_core.similarity import SIMILARITIES, similarity
+from fam_core.maths.similarity import SIMILARITIES, similarity
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 

@@ -8,7 +8,7 @@ layer" by walking :meth:`torch.nn.Module.named_children`:
 - feature stages: ``block1`` .. ``block4`` (Conv4, Conv4-s8, Conv64F) or ``stem``, ``layer1`` .. ``layer4``
   (ResNets; ResNet12 has no stem of its own, so its ``stem`` is an :class:`torch.nn.Identity` and
   the stage names are the same for both ResNets);
-- ``pool``: :class:`fam_core.pooling.GlobalPool`, feature map ``[B, C, h, w]`` -> ``[B, C]``;
+- ``pool``: :class:`fam_core.anatomy.pooling.GlobalPool`, feature map ``[B, C, h, w]`` -> ``[B, C]``;
 - ``embed``: optional ``nn.Linear(C, embedding_dim)`` (the paper's transformation module),
   ``nn.Identity`` otherwise;
 - ``fc``: optional ``nn.Linear(dim, num_classes)`` classifier, ``nn.Identity`` otherwise.
@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fam_core.pooling import GlobalPool, PoolingKind
+from fam_core.anatomy.pooling import GlobalPool, PoolingKind
 
 ActivationKind = Literal["leaky_relu", "relu"]
 ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "relu")
@@ -56,8 +56,8 @@ class EmbeddingNet(nn.Module):
         stages: ``(name, module)`` pairs applied in order; the last one yields the feature map
             explained by FAM. Names must be unique and not ``pool``, ``embed`` or ``fc``.
         feature_channels: number of channels ``C`` of the last stage's output.
-        pooling: global pooling kind, one of :data:`fam_core.pooling.POOLING_KINDS` (an unknown
-            kind raises ``ValueError`` from :class:`fam_core.pooling.GlobalPool`).
+        pooling: global pooling kind, one of :data:`fam_core.anatomy.pooling.POOLING_KINDS` (an unknown
+            kind raises ``ValueError`` from :class:`fam_core.anatomy.pooling.GlobalPool`).
         embedding_dim: if given, ``embed`` is ``nn.Linear(C, embedding_dim)``.
         num_classes: if given, ``fc`` is a linear classifier onto ``num_classes`` logits.
 

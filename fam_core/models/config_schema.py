@@ -4,7 +4,7 @@ The table is the single description of a config: :class:`~fam_core.models.store.
 reads its known keys, required keys, file keys and the sources each key goes with from it,
 checks each value's kind with :func:`value_problem`, and ``scripts/config_reference.py``
 writes the docs' config reference (``docs/config.md``) from it. A new key is one
-:class:`KeySpec` here plus its ``ModelConfig`` field (``tests/test_config_schema.py`` fails
+:class:`KeySpec` here plus its ``ModelConfig`` field (``tests/models/test_config_schema.py`` fails
 when the two disagree, or when the committed page differs from the generated one).
 
 Example:
@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fam_core.resizing import DEFAULT_POLICY, RESIZE_POLICIES, as_size
-from fam_core.similarity import SIMILARITIES
+from fam_core.images.resize import DEFAULT_POLICY, RESIZE_POLICIES, as_size
+from fam_core.maths.similarity import SIMILARITIES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

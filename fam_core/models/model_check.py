@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fam_core.adapters import input_channels
+from fam_core.anatomy.adapters import input_channels
 from fam_core.models.config_schema import IMAGENET_MEAN, IMAGENET_STD, channel_mismatch
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def torch_facts(module: nn.Module, config: ModelConfig) -> ModelFacts:
         >>> torch_facts(net, config).output_shape
         (1, 4)
     """
-    from fam_core.outputs import output_names, select_output
+    from fam_core.anatomy.outputs import output_names, select_output
 
     height, width = config.image_size
     parameter = next(module.parameters(), None)

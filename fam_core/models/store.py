@@ -18,8 +18,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from fam_core.configfile import dump_config, parse_config
-from fam_core.imageio import CHANNEL_COUNTS, to_channels
+from fam_core.images.read import CHANNEL_COUNTS, to_channels
+from fam_core.images.resize import DEFAULT_POLICY, ResizePolicy, as_size, fit_image
 from fam_core.models.config_schema import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,10 +29,10 @@ from fam_core.models.config_schema import (
     channel_mismatch,
     value_problem,
 )
+from fam_core.models.configfile import dump_config, parse_config
 from fam_core.models.model_check import check_torch_model
 from fam_core.models.sources import build_module, load_module
 from fam_core.package_data import MODEL_STORE
-from fam_core.resizing import DEFAULT_POLICY, ResizePolicy, as_size, fit_image
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -90,14 +90,14 @@ class ModelConfig:
             index; ``None``: the explainers' default); for ``onnx``, the name of the graph
             output the grafted head explains (``None``: the first ``[B, D]`` output).
         input_size: input side in pixels, or ``(H, W)``.
-        resize: how images are fitted to ``input_size`` (:mod:`fam_core.resizing`).
+        resize: how images are fitted to ``input_size`` (:mod:`fam_core.images.resize`).
         mean, std: per-channel normalisation of ``[0, 1]`` images: one value per input
             channel, or one value for all of them.
         channels: the model's input channels: 3 (RGB) or 1 (greyscale: images become their
-            ITU-R BT.601 luminance, :func:`fam_core.imageio.to_channels`). An ``onnx`` graph's
+            ITU-R BT.601 luminance, :func:`fam_core.images.read.to_channels`). An ``onnx`` graph's
             input says it; a config value other than 3 must match it.
         method: the explanation method when a request names none; ``None``: the one rule
-            of :func:`fam_core.default_method.choose_method` (FAM for embedding models, CAM
+            of :func:`fam_core.explainers.default_method.choose_method` (FAM for embedding models, CAM
             for classifiers whose head CAM reads, Grad-CAM for other classifiers).
         layout: ``onnx`` only: the graph input's layout, ``NCHW`` or ``NHWC``; ``None``:
             detected from the input's shape and its first ``Transpose``
@@ -323,7 +323,7 @@ class ModelConfig:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` images in ``[0, 1]`` to the model's input distribution: its
-        ``channels`` (:func:`fam_core.imageio.to_channels`), then ``(x - mean) / std``.
+        ``channels`` (:func:`fam_core.images.read.to_channels`), then ``(x - mean) / std``.
 
         Example:
             >>> grey = ModelConfig(name="g", task="classifier", onnx="g.onnx", channels=1,
@@ -440,7 +440,7 @@ def load_model(
     if config.onnx is not None:
         raise ValueError(
             f"model {config.name!r} is an ONNX graph ({config.onnx}): serve it with `fam serve` "
-            "or run it with fam_core.onnx_runtime.OnnxExplainer"
+            "or run it with fam_core.graphs.onnx_runtime.OnnxExplainer"
         )
     try:
         model = load_module(config)

@@ -20,6 +20,15 @@ from fam_core.pipeline.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from fam_core.pipeline.explained_search import (
+    EXPLAIN_MODES,
+    ExplainedNeighbour,
+    embed,
+    explain_each_target,
+    explained_search,
+    load_uri_image,
+    load_uri_pixels,
+)
 from fam_core.pipeline.limits import Limits
 from fam_core.pipeline.models import (
     DEFAULT_MODELS,
@@ -47,6 +56,13 @@ from fam_core.pipeline.service import Pipeline
 
 __all__ = [
     "DEFAULT_MODELS",
+    "EXPLAIN_MODES",
+    "ExplainedNeighbour",
+    "embed",
+    "explain_each_target",
+    "explained_search",
+    "load_uri_image",
+    "load_uri_pixels",
     "BatchingConfig",
     "DeadlineExceeded",
     "EncodedImage",

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from fam_core.default_method import MethodChoice
+from fam_core.explainers.default_method import MethodChoice
 from fam_core.models.store import ModelConfig
 from fam_core.pipeline.jobs import Computed, Job, Scoring
 
@@ -68,7 +68,7 @@ class Backend(Protocol):
 
     @property
     def default_choice(self) -> MethodChoice:
-        """:attr:`default_method` and why (:func:`fam_core.default_method.choose_method`)."""
+        """:attr:`default_method` and why (:func:`fam_core.explainers.default_method.choose_method`)."""
         ...
 
     @property

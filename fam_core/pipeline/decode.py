@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fam_core.imageio import to_rgb8
+from fam_core.images.read import to_rgb8
 from fam_core.pipeline.errors import (
     DeadlineExceeded,
     InvalidArgument,

@@ -14,11 +14,11 @@ import torch
 
 from fam_core.explainers.postprocess import min_max, upsample
 from fam_core.explanation import flat_reason
+from fam_core.images.resize import as_size
 from fam_core.pipeline.jobs import Computed
 from fam_core.pipeline.models import ServedModel
 from fam_core.pipeline.request import ExplainRequest, ExplainResult, Heatmap, Match
 from fam_core.render import overlay, to_png_bytes
-from fam_core.resizing import as_size
 
 LOGGER = logging.getLogger("fam_core.pipeline")
 FLAT_WARNING = "the heatmap is flat, not an explanation: {reason}"

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fam_core.configfile import parse_config
-from fam_core.default_method import MethodChoice, choose_method
+from fam_core.explainers.default_method import MethodChoice, choose_method
 from fam_core.explainers.registry import method_name
 from fam_core.messages import first_line
+from fam_core.models.configfile import parse_config
 from fam_core.models.store import TASKS, ModelConfig, find_config
 from fam_core.package_data import DEFAULT_MODEL_NAMES
 from fam_core.pipeline.backends import Backend, LoadedBackend

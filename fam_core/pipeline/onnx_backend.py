@@ -20,7 +20,7 @@ option it needs.
 
 A graph ``fam export`` did not write is grafted with an explanation head first, by
 ``fam_core.exporters.graft.graft_onnx`` (at the config's ``target_tensor``): with the
-model's default method at load (:func:`fam_core.default_method.choose_method`: the config's
+model's default method at load (:func:`fam_core.explainers.default_method.choose_method`: the config's
 ``method``, else FAM for embedding models, CAM for classifiers, Grad-CAM where the graft
 finds a head CAM cannot read; a file that cannot be grafted does not load), and with
 every other method it takes on that method's first request
@@ -44,12 +44,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fam_core import onnx_format as fmt
-from fam_core.default_method import MethodChoice, choose_method
+from fam_core.explainers.default_method import MethodChoice, choose_method
 from fam_core.explanation import Explanation
+from fam_core.graphs import onnx_format as fmt
+from fam_core.graphs.onnx_runtime import OnnxExplainer
 from fam_core.models.model_check import ModelFacts, check_against_model
 from fam_core.models.store import ModelConfig
-from fam_core.onnx_runtime import OnnxExplainer
 from fam_core.pipeline.backends import Batch, LoadedBackend, ServedView
 from fam_core.pipeline.errors import InvalidArgument, NotFound
 from fam_core.pipeline.jobs import Computed, Job, predict
@@ -295,7 +295,7 @@ def graft_options(
     """Options of :func:`fam_core.exporters.graft.graft_onnx` for a plain ONNX file served with
     ``config``: task, input size, mean, std, class names, similarity, name, and the config's
     ``target_tensor`` / ``output`` where it has them; ``overrides`` win. The method is the
-    first default tried (:func:`~fam_core.default_method.choose_method` before the head is
+    first default tried (:func:`~fam_core.explainers.default_method.choose_method` before the head is
     known: the config's ``method``, else FAM for embedding models and CAM for classifiers).
     ``None`` (no config, no overrides): a plain file is refused rather than grafted with
     guessed options.

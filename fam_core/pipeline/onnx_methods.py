@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fam_core import onnx_format as fmt
 from fam_core.explainers import available_methods
-from fam_core.onnx_runtime import OnnxExplainer
+from fam_core.graphs import onnx_format as fmt
+from fam_core.graphs.onnx_runtime import OnnxExplainer
 from fam_core.pipeline.errors import NotFound
 
 _TASK_METHODS = {"embedding": fmt.EMBEDDING_METHODS, "classifier": fmt.CLASSIFIER_METHODS}

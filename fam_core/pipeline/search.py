@@ -3,7 +3,7 @@
 :func:`run_search_jobs` is what a model's worker runs for
 :class:`~fam_core.pipeline.jobs.SearchJob` s (the queries of several requests with one
 :meth:`~fam_core.pipeline.jobs.SearchJob.batch_key` in one call of
-:func:`fam_core.search.explained_search`); :func:`encode_search_result` turns one query's
+:func:`fam_core.pipeline.explained_search`); :func:`encode_search_result` turns one query's
 explained neighbours into a :class:`~fam_core.pipeline.request.SearchResult` whose maps are
 float16 like every heatmap of the pipeline.
 """
@@ -100,7 +100,8 @@ def search_job(served: ServedModel, request: SearchRequest, limits: Limits) -> S
 def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Explained]]:
     """Search the queries of ``jobs`` (one batch key) in ``served``'s index: per job, per
     query, its explained neighbours."""
-    from fam_core.search import IndexUnavailable, explained_search
+    from fam_core.pipeline.explained_search import explained_search
+    from fam_core.search.engine import IndexUnavailable
 
     if served.index is None:
         raise no_index(served.name)

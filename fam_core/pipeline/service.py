@@ -208,7 +208,7 @@ class Pipeline:
 
     def search(self, request: SearchRequest, *, deadline: float | None = None) -> SearchResponse:
         """The nearest gallery images of each image in the model's index, each match explained
-        (:func:`fam_core.search.explained_search`). Images are decoded and preprocessed as
+        (:func:`fam_core.pipeline.explained_search`). Images are decoded and preprocessed as
         :meth:`explain` does; options and limits are checked before anything is decoded
         (:func:`~fam_core.pipeline.search.search_job`). ``deadline`` as in :meth:`explain`."""
         self._check_open()

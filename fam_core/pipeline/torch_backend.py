@@ -23,11 +23,11 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
-from fam_core.default_method import MethodChoice, choose_method
-from fam_core.discovery import ModelDoesNotRun
+from fam_core.anatomy.discovery import ModelDoesNotRun
 from fam_core.explainers import Explainer, available_methods
 from fam_core.explainers.base import ChannelExplainer
 from fam_core.explainers.cam.cam import CAM
+from fam_core.explainers.default_method import MethodChoice, choose_method
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import check_runnable
 from fam_core.extras import MissingExtraError

@@ -4,7 +4,7 @@
 database: create a collection for a model's embeddings, upsert rows by id, search top-k,
 get rows, count, drop, and read back the :class:`~fam_core.search.records.IndexCard` it was
 created with. :class:`~fam_core.search.milvus.MilvusEngine` implements it. Scores are the
-model's similarity (:mod:`fam_core.similarity`): larger is always more similar.
+model's similarity (:mod:`fam_core.maths.similarity`): larger is always more similar.
 
 Example:
     >>> from fam_core.search.milvus import MilvusEngine
@@ -40,7 +40,7 @@ class VectorEngine(Protocol):
     """A collection of :class:`IndexRow` in a vector database."""
 
     def create(self, dimension: int, metric: str, card: IndexCard) -> None:
-        """Create the collection (``metric``: a :data:`fam_core.similarity.SIMILARITIES`
+        """Create the collection (``metric``: a :data:`fam_core.maths.similarity.SIMILARITIES`
         name) and store ``card``; an existing collection is kept."""
         ...
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fam_core.similarity import SIMILARITIES
+from fam_core.maths.similarity import SIMILARITIES
 
 
 @dataclass(frozen=True)

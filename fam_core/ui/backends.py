@@ -22,6 +22,7 @@ from typing import Protocol
 
 import torch
 
+from fam_core.images.resize import fit_image
 from fam_core.pipeline import (
     ExplainRequest,
     ExplainResponse,
@@ -33,7 +34,6 @@ from fam_core.pipeline import (
 )
 from fam_core.pipeline.decode import check_sizes, decode_input
 from fam_core.pipeline.request import ImageInput, SearchRequest, SearchResponse
-from fam_core.resizing import fit_image
 
 
 class ViewerBackend(Protocol):

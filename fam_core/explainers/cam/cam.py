@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fam_core.adapters import Head
+from fam_core.anatomy.adapters import Head
+from fam_core.anatomy.pooling import GlobalPool
 from fam_core.explainers.base import ChannelExplainer, ForwardPass
 from fam_core.explainers.cam.cam_common import linear_coefficients
 from fam_core.explainers.registry import register
 from fam_core.explainers.targets import ResolvedTarget
-from fam_core.fam_maths import to_channels
-from fam_core.pooling import GlobalPool
+from fam_core.maths.fam import to_channels
 
 
 def cam_refusal(head: Head) -> str | None:
@@ -28,7 +28,7 @@ def cam_refusal(head: Head) -> str | None:
     average pooling then a linear classifier.
 
     Example:
-        >>> from fam_core.pooling import GlobalPool
+        >>> from fam_core.anatomy.pooling import GlobalPool
         >>> cam_refusal(Head(GlobalPool("avg"), nn.Sequential(), None, "norm", "jacobian"))
         "found 'norm' after the target layer, not a linear classifier"
     """

@@ -28,7 +28,7 @@ from torch import nn
 from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass
 from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.targets import ResolvedTarget, Target
-from fam_core.fam_maths import rectified_sum
+from fam_core.maths.fam import rectified_sum
 
 _EPS = 1e-12
 

@@ -7,7 +7,7 @@ L      = ReLU(sum_n a_n A^n)                                          FAM paper 
 
 DeepLIFT is Captum's ``DeepLift`` (rescale rule) on the part of the model after the target
 layer, with the activations as its input and zeros as its reference, as the authors' code
-does. That part is the head :mod:`fam_core.head_fit` found when it reproduces the output
+does. That part is the head :mod:`fam_core.anatomy.head_fit` found when it reproduces the output
 (global pooling and affine layers: a few small matrix products), else the whole model with
 the target layer's output replaced (:meth:`~fam_core.explainers.base.Explainer.run_with`;
 Captum applies the rescale rule to the nonlinearities it hooks: ReLU, LeakyReLU, ELU,
@@ -34,7 +34,7 @@ from fam_core.explainers.cam.cam_common import linear_coefficients
 from fam_core.explainers.registry import register
 from fam_core.explainers.targets import ResolvedTarget
 from fam_core.extras import require
-from fam_core.fam_maths import rectified_sum
+from fam_core.maths.fam import rectified_sum
 
 
 class ScoreAfterLayer(nn.Module):

@@ -19,12 +19,12 @@ relevance, biases none, so relevance is conserved through every layer where an o
 a positive contribution. For inputs that may be negative (LeakyReLU, an embedding fed to a
 classifier) the positive contributions are ``x^+ w^+ + x^- w^-``, which is ``x w^+`` for
 ``x >= 0``. The layers are those of the head after the target layer (global pooling, then
-linear / ``BatchNorm1d`` layers, :mod:`fam_core.head_fit`); global pooling passes the
+linear / ``BatchNorm1d`` layers, :mod:`fam_core.anatomy.head_fit`); global pooling passes the
 relevance of ``z_n`` to the positions by their positive contributions
 ``(A_nij dz_n/dA_nij)^+`` (``A_nij / hw`` for average pooling, the maximum for max pooling).
 Relevance that reaches a channel without positive contributions (a LeakyReLU channel whose
 values are all negative) stops there: conservation is exact on ReLU networks.
-A head found by probing (functional layers, :func:`~fam_core.head_fit.fit_head`) is one
+A head found by probing (functional layers, :func:`~fam_core.anatomy.head_fit.fit_head`) is one
 composed linear map, so eq. 9 runs through it as one layer. The authors' code averages the
 relevance over positions where this sums it: a factor ``hw`` that min-max normalisation
 removes.
@@ -44,12 +44,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fam_core.adapters import Head, linear_matrix
+from fam_core.anatomy.adapters import Head, linear_matrix
 from fam_core.explainers.base import ChannelExplainer, ForwardPass
 from fam_core.explainers.cam.cam_common import linear_coefficients
 from fam_core.explainers.registry import register
 from fam_core.explainers.targets import ResolvedTarget
-from fam_core.fam_maths import rectified_sum
+from fam_core.maths.fam import rectified_sum
 
 
 def z_plus(inputs: torch.Tensor, matrix: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ C     = W x C'^T        (head between pooling and Z')   eq. 16-18
 c̄_n   = (c_n - min C) / (max C - min C)                 eq. 12
 L_FAM = sum_n c̄_n A^n                                   eq. 13
 
-The steps are the pure functions of :mod:`fam_core.fam_maths`, which the ONNX export heads
+The steps are the pure functions of :mod:`fam_core.maths.fam`, which the ONNX export heads
 (:mod:`fam_core.exporters.heads`) call too.
 """
 
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from fam_core.adapters import Head
+from fam_core.anatomy.adapters import Head
+from fam_core.anatomy.head_fit import reproduces
 from fam_core.explainers.base import ChannelExplainer, ForwardPass
 from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.registry import register
 from fam_core.explainers.targets import ResolvedTarget
-from fam_core.fam_maths import fam_embedding_weights, to_channels
-from fam_core.head_fit import reproduces
-from fam_core.similarity import channel_contributions
+from fam_core.maths.fam import fam_embedding_weights, to_channels
+from fam_core.maths.similarity import channel_contributions
 
 
 @register

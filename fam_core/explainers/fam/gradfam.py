@@ -26,14 +26,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fam_core.adapters import Head
+from fam_core.anatomy.adapters import Head
+from fam_core.anatomy.head_fit import reproduces
+from fam_core.anatomy.pooling import global_pooling_kind
 from fam_core.explainers.base import ChannelExplainer, ForwardPass
 from fam_core.explainers.registry import register
 from fam_core.explainers.targets import ResolvedTarget
-from fam_core.fam_maths import rectified_sum, to_channels
-from fam_core.head_fit import reproduces
-from fam_core.pooling import global_pooling_kind
-from fam_core.similarity import similarity_gradient
+from fam_core.maths.fam import rectified_sum, to_channels
+from fam_core.maths.similarity import similarity_gradient
 
 _EPS = 1e-12
 

@@ -4,7 +4,7 @@ FAM's eq. 15 weights channel ``n`` by ``z_n r_n / (|Z| |R|)``: the query's own a
 ``z_n`` times the reference's. A channel active on every object of a query scene gets a
 large weight whichever reference is explained, so the map changes little with the target.
 Each variant below is one small override of :class:`~fam_core.explainers.fam.fam.FAM`
-(same eq. 14, 11, 16-18 and 13, same :mod:`fam_core.fam_maths`); its docstring says exactly
+(same eq. 14, 11, 16-18 and 13, same :mod:`fam_core.maths.fam`); its docstring says exactly
 where it departs from the paper. The paper's FAM (``"fam"``) stays the default method.
 
 ==================  =====================================  ====================  ==========
@@ -27,8 +27,8 @@ import torch
 from fam_core.explainers.fam.fam import FAM
 from fam_core.explainers.registry import register
 from fam_core.explainers.targets import ResolvedTarget
-from fam_core.fam_maths import gradient_contributions, rectified_sum
-from fam_core.similarity import similarity
+from fam_core.maths.fam import gradient_contributions, rectified_sum
+from fam_core.maths.similarity import similarity
 
 __all__ = ["CentredFAM", "OrthogonalFAM", "SignedFAM"]
 
@@ -86,7 +86,7 @@ class CentredFAM(SignedFAM):
 class OrthogonalFAM(SignedFAM):
     """FAM whose eq. 15 contributions are activation times the similarity's gradient.
 
-    ``c_kn = z_n * d s(Z, R_k) / d z_n`` (:func:`~fam_core.fam_maths.gradient_contributions`)
+    ``c_kn = z_n * d s(Z, R_k) / d z_n`` (:func:`~fam_core.maths.fam.gradient_contributions`)
     replaces eq. 15's ``z_n r_kn / (|Z| |R_k|)``. For the cosine, ``c_kn = z_n r⊥_kn /
     (|Z| |R_k|)`` with ``r⊥_k = R_k - (R_k . Ẑ) Ẑ``: only the reference's part orthogonal to
     the query embedding counts, so a channel that the query holds in proportion to the
