@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -95,6 +97,36 @@ LITE_CLIENT_OPTIONS: dict[str, Any] = {
 }
 
 
+_LITE_OPEN: dict[str, int] = {}
+"""How many engines of this process hold each Milvus Lite file (by absolute path)."""
+_LITE_LOCK = threading.Lock()
+
+
+def _lite_opened(path: str) -> None:
+    with _LITE_LOCK:
+        key = os.path.abspath(path)
+        _LITE_OPEN[key] = _LITE_OPEN.get(key, 0) + 1
+
+
+def _lite_closed(path: str) -> None:
+    """Stop Milvus Lite's server of ``path`` when the last engine of this process closes it.
+
+    pymilvus starts one in-process server per ``.db`` file (``milvus_lite.server_manager``),
+    which holds the file's lock, and ``MilvusClient.close`` leaves it running until the process
+    exits; releasing it frees the file for another process.
+    """
+    with _LITE_LOCK:
+        key = os.path.abspath(path)
+        left = _LITE_OPEN.get(key, 0) - 1
+        if left > 0:
+            _LITE_OPEN[key] = left
+            return
+        _LITE_OPEN.pop(key, None)
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(key)
+
+
 class MilvusEngine:
     """A gallery collection in Milvus Lite (a ``.db`` file) or a Milvus server.
 
@@ -145,17 +177,24 @@ class MilvusEngine:
             try:
                 options = {"timeout": self.timeout} if self.location.server else LITE_CLIENT_OPTIONS
                 self._client = MilvusClient(where, **options)
+                if not self.location.server:
+                    _lite_opened(where)
             except Exception as error:  # noqa: BLE001 - pymilvus raises many kinds
                 what = "reach Milvus at" if self.location.server else "open Milvus Lite file"
                 raise IndexUnavailable(f"cannot {what} {where}: {_first_line(error)}") from None
         return self._client
 
     def close(self) -> None:
-        """Close the connection (a Milvus Lite file is free for another process after)."""
+        """Close the connection. A Milvus Lite file is free for another process once the last
+        engine of this process that opened it is closed."""
         if self._client is not None:
-            self._client.close()
-            self._client = None
+            client, self._client = self._client, None
             self._loaded.clear()
+            try:
+                client.close()
+            finally:
+                if not self.location.server:
+                    _lite_closed(self.location.client_uri)
 
     def exists(self) -> bool:
         """Whether the collection exists (a missing Milvus Lite file is not created)."""

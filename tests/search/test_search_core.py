@@ -301,3 +301,31 @@ def test_a_milvus_lite_client_pings_no_more_than_its_server_takes(tmp_path):
         engine.close()
     assert options["grpc.keepalive_time_ms"] >= 300_000
     assert options["grpc.keepalive_permit_without_calls"] is False
+
+
+def test_close_frees_the_milvus_lite_file_for_this_process_and_another(tmp_path):
+    """Milvus Lite's in-process server holds the file's lock until the last engine of the
+    process that opened it closes: then a second index, here or in another process, opens it."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "g.db")
+    first = open_index(path)
+    first.create(IndexCard("m", 2, "cosine", "0" * 64))
+    first.upsert([IndexRow("a", "a.png", "x", torch.tensor([1.0, 0.0]))])
+    second = open_index(path)  # the same file twice in one process: one server
+    assert second.count() == 1
+    first.close()
+    assert second.count() == 1  # still open: the server is kept for it
+    second.close()
+    child = f"from fam_core.search import open_index; i = open_index({path!r}); print(i.count()); i.close()"
+    done = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"
+    with open_index(path) as again:  # reopened after close, in this process
+        again.upsert([IndexRow("b", "b.png", None, torch.tensor([0.0, 1.0]))])
+        assert again.count() == 2
+    with open_index(path) as third:
+        assert [hit.id for hit in third.search(torch.tensor([0.0, 1.0]), 1)[0]] == ["b"]
