@@ -72,13 +72,19 @@ def build_index(
     address: str | None = None,
     num_cpus: int | None = None,
     progress: Callable[[str], None] | None = None,
+    index_type: str | None = None,
+    index_params: dict[str, int] | None = None,
 ) -> BuildReport:
     """Embed every image of ``images_source`` with ``model`` (a name, config or ``.onnx``
     path) into the index at ``index_uri``, resuming what an earlier build wrote.
 
     ``labels``: ``"folder"``, a CSV file of ``id,label``, or ``None``. Ray runs locally
-    (``num_cpus``) unless ``address`` names a cluster. Raises a one-line ``ValueError`` for
-    a bad source, labels file or index, and when the index was built by another model.
+    (``num_cpus``) unless ``address`` names a cluster. ``index_type`` (``FLAT``, the default
+    for a new index, ``IVF_FLAT`` or ``HNSW``) and ``index_params`` (its build and search
+    parameters, :mod:`fam_core.search.index_types`) choose the vector index; ``None`` resumes
+    an existing index with its own. Raises a one-line ``ValueError`` for a bad source, labels
+    file, index or index type, when the index was built by another model, and when it was
+    built with another index type or parameters.
     """
     from fam_core.bulk import BulkOptions, ExplainSettings
     from fam_core.bulk.job import explain_dataset, worker_spec
@@ -107,9 +113,17 @@ def build_index(
     served = ServedModel.load(model, open_index=False)  # one-line errors before Ray starts
     if served.task != "embedding":
         raise ValueError(f"an index needs an embedding model; {served.name!r} is a {served.task}")
+    card = model_card(served)
+    if index_type is not None:
+        card = dataclasses.replace(card, index_type=index_type, index_params=index_params or {})
+    elif index_params:
+        raise ValueError("index parameters need an index type (FLAT, IVF_FLAT or HNSW)")
     report = BuildReport(index_uri, images=len(items))
     with open_index(index_uri) as index:
-        index.create(model_card(served))
+        if index.exists() and index_type is not None:
+            index.check_model(card)
+            index.check_index(card)
+        index.create(card)
         done = index.engine.existing([item.id for item in items])
         todo = [item for item in items if item.id not in done]
         report.indexed_before = len(items) - len(todo)

@@ -4,6 +4,7 @@ what an index holds (:mod:`fam_core.search`)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -31,6 +32,15 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--labels",
         help="'folder' (each image's parent folder) or a CSV file with columns id,label",
     )
+    build.add_argument(
+        "--index-type",
+        help="the vector index of a new index: FLAT (exact, the default), IVF_FLAT or HNSW",
+    )
+    build.add_argument(
+        "--index-params",
+        help='its parameters as JSON: IVF_FLAT {"nlist": 1024, "nprobe": 32}, '
+        'HNSW {"M": 16, "efConstruction": 200, "ef": 64} (the defaults)',
+    )
     build.add_argument("--batch-size", type=int, default=16)
     build.add_argument("--actors", type=int, default=1, help="actors (model copies)")
     build.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -47,6 +57,14 @@ def run_build(args: argparse.Namespace) -> int:
     """Build (or resume) the index; list the images that were skipped, with their reason."""
     from fam_core.bulk.index_build import build_index
 
+    params = None
+    if args.index_params is not None:
+        try:
+            params = json.loads(args.index_params)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--index-params must be a JSON object: {error}") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"--index-params must be a JSON object, got {args.index_params!r}")
     report = build_index(
         args.model,
         args.images,
@@ -58,6 +76,8 @@ def run_build(args: argparse.Namespace) -> int:
         gpus_per_actor=args.gpus_per_actor,
         address=args.address,
         num_cpus=args.num_cpus,
+        index_type=args.index_type,
+        index_params=params,
     )
     for image_id, reason in report.failed:
         print(f"skipped {image_id}: {reason}", file=sys.stderr)
@@ -82,6 +102,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"dimension: {card.dimension}")
     print(f"similarity: {card.similarity}")
     print(f"weights sha256: {card.model_hash}")
+    params = ", ".join(f"{name}={value}" for name, value in card.index_params.items())
+    print(f"index type: {card.index_type}" + (f" ({params})" if params else ""))
     print(f"images: {count}")
     unlabelled = count - sum(labels.values())
     shown = ", ".join(f"{label} ({n})" for label, n in labels.items()) or "none"

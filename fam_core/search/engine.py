@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -41,7 +41,8 @@ class VectorEngine(Protocol):
 
     def create(self, dimension: int, metric: str, card: IndexCard) -> None:
         """Create the collection (``metric``: a :data:`fam_core.maths.similarity.SIMILARITIES`
-        name) and store ``card``; an existing collection is kept."""
+        name) with the vector index ``card`` names (``card.index_type``, its build parameters
+        in ``card.index_params``) and store ``card``; an existing collection is kept."""
         ...
 
     def upsert(self, rows: Sequence[IndexRow]) -> int:
@@ -49,9 +50,15 @@ class VectorEngine(Protocol):
         ...
 
     def search(
-        self, vectors: torch.Tensor, top_k: int, filter: str | None = None
+        self,
+        vectors: torch.Tensor,
+        top_k: int,
+        filter: str | None = None,
+        params: Mapping[str, int] | None = None,
     ) -> list[list[Hit]]:
-        """The ``top_k`` most similar rows of each query ``[Q, D]``, most similar first."""
+        """The ``top_k`` most similar rows of each query ``[Q, D]``, most similar first,
+        searched with the card's search parameters, ``params`` replacing some (``ef``,
+        ``nprobe``: :func:`fam_core.search.index_types.search_override`)."""
         ...
 
     def get(self, ids: Sequence[str]) -> list[IndexRow]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +106,18 @@ class GalleryIndex:
         return self.engine.get(ids)
 
     def search(
-        self, embeddings: torch.Tensor, top_k: int, filter: str | None = None
+        self,
+        embeddings: torch.Tensor,
+        top_k: int,
+        filter: str | None = None,
+        search_params: Mapping[str, int] | None = None,
     ) -> list[list[Neighbour]]:
         """The ``top_k`` nearest images of each embedding ``[Q, D]`` (``[D]``: one query),
         most similar first; ``filter`` is a condition on ``id``, ``uri`` and ``label`` in the
-        engine's language (Milvus: ``label == "rose"``, ``label in ["a", "b"]``)."""
+        engine's language (Milvus: ``label == "rose"``, ``label in ["a", "b"]``);
+        ``search_params`` replaces the card's search parameters (``{"ef": 128}`` for an
+        ``HNSW`` index, ``{"nprobe": 64}`` for ``IVF_FLAT``; a one-line ``ValueError`` for
+        another name)."""
         if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 1:
             embeddings = embeddings.unsqueeze(0)
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
@@ -120,7 +127,19 @@ class GalleryIndex:
             raise ValueError(
                 f"embeddings have dimension {embeddings.shape[1]}, the index holds {dimension}"
             )
+        if search_params:
+            return self.engine.search(embeddings, top_k, filter, search_params)
         return self.engine.search(embeddings, top_k, filter)
+
+    def check_index(self, card: IndexCard) -> None:
+        """``ValueError`` unless the index was built with ``card``'s index type and
+        parameters (another type needs a new index: drop this one, or build elsewhere)."""
+        built = self.card
+        if (built.index_type, built.index_params) != (card.index_type, card.index_params):
+            raise ValueError(
+                f"index {self.uri} is a {built.index_type} index {built.index_params}, not "
+                f"{card.index_type} {card.index_params}: build into a new index to change it"
+            )
 
     def drop(self) -> None:
         """Remove the gallery."""

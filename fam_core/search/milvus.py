@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,6 +31,7 @@ import torch
 
 from fam_core.extras import require
 from fam_core.search.engine import Hit, IndexUnavailable
+from fam_core.search.index_types import search_override, split_params
 from fam_core.search.records import IndexCard, IndexRow
 
 DEFAULT_COLLECTION = "fam_index"
@@ -224,6 +225,8 @@ class MilvusEngine:
             raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
         if self.exists():
             return
+        if card.index_type != "FLAT" and not self.location.server:
+            _require_faiss(card.index_type)
         from pymilvus import DataType
 
         client = self.client
@@ -233,7 +236,14 @@ class MilvusEngine:
         schema.add_field("label", DataType.VARCHAR, max_length=MAX_LABEL)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
         index = client.prepare_index_params()
-        index.add_index(field_name="vector", index_type="FLAT", metric_type=METRICS[metric])
+        index.add_index(
+            field_name="vector",
+            index_type=card.index_type,
+            metric_type=METRICS[metric],
+            # as one JSON "params" entry: the form Milvus Lite reads (it drops the flat
+            # entries pymilvus 3 sends) and a Milvus server reads too
+            params={"params": split_params(card.index_type, card.index_params)[0]},
+        )
         card_schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         card_schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
         card_schema.add_field("card", DataType.VARCHAR, max_length=4096)
@@ -271,13 +281,22 @@ class MilvusEngine:
         return len(records)
 
     def search(
-        self, vectors: torch.Tensor, top_k: int, filter: str | None = None
+        self,
+        vectors: torch.Tensor,
+        top_k: int,
+        filter: str | None = None,
+        params: Mapping[str, int] | None = None,
     ) -> list[list[Hit]]:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2:
             raise ValueError("vectors must be a tensor [Q, D] of embeddings")
         metric = self._metric()
+        card = self.card()
+        assert card is not None  # _metric refused an empty index
+        search_params = search_override(card.index_type, card.index_params, params)
+        if "ef" in search_params:  # HNSW looks at ef candidates: at least top_k
+            search_params["ef"] = max(search_params["ef"], top_k)
         data = vectors.detach().to("cpu", torch.float32).tolist()
         client = self._ready(self._name)
         try:
@@ -286,6 +305,7 @@ class MilvusEngine:
                 data=data,
                 limit=top_k,
                 filter=filter or "",
+                search_params={"params": search_params},
                 output_fields=["uri", "label", "vector"],
             )
         except Exception as error:  # noqa: BLE001
@@ -411,6 +431,17 @@ class MilvusEngine:
             raise IndexUnavailable(
                 f"cannot {what} index {self.uri}: {_first_line(error)}"
             ) from None
+
+
+def _require_faiss(index_type: str) -> None:
+    """Milvus Lite builds the approximate indexes with FAISS (``faiss-cpu``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("faiss") is None:
+        raise ValueError(
+            f"Milvus Lite builds a {index_type} index with FAISS: pip install faiss-cpu "
+            "(or use index type FLAT, or a Milvus server)"
+        )
 
 
 def _record(row: IndexRow) -> dict[str, Any]:

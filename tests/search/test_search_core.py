@@ -329,3 +329,79 @@ def test_close_frees_the_milvus_lite_file_for_this_process_and_another(tmp_path)
         assert again.count() == 2
     with open_index(path) as third:
         assert [hit.id for hit in third.search(torch.tensor([0.0, 1.0]), 1)[0]] == ["b"]
+
+
+def _recall(found, truth: torch.Tensor) -> float:
+    """Mean fraction of the exact top-k that each query's hits hold."""
+    return (
+        sum(
+            len({int(hit.id) for hit in hits} & set(row.tolist()))
+            for hits, row in zip(found, truth, strict=True)
+        )
+        / truth.numel()
+    )
+
+
+@pytest.mark.parametrize(
+    ("index_type", "params"),
+    [("IVF_FLAT", {"nlist": 64}), ("HNSW", {"M": 8, "efConstruction": 64})],
+)
+def test_an_approximate_index_finds_the_exact_neighbours(index_type, params, tmp_path):
+    """Built, closed (Milvus Lite then writes and indexes the rows) and reopened, as a
+    server opens a gallery: recall@10 against exact search with the default search
+    parameters, and the card records the index."""
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(2000, 16, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(50, 16, generator=generator), dim=1)
+    truth = (queries @ vectors.T).topk(10, dim=1).indices
+    path = str(tmp_path / "g.db")
+    with open_index(path) as index:
+        index.create(IndexCard("m", 16, "cosine", "0" * 64, index_type, params))
+        index.upsert([IndexRow(str(i), "", None, v) for i, v in enumerate(vectors)])
+    with open_index(path) as index:
+        card = index.card
+        assert (card.index_type, card.index_params) == (
+            index_type,
+            {**params, **({"nprobe": 32} if index_type == "IVF_FLAT" else {"ef": 64})},
+        )
+        described = index.engine.client.describe_index("fam_index", "vector")
+        assert (described["index_type"], described["params"]) == (index_type, params)
+        assert _recall(index.search(queries, 10), truth) >= 0.95
+        if index_type == "IVF_FLAT":  # the search parameter reaches the index: one cell of 64
+            assert _recall(index.search(queries, 10, search_params={"nprobe": 1}), truth) < 0.6
+        else:
+            wide = index.search(queries, 10, search_params={"ef": 500})
+            assert _recall(wide, truth) >= 0.95
+
+
+def test_a_flat_index_is_the_default_and_an_old_card_reads_as_flat():
+    card = IndexCard("m", 2, "cosine", "0" * 64)
+    assert (card.index_type, card.index_params) == ("FLAT", {})
+    old = '{"dimension": 2, "model": "m", "model_hash": "ab", "similarity": "cosine"}'
+    assert IndexCard.from_json(old).index_type == "FLAT"
+    hnsw = IndexCard("m", 2, "cosine", "0" * 64, "HNSW", {"ef": 100})
+    assert IndexCard.from_json(hnsw.to_json()) == hnsw
+    assert hnsw.index_params == {"M": 16, "efConstruction": 200, "ef": 100}
+
+
+@pytest.mark.parametrize(
+    ("index_type", "params", "message"),
+    [
+        ("IVF_PQ", {}, "index type must be one of ['FLAT', 'IVF_FLAT', 'HNSW'], got 'IVF_PQ'"),
+        ("hnsw", {}, "index type must be one of"),
+        ("FLAT", {"nlist": 8}, "FLAT index: unknown parameter 'nlist' (allowed: none)"),
+        ("HNSW", {"nlist": 8}, "unknown parameter 'nlist' (allowed: M, efConstruction, ef)"),
+        ("IVF_FLAT", {"nlist": 0}, "nlist must be an int in [1, 65536], got 0"),
+        ("HNSW", {"M": 16.5}, "M must be an int in [2, 2048], got 16.5"),
+        ("HNSW", {"ef": True}, "ef must be an int"),
+    ],
+)
+def test_a_bad_index_type_or_parameter_is_one_line(index_type, params, message):
+    with pytest.raises(ValueError) as error:
+        IndexCard("m", 2, "cosine", "0" * 64, index_type, params)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_search_parameter_of_another_index_type_is_refused(gallery):
+    with pytest.raises(ValueError, match=r"FLAT index: unknown search parameter 'ef'"):
+        gallery["index"].search(gallery["rows"][0].embedding, 1, search_params={"ef": 10})
