@@ -265,14 +265,37 @@ def test_fam_index_info_and_one_line_errors(built, gallery, capsys):
     text = capsys.readouterr().out
     assert f"model: {MODEL}" in text and f"images: {IMAGES}" in text
     assert "labels: 3: centre-yellow (4), petal-balls-red (4), stem-red (4)" in text
+    assert "index type: FLAT\n" in text
     query = str(gallery / "centre-yellow" / "0.png")
+    build = ["index", "build", "--images", str(gallery), "--index"]
     for args, message in (
         (["search", "--model", "default-embedding-fine", "--index", uri, query], "built by model"),
         (["search", "--index", uri, "missing.png"], "missing.png: no such file"),
         (["search", "--index", uri, query, "--filter", "label ="], "filter 'label ='"),
         (["index", "info", "gallery.txt"], "expected a Milvus Lite file ending in .db"),
         (["index", "build", "--images", "/no/such", "--index", uri], "--images /no/such"),
+        ([*build, uri, "--index-type", "IVF_PQ"], "index type must be one of ['FLAT', 'IVF_FLAT'"),
+        ([*build, uri, "--index-type", "HNSW", "--index-params", '{"nlist": 8}'], "(allowed: M, "),
+        ([*build, uri, "--index-type", "HNSW", "--index-params", "M=8"], "must be a JSON object"),
+        ([*build, uri, "--index-params", '{"ef": 8}'], "index parameters need an index type"),
+        ([*build, uri, "--index-type", "HNSW"], "is a FLAT index {}, not HNSW"),
     ):
         assert main(args) == 2
         error = capsys.readouterr().err.strip()
         assert error.startswith("fam: error: ") and message in error and "\n" not in error
+
+
+def test_an_hnsw_build_finds_what_the_flat_one_finds(built, gallery, tmp_path, capsys):
+    flat_uri, _ = built
+    uri = str(tmp_path / "hnsw.db")
+    args = ["index", "build", "--images", str(gallery), "--index", uri, "--labels", "folder"]
+    assert main([*args, "--index-type", "HNSW", "--index-params", '{"M": 8, "ef": 32}']) == 0
+    assert main(["index", "info", uri]) == 0
+    assert "index type: HNSW (M=8, efConstruction=200, ef=32)\n" in capsys.readouterr().out
+    assert main(args) == 0  # resumed without --index-type: the index keeps its own
+    with open_index(flat_uri) as flat, open_index(uri) as hnsw:
+        assert hnsw.card.index_params == {"M": 8, "efConstruction": 200, "ef": 32}
+        rows = flat.get(sorted(flat.engine.existing(_ids(gallery))))
+        queries = torch.stack([row.embedding for row in rows])
+        found = [[hit.id for hit in hits] for hits in hnsw.search(queries, 5)]
+        assert found == [[hit.id for hit in hits] for hits in flat.search(queries, 5)]
