@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     lines = []
-    with open_index(uri) as index:
+    search_params = None if args.index else config.index_search  # the config's own index
+    with open_index(uri, search_params=search_params) as index:
         for start in range(0, len(pixels), QUERY_BATCH):
             chunk = torch.stack(pixels[start : start + QUERY_BATCH])
             found = explained_search(

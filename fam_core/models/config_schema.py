@@ -168,6 +168,10 @@ KEYS: tuple[KeySpec, ...] = (
             "Embedding and `knn` models: the gallery index searched (a Milvus Lite `.db` path "
             "relative to the config, or `http(s)://HOST:PORT[#COLLECTION]` for a Milvus "
             "server), built by `fam index build`."),
+    KeySpec("index_search", "mapping", {}, "{ef: 128}",
+            "Search parameters replacing those `index` was built with: `ef` of an `HNSW` "
+            "index, `nprobe` of an `IVF_FLAT` one (`fam index info` shows them; "
+            "[choosing the index type](search.md#choosing-the-index-type))."),
     KeySpec("top_k", "int", 10, "20",
             "Neighbours a search returns when a request names none (with `index`)."),
     KeySpec("explain", "choice", "query", "both",

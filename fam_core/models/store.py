@@ -108,6 +108,8 @@ class ModelConfig:
         index: the gallery index of an embedding or ``knn`` model: a Milvus Lite ``.db``
             path (relative to the config's folder) or ``http(s)://HOST:PORT[#NAME]``
             (:mod:`fam_core.search`); :attr:`index_uri` resolves it.
+        index_search: search parameters replacing those the index was built with (``ef`` of
+            an ``HNSW`` index, ``nprobe`` of an ``IVF_FLAT`` one; checked when it is opened).
         top_k: neighbours a search returns when a request names none.
         explain: the maps a search draws when a request names none: ``"none"``,
             ``"query"`` or ``"both"``.
@@ -146,6 +148,7 @@ class ModelConfig:
     method: str | None = None
     layout: str | None = None
     index: str | None = None
+    index_search: dict[str, int] = field(default_factory=dict)
     top_k: int = 10
     explain: str = "query"
     k: int = 200
@@ -305,6 +308,7 @@ class ModelConfig:
             "weights",
             "method",
             "index",
+            "index_search",
         ):
             if data[key] in (None, {}) and key != self.source:
                 data.pop(key)
@@ -354,7 +358,7 @@ class ModelConfig:
 
 
 TASKS: tuple[str, ...] = ("embedding", "classifier", "knn")
-SEARCH_KEYS: tuple[str, ...] = ("top_k", "explain", "k", "temperature")
+SEARCH_KEYS: tuple[str, ...] = ("index_search", "top_k", "explain", "k", "temperature")
 """The keys that go with ``index`` (left out of a written config that has none)."""
 
 
@@ -370,6 +374,15 @@ def _search_problems(config: ModelConfig, source: str) -> list[tuple[str, str]]:
         problems.append(("index", "task knn needs an index: the labelled gallery it votes over"))
     if config.index and config.task == "classifier":
         problems.append(("index", "a gallery index needs an embedding model, not a classifier"))
+    search = config.index_search
+    if search and not config.index:
+        problems.append(("index_search", "search parameters need an index"))
+    if isinstance(search, dict) and not all(
+        isinstance(name, str) and isinstance(value, int) and not isinstance(value, bool)
+        and value >= 1
+        for name, value in search.items()
+    ):  # fmt: skip
+        problems.append(("index_search", f"expected names and ints >= 1, got {search!r}"))
     if config.task == "knn" and source not in TORCH_SOURCES:
         problems.append(("task", f"task knn needs a torch model (one of {list(TORCH_SOURCES)})"))
     for key in ("top_k", "k"):  # their kinds are checked with the other keys'

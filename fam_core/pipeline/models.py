@@ -175,9 +175,10 @@ def open_model_index(served: ServedModel) -> GalleryIndex:
     from fam_core.search import model_card, open_index
 
     config = served.config
-    index = open_index(str(config.index_uri))
+    index = open_index(str(config.index_uri), search_params=config.index_search)
     try:
         index.check_model(model_card(served))
+        index.check_search_params()
     except (ValueError, TypeError) as error:
         index.close()
         raise ValueError(f"model {config.name!r}: index: {_one_line(error)}") from None

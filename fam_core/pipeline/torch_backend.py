@@ -268,10 +268,11 @@ def _open_gallery(backend: TorchBackend, output_dim: int) -> tuple[Any, ModelCon
     from fam_core.search import model_card, open_index
 
     config = backend.config
-    gallery = open_index(str(config.index_uri))
+    gallery = open_index(str(config.index_uri), search_params=config.index_search)
     view = LoadedBackend(config, backend, None, output_dim, (0, 0))
     try:
         gallery.check_model(model_card(view))
+        gallery.check_search_params()
         labels = tuple(gallery.labels())
     except ValueError as error:
         raise ValueError(f"model {config.name!r}: index: {first_line(error)}") from None

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fam_core.search.engine import VectorEngine
+from fam_core.search.index_types import search_override
 from fam_core.search.milvus import MilvusEngine
 from fam_core.search.records import IndexCard, IndexRow, Neighbour
 
@@ -44,9 +45,13 @@ _HASHES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 class GalleryIndex:
     """A gallery of embeddings in a :class:`~fam_core.search.engine.VectorEngine`."""
 
-    def __init__(self, engine: VectorEngine, uri: str = "") -> None:
+    def __init__(
+        self, engine: VectorEngine, uri: str = "", search_params: Mapping[str, int] | None = None
+    ) -> None:
         self.engine = engine
         self.uri = uri
+        self.search_params = dict(search_params or {})
+        """What replaces the card's search parameters when a search names none."""
 
     @property
     def card(self) -> IndexCard:
@@ -127,9 +132,16 @@ class GalleryIndex:
             raise ValueError(
                 f"embeddings have dimension {embeddings.shape[1]}, the index holds {dimension}"
             )
+        search_params = self.search_params if search_params is None else search_params
         if search_params:
             return self.engine.search(embeddings, top_k, filter, search_params)
         return self.engine.search(embeddings, top_k, filter)
+
+    def check_search_params(self) -> None:
+        """``ValueError`` unless :attr:`search_params` are search parameters of the index's
+        type (``ef``: ``HNSW``, ``nprobe``: ``IVF_FLAT``)."""
+        card = self.card
+        search_override(card.index_type, card.index_params, self.search_params)
 
     def check_index(self, card: IndexCard) -> None:
         """``ValueError`` unless the index was built with ``card``'s index type and
@@ -158,14 +170,20 @@ class GalleryIndex:
         self.close()
 
 
-def open_index(uri: str | Path, *, base: Path | None = None) -> GalleryIndex:
+def open_index(
+    uri: str | Path,
+    *,
+    base: Path | None = None,
+    search_params: Mapping[str, int] | None = None,
+) -> GalleryIndex:
     """The gallery index at ``uri``: ``PATH.db`` (Milvus Lite) or ``http(s)://HOST:PORT``
     (a Milvus server), optionally ``#COLLECTION``. A relative path is taken from ``base``
-    (default: the working folder). Nothing is opened before first use."""
+    (default: the working folder). ``search_params`` replace the card's search parameters
+    (:attr:`GalleryIndex.search_params`). Nothing is opened before first use."""
     text = str(uri)
     if base is not None and "://" not in text and not Path(text.partition("#")[0]).is_absolute():
         text = str(base / text)
-    return GalleryIndex(MilvusEngine(text), text)
+    return GalleryIndex(MilvusEngine(text), text, search_params)
 
 
 def model_card(model: Any) -> IndexCard:

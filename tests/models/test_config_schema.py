@@ -61,8 +61,10 @@ def write(folder: Path, keys: dict) -> Path:
 def test_every_example_is_a_valid_value(key, tmp_path) -> None:
     spec = SPECS[key]
     source = spec.sources[0] if spec.sources else "factory"
-    task = "embedding" if key == "index" else "classifier"  # an index serves embeddings
+    task = "embedding" if key.startswith("index") else "classifier"  # an index serves embeddings
     keys = {"name": "m", "task": task, source: SPECS[source].example}
+    if key == "index_search":  # search parameters of an index
+        keys["index"] = SPECS["index"].example
     if source == "backbone":
         keys["weights"] = SPECS["weights"].example
     keys |= {"mean": [0.5], "std": [0.5]}  # one value fits every channel count
@@ -120,3 +122,19 @@ def test_each_kind_takes_its_values_and_refuses_others(kind) -> None:
 def test_null_is_refused_where_the_default_is_a_value(key, tmp_path) -> None:
     with pytest.raises(ValueError, match=f"{key}"):
         ModelConfig.from_file(write(tmp_path, {**BASE, key: None}))
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"index_search": {"ef": 64}}, "index_search: search parameters need an index"),
+        (
+            {"index": "g.db", "index_search": {"ef": 0}},
+            "index_search: expected names and ints >= 1",
+        ),
+    ],
+)
+def test_index_search_needs_an_index_and_positive_ints(keys, message, tmp_path) -> None:
+    keys = {**BASE, "task": "embedding", **keys}
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_file(write(tmp_path, keys))

@@ -405,3 +405,20 @@ def test_a_bad_index_type_or_parameter_is_one_line(index_type, params, message):
 def test_a_search_parameter_of_another_index_type_is_refused(gallery):
     with pytest.raises(ValueError, match=r"FLAT index: unknown search parameter 'ef'"):
         gallery["index"].search(gallery["rows"][0].embedding, 1, search_params={"ef": 10})
+
+
+def test_search_params_given_at_open_replace_the_cards(tmp_path):
+    path = str(tmp_path / "g.db")
+    with open_index(path) as index:
+        index.create(IndexCard("m", 2, "cosine", "0" * 64, "HNSW"))
+        index.upsert([IndexRow("a", "a.png", None, torch.tensor([1.0, 0.0]))])
+    with open_index(path, search_params={"ef": 128}) as index:
+        index.check_search_params()
+        assert index.search(torch.tensor([1.0, 0.0]), 1)[0][0].id == "a"
+    with (
+        open_index(path, search_params={"nprobe": 8}) as index,
+        pytest.raises(
+            ValueError, match=r"HNSW index: unknown search parameter 'nprobe' \(allowed: ef\)"
+        ),
+    ):
+        index.check_search_params()
