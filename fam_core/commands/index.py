@@ -38,7 +38,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "--index-params",
-        help='its parameters as JSON: IVF_FLAT {"nlist": 1024, "nprobe": 32}, '
+        help='its parameters as JSON: IVF_FLAT {"nlist": 128, "nprobe": 32}, '
         'HNSW {"M": 16, "efConstruction": 200, "ef": 64} (the defaults)',
     )
     build.add_argument("--batch-size", type=int, default=16)

@@ -4,8 +4,9 @@
 rows into ``nlist`` cells and searches the ``nprobe`` cells nearest the query; ``HNSW`` walks a
 graph of degree ``M`` built with ``efConstruction`` candidates, searching with ``ef``. Both
 are approximate and faster on large galleries (recall and latency: the benchmarks page). The
-defaults are FAISS's and Milvus's usual ones, the search side raised until recall@10 passes
-0.95 on the benchmark's vectors (``bench/bench_search_recall.py``).
+defaults are FAISS's and Milvus's usual ones (those Milvus Lite builds when given none), the
+search side raised until recall@10 passes 0.95 on the benchmark's vectors
+(``bench/bench_search_recall.py``).
 
 Example:
     >>> index_params("HNSW", {"ef": 128})
@@ -26,7 +27,7 @@ from typing import Any
 DEFAULT_INDEX_TYPE = "FLAT"
 BUILD_PARAMS: dict[str, dict[str, int]] = {
     "FLAT": {},
-    "IVF_FLAT": {"nlist": 1024},
+    "IVF_FLAT": {"nlist": 128},
     "HNSW": {"M": 16, "efConstruction": 200},
 }
 """Each index type's build parameters and their defaults."""
