@@ -94,6 +94,8 @@ def build_index(
     from fam_core.pipeline import ServedModel
 
     require("bulk", "pyarrow", "ray.data")
+    import ray
+
     say = progress or (lambda message: print(message, file=sys.stderr))
     start = time.perf_counter()
     items, parquet = list_images(images_source)
@@ -132,6 +134,8 @@ def build_index(
         if todo:
             plan = Plan.of(todo, shard_size=len(todo), parquet=parquet)
             spec = dataclasses.replace(worker_spec(options, plan, [0], ()), heatmap=False)
+            if not ray.is_initialized():  # Ray's start forks: no gRPC server may poll here
+                index.release()  # reopened by the first upsert, once Ray runs
             with ray_session(address, num_cpus) as session:
                 stream = RowStream(explain_dataset(plan, todo, options, spec))
                 session.join_at_shutdown(stream.thread)

@@ -197,6 +197,30 @@ class MilvusEngine:
                 if not self.location.server:
                     _lite_closed(self.location.client_uri)
 
+    def release(self) -> None:
+        """Close the connection and stop Milvus Lite's server of this file in this process.
+
+        Milvus Lite serves a ``.db`` file from a gRPC server on threads of this process, which
+        outlive every connection (until the process exits). A ``fork()`` while they poll makes
+        gRPC skip its fork handlers and log a ``fork_posix`` line: release before starting
+        processes that fork (a local Ray). The next call starts the server again. Only while no
+        other connection to the file is open in this process; a server URI is only closed.
+
+        Example:
+            >>> import tempfile
+            >>> engine = MilvusEngine(tempfile.mkdtemp() + "/g.db")
+            >>> engine.create(2, "cosine", IndexCard("m", 2, "cosine", "0" * 64))
+            >>> engine.release()
+            >>> engine.count()  # the server starts again
+            0
+            >>> engine.release()
+        """
+        self.close()
+        if not self.location.server:
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.location.client_uri)
+
     def exists(self) -> bool:
         """Whether the collection exists (a missing Milvus Lite file is not created)."""
         if self._missing_file():

@@ -174,6 +174,21 @@ def test_a_killed_build_resumes_to_one_row_per_image(ray_session, gallery, tmp_p
     subprocess.run(["rm", "-rf", str(scratch)], check=False)
 
 
+def test_the_cli_build_prints_no_grpc_fork_lines(gallery, tmp_path):
+    # Milvus Lite serves the file from gRPC threads of this process; Ray's start forks, and a
+    # fork while they poll made gRPC log "fork_posix.cc ... skipping fork() handlers"
+    uri = str(tmp_path / "cli.db")
+    command = [
+        *(sys.executable, "-m", "fam_core", "index", "build", "--model", MODEL),
+        *("--images", str(gallery), "--index", uri, "--batch-size", "4", "--num-cpus", "1"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith(f"{IMAGES} images indexed, 0 indexed before, 1 skipped")
+    assert "fork_posix" not in done.stderr, done.stderr[-3000:]
+
+
 def _end_processes_using(folder: Path) -> None:
     """SIGKILL what the killed build's Ray left outside its process group (none expected)."""
     for entry in Path("/proc").glob("[0-9]*"):

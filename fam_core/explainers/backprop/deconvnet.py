@@ -31,7 +31,6 @@ from torch import nn
 
 from fam_core.explainers.backprop.guided import GUIDED_MODULES, guided_relus
 from fam_core.explainers.base import Explainer
-from fam_core.explainers.fam.gradfam import self_projection_score
 from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.registry import register
 from fam_core.explainers.targets import Target
@@ -209,9 +208,14 @@ class InputBackprop(Explainer):
 
     ``Explanation.raw`` is :func:`heatmap` of the signal at input resolution (before
     min-max); ``weights`` ``[B, C_in]`` the signal summed over pixels per input channel;
-    ``extras["signal"]`` the signal ``[B, C_in, H, W]``; ``scores`` the explained score (as
-    in Grad-FAM: ``|Z|`` when an embedding explains itself). ``target_layer`` is unused by
-    the map (it is reported as ``"input"``).
+    ``extras["signal"]`` the signal ``[B, C_in, H, W]``; ``scores`` the explained score
+    (eq. 11, as every method reports it). The signal starts from that score's gradient at
+    the output, except when an embedding explains itself (``target=None`` on an embedding
+    model): it then starts from the embedding ``Z`` itself, the projection of an activation
+    that Zeiler & Fergus define (as :func:`input_signal` does for one channel; for the dot
+    product this is the score's gradient, the cosine's is zero), and ``scores`` is
+    ``s(Z, Z)`` (1 for cosine, ``|Z|^2`` for dot). ``target_layer`` is unused by the map
+    (it is reported as ``"input"``).
     """
 
     rule: ClassVar[BackpropRule]
@@ -241,11 +245,11 @@ class InputBackprop(Explainer):
         with rules, torch.enable_grad():
             outputs = self._as_vectors(self.model(inputs))
             resolved = self.resolve_target(target, outputs)
-            if resolved.explains_self:
-                scores, _ = self_projection_score(outputs)
+            scores = self.score(outputs, resolved)  # eq. 11; s(Z, Z) for a self target
+            if resolved.explains_self:  # the embedding itself is sent back (Zeiler & Fergus)
+                (signal,) = torch.autograd.grad(outputs, inputs, outputs.detach())
             else:
-                scores = self.score(outputs, resolved)
-            (signal,) = torch.autograd.grad(scores.sum(), inputs)
+                (signal,) = torch.autograd.grad(scores.sum(), inputs)
         raw = heatmap(signal)
         return Explanation(
             maps=min_max(raw, dim=(1, 2)).float(),
