@@ -163,15 +163,6 @@ class GalleryIndex:
         if close is not None:
             close()
 
-    def release(self) -> None:
-        """Close, and stop what the engine runs in this process (Milvus Lite's gRPC server:
-        :meth:`~fam_core.search.milvus.MilvusEngine.release`) until the next call."""
-        release = getattr(self.engine, "release", None)
-        if release is not None:
-            release()
-        else:
-            self.close()
-
     def __enter__(self) -> GalleryIndex:
         return self
 

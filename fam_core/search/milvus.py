@@ -186,8 +186,20 @@ class MilvusEngine:
         return self._client
 
     def close(self) -> None:
-        """Close the connection. A Milvus Lite file is free for another process once the last
-        engine of this process that opened it is closed."""
+        """Close the connection. Once the last engine of this process that opened a Milvus Lite
+        file closes, its in-process gRPC server stops: the file is free for another process,
+        and nothing polls while the process forks (a local Ray's start would log gRPC
+        ``fork_posix`` lines). The next call opens it again.
+
+        Example:
+            >>> import tempfile
+            >>> engine = MilvusEngine(tempfile.mkdtemp() + "/g.db")
+            >>> engine.create(2, "cosine", IndexCard("m", 2, "cosine", "0" * 64))
+            >>> engine.close()
+            >>> engine.count()  # opened again
+            0
+            >>> engine.close()
+        """
         if self._client is not None:
             client, self._client = self._client, None
             self._loaded.clear()
@@ -196,30 +208,6 @@ class MilvusEngine:
             finally:
                 if not self.location.server:
                     _lite_closed(self.location.client_uri)
-
-    def release(self) -> None:
-        """Close the connection and stop Milvus Lite's server of this file in this process.
-
-        Milvus Lite serves a ``.db`` file from a gRPC server on threads of this process, which
-        outlive every connection (until the process exits). A ``fork()`` while they poll makes
-        gRPC skip its fork handlers and log a ``fork_posix`` line: release before starting
-        processes that fork (a local Ray). The next call starts the server again. Only while no
-        other connection to the file is open in this process; a server URI is only closed.
-
-        Example:
-            >>> import tempfile
-            >>> engine = MilvusEngine(tempfile.mkdtemp() + "/g.db")
-            >>> engine.create(2, "cosine", IndexCard("m", 2, "cosine", "0" * 64))
-            >>> engine.release()
-            >>> engine.count()  # the server starts again
-            0
-            >>> engine.release()
-        """
-        self.close()
-        if not self.location.server:
-            from milvus_lite.server_manager import server_manager_instance
-
-            server_manager_instance.release_server(self.location.client_uri)
 
     def exists(self) -> bool:
         """Whether the collection exists (a missing Milvus Lite file is not created)."""
