@@ -334,6 +334,8 @@ def graft_onnx(
         'gradcam'
     """
     task = check_task(method, task)
+    if nonlinear_head not in ("jacobian", "error"):
+        raise ValueError(f"nonlinear_head must be 'jacobian' or 'error', got {nonlinear_head!r}")
     if plan is None:
         plan = plan_graft(
             model,
