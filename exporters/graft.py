@@ -63,36 +63,41 @@ import torch
 from onnx import helper
 
 from fam_core.exporters.export import _set_output_shapes, document
+from fam_core.exporters.graft_plan import (
+    GraftPlan,
+    check_task,
+    checked_normalisation,
+    interpreted_head,
+    plan_graft,
+)
 from fam_core.exporters.heads import ExplainMode, ExplanationHead
 from fam_core.exporters.onnx_dataflow import (
     Candidate,
     Graph,
-    analyse_graph,
     choose_target,
     find_target_tensors,
-    head_graph,
-    resolve_target,
-    sample_value,
 )
 from fam_core.exporters.onnx_graph import default_opset, prune_graph, rename_value
-from fam_core.exporters.onnx_head import AffineHead, NotAffine, analyse_graph_head, analyse_head
+from fam_core.exporters.onnx_head import AffineHead, analyse_head
 from fam_core.exporters.onnx_inspect import Inspection, inspect_onnx
 from fam_core.exporters.onnx_load import fixed_batch, input_channels
 from fam_core.exporters.onnx_normalise import InputLayout
 from fam_core.exporters.onnx_verify import leaned, runs_batched, slimmed
 from fam_core.graphs import onnx_format as fmt
 from fam_core.maths.similarity import SimilarityKind
-from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, channel_mismatch
+from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "AffineHead",
     "Candidate",
+    "GraftPlan",
     "Inspection",
     "analyse_head",
     "choose_target",
     "find_target_tensors",
     "graft_onnx",
     "inspect_onnx",
+    "plan_graft",
 ]
 
 
@@ -101,17 +106,6 @@ Task = Literal["embedding", "classifier"]
 _PREFIX = "model/"  # the foreign graph's names, so they cannot clash with the format's
 
 _HEAD_INPUTS = ("activations", "outputs")
-
-
-def _check_task(method: str, task: Task | None) -> Task:
-    fmt.check_exportable(method)
-    implied: Task = "embedding" if method in fmt.EMBEDDING_METHODS else "classifier"
-    if task is not None and task not in ("embedding", "classifier"):
-        raise ValueError(f"task must be 'embedding' or 'classifier', got {task!r}")
-    if task is not None and task != implied:
-        use = "'fam' or 'gradfam'" if task == "embedding" else "'cam' or 'gradcam'"
-        raise ValueError(f"method {method!r} does not explain a {task} model: use {use}")
-    return implied
 
 
 def _head_module(
@@ -244,33 +238,11 @@ def _merge(
     return merged
 
 
-def _pixel_preprocessing(
-    graph: Graph, mean: Sequence[float], std: Sequence[float], channels: int
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``mean`` 0 and ``std`` 1/255 per channel: images in [0, 1] fed as pixels 0-255 to a
-    graph that takes uint8 and normalises them itself; other values are refused."""
-    pixels = (0.0,) * channels, (1 / 255,) * channels
-    given = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    defaults = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
-    if given != defaults and not np.allclose(given, pixels):
-        raise ValueError(
-            f"{graph.source}: the graph takes uint8 pixels and normalises them itself; its "
-            f"config must not set mean/std (got mean {list(given[0])}, std {list(given[1])})"
-        )
-    return pixels
-
-
 def _cast_to_float(graph: onnx.GraphProto, name: str) -> str:
     """A float32 copy of the value ``name`` of ``graph`` (a ``Cast`` node), by its name."""
     cast = f"{name}/float32"
     graph.node.append(helper.make_node("Cast", [name], [cast], to=onnx.TensorProto.FLOAT))
     return cast
-
-
-def _check_normalisation(mean: Sequence[float], std: Sequence[float], channels: int) -> None:
-    for key, values in (("mean", mean), ("std", std)):
-        if len(values) not in (1, channels):
-            raise ValueError(f"{key}: {channel_mismatch(len(values), channels)}")
 
 
 def _same_opset(
@@ -312,6 +284,7 @@ def graft_onnx(
     out_path: str | Path | None = None,
     nonlinear_head: Literal["jacobian", "error"] = "jacobian",
     layout: InputLayout | None = None,
+    plan: GraftPlan | None = None,
 ) -> onnx.ModelProto | Path:
     """Graft the explanation head ``method`` onto the ONNX graph ``model``.
 
@@ -344,6 +317,8 @@ def graft_onnx(
             (:mod:`~fam_core.exporters.onnx_normalise`, which also reads any opset, batch
             form, precision and uint8 input). A graph that takes uint8 pixels is fed values
             0-255: ``mean`` / ``std`` are then 0 and 1/255, and others are refused.
+        plan: ``model`` already analysed by :func:`plan_graft` with these options (its
+            task the same): the graft starts from it instead of analysing the graph again.
 
     Raises a one-line ``ValueError`` for an output that is no image-level score ``[B, D]``
     (CTC ``[B, T, C]``, detection boxes, segmentation ``[B, K, H, W]``: its shape and what is
@@ -358,22 +333,31 @@ def graft_onnx(
         >>> OnnxExplainer(path).method  # doctest: +SKIP
         'gradcam'
     """
-    task = _check_task(method, task)
+    task = check_task(method, task)
     if nonlinear_head not in ("jacobian", "error"):
         raise ValueError(f"nonlinear_head must be 'jacobian' or 'error', got {nonlinear_head!r}")
-    graph = analyse_graph(model, input_size, output_name, layout, walk_back=task == "classifier")
-    channels = input_channels(graph.image)
-    if graph.normalised.pixel_input:
-        mean, std = _pixel_preprocessing(graph, mean, std, channels)
-    _check_normalisation(mean, std, channels)
-    target = resolve_target(graph, target_tensor)
-    head: AffineHead | None = None
-    if target.layout.kind == "channels_first":
-        try:
-            head = analyse_graph_head(graph, target)
-        except NotAffine:
-            if nonlinear_head == "error":
-                raise
+    if plan is None:
+        plan = plan_graft(
+            model,
+            method=method,
+            task=task,
+            target_tensor=target_tensor,
+            output_name=output_name,
+            input_size=input_size,
+            mean=mean,
+            std=std,
+            similarity=similarity,
+            nonlinear_head=nonlinear_head,
+            layout=layout,
+        )
+    elif plan.task != task:
+        raise ValueError(
+            f"the plan analysed a {plan.task} graph, method {method!r} explains {task}"
+        )
+    elif nonlinear_head == "error" and plan.not_affine is not None:
+        raise plan.not_affine
+    graph, target, head = plan.graph, plan.target, plan.head
+    mean, std = checked_normalisation(graph, mean, std)
     dimension = int(graph.output_shape[1])
     if task == "classifier" and class_names and len(class_names) != dimension:
         raise ValueError(
@@ -397,7 +381,7 @@ def graft_onnx(
         )
     else:
         merged, input_names, output_names, opset, kind = _graft_interpreted(
-            graph, target, method, task, nonlinear_head, **options
+            plan, method, nonlinear_head, **options
         )
     document(
         merged,
@@ -417,7 +401,7 @@ def graft_onnx(
         baked_references=None if baked is None else int(baked.shape[0]),
         class_input=class_input,
         head=kind,
-        channels=channels,
+        channels=input_channels(graph.image),
     )
     _record_output(merged, graph)
     merged.doc_string += f" (grafted onto {graph.source!r} after output {graph.output!r})"
@@ -500,10 +484,8 @@ def _graft_affine(
 
 
 def _graft_interpreted(
-    graph: Graph,
-    target: Candidate,
+    plan: GraftPlan,
     method: str,
-    task: Task,
     nonlinear_head: str,
     *,
     similarity: SimilarityKind,
@@ -513,9 +495,9 @@ def _graft_interpreted(
 ) -> tuple[onnx.ModelProto, list[str], list[str], int, str]:
     """The explainer's own steps on the head interpreted in torch (:mod:`.interpreted`),
     exported as the torch exporter exports non-linear heads, after the target."""
-    from fam_core.exporters.interpreted import export_interpreted, head_explainer, head_kind
+    from fam_core.exporters.interpreted import export_interpreted
 
-    head = head_graph(graph, target.name)
+    graph, target = plan.graph, plan.target
     options = {
         "method": method,
         "heatmap_size": graph.size,
@@ -526,16 +508,9 @@ def _graft_interpreted(
 
     def export_at(batch: int | None) -> tuple[onnx.ModelProto, list[str], list[str], str]:
         """The head's explanation exported with a dynamic batch (``None``) or ``batch``."""
-        sample = sample_value(graph, target.name, batch=batch or 2)
-        explainer = head_explainer(head, method, target.layout, task, similarity, batch)
-        kind, layer = head_kind(explainer, sample)
-        _refuse_jacobian(kind, layer, nonlinear_head, graph, target)
-        if method == "cam" and kind == "jacobian":  # as the torch CAM refuses it
-            raise ValueError(
-                "CAM needs global average pooling and a linear classifier after "
-                f"{target.name!r}; the head to {graph.output!r} is not linear (first "
-                f"non-linear node: {layer}): use method='gradcam'"
-            )
+        _, explainer, sample, kind = interpreted_head(
+            plan, method, batch=batch, similarity=similarity, nonlinear_head=nonlinear_head
+        )
         exported = export_interpreted(explainer, sample, dynamic_batch=batch is None, **options)
         return (*exported, kind)
 
@@ -563,16 +538,6 @@ def _graft_interpreted(
             if dims and (dims[0].dim_param == "batch" or not dims[0].dim_param):
                 _set_batch(value, batch)
     return merged, input_names, output_names, default_opset(merged), kind
-
-
-def _refuse_jacobian(
-    kind: str, layer: str | None, nonlinear_head: str, graph: Graph, target: Candidate
-) -> None:
-    if kind == "jacobian" and nonlinear_head == "error":
-        raise ValueError(
-            f"the head between {target.name!r} and {graph.output!r} is not linear ({layer}); "
-            "pass nonlinear_head='jacobian' to graft its per-sample Jacobian"
-        )
 
 
 def _warn_fixed_batch(graph: Graph) -> int | None:

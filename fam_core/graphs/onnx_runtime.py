@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from fam_core.extras import require
 from fam_core.graphs import onnx_format as fmt
 from fam_core.images.read import to_channels
 from fam_core.images.resize import DEFAULT_POLICY, ResizePolicy, check_policy, fit_image
+
+if TYPE_CHECKING:
+    from fam_core.exporters.graft_plan import GraftPlan
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 _REQUIRED_OUTPUTS = (fmt.OUTPUT_HEATMAP, fmt.OUTPUT_HEATMAP_LOWRES, fmt.OUTPUT_WEIGHTS)
@@ -48,6 +51,17 @@ def default_providers() -> list[str]:
 
     available = set(onnxruntime.get_available_providers())
     return [name for name in PREFERRED_PROVIDERS if name in available]
+
+
+def plan_graft(path: str | Path, graft: Mapping[str, Any]) -> GraftPlan:
+    """The analysis of the plain ONNX file ``path`` that grafting it with the options
+    ``graft`` of :class:`OnnxExplainer` starts with
+    (:func:`fam_core.exporters.graft_plan.plan_graft`): its ``cam_refusal()`` says whether
+    CAM reads the head, and ``OnnxExplainer(path, graft={**graft, "plan": plan})`` grafts
+    without analysing the graph again."""
+    from fam_core.exporters.graft_plan import plan_graft as plan
+
+    return plan(Path(path), **graft)
 
 
 class OnnxExplainer:

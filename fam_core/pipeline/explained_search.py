@@ -35,6 +35,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -46,7 +48,7 @@ from fam_core.explainers.base import ChannelExplainer, Explainer, ForwardPass
 from fam_core.explainers.targets import ResolvedTarget
 from fam_core.messages import first_line
 from fam_core.search.index import GalleryIndex, model_card
-from fam_core.search.records import Neighbour
+from fam_core.search.records import IndexCard, Neighbour
 
 __all__ = [
     "EXPLAIN_MODES",
@@ -122,7 +124,7 @@ def explained_search(
         )
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
         raise ValueError("images must be a non-empty tensor [B, C, H, W] of model inputs")
-    index.check_model(model_card(model))
+    _check_index(model, index)
     method = method or model.default_method
     if explain == "none":
         found = index.search(embed(model, images), top_k, filter)
@@ -163,6 +165,30 @@ def explained_search(
             )
         )
     return answers
+
+
+# The check of a served model against an index, kept per (model, index): the index card it
+# passed against. A request compares the card the index holds now with that one (a cheap
+# version stamp: the engine keeps its card in memory, MilvusEngine reads its card collection
+# once, and a drop and create through the index replace it) and computes the model's card (the
+# SHA-256 of its weights or of its graph file) and checks it again only when they differ, so an
+# index rebuilt while serving by another model is still refused.
+_CHECKED: weakref.WeakKeyDictionary[GalleryIndex, dict[int, tuple[weakref.ref[Any], IndexCard]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _check_index(model: Any, index: GalleryIndex) -> None:
+    """``ValueError`` (:meth:`GalleryIndex.check_model`) unless ``index`` was built by
+    ``model``; checked once per (model, index card)."""
+    built = index.card
+    checked = _CHECKED.setdefault(index, {})
+    entry = checked.get(id(model))
+    if entry is not None and entry[0]() is model and entry[1] == built:
+        return
+    index.check_model(model_card(model))
+    with contextlib.suppress(TypeError):  # a model no weak reference takes: checked each time
+        checked[id(model)] = (weakref.ref(model), built)
 
 
 def explain_each_target(

@@ -47,7 +47,7 @@ import torch
 from fam_core.explainers.default_method import MethodChoice, choose_method
 from fam_core.explanation import Explanation
 from fam_core.graphs import onnx_format as fmt
-from fam_core.graphs.onnx_runtime import OnnxExplainer
+from fam_core.graphs.onnx_runtime import OnnxExplainer, plan_graft
 from fam_core.models.model_check import ModelFacts, check_against_model
 from fam_core.models.store import ModelConfig
 from fam_core.pipeline.backends import Batch, LoadedBackend, ServedView
@@ -423,17 +423,25 @@ def _graft_default(
 ) -> tuple[OnnxExplainer, MethodChoice | None]:
     """The graph of the default method and why: a ``fam export`` graph as written
     (``options`` ``None``); a plain file grafted with ``options``' method (the config's, FAM
-    or CAM), and with Grad-CAM where CAM cannot read the classifier's head."""
+    or CAM), and with Grad-CAM where CAM cannot read the classifier's head. The graph is
+    analysed once, before any graft: a head CAM cannot read is known from that analysis, and
+    the file is grafted once, with Grad-CAM (and with it again only where a CAM graft fails
+    for a reason the analysis could not see)."""
     if options is None or config is None:
         return OnnxExplainer(path, graft=options), None
     choice = choose_method(config.task, configured=config.method)
-    try:
-        return OnnxExplainer(path, graft=options), choice
-    except ValueError as error:
-        if choice.method != "cam" or config.method is not None:
-            raise
-        text = str(error).strip()
-        refusal = text.splitlines()[0] if text else type(error).__name__
+    plan = plan_graft(path, options)
+    options = {**options, "plan": plan}
+    fallback = choice.method == "cam" and config.method is None
+    refusal = plan.cam_refusal() if fallback else None
+    if refusal is None:
+        try:
+            return OnnxExplainer(path, graft=options), choice
+        except ValueError as error:
+            if not fallback:
+                raise
+            text = str(error).strip()
+            refusal = text.splitlines()[0] if text else type(error).__name__
     choice = choose_method(config.task, cam_refusal=refusal)
     return OnnxExplainer(path, graft={**options, "method": choice.method}), choice
 

@@ -295,6 +295,28 @@ def test_each_method_is_grafted_once_under_concurrent_first_requests(models, mon
     assert backend.runner_for("cam") is backend.runner
 
 
+@pytest.mark.parametrize(
+    ("name", "model", "default"),
+    [("mlp", mlp_classifier, "gradcam"), ("linear", classifier, "cam")],
+)
+def test_a_plain_classifier_is_grafted_once_at_load(tmp_path, monkeypatch, name, model, default):
+    """The default method is known from the graph's analysis before any graft: a head CAM
+    cannot read is grafted with Grad-CAM only, not tried with CAM first."""
+    from fam_core.exporters import graft
+
+    grafted: list[str] = []
+    real = graft.graft_onnx
+
+    def counting(model, **options):
+        grafted.append(options["method"])
+        return real(model, **options)
+
+    folder = _model_dir(tmp_path, name, model(), f"task: classifier\n{NORMALISATION}")
+    monkeypatch.setattr(graft, "graft_onnx", counting)
+    served = ModelRegistry.load([folder / "config.yaml"], keep_going=False).get(name)
+    assert grafted == [default] and served.default_method == default
+
+
 def test_a_head_cam_cannot_read_serves_gradcam_only(tmp_path) -> None:
     folder = _model_dir(
         tmp_path, "mlp", mlp_classifier(), f"task: classifier\nmethod: gradcam\n{NORMALISATION}"

@@ -4,6 +4,8 @@ similarities and explainers."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -195,6 +197,47 @@ def test_an_index_of_another_model_is_refused_naming_both(gallery):
     assert "\n" not in message
     assert "built by model default-embedding (64-dim" in message
     assert "searched with model default-embedding-fine" in message
+
+
+def test_searches_read_the_cards_once_and_a_rebuilt_index_is_checked_again(
+    model, gallery, tmp_path, monkeypatch
+):
+    module = importlib.import_module("fam_core.pipeline.explained_search")
+    built = open_index(str(tmp_path / "rebuilt.db"))
+    built.create(model_card(model))
+    built.upsert(gallery["rows"])
+    built.close()
+    index = open_index(str(tmp_path / "rebuilt.db"))  # a new engine: no card read yet
+    card_reads: list[str] = []
+    client_get = index.engine.client.get
+
+    def reading(name, **options):
+        if name.endswith("_card"):
+            card_reads.append(name)
+        return client_get(name, **options)
+
+    model_cards = []
+
+    def carding(served):
+        model_cards.append(served)
+        return model_card(served)
+
+    monkeypatch.setattr(index.engine.client, "get", reading)
+    monkeypatch.setattr(module, "model_card", carding)
+    for _ in range(3):
+        explained_search(model, index, gallery["inputs"][:1], top_k=2, explain="none")
+    assert len(card_reads) == 1 and len(model_cards) == 1
+    index.drop()  # rebuilt while serving, by other weights
+    index.create(IndexCard(MODEL, 64, "cosine", "f" * 64))
+    index.upsert(gallery["rows"])
+    with pytest.raises(ValueError, match="built by model default-embedding .*ffffffffffff"):
+        explained_search(model, index, gallery["inputs"][:1], top_k=2, explain="none")
+    index.drop()  # and again by the model: searched again
+    index.create(model_card(model))
+    index.upsert(gallery["rows"])
+    found = explained_search(model, index, gallery["inputs"][:1], top_k=2, explain="none")
+    assert found[0][0].neighbour.score == pytest.approx(1.0, abs=1e-4)
+    index.close()
 
 
 def test_the_card_records_the_model(model, gallery):
