@@ -314,7 +314,7 @@ class ModelConfig:
                 data.pop(key)
         if self.index is None:
             for key in SEARCH_KEYS:
-                data.pop(key)
+                data.pop(key, None)  # index_search may have gone above
         if data["channels"] == 3:
             data.pop("channels")
         if self.source != "backbone":
