@@ -25,7 +25,7 @@ from fam_core.exporters.onnx_dataflow import (
     sample_value,
 )
 from fam_core.exporters.onnx_head import AffineHead, NotAffine, analyse_graph_head
-from fam_core.exporters.onnx_load import input_channels
+from fam_core.exporters.onnx_load import fixed_batch, input_channels
 from fam_core.exporters.onnx_normalise import InputLayout
 
 __all__ = ["Inspection", "inspect_onnx"]
@@ -166,7 +166,9 @@ def _describe_interpreted(graph: Graph, target: Candidate, reason: str | None) -
     from fam_core.exporters.interpreted import head_explainer, head_kind
 
     proto = head_graph(graph, target.name)
-    explainer = head_explainer(proto, "fam", target.layout, "embedding")
+    # a graph that fixes its batch may bake it into the head's shapes: run chunks of that batch
+    batch = fixed_batch(graph.image)
+    explainer = head_explainer(proto, "fam", target.layout, "embedding", batch=batch)
     kind, layer = head_kind(explainer, sample_value(graph, target.name))
     ops = ", ".join(
         dict.fromkeys(n.op_type for n in proto.graph.node if n.op_type not in ("Constant",))

@@ -308,6 +308,20 @@ def test_inspect_reports_tokens_blocks_and_the_jacobian_head(exported) -> None:
     assert "LayerNormalization" in text  # the head's ops are listed
 
 
+def test_inspect_reads_a_vit_classifier_exported_with_a_fixed_batch_of_one() -> None:
+    """A batch of 1 baked into the head's Reshape shapes: the head is probed in chunks of 1."""
+    torch.manual_seed(4)
+    config = vit_config()
+    config.num_labels = 5
+    model = Logits(transformers.ViTForImageClassification(config)).eval()
+    proto = user_export(
+        model, torch.rand(1, 3, SIZE, SIZE), opset_version=17, input_names=["pixel_values"]
+    )
+    report = inspect_onnx(onnx.shape_inference.infer_shapes(proto))
+    assert report.head_kind == "jacobian" and report.head_error is None
+    assert "interpreted in torch" in str(report)
+
+
 class Atan(nn.Module):
     """Conv patches as tokens, their mean, then an operator the graft cannot interpret."""
 
