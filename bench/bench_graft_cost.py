@@ -4,9 +4,11 @@ one process (``common.ratio``).
 
 Run: .venv/bin/python bench/bench_graft_cost.py [--repeats N] [--threads T] [--models ppocr-cls ...]
 Target: grafted / original <= 1.05 for every model and method.
-``--without-heatmap`` drops the input-size ``heatmap`` output and the nodes only it needs
-(upsampling, min-max): what a head that stops at the feature resolution would run
-(onnxruntime runs every node of a session whatever outputs a run asks for).
+Each graft is measured as it is served for both resolutions a request can ask: ``input``,
+the grafted graph with its input-size ``heatmap``; ``feature``, the same graph less that
+output and the nodes only it needs (upsampling, min-max over the full map): the session
+``OnnxExplainer`` runs for a feature-resolution request (onnxruntime runs every node of a
+session whatever outputs a run asks for).
 
 Models (from the tests' zoo, ``tests/helpers/onnx_zoo.py``): PaddleOCR's text-orientation classifier
 shipped in ``rapidocr-onnxruntime`` (opset 11, ``-1`` batch, Constant-node weights, a Softmax
@@ -50,19 +52,17 @@ def session(source: bytes | str, threads: int):  # noqa: ANN201
 
 
 def without_heatmap(grafted: onnx.ModelProto) -> onnx.ModelProto:
-    """``grafted`` without its ``heatmap`` output and the nodes that only it reads."""
-    from fam_core.exporters.onnx_graph import prune_graph
+    """``grafted`` without its ``heatmap`` output and the nodes that only it reads: the
+    graph ``OnnxExplainer`` runs for a feature-resolution request."""
+    from fam_core.exporters.onnx_graph import drop_output
     from fam_core.graphs import onnx_format as fmt
 
-    kept = [value for value in grafted.graph.output if value.name != fmt.OUTPUT_HEATMAP]
-    del grafted.graph.output[:]
-    grafted.graph.output.extend(kept)
-    prune_graph(grafted.graph)
-    return grafted
+    return drop_output(grafted, fmt.OUTPUT_HEATMAP)
 
 
-def pair(model, method: str, batch: int, threads: int, heatmap: bool = True):  # noqa: ANN001, ANN201
-    """``(grafted run, original run)`` on the same images."""
+def pair(model, method: str, batch: int, threads: int, resolution: str = "input"):  # noqa: ANN001, ANN201
+    """``(grafted run, original run)`` on the same images, the graph served for a request
+    at ``resolution``."""
     channels = model.channels
     grafted = graft_onnx(
         model.path,
@@ -72,7 +72,7 @@ def pair(model, method: str, batch: int, threads: int, heatmap: bool = True):  #
         mean=(0.0,) * channels,
         std=(1.0,) * channels,
     )
-    if not heatmap:
+    if resolution == "feature":
         grafted = without_heatmap(grafted)  # type: ignore[arg-type]
     images = np.random.default_rng(0).random((batch, 3, *model.input_size), dtype=np.float32)
     original = session(str(model.path), threads)
@@ -93,15 +93,18 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--methods", nargs="+", default=["cam", "gradcam"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--without-heatmap", action="store_true")
+    parser.add_argument(
+        "--resolutions", nargs="+", choices=["input", "feature"], default=["input", "feature"]
+    )
     args = parser.parse_args()
     import onnxruntime
 
     print(f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads")
     print(
-        "| model | method | batch | original (ms) | grafted / original | quartiles of the rounds |"
+        "| model | method | batch | resolution | original (ms) | grafted / original "
+        "| quartiles of the rounds |"
     )
-    print("|---|---|---:|---:|---:|---:|")
+    print("|---|---|---:|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as folder:
         zoo = Zoo(Path(folder))
         for name in args.models:
@@ -111,19 +114,18 @@ def main() -> None:
                     fixed = model.batch if getattr(model, "batch", None) else None
                     if fixed is not None and fixed != batch:
                         continue
-                    explained, original = pair(
-                        model, method, batch, args.threads, not args.without_heatmap
-                    )
-                    rounds: list[float] = []
-                    value, _, seconds = ratio(
-                        explained, original, repeats=args.repeats, rounds=rounds
-                    )
-                    low, high = np.percentile(rounds, [25, 75])
-                    print(
-                        f"| {name} | {method} | {batch} | {1000 * seconds:.2f} | {value:.3f} "
-                        f"| {low:.3f}-{high:.3f} |",
-                        flush=True,
-                    )
+                    for resolution in args.resolutions:
+                        explained, original = pair(model, method, batch, args.threads, resolution)
+                        rounds: list[float] = []
+                        value, _, seconds = ratio(
+                            explained, original, repeats=args.repeats, rounds=rounds
+                        )
+                        low, high = np.percentile(rounds, [25, 75])
+                        print(
+                            f"| {name} | {method} | {batch} | {resolution} "
+                            f"| {1000 * seconds:.2f} | {value:.3f} | {low:.3f}-{high:.3f} |",
+                            flush=True,
+                        )
 
 
 if __name__ == "__main__":

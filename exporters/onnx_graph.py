@@ -28,6 +28,7 @@ __all__ = [
     "NO_DATA_OPS",
     "data_ancestors",
     "default_opset",
+    "drop_output",
     "elem_types",
     "float_value_shapes",
     "make_session",
@@ -178,3 +179,24 @@ def prune_graph(graph: onnx.GraphProto) -> None:
     inputs = [value for value in graph.input if value.name not in dropped]
     del graph.input[:]
     graph.input.extend(inputs)
+
+
+def drop_output(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``proto`` without its output ``name`` and the nodes only that output read (changed in
+    place and returned): the feature-resolution graph of an explanation graph is
+    ``drop_output(graph, "heatmap")``.
+
+    Example:
+        >>> nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])]
+        >>> values = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in "xyz"]
+        >>> graph = helper.make_graph(nodes, "g", values[:1], values[1:])
+        >>> [node.op_type for node in drop_output(helper.make_model(graph), "z").graph.node]
+        ['Relu']
+    """
+    kept = [value for value in proto.graph.output if value.name != name]
+    if len(kept) == len(proto.graph.output):
+        raise ValueError(f"the graph has no output {name!r}")
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept)
+    prune_graph(proto.graph)
+    return proto

@@ -22,6 +22,12 @@ a few of its forms cost more than the backbone of a small model:
   graph's tapped map has no inferred shape); a constant shape whose zeros copy those
   extents does the same with no node. Min-max's magnitude ``max(|low|, |high|)`` is
   ``max(high, -low)`` (``low <= high``): one node fewer, the same values.
+- **A dequantized map read channel-last**: onnxruntime runs a QDQ backbone's convolutions
+  on uint8 in NHWC and puts a ``Transpose`` back to NCHW before the tapped map's
+  ``DequantizeLinear``. The head's ``MatMul(w [B, 1, C], Reshape(map, [B, C, h * w]))``
+  becomes ``MatMul(Reshape(Transpose(map, [0, 2, 3, 1]), [B, h * w, C]), w [B, C, 1])``:
+  onnxruntime's transpose optimizer cancels the two transposes, so the map is dequantized
+  where it lies (the same products over the channels).
 
 :func:`lean_rewrites` applies them in place; :func:`fam_core.exporters.onnx_verify.leaned`
 keeps the result only where it computes the same outputs.
@@ -38,6 +44,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from fam_core.exporters.onnx_graph import prune_graph
 
 __all__ = ["interpolation_matrix", "lean_rewrites"]
 
@@ -77,6 +85,7 @@ def lean_rewrites(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -
         + _scaled_gathers(model.graph)
         + _batch_copying_reshapes(model.graph)
         + _signed_magnitudes(model.graph)
+        + _channel_last_maps(model.graph, shapes)
     )
 
 
@@ -399,5 +408,69 @@ def _signed_magnitudes(graph: onnx.GraphProto) -> int:
         negated = next(a for a in absolutes if a.input[0] == low.output[0])  # type: ignore[union-attr]
         negated.op_type = "Neg"
         node.input[:] = [high.output[0], negated.output[0]]
+        rewritten += 1
+    return rewritten
+
+
+def _channel_last_maps(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]]) -> int:
+    """``MatMul(Unsqueeze(w, [1]), Reshape(DequantizeLinear(q), [0, 0, -1]))`` of a
+    ``[B, C, h, w]`` map, reshaped to ``[B, h, w]`` -> ``MatMul(Reshape(Transpose(map,
+    [0, 2, 3, 1]), [0, -1, C]), Unsqueeze(w, [2]))``: ``[B, h * w, 1]``. Runs on the pruned
+    graph (the rewrites before it leave nodes that nothing reads)."""
+    prune_graph(graph)
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
+    consumers = _consumers(graph)
+    outputs = {value.name for value in graph.output}
+    rewritten = 0
+    for reshape in list(graph.node):
+        source = producers.get(reshape.input[0]) if reshape.op_type == "Reshape" else None
+        users = consumers.get(reshape.output[0], [])
+        if (
+            source is None
+            or source.op_type != "DequantizeLinear"
+            or len(shapes.get(reshape.input[0], ())) != 4
+            or constants.get(reshape.input[1], np.empty(0)).tolist() != [0, 0, -1]
+            or len(users) != 1
+            or users[0].op_type != "MatMul"
+            or list(users[0].input[1:]) != [reshape.output[0]]
+            or reshape.output[0] in outputs
+        ):
+            continue
+        matmul = users[0]
+        unsqueeze = producers.get(matmul.input[0])
+        after = consumers.get(matmul.output[0], [])
+        if (
+            unsqueeze is None
+            or unsqueeze.op_type != "Unsqueeze"
+            or len(unsqueeze.input) != 2
+            or constants.get(unsqueeze.input[1], np.empty(0)).tolist() != [1]
+            or len(consumers[unsqueeze.output[0]]) != 1
+            or unsqueeze.output[0] in outputs
+            or len(after) != 1
+            or after[0].op_type != "Reshape"
+            or len(constants.get(after[0].input[1], ())) != 3
+        ):
+            continue
+        channels = int(shapes[reshape.input[0]][1])
+        axes, rows = f"{unsqueeze.output[0]}/column", f"{reshape.output[0]}/channel_last"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array([2], np.int64), axes),
+                numpy_helper.from_array(np.array([0, -1, channels], np.int64), rows),
+            ]
+        )
+        unsqueeze.input[1] = axes
+        transposed = f"{reshape.input[0]}/channel_last"
+        transpose = helper.make_node(
+            "Transpose", [reshape.input[0]], [transposed], perm=[0, 2, 3, 1]
+        )
+        graph.node.insert(list(graph.node).index(reshape), transpose)
+        reshape.input[:] = [transposed, rows]
+        matmul.input[:] = [reshape.output[0], unsqueeze.output[0]]
+        changed = {reshape.output[0], unsqueeze.output[0], matmul.output[0]}  # new shapes
+        kept = [value for value in graph.value_info if value.name not in changed]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
         rewritten += 1
     return rewritten

@@ -82,7 +82,7 @@ def leaned(merged: onnx.ModelProto, dimension: int) -> onnx.ModelProto:
     read = {  # the values whose shapes the rewrites look at, besides the outputs
         name
         for node in graph.node
-        if node.op_type in ("Resize", "Gather")
+        if node.op_type in ("Resize", "Gather", "DequantizeLinear")
         for name in (node.input[0], node.output[0])
     }
     watched = sorted(read - set(names))

@@ -23,13 +23,15 @@ Example:
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
+from fam_core.explainers.postprocess import min_max
 from fam_core.explanation import Explanation
 from fam_core.extras import require
 from fam_core.graphs import onnx_format as fmt
@@ -43,6 +45,7 @@ PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 _REQUIRED_OUTPUTS = (fmt.OUTPUT_HEATMAP, fmt.OUTPUT_HEATMAP_LOWRES, fmt.OUTPUT_WEIGHTS)
 
 ArrayLike = torch.Tensor | np.ndarray
+Resolution = Literal["input", "feature"]
 
 
 def default_providers() -> list[str]:
@@ -80,6 +83,13 @@ class OnnxExplainer:
     ``channels`` (the preprocessing metadata's, else the image input's: 1 for a greyscale
     graph), ``mean``, ``std``, ``class_names``,
     ``metadata`` (all props), ``input_names``.
+
+    A call with ``resolution="feature"`` runs the graph without its input-size branch (the
+    upsampling and the min-max over the full map): a second session on the same graph less
+    the ``heatmap`` output and the nodes only it reads, made on the first such call and kept
+    (onnxruntime runs every node of a session whatever outputs a run asks for, so one
+    session cannot skip them). It holds a second copy of the graph's weights; the graph's
+    bytes are kept for it from the start when the graph was grafted in memory.
     """
 
     def __init__(
@@ -98,6 +108,9 @@ class OnnxExplainer:
         self.session = onnxruntime.InferenceSession(str(path), providers=providers)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.grafted = False
+        self._grafted_bytes: bytes | None = None
+        self._feature_session: Any = None
+        self._feature_lock = threading.Lock()
         if not fmt.is_explanation_graph(self.metadata):
             if graft is None:
                 raise ValueError(
@@ -109,10 +122,8 @@ class OnnxExplainer:
             from fam_core.exporters.graft import graft_onnx
 
             grafted = graft_onnx(path, **graft)
-            self.session = onnxruntime.InferenceSession(
-                grafted.SerializeToString(),  # type: ignore[union-attr]
-                providers=providers,
-            )
+            self._grafted_bytes = grafted.SerializeToString()  # type: ignore[union-attr]
+            self.session = onnxruntime.InferenceSession(self._grafted_bytes, providers=providers)
             self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
             self.grafted = True
         self.method = self.metadata[fmt.KEY_METHOD]
@@ -205,13 +216,19 @@ class OnnxExplainer:
         images: ArrayLike,
         references: ArrayLike | None = None,
         class_index: int | Sequence[int] | ArrayLike | None = None,
+        *,
+        resolution: Resolution = "input",
     ) -> Explanation:
         """Explain normalised ``images`` ``[B, C, H, W]`` float32 (``C``: :attr:`channels`).
 
         ``references`` ``[K, D]`` float32 are required by graphs that take them (and refused
         by graphs with baked references); ``class_index`` (int, one per image) by CAM graphs
-        exported with a class input.
+        exported with a class input. ``resolution="feature"``: ``maps`` are the ``raw`` maps
+        min-max normalised at the target layer's resolution, from the graph run without its
+        input-size branch (see the class); ``"input"``: the graph's ``heatmap``.
         """
+        if resolution not in ("input", "feature"):
+            raise ValueError(f"resolution must be 'input' or 'feature', got {resolution!r}")
         image = self._check_images(images)
         feeds: dict[str, np.ndarray] = {fmt.INPUT_IMAGE: image}
         if self.takes_references:
@@ -229,20 +246,41 @@ class OnnxExplainer:
             feeds[fmt.INPUT_CLASS_INDEX] = self._check_classes(class_index, image.shape[0])
         elif class_index is not None:
             raise ValueError("this graph takes no class_index (it explains the top-1 class)")
-        values = dict(zip(self.output_names, self._run(feeds, image.shape[0]), strict=True))
+        session = self.session if resolution == "input" else self._feature_graph()
+        names = [value.name for value in session.get_outputs()]
+        values = dict(zip(names, self._run(session, feeds, image.shape[0]), strict=True))
         return self._explanation(values, feeds)
 
-    def _run(self, feeds: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+    def _feature_graph(self) -> Any:
+        """The session of the graph less its ``heatmap`` output and the nodes only that
+        output reads (made on first use)."""
+        with self._feature_lock:
+            if self._feature_session is None:
+                onnxruntime = require("onnx", "onnxruntime")
+                onnx = require("onnx", "onnx")
+                from fam_core.exporters.onnx_graph import drop_output
+
+                if self._grafted_bytes is not None:
+                    proto = onnx.load_from_string(self._grafted_bytes)
+                else:
+                    proto = onnx.load(str(self.path))
+                drop_output(proto, fmt.OUTPUT_HEATMAP)
+                self._feature_session = onnxruntime.InferenceSession(
+                    proto.SerializeToString(), providers=self.session.get_providers()
+                )
+            return self._feature_session
+
+    def _run(self, session: Any, feeds: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
         """One session run; in runs of the graph's own batch where its input fixes one (a
         TFLite file's batch of 1), the per-image feeds split and the outputs joined."""
-        fixed = self.session.get_inputs()[0].shape[0]
+        fixed = session.get_inputs()[0].shape[0]
         if not isinstance(fixed, int) or fixed <= 0 or fixed == batch:
-            return self.session.run(None, feeds)
+            return session.run(None, feeds)
         if batch % fixed:
             raise ValueError(f"this graph takes batches of {fixed} images, got {batch}")
         per_image = {fmt.INPUT_IMAGE, fmt.INPUT_CLASS_INDEX}
         runs = [
-            self.session.run(
+            session.run(
                 None,
                 {
                     name: value[start : start + fixed] if name in per_image else value
@@ -282,9 +320,15 @@ class OnnxExplainer:
             extras["output"] = self.metadata[fmt.KEY_EXPLAINED_OUTPUT]
         if self.output_activation is not None:
             extras["output_activation"] = self.output_activation
+        raw = tensors[fmt.OUTPUT_HEATMAP_LOWRES]
+        if fmt.OUTPUT_HEATMAP in tensors:
+            maps = tensors[fmt.OUTPUT_HEATMAP]
+        else:  # the feature-resolution graph
+            maps = min_max(raw.float(), dim=(1, 2))
+            extras["resolution"] = "feature"
         return Explanation(
-            maps=tensors[fmt.OUTPUT_HEATMAP],
-            raw=tensors[fmt.OUTPUT_HEATMAP_LOWRES],
+            maps=maps,
+            raw=raw,
             weights=tensors[fmt.OUTPUT_WEIGHTS],
             scores=scores,
             method=self.method,

@@ -36,6 +36,8 @@ class Job:
         heatmap: ``False`` predicts only.
         target_class: classifiers: the class to explain (``None``: the predicted one).
         references: embedding models: ``[K, D]`` reference embeddings (``None``: prototypes).
+        resolution: the heatmap's, ``"input"`` or ``"feature"``: an ONNX graph runs
+            without its input-size branch for ``"feature"``.
     """
 
     inputs: torch.Tensor
@@ -43,11 +45,13 @@ class Job:
     heatmap: bool = True
     target_class: int | None = None
     references: torch.Tensor | None = None
+    resolution: str = "input"
 
-    def batch_key(self) -> tuple[str, bool, int]:
+    def batch_key(self) -> tuple[str, bool, int, str]:
         """Jobs with equal keys can run in one pass."""
         references = -1 if self.references is None else int(self.references.shape[0])
-        return (self.method if self.heatmap else "", self.heatmap, references)
+        resolution = self.resolution if self.heatmap else ""
+        return (self.method if self.heatmap else "", self.heatmap, references, resolution)
 
     def cost_class(self) -> CostClass:
         """``"cheap"`` or ``"expensive"``: the method's declared cost class (predicting only
@@ -127,14 +131,15 @@ class Computed:
         predicted: torch.Tensor,
         explanation: Explanation,
     ) -> Computed:
-        """A prediction with the explanation of the same images."""
+        """A prediction with the explanation of the same images (no input-size ``maps``
+        when the explanation made them at the feature resolution only)."""
         return cls(
             outputs=outputs,
             scores=scores,
             predicted=predicted,
             explained=explanation.scores,
             raw=explanation.raw,
-            maps=explanation.maps,
+            maps=None if explanation.extras.get("resolution") == "feature" else explanation.maps,
             method=explanation.method,
             target_layer=explanation.target_layer,
             flat=_tensor_or_none(explanation.extras.get("flat")),

@@ -78,6 +78,7 @@ class OnnxBackend:
     grafts: GraftedMethods | None = None
     name: str = ""
     choice: MethodChoice | None = None
+    resolution: str = "input"  # the heatmaps of the jobs it runs: "feature" skips upsampling
 
     def __post_init__(self) -> None:
         meta = self.runner.metadata
@@ -155,8 +156,12 @@ class OnnxBackend:
         with the graph of ``job.method`` (the default one's when it predicts only)."""
         inputs, job, classes, references = batch.inputs, batch.job, batch.classes, batch.references
         runner = self.runner_for(job.method) if job.heatmap else self.runner
-        if runner is not self.runner:  # the same steps on that method's graph
-            return replace(self, runner=runner, grafts=None).run(served, batch)
+        resolution = job.resolution if job.heatmap else self.resolution
+        if runner is not self.runner or resolution != self.resolution:
+            # the same steps on that method's graph, at the job's resolution
+            return replace(self, runner=runner, grafts=None, resolution=resolution).run(
+                served, batch
+            )
         if served.task == "classifier":
             return self._classify(served, inputs, job, classes)
         return self._embed(served, inputs, job, references)
@@ -277,7 +282,11 @@ class OnnxBackend:
         if self.runner.takes_class_index:
             feeds["class_index"] = classes
         try:
-            explanation = self.runner(inputs.detach().float().cpu().contiguous(), **feeds)  # type: ignore[arg-type]
+            explanation = self.runner(
+                inputs.detach().float().cpu().contiguous(),  # type: ignore[arg-type]
+                **feeds,  # type: ignore[arg-type]
+                resolution=self.resolution,  # type: ignore[arg-type]
+            )
         except (ValueError, TypeError) as error:
             raise InvalidArgument(f"ONNX model {served.name!r}: {error}") from None
         return _as_pass(explanation)

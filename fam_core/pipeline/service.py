@@ -342,7 +342,9 @@ class Pipeline:
             references = self._run(
                 served, Job(reference_inputs, "", heatmap=False), deadline
             ).outputs.detach()
-        job = Job(inputs, method, request.heatmap, request.target_class, references)
+        job = Job(
+            inputs, method, request.heatmap, request.target_class, references, request.resolution
+        )
         return _Prepared(served, request, job, pixels)
 
     def _headers(self, images: tuple[ImageInput, ...], what: str) -> list[Header | None]:

@@ -189,6 +189,62 @@ def test_grafted_qdq_backbone_stays_fused(tmp_path):
     for op in ("QLinearConv", "QLinearGlobalAveragePool"):
         assert fused.count(op) == original.count(op) > 0, op
     assert "Conv" not in fused and "GlobalAveragePool" not in fused
+    # the map is dequantized channel-last, where the fused convolution leaves it: no
+    # Transpose back to NCHW for the head (the rewrite's transpose cancels onnxruntime's)
+    assert fused.count("Transpose") == original.count("Transpose")
+    head = [node for node in grafted.graph.node if node.op_type == "Transpose"]  # type: ignore[union-attr]
+    assert [helper.get_attribute_value(node.attribute[0]) for node in head] == [[0, 2, 3, 1]]
+
+
+def test_channel_last_map_gives_the_same_heatmap():
+    """``MatMul(w [B, 1, C], Reshape(map, [B, C, h*w]))`` and its channel-last form agree
+    with the map weighted by hand (``einsum``) on a dequantized ``[2, 3, 2, 4]`` map."""
+    generator = np.random.default_rng(3)
+    q = generator.integers(0, 255, (2, 3, 2, 4)).astype(np.uint8)
+    w = generator.standard_normal((2, 3)).astype(np.float32)
+    constants = [
+        numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
+        numpy_helper.from_array(np.array(7, np.uint8), "zero"),
+        numpy_helper.from_array(np.array([0, 0, -1], np.int64), "flat"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "map_shape"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["a"]),
+        helper.make_node("Reshape", ["a", "flat"], ["a_flat"]),
+        helper.make_node("Unsqueeze", ["w", "axis1"], ["w_row"]),
+        helper.make_node("MatMul", ["w_row", "a_flat"], ["m"]),
+        helper.make_node("Reshape", ["m", "map_shape"], ["heatmap_lowres"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [
+            helper.make_tensor_value_info("q", TensorProto.UINT8, [2, 3, 2, 4]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 3]),
+        ],
+        [helper.make_tensor_value_info("heatmap_lowres", TensorProto.FLOAT, [2, 2, 4])],
+        constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"q": q, "w": w}
+    expected = np.einsum("bc,bchw->bhw", w, 0.1 * (q.astype(np.float32) - 7))
+    before = make_session(model).run(None, feeds)[0]  # type: ignore[attr-defined]
+    assert lean_rewrites(model, {"a": (2, 3, 2, 4)}) == 1
+    assert [node.op_type for node in model.graph.node] == [
+        "DequantizeLinear",
+        "Transpose",
+        "Reshape",
+        "Unsqueeze",
+        "MatMul",
+        "Reshape",
+    ]
+    after = make_session(model).run(None, feeds)[0]  # type: ignore[attr-defined]
+    np.testing.assert_allclose(before, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-5)
+    float_map = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    float_map.graph.node[0].op_type = "Identity"  # a float map: left as it is
+    assert lean_rewrites(float_map, {"a": (2, 3, 2, 4)}) == 0
 
 
 def test_unsigned_activations_dequantize_to_the_same_values():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx_helpers import user_export
@@ -26,6 +27,7 @@ from torch import nn
 
 from fam_core.cli import main
 from fam_core.exporters.graft import graft_onnx
+from fam_core.exporters.onnx_graph import drop_output
 from fam_core.graphs.onnx_runtime import OnnxExplainer
 from fam_core.images.read import decode_image
 from fam_core.models.store import ModelConfig
@@ -37,6 +39,7 @@ from fam_core.pipeline import (
     Pipeline,
     heatmap_from_bytes,
 )
+from fam_core.pipeline.engine import Job, run_jobs
 from fam_core.server import FamServer, ServerConfig
 from fam_core.server.stubs import fam_pb2, fam_pb2_grpc
 from fam_core.server.stubs import grpc_service_pb2 as oip_pb2
@@ -214,6 +217,55 @@ def test_plain_classifier_serves_cam_and_gradcam_per_request(models, registry, c
     assert explained["cam"].raw.min() < 0 <= explained["gradcam"].raw.min()
     assert (explained["cam"].maps - explained["gradcam"].maps).abs().max() > 0.02
     assert fam_explain(channel, "classifier", image)[0] == "cam"  # the default
+
+
+def test_feature_resolution_runs_the_graph_without_its_input_size_branch(models) -> None:
+    """``resolution="feature"``: the same low-resolution map from a session whose graph has no
+    ``heatmap`` output and none of the nodes only it read (no upsampling, no min-max over the
+    full map); the maps are the raw map min-max normalised by hand here."""
+    runner = library_graft(models / "classifier" / "model.onnx", "cam", mean=MEAN, std=STD)
+    inputs = torch.cat([normalised(rgb(png(seed)), MEAN, STD) for seed in (5, 6)])
+    full = runner(inputs)
+    feature = runner(inputs, resolution="feature")
+    torch.testing.assert_close(feature.raw, full.raw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feature.scores, full.scores)
+    low = full.raw.flatten(1).amin(1).view(-1, 1, 1)
+    high = full.raw.flatten(1).amax(1).view(-1, 1, 1)
+    torch.testing.assert_close(feature.maps, (full.raw - low) / (high - low), rtol=0, atol=1e-5)
+    assert feature.maps.shape == full.raw.shape and full.maps.shape[-2:] == (SIZE, SIZE)
+    assert feature.extras["resolution"] == "feature" and "resolution" not in full.extras
+    lean = [value.name for value in runner._feature_graph().get_outputs()]
+    assert "heatmap" not in lean and "heatmap_lowres" in lean
+    assert runner._feature_graph() is runner._feature_graph()  # made once
+    nodes = len(onnx.load(str(runner.path)).graph.node)
+    lean_nodes = drop_output(onnx.load(str(runner.path)), "heatmap").graph.node
+    assert len(lean_nodes) < nodes - 4  # the upsampling and the full-size min-max
+    assert not {"ReduceMin", "ReduceMax", "Resize"} & {node.op_type for node in lean_nodes}
+    with pytest.raises(ValueError, match="resolution must be 'input' or 'feature', got 'pixel'"):
+        runner(inputs, resolution="pixel")
+
+
+def test_a_feature_resolution_request_is_served_without_input_size_maps(
+    models, registry, channel
+) -> None:
+    """Over fam.v1 a feature-resolution heatmap is the min-max of the same raw map; the
+    pipeline runs the graph's feature-resolution session and makes no input-size maps."""
+    image = png(5)
+    inputs = normalised(rgb(image), MEAN, STD)
+    want = library_graft(models / "classifier" / "model.onnx", "gradcam", mean=MEAN, std=STD)(
+        inputs, resolution="feature"
+    )
+    _, heatmap = fam_explain(
+        channel, "classifier", image, "gradcam", resolution=fam_pb2.RESOLUTION_FEATURE
+    )
+    assert heatmap.shape == want.raw.shape[1:]
+    assert (heatmap - want.maps[0]).abs().max() <= TOLERANCE
+    served = registry.get("classifier")
+    (feature,) = run_jobs(served, [Job(inputs, "gradcam", resolution="feature")])
+    (full,) = run_jobs(served, [Job(inputs, "gradcam")])
+    assert feature.maps is None and full.maps is not None and full.maps.shape[-2:] == (SIZE, SIZE)
+    torch.testing.assert_close(feature.raw, full.raw, rtol=1e-5, atol=1e-6)
+    assert Job(inputs, "cam", resolution="feature").batch_key() != Job(inputs, "cam").batch_key()
 
 
 def test_plain_embedding_model_serves_fam_and_gradfam(models, registry) -> None:
