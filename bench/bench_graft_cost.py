@@ -70,7 +70,7 @@ def pair(model, method: str, batch: int, threads: int, resolution: str = "input"
         task="classifier",
         input_size=model.input_size,
         mean=(0.0,) * channels,
-        std=(1.0,) * channels,
+        std=(1 / 255 if model.input_dtype == "uint8" else 1.0,) * channels,  # 0-255 pixels
     )
     if resolution == "feature":
         grafted = without_heatmap(grafted)  # type: ignore[arg-type]
@@ -111,8 +111,9 @@ def main() -> None:
             model = zoo[name]
             for method in args.methods:
                 for batch in args.batches:
-                    fixed = model.batch if getattr(model, "batch", None) else None
-                    if fixed is not None and fixed != batch:
+                    fixed = onnx.load(str(model.path), load_external_data=False).graph.input[0]
+                    extent = fixed.type.tensor_type.shape.dim[0].dim_value  # 0: not fixed
+                    if extent > 0 and extent != batch:  # a graph that takes one batch size
                         continue
                     for resolution in args.resolutions:
                         explained, original = pair(model, method, batch, args.threads, resolution)

@@ -88,8 +88,8 @@ class OnnxExplainer:
     upsampling and the min-max over the full map): a second session on the same graph less
     the ``heatmap`` output and the nodes only it reads, made on the first such call and kept
     (onnxruntime runs every node of a session whatever outputs a run asks for, so one
-    session cannot skip them). It holds a second copy of the graph's weights; the graph's
-    bytes are kept for it from the start when the graph was grafted in memory.
+    session cannot skip them). It holds a second copy of the graph's weights; a graph
+    grafted in memory is grafted again for it (the same options, the same graph).
     """
 
     def __init__(
@@ -108,7 +108,7 @@ class OnnxExplainer:
         self.session = onnxruntime.InferenceSession(str(path), providers=providers)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.grafted = False
-        self._grafted_bytes: bytes | None = None
+        self._graft_options: dict[str, Any] | None = None  # grafted in memory with these
         self._feature_session: Any = None
         self._feature_lock = threading.Lock()
         if not fmt.is_explanation_graph(self.metadata):
@@ -122,8 +122,11 @@ class OnnxExplainer:
             from fam_core.exporters.graft import graft_onnx
 
             grafted = graft_onnx(path, **graft)
-            self._grafted_bytes = grafted.SerializeToString()  # type: ignore[union-attr]
-            self.session = onnxruntime.InferenceSession(self._grafted_bytes, providers=providers)
+            self.session = onnxruntime.InferenceSession(
+                grafted.SerializeToString(),  # type: ignore[union-attr]
+                providers=providers,
+            )
+            self._graft_options = {key: v for key, v in graft.items() if key != "out_path"}
             self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
             self.grafted = True
         self.method = self.metadata[fmt.KEY_METHOD]
@@ -260,8 +263,10 @@ class OnnxExplainer:
                 onnx = require("onnx", "onnx")
                 from fam_core.exporters.onnx_graph import drop_output
 
-                if self._grafted_bytes is not None:
-                    proto = onnx.load_from_string(self._grafted_bytes)
+                if self._graft_options is not None:
+                    from fam_core.exporters.graft import graft_onnx
+
+                    proto = graft_onnx(self.path, **self._graft_options)
                 else:
                     proto = onnx.load(str(self.path))
                 drop_output(proto, fmt.OUTPUT_HEATMAP)

@@ -24,6 +24,7 @@ from fam_core.explainers.cam.liftcam import LiftCAM
 from fam_core.explainers.cam.relevancecam import RelevanceCAM
 from fam_core.explainers.cam.scorecam import ScoreCAM
 from fam_core.explainers.cam.xgradcam import XGradCAM
+from fam_core.explainers.fam import FAM
 from fam_core.explainers.postprocess import min_max
 from fam_core.explainers.registry import get_explainer
 from fam_core.models.backbones import conv4
@@ -306,6 +307,19 @@ def test_self_target_explains_the_embedding_direction(embedder, images) -> None:
     torch.testing.assert_close(explanation.raw, as_dot.raw)
     torch.testing.assert_close(explanation.scores, torch.ones(2))
     assert explanation.raw.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", [GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM])
+def test_self_target_with_the_dot_product_scores_the_squared_norm(method, embedder, images):
+    """``s(z, z) = <z, z> = |z|^2`` as FAM reports it; the map is that of the reference
+    ``z`` given explicitly (the dot product is not flat at ``r = z``)."""
+    z = embedder(images).detach()
+    itself = method(embedder, "block4", similarity="dot")(images)
+    given = method(embedder, "block4", similarity="dot")(images, target=z.unsqueeze(1))
+    torch.testing.assert_close(itself.scores, (z * z).sum(dim=1))
+    torch.testing.assert_close(itself.raw, given.raw)
+    fam = FAM(embedder, "block4", similarity="dot")(images)
+    torch.testing.assert_close(itself.scores, fam.scores)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

@@ -69,13 +69,15 @@ def explained_score(
     """The score ``y [B]`` a CAM method explains, differentiable in ``outputs``.
 
     With ``target.explains_self`` (no target on an embedding model) the references are
-    the detached outputs themselves, where every similarity is flat (the gradient of
-    ``cos(z, z)`` in ``z`` is zero). The score is then the projection of the embedding on
-    its own direction with its norm held constant, ``<z, r> / (|z| |r|)``: its value is the
-    cosine (1) and its gradient ``r / (|z| |r|)`` is the linear part of the cosine, the
-    same decomposition FAM uses (FAM eq. 14).
+    the detached outputs themselves. The dot product ``<z, r>`` at ``r = z`` is explained
+    as any target (its value ``|z|^2``, its gradient ``r``); the cosine and the Euclidean
+    similarity are flat there (the gradient of ``cos(z, z)`` in ``z`` is zero). Their
+    score is the projection of the embedding on its own direction with its norm held
+    constant, ``<z, r> / (|z| |r|)``: its value is the cosine (1) and its gradient
+    ``r / (|z| |r|)`` is the linear part of the cosine, the same decomposition FAM uses
+    (FAM eq. 14).
     """
-    if not target.explains_self:
+    if not target.explains_self or target.similarity == "dot":
         return explainer.score(outputs, target)
     references = target.references
     norms = outputs.detach().norm(dim=1, keepdim=True) * references.norm(dim=2)
