@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "helpers"))
 from common import ratio  # noqa: E402
+from hf_factories import reinit  # noqa: E402
 
 from fam_core import FAM, GradFAM  # noqa: E402
 
@@ -38,14 +40,7 @@ def build(name: str) -> nn.Module:
 
     torch.manual_seed(0)
     if name == "resnet50":
-        model = transformers.ResNetModel(transformers.ResNetConfig())  # ResNet-50 defaults
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            if isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        return model.eval()
+        return reinit(transformers.ResNetModel(transformers.ResNetConfig()))  # ResNet-50
     if name == "vit-b16":
         return transformers.ViTModel(transformers.ViTConfig()).eval()  # ViT-B/16 at 224
     raise ValueError(name)
