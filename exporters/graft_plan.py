@@ -50,6 +50,7 @@ from fam_core.exporters.onnx_load import input_channels
 from fam_core.exporters.onnx_normalise import InputLayout
 from fam_core.graphs import onnx_format as fmt
 from fam_core.maths.similarity import SimilarityKind
+from fam_core.messages import first_line
 from fam_core.models.store import IMAGENET_MEAN, IMAGENET_STD, channel_mismatch
 
 __all__ = ["GraftPlan", "plan_graft"]
@@ -80,8 +81,7 @@ class GraftPlan:
         try:
             interpreted_head(self, "cam", batch=None)
         except ValueError as error:
-            text = str(error).strip()
-            return text.splitlines()[0] if text else type(error).__name__
+            return first_line(error)
         except Exception:  # noqa: BLE001 - a head whose constants fix the batch: the graft decides
             return None
         return None

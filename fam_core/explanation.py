@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+Resolution = Literal["input", "feature"]
+"""A heatmap's size: the model's ``"input"`` or the target layer's ``"feature"`` map."""
+RESOLUTIONS: tuple[str, ...] = ("input", "feature")
 
 
 @dataclass(frozen=True)

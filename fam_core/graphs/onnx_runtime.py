@@ -26,13 +26,13 @@ import json
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fam_core.explainers.postprocess import min_max
-from fam_core.explanation import Explanation
+from fam_core.explanation import RESOLUTIONS, Explanation, Resolution
 from fam_core.extras import require
 from fam_core.graphs import onnx_format as fmt
 from fam_core.images.read import to_channels
@@ -45,7 +45,6 @@ PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 _REQUIRED_OUTPUTS = (fmt.OUTPUT_HEATMAP, fmt.OUTPUT_HEATMAP_LOWRES, fmt.OUTPUT_WEIGHTS)
 
 ArrayLike = torch.Tensor | np.ndarray
-Resolution = Literal["input", "feature"]
 
 
 def default_providers() -> list[str]:
@@ -230,7 +229,7 @@ class OnnxExplainer:
         min-max normalised at the target layer's resolution, from the graph run without its
         input-size branch (see the class); ``"input"``: the graph's ``heatmap``.
         """
-        if resolution not in ("input", "feature"):
+        if resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be 'input' or 'feature', got {resolution!r}")
         image = self._check_images(images)
         feeds: dict[str, np.ndarray] = {fmt.INPUT_IMAGE: image}

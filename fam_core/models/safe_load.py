@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from fam_core.messages import first_line
+
 
 def load_weights_only(path: Path, what: str) -> Any:
     """``torch.load(path, weights_only=True)``; any failure is one ``ValueError`` line naming
@@ -71,8 +73,7 @@ def describe_load_error(error: BaseException) -> str:
             "it holds Python objects other than tensors, which are refused (only tensors and "
             "state dicts are loaded; nothing is unpickled)"
         )
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
+    first = first_line(error)
     if "central directory" in first or "zip archive" in first:
         return "the file is truncated or corrupt (not a complete torch.save archive)"
     return (first.split(". ")[0])[:200]

@@ -47,11 +47,14 @@ def heatmap_at(
 
     Input resolution is :func:`~fam_core.explainers.postprocess.upsample` of the raw map (bilinear,
     then min-max), as in ``ChannelExplainer.__call__``; feature resolution is the min-max of the raw map.
+    Maps the method made at the resolution asked are used as they are.
     """
     if computed.raw is None:
         raise ValueError("this result has no heatmap")
     raw = computed.raw[index : index + 1]
     if resolution == "feature":
+        if computed.feature_maps is not None:
+            return computed.feature_maps[index]
         return min_max(raw.float(), dim=(1, 2))[0]
     if computed.maps is not None:
         return computed.maps[index]

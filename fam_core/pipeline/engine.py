@@ -7,6 +7,7 @@ predicts and explains in as few passes as it can, and splits the result back per
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,23 +46,17 @@ def run_jobs(served: ServedModel, jobs: list[Job] | list[SearchJob]) -> list[Any
 
 
 def _split(computed: Computed, sizes: list[int]) -> list[Computed]:
+    """``computed`` cut into consecutive windows of ``sizes`` items (every tensor of
+    :class:`Computed` is batch-first)."""
+    names = [item.name for item in dataclasses.fields(computed)]
     parts: list[Computed] = []
     start = 0
     for size in sizes:
         window = slice(start, start + size)
-        parts.append(
-            Computed(
-                outputs=computed.outputs[window],
-                scores=computed.scores[window],
-                predicted=computed.predicted[window],
-                explained=None if computed.explained is None else computed.explained[window],
-                raw=None if computed.raw is None else computed.raw[window],
-                maps=None if computed.maps is None else computed.maps[window],
-                method=computed.method,
-                target_layer=computed.target_layer,
-                flat=None if computed.flat is None else computed.flat[window],
-                flat_reason=computed.flat_reason,
-            )
-        )
+        parts.append(Computed(**{name: _window(getattr(computed, name), window) for name in names}))
         start += size
     return parts
+
+
+def _window(value: object, window: slice) -> object:
+    return value[window] if isinstance(value, torch.Tensor) else value

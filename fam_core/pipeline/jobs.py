@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fam_core.explainers.registry import CostClass, cost_class
-from fam_core.explanation import Explanation
+from fam_core.explanation import Explanation, Resolution
 
 
 class Scoring(Protocol):
@@ -45,7 +45,7 @@ class Job:
     heatmap: bool = True
     target_class: int | None = None
     references: torch.Tensor | None = None
-    resolution: str = "input"
+    resolution: Resolution = "input"
 
     def batch_key(self) -> tuple[str, bool, int, str]:
         """Jobs with equal keys can run in one pass."""
@@ -108,8 +108,11 @@ class Computed:
     to the prototypes or references (embedding models; ``[b, 0]`` when there are none);
     ``predicted``: ``[b]`` argmax of ``scores`` (``-1`` with no scores); ``raw``: ``[b, h, w]``
     map at the target layer; ``maps``: ``[b, H, W]`` when the method made them itself;
-    ``flat``: ``[b]`` maps with no spatial information (all zeros), ``flat_reason`` why
-    (:func:`fam_core.explanation.flat_reason`).
+    ``feature_maps``: ``[b, h, w]`` ``raw`` min-max normalised, when the method made its maps
+    at the feature resolution only (an ONNX graph run without its input-size branch; then
+    ``maps`` is ``None``); ``flat``: ``[b]`` maps with no spatial information (all zeros),
+    ``flat_reason`` why (:func:`fam_core.explanation.flat_reason`). Every tensor is
+    batch-first.
     """
 
     outputs: torch.Tensor
@@ -118,6 +121,7 @@ class Computed:
     explained: torch.Tensor | None = None
     raw: torch.Tensor | None = None
     maps: torch.Tensor | None = None
+    feature_maps: torch.Tensor | None = None
     method: str = ""
     target_layer: str = ""
     flat: torch.Tensor | None = None
@@ -131,15 +135,17 @@ class Computed:
         predicted: torch.Tensor,
         explanation: Explanation,
     ) -> Computed:
-        """A prediction with the explanation of the same images (no input-size ``maps``
-        when the explanation made them at the feature resolution only)."""
+        """A prediction with the explanation of the same images (its maps as
+        ``feature_maps`` when it made them at the feature resolution only)."""
+        feature = explanation.extras.get("resolution") == "feature"
         return cls(
             outputs=outputs,
             scores=scores,
             predicted=predicted,
             explained=explanation.scores,
             raw=explanation.raw,
-            maps=None if explanation.extras.get("resolution") == "feature" else explanation.maps,
+            maps=None if feature else explanation.maps,
+            feature_maps=explanation.maps if feature else None,
             method=explanation.method,
             target_layer=explanation.target_layer,
             flat=_tensor_or_none(explanation.extras.get("flat")),

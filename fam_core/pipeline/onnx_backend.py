@@ -45,9 +45,10 @@ from typing import Any, NamedTuple
 import torch
 
 from fam_core.explainers.default_method import MethodChoice, choose_method
-from fam_core.explanation import Explanation
+from fam_core.explanation import Explanation, Resolution
 from fam_core.graphs import onnx_format as fmt
 from fam_core.graphs.onnx_runtime import OnnxExplainer, plan_graft
+from fam_core.messages import first_line
 from fam_core.models.model_check import ModelFacts, check_against_model
 from fam_core.models.store import ModelConfig
 from fam_core.pipeline.backends import Batch, LoadedBackend, ServedView
@@ -78,7 +79,7 @@ class OnnxBackend:
     grafts: GraftedMethods | None = None
     name: str = ""
     choice: MethodChoice | None = None
-    resolution: str = "input"  # the heatmaps of the jobs it runs: "feature" skips upsampling
+    resolution: Resolution = "input"  # the heatmaps of the jobs it runs: "feature" skips upsampling
 
     def __post_init__(self) -> None:
         meta = self.runner.metadata
@@ -285,7 +286,7 @@ class OnnxBackend:
             explanation = self.runner(
                 inputs.detach().float().cpu().contiguous(),  # type: ignore[arg-type]
                 **feeds,  # type: ignore[arg-type]
-                resolution=self.resolution,  # type: ignore[arg-type]
+                resolution=self.resolution,
             )
         except (ValueError, TypeError) as error:
             raise InvalidArgument(f"ONNX model {served.name!r}: {error}") from None
@@ -449,8 +450,7 @@ def _graft_default(
         except ValueError as error:
             if not fallback:
                 raise
-            text = str(error).strip()
-            refusal = text.splitlines()[0] if text else type(error).__name__
+            refusal = first_line(error)
     choice = choose_method(config.task, cam_refusal=refusal)
     return OnnxExplainer(path, graft={**options, "method": choice.method}), choice
 

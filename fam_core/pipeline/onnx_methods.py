@@ -24,6 +24,7 @@ from typing import Any
 from fam_core.explainers import available_methods
 from fam_core.graphs import onnx_format as fmt
 from fam_core.graphs.onnx_runtime import OnnxExplainer
+from fam_core.messages import first_line
 from fam_core.pipeline.errors import NotFound
 
 _TASK_METHODS = {"embedding": fmt.EMBEDDING_METHODS, "classifier": fmt.CLASSIFIER_METHODS}
@@ -115,8 +116,6 @@ class GraftedMethods:
                         self.path, graft={**self._options, "method": method}
                     )
                 except (OSError, ValueError) as error:
-                    text = str(error).strip()
-                    first = text.splitlines()[0] if text else type(error).__name__
-                    self.reasons[method] = f"cannot be grafted: {first}"
+                    self.reasons[method] = f"cannot be grafted: {first_line(error)}"
                     raise NotFound(f"method {method!r}: {self.reasons[method]}") from None
             return self._runners[method]

@@ -11,10 +11,9 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-Resolution = Literal["input", "feature"]
-RESOLUTIONS: tuple[str, ...] = ("input", "feature")
+from fam_core.explanation import RESOLUTIONS, Resolution  # noqa: F401 - the codecs' import
+
 EXPLAIN_MODES: tuple[str, ...] = ("none", "query", "both")
 """What a search explains: nothing, each query's map per neighbour, or also each neighbour's."""
 TENSOR_DTYPES: dict[str, int] = {"uint8": 1, "float16": 2, "float32": 4}

@@ -265,6 +265,12 @@ def test_a_feature_resolution_request_is_served_without_input_size_maps(
     (full,) = run_jobs(served, [Job(inputs, "gradcam")])
     assert feature.maps is None and full.maps is not None and full.maps.shape[-2:] == (SIZE, SIZE)
     torch.testing.assert_close(feature.raw, full.raw, rtol=1e-5, atol=1e-6)
+    low = feature.raw.flatten(1).amin(1).view(-1, 1, 1)
+    high = feature.raw.flatten(1).amax(1).view(-1, 1, 1)  # made once, by the runner
+    torch.testing.assert_close(
+        feature.feature_maps, (feature.raw - low) / (high - low), atol=1e-5, rtol=0
+    )
+    assert full.feature_maps is None
     assert Job(inputs, "cam", resolution="feature").batch_key() != Job(inputs, "cam").batch_key()
 
 
