@@ -61,6 +61,20 @@ def without_heatmap(grafted: onnx.ModelProto) -> onnx.ModelProto:
     return drop_output(grafted, fmt.OUTPUT_HEATMAP)
 
 
+def upsampled_only(grafted: onnx.ModelProto) -> onnx.ModelProto:
+    """``grafted`` whose ``heatmap`` is the upsampled map before its min-max (the tensor its
+    ``ReduceMin`` reads): a diagnostic stage between ``feature`` and ``input``."""
+    from fam_core.exporters.onnx_graph import prune_graph
+    from fam_core.graphs import onnx_format as fmt
+
+    upsampled = next(node.input[0] for node in grafted.graph.node if node.op_type == "ReduceMin")
+    for output in grafted.graph.output:
+        if output.name == fmt.OUTPUT_HEATMAP:
+            output.name = upsampled
+    prune_graph(grafted.graph)
+    return grafted
+
+
 def pair(model, method: str, batch: int, threads: int, resolution: str = "input"):  # noqa: ANN001, ANN201
     """``(grafted run, original run)`` on the same images, the graph served for a request
     at ``resolution``."""
@@ -75,6 +89,8 @@ def pair(model, method: str, batch: int, threads: int, resolution: str = "input"
     )
     if resolution == "feature":
         grafted = without_heatmap(grafted)  # type: ignore[arg-type]
+    elif resolution == "upsampled":
+        grafted = upsampled_only(grafted)  # type: ignore[arg-type]
     images = np.random.default_rng(0).random((batch, 3, *model.input_size), dtype=np.float32)
     original = session(str(model.path), threads)
     feeds = {original.get_inputs()[0].name: model.model_input(images)}
@@ -95,7 +111,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["cam", "gradcam"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
-        "--resolutions", nargs="+", choices=["input", "feature"], default=["input", "feature"]
+        "--resolutions",
+        nargs="+",
+        choices=["input", "upsampled", "feature"],
+        default=["input", "feature"],
     )
     args = parser.parse_args()
     import onnxruntime
