@@ -57,14 +57,7 @@ def run_build(args: argparse.Namespace) -> int:
     """Build (or resume) the index; list the images that were skipped, with their reason."""
     from fam_core.bulk.index_build import build_index
 
-    params = None
-    if args.index_params is not None:
-        try:
-            params = json.loads(args.index_params)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--index-params must be a JSON object: {error}") from None
-        if not isinstance(params, dict):
-            raise ValueError(f"--index-params must be a JSON object, got {args.index_params!r}")
+    params = json_object(args.index_params, "--index-params")
     report = build_index(
         args.model,
         args.images,
@@ -109,3 +102,26 @@ def run_info(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{label} ({n})" for label, n in labels.items()) or "none"
     print(f"labels: {len(labels)}: {shown}" + (f"; {unlabelled} unlabelled" if unlabelled else ""))
     return 0
+
+
+def json_object(text: str | None, option: str) -> dict | None:
+    """The JSON object an option's ``text`` gives (``None`` when the option is absent); a
+    one-line ``ValueError`` naming ``option`` for anything else.
+
+    Example:
+        >>> json_object('{"ef": 128}', "--search-params")
+        {'ef': 128}
+        >>> json_object("[1]", "--search-params")
+        Traceback (most recent call last):
+        ...
+        ValueError: --search-params must be a JSON object, got '[1]'
+    """
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{option} must be a JSON object: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object, got {text!r}")
+    return value

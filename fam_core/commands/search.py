@@ -42,6 +42,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--filter", help="a condition on the rows, e.g. 'label == \"rose\"' (Milvus syntax)"
     )
     parser.add_argument(
+        "--search-params",
+        metavar="JSON",
+        help="the index's search parameters, replacing the config's index_search: "
+        '{"ef": 128} for an HNSW index, {"nprobe": 64} for IVF_FLAT (recall for latency)',
+    )
+    parser.add_argument(
         "--out",
         help="folder for results.jsonl, the maps (maps/*.npy) and one PNG montage per query; "
         "without it the JSON Lines go to stdout with null maps",
@@ -53,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     """Search each query; print or write the results."""
     import torch
 
+    from fam_core.commands.index import json_object
     from fam_core.commands.search_output import search_montage, search_record, write_maps
     from fam_core.pipeline import ServedModel
     from fam_core.pipeline.explained_search import explained_search, load_uri_pixels
@@ -74,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     lines = []
     search_params = None if args.index else config.index_search  # the config's own index
-    with open_index(uri, search_params=search_params) as index:
+    asked = json_object(args.search_params, "--search-params")
+    with open_index(uri, search_params={**(search_params or {}), **(asked or {})}) as index:
+        index.check_search_params()  # one line naming what the index takes
         for start in range(0, len(pixels), QUERY_BATCH):
             chunk = torch.stack(pixels[start : start + QUERY_BATCH])
             found = explained_search(

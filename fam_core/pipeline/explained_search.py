@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -98,6 +98,7 @@ def explained_search(
     method: str | None = None,
     explain: ExplainMode = "query",
     filter: str | None = None,
+    search_params: Mapping[str, int] | None = None,
     load_image: Callable[[str], torch.Tensor] | None = None,
 ) -> list[list[ExplainedNeighbour]]:
     """Search ``index`` with the preprocessed ``images`` ``[B, C, H, W]`` of ``model`` (a
@@ -110,6 +111,8 @@ def explained_search(
         explain: ``"none"``, ``"query"`` (the query's map for each neighbour) or ``"both"``
             (also each neighbour's map for the query).
         filter: a condition on the rows (:meth:`GalleryIndex.search`).
+        search_params: the index's search parameters for these queries (``{"ef": 128}``,
+            ``{"nprobe": 64}``; :meth:`GalleryIndex.search`); ``None``: the index's own.
         load_image: the model inputs ``[C, H, W]`` of a neighbour's URI (default:
             :func:`load_uri_image` with the model's preprocessing); it raises ``ValueError``
             (or ``OSError``) for an image it cannot read.
@@ -127,7 +130,7 @@ def explained_search(
     _check_index(model, index)
     method = method or model.default_method
     if explain == "none":
-        found = index.search(embed(model, images), top_k, filter)
+        found = index.search(embed(model, images), top_k, filter, search_params)
         return [[ExplainedNeighbour(n) for n in hits] for hits in found]
     forward: ForwardPass | None = None
     maps_of: Callable[..., torch.Tensor]
@@ -142,7 +145,7 @@ def explained_search(
         embeddings = embed(model, images) if forward is None else forward.outputs.detach().float()
         maps_of = partial(explain_each_target, explainer)
 
-    found = index.search(embeddings, top_k, filter)
+    found = index.search(embeddings, top_k, filter, search_params)
     pairs = [(q, n) for q, hits in enumerate(found) for n in hits]
     query_maps: list[torch.Tensor] = []
     if pairs:

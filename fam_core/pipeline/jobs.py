@@ -72,11 +72,13 @@ class SearchJob:
         explain: ``"none"``, ``"query"`` or ``"both"``.
         top_k: neighbours per query.
         filter: a boolean expression over the index's fields, or ``None``.
+        search_params: the index's search parameters asked for (sorted ``(name, value)``
+            pairs: ``(("ef", 128),)``); empty: the model config's.
 
     Example:
-        >>> job = SearchJob(torch.zeros(2, 3, 8, 8), "fam", "both", 10, None)
-        >>> len(job), job.cost_class(), job.batch_key()[0]
-        (2, 'expensive', 'search')
+        >>> job = SearchJob(torch.zeros(2, 3, 8, 8), "fam", "both", 10, None, (("ef", 128),))
+        >>> len(job), job.cost_class(), job.batch_key()[0], job.batch_key()[-1]
+        (2, 'expensive', 'search', 'ef=128')
     """
 
     inputs: torch.Tensor
@@ -84,10 +86,12 @@ class SearchJob:
     explain: str
     top_k: int
     filter: str | None = None
+    search_params: tuple[tuple[str, int], ...] = ()
 
     def batch_key(self) -> tuple[str, ...]:
         """Searches with equal keys run as one batch of queries."""
-        return ("search", self.method, self.explain, str(self.top_k), self.filter or "")
+        params = ",".join(f"{name}={value}" for name, value in self.search_params)
+        return ("search", self.method, self.explain, str(self.top_k), self.filter or "", params)
 
     def cost_class(self) -> CostClass:
         """Cheap without maps; ``"both"`` (a forward pass per neighbour) is expensive; the

@@ -31,6 +31,8 @@ class Limits:
             others are refused (INVALID_ARGUMENT, HTTP 415) without running their parser.
         max_top_k: neighbours per query a search may ask for.
         max_filter_chars: characters of a search's filter expression.
+        max_search_ef: the ``ef`` a search may ask of an ``HNSW`` index (the candidates its
+            graph walk keeps; an ``ef`` under ``top_k`` searches with ``top_k``).
 
     Example:
         >>> Limits().max_batch, Limits().formats
@@ -48,6 +50,7 @@ class Limits:
     formats: tuple[str, ...] = DEFAULT_FORMATS
     max_top_k: int = 100
     max_filter_chars: int = 4096
+    max_search_ef: int = 4096
 
     def __post_init__(self) -> None:
         for name in (
@@ -59,6 +62,7 @@ class Limits:
             "max_inflight_decoded_bytes",
             "max_top_k",
             "max_filter_chars",
+            "max_search_ef",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -23,7 +23,8 @@ neighbours, stacked over the batch like every output: ``neighbour_ids`` BYTES ``
 unlabelled), ``heatmaps`` FP16 ``[B, k, H, W]`` (each query's map for each neighbour;
 not with ``explain`` ``"none"``) and ``reference_heatmaps`` FP16 ``[B, k, H, W]`` (each
 neighbour's map for the query; ``explain`` ``"both"`` only, NaN where a neighbour's image
-could not be loaded). Search parameters: ``top_k``, ``method``, ``explain``, ``filter``.
+could not be loaded). Search parameters: ``top_k``, ``method``, ``explain``, ``filter``, and the index's search
+parameters ``ef`` (HNSW) and ``nprobe`` (IVF_FLAT) for that request.
 Naming outputs of both kinds in one request is refused.
 
 Example:
@@ -52,6 +53,7 @@ from fam_core.pipeline.request import (
     SearchResponse,
 )
 from fam_core.pipeline.search import no_index
+from fam_core.search.index_types import SEARCH_PARAMETER_NAMES
 
 if TYPE_CHECKING:
     from fam_core.pipeline.service import Pipeline
@@ -291,8 +293,15 @@ def search_request_from_infer(request: Any, limits: Limits | None = None) -> Sea
         method=_text_parameter(request.parameters, "method"),
         explain=_text_parameter(request.parameters, "explain"),
         filter=_text_parameter(request.parameters, "filter"),
+        search_params=_search_params(request.parameters),
         request_id=request.id,
     )
+
+
+def _search_params(parameters: Any) -> dict[str, int] | None:
+    """The index's search parameters a request names (``ef``, ``nprobe``), else ``None``."""
+    given = {name: _integer(parameters, name) for name in SEARCH_PARAMETER_NAMES}
+    return {name: value for name, value in given.items() if value is not None} or None
 
 
 def search_outputs(request: Any, explain: str) -> list[str]:

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fam_core.explanation import RESOLUTIONS, Resolution  # noqa: F401 - the codecs' import
@@ -133,6 +134,9 @@ class SearchRequest:
         explain: one of :data:`EXPLAIN_MODES`; ``None``: the model config's ``explain``.
         filter: a boolean expression over the index's fields (``label == "rose"``); ``None``:
             the whole gallery.
+        search_params: the index's search parameters for this request, replacing the model
+            config's ``index_search``: ``{"ef": 128}`` for an ``HNSW`` index, ``{"nprobe":
+            64}`` for ``IVF_FLAT`` (recall for latency); ``None``: the config's.
         request_id: echoed back.
     """
 
@@ -142,6 +146,7 @@ class SearchRequest:
     method: str | None = None
     explain: str | None = None
     filter: str | None = None
+    search_params: Mapping[str, int] | None = None
     request_id: str = ""
 
 
@@ -207,6 +212,10 @@ class ModelDescription:
     index: str = ""  # the gallery index searched, or voted over by a knn model ("": none)
     top_k: int = 0  # search: neighbours per query when a request names none
     explain: str = ""  # search: the explain mode when a request names none
+    index_type: str = ""  # search: "FLAT", "IVF_FLAT" or "HNSW" ("": no index)
+    search_params: tuple[
+        tuple[str, int], ...
+    ] = ()  # search: the index's, when a request names none
 
     @property
     def searchable(self) -> bool:

@@ -10,6 +10,7 @@ float16 like every heatmap of the pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +36,7 @@ from fam_core.pipeline.request import (
 
 if TYPE_CHECKING:
     from fam_core.pipeline.models import ServedModel
+    from fam_core.search.index import GalleryIndex
 
 Explained = list[Any]
 """One query's :class:`fam_core.search.ExplainedNeighbour` s, most similar first."""
@@ -60,7 +62,8 @@ def search_job(served: ServedModel, request: SearchRequest, limits: Limits) -> S
     ``top_k`` outside ``[1, limits.max_top_k]``, an unknown explain mode or a filter that is
     not text within ``limits.max_filter_chars``; :class:`NotFound` for an unknown method;
     :class:`ResourceExhausted` for too many images, or maps of more bytes than a request may
-    hold.
+    hold; :class:`InvalidArgument` for search parameters the index does not take
+    (:func:`check_search_params`).
     """
     if served.index is None:
         raise no_index(served.name)
@@ -93,8 +96,54 @@ def search_job(served: ServedModel, request: SearchRequest, limits: Limits) -> S
             f"{limits.max_request_bytes} bytes an answer may hold: ask for fewer images or a "
             "smaller top_k"
         )
+    search_params = check_search_params(served.index, request.search_params, limits)
     empty = torch.zeros(len(request.images), 0)
-    return SearchJob(empty, method, explain, top_k, search_filter)
+    return SearchJob(empty, method, explain, top_k, search_filter, search_params)
+
+
+def check_search_params(
+    index: GalleryIndex, params: Mapping[str, Any] | None, limits: Limits
+) -> tuple[tuple[str, int], ...]:
+    """A request's ``search_params`` for ``index`` as sorted ``(name, value)`` pairs, every
+    value checked before the search: names the index's type searches with (``ef``:
+    ``HNSW``, ``nprobe``: ``IVF_FLAT``), integers, ``ef`` at most ``limits.max_search_ef``,
+    ``nprobe`` at most the index's ``nlist`` cells. One-line :class:`InvalidArgument`.
+
+    Example:
+        >>> from types import SimpleNamespace as Fake
+        >>> hnsw = Fake(card=Fake(index_type="HNSW", index_params={"M": 16, "ef": 64}))
+        >>> check_search_params(hnsw, {"ef": 128}, Limits())
+        (('ef', 128),)
+        >>> check_search_params(hnsw, {"nprobe": 8}, Limits())
+        Traceback (most recent call last):
+        ...
+        fam_core.pipeline.errors.InvalidArgument: search_params: HNSW index: unknown search parameter 'nprobe' (allowed: ef)
+    """
+    from fam_core.search.engine import IndexUnavailable
+    from fam_core.search.index_types import search_override
+
+    if not params:
+        return ()
+    if not isinstance(params, Mapping):
+        raise InvalidArgument(
+            f'search_params must map names to integers ({{"ef": 128}}), got {type(params).__name__}'
+        )
+    try:
+        card = index.card
+    except IndexUnavailable as error:
+        raise Unavailable(f"search: {first_line(error)}") from None
+    try:
+        search_override(card.index_type, card.index_params, params)
+    except ValueError as error:
+        raise InvalidArgument(f"search_params: {first_line(error)}") from None
+    bounds = {"ef": limits.max_search_ef, "nprobe": card.index_params.get("nlist", 0)}
+    for name, value in params.items():
+        if value > bounds[name]:
+            what = "the server's limit" if name == "ef" else "the index's nlist"
+            raise InvalidArgument(
+                f"search_params: {name} must be at most {bounds[name]} ({what}), got {value}"
+            )
+    return tuple(sorted((name, int(value)) for name, value in params.items()))
 
 
 def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Explained]]:
@@ -116,6 +165,7 @@ def run_search_jobs(served: ServedModel, jobs: list[SearchJob]) -> list[list[Exp
             method=job.method,
             explain=job.explain,
             filter=job.filter,
+            search_params=dict(job.search_params) or None,
         )
     except IndexUnavailable as error:  # the engine did not answer
         raise Unavailable(f"search on model {served.name!r}: {first_line(error)}") from None

@@ -256,6 +256,7 @@ class Pipeline:
             index="" if config.index is None else str(config.index),
             top_k=config.top_k,
             explain=config.explain,
+            **_index_search(served),
         )
 
     def pixels(self, model: str, images: tuple[ImageInput, ...]) -> torch.Tensor:
@@ -415,3 +416,19 @@ class Pipeline:
 def _check_deadline(deadline: float | None) -> None:
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded("the deadline passed before the request was processed")
+
+
+def _index_search(served: ServedModel) -> dict[str, Any]:
+    """The ``index_type`` and default ``search_params`` of ``served``'s gallery index, for
+    :meth:`Pipeline.describe` (none without an index, or while its engine does not answer)."""
+    from fam_core.search.engine import IndexUnavailable
+    from fam_core.search.index_types import search_override
+
+    if served.index is None:
+        return {}
+    try:
+        card = served.index.card
+    except (IndexUnavailable, ValueError):
+        return {}
+    params = search_override(card.index_type, card.index_params, served.index.search_params)
+    return {"index_type": card.index_type, "search_params": tuple(sorted(params.items()))}

@@ -38,6 +38,10 @@ SEARCH_PARAMS: dict[str, dict[str, int]] = {
 }
 """Each index type's search parameters and their defaults."""
 INDEX_TYPES = tuple(BUILD_PARAMS)
+SEARCH_PARAMETER_NAMES: tuple[str, ...] = tuple(
+    dict.fromkeys(name for params in SEARCH_PARAMS.values() for name in params)
+)
+"""Every search parameter a request may name (each index type takes its own)."""
 _RANGES: dict[str, tuple[int, int]] = {  # Milvus's bounds
     "nlist": (1, 65536),
     "nprobe": (1, 65536),

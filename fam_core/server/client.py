@@ -118,6 +118,8 @@ class FamClient:
             index=info.index,
             top_k=info.top_k,
             explain=info.explain,
+            index_type=info.index_type,
+            search_params=tuple(sorted(info.search_params.items())),
         )
 
     def max_request_bytes(self, model: str) -> int:
@@ -178,6 +180,7 @@ def search_request_to_proto(request: SearchRequest) -> fam_pb2.SearchRequest:
         method=request.method or "",
         explain=request.explain or "",
         filter=request.filter or "",
+        search_params=dict(request.search_params or {}),
         request_id=request.request_id,
     )
 

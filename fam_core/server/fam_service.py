@@ -136,6 +136,7 @@ def search_request_from_proto(
         method=message.method or None,
         explain=message.explain or None,
         filter=message.filter or None,
+        search_params=dict(message.search_params) or None,
         request_id=message.request_id,
     )
 
@@ -267,6 +268,9 @@ class FamServicer(fam_pb2_grpc.FamServiceServicer):
                 top_k=info.top_k,
                 explain=info.explain,
                 max_top_k=limits.max_top_k,
+                index_type=info.index_type,
+                search_params=dict(info.search_params),
+                max_search_ef=limits.max_search_ef,
             )
 
         return self.calls.run("ModelInfo", request.model, context, body)

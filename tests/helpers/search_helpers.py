@@ -7,7 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -78,10 +78,19 @@ def write_model(folder: Path, name: str, **keys: object) -> Path:
     return target
 
 
-def build_index(gallery: Gallery, model_folder: Path, uri: str, *, extra_rows: int = 0) -> None:
+def build_index(
+    gallery: Gallery,
+    model_folder: Path,
+    uri: str,
+    *,
+    extra_rows: int = 0,
+    index_type: str = "FLAT",
+    index_params: dict[str, int] | None = None,
+) -> None:
     """An index at ``uri`` of ``gallery`` embedded by the model in ``model_folder`` (loaded
-    before its config names the index). ``extra_rows``: rows whose image file does not exist,
-    each a copy of a gallery image's embedding (``gone-N.png``)."""
+    before its config names the index), of ``index_type`` built with ``index_params``.
+    ``extra_rows``: rows whose image file does not exist, each a copy of a gallery image's
+    embedding (``gone-N.png``)."""
     served = ServedModel.load(model_folder)
     uris = [str(gallery.path(image_id)) for image_id in gallery.ids]
     inputs = torch.stack([load_uri_image(served, path) for path in uris])
@@ -98,7 +107,8 @@ def build_index(gallery: Gallery, model_folder: Path, uri: str, *, extra_rows: i
     ]
     index = open_index(uri)
     try:
-        index.create(model_card(served))
+        card = model_card(served)
+        index.create(replace(card, index_type=index_type, index_params=index_params or {}))
         index.upsert(rows)
     finally:
         index.close()

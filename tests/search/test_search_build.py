@@ -287,6 +287,11 @@ def test_fam_index_info_and_one_line_errors(built, gallery, capsys):
         (["search", "--model", "default-embedding-fine", "--index", uri, query], "built by model"),
         (["search", "--index", uri, "missing.png"], "missing.png: no such file"),
         (["search", "--index", uri, query, "--filter", "label ="], "filter 'label ='"),
+        (
+            ["search", "--index", uri, query, "--search-params", '{"ef": 64}'],
+            "FLAT index: unknown search parameter 'ef' (allowed: none)",
+        ),
+        (["search", "--index", uri, query, "--search-params", "ef=64"], "must be a JSON object"),
         (["index", "info", "gallery.txt"], "expected a Milvus Lite file ending in .db"),
         (["index", "build", "--images", "/no/such", "--index", uri], "--images /no/such"),
         ([*build, uri, "--index-type", "IVF_PQ"], "index type must be one of ['FLAT', 'IVF_FLAT'"),

@@ -153,6 +153,8 @@ def test_metadata_documents_the_search_outputs(client) -> None:
         (SEARCH_MODEL, {"top_k": 101}, None, 400, "top_k"),
         (SEARCH_MODEL, {"explain": "maybe"}, None, 400, "explain"),
         (SEARCH_MODEL, {"filter": "label =="}, None, 400, "filter"),
+        (SEARCH_MODEL, {"ef": 16}, None, 400, "FLAT index: unknown search parameter 'ef'"),
+        (SEARCH_MODEL, {"nprobe": "many"}, None, 400, "parameter 'nprobe' must be an integer"),
         (SEARCH_MODEL, {"explain": "none"}, ["heatmaps"], 400, "heatmaps"),
         (PLAIN_MODEL, {}, ["neighbour_ids"], 400, "has no index"),
         (UNREACHABLE_MODEL, {}, None, 503, "not ready"),

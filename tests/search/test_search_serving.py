@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace as Fake
 
 import grpc
 import numpy as np
@@ -30,6 +31,7 @@ from serving_helpers import free_port, oip_client_report, running_server
 
 from fam_core.pipeline import (
     EncodedImage,
+    InvalidArgument,
     Limits,
     ModelRegistry,
     Pipeline,
@@ -39,7 +41,14 @@ from fam_core.pipeline import (
 )
 from fam_core.pipeline.encode import heatmap_from_bytes
 from fam_core.pipeline.explained_search import embed, explained_search
-from fam_core.pipeline.oip_codec import OUTPUTS, answer_infer, pack_bytes, unpack_bytes
+from fam_core.pipeline.oip_codec import (
+    OUTPUTS,
+    answer_infer,
+    pack_bytes,
+    search_request_from_infer,
+    unpack_bytes,
+)
+from fam_core.pipeline.search import check_search_params
 from fam_core.search.knn import KNN_TARGET_COUNT
 from fam_core.server import ServerConfig
 from fam_core.server.stubs import fam_pb2
@@ -50,6 +59,7 @@ TIMEOUT = 60
 SCORE_ATOL = 1e-5
 MAP_ATOL = 2e-3  # float16 maps in [0, 1]
 UNREACHABLE_MODEL = "unreachable-embedding"
+HNSW_MODEL = "gallery-hnsw"
 KNN_K = 4
 
 
@@ -64,6 +74,12 @@ def models(tmp_path_factory, gallery) -> Path:
     index = folder / "gallery.db"
     build_index(gallery, write_model(folder / "build", SEARCH_MODEL), str(index), extra_rows=1)
     write_model(folder, SEARCH_MODEL, index="../gallery.db", top_k=4, explain="query")
+    hnsw = folder / "gallery-hnsw.db"
+    build_index(
+        gallery, write_model(folder / "build", HNSW_MODEL), str(hnsw), index_type="HNSW",
+        index_params={"M": 8, "efConstruction": 32},
+    )  # fmt: skip
+    write_model(folder, HNSW_MODEL, index="../gallery-hnsw.db")
     write_model(folder, PLAIN_MODEL)
     write_model(
         folder, KNN_MODEL, task="knn", index="../gallery.db", k=KNN_K, prototypes=None,
@@ -179,8 +195,12 @@ def test_model_info_and_list_models(stub) -> None:
     info = stub.ModelInfo(fam_pb2.ModelInfoRequest(model=SEARCH_MODEL), timeout=TIMEOUT)
     assert info.index.endswith("gallery.db") and info.top_k == 4 and info.explain == "query"
     assert info.max_top_k == 100
+    assert (info.index_type, dict(info.search_params)) == ("FLAT", {})
+    assert info.max_search_ef == 4096
+    hnsw = stub.ModelInfo(fam_pb2.ModelInfoRequest(model=HNSW_MODEL), timeout=TIMEOUT)
+    assert (hnsw.index_type, dict(hnsw.search_params)) == ("HNSW", {"ef": 64})
     plain = stub.ModelInfo(fam_pb2.ModelInfoRequest(model=PLAIN_MODEL), timeout=TIMEOUT)
-    assert plain.index == ""
+    assert (plain.index, plain.index_type, dict(plain.search_params)) == ("", "", {})
     listed = {m.name: m for m in stub.ListModels(fam_pb2.ListModelsRequest()).models}
     assert listed[SEARCH_MODEL].status == "ready" and listed[PLAIN_MODEL].status == "ready"
     assert listed[UNREACHABLE_MODEL].status == "failed"
@@ -203,6 +223,26 @@ BAD_SEARCHES = {
         "has no index",
     ),
     "unknown model": ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model"),
+    "a search parameter of another index type": (
+        {"search_params": {"ef": 16}},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "search_params: FLAT index: unknown search parameter 'ef' (allowed: none)",
+    ),
+    "nprobe on an HNSW index": (
+        {"model": HNSW_MODEL, "search_params": {"nprobe": 4}},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "HNSW index: unknown search parameter 'nprobe' (allowed: ef)",
+    ),
+    "ef over the limit": (
+        {"model": HNSW_MODEL, "search_params": {"ef": 4097}},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ef must be at most 4096 (the server's limit), got 4097",
+    ),
+    "ef of zero": (
+        {"model": HNSW_MODEL, "search_params": {"ef": 0}},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ef must be an int in [1, ",
+    ),
     "index unreachable at start-up": (
         {"model": UNREACHABLE_MODEL},
         grpc.StatusCode.UNAVAILABLE,
@@ -218,6 +258,8 @@ def test_bad_searches_get_their_status(stub, gallery, case) -> None:
     for name, value in fields.items():
         if name == "images":
             del request.images[:]
+        elif name == "search_params":
+            request.search_params.update(value)
         else:
             setattr(request, name, value)
     with pytest.raises(grpc.RpcError) as caught:
@@ -251,7 +293,37 @@ def test_an_unreachable_index_fails_only_its_model(server) -> None:
     registry = server.pipeline.registry
     (failed,) = registry.failed()
     assert failed.name == UNREACHABLE_MODEL and "\n" not in failed.reason
-    assert set(registry.names()) == {SEARCH_MODEL, PLAIN_MODEL, KNN_MODEL}
+    assert set(registry.names()) == {SEARCH_MODEL, PLAIN_MODEL, KNN_MODEL, HNSW_MODEL}
+
+
+def test_a_request_searches_with_its_own_search_parameters(stub, server, gallery, monkeypatch):
+    """The request's ``ef`` reaches the index (fam.v1 and OIP), a request without one
+    searches with the config's; on nine rows every ``ef`` finds the same neighbours."""
+    served = server.pipeline.registry.get(HNSW_MODEL)
+    asked: list[dict | None] = []
+    search = served.index.search
+
+    def recorded(embeddings, top_k, filter=None, search_params=None):  # noqa: A002
+        asked.append(search_params)
+        return search(embeddings, top_k, filter, search_params)
+
+    monkeypatch.setattr(served.index, "search", recorded)
+    paths = [gallery.queries[0]]
+    request = search_request(paths, model=HNSW_MODEL, top_k=5, explain="none")
+    plain = stub.Search(request, timeout=TIMEOUT)
+    request.search_params["ef"] = 16
+    tuned = stub.Search(request, timeout=TIMEOUT)
+    message = oip_pb.ModelInferRequest(model_name=HNSW_MODEL)
+    message.inputs.add(name="image", datatype="BYTES", shape=[1])
+    message.raw_input_contents.append(pack_bytes([paths[0].read_bytes()]))
+    message.parameters["top_k"].int64_param = 5
+    message.parameters["explain"].string_param = "none"
+    message.parameters["ef"].int64_param = 32
+    answer = answer_infer(server.pipeline, message, "1", oip_pb.ModelInferResponse)
+    assert asked == [None, {"ef": 16}, {"ef": 32}]
+    ids = [n.id for n in plain.results[0].neighbours]
+    assert len(ids) == 5 and [n.id for n in tuned.results[0].neighbours] == ids
+    assert [i.decode() for i in unpack_bytes(answer.raw_output_contents[0])] == ids
 
 
 # -- a kNN classifier over the index
@@ -365,3 +437,33 @@ def test_oip_bad_searches_get_their_status(oip_report) -> None:
     assert errors["no_index"].startswith("StatusCode.FAILED_PRECONDITION")
     assert errors["mixed"].startswith("StatusCode.INVALID_ARGUMENT")
     assert oip_report[0]["still_answering"] == [1, 4]
+
+
+def test_search_params_are_checked_against_the_index_before_the_search() -> None:
+    ivf = Fake(card=Fake(index_type="IVF_FLAT", index_params={"nlist": 16, "nprobe": 4}))
+    hnsw = Fake(card=Fake(index_type="HNSW", index_params={"M": 8, "ef": 64}))
+    assert check_search_params(ivf, {"nprobe": 16}, Limits()) == (("nprobe", 16),)
+    assert check_search_params(ivf, None, Limits()) == ()
+    assert check_search_params(hnsw, {"ef": 8}, Limits(max_search_ef=8)) == (("ef", 8),)
+    for index, params, limits, message in (
+        (ivf, {"nprobe": 17}, Limits(), "nprobe must be at most 16 (the index's nlist), got 17"),
+        (ivf, {"nprobe": 2.5}, Limits(), "nprobe must be an int in [1, 65536], got 2.5"),
+        (ivf, {"nprobe": True}, Limits(), "nprobe must be an int"),
+        (ivf, [("nprobe", 4)], Limits(), "search_params must map names to integers"),
+        (hnsw, {"ef": 9}, Limits(max_search_ef=8), "ef must be at most 8 (the server's limit)"),
+    ):
+        with pytest.raises(InvalidArgument) as error:
+            check_search_params(index, params, limits)
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_oip_search_parameters_are_integers() -> None:
+    message = oip_pb.ModelInferRequest(model_name=HNSW_MODEL)
+    message.inputs.add(name="image", datatype="BYTES", shape=[1])
+    message.raw_input_contents.append(pack_bytes([b"not read"]))
+    assert search_request_from_infer(message).search_params is None
+    message.parameters["nprobe"].string_param = "12"
+    assert search_request_from_infer(message).search_params == {"nprobe": 12}
+    message.parameters["ef"].string_param = "many"
+    with pytest.raises(InvalidArgument, match="parameter 'ef' must be an integer, got 'many'"):
+        search_request_from_infer(message)
