@@ -23,6 +23,7 @@ import torch
 
 from fam_core.bulk.evaluate import DEFAULT_STEPS, check_evaluable, image_metrics
 from fam_core.bulk.rows import Row, error_row, result_row, to_table
+from fam_core.messages import typed_first_line
 from fam_core.pipeline import (
     EncodedImage,
     ExplainRequest,
@@ -152,7 +153,7 @@ class BulkWorker:
             for model, (answers, metrics) in zip(self.served, per_model, strict=True):
                 answer = answers[index]
                 if isinstance(answer, PipelineError):
-                    rows.append(error_row(image_id, model.name, shard, _reason(answer)))
+                    rows.append(error_row(image_id, model.name, shard, typed_first_line(answer)))
                 else:
                     rows.append(
                         result_row(image_id, model.name, shard, answer, metrics.get(index, {}))
@@ -217,8 +218,3 @@ class BulkWorker:
         return torch.stack(
             [torch.frombuffer(bytearray(r.embedding or b""), dtype=torch.float32) for r in results]
         )
-
-
-def _reason(error: PipelineError) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

@@ -23,6 +23,7 @@ from fam_core.explainers.base import Explainer
 from fam_core.explainers.registry import available_methods, get_explainer
 from fam_core.explainers.relevant.relevant import RelevantFeatures
 from fam_core.explanation import Explanation
+from fam_core.messages import typed_first_line
 from fam_core.metrics import faithfulness as faith
 from fam_core.metrics import localisation as loc
 from fam_core.metrics import relevance
@@ -148,7 +149,7 @@ def discover_explainers() -> dict[str, str]:
             try:
                 module = importlib.import_module(info.name)
             except Exception as error:  # a broken method must not stop the evaluation of others
-                failures[info.name] = _type_and_first_line(error)
+                failures[info.name] = typed_first_line(error)
                 continue
             if info.ispkg:
                 packages.append((module.__path__, f"{info.name}."))
@@ -436,7 +437,7 @@ def run_evaluation(
             continue
         except (ValueError, TypeError, NotImplementedError, RuntimeError, ImportError) as error:
             # ImportError: a method whose optional extra is missing (LIFT-CAM needs captum)
-            result.skipped.setdefault(method, {})[setting.name] = _type_and_first_line(error)
+            result.skipped.setdefault(method, {})[setting.name] = typed_first_line(error)
             continue
         if isinstance(explainer, RelevantFeatures):
             fitted[setting.name] = explainer
@@ -453,8 +454,8 @@ def run_evaluation(
                     method, setting, options.sanity_images, options.seed
                 )
             except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
-                result.skipped.setdefault(method, {})[f"sanity/{setting.name}"] = (
-                    _type_and_first_line(error)
+                result.skipped.setdefault(method, {})[f"sanity/{setting.name}"] = typed_first_line(
+                    error
                 )
             result.timings[f"sanity/{method}/{setting.name}"] = clock.lap()
     bar.close()
@@ -471,7 +472,7 @@ def run_evaluation(
                 except (NotApplicable, ValueError, RuntimeError) as error:
                     result.skipped.setdefault("relevant-features", {})[
                         f"relevance/{setting.name}"
-                    ] = _type_and_first_line(error)
+                    ] = typed_first_line(error)
     result.timings["relevance"] = clock.lap()
     summarise_result(result, options.seed)
     result.timings["statistics"] = clock.lap()
@@ -490,8 +491,3 @@ class _Clock:
         spent = {"wall": round(wall - self.wall, 2), "cpu": round(cpu - self.cpu, 2)}
         self.wall, self.cpu = wall, cpu
         return spent
-
-
-def _type_and_first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
