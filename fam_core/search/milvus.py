@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,6 +42,9 @@ MAX_ID = 4096
 MAX_URI = 8192
 MAX_LABEL = 1024
 SERVER_TIMEOUT_S = 10.0
+CARD_TTL_S = 5.0
+"""How long an engine trusts the card it read: another process may drop a server's index and
+build it again with another model, and each search checks the model against the card."""
 # pymilvus logs each failed call with a traceback (we raise one line instead) and warns that a
 # query iterator of Milvus Lite takes its timestamp on the client side
 _QUIET_LOGGERS = ("pymilvus.decorators", "pymilvus.client.iterator.query_iterator")
@@ -149,12 +153,16 @@ class MilvusEngine:
         >>> engine.close()
     """
 
-    def __init__(self, uri: str, *, timeout: float = SERVER_TIMEOUT_S) -> None:
+    def __init__(
+        self, uri: str, *, timeout: float = SERVER_TIMEOUT_S, card_ttl: float = CARD_TTL_S
+    ) -> None:
         self.uri = uri
         self.location = parse_index_uri(uri)
         self.timeout = timeout
+        self.card_ttl = card_ttl
         self._client: Any = None
         self._card: IndexCard | None = None
+        self._card_read = 0.0  # time.monotonic() when _card was read
         self._loaded: set[str] = set()
 
     # -- the connection
@@ -284,7 +292,7 @@ class MilvusEngine:
             index_params=index,
             consistency_level="Strong",
         )
-        self._card = card
+        self._card, self._card_read = card, time.monotonic()
 
     def upsert(self, rows: Sequence[IndexRow]) -> int:
         records = [_record(row) for row in rows]
@@ -404,22 +412,29 @@ class MilvusEngine:
         self._loaded.clear()
 
     def card(self) -> IndexCard | None:
-        if self._card is None:
-            if self._missing_file():
-                return None
-            if not self._call("look up", self.client.has_collection, self._card_name):
-                return None
-            records = self._call(
-                "read the card of",
-                self._ready(self._card_name).get,
-                self._card_name,
-                ids=[_CARD_KEY],
-                output_fields=["card"],
-            )
-            if not records:
-                return None
-            self._card = IndexCard.from_json(records[0]["card"])
-        return self._card
+        """The index's card, read again once it is ``card_ttl`` seconds old (an index rebuilt
+        meanwhile is loaded again, and its new model is what searches are checked against)."""
+        if self._card is not None and time.monotonic() - self._card_read < self.card_ttl:
+            return self._card
+        card = self._read_card()
+        if self._card is not None and card != self._card:
+            self._loaded.clear()  # collections made again are released until loaded
+        self._card, self._card_read = card, time.monotonic()
+        return card
+
+    def _read_card(self) -> IndexCard | None:
+        if self._missing_file():
+            return None
+        if not self._call("look up", self.client.has_collection, self._card_name):
+            return None
+        records = self._call(
+            "read the card of",
+            self._ready(self._card_name).get,
+            self._card_name,
+            ids=[_CARD_KEY],
+            output_fields=["card"],
+        )
+        return IndexCard.from_json(records[0]["card"]) if records else None
 
     # -- helpers
     @property

@@ -23,6 +23,7 @@ from fam_core.pipeline.explained_search import (  # noqa: E402
 )
 from fam_core.render import save_png  # noqa: E402
 from fam_core.search import (  # noqa: E402
+    GalleryIndex,
     IndexCard,
     IndexRow,
     MilvusEngine,
@@ -30,6 +31,7 @@ from fam_core.search import (  # noqa: E402
     open_index,
     parse_index_uri,
 )
+from fam_core.search.milvus import CARD_TTL_S  # noqa: E402
 from fam_core.tasks._similarity import pairwise_similarity  # noqa: E402
 
 MODEL = "default-embedding"
@@ -197,6 +199,34 @@ def test_an_index_of_another_model_is_refused_naming_both(gallery):
     assert "\n" not in message
     assert "built by model default-embedding (64-dim" in message
     assert "searched with model default-embedding-fine" in message
+
+
+def test_an_index_rebuilt_by_another_engine_is_checked_again_once_its_card_is_old(
+    model, gallery, tmp_path
+):
+    """A server's engine and another one (the process that rebuilds the index; two engines
+    of one Milvus Lite file here) share the collections: once its card is ``card_ttl``
+    old, the server's engine reads it again, so the rebuilt index is checked again and its
+    collections are loaded again."""
+    path = str(tmp_path / "shared.db")
+    writer = open_index(path)
+    writer.create(model_card(model))
+    writer.upsert(gallery["rows"])
+    served = GalleryIndex(MilvusEngine(path, card_ttl=0.0), path)
+    explained_search(model, served, gallery["inputs"][:1], top_k=2, explain="none")
+    writer.drop()  # rebuilt by other weights
+    writer.create(IndexCard(MODEL, 64, "cosine", "f" * 64))
+    writer.upsert(gallery["rows"])
+    with pytest.raises(ValueError, match="built by model default-embedding .*ffffffffffff"):
+        explained_search(model, served, gallery["inputs"][:1], top_k=2, explain="none")
+    writer.drop()  # and again by the model
+    writer.create(model_card(model))
+    writer.upsert(gallery["rows"][:3])
+    found = explained_search(model, served, gallery["inputs"][:1], top_k=5, explain="none")
+    assert len(found[0]) == 3 and found[0][0].neighbour.score == pytest.approx(1.0, abs=1e-4)
+    assert MilvusEngine(path).card_ttl == CARD_TTL_S
+    served.close()
+    writer.close()
 
 
 def test_searches_read_the_cards_once_and_a_rebuilt_index_is_checked_again(
