@@ -132,6 +132,8 @@ def check_search_params(
         card = index.card
     except IndexUnavailable as error:
         raise Unavailable(f"search: {first_line(error)}") from None
+    except ValueError as error:  # the index was dropped under the server
+        raise FailedPrecondition(f"search: {first_line(error)}") from None
     try:
         search_override(card.index_type, card.index_params, params)
     except ValueError as error:

@@ -40,6 +40,7 @@ from fam_core.pipeline import (
     ServedModel,
 )
 from fam_core.pipeline.encode import heatmap_from_bytes
+from fam_core.pipeline.errors import FailedPrecondition
 from fam_core.pipeline.explained_search import embed, explained_search
 from fam_core.pipeline.oip_codec import (
     OUTPUTS,
@@ -455,6 +456,18 @@ def test_search_params_are_checked_against_the_index_before_the_search() -> None
         with pytest.raises(InvalidArgument) as error:
             check_search_params(index, params, limits)
         assert message in str(error.value) and "\n" not in str(error.value)
+
+
+class _DroppedIndex:
+    @property
+    def card(self):
+        raise ValueError("index g.db holds no gallery: build it with `fam index build`")
+
+
+def test_search_params_for_an_index_dropped_under_the_server_are_a_failed_precondition():
+    with pytest.raises(FailedPrecondition, match="^search: index g.db holds no gallery"):
+        check_search_params(_DroppedIndex(), {"ef": 16}, Limits())
+    assert check_search_params(_DroppedIndex(), {}, Limits()) == ()  # nothing asked: not read
 
 
 def test_oip_search_parameters_are_integers() -> None:
