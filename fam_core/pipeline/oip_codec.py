@@ -23,8 +23,8 @@ neighbours, stacked over the batch like every output: ``neighbour_ids`` BYTES ``
 unlabelled), ``heatmaps`` FP16 ``[B, k, H, W]`` (each query's map for each neighbour;
 not with ``explain`` ``"none"``) and ``reference_heatmaps`` FP16 ``[B, k, H, W]`` (each
 neighbour's map for the query; ``explain`` ``"both"`` only, NaN where a neighbour's image
-could not be loaded). Search parameters: ``top_k``, ``method``, ``explain``, ``filter``, and the index's search
-parameters ``ef`` (HNSW) and ``nprobe`` (IVF_FLAT) for that request.
+could not be loaded). Search parameters: ``top_k``, ``method``, ``explain``, ``filter``,
+and the index's search parameters ``ef`` (HNSW) and ``nprobe`` (IVF_FLAT) for that request.
 Naming outputs of both kinds in one request is refused.
 
 Example:

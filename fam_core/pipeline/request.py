@@ -213,9 +213,8 @@ class ModelDescription:
     top_k: int = 0  # search: neighbours per query when a request names none
     explain: str = ""  # search: the explain mode when a request names none
     index_type: str = ""  # search: "FLAT", "IVF_FLAT" or "HNSW" ("": no index)
-    search_params: tuple[
-        tuple[str, int], ...
-    ] = ()  # search: the index's, when a request names none
+    # search: the index's search parameters when a request names none
+    search_params: tuple[tuple[str, int], ...] = ()
 
     @property
     def searchable(self) -> bool:

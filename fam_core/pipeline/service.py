@@ -422,13 +422,12 @@ def _index_search(served: ServedModel) -> dict[str, Any]:
     """The ``index_type`` and default ``search_params`` of ``served``'s gallery index, for
     :meth:`Pipeline.describe` (none without an index, or while its engine does not answer)."""
     from fam_core.search.engine import IndexUnavailable
-    from fam_core.search.index_types import search_override
 
     if served.index is None:
         return {}
     try:
-        card = served.index.card
+        index_type = served.index.card.index_type
+        params = served.index.check_search_params()
     except (IndexUnavailable, ValueError):
         return {}
-    params = search_override(card.index_type, card.index_params, served.index.search_params)
-    return {"index_type": card.index_type, "search_params": tuple(sorted(params.items()))}
+    return {"index_type": index_type, "search_params": tuple(sorted(params.items()))}

@@ -137,11 +137,12 @@ class GalleryIndex:
             return self.engine.search(embeddings, top_k, filter, search_params)
         return self.engine.search(embeddings, top_k, filter)
 
-    def check_search_params(self) -> None:
-        """``ValueError`` unless :attr:`search_params` are search parameters of the index's
-        type (``ef``: ``HNSW``, ``nprobe``: ``IVF_FLAT``)."""
+    def check_search_params(self) -> dict[str, int]:
+        """The search parameters a search that names none uses (the card's, replaced by
+        :attr:`search_params`); ``ValueError`` unless :attr:`search_params` are search
+        parameters of the index's type (``ef``: ``HNSW``, ``nprobe``: ``IVF_FLAT``)."""
         card = self.card
-        search_override(card.index_type, card.index_params, self.search_params)
+        return search_override(card.index_type, card.index_params, self.search_params)
 
     def check_index(self, card: IndexCard) -> None:
         """``ValueError`` unless the index was built with ``card``'s index type and

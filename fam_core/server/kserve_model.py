@@ -15,8 +15,8 @@ served by ``kserve.ModelServer`` on KServe's routes:
   named tensors ``scores``, ``label``, ``embedding`` and ``heatmap``
   (:mod:`~fam_core.pipeline.oip_codec`); a model with an index searches it: outputs
   ``neighbour_ids``, ``neighbour_scores``, ``neighbour_labels``, ``heatmaps`` (parameters
-  ``top_k``, ``method``, ``explain``, ``filter``, ``ef``, ``nprobe``). Maps are FP32 in JSON, FP16 with
-  ``"binary_data_output": true`` (the binary extension).
+  ``top_k``, ``method``, ``explain``, ``filter``, ``ef``, ``nprobe``). Maps are FP32 in
+  JSON, FP16 with ``"binary_data_output": true`` (the binary extension).
 * gRPC v2: ``inference.GRPCInferenceService/ModelInfer``, as ``fam serve``'s OIP service
   (heatmap FP16).
 * health: ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}/ready``,

@@ -156,15 +156,11 @@ def test_self_target_sends_the_embedding_itself_back_by_hand(similarity):
     # the seed is Z = (2, 1) itself; at the ReLU R = W2^T Z = (5, 5), its forward mask (1, 0)
     # deconvnet: max(R, 0) = (5, 5)          -> W1^T (5, 5) = (0, 10)
     # guided:    max(R, 0) * mask = (5, 0)   -> W1^T (5, 0) = (5, 0)
-    torch.testing.assert_close(
-        deconv.extras["signal"].flatten(), torch.tensor([0.0, 10.0]), rtol=0, atol=1e-6
-    )
-    torch.testing.assert_close(
-        guided.extras["signal"].flatten(), torch.tensor([5.0, 0.0]), rtol=0, atol=1e-6
-    )
-    torch.testing.assert_close(deconv.raw.flatten(), torch.tensor([0.0, 10.0]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(deconv.weights.flatten(), torch.tensor([10.0]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(deconv.maps.flatten(), torch.tensor([0.0, 1.0]), rtol=0, atol=1e-6)
+    exact(deconv.extras["signal"].flatten(), torch.tensor([0.0, 10.0]))
+    exact(guided.extras["signal"].flatten(), torch.tensor([5.0, 0.0]))
+    exact(deconv.raw.flatten(), torch.tensor([0.0, 10.0]))
+    exact(deconv.weights.flatten(), torch.tensor([10.0]))
+    exact(deconv.maps.flatten(), torch.tensor([0.0, 1.0]))
     # the explained score is s(Z, Z), as every method reports it: cos = 1, <Z, Z> = 5
     expected = torch.tensor([1.0 if similarity == "cosine" else 5.0])
     for explanation in (deconv, guided):
