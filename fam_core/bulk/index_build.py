@@ -136,7 +136,7 @@ def build_index(
             spec = dataclasses.replace(worker_spec(options, plan, [0], ()), heatmap=False)
             if not ray.is_initialized():  # Ray's start forks: no gRPC server may poll here
                 index.close()  # stops Milvus Lite's server; the first upsert reopens it
-            with ray_session(address, num_cpus) as session:
+            with ray_session(address, num_cpus, say) as session:
                 stream = RowStream(explain_dataset(plan, todo, options, spec))
                 session.join_at_shutdown(stream.thread)
                 with stream:

@@ -183,7 +183,7 @@ def run_bulk(options: BulkOptions, progress: Callable[[str], None] | None = None
     todo = [item for item in todo if item.id not in restored]
     if todo:
         spec = worker_spec(options, plan, pending, references, todo)
-        with ray_session(options.address, options.num_cpus) as session:
+        with ray_session(options.address, options.num_cpus, say) as session:
             stream = RowStream(explain_dataset(plan, todo, options, spec))
             session.join_at_shutdown(stream.thread)
             try:

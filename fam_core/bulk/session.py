@@ -24,13 +24,18 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TEMP_PREFIX = "fam-ray-"
 """The prefix of a local session's temporary folder."""
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 """Object store of a local Ray session (Ray spills to disk beyond it)."""
+RAY_START_ATTEMPTS = 2
+"""Starts of a local Ray tried when Ray itself times out starting (below)."""
+RAY_START_TIMED_OUT = "timed out during startup"
+"""Ray's own error when its raylet does not register with its GCS within a fixed 30 s,
+which a loaded machine can miss: nothing of the job ran, so Ray is started once more."""
 _GRACE_SECONDS = 5.0
 
 
@@ -66,8 +71,10 @@ class Session:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Session]:
-    """Ray for the job's duration.
+def ray_session(
+    address: str | None, num_cpus: int | None, say: Callable[[str], None] | None = None
+) -> Iterator[Session]:
+    """Ray for the job's duration (``say`` tells of a local start tried once more).
 
     Inside, SIGTERM raises :class:`Stopped` in the main thread (and SIGINT, as always,
     ``KeyboardInterrupt``), so the shutdown runs whichever way the job ends.
@@ -86,14 +93,7 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Session]:
             else:
                 root = temp_root()
                 remove_stale_sessions(root)
-                session.temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
-                ray.init(
-                    num_cpus=num_cpus or os.cpu_count() or 1,
-                    include_dashboard=False,
-                    object_store_memory=OBJECT_STORE_BYTES,
-                    log_to_driver=False,
-                    _temp_dir=str(session.temp),
-                )
+                _start_local_ray(session, root, num_cpus or os.cpu_count() or 1, before, say)
             with _stop_on_sigterm():
                 yield session
         finally:
@@ -104,6 +104,38 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Session]:
             _end(started)
             if session.temp is not None:
                 shutil.rmtree(session.temp, ignore_errors=True)
+
+
+def _start_local_ray(
+    session: Session,
+    root: Path,
+    num_cpus: int,
+    before: set[int],
+    say: Callable[[str], None] | None,
+) -> None:
+    """``ray.init`` of a local cluster in a new ``fam-ray-*`` folder of ``root``; a start
+    that timed out is ended (its processes, its folder) and tried once more."""
+    import ray
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        session.temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                object_store_memory=OBJECT_STORE_BYTES,
+                log_to_driver=False,
+                _temp_dir=str(session.temp),
+            )
+            return
+        except Exception as error:  # Ray raises a bare Exception for its start's timeout
+            if attempt == RAY_START_ATTEMPTS or RAY_START_TIMED_OUT not in str(error):
+                raise
+        if say is not None:
+            say("Ray timed out starting; starting it once more")
+        ray.shutdown()
+        _end(_descendants() - before)
+        shutil.rmtree(session.temp, ignore_errors=True)
 
 
 def temp_root() -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from serving_helpers import default_sigint
 
 pytest.importorskip("ray.data")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -135,7 +136,12 @@ class _Job:
         ]
         with open(self.logs, "wb") as logs:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=logs,
+                stderr=subprocess.STDOUT,
+                preexec_fn=default_sigint,
             )
 
     def wait_for_barrier(self, timeout: float = 300.0) -> None:

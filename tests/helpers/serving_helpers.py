@@ -110,6 +110,13 @@ def rss_bytes(pid: int | str = "self") -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test stops with SIGINT: Ctrl-C's default action even
+    where the suite itself ignores SIGINT (a background job of a shell without job control),
+    which a Python child would otherwise inherit and keep."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (yet)."""
     with socket.socket() as sock:

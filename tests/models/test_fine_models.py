@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -81,8 +83,33 @@ def test_fine_classifier_fam_points_at_the_discriminative_part() -> None:
     assert (energy / area).median() > 2.0, energy / area
 
 
+@pytest.fixture
+def small_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training's own evaluation and linear probe on few images: the two-step test checks the
+    files, the recipe and determinism; the store's accuracies are checked above."""
+    evaluate_embedding, evaluate_classifier = (
+        training.evaluate_embedding,
+        training.evaluate_classifier,
+    )
+    monkeypatch.setattr(
+        training,
+        "evaluate_embedding",
+        lambda model, **options: evaluate_embedding(model, **options, per_class=16, episodes=20),
+    )
+    monkeypatch.setattr(
+        training,
+        "evaluate_classifier",
+        lambda model, **options: evaluate_classifier(model, **options, per_class=2),
+    )
+    builder, recipe = training.DEFAULT_MODELS["default-classifier-fine"]
+    small = dataclasses.replace(recipe, probe_images_per_class=4)
+    monkeypatch.setitem(training.DEFAULT_MODELS, "default-classifier-fine", (builder, small))
+
+
 @pytest.mark.parametrize("name", FINE)
-def test_two_step_training_writes_a_loadable_deterministic_model(name, tmp_path, capsys) -> None:
+def test_two_step_training_writes_a_loadable_deterministic_model(
+    name, tmp_path, capsys, small_evaluation
+) -> None:
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         argv = ["train", name, "--steps", "2", "--out", str(out)]
