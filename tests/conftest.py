@@ -48,19 +48,16 @@ def references() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def ray_session(request):  # type: ignore[no-untyped-def]
-    """A local Ray session for a test module (``RAY_CPUS`` in the module: its CPUs, default 2:
-    the actor of a job stopped by an exception may hold one a while)."""
+    """A local Ray session for a test module, started and ended as a bulk job's own
+    (:func:`fam_core.bulk.session.ray_session`: a temporary folder removed at the end, a start
+    that timed out tried once more); ``RAY_CPUS`` in the module: its CPUs, default 2 (the actor
+    of a job stopped by an exception may hold one a while)."""
     import ray
 
-    ray.init(
-        num_cpus=getattr(request.module, "RAY_CPUS", 2),
-        include_dashboard=False,
-        object_store_memory=96 * 1024 * 1024,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    yield ray
-    ray.shutdown()
+    from fam_core.bulk.session import ray_session as local_ray
+
+    with local_ray(None, getattr(request.module, "RAY_CPUS", 2)):
+        yield ray
 
 
 @pytest.fixture(scope="module")

@@ -250,8 +250,10 @@ def save_png(rgb: Tensor | np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write a uint8 RGB image ``[H, W, 3]`` to ``path`` as PNG; return the path.
 
     Example:
-        >>> save_png(torch.zeros(2, 2, 3, dtype=torch.uint8), "/tmp/black.png")
-        PosixPath('/tmp/black.png')
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_png(torch.zeros(2, 2, 3, dtype=torch.uint8), Path(folder) / "black.png").name
+        'black.png'
     """
     path = Path(path)
     path.write_bytes(to_png_bytes(rgb))

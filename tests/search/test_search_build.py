@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,11 +127,19 @@ def test_a_build_stopped_after_one_batch_resumes_to_one_row_per_image(
         assert sorted(row.id for row in index.get(_ids(gallery))) == _ids(gallery)
 
 
+@pytest.fixture
+def scratch():
+    """A short temporary folder for the killed build's TMPDIR (Ray's sockets live under it),
+    removed with what still runs from it, however the test ends."""
+    folder = Path(tempfile.mkdtemp(prefix="fsk-", dir=os.environ.get("RAY_TMPDIR", "/tmp")))
+    yield folder
+    _end_processes_using(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_a_killed_build_resumes_to_one_row_per_image(ray_session, gallery, tmp_path):
+def test_a_killed_build_resumes_to_one_row_per_image(ray_session, gallery, scratch, tmp_path):
     uri = str(tmp_path / "killed.db")
-    scratch = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / f"fsk-{os.getpid()}"
-    scratch.mkdir(exist_ok=True)
     barrier = tmp_path / "barrier"
     env = {
         **os.environ,
@@ -158,7 +168,6 @@ def test_a_killed_build_resumes_to_one_row_per_image(ray_session, gallery, tmp_p
     with open_index(uri) as index:
         assert index.count() == IMAGES
         assert sorted(row.id for row in index.get(_ids(gallery))) == _ids(gallery)
-    subprocess.run(["rm", "-rf", str(scratch)], check=False)
 
 
 def test_the_cli_build_prints_its_summary_line(ray_session, gallery, tmp_path, capsys):
