@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving_helpers import default_sigint
+from serving_helpers import default_sigint_in_children
 
 pytest.importorskip("ray.data")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -134,14 +134,9 @@ class _Job:
             *("--images", str(images), "--out", str(out), "--shard-size", str(shard_size)),
             *("--batch-size", str(BATCH), "--checkpoint-seconds", "0.01", "--num-cpus", "1"),
         ]
-        with open(self.logs, "wb") as logs:
+        with open(self.logs, "wb") as logs, default_sigint_in_children():
             self.process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdout=logs,
-                stderr=subprocess.STDOUT,
-                preexec_fn=default_sigint,
+                command, cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT
             )
 
     def wait_for_barrier(self, timeout: float = 300.0) -> None:

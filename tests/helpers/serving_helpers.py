@@ -110,11 +110,18 @@ def rss_bytes(pid: int | str = "self") -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def default_sigint() -> None:
-    """``preexec_fn`` of a child that a test stops with SIGINT: Ctrl-C's default action even
-    where the suite itself ignores SIGINT (a background job of a shell without job control),
-    which a Python child would otherwise inherit and keep."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextmanager
+def default_sigint_in_children() -> Iterator[None]:
+    """Children started inside get Ctrl-C's default action even where the suite itself ignores
+    SIGINT (a background job of a shell without job control), which a Python child would
+    otherwise inherit and keep: a handled signal is reset to its default by ``exec``. (A
+    ``preexec_fn`` would do it in the child, but makes ``subprocess`` fork instead of vfork,
+    which runs gRPC's fork handlers there: they can abort the child.)"""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def free_port() -> int:

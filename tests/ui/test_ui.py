@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from search_helpers import KNN_MODEL, SEARCH_MODEL, build_index, make_gallery, write_model
-from serving_helpers import default_sigint, free_port, running_server
+from serving_helpers import default_sigint_in_children, free_port, running_server
 
 from fam_core.data.flowers import CLASS_NAMES, make_flowers
 from fam_core.models.store import load_model
@@ -313,12 +313,9 @@ def test_fam_ui_without_a_reachable_server_says_so_in_one_line(capsys) -> None:
 
 
 def test_fam_ui_serves_the_page_until_stopped() -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "fam_core", "ui", "--model", "default-classifier", "--port", "0"],
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=default_sigint,
-    )
+    command = [sys.executable, "-m", "fam_core", "ui", "--model", "default-classifier"]
+    with default_sigint_in_children():
+        process = subprocess.Popen([*command, "--port", "0"], stderr=subprocess.PIPE, text=True)
     try:
         line = process.stderr.readline()
         url = line.split()[2]
