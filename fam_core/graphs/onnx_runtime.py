@@ -230,7 +230,7 @@ class OnnxExplainer:
         input-size branch (see the class); ``"input"``: the graph's ``heatmap``.
         """
         if resolution not in RESOLUTIONS:
-            raise ValueError(f"resolution must be 'input' or 'feature', got {resolution!r}")
+            raise ValueError(f"resolution must be one of {list(RESOLUTIONS)}, got {resolution!r}")
         image = self._check_images(images)
         feeds: dict[str, np.ndarray] = {fmt.INPUT_IMAGE: image}
         if self.takes_references:

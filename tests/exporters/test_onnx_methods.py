@@ -241,7 +241,9 @@ def test_feature_resolution_runs_the_graph_without_its_input_size_branch(models)
     lean_nodes = drop_output(onnx.load(str(runner.path)), "heatmap").graph.node
     assert len(lean_nodes) < nodes - 4  # the upsampling and the full-size min-max
     assert not {"ReduceMin", "ReduceMax", "Resize"} & {node.op_type for node in lean_nodes}
-    with pytest.raises(ValueError, match="resolution must be 'input' or 'feature', got 'pixel'"):
+    with pytest.raises(
+        ValueError, match=r"resolution must be one of \['input', 'feature'\], got 'pixel'"
+    ):
         runner(inputs, resolution="pixel")
 
 
