@@ -28,6 +28,5 @@ def typed_first_line(error: BaseException) -> str:
         >>> typed_first_line(KeyError())
         'KeyError'
     """
-    text = str(error).strip()
     name = type(error).__name__
-    return f"{name}: {text.splitlines()[0]}" if text else name
+    return f"{name}: {first_line(error)}" if str(error).strip() else name
